@@ -1,0 +1,33 @@
+# Two entry points, each of which sets itself up from a fresh clone:
+#   make demo   fit a codebook on a generated embedding table and encode a second one
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned and installed first: on a CPU machine this takes the CPU wheel, and the
+# project's own `torch>=...` requirement is then already satisfied (no multi-GB CUDA download).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+export VQ_KEOPS_CACHE_DIR ?= $(CURDIR)/.cache/keops
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vq_pipeline.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache vq_demo_output

@@ -1,0 +1,117 @@
+"""Encoding: float64 oracle, top-k, chunking and order invariance, exactness off-centre, OOM retry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ENGINES, assert_codes_match, oracle
+from vq_pipeline import Codebook, fit_codebook
+from vq_pipeline.assign import nearest_in_chunks, plan_chunk_rows
+from vq_pipeline.engines.torch import TorchEngine
+
+
+def make_codebook(n_codes: int, dim: int, metric: str, *, seed: int, offset: float = 0.0) -> Codebook:
+    c = torch.randn(n_codes, dim, generator=torch.Generator().manual_seed(seed)) + offset
+    if metric == "cosine":
+        c = c / c.norm(dim=1, keepdim=True)
+    return Codebook(centroids=c, counts=torch.zeros(n_codes, dtype=torch.int64), metric=metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_codes_and_distances_match_float64_oracle(engine: str, metric: str) -> None:
+    cb = make_codebook(40, 8, metric, seed=1)
+    x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(2))
+    codes, dist = cb.encode(x, return_distances=True, engine=engine, device="cpu")
+    assert codes.shape == (3000,) and codes.dtype == torch.int64 and dist.dtype == torch.float32
+    assert assert_codes_match(codes, x, cb.centroids, metric) > 2900
+    ref = oracle(x, cb.centroids, metric).min(dim=1).values
+    torch.testing.assert_close(dist.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_top_k_matches_oracle(engine: str, metric: str) -> None:
+    cb = make_codebook(40, 8, metric, seed=3)
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(4))
+    codes, dist = cb.encode(x, top_k=3, return_distances=True, engine=engine, device="cpu")
+    assert codes.shape == (1000, 3) and dist.shape == (1000, 3)
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all()), "top-k distances must be ascending"
+    assert assert_codes_match(codes, x, cb.centroids, metric) > 900
+    ref = oracle(x, cb.centroids, metric).sort(dim=1).values[:, :3]
+    torch.testing.assert_close(dist.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exact_on_data_far_from_the_origin(engine: str) -> None:
+    # Offset 1000: a plain |x|^2 - 2x.c + |c|^2 GEMM mis-assigns ~10% of rows here.
+    cb = make_codebook(64, 8, "l2", seed=5, offset=1000.0)
+    x = cb.centroids[torch.randint(64, (4000,), generator=torch.Generator().manual_seed(6))]
+    x = x + 0.5 * torch.randn(4000, 8, generator=torch.Generator().manual_seed(7))
+    assert assert_codes_match(cb.encode(x, engine=engine, device="cpu"), x, cb.centroids, "l2") > 3900
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_encoding_the_centroids_gives_every_code(engine: str) -> None:
+    for metric in ("l2", "cosine"):
+        cb = make_codebook(50, 8, metric, seed=8)
+        assert torch.equal(cb.encode(cb.centroids, engine=engine, device="cpu"), torch.arange(50))
+
+
+def test_chunk_size_and_row_order_do_not_change_codes() -> None:
+    cb = make_codebook(100, 16, "l2", seed=9)
+    x = torch.randn(5000, 16, generator=torch.Generator().manual_seed(10))
+    whole = cb.encode(x, top_k=2, device="cpu")
+    per_row = TorchEngine().bytes_per_row(100, 16, 2) + 4 * 16
+    for budget in (per_row, 7 * per_row, 1000 * per_row):
+        assert torch.equal(cb.encode(x, top_k=2, memory_budget=budget, device="cpu"), whole)
+    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(cb.encode(x[perm], top_k=2, device="cpu"), whole[perm])
+
+
+def test_chunk_plan_follows_the_memory_budget() -> None:
+    engine = TorchEngine()
+    per_row = engine.bytes_per_row(1024, 128, 1) + 4 * 128
+    assert plan_chunk_rows(10**6, 1024, 128, k=1, engine=engine, memory_budget=100 * per_row) == 100
+    assert plan_chunk_rows(50, 1024, 128, k=1, engine=engine, memory_budget=10**9) == 50
+    with pytest.raises(ValueError, match=r"memory_budget=10 bytes cannot hold one row.*Fix: raise memory_budget"):
+        plan_chunk_rows(10, 1024, 128, k=1, engine=engine, memory_budget=10)
+
+
+class FlakyEngine(TorchEngine):
+    """Fails like a KeOps CUDA out-of-memory (a plain RuntimeError) on chunks above a size."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows, self.failures = max_rows, 0
+
+    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] > self.max_rows:
+            self.failures += 1
+            raise RuntimeError("[KeOps] Cuda error: out of memory")
+        return super().nearest(x, c, k)
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_codes() -> None:
+    c = torch.randn(30, 4, generator=torch.Generator().manual_seed(12))
+    x = torch.randn(1000, 4, generator=torch.Generator().manual_seed(13))
+    flaky = FlakyEngine(max_rows=130)
+    got = torch.cat([idx for _, _, _, idx in nearest_in_chunks(x, c, k=1, engine=flaky, chunk_rows=1000)])
+    want = torch.cat([idx for _, _, _, idx in nearest_in_chunks(x, c, k=1, engine=TorchEngine(), chunk_rows=1000)])
+    assert flaky.failures == 3  # 1000 -> 500 -> 250 -> 125
+    assert torch.equal(got, want)
+
+
+def test_other_runtime_errors_are_not_retried() -> None:
+    class Broken(TorchEngine):
+        def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            raise RuntimeError("kernel exploded")
+
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        list(nearest_in_chunks(torch.ones(10, 2), torch.ones(1, 2), k=1, engine=Broken(), chunk_rows=10))
+
+
+def test_fitted_codebook_encodes_its_training_rows_like_the_oracle() -> None:
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(14)) * 3 + 7
+    cb = fit_codebook(x, 32, device="cpu")
+    assert assert_codes_match(cb.encode(x), x, cb.centroids, "l2") > 3900

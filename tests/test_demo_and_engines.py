@@ -1,0 +1,41 @@
+"""The main job end to end, engine selection, and the KeOps cache folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from conftest import assert_codes_match
+from vq_pipeline import Codebook
+from vq_pipeline.demo import main
+from vq_pipeline.engines import auto_engine_name, get_engine
+from vq_pipeline.engines import keops
+from vq_pipeline.tables import read_embeddings
+
+
+def test_demo_fits_encodes_and_writes_consistent_files(tmp_path: Path) -> None:
+    summary = main(str(tmp_path), n_train=3000, n_new=800, dim=16, n_codes=12)
+    cb = Codebook.load(summary["codebook"])
+    assert cb.metric == "cosine" and cb.n_codes == 12 and cb.sources == (str(tmp_path / "train.parquet"),)
+    codes = pl.read_parquet(summary["codes"])
+    ids, x_new = read_embeddings(tmp_path / "new.parquet")
+    assert codes.columns == ["id", "code", "distance"]
+    assert np.array_equal(codes["id"].to_numpy(), ids)
+    assert_codes_match(torch.from_numpy(codes["code"].to_numpy()), x_new, cb.centroids, "cosine")
+    assert torch.equal(torch.from_numpy(codes["code"].to_numpy()), cb.encode(x_new))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codebook.safetensors", "codes.parquet", "new.parquet", "train.parquet"]
+
+
+def test_auto_picks_torch_on_cpu() -> None:
+    assert auto_engine_name(torch.device("cpu"), 128) == "torch"
+    assert get_engine("auto", torch.device("cpu"), 2).name == "torch"
+
+
+def test_keops_cache_folder_is_keyed_by_flags_and_worker(monkeypatch) -> None:
+    a, b = keops.cache_folder("-O3"), keops.cache_folder("-march=native")
+    assert a != b and a.parent == b.parent
+    monkeypatch.setenv("VQ_KEOPS_WORKER", "worker-1")
+    assert keops.cache_folder("-O3") == a / "worker-1"

@@ -1,0 +1,35 @@
+"""The layering rules of DESIGN.md, enforced by scanning imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# module (top-level import name) -> the only files allowed to import it
+OWNERS = {
+    "pykeops": {"vq_pipeline/engines/keops.py"},
+    "safetensors": {"vq_pipeline/codebook.py"},
+    "polars": {"vq_pipeline/tables.py"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_import_rules() -> None:
+    files = sorted((ROOT / "vq_pipeline").rglob("*.py"))
+    assert files
+    for path in files:
+        rel = path.relative_to(ROOT).as_posix()
+        found = imports(path)
+        assert "prefect" not in found, f"{rel} imports prefect; only flows/ may"
+        for module, owners in OWNERS.items():
+            assert module not in found or rel in owners, f"{rel} imports {module}; only {sorted(owners)} may"

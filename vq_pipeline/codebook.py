@@ -1,0 +1,408 @@
+"""The Codebook value object and its file format: one self-describing safetensors file.
+
+File layout (safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes)::
+
+    centroids   F32 (n_codes, dim)    the codes' vectors; unit rows under the cosine metric
+    counts      I64 (n_codes,)        training rows assigned to each code by the final E step
+    __metadata__ (str -> str; nested values are JSON):
+        format              "vq-pipeline.codebook"
+        format_version      "1.0" (a reader refuses a major version it does not know)
+        metric, n_codes, dim, dtype
+        fit                 JSON: the settings (n_codes, metric, init, seed, n_iter, tol, n_init,
+                            engine, device, ...)
+        stats               JSON: rows used, inertia, iterations, converged, empty-cluster repairs,
+                            per-iteration history (objective, repairs, imbalance)
+        data_fingerprint    sha256 of the training data
+        sources, column     JSON list of source URIs, and the embedding column ("" in memory)
+        parent_fingerprint  fingerprint of the codebook a warm-started refit started from, or ""
+        versions            JSON: vq-pipeline, torch, pykeops, python
+        created_at          UTC ISO-8601
+        timings             JSON: fit seconds, per-iteration seconds
+
+Everything but ``created_at`` and ``timings`` is a function of the data, the settings and the
+device kind, so two identical fits give files that differ only in those two values. The writer
+emits keys in sorted order (the safetensors library orders metadata by hash, differently per
+process), and reading uses the safetensors library after checking the header by hand, so a
+truncated, lying, pickled or random file gets a :class:`CodebookFileError`, never code execution.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata as _md
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
+from .validate import METRICS
+
+FORMAT_NAME = "vq-pipeline.codebook"
+FORMAT_VERSION = "1.0"
+_MAX_HEADER_BYTES = 16 * 2**20
+# Metadata that changes from run to run; everything else is reproducible.
+RUN_KEYS = ("created_at", "timings")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every codebook (without importing pykeops, which prints and probes)."""
+
+    def version(dist: str) -> str:
+        try:
+            return _md.version(dist)
+        except _md.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "vq-pipeline": version("vq-pipeline"),
+        "torch": torch.__version__,
+        "pykeops": version("pykeops"),
+        "python": sys.version.split()[0],
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class Codebook:
+    """A fitted codebook: centroids, their training counts, the metric and provenance.
+
+    Attributes:
+        centroids: (n_codes, dim) float32 CPU tensor; rows have unit norm under 'cosine'.
+        counts: (n_codes,) int64 CPU tensor of training assignments.
+        metric: 'l2' or 'cosine'.
+        fit: fit settings. stats: training statistics. The other fields are provenance.
+    """
+
+    centroids: torch.Tensor
+    counts: torch.Tensor
+    metric: str
+    fit: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    sources: tuple[str, ...] = ()
+    column: str = ""
+    parent_fingerprint: str = ""
+    versions: dict[str, str] = field(default_factory=library_versions)
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise InvalidInputError(f"metric={self.metric!r} is not supported; expected one of {METRICS}.")
+        c, n = self.centroids, self.counts
+        if not isinstance(c, torch.Tensor) or c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise InvalidInputError(
+                f"centroids.shape={tuple(getattr(c, 'shape', ()))}; expected a non-empty (n_codes, dim) tensor."
+            )
+        if c.dtype != torch.float32:
+            raise InvalidInputError(f"centroids.dtype={c.dtype}; expected torch.float32.")
+        if not isinstance(n, torch.Tensor) or n.dtype != torch.int64 or tuple(n.shape) != (c.shape[0],):
+            raise InvalidInputError(
+                f"counts (shape={tuple(getattr(n, 'shape', ()))}, dtype={getattr(n, 'dtype', None)}) must be an "
+                f"int64 tensor of shape ({c.shape[0]},), one count per code."
+            )
+        if not bool(torch.isfinite(c).all()):
+            raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
+        if bool((n < 0).any()):
+            raise InvalidInputError("counts hold negative values; expected counts >= 0.")
+        if self.metric == "cosine":
+            norms = torch.linalg.vector_norm(c.double(), dim=1)  # (n_codes,)
+            worst = float((norms - 1).abs().max())
+            if worst > 1e-3:
+                raise InvalidInputError(
+                    f"cosine centroid norms deviate from 1 by up to {worst:.3g}; expected unit-norm rows. "
+                    f"Fix: normalize the centroids, or use metric='l2'."
+                )
+        # Private copies: a caller mutating its tensors must not change a codebook.
+        object.__setattr__(self, "centroids", c.detach().to("cpu").contiguous().clone())
+        object.__setattr__(self, "counts", n.detach().to("cpu").contiguous().clone())
+        object.__setattr__(self, "sources", tuple(self.sources))
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
+        h = hashlib.sha256(f"{FORMAT_NAME}|{self.metric}|{self.n_codes}|{self.dim}|".encode())
+        h.update(self.centroids.numpy().astype("<f4").tobytes())
+        return h.hexdigest()
+
+    def encode(
+        self,
+        x: Any,
+        *,
+        top_k: int = 1,
+        return_distances: bool = False,
+        engine: str = "auto",
+        device: str | torch.device | None = None,
+        memory_budget: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Assign every row of ``x`` its nearest code(s).
+
+        Args:
+            x: (n_rows, dim) embeddings, torch tensor (any device) or numpy array; float16/bfloat16/
+                float64/integer inputs are converted to float32.
+            top_k: number of nearest codes per row, nearest first.
+            return_distances: also return distances: squared L2 for 'l2', ``1 - cos`` for 'cosine'.
+            engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu', 'cuda'.
+            memory_budget: bytes of temporaries one chunk may use (default 256 MiB).
+
+        Returns:
+            codes as an int64 CPU tensor, shape (n_rows,) for ``top_k=1`` else (n_rows, top_k);
+            with ``return_distances``, ``(codes, distances)`` with float32 distances of the same shape.
+        """
+        from .assign import DEFAULT_MEMORY_BUDGET, encode
+
+        return encode(
+            self.centroids,
+            self.metric,
+            x,
+            top_k=top_k,
+            return_distances=return_distances,
+            engine=engine,
+            device=device,
+            memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+        )
+
+    # ----------------------------------------------------------------- file format
+
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors string metadata of this codebook."""
+
+        def js(value: Any) -> str:
+            return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "metric": self.metric,
+            "n_codes": str(self.n_codes),
+            "dim": str(self.dim),
+            "dtype": "float32",
+            "fit": js(self.fit),
+            "stats": js(self.stats),
+            "data_fingerprint": self.data_fingerprint,
+            "sources": js(list(self.sources)),
+            "column": self.column,
+            "parent_fingerprint": self.parent_fingerprint,
+            "versions": js(self.versions),
+            "created_at": self.created_at,
+            "timings": js(self.timings),
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialize to safetensors bytes with a deterministic (sorted) header."""
+        c = self.centroids.numpy().astype("<f4", copy=False)
+        n = self.counts.numpy().astype("<i8", copy=False)
+        header = {
+            "__metadata__": self.to_metadata(),
+            "centroids": {"dtype": "F32", "shape": list(c.shape), "data_offsets": [0, c.nbytes]},
+            "counts": {"dtype": "I64", "shape": list(n.shape), "data_offsets": [c.nbytes, c.nbytes + n.nbytes]},
+        }
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        return struct.pack("<Q", len(raw)) + raw + c.tobytes() + n.tobytes()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the codebook atomically to ``path`` (temporary file, fsync, rename) and return it."""
+        return atomic_write_bytes(Path(path), self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "<bytes>", metric: str | None = None) -> Codebook:
+        """Parse and validate codebook bytes; see :meth:`load`."""
+        meta, tensors = _parse(data, source)
+        if metric is not None and metric != meta["metric"]:
+            raise InvalidInputError(
+                f"metric={metric!r} was requested but {source} holds a metric={meta['metric']!r} codebook. "
+                f"Fix: request metric={meta['metric']!r}, or fit a {metric!r} codebook."
+            )
+        try:
+            return cls(
+                centroids=tensors["centroids"],
+                counts=tensors["counts"],
+                metric=meta["metric"],
+                fit=_json_field(meta, "fit", source, dict),
+                stats=_json_field(meta, "stats", source, dict),
+                data_fingerprint=meta.get("data_fingerprint", ""),
+                sources=tuple(_json_field(meta, "sources", source, list)),
+                column=meta.get("column", ""),
+                parent_fingerprint=meta.get("parent_fingerprint", ""),
+                versions=_json_field(meta, "versions", source, dict),
+                created_at=meta.get("created_at", ""),
+                timings=_json_field(meta, "timings", source, dict),
+            )
+        except InvalidInputError as exc:
+            raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, metric: str | None = None) -> Codebook:
+        """Read and validate a codebook file.
+
+        Args:
+            path: a ``.safetensors`` file written by :meth:`save`.
+            metric: if given, refuse a codebook of another metric.
+
+        Raises:
+            CodebookFileError: missing, truncated, corrupt, pickled or random files, lying headers,
+                NaN centroids. UnsupportedFormatError: another format or an unknown major version.
+            InvalidInputError: ``metric`` differs from the file's.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise CodebookFileError(
+                f"codebook path={str(p)!r} {'is a folder' if p.is_dir() else 'does not exist'}; "
+                f"expected a .safetensors codebook file. Fix: pass the file written by `vq fit` or Codebook.save."
+            )
+        return cls.from_bytes(p.read_bytes(), source=f"codebook file {str(p)!r}", metric=metric)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors) for people and artifacts."""
+        return {
+            "fingerprint": self.fingerprint,
+            "metric": self.metric,
+            "n_codes": self.n_codes,
+            "dim": self.dim,
+            "fit": self.fit,
+            "stats": self.stats,
+            "data_fingerprint": self.data_fingerprint,
+            "sources": list(self.sources),
+            "column": self.column,
+            "parent_fingerprint": self.parent_fingerprint,
+            "versions": self.versions,
+            "created_at": self.created_at,
+            "timings": self.timings,
+            "empty_codes": int((self.counts == 0).sum()),
+        }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+_EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}
+
+
+def _parse(data: bytes, source: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Check a safetensors codebook's header by hand, then let safetensors read the tensors."""
+    fix = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit it."
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        raise CodebookFileError(
+            f"{source} looks like a pickle or torch.save archive, not a safetensors codebook; pickles are "
+            f"never loaded because loading one can run arbitrary code. {fix}"
+        )
+    if len(data) < 8:
+        raise CodebookFileError(f"{source} is {len(data)} bytes long: too short to be a safetensors file. {fix}")
+    (n_header,) = struct.unpack("<Q", data[:8])
+    if n_header > min(len(data) - 8, _MAX_HEADER_BYTES):
+        raise CodebookFileError(
+            f"{source}: header length={n_header} bytes but the file has {len(data) - 8} bytes after it; "
+            f"expected a safetensors file. The file is truncated or not a codebook. {fix}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodebookFileError(f"{source}: the header is not valid JSON ({exc}); the file is corrupt. {fix}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise CodebookFileError(f"{source}: the header has no metadata; expected a vq-pipeline codebook. {fix}")
+    meta = header.pop("__metadata__")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CodebookFileError(f"{source}: metadata values must be strings; the file is corrupt. {fix}")
+    if meta.get("format") != FORMAT_NAME:
+        raise UnsupportedFormatError(
+            f"{source}: format={meta.get('format')!r}; expected {FORMAT_NAME!r}. {fix}"
+        )
+    version = meta.get("format_version", "")
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise UnsupportedFormatError(
+            f"{source}: format_version={version!r}; this release reads major version "
+            f"{FORMAT_VERSION.split('.')[0]} ({FORMAT_VERSION}). Fix: upgrade vq-pipeline, or refit the codebook."
+        )
+    if meta.get("metric") not in METRICS:
+        raise CodebookFileError(f"{source}: metric={meta.get('metric')!r}; expected one of {METRICS}. {fix}")
+    try:
+        n_codes, dim = int(meta["n_codes"]), int(meta["dim"])
+    except (KeyError, ValueError):
+        raise CodebookFileError(
+            f"{source}: n_codes={meta.get('n_codes')!r}, dim={meta.get('dim')!r}; expected integers. {fix}"
+        ) from None
+    if set(header) != set(_EXPECTED_TENSORS):
+        raise CodebookFileError(
+            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {fix}"
+        )
+    expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
+    n_data = len(data) - 8 - n_header
+    for name, (dtype, _) in _EXPECTED_TENSORS.items():
+        info = header[name]
+        if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != expected_shapes[name]:
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} is {info!r}; expected dtype {dtype} and shape {expected_shapes[name]} "
+                f"(from metadata n_codes={n_codes}, dim={dim}). The header is inconsistent. {fix}"
+            )
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CodebookFileError(f"{source}: tensor {name!r} has data_offsets={offsets!r}; the header is corrupt. {fix}")
+        if offsets[1] > n_data:
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_data} data bytes follow the "
+                f"header; the file is truncated. {fix}"
+            )
+    try:
+        from safetensors.torch import load as _st_load
+
+        tensors = _st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CodebookFileError(f"{source}: safetensors could not read it ({exc}). {fix}") from None
+    return meta, tensors
+
+
+def _json_field(meta: dict[str, str], key: str, source: str, kind: type) -> Any:
+    raw = meta.get(key, "")
+    if raw == "":
+        return kind()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CodebookFileError(f"{source}: metadata {key}={raw[:80]!r} is not valid JSON; the file is corrupt.") from None
+    if not isinstance(value, kind):
+        raise CodebookFileError(f"{source}: metadata {key} is a {type(value).__name__}; expected a {kind.__name__}.")
+    return value
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    """sha256 of a (n_rows, dim) float32 tensor's shape and bytes, hashed in bounded slices."""
+    h = hashlib.sha256(f"float32|{tuple(x.shape)}|".encode())
+    rows = max(1, (64 * 2**20) // max(1, x.shape[1] * 4))
+    for start in range(0, x.shape[0], rows):
+        h.update(np.ascontiguousarray(x[start : start + rows].detach().cpu().numpy(), dtype="<f4").tobytes())
+    return h.hexdigest()

@@ -1,0 +1,117 @@
+"""KeOps engine: symbolic (n, m) squared distances reduced by argmin / argKmin, never materialized.
+
+This is the only module that imports pykeops, and it does so lazily: importing pykeops prints, probes
+for CUDA, and may compile. Before that import it points KeOps at a cache folder keyed by this CPU,
+the compiler flags and the versions (compiled kernels are machine-specific once ``-march=native`` is
+used, and one shared folder clashes between concurrent processes), and it sets vectorizing
+``CXXFLAGS`` unless the user set their own.
+
+Environment:
+    VQ_KEOPS_CACHE_DIR: root of the per-machine cache folders (default ``~/.cache/vq-pipeline/keops``).
+    VQ_KEOPS_CXXFLAGS: C++ flags for KeOps' CPU kernels (default: ``NATIVE_CXXFLAGS``); an explicit
+        ``CXXFLAGS`` in the environment wins over both.
+    VQ_KEOPS_WORKER: optional suffix giving each concurrent worker its own cache folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Without -march KeOps' CPU loops are not vectorized: 10-30x slower (benchmarks/RESULTS.md).
+NATIVE_CXXFLAGS = "-march=native -fno-trapping-math -fno-signed-zeros -fassociative-math"
+
+_import_error: str | None = None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_folder(cxxflags: str) -> Path:
+    """The KeOps cache folder for this CPU, these flags and these library versions."""
+    root = Path(os.environ.get("VQ_KEOPS_CACHE_DIR") or Path.home() / ".cache" / "vq-pipeline" / "keops")
+    key = "|".join([_cpu_model(), platform.machine(), cxxflags, sys.version.split()[0], torch.__version__])
+    name = f"{platform.machine()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    worker = os.environ.get("VQ_KEOPS_WORKER")
+    return (root / name / worker) if worker else (root / name)
+
+
+@cache
+def _lazy_tensor() -> Any:
+    """Configure KeOps' environment, import it once, and return ``pykeops.torch.LazyTensor``."""
+    global _import_error
+    if shutil.which(os.environ.get("CXX", "g++")) is None and not torch.cuda.is_available():
+        _import_error = "no C++ compiler (g++) was found on PATH, and KeOps compiles its CPU kernels with it"
+        return None
+    cxxflags = os.environ.get("CXXFLAGS") or os.environ.get("VQ_KEOPS_CXXFLAGS", NATIVE_CXXFLAGS)
+    folder = cache_folder(cxxflags)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in ("CXXFLAGS", "KEOPS_CACHE_FOLDER")}
+    os.environ["CXXFLAGS"] = cxxflags
+    os.environ["KEOPS_CACHE_FOLDER"] = str(folder)
+    os.environ.setdefault("PYKEOPS_VERBOSE", "0")
+    try:
+        # pykeops prints its CUDA probe on import; keep stdout clean for the command line's summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            from pykeops.torch import LazyTensor
+    except Exception as exc:  # noqa: BLE001 - any import failure means "unavailable", with the reason
+        _import_error = f"importing pykeops failed ({type(exc).__name__}: {exc})"
+        return None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return LazyTensor
+
+
+def available() -> bool:
+    """Whether pykeops imports and can compile here."""
+    return _lazy_tensor() is not None
+
+
+def unavailable_reason() -> str:
+    return _import_error or "pykeops is available"
+
+
+class KeOpsEngine:
+    name = "keops"
+
+    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`vq_pipeline.engines.Engine.nearest`."""
+        LazyTensor = _lazy_tensor()
+        x_i = LazyTensor(x[:, None, :])  # (n, 1, dim) symbolic
+        c_j = LazyTensor(c[None, :, :])  # (1, m, dim) symbolic
+        d_ij = ((x_i - c_j) ** 2).sum(-1)  # (n, m) symbolic, never materialized
+        with contextlib.redirect_stdout(sys.stderr):  # first use compiles, and may print
+            if k == 1:
+                sqdist, idx = d_ij.min_argmin(dim=1)  # (n, 1), (n, 1)
+            else:
+                sqdist, idx = d_ij.Kmin_argKmin(k, dim=1)  # (n, k), (n, k)
+        return sqdist, idx.long()
+
+    def sqdist(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """See :meth:`vq_pipeline.engines.Engine.sqdist`: all m distances via a Kmin reduction."""
+        sqdist, idx = self.nearest(x, c, c.shape[0])  # (n, m) sorted, (n, m)
+        return torch.empty_like(sqdist).scatter_(1, idx, sqdist)  # (n, m) in centroid order
+
+    def bytes_per_row(self, n_codes: int, dim: int, k: int) -> int:
+        # the row itself (moved to the device) and the k (distance, index) outputs
+        return 4 * dim + 16 * k

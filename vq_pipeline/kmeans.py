@@ -1,0 +1,483 @@
+"""Lloyd's K-means through an engine: init, E/M steps, empty-cluster repair, tolerance, restarts.
+
+The loop follows the KeOps K-means tutorial (an argmin over symbolic squared distances, then
+centroid means) and adds what it leaves out:
+
+* k-means++ initialization (greedy, as in scikit-learn: ``2 + ln(n_codes)`` candidates per step),
+  computed through the same engine in bounded chunks, never with an (n_rows, n_codes) matrix;
+* empty clusters are repaired by moving them to the points farthest from their centroids
+  (scikit-learn's rule), falling back to splitting the largest cluster (FAISS's rule); every repair
+  is counted, and no centroid is ever NaN or left behind at zero;
+* stopping when the objective's relative decrease falls to ``tol``, or after ``n_iter`` updates;
+* ``n_init`` seeded restarts, keeping the lowest objective;
+* per-iteration statistics (objective, repairs, imbalance, seconds).
+
+Every E step is one pass of :func:`vq_pipeline.assign.nearest_in_chunks` over ``x``; ``x`` may be any
+object with ``.shape`` and row slicing that returns float32 tensors, which is how streamed tables reuse
+this loop. Sums are accumulated in float64 so the result does not hinge on summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
+from .codebook import Codebook, tensor_fingerprint
+from .engines import Engine, get_engine
+from .errors import InvalidInputError, TooFewPointsError
+from .validate import (
+    METRICS,
+    as_embeddings,
+    check_choice,
+    check_float,
+    check_int,
+    check_nonzero_rows,
+    normalize_rows,
+    resolve_device,
+    row_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+INITS = ("k-means++", "random", "first")
+# At most this many far-point candidates are kept per E step for empty-cluster repair.
+_MAX_FAR_CANDIDATES = 1024
+
+
+class Rows(Protocol):
+    """Row-sliceable embeddings: ``rows[a:b]`` gives a (b - a, dim) float32 tensor."""
+
+    shape: Any
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """One E step of Lloyd's loop, plus the M step that followed it (if any).
+
+    ``objective`` is the objective of the centroids *before* this iteration's update: the sum of
+    squared L2 distances ('l2') or of ``1 - cos`` ('cosine') to the nearest centroid.
+    ``imbalance`` is ``n_codes * sum(counts**2) / n_rows**2`` (1.0 for equal cluster sizes).
+    """
+
+    iteration: int
+    objective: float
+    n_repairs: int
+    n_empty: int
+    imbalance: float
+    seconds: float
+
+
+ProgressCallback = Callable[[IterationStats], None]
+
+
+@dataclass(frozen=True)
+class LloydResult:
+    """Outcome of one Lloyd run; ``counts`` and ``inertia`` belong to the returned ``centroids``."""
+
+    centroids: torch.Tensor  # (n_codes, dim) float32, CPU
+    counts: torch.Tensor  # (n_codes,) int64, CPU
+    inertia: float
+    n_iter: int  # centroid updates done
+    converged: bool
+    n_repairs: int
+    history: list[IterationStats]
+
+
+@dataclass
+class _Pass:
+    """What one E step accumulates over all chunks."""
+
+    sums: torch.Tensor  # (n_codes, dim) float64, compute device
+    counts: torch.Tensor  # (n_codes,) int64, compute device
+    objective: float
+    far_sqdist: torch.Tensor  # (n_far,) float32, descending
+    far_rows: torch.Tensor  # (n_far, dim) float32
+
+
+def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> _Pass:
+    """Assign every row of ``x`` to its nearest centroid and accumulate sums, counts, objective.
+
+    Args:
+        x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
+        c: (n_codes, dim) float32 centroids on the compute device.
+    """
+    n_codes, dim = c.shape
+    n_far = min(n_codes, _MAX_FAR_CANDIDATES)
+    sums = torch.zeros((n_codes, dim), dtype=torch.float64, device=c.device)  # (n_codes, dim)
+    counts = torch.zeros(n_codes, dtype=torch.int64, device=c.device)  # (n_codes,)
+    objective = torch.zeros((), dtype=torch.float64, device=c.device)
+    far_d = torch.empty(0, dtype=torch.float32, device=c.device)  # (<= n_far,)
+    far_x = torch.empty((0, dim), dtype=torch.float32, device=c.device)  # (<= n_far, dim)
+    for _, xb, sqdist, idx in nearest_in_chunks(x, c, k=1, engine=engine, chunk_rows=chunk_rows):
+        d, code = sqdist[:, 0], idx[:, 0]  # (n,), (n,)
+        sums.index_add_(0, code, xb.double())
+        counts += torch.bincount(code, minlength=n_codes)
+        objective += d.double().sum()
+        top = d.topk(min(n_far, d.shape[0]), sorted=True)  # the chunk's farthest rows
+        far_d = torch.cat([far_d, top.values])  # (<= 2 n_far,)
+        far_x = torch.cat([far_x, xb[top.indices]])  # (<= 2 n_far, dim)
+        keep = far_d.topk(min(n_far, far_d.shape[0]), sorted=True).indices
+        far_d, far_x = far_d[keep], far_x[keep]
+    return _Pass(sums, counts, float(objective), far_d, far_x)
+
+
+def m_step(p: _Pass, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int]:
+    """New centroids from an E step's sums and counts, with empty clusters repaired.
+
+    Returns:
+        (centroids, n_repairs): (n_codes, dim) float32 on c's device, and how many codes were empty.
+    """
+    nonempty = p.counts > 0  # (n_codes,)
+    new = c.clone()  # (n_codes, dim)
+    means = p.sums[nonempty] / p.counts[nonempty, None]  # (n_nonempty, dim) float64
+    if metric == "cosine":
+        norms = torch.linalg.vector_norm(means, dim=1, keepdim=True)  # (n_nonempty, 1)
+        # Opposite unit vectors can cancel to ~0: keep the old centroid there rather than divide by it.
+        ok = norms[:, 0] > 1e-12
+        means = torch.where(ok[:, None], means / norms.clamp_min(1e-300), c[nonempty].double())
+    new[nonempty] = means.to(torch.float32)
+    empty = (~nonempty).nonzero()[:, 0].tolist()
+    if empty:
+        _repair(new, empty, p, metric=metric)
+    return new, len(empty)
+
+
+def _repair(c: torch.Tensor, empty: list[int], p: _Pass, *, metric: str) -> None:
+    """Move empty codes to the farthest distinct rows; split the largest clusters if rows run out."""
+    picked: list[torch.Tensor] = []
+    for d, row in zip(p.far_sqdist.tolist(), p.far_rows):
+        if len(picked) == len(empty) or d <= 0:
+            break
+        if not any(torch.equal(row, q) for q in picked):
+            picked.append(row)
+    if not picked:
+        # The farthest row sits on its centroid: every row does, so there is nothing left to move.
+        n_distinct = int((p.counts > 0).sum())
+        raise TooFewPointsError(
+            f"x has only {n_distinct} distinct rows but n_codes={c.shape[0]}; every row already sits on a "
+            f"centroid, so {len(empty)} code(s) cannot be given any data. Expected at least n_codes distinct "
+            f"rows. Fix: lower n_codes to {n_distinct} or less, or deduplicate/enlarge the training data."
+        )
+    for code, row in zip(empty, picked):
+        c[code] = row
+    sizes = p.counts.to(torch.float64).clone()  # (n_codes,)
+    for code in empty[len(picked):]:
+        big = int(sizes.argmax())
+        sign = torch.ones(c.shape[1], device=c.device)
+        sign[1::2] = -1
+        delta = sign * (c[big].abs() + 1e-6) / 1024  # (dim,) FAISS-style symmetric nudge
+        c[code], c[big] = c[big] + delta, c[big] - delta
+        sizes[big] /= 2
+        sizes[code] = sizes[big]
+    if metric == "cosine":
+        c[empty] = normalize_rows(c[empty])
+
+
+def lloyd(
+    x: Rows,
+    init: torch.Tensor,
+    *,
+    metric: str,
+    n_iter: int,
+    tol: float,
+    engine: Engine,
+    chunk_rows: int,
+    progress: ProgressCallback | None = None,
+) -> LloydResult:
+    """Run Lloyd's algorithm from ``init`` until the objective settles or ``n_iter`` updates are done.
+
+    Args:
+        x: (n_rows, dim) float32 rows, unit rows under cosine; finite (validated by the caller).
+        init: (n_codes, dim) float32 starting centroids on the compute device.
+        tol: stop when ``(previous - current) <= tol * previous`` for the objective.
+
+    The returned counts and inertia come from an E step on the returned centroids, so they match.
+    """
+    c = init
+    n_rows = x.shape[0]
+    history: list[IterationStats] = []
+    prev: float | None = None
+    converged = False
+    total_repairs = 0
+    scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
+    for it in range(1, n_iter + 2):
+        t0 = time.perf_counter()
+        p = e_step(x, c, engine=engine, chunk_rows=chunk_rows)
+        objective = p.objective * scale
+        converged = prev is not None and prev - objective <= tol * prev
+        last = converged or it == n_iter + 1
+        repairs = 0
+        if not last:
+            c, repairs = m_step(p, c, metric=metric)
+            total_repairs += repairs
+        if c.device.type == "cuda":
+            torch.cuda.synchronize(c.device)
+        counts = p.counts.double()
+        stats = IterationStats(
+            iteration=it,
+            objective=objective,
+            n_repairs=repairs,
+            n_empty=int((p.counts == 0).sum()),
+            imbalance=float(c.shape[0] * counts.square().sum() / n_rows**2),
+            seconds=time.perf_counter() - t0,
+        )
+        history.append(stats)
+        log.info("iteration %d: objective=%.6g repairs=%d imbalance=%.3f", it, objective, repairs, stats.imbalance)
+        if progress is not None:
+            progress(stats)
+        if last:
+            return LloydResult(
+                centroids=c.to("cpu", torch.float32),
+                counts=p.counts.cpu(),
+                inertia=objective,
+                n_iter=it - 1,
+                converged=converged,
+                n_repairs=total_repairs,
+                history=history,
+            )
+        prev = objective
+    raise AssertionError("unreachable")  # the loop always returns on its last pass
+
+
+def kmeans_plus_plus(
+    x: torch.Tensor, n_codes: int, *, generator: torch.Generator, engine: Engine, memory_budget: int, device: torch.device
+) -> torch.Tensor:
+    """Greedy k-means++ seeding through ``engine`` in bounded chunks.
+
+    Each step draws ``2 + ln(n_codes)`` candidates with probability proportional to the squared
+    distance to the nearest chosen centroid, and keeps the one that lowers the total the most. One
+    pass over ``x`` per step computes the (n_rows, n_trials) candidate distances; they are kept for
+    the next step when they fit ``memory_budget``, else the winner's column is recomputed.
+
+    Args:
+        x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
+        generator: CPU generator; all randomness comes from it.
+
+    Returns:
+        (n_codes, dim) float32 centroids on ``device``, each a row of ``x``.
+    """
+    n_rows, dim = x.shape
+    n_trials = 2 + int(math.log(n_codes))
+    keep_all = n_rows * n_trials * 8 <= memory_budget // 2  # float64 distances
+    chunk = plan_chunk_rows(n_rows, n_trials, dim, k=n_trials, engine=engine, memory_budget=memory_budget // 2)
+    chosen = [int(torch.randint(n_rows, (1,), generator=generator))]
+    first = x[chosen[0] : chosen[0] + 1].to(device)  # (1, dim)
+    closest = _candidate_sqdist(x, first, engine, chunk, closest=None)[1][:, 0]  # (n_rows,) float64
+    for i in range(1, n_codes):
+        total = float(closest.sum())
+        if total <= 0:
+            raise TooFewPointsError(
+                f"x has only {i} distinct rows but n_codes={n_codes}; expected at least n_codes distinct rows. "
+                f"Fix: lower n_codes to {i} or less, or deduplicate/enlarge the training data."
+            )
+        cumulative = closest.cumsum(0)  # (n_rows,)
+        targets = torch.rand(n_trials, generator=generator, dtype=torch.float64) * total  # (n_trials,)
+        # right=True lands on a row whose own weight is > 0, so a row already chosen is never drawn.
+        candidates = torch.searchsorted(cumulative, targets.to(cumulative.device), right=True).clamp_(max=n_rows - 1)
+        cand_x = x[candidates.to(x.device)].to(device).contiguous()  # (n_trials, dim)
+        potential, per_trial = _candidate_sqdist(x, cand_x, engine, chunk, closest=closest, keep=keep_all)
+        best = int(potential.argmin())
+        chosen.append(int(candidates[best]))
+        if per_trial is None:
+            per_trial = _candidate_sqdist(x, cand_x[best : best + 1], engine, chunk, closest=None)[1]
+            best = 0
+        closest = torch.minimum(closest, per_trial[:, best])
+    return x[torch.tensor(chosen, device=x.device)].to(device, torch.float32).contiguous()
+
+
+def _candidate_sqdist(
+    x: Rows, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor | None, keep: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass: each candidate's potential ``sum(min(closest, d(x, cand)))`` and, if ``keep``, all distances.
+
+    Args:
+        cand: (m, dim) float32 on the compute device. closest: (n_rows,) float64 or None (then the
+            potential is the plain sum of distances).
+
+    Returns:
+        potential (m,) float64, and (n_rows, m) float64 distances (None unless ``keep``).
+    """
+    n_rows, m = x.shape[0], cand.shape[0]
+    potential = torch.zeros(m, dtype=torch.float64, device=cand.device)  # (m,)
+    out = torch.empty((n_rows, m), dtype=torch.float64, device=cand.device) if keep else None  # (n_rows, m)
+    for rows in row_chunks(n_rows, chunk_rows):
+        d = engine.sqdist(x[rows].to(cand.device).contiguous(), cand).double()  # (n, m)
+        if out is not None:
+            out[rows] = d
+        potential += (d if closest is None else torch.minimum(closest[rows, None], d)).sum(dim=0)
+    return potential, out
+
+
+def _restart_seed(seed: int, restart: int) -> int:
+    return (seed * 1_000_003 + restart) % (2**63)
+
+
+def fit_codebook(
+    x: Any,
+    n_codes: int,
+    *,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str | torch.Tensor | Codebook = "k-means++",
+    seed: int = 0,
+    n_init: int = 1,
+    engine: str = "auto",
+    device: str | torch.device | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: ProgressCallback | None = None,
+    sources: tuple[str, ...] = (),
+    column: str = "",
+) -> Codebook:
+    """Fit a K-means codebook with Lloyd's algorithm.
+
+    Args:
+        x: (n_rows, dim) embeddings: torch tensor (any device) or numpy array. float16, bfloat16,
+            float64 and integer inputs are converted to float32; NaN/Inf are refused.
+        n_codes: number of centroids, ``1 <= n_codes <= n_rows``.
+        metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized; centroids
+            re-normalized after every update).
+        n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
+        tol: stop when the objective's relative decrease is ``<= tol``.
+        init: 'k-means++' (default), 'random' (distinct random rows), 'first' (the first n_codes
+            rows, as in the KeOps tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from
+            (its fingerprint is recorded as the parent).
+        seed: seed of every random choice; with the same data, settings and device kind the
+            codebook is the same.
+        n_init: restarts from different seeded inits; the lowest objective wins.
+        engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu' or 'cuda'.
+        memory_budget: bytes of temporaries one chunk may use.
+        progress: called with an :class:`IterationStats` after every iteration.
+        sources, column: provenance recorded in the codebook (set by the table pipeline).
+
+    Returns:
+        A :class:`Codebook` whose counts and inertia belong to its centroids.
+    """
+    t_start = time.perf_counter()
+    metric = check_choice("metric", metric, METRICS)
+    x = as_embeddings(x)
+    n_rows, dim = x.shape
+    n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
+    if n_codes > n_rows:
+        raise TooFewPointsError(
+            f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
+            f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
+        )
+    n_iter = check_int("n_iter", n_iter, minimum=0)
+    tol = check_float("tol", tol)
+    seed = check_int("seed", seed, minimum=0)
+    n_init = check_int("n_init", n_init, minimum=1)
+    budget = check_int("memory_budget", memory_budget, minimum=1)
+    dev = resolve_device(device, x)
+    eng = get_engine(engine, dev, dim)
+    parent = ""
+    if isinstance(init, Codebook):
+        if init.metric != metric:
+            raise InvalidInputError(
+                f"init codebook metric={init.metric!r} but metric={metric!r}; expected the same metric. "
+                f"Fix: pass metric={init.metric!r}, or start from a k-means++ init."
+            )
+        parent, init = init.fingerprint, init.centroids
+    init_name = "tensor" if isinstance(init, torch.Tensor) else init
+    if isinstance(init, torch.Tensor):
+        init = _check_init_tensor(init, n_codes, dim, metric)
+        if n_init != 1:
+            raise InvalidInputError(
+                f"n_init={n_init} with a given init tensor would repeat the same run; expected n_init=1. "
+                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
+            )
+    else:
+        check_choice("init", init, INITS)
+    data_fingerprint = tensor_fingerprint(x)
+    if metric == "cosine":
+        check_nonzero_rows(x)
+        x = normalize_rows(x)
+    x = _maybe_to_device(x, dev)
+    chunk = plan_chunk_rows(n_rows, n_codes, dim, k=1, engine=eng, memory_budget=budget)
+
+    best: LloydResult | None = None
+    inertias: list[float] = []
+    init_seconds = 0.0
+    for restart in range(n_init):
+        generator = torch.Generator().manual_seed(_restart_seed(seed, restart))
+        t0 = time.perf_counter()
+        if isinstance(init, torch.Tensor):
+            c0 = init.to(dev).contiguous()
+        elif init == "first":
+            c0 = x[:n_codes].to(dev).contiguous()
+        elif init == "random":
+            pick = torch.randperm(n_rows, generator=generator)[:n_codes]
+            c0 = x[pick.to(x.device)].to(dev).contiguous()
+        else:
+            c0 = kmeans_plus_plus(x, n_codes, generator=generator, engine=eng, memory_budget=budget, device=dev)
+        init_seconds += time.perf_counter() - t0
+        result = lloyd(x, c0, metric=metric, n_iter=n_iter, tol=tol, engine=eng, chunk_rows=chunk, progress=progress)
+        inertias.append(result.inertia)
+        if best is None or result.inertia < best.inertia:
+            best = result
+    assert best is not None
+    history = [asdict(h) for h in best.history]
+    return Codebook(
+        centroids=best.centroids,
+        counts=best.counts,
+        metric=metric,
+        fit={
+            "n_codes": n_codes,
+            "metric": metric,
+            "init": init_name,
+            "seed": seed,
+            "n_iter": n_iter,
+            "tol": tol,
+            "n_init": n_init,
+            "engine": eng.name,
+            "device": dev.type,
+        },
+        stats={
+            "n_rows": n_rows,
+            "inertia": best.inertia,
+            "iterations": best.n_iter,
+            "converged": best.converged,
+            "n_repairs": best.n_repairs,
+            "empty_codes": int((best.counts == 0).sum()),
+            "restart_inertias": inertias,
+            "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
+        },
+        data_fingerprint=data_fingerprint,
+        sources=tuple(sources),
+        column=column,
+        parent_fingerprint=parent,
+        timings={
+            "fit_seconds": time.perf_counter() - t_start,
+            "init_seconds": init_seconds,
+            "iteration_seconds": [h["seconds"] for h in history],
+        },
+    )
+
+
+def _check_init_tensor(init: torch.Tensor, n_codes: int, dim: int, metric: str) -> torch.Tensor:
+    c = as_embeddings(init, name="init")
+    if tuple(c.shape) != (n_codes, dim):
+        raise InvalidInputError(
+            f"init.shape={tuple(c.shape)}; expected (n_codes, dim)=({n_codes}, {dim}). "
+            f"Fix: pass one starting centroid per code, with the data's width."
+        )
+    if metric == "cosine":
+        check_nonzero_rows(c, name="init")
+        c = normalize_rows(c)
+    return c
+
+
+def _maybe_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move the training rows to a GPU once when they take at most half its free memory."""
+    if device.type != "cuda" or x.device == device:
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.numel() * 4 <= free // 2 else x

@@ -1,0 +1,208 @@
+"""Validation at the public edge: turn user input into clean float32 tensors, or explain why not.
+
+Everything here raises subclasses of :class:`vq_pipeline.errors.InvalidInputError` (a
+``ValueError``) whose messages give ``name=value``, what was expected, and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError, NonFiniteError
+
+METRICS = ("l2", "cosine")
+ENGINES = ("auto", "keops", "torch")
+
+# Largest squared row norm accepted. Squared distances between two such rows can reach 4x this,
+# which must stay below float32's max (3.4e38) for every engine to compute them.
+MAX_SQUARED_NORM = 8.0e37
+
+# Rows per pass of the validation scans: bounds their temporary memory (a float64 copy).
+_SCAN_ROWS = 1 << 15
+
+
+def row_chunks(n_rows: int, chunk_rows: int) -> Iterator[slice]:
+    """Yield consecutive row slices of at most ``chunk_rows`` rows covering ``0..n_rows``."""
+    for start in range(0, n_rows, chunk_rows):
+        yield slice(start, min(start + chunk_rows, n_rows))
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a clear error."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInputError(
+            f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}. "
+            f"Fix: pass {name}={choices[0]!r} or another listed value."
+        )
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None, hint: str = "") -> int:
+    """Return ``value`` as an int within ``[minimum, maximum]``, else raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(
+            f"{name}={value!r} has type {type(value).__name__}; expected an integer >= {minimum}. "
+            f"Fix: pass a whole number.{(' ' + hint) if hint else ''}"
+        )
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InvalidInputError(
+            f"{name}={value} is out of range; expected an integer {bound}."
+            f"{(' Fix: ' + hint) if hint else ''}"
+        )
+    return value
+
+
+def check_float(name: str, value: Any, *, minimum: float = 0.0) -> float:
+    """Return ``value`` as a finite float ``>= minimum``, else raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidInputError(f"{name}={value!r} is not a number; expected a float >= {minimum}.")
+    value = float(value)
+    if not np.isfinite(value) or value < minimum:
+        raise InvalidInputError(f"{name}={value} is out of range; expected a finite float >= {minimum}.")
+    return value
+
+
+def as_embeddings(x: Any, *, name: str = "x") -> torch.Tensor:
+    """Validate embeddings and return them as a contiguous float32 tensor on x's device.
+
+    Args:
+        x: array-like of shape (n_rows, dim): a torch tensor (any device) or a numpy array.
+            Floating dtypes (float16, bfloat16, float32, float64) and integer dtypes are accepted
+            and converted to float32; bool, complex and object dtypes are refused.
+
+    Returns:
+        Tensor of shape (n_rows, dim), float32, contiguous, same device as ``x`` (CPU for numpy).
+
+    Raises:
+        InvalidInputError: wrong type, rank, empty, or non-numeric dtype.
+        NonFiniteError: NaN or ±Inf anywhere, values beyond float32's range, or a squared row norm
+            above ``MAX_SQUARED_NORM``.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiu":
+            raise InvalidInputError(
+                f"{name}.dtype={x.dtype} is not numeric; expected floating point or integer embeddings. "
+                f"Fix: convert {name} with x.astype(np.float32)."
+            )
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise InvalidInputError(
+            f"{name} has type {type(x).__name__}; expected a torch.Tensor or numpy.ndarray of shape (n_rows, dim). "
+            f"Fix: wrap it with numpy.asarray(...) first."
+        )
+    if x.dtype == torch.bool or x.dtype.is_complex or not (x.dtype.is_floating_point or _is_integer(x.dtype)):
+        raise InvalidInputError(
+            f"{name}.dtype={x.dtype} is not a real number type; expected floating point or integer embeddings. "
+            f"Fix: convert {name} to float32."
+        )
+    if x.ndim != 2:
+        raise InvalidInputError(
+            f"{name}.shape={tuple(x.shape)} has {x.ndim} dimension(s); expected a 2-d (n_rows, dim) array. "
+            f"Fix: reshape to (n_rows, dim), e.g. x.reshape(len(x), -1)."
+        )
+    n_rows, dim = x.shape
+    if n_rows == 0 or dim == 0:
+        raise InvalidInputError(
+            f"{name}.shape={tuple(x.shape)} is empty; expected at least one row and one column. "
+            f"Fix: check the input table is not empty and the embedding column holds vectors."
+        )
+    _check_finite(x, name=name, what="non-finite value (NaN or ±Inf)")
+    x32 = x.to(torch.float32).contiguous()
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # Converting float64 (or huge integers) to float32 can overflow to ±Inf.
+        _check_finite(x32, name=name, what="value outside float32's range (|v| > 3.4e38)")
+    _check_squared_norms(x32, name=name)
+    return x32
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_finite(x: torch.Tensor, *, name: str, what: str) -> None:
+    if not x.dtype.is_floating_point:
+        return
+    for rows in row_chunks(x.shape[0], _SCAN_ROWS):
+        bad = ~torch.isfinite(x[rows])  # (chunk, dim) bool
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            row += rows.start
+            n_bad = int(sum(int((~torch.isfinite(x[r])).sum()) for r in row_chunks(x.shape[0], _SCAN_ROWS)))
+            raise NonFiniteError(
+                f"{name}[{row}, {col}]={x[row, col].item()!r}: {name} holds {n_bad} {what}, the first at "
+                f"row {row}, column {col}; expected finite float32 numbers. "
+                f"Fix: drop or impute those rows before fitting or encoding."
+            )
+
+
+def _check_squared_norms(x: torch.Tensor, *, name: str) -> None:
+    for rows in row_chunks(x.shape[0], _SCAN_ROWS):
+        sq = x[rows].double().square().sum(dim=1)  # (chunk,) float64
+        worst = int(sq.argmax())
+        if float(sq[worst]) > MAX_SQUARED_NORM:
+            row = rows.start + worst
+            raise NonFiniteError(
+                f"squared norm of {name}[{row}]={float(sq[worst]):.3e} is too large; expected at most "
+                f"{MAX_SQUARED_NORM:.1e} so that squared distances stay finite in float32. "
+                f"Fix: rescale the embeddings (e.g. divide by their maximum absolute value)."
+            )
+
+
+def check_nonzero_rows(x: torch.Tensor, *, name: str = "x") -> None:
+    """Refuse zero-norm rows, which have no direction under the cosine metric.
+
+    Args:
+        x: (n_rows, dim) float32 tensor, any device.
+    """
+    for rows in row_chunks(x.shape[0], _SCAN_ROWS):
+        zero = x[rows].square().sum(dim=1) == 0  # (chunk,) bool
+        if bool(zero.any()):
+            row = rows.start + int(zero.nonzero()[0])
+            raise InvalidInputError(
+                f"{name}[{row}] has norm 0; the cosine metric needs a direction for every row. "
+                f"Fix: drop all-zero embeddings, or use metric='l2'."
+            )
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` with each row scaled to unit L2 norm.
+
+    Args:
+        x: (n_rows, dim) float32 tensor without zero rows, any device.
+
+    Returns:
+        (n_rows, dim) float32 tensor on the same device.
+    """
+    # Scale first: rows near float32's max would overflow while squaring.
+    scale = x.abs().amax(dim=1, keepdim=True)  # (n_rows, 1)
+    y = x / scale
+    return y / torch.linalg.vector_norm(y, dim=1, keepdim=True)  # (n_rows, dim)
+
+
+def resolve_device(device: Any, x: torch.Tensor | None = None) -> torch.device:
+    """Resolve ``device`` (None, 'cpu', 'cuda', 'cuda:1' or torch.device) to a torch.device.
+
+    None means: x's device if it is a CUDA tensor, else CUDA if available, else CPU.
+    """
+    if device is None:
+        if x is not None and x.device.type == "cuda":
+            return x.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(
+            f"device={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'. Fix: pass device='cpu'."
+        ) from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device={device!r} is not supported; expected 'cpu' or 'cuda'.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(
+            f"device={device!r} was requested but no CUDA GPU is available here. Fix: pass device='cpu'."
+        )
+    return dev
