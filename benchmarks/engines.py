@@ -2,17 +2,19 @@
 
 Command, from the repository root::
 
-    .venv/bin/python benchmarks/engines.py [--quick] [--scale S] [--json PATH]
+    .venv/bin/python benchmarks/engines.py [--quick] [--scale S] [--rounds R] [--json PATH]
+
+``--quick`` scales every row count by 0.1 (a smoke run); ``--scale`` scales them further.
 
 For every shape (n_rows x dim, n_codes, metric) the data are seeded float32 gaussian blobs (n_codes
 random centres, unit spread, noise 0.5, every coordinate offset by +3 so the data are not centred),
 and every engine starts from the same centroids (the first n_codes rows). Measured, on ``device='cpu'``:
 
 * fit: seconds per Lloyd iteration, the median of ``codebook.timings['iteration_seconds']`` of
-  ``fit_codebook(x, K, init=<same tensor>, n_iter=5, tol=0.0, engine=...)``, pooled over two runs per
-  engine interleaved torch, keops, torch, keops (after one warm-up call each, which for KeOps
-  compiles the formula). Ratios are keops / torch: the machine may be shared, so ratios of medians
-  are more meaningful than absolute numbers.
+  ``fit_codebook(x, K, init=<same tensor>, n_iter=5, tol=0.0, engine=...)``, pooled over ``--rounds``
+  (default 2) fits per engine, interleaved torch, keops, torch, keops, after one warm-up fit each
+  (for KeOps the warm-up compiles the formula). Ratios are keops / torch: the machine may be shared,
+  so ratios of medians mean more than absolute numbers.
 * keops-default: the same fit timing for KeOps built with its default compiler flags (no
   ``-march=native``), in a subprocess with ``VQ_KEOPS_CXXFLAGS=""`` and its own cache folder under
   ``benchmarks/results/``; only on the shapes marked for it (the small ones), as it is much slower.
@@ -54,6 +56,7 @@ NATIVE_CACHE = REPO / ".cache" / "keops"
 DEFAULT_FLAGS_CACHE = RESULTS / "keops-cache-default-flags"
 TORCH_THREADS = 2
 N_ITER = 5
+FIT_ROUNDS = 2  # timed fits per engine, interleaved torch, keops, torch, keops
 ENCODE_REPEATS = 3
 TIE_RTOL = 1e-4
 OFFSET = 3.0
@@ -156,7 +159,7 @@ def mismatch(codes: torch.Tensor, best: torch.Tensor, decisive: torch.Tensor) ->
     }
 
 
-def bench_shape(shape: Shape, n: int) -> dict[str, Any]:
+def bench_shape(shape: Shape, n: int, rounds: int = FIT_ROUNDS) -> dict[str, Any]:
     """Fit, encode and exactness for one shape with both engines in this process."""
     x = make_blobs(n, shape.dim, shape.k, shape.seed)
     init = x[: shape.k].clone()
@@ -165,7 +168,7 @@ def bench_shape(shape: Shape, n: int) -> dict[str, Any]:
     iters: dict[str, list[float]] = {eng: [] for eng in engines}
     inertia: dict[str, list[float]] = {eng: [] for eng in engines}
     codebooks: dict[str, Any] = {}
-    for _ in range(2):
+    for _ in range(rounds):
         for eng in engines:
             seconds, cb = fit_seconds_per_iter(x, init, shape, eng)
             iters[eng] += seconds
@@ -183,11 +186,14 @@ def bench_shape(shape: Shape, n: int) -> dict[str, Any]:
             enc_times[eng].append(time.perf_counter() - t0)
     best, decisive = oracle(x, shared.centroids, shape.metric)
     s_iter = {eng: statistics.median(iters[eng]) for eng in engines}
+    s_min = {eng: min(iters[eng]) for eng in engines}
     ti, ki = inertia["torch"][0], inertia["keops"][0]
     return {
         "fit_s_per_iter": s_iter,
         "fit_iteration_seconds": iters,
         "keops_over_torch": s_iter["keops"] / s_iter["torch"],
+        "fit_min_s_per_iter": s_min,
+        "keops_over_torch_min": s_min["keops"] / s_min["torch"],
         "warm_up_seconds": warm,
         "fit_inertia": inertia,
         "fit_inertia_rel_diff_keops_vs_torch": abs(ki - ti) / max(abs(ti), 1e-300),
@@ -294,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="rows scaled by 0.1 (a smoke run, ~1 minute)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every shape's row count by this")
+    parser.add_argument("--rounds", type=int, default=FIT_ROUNDS, help="timed fits per engine (interleaved)")
     parser.add_argument("--json", type=Path, default=RESULTS / "engines.json", help="where to write the results")
     parser.add_argument("--default-flags-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     for shape in SHAPES:
         n = scaled_rows(shape, scale)
         t0 = time.perf_counter()
-        result = bench_shape(shape, n)
+        result = bench_shape(shape, n, args.rounds)
         rows.append({"label": shape.label(n), "metric": shape.metric, "n_rows": n, "shape": asdict(shape),
-                     "result": result, "seconds": time.perf_counter() - t0})
+                     "result": result, "seconds": time.perf_counter() - t0, "load_average_after": os.getloadavg()[0]})
         print(f"  {shape.label(n)} {shape.metric}: torch {result['fit_s_per_iter']['torch']:.3g} s/iter, "
               f"keops {result['fit_s_per_iter']['keops']:.3g} s/iter ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr)
@@ -342,13 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(rows))
     print()
-    print(f"s/iter: median seconds per Lloyd iteration (n_iter={N_ITER}, 2 interleaved fits per engine). "
+    print(f"s/iter: median seconds per Lloyd iteration (n_iter={N_ITER}, {args.rounds} interleaved fits per engine). "
           f"keops/torch < 1 means KeOps is faster.")
     print(f"keops-default: KeOps with its default flags ({default_flags}).")
     for r in rows:
         d = r.get("keops_default")
         if d:
-            print(f"  {r['label']}: default flags are {d['over_keops_native']:.1f}x slower than native")
+            print(f"  {r['label']}: keops-default / keops-native = {d['over_keops_native']:.1f}")
     print(f"mismatch: fraction of rows (count) whose code differs from the float64 oracle, over rows not within "
           f"{TIE_RTOL:g} relative of a tie; encode uses the torch-fitted codebook for both engines.")
     print(f"total runtime: {total:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "keops_default_flags": default_flags,
         "scale": scale,
         "n_iter": N_ITER,
+        "fit_rounds": args.rounds,
         "tie_rtol": TIE_RTOL,
         "data": {"offset": OFFSET, "noise": NOISE, "centres": "randn(n_codes, dim)"},
         "rows": rows,
