@@ -248,6 +248,15 @@ def run_default_flags(jobs: list[tuple[Shape, int]], timeout: float) -> tuple[st
     return results[0]["cpp_flags"], results[1:]
 
 
+def cpu_pressure_us() -> int | None:
+    """Total microseconds some task waited for a CPU (Linux PSI), or None where unavailable."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(some.rsplit("total=", 1)[1])
+
+
 def machine() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -329,13 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for shape in SHAPES:
         n = scaled_rows(shape, scale)
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), cpu_pressure_us()
         result = bench_shape(shape, n, args.rounds)
+        wall = time.perf_counter() - t0
+        p1 = cpu_pressure_us()
+        stalled = None if p0 is None or p1 is None else (p1 - p0) / 1e6 / wall
         rows.append({"label": shape.label(n), "metric": shape.metric, "n_rows": n, "shape": asdict(shape),
-                     "result": result, "seconds": time.perf_counter() - t0, "load_average_after": os.getloadavg()[0]})
+                     "result": result, "seconds": wall, "cpu_stalled_fraction": stalled})
         print(f"  {shape.label(n)} {shape.metric}: torch {result['fit_s_per_iter']['torch']:.3g} s/iter, "
-              f"keops {result['fit_s_per_iter']['keops']:.3g} s/iter ({time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr)
+              f"keops {result['fit_s_per_iter']['keops']:.3g} s/iter ({wall:.0f} s, "
+              f"cpu stalled {'n/a' if stalled is None else f'{stalled:.0%}'})", file=sys.stderr)
 
     jobs = [(shape, r["n_rows"]) for shape, r in zip(SHAPES, rows) if shape.default_flags]
     default_flags, default_results = run_default_flags(jobs, timeout=300)
@@ -358,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['label']}: keops-default / keops-native = {d['over_keops_native']:.1f}")
     print(f"mismatch: fraction of rows (count) whose code differs from the float64 oracle, over rows not within "
           f"{TIE_RTOL:g} relative of a tie; encode uses the torch-fitted codebook for both engines.")
+    stalls = [r["cpu_stalled_fraction"] for r in rows if r["cpu_stalled_fraction"] is not None]
+    if stalls:
+        print(f"contention: share of wall time some task waited for a CPU (/proc/pressure/cpu), per shape: "
+              f"{', '.join(f'{v:.0%}' for v in stalls)} (near 0% = quiet machine; high values inflate timings, "
+              f"torch's many short parallel regions more than KeOps' one)")
     print(f"total runtime: {total:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
 
     report = {

@@ -95,6 +95,8 @@ def encode(
     engine: str = "auto",
     device: str | torch.device | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    name: str = "x",
+    row_offset: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Nearest codes of every row of ``x``; the work behind :meth:`Codebook.encode`.
 
@@ -102,17 +104,18 @@ def encode(
         centroids: (n_codes, dim) float32 CPU tensor, validated (unit rows for cosine).
         metric: 'l2' or 'cosine'.
         x: (n_rows, dim) embeddings, torch tensor or numpy array; validated here.
+        name, row_offset: how error messages name ``x`` and number its rows (for table batches).
 
     Returns:
         codes: int64 CPU tensor, (n_rows,) when ``top_k == 1`` else (n_rows, top_k), nearest first.
         distances (when ``return_distances``): float32 CPU tensor of the same shape: squared L2
         for 'l2', ``1 - cos`` for 'cosine' (smaller is better in both).
     """
-    x = as_embeddings(x)
+    x = as_embeddings(x, name=name, row_offset=row_offset)
     n_codes, dim = centroids.shape
     if x.shape[1] != dim:
         raise DimensionMismatchError(
-            f"x.shape[1]={x.shape[1]} but the codebook has dim={dim}; expected embeddings of width {dim}. "
+            f"{name}.shape[1]={x.shape[1]} but the codebook has dim={dim}; expected embeddings of width {dim}. "
             f"Fix: encode with the codebook fitted on this embedding model, or refit."
         )
     top_k = check_int("top_k", top_k, minimum=1, maximum=n_codes, hint=f"the codebook has {n_codes} codes.")
@@ -120,7 +123,7 @@ def encode(
     dev = resolve_device(device, x)
     eng = get_engine(engine, dev, dim)
     if metric == "cosine":
-        check_nonzero_rows(x)
+        check_nonzero_rows(x, name=name, row_offset=row_offset)
     c = centroids.to(dev, torch.float32).contiguous()  # (n_codes, dim)
     codes = torch.empty((x.shape[0], top_k), dtype=torch.int64)  # (n_rows, top_k)
     dists = torch.empty((x.shape[0], top_k), dtype=torch.float32) if return_distances else None

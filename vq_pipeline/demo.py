@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import fit_codebook
-from .tables import read_embeddings, write_codes, write_embeddings
+from .pipeline import encode_tables, fit_from_tables
+from .tables import write_embeddings
 
 
 def generate_embeddings(n_rows: int, dim: int, n_topics: int, *, seed: int) -> np.ndarray:
@@ -30,21 +30,20 @@ def generate_embeddings(n_rows: int, dim: int, n_topics: int, *, seed: int) -> n
 def main(out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int = 5_000, dim: int = 64, n_codes: int = 64) -> dict:
     out = Path(out_dir)
     train = write_embeddings(out / "train.parquet", np.arange(n_train), generate_embeddings(n_train, dim, 48, seed=1))
-    new = write_embeddings(out / "new.parquet", np.arange(n_new) + 10**6, generate_embeddings(n_new, dim, 48, seed=2))
+    new = write_embeddings(out / "new" / "part-0.parquet", np.arange(n_new) + 10**6, generate_embeddings(n_new, dim, 48, seed=2))
 
     t0 = time.perf_counter()
-    _, x = read_embeddings(train)
-    codebook = fit_codebook(
-        x, n_codes, metric="cosine", seed=0, sources=(str(train),), column="embedding",
+    codebook = fit_from_tables(
+        [train], column="embedding", n_codes=n_codes, metric="cosine", seed=0,
         progress=lambda s: print(f"  iteration {s.iteration}: objective {s.objective:.4f}", file=sys.stderr),
     )
     codebook_path = codebook.save(out / "codebook.safetensors")
-    ids, x_new = read_embeddings(new)
-    codes, distances = codebook.encode(x_new, return_distances=True)
-    codes_path = write_codes(out / "codes.parquet", ids, codes, distances)
+    result = encode_tables([new.parent], codebook, out / "codes", column="embedding", id_column="id", with_distance=True)
+    record = result.records["part-0.parquet"]
     summary = {
         "codebook": str(codebook_path),
-        "codes": str(codes_path),
+        "codes": str(out / "codes" / record["output"]),
+        "manifest": result.manifest,
         "n_codes": codebook.n_codes,
         "dim": codebook.dim,
         "metric": codebook.metric,
@@ -53,8 +52,8 @@ def main(out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int =
         "iterations": codebook.stats["iterations"],
         "converged": codebook.stats["converged"],
         "train_mean_distance": codebook.stats["inertia"] / n_train,
-        "new_mean_distance": float(distances.double().mean()),
-        "codes_used": int(codes.unique().numel()),
+        "new_mean_distance": record["distance_sum"] / record["rows"],
+        "codes_used": sum(1 for c in record["code_counts"] if c),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     print(json.dumps(summary, indent=2))

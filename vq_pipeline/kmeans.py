@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ from .codebook import Codebook, tensor_fingerprint
 from .engines import Engine, get_engine
 from .errors import InvalidInputError, TooFewPointsError
 from .validate import (
+    ENGINES,
     METRICS,
     as_embeddings,
     check_choice,
@@ -320,6 +321,103 @@ def _restart_seed(seed: int, restart: int) -> int:
     return (seed * 1_000_003 + restart) % (2**63)
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """Validated fit settings (see :func:`fit_codebook` for their meaning)."""
+
+    n_codes: int
+    metric: str
+    n_iter: int
+    tol: float
+    init: str | torch.Tensor  # a name from INITS, or (n_codes, dim) float32 starting centroids
+    parent_fingerprint: str
+    seed: int
+    n_init: int
+    engine: str
+    device: torch.device
+    memory_budget: int
+
+    @property
+    def init_name(self) -> str:
+        return self.init if isinstance(self.init, str) else "tensor"
+
+    def settings(self, engine_name: str) -> dict[str, Any]:
+        """The settings recorded in the codebook file."""
+        return {
+            "n_codes": self.n_codes,
+            "metric": self.metric,
+            "init": self.init_name,
+            "seed": self.seed,
+            "n_iter": self.n_iter,
+            "tol": self.tol,
+            "n_init": self.n_init,
+            "engine": engine_name,
+            "device": self.device.type,
+        }
+
+
+def fit_options(
+    n_codes: Any,
+    *,
+    dim: int,
+    n_rows: int,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str | torch.Tensor | Codebook = "k-means++",
+    seed: int = 0,
+    n_init: int = 1,
+    engine: str = "auto",
+    device: str | torch.device | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    x_device: torch.Tensor | None = None,
+) -> FitOptions:
+    """Validate fit settings for data of ``n_rows`` rows of width ``dim``; raise clear errors."""
+    metric = check_choice("metric", metric, METRICS)
+    n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
+    if n_codes > n_rows:
+        raise TooFewPointsError(
+            f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
+            f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
+        )
+    n_iter = check_int("n_iter", n_iter, minimum=0)
+    tol = check_float("tol", tol)
+    seed = check_int("seed", seed, minimum=0)
+    n_init = check_int("n_init", n_init, minimum=1)
+    budget = check_int("memory_budget", memory_budget, minimum=1)
+    check_choice("engine", engine, ENGINES)
+    parent = ""
+    if isinstance(init, Codebook):
+        if init.metric != metric:
+            raise InvalidInputError(
+                f"init codebook metric={init.metric!r} but metric={metric!r}; expected the same metric. "
+                f"Fix: pass metric={init.metric!r}, or start from a k-means++ init."
+            )
+        parent, init = init.fingerprint, init.centroids
+    if isinstance(init, torch.Tensor):
+        init = _check_init_tensor(init, n_codes, dim, metric)
+        if n_init != 1:
+            raise InvalidInputError(
+                f"n_init={n_init} with a given init tensor would repeat the same run; expected n_init=1. "
+                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
+            )
+    else:
+        check_choice("init", init, INITS)
+    return FitOptions(
+        n_codes=n_codes,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        parent_fingerprint=parent,
+        seed=seed,
+        n_init=n_init,
+        engine=engine,
+        device=resolve_device(device, x_device),
+        memory_budget=budget,
+    )
+
+
 def fit_codebook(
     x: Any,
     n_codes: int,
@@ -356,70 +454,74 @@ def fit_codebook(
         engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu' or 'cuda'.
         memory_budget: bytes of temporaries one chunk may use.
         progress: called with an :class:`IterationStats` after every iteration.
-        sources, column: provenance recorded in the codebook (set by the table pipeline).
+        sources, column: provenance recorded in the codebook.
 
     Returns:
         A :class:`Codebook` whose counts and inertia belong to its centroids.
     """
     t_start = time.perf_counter()
-    metric = check_choice("metric", metric, METRICS)
     x = as_embeddings(x)
     n_rows, dim = x.shape
-    n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
-    if n_codes > n_rows:
-        raise TooFewPointsError(
-            f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
-            f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
-        )
-    n_iter = check_int("n_iter", n_iter, minimum=0)
-    tol = check_float("tol", tol)
-    seed = check_int("seed", seed, minimum=0)
-    n_init = check_int("n_init", n_init, minimum=1)
-    budget = check_int("memory_budget", memory_budget, minimum=1)
-    dev = resolve_device(device, x)
-    eng = get_engine(engine, dev, dim)
-    parent = ""
-    if isinstance(init, Codebook):
-        if init.metric != metric:
-            raise InvalidInputError(
-                f"init codebook metric={init.metric!r} but metric={metric!r}; expected the same metric. "
-                f"Fix: pass metric={init.metric!r}, or start from a k-means++ init."
-            )
-        parent, init = init.fingerprint, init.centroids
-    init_name = "tensor" if isinstance(init, torch.Tensor) else init
-    if isinstance(init, torch.Tensor):
-        init = _check_init_tensor(init, n_codes, dim, metric)
-        if n_init != 1:
-            raise InvalidInputError(
-                f"n_init={n_init} with a given init tensor would repeat the same run; expected n_init=1. "
-                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
-            )
-    else:
-        check_choice("init", init, INITS)
+    opts = fit_options(
+        n_codes, dim=dim, n_rows=n_rows, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget, x_device=x,
+    )
     data_fingerprint = tensor_fingerprint(x)
-    if metric == "cosine":
+    if opts.metric == "cosine":
         check_nonzero_rows(x)
         x = normalize_rows(x)
-    x = _maybe_to_device(x, dev)
-    chunk = plan_chunk_rows(n_rows, n_codes, dim, k=1, engine=eng, memory_budget=budget)
+    x = _maybe_to_device(x, opts.device)
+    return fit_rows(
+        x, x, opts, data_fingerprint=data_fingerprint, sources=sources, column=column, progress=progress, t_start=t_start
+    )
 
+
+def fit_rows(
+    rows: Rows,
+    init_rows: torch.Tensor,
+    opts: FitOptions,
+    *,
+    data_fingerprint: str,
+    sources: Sequence[str] = (),
+    column: str = "",
+    extra_stats: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    t_start: float | None = None,
+) -> Codebook:
+    """Lloyd restarts over ``rows``, seeded from ``init_rows``; the core behind every fit.
+
+    Args:
+        rows: (n_rows, dim) float32 rows, validated, unit rows under cosine (a tensor, or a streamed
+            table that serves consecutive slices).
+        init_rows: (n_init_rows, dim) float32 rows that 'k-means++', 'random' and 'first' draw
+            from: ``rows`` itself in memory, a seeded sample (or the head, for 'first') when streamed.
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
+    n_rows, dim = rows.shape
+    n_codes, dev = opts.n_codes, opts.device
+    eng = get_engine(opts.engine, dev, dim)
+    chunk = plan_chunk_rows(n_rows, n_codes, dim, k=1, engine=eng, memory_budget=opts.memory_budget)
     best: LloydResult | None = None
     inertias: list[float] = []
     init_seconds = 0.0
-    for restart in range(n_init):
-        generator = torch.Generator().manual_seed(_restart_seed(seed, restart))
+    for restart in range(opts.n_init):
+        generator = torch.Generator().manual_seed(_restart_seed(opts.seed, restart))
         t0 = time.perf_counter()
-        if isinstance(init, torch.Tensor):
-            c0 = init.to(dev).contiguous()
-        elif init == "first":
-            c0 = x[:n_codes].to(dev).contiguous()
-        elif init == "random":
-            pick = torch.randperm(n_rows, generator=generator)[:n_codes]
-            c0 = x[pick.to(x.device)].to(dev).contiguous()
+        if isinstance(opts.init, torch.Tensor):
+            c0 = opts.init.to(dev).contiguous()
+        elif opts.init == "first":
+            c0 = init_rows[:n_codes].to(dev).contiguous()
+        elif opts.init == "random":
+            pick = torch.randperm(init_rows.shape[0], generator=generator)[:n_codes]
+            c0 = init_rows[pick.to(init_rows.device)].to(dev).contiguous()
         else:
-            c0 = kmeans_plus_plus(x, n_codes, generator=generator, engine=eng, memory_budget=budget, device=dev)
+            c0 = kmeans_plus_plus(
+                init_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev
+            )
         init_seconds += time.perf_counter() - t0
-        result = lloyd(x, c0, metric=metric, n_iter=n_iter, tol=tol, engine=eng, chunk_rows=chunk, progress=progress)
+        result = lloyd(
+            rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk, progress=progress
+        )
         inertias.append(result.inertia)
         if best is None or result.inertia < best.inertia:
             best = result
@@ -428,18 +530,8 @@ def fit_codebook(
     return Codebook(
         centroids=best.centroids,
         counts=best.counts,
-        metric=metric,
-        fit={
-            "n_codes": n_codes,
-            "metric": metric,
-            "init": init_name,
-            "seed": seed,
-            "n_iter": n_iter,
-            "tol": tol,
-            "n_init": n_init,
-            "engine": eng.name,
-            "device": dev.type,
-        },
+        metric=opts.metric,
+        fit=opts.settings(eng.name),
         stats={
             "n_rows": n_rows,
             "inertia": best.inertia,
@@ -449,11 +541,12 @@ def fit_codebook(
             "empty_codes": int((best.counts == 0).sum()),
             "restart_inertias": inertias,
             "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
+            **(extra_stats or {}),
         },
         data_fingerprint=data_fingerprint,
         sources=tuple(sources),
         column=column,
-        parent_fingerprint=parent,
+        parent_fingerprint=opts.parent_fingerprint,
         timings={
             "fit_seconds": time.perf_counter() - t_start,
             "init_seconds": init_seconds,

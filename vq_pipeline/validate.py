@@ -67,13 +67,16 @@ def check_float(name: str, value: Any, *, minimum: float = 0.0) -> float:
     return value
 
 
-def as_embeddings(x: Any, *, name: str = "x") -> torch.Tensor:
+def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0) -> torch.Tensor:
     """Validate embeddings and return them as a contiguous float32 tensor on x's device.
 
     Args:
         x: array-like of shape (n_rows, dim): a torch tensor (any device) or a numpy array.
             Floating dtypes (float16, bfloat16, float32, float64) and integer dtypes are accepted
             and converted to float32; bool, complex and object dtypes are refused.
+
+        name, row_offset: how messages name the array, and the row number of its first row (for
+            batches of a larger table).
 
     Returns:
         Tensor of shape (n_rows, dim), float32, contiguous, same device as ``x`` (CPU for numpy).
@@ -111,12 +114,12 @@ def as_embeddings(x: Any, *, name: str = "x") -> torch.Tensor:
             f"{name}.shape={tuple(x.shape)} is empty; expected at least one row and one column. "
             f"Fix: check the input table is not empty and the embedding column holds vectors."
         )
-    _check_finite(x, name=name, what="non-finite value (NaN or ±Inf)")
+    _check_finite(x, name=name, what="non-finite value (NaN or ±Inf)", row_offset=row_offset)
     x32 = x.to(torch.float32).contiguous()
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         # Converting float64 (or huge integers) to float32 can overflow to ±Inf.
-        _check_finite(x32, name=name, what="value outside float32's range (|v| > 3.4e38)")
-    _check_squared_norms(x32, name=name)
+        _check_finite(x32, name=name, what="value outside float32's range (|v| > 3.4e38)", row_offset=row_offset)
+    _check_squared_norms(x32, name=name, row_offset=row_offset)
     return x32
 
 
@@ -124,7 +127,7 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_finite(x: torch.Tensor, *, name: str, what: str) -> None:
+def _check_finite(x: torch.Tensor, *, name: str, what: str, row_offset: int) -> None:
     if not x.dtype.is_floating_point:
         return
     for rows in row_chunks(x.shape[0], _SCAN_ROWS):
@@ -133,19 +136,21 @@ def _check_finite(x: torch.Tensor, *, name: str, what: str) -> None:
             row, col = (int(v) for v in bad.nonzero()[0])
             row += rows.start
             n_bad = int(sum(int((~torch.isfinite(x[r])).sum()) for r in row_chunks(x.shape[0], _SCAN_ROWS)))
+            value = x[row, col].item()
+            row += row_offset
             raise NonFiniteError(
-                f"{name}[{row}, {col}]={x[row, col].item()!r}: {name} holds {n_bad} {what}, the first at "
+                f"{name}[{row}, {col}]={value!r}: {name} holds {n_bad} {what}, the first at "
                 f"row {row}, column {col}; expected finite float32 numbers. "
                 f"Fix: drop or impute those rows before fitting or encoding."
             )
 
 
-def _check_squared_norms(x: torch.Tensor, *, name: str) -> None:
+def _check_squared_norms(x: torch.Tensor, *, name: str, row_offset: int) -> None:
     for rows in row_chunks(x.shape[0], _SCAN_ROWS):
         sq = x[rows].double().square().sum(dim=1)  # (chunk,) float64
         worst = int(sq.argmax())
         if float(sq[worst]) > MAX_SQUARED_NORM:
-            row = rows.start + worst
+            row = rows.start + worst + row_offset
             raise NonFiniteError(
                 f"squared norm of {name}[{row}]={float(sq[worst]):.3e} is too large; expected at most "
                 f"{MAX_SQUARED_NORM:.1e} so that squared distances stay finite in float32. "
@@ -153,7 +158,7 @@ def _check_squared_norms(x: torch.Tensor, *, name: str) -> None:
             )
 
 
-def check_nonzero_rows(x: torch.Tensor, *, name: str = "x") -> None:
+def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0) -> None:
     """Refuse zero-norm rows, which have no direction under the cosine metric.
 
     Args:
@@ -162,7 +167,7 @@ def check_nonzero_rows(x: torch.Tensor, *, name: str = "x") -> None:
     for rows in row_chunks(x.shape[0], _SCAN_ROWS):
         zero = x[rows].square().sum(dim=1) == 0  # (chunk,) bool
         if bool(zero.any()):
-            row = rows.start + int(zero.nonzero()[0])
+            row = rows.start + int(zero.nonzero()[0]) + row_offset
             raise InvalidInputError(
                 f"{name}[{row}] has norm 0; the cosine metric needs a direction for every row. "
                 f"Fix: drop all-zero embeddings, or use metric='l2'."

@@ -1,0 +1,614 @@
+"""Use cases: fit a codebook from tables, and encode tables into code tables, resumably.
+
+The one place that joins table I/O (:mod:`vq_pipeline.tables`) with compute. No Prefect here:
+``flows/`` wraps these functions.
+
+Encoding writes, under ``out_dir``:
+
+* one parquet file per input file, at the input's path relative to its root (so hive partitions
+  keep their layout), written atomically (temporary name in the same folder, fsync, rename);
+* a receipt per output in ``out_dir/.vq/receipts/`` once its output is in place: input, input
+  fingerprint, codebook fingerprint, settings, row count, sha256 of the output, distance sum and
+  code counts;
+* ``_manifest.json`` last, gathering every receipt of the run.
+
+A rerun skips every input whose receipt matches its fingerprint, the codebook and the settings and
+whose output still has the recorded checksum, so a crashed run resumes where it stopped, and a
+finished run is a no-op. Encoding is deterministic, so a re-encoded output is byte-identical.
+A folder that holds another codebook's (or other settings') codes is refused unless ``overwrite``.
+One exclusive lock per ``out_dir`` keeps two runs from writing into it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import tables
+from .assign import DEFAULT_MEMORY_BUDGET, encode as encode_tensor
+from .codebook import Codebook, atomic_write_bytes
+from .errors import DimensionMismatchError, InvalidInputError, VQError
+from .kmeans import ProgressCallback, fit_options, fit_rows
+from .tables import Source
+from .validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows
+
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
+STATE_DIR = ".vq"
+LOCK_NAME = ".vq/lock"
+#: Rows per streamed batch.
+DEFAULT_BATCH_ROWS = 65_536
+#: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
+DEFAULT_DATA_BUDGET = 2 * 2**30
+
+#: Called as progress(key, rows_done, rows_total) while a file is encoded.
+RowProgress = Callable[[str, int, int], None]
+
+
+class EncodeLockedError(VQError, RuntimeError):
+    """Another encode run is writing into the same output folder."""
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_from_tables(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    column: str,
+    n_codes: int,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str | torch.Tensor | Codebook = "k-means++",
+    seed: int = 0,
+    n_init: int = 1,
+    engine: str = "auto",
+    device: str | torch.device | None = None,
+    sample: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    data_budget: int = DEFAULT_DATA_BUDGET,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Codebook:
+    """Fit a codebook on the embedding column of tables.
+
+    Training rows: a seeded uniform sample of ``sample`` rows when given; otherwise all rows, held
+    in memory when they fit ``data_budget`` bytes, else streamed: exact Lloyd that re-reads the
+    tables every iteration and accumulates sums and counts (then k-means++ and 'random' draw from a
+    seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the first rows).
+    The codebook records the sources, the column, the rows used, the sample seed and a fingerprint
+    of the tables. Other arguments: see :func:`vq_pipeline.fit_codebook`.
+    """
+    t_start = time.perf_counter()
+    sources = tables.discover(inputs, storage_options=storage_options)
+    batch_rows = check_int("batch_rows", batch_rows, minimum=1)
+    data_budget = check_int("data_budget", data_budget, minimum=0)
+    infos = [tables.inspect_source(s, column=column, storage_options=storage_options) for s in sources]
+    counts = [info.n_rows for info in infos]
+    n_total = sum(counts)
+    if n_total == 0:
+        raise InvalidInputError(
+            f"the tables {[s.uri for s in sources]} hold no rows; expected at least n_codes={n_codes} rows. "
+            f"Fix: point at tables with data."
+        )
+    dim = _common_dim(sources, infos, column, storage_options)
+    fingerprint = hashlib.sha256(f"vq-tables-v1|{column}|".encode())
+    for s in sources:
+        fingerprint.update(f"{s.key}={tables.fingerprint(s, storage_options=storage_options)}|".encode())
+    provenance = dict(data_fingerprint=fingerprint.hexdigest(), sources=[s.uri for s in sources], column=column)
+
+    if sample is not None:
+        sample = check_int("sample", sample, minimum=1, maximum=n_total, hint=f"the tables hold {n_total} rows.")
+        positions = np.sort(np.random.default_rng(seed).choice(n_total, size=sample, replace=False))
+        x = _validated_sample(sources, counts, positions, column=column, storage_options=storage_options)
+        mode = {"mode": "sample", "sample": sample, "sample_seed": seed, "rows_total": n_total}
+    elif n_total * dim * 4 <= data_budget:
+        x = torch.cat([b for b in _validated_batches(sources, column, batch_rows, dim, storage_options)])
+        mode = {"mode": "in-memory", "rows_total": n_total}
+    else:
+        x = None
+        mode = {"mode": "streamed", "rows_total": n_total}
+
+    n_rows = x.shape[0] if x is not None else n_total
+    opts = fit_options(
+        n_codes, dim=dim, n_rows=n_rows, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
+    )
+    if x is not None:
+        if opts.metric == "cosine":
+            check_nonzero_rows(x, name=f"{column} (training rows)")
+            x = normalize_rows(x)
+        return fit_rows(x, x, opts, extra_stats=mode, progress=progress, t_start=t_start, **provenance)
+
+    rows = _StreamedRows(sources, counts, dim=dim, column=column, batch_rows=batch_rows, metric=opts.metric, storage_options=storage_options)
+    if opts.init == "first":
+        init_rows = rows[0 : opts.n_codes].clone()
+    else:
+        n_init_rows = min(n_total, 256 * opts.n_codes)
+        positions = np.sort(np.random.default_rng(seed).choice(n_total, size=n_init_rows, replace=False))
+        init_rows = _validated_sample(sources, counts, positions, column=column, storage_options=storage_options)
+        if opts.metric == "cosine":
+            init_rows = normalize_rows(init_rows)
+        mode["init_sample"] = n_init_rows
+    return fit_rows(rows, init_rows, opts, extra_stats=mode, progress=progress, t_start=t_start, **provenance)
+
+
+def _common_dim(sources: Sequence[Source], infos: Sequence[tables.TableInfo], column: str, storage_options: Any) -> int:
+    dims = {}
+    for s, info in zip(sources, infos):
+        dim = info.dim
+        if dim is None and info.n_rows:  # a List column: its first batch tells
+            dim = next(tables.iter_batches(s, column=column, batch_rows=1, storage_options=storage_options)).x.shape[1]
+        if dim is not None:
+            dims[s.uri] = dim
+    if len(set(dims.values())) > 1:
+        raise DimensionMismatchError(
+            f"the tables disagree on the embedding dim of column={column!r}: {dims}; expected one dim. "
+            f"Fix: fit each embedding model's tables separately."
+        )
+    return next(iter(dims.values()))
+
+
+def _validated_batches(
+    sources: Sequence[Source], column: str, batch_rows: int, dim: int, storage_options: Any
+) -> Iterator[torch.Tensor]:
+    """Every row of every source as validated (n, dim) float32 batches, in order."""
+    for s in sources:
+        for batch in tables.iter_batches(s, column=column, batch_rows=batch_rows, storage_options=storage_options):
+            yield _validated(batch.x, s, column, batch.offset, dim)
+
+
+def _validated(x: torch.Tensor, source: Source, column: str, offset: int, dim: int) -> torch.Tensor:
+    if x.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"column={column!r} of {source.uri!r} has dim={x.shape[1]}; expected {dim} like the other tables."
+        )
+    try:
+        return as_embeddings(x, name=column, row_offset=offset)
+    except InvalidInputError as exc:
+        raise type(exc)(f"{source.uri}: {exc}") from None
+
+
+def _validated_sample(
+    sources: Sequence[Source], counts: Sequence[int], positions: np.ndarray, *, column: str, storage_options: Any
+) -> torch.Tensor:
+    parts = tables.sample_rows(sources, counts, positions, column=column, storage_options=storage_options)
+    dim = parts[0][2].shape[1]
+    return torch.cat([_validated(x, s, column, 0, dim) for s, _, x in parts])
+
+
+class _StreamedRows:
+    """The concatenated sources as row slices, read again on every pass (exact streamed Lloyd).
+
+    Serves consecutive slices ``[a, b)`` (a pass restarts when ``a`` goes back), holding at most one
+    slice plus one batch in memory; each batch is validated, and L2-normalized under cosine.
+    """
+
+    def __init__(
+        self, sources: Sequence[Source], counts: Sequence[int], *, dim: int, column: str, batch_rows: int, metric: str, storage_options: Any
+    ) -> None:
+        self.shape = (sum(counts), dim)
+        self._sources, self._column, self._batch_rows = sources, column, batch_rows
+        self._metric, self._storage_options = metric, storage_options
+        self._it: Iterator[torch.Tensor] | None = None
+        self._buf = torch.empty((0, dim))  # rows [self._start, self._start + len(self._buf))
+        self._start = 0
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        for s in self._sources:
+            for batch in tables.iter_batches(s, column=self._column, batch_rows=self._batch_rows, storage_options=self._storage_options):
+                x = _validated(batch.x, s, self._column, batch.offset, self.shape[1])
+                if self._metric == "cosine":
+                    check_nonzero_rows(x, name=f"{s.uri}: {self._column}", row_offset=batch.offset)
+                    x = normalize_rows(x)
+                yield x
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b = rows.start, min(rows.stop, self.shape[0])
+        if self._it is None or a < self._start:
+            self._it, self._buf, self._start = self._batches(), self._buf[:0], 0
+        self._buf, self._start = self._buf[a - self._start :], a
+        while self._start + self._buf.shape[0] < b:
+            self._buf = torch.cat([self._buf, next(self._it)])
+        return self._buf[: b - a]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What an encode run writes; a folder's outputs all share one codebook and one of these."""
+
+    column: str
+    id_column: str | None = None
+    top_k: int = 1
+    with_distance: bool = False
+    keep: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "keep": list(self.keep)}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How an encode run computes (does not change the codes away from near-ties)."""
+
+    engine: str = "auto"
+    device: str | None = None
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass
+class EncodeResult:
+    """Summary of an encode run."""
+
+    out_dir: str
+    manifest: str
+    codebook_fingerprint: str
+    encoded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rows_encoded: int = 0
+    rows_total: int = 0
+    seconds: float = 0.0
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("records")
+        return d
+
+
+def output_path(out_dir: str | os.PathLike[str], source: Source) -> Path:
+    """Where ``source``'s codes go: its key under ``out_dir``, as parquet."""
+    return Path(out_dir) / Path(source.key).with_suffix(".parquet")
+
+
+def _receipt_path(out_dir: Path, key: str) -> Path:
+    return out_dir / STATE_DIR / "receipts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+@contextlib.contextmanager
+def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the exclusive lock on ``out_dir``, or fail at once if another run holds it."""
+    path = Path(out_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise EncodeLockedError(
+                f"out_dir={str(out_dir)!r} is locked by another encode run ({holder}); expected one run per "
+                f"output folder at a time. Fix: wait for it to finish, or write to another folder."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def plan_encode(
+    inputs: Sequence[str | os.PathLike[str]],
+    codebook: Codebook,
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[list[Source], list[Source], dict[str, dict[str, Any]]]:
+    """Check inputs and the output folder; split sources into (todo, done). Call under :func:`encode_lock`.
+
+    Validates every input's schema and dim, refuses duplicate ids across the run, refuses a folder
+    holding another codebook's or other settings' codes unless ``overwrite`` (which then removes
+    them), and deletes temporary files a crashed run left behind.
+
+    Returns:
+        (todo sources, done sources, records of the done ones keyed by source key).
+    """
+    out = Path(out_dir)
+    check_int("top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes.")
+    sources = tables.discover(inputs, storage_options=storage_options)
+    for s in sources:
+        info = tables.inspect_source(s, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=storage_options)
+        if info.n_rows == 0:
+            raise InvalidInputError(f"table {s.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
+        if info.dim is not None and info.dim != codebook.dim:
+            raise DimensionMismatchError(
+                f"column={settings.column!r} of {s.uri!r} has dim={info.dim} but the codebook has dim={codebook.dim}; "
+                f"expected embeddings of width {codebook.dim}. Fix: encode with the codebook of this embedding model."
+            )
+    if settings.id_column:
+        dups = tables.duplicate_ids(sources, settings.id_column, storage_options=storage_options)
+        if dups:
+            raise InvalidInputError(
+                f"id_column={settings.id_column!r} has duplicate ids across the inputs, e.g. {dups}; expected unique ids "
+                f"in one encode run. Fix: deduplicate the tables, or encode them in separate runs."
+            )
+    _check_folder(out, codebook, settings, overwrite=overwrite)
+    for tmp in out.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    todo, done, records = [], [], {}
+    for s in sources:
+        record = _completed_record(out, s, codebook, settings, storage_options)
+        if record is None:
+            todo.append(s)
+        else:
+            done.append(s)
+            records[s.key] = record
+    return todo, done, records
+
+
+def _folder_records(out: Path) -> list[dict[str, Any]]:
+    """Every receipt in ``out`` plus the manifest's header, to learn what the folder holds."""
+    found = []
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        found.append(_read_json(manifest))
+    receipts = out / STATE_DIR / "receipts"
+    if receipts.is_dir():
+        found.extend(_read_json(p) for p in sorted(receipts.glob("*.json")))
+    return found
+
+
+def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, overwrite: bool) -> None:
+    foreign = [
+        r for r in _folder_records(out)
+        if r.get("codebook_fingerprint") != codebook.fingerprint or r.get("settings") != settings.to_dict()
+    ]
+    if not foreign:
+        return
+    if not overwrite:
+        other = foreign[0]
+        what = (
+            f"codebook {str(other.get('codebook_fingerprint'))[:12]}…"
+            if other.get("codebook_fingerprint") != codebook.fingerprint
+            else f"settings {other.get('settings')}"
+        )
+        raise InvalidInputError(
+            f"out_dir={str(out)!r} holds codes written with {what}; this run uses codebook "
+            f"{codebook.fingerprint[:12]}… with settings {settings.to_dict()}. Expected a folder holding only this "
+            f"codebook's codes. Fix: pass --overwrite (overwrite=True) to replace them, or write to another folder."
+        )
+    for record in _folder_records(out):
+        for entry in (record.get("outputs") or {record.get("key"): record}).values():
+            if entry and entry.get("output"):
+                (out / entry["output"]).unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for p in (out / STATE_DIR / "receipts").glob("*.json"):
+        p.unlink()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _completed_record(out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any) -> dict[str, Any] | None:
+    receipt = _read_json(_receipt_path(out, source.key))
+    if (
+        not receipt
+        or receipt.get("codebook_fingerprint") != codebook.fingerprint
+        or receipt.get("settings") != settings.to_dict()
+        or receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options)
+    ):
+        return None
+    output = out / receipt["output"]
+    if not output.is_file() or tables.file_sha256(output) != receipt.get("sha256"):
+        return None
+    return receipt
+
+
+def encode_source(
+    source: Source,
+    codebook: Codebook,
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    options: EncodeOptions = EncodeOptions(),
+    *,
+    progress: RowProgress | None = None,
+) -> dict[str, Any]:
+    """Encode one input file into its output file, then write its receipt; return the receipt.
+
+    Safe to run concurrently for different sources of one folder (each writes its own files).
+    """
+    out = Path(out_dir)
+    fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
+    info = tables.inspect_source(source, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=options.storage_options)
+    frames = []
+    code_counts = torch.zeros(codebook.n_codes, dtype=torch.int64)  # (n_codes,)
+    distance_sum = 0.0
+    done = 0
+    for batch in tables.iter_batches(
+        source, column=settings.column, batch_rows=options.batch_rows, id_column=settings.id_column,
+        keep=settings.keep, storage_options=options.storage_options,
+    ):
+        try:
+            codes, distances = encode_tensor(
+                codebook.centroids, codebook.metric, batch.x, top_k=settings.top_k, return_distances=True,
+                engine=options.engine, device=options.device, memory_budget=options.memory_budget,
+                name=settings.column, row_offset=batch.offset,
+            )
+        except InvalidInputError as exc:
+            raise type(exc)(f"{source.uri}: {exc}") from None
+        nearest = codes if codes.ndim == 1 else codes[:, 0]  # (n,)
+        code_counts += torch.bincount(nearest, minlength=codebook.n_codes)
+        distance_sum += float((distances if distances.ndim == 1 else distances[:, 0]).double().sum())
+        ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
+        frames.append(
+            tables.codes_frame(
+                ids, codes, n_codes=codebook.n_codes, id_column=settings.id_column or "row",
+                distances=distances if settings.with_distance else None, keep=batch.keep,
+            )
+        )
+        done += len(batch)
+        if progress is not None:
+            progress(source.key, done, info.n_rows)
+    if done == 0:
+        raise InvalidInputError(f"table {source.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
+    path = output_path(out, source)
+    digest = tables.write_parquet_atomic(tables.concat_frames(frames), path)
+    receipt = {
+        "key": source.key,
+        "input": source.uri,
+        "input_fingerprint": fingerprint,
+        "output": path.relative_to(out).as_posix(),
+        "rows": done,
+        "sha256": digest,
+        "codebook_fingerprint": codebook.fingerprint,
+        "settings": settings.to_dict(),
+        "distance_sum": distance_sum,
+        "code_counts": code_counts.tolist(),
+    }
+    atomic_write_bytes(_receipt_path(out, source.key), _dumps(receipt))
+    return receipt
+
+
+def write_manifest(out_dir: str | os.PathLike[str], codebook: Codebook, settings: EncodeSettings, records: dict[str, dict[str, Any]]) -> Path:
+    """Write ``_manifest.json`` (atomically, after the outputs it lists): what the folder holds."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": "1.0",
+        "codebook_fingerprint": codebook.fingerprint,
+        "settings": settings.to_dict(),
+        "rows": sum(r["rows"] for r in records.values()),
+        "outputs": {key: {k: v for k, v in records[key].items() if k not in ("codebook_fingerprint", "settings")} for key in sorted(records)},
+    }
+    return atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, _dumps(manifest))
+
+
+def _dumps(value: Any) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
+def encode_tables(
+    inputs: Sequence[str | os.PathLike[str]],
+    codebook: Codebook | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    column: str,
+    id_column: str | None = None,
+    top_k: int = 1,
+    with_distance: bool = False,
+    keep: Sequence[str] = (),
+    overwrite: bool = False,
+    engine: str = "auto",
+    device: str | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    storage_options: dict[str, Any] | None = None,
+    progress: RowProgress | None = None,
+) -> EncodeResult:
+    """Encode every input table into ``out_dir``, resumably and exactly once (see the module doc).
+
+    Args:
+        inputs: table files, globs or folders (local or object storage).
+        codebook: a Codebook or the path of its file.
+        column: the embedding column. id_column: the id column (default: row positions, written
+            as ``row``). top_k: codes per row. with_distance: also write distances.
+        keep: columns copied through to the outputs. overwrite: replace another codebook's codes.
+        progress: called as ``progress(key, rows_done, rows_in_file)`` after every batch.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(codebook, Codebook):
+        codebook = Codebook.load(codebook)
+    settings = EncodeSettings(column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep))
+    options = EncodeOptions(engine=engine, device=device, batch_rows=check_int("batch_rows", batch_rows, minimum=1), memory_budget=memory_budget, storage_options=storage_options)
+    out = Path(out_dir)
+    with encode_lock(out):
+        todo, done, records = plan_encode(inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options)
+        result = EncodeResult(out_dir=str(out), manifest=str(out / MANIFEST_NAME), codebook_fingerprint=codebook.fingerprint)
+        result.skipped = [s.key for s in done]
+        for s in todo:
+            records[s.key] = encode_source(s, codebook, out, settings, options, progress=progress)
+            result.encoded.append(s.key)
+            result.rows_encoded += records[s.key]["rows"]
+        write_manifest(out, codebook, settings, records)
+    result.records = records
+    result.rows_total = sum(r["rows"] for r in records.values())
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def drift_report(codebook: Codebook, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Quantization distortion and code usage of newly encoded outputs against the training baseline.
+
+    Args:
+        records: receipts of encoded outputs (they carry distance sums and code counts).
+
+    Returns:
+        ``rows``; ``mean_distance`` on the new data and ``train_mean_distance`` at fit time;
+        ``distortion_ratio`` (new / train; 1.0 means no drift); ``codes_used`` and
+        ``usage_divergence``: the Jensen-Shannon divergence (bits, 0..1) between the new and the
+        training code distributions.
+    """
+    rows = sum(r["rows"] for r in records)
+    train_rows = int(codebook.stats.get("n_rows") or codebook.counts.sum())
+    train_mean = float(codebook.stats.get("inertia", 0.0)) / max(train_rows, 1)
+    if rows == 0:
+        return {"rows": 0, "mean_distance": None, "train_mean_distance": train_mean, "distortion_ratio": None, "codes_used": 0, "usage_divergence": None}
+    mean = sum(r["distance_sum"] for r in records) / rows
+    counts = np.sum([np.asarray(r["code_counts"], dtype=np.float64) for r in records], axis=0)
+    p = counts / counts.sum()
+    q = codebook.counts.double().numpy()
+    q = q / q.sum() if q.sum() > 0 else np.full_like(q, 1.0 / len(q))
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray, b: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / b[nz])))
+
+    return {
+        "rows": rows,
+        "mean_distance": mean,
+        "train_mean_distance": train_mean,
+        "distortion_ratio": mean / train_mean if train_mean > 0 else (1.0 if mean == 0 else float("inf")),
+        "codes_used": int((counts > 0).sum()),
+        "usage_divergence": 0.5 * kl(p, m) + 0.5 * kl(q, m),
+    }
+
+
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "DEFAULT_DATA_BUDGET",
+    "EncodeLockedError",
+    "EncodeOptions",
+    "EncodeResult",
+    "EncodeSettings",
+    "MANIFEST_NAME",
+    "drift_report",
+    "encode_lock",
+    "encode_source",
+    "encode_tables",
+    "fit_from_tables",
+    "output_path",
+    "plan_encode",
+    "write_manifest",
+]
