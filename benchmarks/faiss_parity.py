@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         orc = oracle(x, cb_same.centroids.numpy(), "l2")
         mism, checks = check_ours(cb_same, x, orc, ["auto"])
         checks["max_abs_centroid_diff_vs_seeded_run"] = float((cb_same.centroids - ours["torch"].centroids).abs().max())
+        checks["max_abs_centroid_diff_vs_faiss_same_init"] = float(np.abs(cb_same.centroids.numpy() - c_same).max())
         checks["init_objective"] = oracle(x, init.numpy(), "l2").objective
         checks["kmeanspp_seconds"] = init_secs
         add(Row("ours torch (same init as faiss)", k, "l2", "ours-k-means++", OUR_SEED, orc.objective, secs,

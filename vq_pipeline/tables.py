@@ -313,7 +313,7 @@ def sample_rows(
             scan(source, storage_options=storage_options)
             .select(column)
             .with_row_index("__row")
-            .filter(pl.col("__row").is_in(pl.Series(local.astype(np.uint32 if n < 2**32 else np.uint64))))
+            .filter(pl.col("__row").is_in(pl.Series(local.astype(np.uint32 if n < 2**32 else np.uint64)).implode()))
             .collect(engine="streaming")
         )
         x, _ = _to_tensor(df[column], source=source, column=column, offset=0, dim=None)
