@@ -24,7 +24,7 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def plan_chunk_rows(n_rows: int, n_codes: int, dim: int, *, k: int, engine: Engine, memory_budget: int) -> int:
-    """Rows per chunk so that one chunk's temporaries fit ``memory_budget`` bytes.
+    """Rows per chunk: the engine's preferred size, or fewer so one chunk's temporaries fit ``memory_budget``.
 
     Raises:
         InvalidInputError: the budget cannot hold even one row.
@@ -36,7 +36,7 @@ def plan_chunk_rows(n_rows: int, n_codes: int, dim: int, *, k: int, engine: Engi
             f"memory_budget={memory_budget} bytes cannot hold one row; expected at least {per_row} bytes "
             f"for n_codes={n_codes}, dim={dim}, k={k} with engine={engine.name!r}. Fix: raise memory_budget."
         )
-    return int(min(rows, max(n_rows, 1)))
+    return int(min(rows, engine.preferred_chunk_rows(n_codes, dim), max(n_rows, 1)))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -114,12 +114,8 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0) -> torch.Tens
             f"{name}.shape={tuple(x.shape)} is empty; expected at least one row and one column. "
             f"Fix: check the input table is not empty and the embedding column holds vectors."
         )
-    _check_finite(x, name=name, what="non-finite value (NaN or ±Inf)", row_offset=row_offset)
     x32 = x.to(torch.float32).contiguous()
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        # Converting float64 (or huge integers) to float32 can overflow to ±Inf.
-        _check_finite(x32, name=name, what="value outside float32's range (|v| > 3.4e38)", row_offset=row_offset)
-    _check_squared_norms(x32, name=name, row_offset=row_offset)
+    _check_values(x, x32, name=name, row_offset=row_offset)
     return x32
 
 
@@ -127,35 +123,40 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_finite(x: torch.Tensor, *, name: str, what: str, row_offset: int) -> None:
-    if not x.dtype.is_floating_point:
-        return
-    for rows in row_chunks(x.shape[0], _SCAN_ROWS):
-        bad = ~torch.isfinite(x[rows])  # (chunk, dim) bool
+def _check_values(x: torch.Tensor, x32: torch.Tensor, *, name: str, row_offset: int) -> None:
+    """One pass over the rows' squared norms finds NaN/Inf and overflow; errors are located after."""
+    for rows in row_chunks(x32.shape[0], _SCAN_ROWS):
+        block = x32[rows]  # (chunk, dim)
+        sq = torch.einsum("ij,ij->i", block, block)  # (chunk,) float32; NaN/Inf if any value is, or on overflow
+        bad = ~(sq <= MAX_SQUARED_NORM)  # NaN compares False
         if bool(bad.any()):
-            row, col = (int(v) for v in bad.nonzero()[0])
-            row += rows.start
-            n_bad = int(sum(int((~torch.isfinite(x[r])).sum()) for r in row_chunks(x.shape[0], _SCAN_ROWS)))
-            value = x[row, col].item()
-            row += row_offset
-            raise NonFiniteError(
-                f"{name}[{row}, {col}]={value!r}: {name} holds {n_bad} {what}, the first at "
-                f"row {row}, column {col}; expected finite float32 numbers. "
-                f"Fix: drop or impute those rows before fitting or encoding."
-            )
+            _raise_bad_row(x[rows], block, int(bad.nonzero()[0]), rows.start, name=name, row_offset=row_offset, x_all=x)
 
 
-def _check_squared_norms(x: torch.Tensor, *, name: str, row_offset: int) -> None:
-    for rows in row_chunks(x.shape[0], _SCAN_ROWS):
-        sq = x[rows].double().square().sum(dim=1)  # (chunk,) float64
-        worst = int(sq.argmax())
-        if float(sq[worst]) > MAX_SQUARED_NORM:
-            row = rows.start + worst + row_offset
-            raise NonFiniteError(
-                f"squared norm of {name}[{row}]={float(sq[worst]):.3e} is too large; expected at most "
-                f"{MAX_SQUARED_NORM:.1e} so that squared distances stay finite in float32. "
-                f"Fix: rescale the embeddings (e.g. divide by their maximum absolute value)."
-            )
+def _raise_bad_row(
+    orig: torch.Tensor, block: torch.Tensor, i: int, start: int, *, name: str, row_offset: int, x_all: torch.Tensor
+) -> None:
+    row = start + i + row_offset
+    if orig.dtype.is_floating_point and not bool(torch.isfinite(orig[i]).all()):
+        col = int((~torch.isfinite(orig[i])).nonzero()[0])
+        n_bad = sum(int((~torch.isfinite(x_all[r])).sum()) for r in row_chunks(x_all.shape[0], _SCAN_ROWS))
+        raise NonFiniteError(
+            f"{name}[{row}, {col}]={orig[i, col].item()!r}: {name} holds {n_bad} non-finite value(s) (NaN or ±Inf), "
+            f"the first at row {row}, column {col}; expected finite float32 numbers. "
+            f"Fix: drop or impute those rows before fitting or encoding."
+        )
+    if not bool(torch.isfinite(block[i]).all()):
+        col = int((~torch.isfinite(block[i])).nonzero()[0])
+        raise NonFiniteError(
+            f"{name}[{row}, {col}]={orig[i, col].item()!r}: a value outside float32's range (|v| > 3.4e38) at row "
+            f"{row}, column {col}; expected finite float32 numbers. Fix: rescale the embeddings, or drop that row."
+        )
+    sq = float(block[i].double().square().sum())
+    raise NonFiniteError(
+        f"squared norm of {name}[{row}]={sq:.3e} is too large; expected at most {MAX_SQUARED_NORM:.1e} so that "
+        f"squared distances stay finite in float32. Fix: rescale the embeddings (e.g. divide by their maximum "
+        f"absolute value)."
+    )
 
 
 def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0) -> None:

@@ -56,6 +56,10 @@ class Engine(Protocol):
         """Peak temporary bytes one row of a chunk costs in :meth:`nearest`."""
         ...
 
+    def preferred_chunk_rows(self, n_codes: int, dim: int) -> int:
+        """The engine's fastest chunk size, used when the memory budget allows more."""
+        ...
+
 
 def auto_engine_name(device: torch.device, dim: int) -> str:
     """The engine ``auto`` resolves to on ``device`` for embeddings of width ``dim``.

@@ -94,6 +94,10 @@ def unavailable_reason() -> str:
 class KeOpsEngine:
     name = "keops"
 
+    def preferred_chunk_rows(self, n_codes: int, dim: int) -> int:
+        """KeOps tiles the reduction itself: large chunks only amortize the call overhead."""
+        return 1 << 20
+
     def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`vq_pipeline.engines.Engine.nearest`."""
         LazyTensor = _lazy_tensor()
