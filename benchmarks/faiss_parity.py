@@ -10,9 +10,10 @@ Setup (once; a venv of its own so that the project's ``.venv`` is left alone)::
 the wheel, so nothing is downloaded at run time (``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are
 set before anything is imported).
 
-Command, from the repository root::
+Command, from the repository root (``VQ_KEOPS_CACHE_DIR`` defaults to ``<repo>/.cache/keops``, the
+Makefile's folder, when it is not set)::
 
-    VQ_KEOPS_CACHE_DIR=/work/main/.cache/keops /work/benchvenv/bin/python benchmarks/faiss_parity.py
+    /work/benchvenv/bin/python benchmarks/faiss_parity.py
 
 Options: ``--n-sentences N`` (default 20000), ``--extra-seeds S`` (default 2; extra torch/FAISS seed
 pairs that show the init-to-init spread), ``--no-keops``, ``--json PATH``.
@@ -33,7 +34,8 @@ What it does:
 3. One cosine pair (K=256): FAISS ``spherical=True`` on normalized rows against ``metric='cosine'``.
 4. Every objective is recomputed by one float64 brute-force oracle (sum of squared L2 distances to
    the nearest centroid; sum of ``1 - cos`` for cosine), never taken from a library. Ratio = ours /
-   FAISS (same K, metric and init family).
+   FAISS: against FAISS's default (random) init for the main rows, against FAISS given the same
+   init for the same-init pair; the seed-spread rows compare means over 1 + ``--extra-seeds`` seeds.
 5. Encoding: ``codebook.encode(x)`` (engine 'auto', i.e. torch on CPU) and ``engine='keops'`` against
    the oracle's argmin. A row is decisive when the oracle's second-best distance exceeds the best by
    more than ``1e-6 * best``; mismatches on decisive rows must be 0. Raw mismatches are reported too.
