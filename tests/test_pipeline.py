@@ -209,3 +209,37 @@ def test_drift_report_is_flat_on_training_data_and_rises_on_shifted_data(dataset
     moved = encode_tables([shifted], cb, tmp_path / "moved", column="embedding")
     report = drift_report(cb, list(moved.records.values()))
     assert report["distortion_ratio"] > 2 and report["usage_divergence"] > 0.1
+
+
+def test_errors_name_the_file_and_its_row_in_every_fit_mode(tmp_path: Path) -> None:
+    x = generate_embeddings(300, DIM, 5, seed=1)
+    write_embeddings(tmp_path / "in" / "a.parquet", np.arange(300), x)
+    y = x.copy()
+    y[237, 1] = np.inf
+    write_embeddings(tmp_path / "in" / "b.parquet", np.arange(300), y)
+    for kwargs in ({}, {"sample": 600}, {"data_budget": 0, "batch_rows": 64, "init": "first"}):
+        with pytest.raises(NonFiniteError, match=r"b.parquet: embedding\[237, 1\]=inf"):
+            fit_from_tables([tmp_path / "in"], column="embedding", n_codes=4, **kwargs)
+    z = x.copy()
+    z[12] = 0
+    write_embeddings(tmp_path / "in" / "b.parquet", np.arange(300), z)
+    with pytest.raises(InvalidInputError, match=r"b.parquet: embedding\[12\] has norm 0"):
+        fit_from_tables([tmp_path / "in"], column="embedding", n_codes=4, metric="cosine")
+
+
+def test_failed_encode_leaves_no_output_folder(dataset, tmp_path: Path) -> None:
+    root, _ = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    out = tmp_path / "never"
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        encode_tables([tmp_path / "typo"], cb, out, column="embedding")
+    assert not out.exists()
+
+
+def test_glob_and_folder_inputs_name_outputs_alike(dataset, tmp_path: Path) -> None:
+    root, rows = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    out = tmp_path / "out"
+    encode_tables([root / "date=2026-11-01"], cb, out, column="embedding")
+    again = encode_tables([str(root / "date=2026-11-01" / "*.parquet")], cb, out, column="embedding")
+    assert again.encoded == [] and sorted(again.skipped) == ["part-0.parquet", "part-1.parquet"]

@@ -40,7 +40,7 @@ from .codebook import Codebook, atomic_write_bytes
 from .errors import DimensionMismatchError, InvalidInputError, VQError
 from .kmeans import ProgressCallback, fit_options, fit_rows
 from .tables import Source
-from .validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows
+from .validate import METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
@@ -92,6 +92,7 @@ def fit_from_tables(
     of the tables. Other arguments: see :func:`vq_pipeline.fit_codebook`.
     """
     t_start = time.perf_counter()
+    metric = check_choice("metric", metric, METRICS)
     sources = tables.discover(inputs, storage_options=storage_options)
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)
@@ -112,10 +113,10 @@ def fit_from_tables(
     if sample is not None:
         sample = check_int("sample", sample, minimum=1, maximum=n_total, hint=f"the tables hold {n_total} rows.")
         positions = np.sort(np.random.default_rng(seed).choice(n_total, size=sample, replace=False))
-        x = _validated_sample(sources, counts, positions, column=column, storage_options=storage_options)
+        x = _validated_sample(sources, counts, positions, column=column, metric=metric, storage_options=storage_options)
         mode = {"mode": "sample", "sample": sample, "sample_seed": seed, "rows_total": n_total}
     elif n_total * dim * 4 <= data_budget:
-        x = torch.cat([b for b in _validated_batches(sources, column, batch_rows, dim, storage_options)])
+        x = torch.cat([b for b in _validated_batches(sources, column, batch_rows, dim, metric, storage_options)])
         mode = {"mode": "in-memory", "rows_total": n_total}
     else:
         x = None
@@ -128,8 +129,7 @@ def fit_from_tables(
     )
     if x is not None:
         if opts.metric == "cosine":
-            check_nonzero_rows(x, name=f"{column} (training rows)")
-            x = normalize_rows(x)
+            x = normalize_rows(x)  # zero rows were refused per file, with their row numbers
         return fit_rows(x, x, opts, extra_stats=mode, progress=progress, t_start=t_start, **provenance)
 
     rows = _StreamedRows(sources, counts, dim=dim, column=column, batch_rows=batch_rows, metric=opts.metric, storage_options=storage_options)
@@ -138,7 +138,7 @@ def fit_from_tables(
     else:
         n_init_rows = min(n_total, 256 * opts.n_codes)
         positions = np.sort(np.random.default_rng(seed).choice(n_total, size=n_init_rows, replace=False))
-        init_rows = _validated_sample(sources, counts, positions, column=column, storage_options=storage_options)
+        init_rows = _validated_sample(sources, counts, positions, column=column, metric=opts.metric, storage_options=storage_options)
         if opts.metric == "cosine":
             init_rows = normalize_rows(init_rows)
         mode["init_sample"] = n_init_rows
@@ -162,31 +162,38 @@ def _common_dim(sources: Sequence[Source], infos: Sequence[tables.TableInfo], co
 
 
 def _validated_batches(
-    sources: Sequence[Source], column: str, batch_rows: int, dim: int, storage_options: Any
+    sources: Sequence[Source], column: str, batch_rows: int, dim: int, metric: str, storage_options: Any
 ) -> Iterator[torch.Tensor]:
     """Every row of every source as validated (n, dim) float32 batches, in order."""
     for s in sources:
         for batch in tables.iter_batches(s, column=column, batch_rows=batch_rows, storage_options=storage_options):
-            yield _validated(batch.x, s, column, batch.offset, dim)
+            yield _validated(batch.x, s, column, dim, metric, row_offset=batch.offset)
 
 
-def _validated(x: torch.Tensor, source: Source, column: str, offset: int, dim: int) -> torch.Tensor:
+def _validated(
+    x: torch.Tensor, source: Source, column: str, dim: int, metric: str, *, row_offset: int = 0, row_numbers: Any = None
+) -> torch.Tensor:
+    """Validate one batch of ``source``; errors name the file and the rows' numbers in it."""
     if x.shape[1] != dim:
         raise DimensionMismatchError(
             f"column={column!r} of {source.uri!r} has dim={x.shape[1]}; expected {dim} like the other tables."
         )
     try:
-        return as_embeddings(x, name=column, row_offset=offset)
+        x = as_embeddings(x, name=column, row_offset=row_offset, row_numbers=row_numbers)
+        if metric == "cosine":
+            check_nonzero_rows(x, name=column, row_offset=row_offset, row_numbers=row_numbers)
+        return x
     except InvalidInputError as exc:
         raise type(exc)(f"{source.uri}: {exc}") from None
 
 
 def _validated_sample(
-    sources: Sequence[Source], counts: Sequence[int], positions: np.ndarray, *, column: str, storage_options: Any
+    sources: Sequence[Source], counts: Sequence[int], positions: np.ndarray, *, column: str, metric: str, storage_options: Any
 ) -> torch.Tensor:
+    """The rows at global ``positions``, validated; only those rows are checked."""
     parts = tables.sample_rows(sources, counts, positions, column=column, storage_options=storage_options)
     dim = parts[0][2].shape[1]
-    return torch.cat([_validated(x, s, column, 0, dim) for s, _, x in parts])
+    return torch.cat([_validated(x, s, column, dim, metric, row_numbers=local) for s, local, x in parts])
 
 
 class _StreamedRows:
@@ -209,11 +216,8 @@ class _StreamedRows:
     def _batches(self) -> Iterator[torch.Tensor]:
         for s in self._sources:
             for batch in tables.iter_batches(s, column=self._column, batch_rows=self._batch_rows, storage_options=self._storage_options):
-                x = _validated(batch.x, s, self._column, batch.offset, self.shape[1])
-                if self._metric == "cosine":
-                    check_nonzero_rows(x, name=f"{s.uri}: {self._column}", row_offset=batch.offset)
-                    x = normalize_rows(x)
-                yield x
+                x = _validated(batch.x, s, self._column, self.shape[1], self._metric, row_offset=batch.offset)
+                yield normalize_rows(x) if self._metric == "cosine" else x
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         a, b = rows.start, min(rows.stop, self.shape[0])
@@ -284,8 +288,13 @@ def _receipt_path(out_dir: Path, key: str) -> Path:
 
 @contextlib.contextmanager
 def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the exclusive lock on ``out_dir``, or fail at once if another run holds it."""
-    path = Path(out_dir) / LOCK_NAME
+    """Hold the exclusive lock on ``out_dir``, or fail at once if another run holds it.
+
+    A folder that the lock itself created is removed again if the run fails before writing to it.
+    """
+    out = Path(out_dir)
+    created = not out.exists()
+    path = out / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -303,6 +312,12 @@ def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
         f.flush()
         try:
             yield
+        except BaseException:
+            if created and [p for p in out.rglob("*") if p.is_file()] == [path]:
+                path.unlink()
+                for folder in (path.parent, out):
+                    folder.rmdir()
+            raise
         finally:
             f.seek(0)
             f.truncate()
@@ -384,11 +399,11 @@ def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, ov
         what = (
             f"codebook {str(other.get('codebook_fingerprint'))[:12]}…"
             if other.get("codebook_fingerprint") != codebook.fingerprint
-            else f"settings {other.get('settings')}"
+            else f"settings {json.dumps(other.get('settings'), sort_keys=True)}"
         )
         raise InvalidInputError(
             f"out_dir={str(out)!r} holds codes written with {what}; this run uses codebook "
-            f"{codebook.fingerprint[:12]}… with settings {settings.to_dict()}. Expected a folder holding only this "
+            f"{codebook.fingerprint[:12]}… with settings {json.dumps(settings.to_dict(), sort_keys=True)}. Expected a folder holding only this "
             f"codebook's codes. Fix: pass --overwrite (overwrite=True) to replace them, or write to another folder."
         )
     for record in _folder_records(out):

@@ -93,7 +93,9 @@ def discover(paths: Sequence[str | os.PathLike[str]], *, storage_options: dict[s
             sources.extend(_discover_remote(path, storage_options))
             continue
         if any(ch in path for ch in "*?["):
-            root = Path(path.split("*")[0].split("?")[0].split("[")[0]).parent
+            prefix = path.split("*")[0].split("?")[0].split("[")[0]
+            # The folder part before the first wildcard: "data/*.parquet" and "data/part-*" both root at "data".
+            root = Path(prefix) if prefix.endswith("/") else Path(prefix).parent
             files = [Path(p) for p in _glob.glob(path, recursive=True) if Path(p).is_file()]
         elif Path(path).is_dir():
             root = Path(path)

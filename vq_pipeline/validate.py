@@ -67,7 +67,7 @@ def check_float(name: str, value: Any, *, minimum: float = 0.0) -> float:
     return value
 
 
-def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0) -> torch.Tensor:
+def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0, row_numbers: Any = None) -> torch.Tensor:
     """Validate embeddings and return them as a contiguous float32 tensor on x's device.
 
     Args:
@@ -76,7 +76,7 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0) -> torch.Tens
             and converted to float32; bool, complex and object dtypes are refused.
 
         name, row_offset: how messages name the array, and the row number of its first row (for
-            batches of a larger table).
+            batches of a larger table). row_numbers: instead, the row number of every row (for samples).
 
     Returns:
         Tensor of shape (n_rows, dim), float32, contiguous, same device as ``x`` (CPU for numpy).
@@ -115,7 +115,7 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0) -> torch.Tens
             f"Fix: check the input table is not empty and the embedding column holds vectors."
         )
     x32 = x.to(torch.float32).contiguous()
-    _check_values(x, x32, name=name, row_offset=row_offset)
+    _check_values(x, x32, name=name, number=_numbering(row_offset, row_numbers))
     return x32
 
 
@@ -123,20 +123,27 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_values(x: torch.Tensor, x32: torch.Tensor, *, name: str, row_offset: int) -> None:
+def _numbering(row_offset: int, row_numbers: Any) -> Any:
+    """Map a row index to the row number shown in messages."""
+    if row_numbers is not None:
+        return lambda i: int(row_numbers[i])
+    return lambda i: i + row_offset
+
+
+def _check_values(x: torch.Tensor, x32: torch.Tensor, *, name: str, number: Any) -> None:
     """One pass over the rows' squared norms finds NaN/Inf and overflow; errors are located after."""
     for rows in row_chunks(x32.shape[0], _SCAN_ROWS):
         block = x32[rows]  # (chunk, dim)
         sq = torch.einsum("ij,ij->i", block, block)  # (chunk,) float32; NaN/Inf if any value is, or on overflow
         bad = ~(sq <= MAX_SQUARED_NORM)  # NaN compares False
         if bool(bad.any()):
-            _raise_bad_row(x[rows], block, int(bad.nonzero()[0]), rows.start, name=name, row_offset=row_offset, x_all=x)
+            _raise_bad_row(x[rows], block, int(bad.nonzero()[0]), rows.start, name=name, number=number, x_all=x)
 
 
 def _raise_bad_row(
-    orig: torch.Tensor, block: torch.Tensor, i: int, start: int, *, name: str, row_offset: int, x_all: torch.Tensor
+    orig: torch.Tensor, block: torch.Tensor, i: int, start: int, *, name: str, number: Any, x_all: torch.Tensor
 ) -> None:
-    row = start + i + row_offset
+    row = number(start + i)
     if orig.dtype.is_floating_point and not bool(torch.isfinite(orig[i]).all()):
         col = int((~torch.isfinite(orig[i])).nonzero()[0])
         n_bad = sum(int((~torch.isfinite(x_all[r])).sum()) for r in row_chunks(x_all.shape[0], _SCAN_ROWS))
@@ -159,7 +166,7 @@ def _raise_bad_row(
     )
 
 
-def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0) -> None:
+def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0, row_numbers: Any = None) -> None:
     """Refuse zero-norm rows, which have no direction under the cosine metric.
 
     Args:
@@ -168,7 +175,7 @@ def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0)
     for rows in row_chunks(x.shape[0], _SCAN_ROWS):
         zero = x[rows].square().sum(dim=1) == 0  # (chunk,) bool
         if bool(zero.any()):
-            row = rows.start + int(zero.nonzero()[0]) + row_offset
+            row = _numbering(row_offset, row_numbers)(rows.start + int(zero.nonzero()[0]))
             raise InvalidInputError(
                 f"{name}[{row}] has norm 0; the cosine metric needs a direction for every row. "
                 f"Fix: drop all-zero embeddings, or use metric='l2'."
