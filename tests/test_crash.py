@@ -72,3 +72,83 @@ def test_kill_nine_at_random_points_then_resume_gives_identical_outputs(tmp_path
         shutil.rmtree(out)
     assert outcomes["killed"] >= N_KILLS // 2, outcomes
     print(json.dumps(outcomes))
+
+
+FIT_CHILD = """
+import sys
+from vq_pipeline.pipeline import fit_from_tables
+print("ready", flush=True)
+fit_from_tables([sys.argv[1]], column="embedding", n_codes=32, n_iter=12, tol=0.0, n_init=2, data_budget=0,
+                batch_rows=2000, checkpoint=sys.argv[2]).save(sys.argv[3])
+"""
+FIT_KILLS = 8
+
+
+def comparable(path: Path) -> bytes:
+    """A codebook file with its run record (creation time, timings) pinned."""
+    import dataclasses
+
+    from vq_pipeline import Codebook
+
+    return dataclasses.replace(Codebook.load(path), created_at="", timings={}).to_bytes()
+
+
+@pytest.mark.slow
+def test_kill_nine_during_a_checkpointed_fit_then_resume_gives_the_same_codebook(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    for i in range(3):
+        write_embeddings(data / f"part-{i}.parquet", np.arange(20_000), generate_embeddings(20_000, 16, 40, seed=i))
+    reference = tmp_path / "reference.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", FIT_CHILD, str(data), str(tmp_path / "ref.ckpt"), str(reference)], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    assert child.wait() == 0
+    fit_seconds = time.perf_counter() - t0
+    assert not (tmp_path / "ref.ckpt").exists(), "a finished fit removes its checkpoint"
+    want = comparable(reference)
+    rng = random.Random(99)
+    resumed = 0
+    for trial in range(FIT_KILLS):
+        ckpt, out = tmp_path / f"t{trial}.ckpt", tmp_path / f"t{trial}.safetensors"
+        child = subprocess.Popen([sys.executable, "-c", FIT_CHILD, str(data), str(ckpt), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.1, 0.9) * fit_seconds)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        resumed += ckpt.exists()
+        subprocess.run([sys.executable, "-c", FIT_CHILD, str(data), str(ckpt), str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+        assert comparable(out) == want, f"trial {trial}: the resumed fit differs"
+        assert not ckpt.exists() and not list(tmp_path.glob(".*.tmp"))
+    assert resumed >= FIT_KILLS // 2, f"only {resumed} kills landed after a checkpoint"
+
+
+def test_interrupted_fit_resumes_from_its_checkpoint_in_process(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    write_embeddings(data / "part-0.parquet", np.arange(3000), generate_embeddings(3000, 8, 20, seed=3))
+    kwargs = dict(column="embedding", n_codes=16, n_iter=10, tol=0.0, n_init=2, seed=4)
+    import dataclasses
+
+    want = dataclasses.replace(fit_from_tables([data], **kwargs), created_at="", timings={}).to_bytes()
+    seen = []
+
+    def stop_in_second_restart(stats) -> None:
+        seen.append(stats.iteration)
+        if len(seen) == 14:  # inside the second restart
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_from_tables([data], checkpoint=ckpt, progress=stop_in_second_restart, **kwargs)
+    assert ckpt.exists()
+    after = []
+    got = fit_from_tables([data], checkpoint=ckpt, progress=lambda s: after.append(s.iteration), **kwargs)
+    assert after[0] > 1, "the second run started from the checkpoint, not from scratch"
+    assert dataclasses.replace(got, created_at="", timings={}).to_bytes() == want
+    assert not ckpt.exists()
+    # A checkpoint of another fit is ignored rather than resumed.
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        fit_from_tables([data], checkpoint=ckpt, progress=stop_in_second_restart, **kwargs)
+    other = fit_from_tables([data], checkpoint=ckpt, **{**kwargs, "seed": 5})
+    assert other.fit["seed"] == 5 and not ckpt.exists()

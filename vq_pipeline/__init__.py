@@ -7,8 +7,16 @@
 
 from __future__ import annotations
 
-from .codebook import Codebook
-from .errors import (
+import os
+
+# OpenMP threads that spin while they wait turn every small torch op into a stall when the CPU is
+# shared (a scheduler's workers, a busy node): measured 15-140x slower Lloyd iterations and k-means++
+# under load with spinning, against passive waits (benchmarks/RESULTS.md). It must be set before torch
+# loads its OpenMP runtime, so it is set here, unless the user chose a policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .codebook import Codebook  # noqa: E402
+from .errors import (  # noqa: E402
     CodebookFileError,
     DimensionMismatchError,
     EngineUnavailableError,
@@ -18,7 +26,7 @@ from .errors import (
     UnsupportedFormatError,
     VQError,
 )
-from .kmeans import IterationStats, fit_codebook
+from .kmeans import IterationStats, fit_codebook  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random choice (default: 0)")
     fit.add_argument("--n-init", type=_int_at_least(1), default=1, metavar="R", help="seeded restarts; the best is kept (default: 1)")
     fit.add_argument("--sample", type=_int_at_least(1), default=None, metavar="N", help="fit on a seeded sample of N rows")
+    fit.add_argument(
+        "--checkpoint", default=None, metavar="FILE",
+        help="keep the fit's state in FILE after every iteration; rerunning the same command after a crash resumes there "
+        "(default: OUT.ckpt next to --out; 'none' to disable)",
+    )
     _add_compute_options(fit)
     fit.add_argument("--out", required=True, metavar="CODEBOOK.safetensors", help="codebook file to write (atomically)")
     _add_global_options(fit, in_subcommand=True)
@@ -311,6 +316,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
         batch_rows=args.batch_rows,
         storage_options=_storage_options(args),
         progress=FitProgress(console, args.n_init),
+        checkpoint=None if args.checkpoint == "none" else (args.checkpoint or out.with_name(out.name + ".ckpt")),
     )
     codebook.save(out)
     seconds = time.perf_counter() - t0

@@ -19,10 +19,15 @@ this loop. Sums are accumulated in float64 so the result does not hinge on summa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -192,6 +197,8 @@ def lloyd(
     engine: Engine,
     chunk_rows: int,
     progress: ProgressCallback | None = None,
+    resume: dict[str, Any] | None = None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``init`` until the objective settles or ``n_iter`` updates are done.
 
@@ -199,8 +206,12 @@ def lloyd(
         x: (n_rows, dim) float32 rows, unit rows under cosine; finite (validated by the caller).
         init: (n_codes, dim) float32 starting centroids on the compute device.
         tol: stop when ``(previous - current) <= tol * previous`` for the objective.
+        resume: a state given earlier to ``on_update``: continue from it (``init`` is ignored).
+        on_update: called after every centroid update with the state to resume from (plain
+            values and a CPU tensor), e.g. to checkpoint it.
 
     The returned counts and inertia come from an E step on the returned centroids, so they match.
+    Resuming from a state gives the same result as not stopping: each step depends only on it.
     """
     c = init
     n_rows = x.shape[0]
@@ -208,8 +219,13 @@ def lloyd(
     prev: float | None = None
     converged = False
     total_repairs = 0
+    first = 1
+    if resume is not None:
+        c = resume["centroids"].to(init.device)
+        first, prev, total_repairs = resume["iteration"], resume["prev"], resume["total_repairs"]
+        history = [IterationStats(**h) for h in resume["history"]]
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
-    for it in range(1, n_iter + 2):
+    for it in range(first, n_iter + 2):
         t0 = time.perf_counter()
         p = e_step(x, c, engine=engine, chunk_rows=chunk_rows)
         objective = p.objective * scale
@@ -245,6 +261,16 @@ def lloyd(
                 history=history,
             )
         prev = objective
+        if on_update is not None:
+            on_update(
+                {
+                    "centroids": c.to("cpu", torch.float32),
+                    "iteration": it + 1,
+                    "prev": prev,
+                    "total_repairs": total_repairs,
+                    "history": [asdict(h) for h in history],
+                }
+            )
     raise AssertionError("unreachable")  # the loop always returns on its last pass
 
 
@@ -354,6 +380,67 @@ class FitOptions:
             "engine": engine_name,
             "device": self.device.type,
         }
+
+
+class FitCheckpoint:
+    """A fit's progress in one file, so that a killed fit resumes instead of starting over.
+
+    Saved atomically after every centroid update (a temporary file, fsync, rename) with
+    ``torch.save``; read back with ``torch.load(weights_only=True)``, which never runs code. A
+    checkpoint of another fit (other data or settings) is ignored, not resumed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @staticmethod
+    def _key(data_fingerprint: str, opts: FitOptions) -> str:
+        h = hashlib.sha256(f"{data_fingerprint}|{json.dumps(opts.settings(opts.engine), sort_keys=True)}".encode())
+        if isinstance(opts.init, torch.Tensor):
+            h.update(opts.init.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def load(self, data_fingerprint: str, opts: FitOptions) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the work it saved
+            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self._key(data_fingerprint, opts):
+            log.warning("ignoring checkpoint %s: it belongs to another fit", self.path)
+            return None
+        return state
+
+    def save(
+        self, data_fingerprint: str, opts: FitOptions, *, restart: int, inertias: list[float], best: LloydResult | None, lloyd: dict[str, Any] | None
+    ) -> None:
+        state = {
+            "key": self._key(data_fingerprint, opts),
+            "restart": restart,
+            "inertias": list(inertias),
+            "best": None if best is None else {**asdict(best), "history": [asdict(h) for h in best.history]},
+            "lloyd": lloyd,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _result_from_state(state: dict[str, Any]) -> LloydResult:
+    return LloydResult(**{**state, "history": [IterationStats(**h) for h in state["history"]]})
 
 
 def fit_options(
@@ -487,6 +574,7 @@ def fit_rows(
     extra_stats: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     t_start: float | None = None,
+    checkpoint: FitCheckpoint | None = None,
 ) -> Codebook:
     """Lloyd restarts over ``rows``, seeded from ``init_rows``; the core behind every fit.
 
@@ -495,6 +583,8 @@ def fit_rows(
             table that serves consecutive slices).
         init_rows: (n_init_rows, dim) float32 rows that 'k-means++', 'random' and 'first' draw
             from: ``rows`` itself in memory, a seeded sample (or the head, for 'first') when streamed.
+        checkpoint: where to save the state after every update, and to resume from if it holds a
+            state of this very fit (same data fingerprint and settings); removed once the fit ends.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     n_rows, dim = rows.shape
@@ -504,10 +594,23 @@ def fit_rows(
     best: LloydResult | None = None
     inertias: list[float] = []
     init_seconds = 0.0
-    for restart in range(opts.n_init):
+    saved = checkpoint.load(data_fingerprint, opts) if checkpoint is not None else None
+    first_restart = 0
+    if saved is not None:
+        first_restart, inertias = saved["restart"], list(saved["inertias"])
+        best = _result_from_state(saved["best"]) if saved["best"] is not None else None
+        log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, first_restart)
+    for restart in range(first_restart, opts.n_init):
+        resume = saved["lloyd"] if saved is not None and restart == first_restart else None
+        on_update = None
+        if checkpoint is not None:
+            def on_update(state: dict[str, Any], restart: int = restart) -> None:
+                checkpoint.save(data_fingerprint, opts, restart=restart, inertias=inertias, best=best, lloyd=state)
         generator = torch.Generator().manual_seed(_restart_seed(opts.seed, restart))
         t0 = time.perf_counter()
-        if isinstance(opts.init, torch.Tensor):
+        if resume is not None:
+            c0 = resume["centroids"].to(dev)
+        elif isinstance(opts.init, torch.Tensor):
             c0 = opts.init.to(dev).contiguous()
         elif opts.init == "first":
             c0 = init_rows[:n_codes].to(dev).contiguous()
@@ -520,12 +623,17 @@ def fit_rows(
             )
         init_seconds += time.perf_counter() - t0
         result = lloyd(
-            rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk, progress=progress
+            rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk,
+            progress=progress, resume=resume, on_update=on_update,
         )
         inertias.append(result.inertia)
         if best is None or result.inertia < best.inertia:
             best = result
+        if checkpoint is not None:
+            checkpoint.save(data_fingerprint, opts, restart=restart + 1, inertias=inertias, best=best, lloyd=None)
     assert best is not None
+    if checkpoint is not None:
+        checkpoint.clear()
     history = [asdict(h) for h in best.history]
     return Codebook(
         centroids=best.centroids,

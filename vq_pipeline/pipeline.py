@@ -38,7 +38,7 @@ from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET, encode as encode_tensor
 from .codebook import Codebook, atomic_write_bytes
 from .errors import DimensionMismatchError, InvalidInputError, VQError
-from .kmeans import ProgressCallback, fit_options, fit_rows
+from .kmeans import FitCheckpoint, ProgressCallback, fit_options, fit_rows
 from .tables import Source
 from .validate import METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows
 
@@ -81,6 +81,7 @@ def fit_from_tables(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> Codebook:
     """Fit a codebook on the embedding column of tables.
 
@@ -89,7 +90,9 @@ def fit_from_tables(
     tables every iteration and accumulates sums and counts (then k-means++ and 'random' draw from a
     seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the first rows).
     The codebook records the sources, the column, the rows used, the sample seed and a fingerprint
-    of the tables. Other arguments: see :func:`vq_pipeline.fit_codebook`.
+    of the tables. ``checkpoint``: a file that keeps the fit's state after every update; a killed
+    fit rerun with the same file, data and settings resumes there and gives the same codebook.
+    Other arguments: see :func:`vq_pipeline.fit_codebook`.
     """
     t_start = time.perf_counter()
     metric = check_choice("metric", metric, METRICS)
@@ -123,6 +126,7 @@ def fit_from_tables(
         mode = {"mode": "streamed", "rows_total": n_total}
 
     n_rows = x.shape[0] if x is not None else n_total
+    ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
     opts = fit_options(
         n_codes, dim=dim, n_rows=n_rows, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
         n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
@@ -130,7 +134,7 @@ def fit_from_tables(
     if x is not None:
         if opts.metric == "cosine":
             x = normalize_rows(x)  # zero rows were refused per file, with their row numbers
-        return fit_rows(x, x, opts, extra_stats=mode, progress=progress, t_start=t_start, **provenance)
+        return fit_rows(x, x, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)
 
     rows = _StreamedRows(sources, counts, dim=dim, column=column, batch_rows=batch_rows, metric=opts.metric, storage_options=storage_options)
     if opts.init == "first":
@@ -142,7 +146,7 @@ def fit_from_tables(
         if opts.metric == "cosine":
             init_rows = normalize_rows(init_rows)
         mode["init_sample"] = n_init_rows
-    return fit_rows(rows, init_rows, opts, extra_stats=mode, progress=progress, t_start=t_start, **provenance)
+    return fit_rows(rows, init_rows, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)
 
 
 def _common_dim(sources: Sequence[Source], infos: Sequence[tables.TableInfo], column: str, storage_options: Any) -> int:
