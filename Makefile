@@ -1,5 +1,5 @@
 # Two entry points, each of which sets itself up from a fresh clone:
-#   make demo   fit a codebook on a generated embedding table and encode a second one
+#   make demo   the main job: the scheduled vq-pipeline flow, once, on generated data (embedded Prefect API)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vq_pipeline.demo
+	$(PY) -m flows.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

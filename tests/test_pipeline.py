@@ -158,7 +158,7 @@ def test_second_concurrent_run_fails_clearly(dataset, tmp_path: Path) -> None:
     cb = fit_from_tables([root], column="embedding", n_codes=8)
     out = tmp_path / "out"
     with encode_lock(out):
-        with pytest.raises(EncodeLockedError, match=r"is locked by another encode run \(pid .*Fix: wait"):
+        with pytest.raises(EncodeLockedError, match=r"is locked by another run \(pid .*Fix: wait"):
             encode_tables([root], cb, out, column="embedding")
     assert not (out / MANIFEST_NAME).exists()
     assert encode_tables([root], cb, out, column="embedding").rows_total == 1500  # free again

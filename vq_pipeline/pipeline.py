@@ -56,7 +56,7 @@ RowProgress = Callable[[str, int, int], None]
 
 
 class EncodeLockedError(VQError, RuntimeError):
-    """Another encode run is writing into the same output folder."""
+    """Another run is writing into the same folder."""
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -307,8 +307,8 @@ def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise EncodeLockedError(
-                f"out_dir={str(out_dir)!r} is locked by another encode run ({holder}); expected one run per "
-                f"output folder at a time. Fix: wait for it to finish, or write to another folder."
+                f"folder={str(out_dir)!r} is locked by another run ({holder}); expected one run per "
+                f"folder at a time. Fix: wait for it to finish, or write to another folder."
             ) from None
         f.seek(0)
         f.truncate()

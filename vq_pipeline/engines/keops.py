@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ import torch
 NATIVE_CXXFLAGS = "-march=native -fno-trapping-math -fno-signed-zeros -fassociative-math"
 
 _import_error: str | None = None
+# KeOps compiles a formula on its first call and keeps process-wide state; threads (e.g. concurrent
+# encode tasks) take turns.
+_call_lock = threading.Lock()
 
 
 def _cpu_model() -> str:
@@ -104,7 +108,7 @@ class KeOpsEngine:
         x_i = LazyTensor(x[:, None, :])  # (n, 1, dim) symbolic
         c_j = LazyTensor(c[None, :, :])  # (1, m, dim) symbolic
         d_ij = ((x_i - c_j) ** 2).sum(-1)  # (n, m) symbolic, never materialized
-        with contextlib.redirect_stdout(sys.stderr):  # first use compiles, and may print
+        with _call_lock, contextlib.redirect_stdout(sys.stderr):  # first use compiles, and may print
             if k == 1:
                 sqdist, idx = d_ij.min_argmin(dim=1)  # (n, 1), (n, 1)
             else:

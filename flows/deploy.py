@@ -1,0 +1,83 @@
+"""Serve the vq-pipeline flow on a cron schedule.
+
+    python -m flows.deploy --cron "0 * * * *" --input-root data/embeddings --work-dir vq_work \\
+        --column embedding --codes 1024 [--metric cosine] [--id-column id] [--refit-every-hours 168]
+
+This registers a deployment with the Prefect API (set ``PREFECT_API_URL`` to a running
+``prefect server start`` or Prefect Cloud; without it Prefect starts a temporary local server that
+lives as long as this process) and runs the scheduled flow runs in this process until stopped.
+At most one run executes at a time (``limit=1``), and the flow also locks its work_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from prefect.types.entrypoint import EntrypointType
+
+from flows.pipeline import vq_pipeline_flow
+
+DEFAULT_NAME = "scheduled"
+
+
+def deployment_options(cron: str, name: str = DEFAULT_NAME, **params: Any) -> dict[str, Any]:
+    """The deployment's settings, shared by :func:`serve` and :func:`build_deployment`."""
+    return dict(
+        name=name,
+        cron=cron,
+        parameters=params,
+        description="Fit or refit the codebook as needed and encode every new partition.",
+        tags=["vq-pipeline"],
+        # The flow is loaded by module path (flows.pipeline), so runs work from the repository root
+        # whatever folder the deployment was started from.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def build_deployment(cron: str, name: str = DEFAULT_NAME, **params: Any) -> Any:
+    """The RunnerDeployment :func:`serve` would register (for inspection and tests; nothing runs)."""
+    return vq_pipeline_flow.to_deployment(**deployment_options(cron, name, **params))
+
+
+def serve(cron: str, name: str = DEFAULT_NAME, **params: Any) -> None:
+    """Serve ``vq_pipeline_flow`` with ``params`` on the ``cron`` schedule; blocks until stopped."""
+    vq_pipeline_flow.serve(**deployment_options(cron, name, **params), limit=1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(cron, deployment name, flow parameters) from the command line."""
+    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the vq-pipeline flow on a cron schedule.")
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 * * * *" (hourly)')
+    p.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default: %(default)s)")
+    p.add_argument("--input-root", required=True, help="folder of embedding tables (hive partitions welcome)")
+    p.add_argument("--work-dir", required=True, help="folder for codebooks, codes and reports")
+    p.add_argument("--column", required=True, help="embedding column")
+    p.add_argument("--codes", type=int, required=True, help="number of codes (K)")
+    p.add_argument("--metric", default="cosine", choices=["l2", "cosine"])
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--refit-every-hours", type=float, default=24 * 7, help="0 or less: never refit on schedule")
+    p.add_argument("--drift-threshold", type=float, default=0.25)
+    p.add_argument("--sample", type=int, default=None, help="fit on a seeded sample of this many rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
+    a = p.parse_args(argv)
+    params = dict(
+        # Absolute: scheduled runs may start in another working folder.
+        input_root=os.path.abspath(a.input_root), work_dir=os.path.abspath(a.work_dir), column=a.column, n_codes=a.codes, metric=a.metric,
+        id_column=a.id_column, refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
+        drift_threshold=a.drift_threshold, sample=a.sample, seed=a.seed, engine=a.engine,
+    )
+    return a.cron, a.name, params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cron, name, params = parse_args(argv)
+    serve(cron, name=name, **params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,206 @@
+"""Prefect flow: encode embedding tables into code tables, one task per input file, resumably.
+
+The flow process holds :func:`vq_pipeline.pipeline.encode_lock` on the output folder for the whole
+run; the tasks run in its threads. :func:`plan_encode` (a task) says which files still need codes;
+one ``encode-file`` task per such file calls :func:`encode_source`, which writes the output
+atomically and then its receipt, so a Prefect retry, or a rerun after a crash, redoes at most the
+files whose receipt is missing and never duplicates rows. ``_manifest.json`` is written last.
+Tasks exchange paths, fingerprints and receipts (small dicts), never tensors or frames.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from vq_pipeline import Codebook, VQError
+from vq_pipeline.pipeline import (
+    MANIFEST_NAME,
+    EncodeOptions,
+    EncodeSettings,
+    encode_lock,
+    encode_source,
+    plan_encode,
+    write_manifest,
+)
+from vq_pipeline.tables import Source
+
+PROGRESS_ARTIFACT_KEY = "vq-encode-progress"
+SUMMARY_ARTIFACT_KEY = "vq-encode-summary"
+# Files encoded at once (threads of the flow process). torch already spreads one file over the
+# cores, so more threads mostly overlap file reads and writes; each task's temporaries are bounded
+# by the library's memory budget (256 MiB by default). VQ_ENCODE_WORKERS overrides it.
+MAX_WORKERS = max(1, int(os.environ.get("VQ_ENCODE_WORKERS") or min(2, os.cpu_count() or 1)))
+
+
+class EncodeFailedError(RuntimeError):
+    """Some files could not be encoded (after retries); the others are done and kept."""
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry unless the failure is a vq-pipeline error: those are about the data or the settings
+    (bad rows, wrong dim, foreign folder) and would fail again the same way."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - no readable exception: let the retry policy decide
+            return True
+    return not isinstance(exc, VQError)
+
+
+def _settings(settings: dict[str, Any]) -> EncodeSettings:
+    return EncodeSettings(**{**settings, "keep": tuple(settings.get("keep") or ())})
+
+
+def _load(codebook: str, fingerprint: str | None = None) -> Codebook:
+    """Load the codebook and make sure it is still the one the run was planned with."""
+    cb = Codebook.load(codebook)
+    if fingerprint is not None and cb.fingerprint != fingerprint:
+        raise VQError(
+            f"codebook={codebook!r} changed during the run (fingerprint {cb.fingerprint[:12]}…, planned with "
+            f"{fingerprint[:12]}…); expected the file to stay put while encoding. Fix: rerun the flow."
+        )
+    return cb
+
+
+@task(name="plan-encode", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def plan_task(inputs: list[str], codebook: str, out_dir: str, settings: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
+    """Split the inputs into files to encode and files already done, as plain data."""
+    cb = _load(codebook)
+    todo, done, records = plan_encode(inputs, cb, out_dir, _settings(settings), overwrite=overwrite)
+    return {
+        "codebook_fingerprint": cb.fingerprint,
+        "todo": [{"uri": s.uri, "key": s.key} for s in todo],
+        "done": [{"uri": s.uri, "key": s.key} for s in done],
+        "records": records,
+    }
+
+
+@task(
+    name="encode-file", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+    task_run_name="encode-{key}",
+)
+def encode_file_task(
+    uri: str, key: str, codebook: str, fingerprint: str, out_dir: str, settings: dict[str, Any],
+    engine: str = "auto", device: str | None = None,
+) -> dict[str, Any]:
+    """Encode one input file and return its receipt. Safe to retry: the output and the receipt are
+    each written atomically, and a re-encoded output is byte-identical."""
+    cb = _load(codebook, fingerprint)
+    return encode_source(Source(uri=uri, key=key), cb, out_dir, _settings(settings), EncodeOptions(engine=engine, device=device))
+
+
+@task(name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def manifest_task(out_dir: str, codebook: str, fingerprint: str, settings: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+    """Write ``_manifest.json`` for every receipt of the run."""
+    return str(write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records))
+
+
+def _mean_distance(record: dict[str, Any]) -> float | None:
+    return record["distance_sum"] / record["rows"] if record.get("rows") else None
+
+
+@flow(name="encode-embeddings", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
+def encode_embeddings_flow(
+    inputs: list[str],
+    codebook: str,
+    out_dir: str,
+    column: str,
+    id_column: str | None = None,
+    top_k: int = 1,
+    with_distance: bool = False,
+    keep: Sequence[str] = (),
+    overwrite: bool = False,
+    engine: str = "auto",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Encode every input table into ``out_dir`` with the codebook file ``codebook``, exactly once.
+
+    Files whose codes are already in ``out_dir`` (same input, codebook and settings, intact output)
+    are skipped; the others get one ``encode-file`` task each (2 retries on non-data errors).
+
+    Returns:
+        ``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``, ``encoded`` and
+        ``skipped`` keys, ``rows_encoded``, ``rows_total``, ``files`` (per file: key, rows, status,
+        mean_distance), ``new_receipts`` (receipts of the files encoded by this run: rows, distance
+        sum and code counts, for drift reports), ``seconds`` and ``flow_run_id``.
+
+    Raises:
+        EncodeFailedError: some files failed; every other file is encoded and receipted (a rerun
+            picks up only the failed ones), and no manifest is written.
+    """
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    settings = EncodeSettings(column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep)).to_dict()
+    out = Path(out_dir)
+    with encode_lock(out):
+        plan = plan_task(list(inputs), codebook, str(out), settings, overwrite=overwrite)
+        fingerprint, todo, records = plan["codebook_fingerprint"], plan["todo"], dict(plan["records"])
+        n_files = len(todo) + len(plan["done"])
+        logger.info("%d files: %d to encode, %d already encoded", n_files, len(todo), len(plan["done"]))
+        progress_id = create_progress_artifact(
+            progress=100.0 * len(plan["done"]) / n_files, key=PROGRESS_ARTIFACT_KEY,
+            description=f"files encoded into {out} ({len(todo)} to do)",
+        )
+        futures = (
+            encode_file_task.map(
+                [s["uri"] for s in todo], [s["key"] for s in todo], codebook, fingerprint, str(out), unmapped(settings),
+                engine=engine, device=device,
+            )
+            if todo
+            else []
+        )
+        new: dict[str, dict[str, Any]] = {}
+        failed: dict[str, BaseException] = {}
+        key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
+        for finished, future in enumerate(as_completed(list(futures)), start=1):
+            key = key_of[id(future)]
+            try:
+                new[key] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - collected, reported and raised below
+                failed[key] = exc
+                logger.error("encoding %s failed: %s", key, exc)
+            update_progress_artifact(progress_id, 100.0 * (len(plan["done"]) + finished) / n_files)
+        if failed:
+            first = next(iter(failed.values()))
+            raise EncodeFailedError(
+                f"{len(failed)} of {len(todo)} files could not be encoded ({', '.join(sorted(failed))}); first error: "
+                f"{type(first).__name__}: {first}. The other files are encoded; a rerun retries only these."
+            ) from first
+        records.update(new)
+        manifest = manifest_task(str(out), codebook, fingerprint, settings, records)
+
+    files = [
+        {"key": k, "rows": r["rows"], "status": "encoded" if k in new else "skipped", "mean_distance": _mean_distance(r)}
+        for k, r in sorted(records.items())
+    ]
+    create_table_artifact(
+        table=files, key=SUMMARY_ARTIFACT_KEY,
+        description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {out / MANIFEST_NAME}",
+    )
+    summary = {
+        "out_dir": str(out),
+        "manifest": manifest,
+        "codebook": codebook,
+        "codebook_fingerprint": fingerprint,
+        "encoded": sorted(new),
+        "skipped": sorted(k for k in records if k not in new),
+        "rows_encoded": sum(r["rows"] for r in new.values()),
+        "rows_total": sum(r["rows"] for r in records.values()),
+        "files": files,
+        "new_receipts": new,
+        "seconds": time.perf_counter() - t0,
+        "flow_run_id": flow_run.get_id(),
+    }
+    logger.info("encoded %d files (%d rows), skipped %d; manifest %s", len(new), summary["rows_encoded"], len(summary["skipped"]), manifest)
+    return summary

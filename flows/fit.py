@@ -1,0 +1,221 @@
+"""Prefect flow: fit a codebook on embedding tables and save it.
+
+A thin wrapper over :func:`vq_pipeline.pipeline.fit_from_tables`: one task fits and saves, the flow
+publishes a markdown artifact (settings, objective per iteration, cluster sizes, repairs, time) and
+returns a small summary dict. Fitting gets no retries: a failure there is a data or settings problem,
+and a rerun would only repeat it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from vq_pipeline import Codebook, CodebookFileError
+from vq_pipeline import tables
+from vq_pipeline.pipeline import fit_from_tables
+
+FIT_ARTIFACT_KEY = "vq-fit-codebook"
+# The history table is shown in full up to this many rows, then as its head and tail.
+_MAX_HISTORY_ROWS = 60
+
+
+def _is_template(out: str) -> bool:
+    return "{fingerprint}" in out or "{fp12}" in out
+
+
+def _clamped_sample(inputs: list[str], column: str, sample: int | None) -> int | None:
+    """``sample`` capped at the tables' row count (a scheduled job's data may still be small)."""
+    if sample is None:
+        return None
+    n_rows = sum(tables.inspect_source(s, column=column).n_rows for s in tables.discover(inputs))
+    return min(sample, n_rows) if n_rows else sample
+
+
+def _size_summary(counts: list[int]) -> dict[str, Any]:
+    """Min, quartiles and max of the cluster sizes, and how many codes are empty."""
+    ordered = sorted(counts)
+    if len(ordered) > 1:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = float(ordered[0])
+    return {
+        "min": ordered[0], "q1": q1, "median": median, "q3": q3, "max": ordered[-1],
+        "empty": sum(1 for c in ordered if c == 0),
+    }
+
+
+# Results stay in memory (NO_CACHE): a cached result would skip writing the file.
+@task(name="fit-codebook", cache_policy=NO_CACHE)
+def fit_task(
+    inputs: list[str],
+    column: str,
+    n_codes: int,
+    out: str,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str = "k-means++",
+    seed: int = 0,
+    sample: int | None = None,
+    engine: str = "auto",
+    device: str | None = None,
+    warm_start: str | None = None,
+) -> dict[str, Any]:
+    """Fit, save and summarize a codebook; returns plain data (no tensors).
+
+    ``out`` may hold ``{fingerprint}`` or ``{fp12}`` (its first 12 hex digits), filled in once the
+    centroids are known. Such a content-addressed file that already exists with the same
+    fingerprint is kept as is, so a refit that reproduces a codebook does not rewrite its lineage.
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    sample_used = _clamped_sample(inputs, column, sample)
+    if sample_used != sample:
+        logger.info("sample=%s exceeds the tables' rows; fitting on all %s rows", sample, sample_used)
+    start = Codebook.load(warm_start, metric=metric) if warm_start else init
+    codebook = fit_from_tables(
+        inputs, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
+        seed=seed, sample=sample_used, engine=engine, device=device,
+        progress=lambda s: logger.debug("iteration %d: objective %.6g, repairs %d", s.iteration, s.objective, s.n_repairs),
+    )
+    fp = codebook.fingerprint
+    path = Path(out.format(fingerprint=fp, fp12=fp[:12])) if _is_template(out) else Path(out)
+    kept = False
+    if _is_template(out) and path.is_file():
+        try:
+            kept = Codebook.load(path).fingerprint == fp
+        except CodebookFileError:
+            kept = False  # a damaged file under this name is replaced
+    if not kept:
+        codebook.save(path)
+    stats = codebook.stats
+    return {
+        "path": str(path),
+        "fingerprint": fp,
+        "parent_fingerprint": codebook.parent_fingerprint,
+        "kept_existing": kept,
+        "n_codes": codebook.n_codes,
+        "dim": codebook.dim,
+        "metric": codebook.metric,
+        "engine": codebook.fit.get("engine"),
+        "init": "warm start" if warm_start else init,
+        "rows": stats.get("n_rows"),
+        "rows_total": stats.get("rows_total"),
+        "mode": stats.get("mode"),
+        "iterations": stats.get("iterations"),
+        "converged": stats.get("converged"),
+        "inertia": stats.get("inertia"),
+        "mean_distance": stats.get("inertia", 0.0) / max(int(stats.get("n_rows") or 1), 1),
+        "n_repairs": stats.get("n_repairs"),
+        "history": stats.get("history", []),
+        "cluster_sizes": _size_summary(codebook.counts.tolist()),
+        "fit_seconds": codebook.timings.get("fit_seconds"),
+        "init_seconds": codebook.timings.get("init_seconds"),
+        "task_seconds": time.perf_counter() - t0,
+        "created_at": codebook.created_at,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "—" if value is None or value == "" else str(value)
+
+
+def fit_markdown(summary: dict[str, Any]) -> str:
+    """The fit report as markdown (pure formatting of :func:`fit_task`'s summary)."""
+    s = summary
+    sizes = s["cluster_sizes"]
+    rows = f"{s['rows']} ({s['mode']}" + (f", of {s['rows_total']}" if s.get("rows_total") not in (None, s["rows"]) else "") + ")"
+    lines = [
+        "# Codebook fit",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{s['path']}`{' (kept: same centroids as the existing file)' if s['kept_existing'] else ''} |",
+        f"| fingerprint | `{s['fingerprint']}` |",
+        f"| parent (warm start) | `{s['parent_fingerprint']}` |" if s["parent_fingerprint"] else "| parent (warm start) | none |",
+        f"| n_codes | {s['n_codes']} |",
+        f"| dim | {s['dim']} |",
+        f"| metric | {s['metric']} |",
+        f"| engine | {_fmt(s['engine'])} |",
+        f"| init | {s['init']} |",
+        f"| rows | {rows} |",
+        f"| iterations | {s['iterations']} ({'converged' if s['converged'] else 'not converged'}) |",
+        f"| final objective | {_fmt(s['inertia'])} (mean distance {_fmt(s['mean_distance'])}) |",
+        f"| empty-cluster repairs | {s['n_repairs']} |",
+        f"| time | fit {_fmt(s['fit_seconds'])} s (init {_fmt(s['init_seconds'])} s); task {_fmt(s['task_seconds'])} s |",
+        "",
+        "## Cluster sizes",
+        "",
+        "| min | q1 | median | q3 | max | empty codes |",
+        "|---|---|---|---|---|---|",
+        f"| {sizes['min']} | {_fmt(sizes['q1'])} | {_fmt(sizes['median'])} | {_fmt(sizes['q3'])} | {sizes['max']} | {sizes['empty']} |",
+        "",
+        "## Objective per iteration",
+        "",
+        "| iteration | objective | repairs | empty codes | imbalance |",
+        "|---|---|---|---|---|",
+    ]
+    history = s["history"]
+    half = _MAX_HISTORY_ROWS // 2
+    shown = history if len(history) <= _MAX_HISTORY_ROWS else [*history[:half], None, *history[-half:]]
+    for h in shown:
+        if h is None:
+            lines.append(f"| … | ({len(history) - 2 * half} more) | | | |")
+        else:
+            lines.append(
+                f"| {h['iteration']} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} | {_fmt(h['imbalance'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="fit-codebook")
+def fit_codebook_flow(
+    inputs: list[str],
+    column: str,
+    n_codes: int,
+    out: str,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str = "k-means++",
+    seed: int = 0,
+    sample: int | None = None,
+    engine: str = "auto",
+    device: str | None = None,
+    warm_start: str | None = None,
+) -> dict[str, Any]:
+    """Fit a K-means codebook on the ``column`` embeddings of ``inputs`` and save it to ``out``.
+
+    Args:
+        inputs: table files, globs or folders. out: the codebook file (``{fingerprint}``/``{fp12}``
+            placeholders allowed). warm_start: a codebook file to start from; its fingerprint is
+            recorded as the new codebook's parent. Other arguments: see ``fit_from_tables``.
+
+    Returns:
+        A summary: ``path``, ``fingerprint``, ``parent_fingerprint``, ``n_codes``, ``dim``,
+        ``metric``, ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
+        ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
+    """
+    summary = fit_task(
+        inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+        sample=sample, engine=engine, device=device, warm_start=warm_start,
+    )
+    create_markdown_artifact(
+        markdown=fit_markdown(summary), key=FIT_ARTIFACT_KEY,
+        description=f"codebook {summary['fingerprint'][:12]}: {summary['n_codes']} codes × {summary['dim']}",
+    )
+    get_run_logger().info(
+        "codebook %s: %d iterations, %d repairs, %s", summary["fingerprint"][:12], summary["iterations"],
+        summary["n_repairs"], summary["path"],
+    )
+    return {**{k: v for k, v in summary.items() if k != "history"}, "flow_run_id": flow_run.get_id()}

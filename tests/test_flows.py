@@ -1,0 +1,228 @@
+"""The Prefect flows on a throwaway Prefect API: artifacts, resume, scheduled-job behaviour, serving.
+
+One temporary Prefect server serves the whole module (its start is the slow part, ~10 s); the flow
+runs here are few and small (a few thousand rows, dim 12, 8 codes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import pytest
+import torch
+
+from vq_pipeline import Codebook, InvalidInputError
+from vq_pipeline.demo import generate_embeddings
+from vq_pipeline.pipeline import fit_from_tables
+from vq_pipeline.tables import read_table, write_embeddings
+
+from flows.deploy import build_deployment, parse_args  # noqa: I001 - flows after the library
+from flows.encode import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, encode_embeddings_flow, encode_file_task, retry_transient
+from flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
+from flows.pipeline import CURRENT_NAME, REPORT_ARTIFACT_KEY, codebook_path, codes_dir, refit_reason, vq_pipeline_flow
+
+DIM = 12
+N_CODES = 8
+PARTS = {"date=2026-11-01/part-0.parquet": 900, "date=2026-11-02/part-0.parquet": 700, "date=2026-11-03/part-0.parquet": 600}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server and database for every flow run of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_part(root: Path, key: str, n_rows: int, *, seed: int, id_base: int, drifted: bool = False) -> np.ndarray:
+    """One partition of clustered embeddings (or, ``drifted``, of unclustered random directions)."""
+    if drifted:
+        x = np.random.default_rng(seed).standard_normal((n_rows, DIM)).astype(np.float32)
+    else:
+        x = generate_embeddings(n_rows, DIM, 10, seed=seed)
+    write_embeddings(root / key, np.arange(n_rows) + id_base, x)
+    return x
+
+
+def make_parts(root: Path, parts: dict[str, int] = PARTS) -> dict[str, np.ndarray]:
+    return {key: write_part(root, key, n, seed=i, id_base=100_000 * i) for i, (key, n) in enumerate(sorted(parts.items()))}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock"}
+
+
+def artifacts(flow_run_id: str) -> dict[str, Any]:
+    """The artifacts a flow run created, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])))
+    return {a.key: a for a in found}
+
+
+def table_rows(artifact: Any) -> list[dict[str, Any]]:
+    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return data
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def test_fit_flow_writes_a_loadable_codebook_and_a_markdown_report(prefect_api, tmp_path: Path) -> None:
+    make_parts(tmp_path / "in")
+    out = tmp_path / "cb.safetensors"
+    summary = fit_codebook_flow(inputs=[str(tmp_path / "in")], column="embedding", n_codes=N_CODES, out=str(out), metric="l2", seed=1)
+    cb = Codebook.load(out)
+    assert summary["path"] == str(out) and summary["fingerprint"] == cb.fingerprint
+    assert (summary["n_codes"], summary["dim"], summary["metric"], summary["rows"]) == (N_CODES, DIM, "l2", sum(PARTS.values()))
+    assert cb.stats["iterations"] == summary["iterations"] and cb.parent_fingerprint == ""
+    assert sum(summary["cluster_sizes"][k] for k in ("min", "max")) > 0 and "history" not in summary
+
+    md = artifacts(summary["flow_run_id"])[FIT_ARTIFACT_KEY].data
+    assert f"| iterations | {cb.stats['iterations']} " in md and f"| empty-cluster repairs | {cb.stats['n_repairs']} |" in md
+    assert "## Objective per iteration" in md and "## Cluster sizes" in md and cb.fingerprint in md
+    history_rows = md.split("## Objective per iteration")[1].strip().splitlines()[2:]
+    assert len(history_rows) == len(cb.stats["history"])
+
+
+def test_task_retry_policy() -> None:
+    from prefect.states import Failed
+
+    assert encode_file_task.retries == 2 and fit_task.retries == 0
+    assert retry_transient(None, None, Failed(data=OSError("connection reset")))
+    assert not retry_transient(None, None, Failed(data=InvalidInputError("bad rows")))
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def test_encode_flow_matches_in_memory_encode_and_resumes(prefect_api, tmp_path: Path) -> None:
+    rows = make_parts(tmp_path / "in")
+    cb = fit_from_tables([tmp_path / "in"], column="embedding", n_codes=N_CODES, metric="cosine", seed=0)
+    cb_path = str(cb.save(tmp_path / "cb.safetensors"))
+    out = tmp_path / "codes"
+    kwargs = dict(inputs=[str(tmp_path / "in")], codebook=cb_path, out_dir=str(out), column="embedding", id_column="id", with_distance=True)
+
+    first = encode_embeddings_flow(**kwargs)
+    assert first["encoded"] == sorted(PARTS) and first["skipped"] == [] and first["rows_total"] == sum(PARTS.values())
+    assert Path(first["manifest"]).is_file() and set(first["new_receipts"]) == set(PARTS)
+    for i, (key, x) in enumerate(sorted(rows.items())):
+        table = read_table(out / key)
+        codes, dist = cb.encode(torch.from_numpy(x), return_distances=True)
+        assert table["id"].to_list() == list(range(100_000 * i, 100_000 * i + len(x)))
+        assert np.array_equal(table["code"].to_numpy().astype(np.int64), codes.numpy())
+        np.testing.assert_allclose(table["distance"].to_numpy(), dist.numpy(), rtol=1e-5, atol=1e-6)
+    found = artifacts(first["flow_run_id"])
+    assert found[PROGRESS_ARTIFACT_KEY].data == 100
+    table = table_rows(found[SUMMARY_ARTIFACT_KEY])
+    assert [r["key"] for r in table] == sorted(PARTS) and {r["status"] for r in table} == {"encoded"}
+    assert all(r["rows"] == PARTS[r["key"]] and r["mean_distance"] > 0 for r in table)
+
+    before = snapshot(out)
+    second = encode_embeddings_flow(**kwargs)
+    assert second["encoded"] == [] and second["skipped"] == sorted(PARTS) and second["new_receipts"] == {}
+    assert snapshot(out) == before  # a finished run's rerun is a no-op
+
+    victim = sorted(PARTS)[1]
+    (out / victim).unlink()
+    third = encode_embeddings_flow(**kwargs)
+    assert third["encoded"] == [victim] and third["skipped"] == [k for k in sorted(PARTS) if k != victim]
+    assert snapshot(out) == before  # re-encoded byte for byte, nothing else touched
+
+
+# ----------------------------------------------------------------------------- the scheduled job
+
+
+def test_refit_reason() -> None:
+    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.timezone.utc)
+    week_ago = (now - dt.timedelta(hours=169)).isoformat()
+    hour_ago = (now - dt.timedelta(hours=1)).isoformat()
+    common = dict(now=now, distortion_ratio=1.1, drift_threshold=0.25)
+    assert refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, **common) is None
+    assert refit_reason(created_at=week_ago, last_fit_at=None, refit_every_hours=168, **common).startswith("schedule")
+    assert refit_reason(created_at=week_ago, last_fit_at=None, refit_every_hours=None, **common) is None
+    # A refit that reproduced the codebook restarts the clock.
+    assert refit_reason(created_at=week_ago, last_fit_at=hour_ago, refit_every_hours=168, **common) is None
+    drift = refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, now=now, distortion_ratio=1.3, drift_threshold=0.25)
+    assert drift.startswith("drift") and "1.300" in drift
+    assert refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, now=now, distortion_ratio=None, drift_threshold=0.25) is None
+
+
+def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_api, tmp_path: Path) -> None:
+    root, work = tmp_path / "in", tmp_path / "work"
+    make_parts(root)
+    params = dict(input_root=str(root), work_dir=str(work), column="embedding", n_codes=N_CODES, id_column="id")
+
+    # First run: no codebook yet -> fit, then encode every partition.
+    first = vq_pipeline_flow(**params)
+    fp1 = first["fingerprint"]
+    assert first["action"] == "fit" and first["reason"] == "no current codebook"
+    assert first["codebook"] == str(codebook_path(work, fp1)) and Codebook.load(first["codebook"]).fingerprint == fp1
+    assert json.loads((work / CURRENT_NAME).read_text())["codebook"] == f"codebooks/{fp1[:12]}.safetensors"
+    assert first["codes_dir"] == str(codes_dir(work, fp1)) and Path(first["manifest"]).is_file()
+    assert first["encode"][0]["encoded"] == sorted(PARTS) and first["drift"]["rows"] == sum(PARTS.values())
+    assert Path(first["report"]).is_file() and Path(first["report"]).with_suffix(".json").is_file()
+    report = artifacts(first["flow_run_id"])[REPORT_ARTIFACT_KEY].data
+    assert "fitted a first codebook" in report and first["manifest"] in report
+
+    # A new partition from the same distribution: only it is encoded, and nothing is refitted.
+    new_key = "date=2026-11-04/part-0.parquet"
+    write_part(root, new_key, 500, seed=3, id_base=300_000)
+    second = vq_pipeline_flow(**params)
+    assert second["action"] == "none" and second["fingerprint"] == fp1 and len(second["encode"]) == 1
+    assert second["encode"][0]["encoded"] == [new_key] and second["encode"][0]["skipped"] == sorted(PARTS)
+    assert second["drift"]["rows"] == 500 and second["drift"]["distortion_ratio"] < 1.25
+    old_codes = snapshot(codes_dir(work, fp1))
+
+    # A partition from a very different distribution: drift -> warm-started refit, re-encode all.
+    drift_key = "date=2026-11-05/part-0.parquet"
+    write_part(root, drift_key, 500, seed=4, id_base=400_000, drifted=True)
+    third = vq_pipeline_flow(**params, drift_threshold=0.1)
+    fp2 = third["fingerprint"]
+    assert third["action"] == "refit" and third["reason"].startswith("drift"), third["reason"]
+    assert third["drift"]["distortion_ratio"] > 1.1 and third["drift"]["rows"] == 500
+    assert fp2 != fp1 and Codebook.load(third["codebook"]).parent_fingerprint == fp1 and third["parent_fingerprint"] == fp1
+    assert json.loads((work / CURRENT_NAME).read_text())["fingerprint"] == fp2
+    assert [e["codebook_fingerprint"] for e in third["encode"]] == [fp1, fp2]
+    assert third["encode"][0]["encoded"] == [drift_key]  # first with the old codebook (to measure drift)
+    everything = sorted([*PARTS, new_key, drift_key])
+    assert third["encode"][1]["encoded"] == everything and third["codes_dir"] == str(codes_dir(work, fp2))
+    assert third["previous_codebook"] == str(codebook_path(work, fp1)) and codebook_path(work, fp1).is_file()
+    assert third["drift_after_refit"]["rows"] == sum(PARTS.values()) + 1000
+    old_after = snapshot(codes_dir(work, fp1))
+    assert {k: v for k, v in old_after.items() if k in old_codes and k != "_manifest.json"} == {
+        k: v for k, v in old_codes.items() if k != "_manifest.json"
+    }  # the old folder's existing codes are left as they were
+
+    # The schedule falls due (0 h) with no new data: a warm-started refit on the same rows. It either
+    # reproduces the converged codebook, which is then kept with its lineage, or becomes a child of it.
+    fourth = vq_pipeline_flow(**params, refit_every_hours=0)
+    assert fourth["reason"].startswith("schedule") and fourth["encode"][0]["encoded"] == []
+    if fourth["action"] == "refit-unchanged":
+        assert fourth["fingerprint"] == fp2 and Codebook.load(third["codebook"]).parent_fingerprint == fp1
+        assert json.loads((work / CURRENT_NAME).read_text())["last_fit_at"] == fourth["started_at"]
+    else:
+        assert fourth["action"] == "refit" and Codebook.load(fourth["codebook"]).parent_fingerprint == fp2
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_deployment_has_the_cron_schedule_and_parameters(tmp_path: Path) -> None:
+    cron, name, params = parse_args(
+        ["--cron", "0 * * * *", "--input-root", str(tmp_path / "in"), "--work-dir", str(tmp_path / "work"),
+         "--column", "embedding", "--codes", "16", "--id-column", "id"]
+    )
+    assert params["n_codes"] == 16 and params["metric"] == "cosine" and params["refit_every_hours"] == 168
+    deployment = build_deployment(cron, name, **params)
+    assert deployment.name == name and deployment.flow_name == "vq-pipeline"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
+    assert deployment.parameters == params and deployment.entrypoint == "flows.pipeline.vq_pipeline_flow"
