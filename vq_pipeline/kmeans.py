@@ -436,7 +436,10 @@ class FitCheckpoint:
             raise
 
     def clear(self) -> None:
+        """Remove the checkpoint, and temporary files of saves that a crash interrupted."""
         self.path.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def _result_from_state(state: dict[str, Any]) -> LloydResult:
