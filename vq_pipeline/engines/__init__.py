@@ -61,17 +61,22 @@ class Engine(Protocol):
         ...
 
 
+#: On CPU, KeOps (native flags) is picked up to this width; torch's GEMM above it.
+CPU_KEOPS_MAX_DIM = 16
+
+
 def auto_engine_name(device: torch.device, dim: int) -> str:
     """The engine ``auto`` resolves to on ``device`` for embeddings of width ``dim``.
 
-    CPU: the chunked torch GEMM. It beat KeOps' CPU build (even with native flags) at every
-    shape in ``benchmarks/engines.py``; see ``benchmarks/RESULTS.md``.
+    CPU (``benchmarks/engines.py``, table in ``benchmarks/RESULTS.md``): KeOps was 1.3-1.7x faster
+    at dim 2-8, the two were even at dim 32-64, and torch was 1.2x faster at dim 128 and 2.4-4x at
+    dim 384. So KeOps up to ``CPU_KEOPS_MAX_DIM`` when it is installed, torch above.
     CUDA: KeOps, the reference engine, when it is installed; torch otherwise. Not yet measured
-    on a GPU by this project (``benchmarks/gpu_check.sh`` is the measurement to run).
+    on a GPU by this project.
     """
-    if device.type == "cuda":
-        from . import keops
+    from . import keops
 
+    if device.type == "cuda" or dim <= CPU_KEOPS_MAX_DIM:
         return "keops" if keops.available() else "torch"
     return "torch"
 
