@@ -61,22 +61,20 @@ class Engine(Protocol):
         ...
 
 
-#: On CPU, KeOps (native flags) is picked up to this width; torch's GEMM above it.
-CPU_KEOPS_MAX_DIM = 16
-
-
 def auto_engine_name(device: torch.device, dim: int) -> str:
     """The engine ``auto`` resolves to on ``device`` for embeddings of width ``dim``.
 
-    CPU (``benchmarks/engines.py``, table in ``benchmarks/RESULTS.md``): KeOps was 1.3-1.7x faster
-    at dim 2-8, the two were even at dim 32-64, and torch was 1.2x faster at dim 128 and 2.4-4x at
-    dim 384. So KeOps up to ``CPU_KEOPS_MAX_DIM`` when it is installed, torch above.
+    CPU: torch. Measured (``benchmarks/engines.py``, ``benchmarks/RESULTS.md``): KeOps with native
+    flags was 1.3-1.7x faster per iteration at dim 2-8, even at dim 32-64, and 1.2x (dim 128) to
+    2.4-4x (dim 384) slower. Where it wins, an iteration takes 3-25 ms, so the 8-13 s KeOps spends
+    compiling each new width would need hundreds to thousands of iterations to pay back; torch
+    needs no compiler and no cache. ``engine='keops'`` remains one argument away.
     CUDA: KeOps, the reference engine, when it is installed; torch otherwise. Not yet measured
     on a GPU by this project.
     """
-    from . import keops
+    if device.type == "cuda":
+        from . import keops
 
-    if device.type == "cuda" or dim <= CPU_KEOPS_MAX_DIM:
         return "keops" if keops.available() else "torch"
     return "torch"
 
