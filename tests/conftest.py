@@ -22,6 +22,15 @@ ENGINES = ["torch", pytest.param("keops", marks=pytest.mark.skipif(not keops.ava
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server and database for every flow run of the session (~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def oracle(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     """(n_rows, n_codes) float64 distances by brute force: squared L2, or 1 - cos."""
     x64, c64 = x.double(), c.double()

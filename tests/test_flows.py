@@ -31,15 +31,6 @@ N_CODES = 8
 PARTS = {"date=2026-11-01/part-0.parquet": 900, "date=2026-11-02/part-0.parquet": 700, "date=2026-11-03/part-0.parquet": 600}
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """A temporary Prefect server and database for every flow run of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def write_part(root: Path, key: str, n_rows: int, *, seed: int, id_base: int, drifted: bool = False) -> np.ndarray:
     """One partition of clustered embeddings (or, ``drifted``, of unclustered random directions)."""
     if drifted:
@@ -226,3 +217,32 @@ def test_deployment_has_the_cron_schedule_and_parameters(tmp_path: Path) -> None
     assert deployment.name == name and deployment.flow_name == "vq-pipeline"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
     assert deployment.parameters == params and deployment.entrypoint == "flows.pipeline.vq_pipeline_flow"
+
+
+def test_a_retried_encode_task_resumes_without_duplicating_work(prefect_api, tmp_path: Path, monkeypatch) -> None:
+    import flows.encode as encode_module
+    from vq_pipeline.pipeline import encode_tables
+
+    root = tmp_path / "in"
+    make_parts(root)
+    cb = fit_from_tables([root], column="embedding", n_codes=N_CODES)
+    cb_path = cb.save(tmp_path / "cb.safetensors")
+    reference = tmp_path / "reference"
+    encode_tables([root], cb, reference, column="embedding", id_column="id")
+    target = "date=2026-11-02/part-0.parquet"
+    calls: dict[str, int] = {}
+    real = encode_module.encode_source
+
+    def fails_once_after_writing(source, *args, **kwargs):
+        calls[source.key] = calls.get(source.key, 0) + 1
+        receipt = real(source, *args, **kwargs)
+        if source.key == target and calls[source.key] == 1:
+            raise ConnectionResetError("lost the connection after the output was written")
+        return receipt
+
+    monkeypatch.setattr(encode_module, "encode_source", fails_once_after_writing)
+    monkeypatch.setattr(encode_module.encode_file_task, "retry_delay_seconds", 0)
+    out = tmp_path / "out"
+    encode_embeddings_flow([str(root)], str(cb_path), str(out), column="embedding", id_column="id")
+    assert calls[target] == 2 and all(n == 1 for key, n in calls.items() if key != target)
+    assert snapshot(out) == snapshot(reference), "the retry rewrote the same bytes; nothing is duplicated"
