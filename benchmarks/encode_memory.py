@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,8 @@ CHILD = """
 import json, re, sys, time
 from vq_pipeline.pipeline import encode_tables
 t0 = time.perf_counter()
-r = encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], column="embedding", id_column="id", overwrite=True)
+r = encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], column="embedding", id_column="id")
+assert r.rows_encoded == r.rows_total > 0, "nothing was encoded"
 hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 print(json.dumps({"rows": r.rows_encoded, "seconds": time.perf_counter() - t0, "peak_rss_mib": hwm / 1024}))
 """
@@ -82,6 +84,7 @@ def main() -> None:
     results = []
     for rows, path in sorted(files.items()):
         out = CACHE / f"codes-{rows}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh folder: a complete one would be skipped
         run = subprocess.run([sys.executable, "-c", CHILD, str(path.parent), str(codebook), str(out)], capture_output=True, text=True)
         if run.returncode:
             sys.exit(run.stderr)
