@@ -316,15 +316,17 @@ _EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}
 def _parse(data: bytes, source: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Check a safetensors codebook's header by hand, then let safetensors read the tensors."""
     fix = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit it."
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
-        raise CodebookFileError(
-            f"{source} looks like a pickle or torch.save archive, not a safetensors codebook; pickles are "
-            f"never loaded because loading one can run arbitrary code. {fix}"
-        )
-    if len(data) < 8:
-        raise CodebookFileError(f"{source} is {len(data)} bytes long: too short to be a safetensors file. {fix}")
-    (n_header,) = struct.unpack("<Q", data[:8])
-    if n_header > min(len(data) - 8, _MAX_HEADER_BYTES):
+    (n_header,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (None,)
+    if n_header is None or n_header > min(len(data) - 8, _MAX_HEADER_BYTES) or data[8:9] != b"{":
+        # Not a safetensors header: say what it looks like instead. (A pickle's first bytes can also
+        # read as a plausible header length, so this is only asked once the header check failed.)
+        if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or data[:4] == b"PK\x03\x04":
+            raise CodebookFileError(
+                f"{source} looks like a pickle or torch.save archive, not a safetensors codebook; pickles are "
+                f"never loaded because loading one can run arbitrary code. {fix}"
+            )
+        if n_header is None:
+            raise CodebookFileError(f"{source} is {len(data)} bytes long: too short to be a safetensors file. {fix}")
         raise CodebookFileError(
             f"{source}: header length={n_header} bytes but the file has {len(data) - 8} bytes after it; "
             f"expected a safetensors file. The file is truncated or not a codebook. {fix}"

@@ -59,7 +59,8 @@ class Batch:
 
     Attributes:
         offset: row position of the batch's first row within its source.
-        x: (n, dim) float32 CPU tensor; may share memory with polars: never write into it.
+        x: (n, dim) float32 CPU tensor (float64 for float64 columns, converted after validation); may
+            share memory with polars: never write into it.
         ids: the id column's values (a polars Series), or None when ids are row positions.
         keep: pass-through columns (a polars DataFrame), or None.
     """
@@ -201,7 +202,10 @@ def inspect_source(
             f"numbers of one length. Fix: store embeddings as pl.Array(pl.Float32, dim)."
         )
     if dim == 0:
-        raise InvalidInputError(f"column={column!r} of {source.uri!r} holds zero-length vectors; expected dim >= 1.")
+        raise InvalidInputError(
+            f"column={column!r} of {source.uri!r} holds zero-length vectors (dim=0); expected vectors of "
+            f"dim >= 1. Fix: point --column at the embedding column, or rewrite the table with its vectors."
+        )
     return TableInfo(n_rows=n_rows, dim=dim, id_dtype=schema[id_column] if id_column else pl.UInt64)
 
 
@@ -261,9 +265,14 @@ def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: i
     if isinstance(s.dtype, pl.List):
         lengths = s.list.len()
         want = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
+        if want == 0 and len(lengths):
+            raise InvalidInputError(
+                f"{where} has a zero-length vector at row {offset}; expected vectors of dim >= 1. "
+                f"Fix: drop empty vectors, or point --column at the embedding column."
+            )
         bad = (lengths != want).arg_true()
-        if len(bad) or want == 0:
-            row = int(bad[0]) if len(bad) else 0
+        if len(bad):
+            row = int(bad[0])
             raise InvalidInputError(
                 f"{where} has a vector of length {int(lengths[row])} at row {offset + row}; expected every vector to "
                 f"have length {want} (ragged or empty vectors). Fix: drop or repair that row."
@@ -278,10 +287,11 @@ def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: i
         raise InvalidInputError(
             f"{where} has a null element inside the vector at row {row}; expected numbers only. Fix: drop or repair that row."
         )
-    if s.dtype.inner != pl.Float32:
+    # float64 stays float64 here: validation must see a 1e39 as too large, not as the Inf a cast makes.
+    if s.dtype.inner not in (pl.Float32, pl.Float64):
         s = s.cast(pl.Array(pl.Float32, n_dim))
     s = s.rechunk()
-    arr = s.to_numpy()  # (n, dim) float32, read-only view of polars' buffer when possible
+    arr = s.to_numpy()  # (n, dim) float32 (or float64), a read-only view of polars' buffer when possible
     return torch.from_dlpack(arr) if arr.size else torch.empty((0, n_dim)), n_dim
 
 
