@@ -10,6 +10,7 @@ Tasks exchange paths, fingerprints and receipts (small dicts), never tensors or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from vq_pipeline.pipeline import (
     encode_lock,
     encode_source,
     plan_encode,
+    remove_temporaries,
     write_manifest,
 )
 from vq_pipeline.tables import Source
@@ -123,11 +125,15 @@ def encode_embeddings_flow(
     overwrite: bool = False,
     engine: str = "auto",
     device: str | None = None,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Encode every input table into ``out_dir`` with the codebook file ``codebook``, exactly once.
 
     Files whose codes are already in ``out_dir`` (same input, codebook and settings, intact output)
     are skipped; the others get one ``encode-file`` task each (2 retries on non-data errors).
+    ``dask``: run the ``encode-file`` tasks on a Dask cluster, ``local:N`` or a scheduler address
+    (see :mod:`flows.dask`); planning, the lock and the manifest stay in the flow's process. The
+    outputs, receipts and manifest are the same bytes as a local run's.
 
     Returns:
         ``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``, ``encoded`` and
@@ -152,31 +158,44 @@ def encode_embeddings_flow(
             progress=100.0 * len(plan["done"]) / n_files, key=PROGRESS_ARTIFACT_KEY,
             description=f"files encoded into {out} ({len(todo)} to do)",
         )
-        futures = (
-            encode_file_task.map(
-                [s["uri"] for s in todo], [s["key"] for s in todo], codebook, fingerprint, str(out), unmapped(settings),
-                engine=engine, device=device,
-            )
-            if todo
-            else []
-        )
         new: dict[str, dict[str, Any]] = {}
         failed: dict[str, BaseException] = {}
-        key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
-        for finished, future in enumerate(as_completed(list(futures)), start=1):
-            key = key_of[id(future)]
-            try:
-                new[key] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - collected, reported and raised below
-                failed[key] = exc
-                logger.error("encoding %s failed: %s", key, exc)
-            update_progress_artifact(progress_id, 100.0 * (len(plan["done"]) + finished) / n_files)
+        with contextlib.ExitStack() as stack:
+            if todo and dask:
+                from flows.dask import dask_task_runner
+
+                runner = stack.enter_context(dask_task_runner(dask))
+                logger.info("encoding %d files on the Dask cluster %s", len(todo), runner.client.scheduler.address)
+                futures = [
+                    runner.submit(encode_file_task, parameters=dict(
+                        uri=s["uri"], key=s["key"], codebook=codebook, fingerprint=fingerprint, out_dir=str(out),
+                        settings=settings, engine=engine, device=device,
+                    ))
+                    for s in todo
+                ]
+            elif todo:
+                futures = list(encode_file_task.map(
+                    [s["uri"] for s in todo], [s["key"] for s in todo], codebook, fingerprint, str(out), unmapped(settings),
+                    engine=engine, device=device,
+                ))
+            else:
+                futures = []
+            key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
+            for finished, future in enumerate(as_completed(futures), start=1):
+                key = key_of[id(future)]
+                try:
+                    new[key] = future.result()
+                except BaseException as exc:  # noqa: BLE001 - collected, reported and raised below
+                    failed[key] = exc
+                    logger.error("encoding %s failed: %s", key, exc)
+                update_progress_artifact(progress_id, 100.0 * (len(plan["done"]) + finished) / n_files)
         if failed:
             first = next(iter(failed.values()))
             raise EncodeFailedError(
                 f"{len(failed)} of {len(todo)} files could not be encoded ({', '.join(sorted(failed))}); first error: "
                 f"{type(first).__name__}: {first}. The other files are encoded; a rerun retries only these."
             ) from first
+        remove_temporaries(out)  # a worker killed mid-write leaves one; its task was rerun elsewhere
         records.update(new)
         manifest = manifest_task(str(out), codebook, fingerprint, settings, records)
 

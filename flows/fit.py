@@ -8,10 +8,13 @@ and a rerun would only repeat it.
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import statistics
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,7 +23,10 @@ from prefect.runtime import flow_run
 
 from vq_pipeline import Codebook, CodebookFileError
 from vq_pipeline import tables
-from vq_pipeline.pipeline import fit_from_tables
+from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, load_partition_stats, partition_stats_file, save_centroids
+from vq_pipeline.tables import Source
+
+from flows.encode import retry_transient  # noqa: I001 - flows after the library
 
 FIT_ARTIFACT_KEY = "vq-fit-codebook"
 # The history table is shown in full up to this many rows, then as its head and tail.
@@ -86,6 +92,11 @@ def fit_task(
         seed=seed, sample=sample_used, engine=engine, device=device,
         progress=lambda s: logger.debug("iteration %d: objective %.6g, repairs %d", s.iteration, s.objective, s.n_repairs),
     )
+    return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
+
+
+def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) -> dict[str, Any]:
+    """Save the codebook to ``out`` (a path or template, see :func:`fit_task`) and summarize it."""
     fp = codebook.fingerprint
     path = Path(out.format(fingerprint=fp, fp12=fp[:12])) if _is_template(out) else Path(out)
     kept = False
@@ -106,7 +117,7 @@ def fit_task(
         "dim": codebook.dim,
         "metric": codebook.metric,
         "engine": codebook.fit.get("engine"),
-        "init": "warm start" if warm_start else init,
+        "init": init,
         "rows": stats.get("n_rows"),
         "rows_total": stats.get("rows_total"),
         "mode": stats.get("mode"),
@@ -122,6 +133,80 @@ def fit_task(
         "task_seconds": time.perf_counter() - t0,
         "created_at": codebook.created_at,
     }
+
+
+@task(
+    name="partition-stats", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+    task_run_name="stats-{key}",
+)
+def partition_stats_task(
+    uri: str, key: str, centroids: str, stats: str, column: str, metric: str, engine: str = "auto", device: str | None = None,
+) -> dict[str, Any]:
+    """One partition's E-step statistics against the centroids in file ``centroids``, written to file
+    ``stats``; returns the path, rows and objective. Safe to retry (the file is written atomically)."""
+    return partition_stats_file(Source(uri=uri, key=key), centroids, stats, column=column, metric=metric, engine=engine, device=device)
+
+
+def fit_on_dask(
+    dask: str,
+    inputs: list[str],
+    column: str,
+    n_codes: int,
+    out: str,
+    *,
+    metric: str = "l2",
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str = "k-means++",
+    seed: int = 0,
+    engine: str = "auto",
+    device: str | None = None,
+    warm_start: str | None = None,
+) -> dict[str, Any]:
+    """Exact Lloyd on a Dask cluster, from inside a flow; returns :func:`fit_task`'s summary.
+
+    Each iteration writes the centroids to a file and runs one ``partition-stats`` task per input
+    file on the workers, which read their files themselves and write their sums (K x D float64),
+    counts, objective and far rows to a ``.npz`` file; only paths and a few numbers pass through
+    the scheduler. The files live in a ``.vq-fit-*`` folder next to ``out`` (so that folder must be
+    shared with the workers) and are removed as soon as they are read.
+    """
+    from flows.dask import dask_task_runner
+
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    scratch = Path(out).parent / f".vq-fit-{uuid.uuid4().hex[:12]}"
+    calls = itertools.count()
+    start = Codebook.load(warm_start, metric=metric) if warm_start else init
+    try:
+        with dask_task_runner(dask) as runner:
+            logger.info("fitting on the Dask cluster %s", runner.client.scheduler.address)
+
+            def map_e_step(c: Any, sources: Sequence[Source]) -> list[Any]:
+                i = next(calls)
+                cfile = save_centroids(scratch / f"centroids-{i:05d}.npy", c)
+                futures = [
+                    runner.submit(partition_stats_task, parameters=dict(
+                        uri=s.uri, key=s.key, centroids=str(cfile), stats=str(scratch / f"stats-{i:05d}-{j:06d}.npz"),
+                        column=column, metric=metric, engine=engine, device=device,
+                    ))
+                    for j, s in enumerate(sources)
+                ]
+                results = [f.result() for f in futures]  # in source order: the reduction is deterministic
+                parts = [load_partition_stats(r["stats"]) for r in results]
+                for r in results:
+                    Path(r["stats"]).unlink(missing_ok=True)
+                cfile.unlink(missing_ok=True)
+                return parts
+
+            codebook = fit_partitioned(
+                inputs, map_e_step, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
+                seed=seed, engine=engine, device=device,
+                progress=lambda s: logger.info("iteration %d: objective %.6g, repairs %d", s.iteration, s.objective, s.n_repairs),
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
 
 
 def _fmt(value: Any) -> str:
@@ -193,6 +278,7 @@ def fit_codebook_flow(
     engine: str = "auto",
     device: str | None = None,
     warm_start: str | None = None,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Fit a K-means codebook on the ``column`` embeddings of ``inputs`` and save it to ``out``.
 
@@ -200,16 +286,28 @@ def fit_codebook_flow(
         inputs: table files, globs or folders. out: the codebook file (``{fingerprint}``/``{fp12}``
             placeholders allowed). warm_start: a codebook file to start from; its fingerprint is
             recorded as the new codebook's parent. Other arguments: see ``fit_from_tables``.
+        dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`flows.dask`):
+            exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration;
+            this process reduces, updates and saves (see :func:`fit_on_dask`). With ``sample``
+            the fit runs here, as without ``dask`` (a sample is meant to fit one machine).
 
     Returns:
         A summary: ``path``, ``fingerprint``, ``parent_fingerprint``, ``n_codes``, ``dim``,
         ``metric``, ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
         ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
     """
-    summary = fit_task(
-        inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-        sample=sample, engine=engine, device=device, warm_start=warm_start,
-    )
+    if dask and sample is None:
+        summary = fit_on_dask(
+            dask, inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+            engine=engine, device=device, warm_start=warm_start,
+        )
+    else:
+        if dask:
+            get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
+        summary = fit_task(
+            inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+            sample=sample, engine=engine, device=device, warm_start=warm_start,
+        )
     create_markdown_artifact(
         markdown=fit_markdown(summary), key=FIT_ARTIFACT_KEY,
         description=f"codebook {summary['fingerprint'][:12]}: {summary['n_codes']} codes × {summary['dim']}",

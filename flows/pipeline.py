@@ -17,6 +17,7 @@ the new codebook current and encode everything into its own folder (the old fold
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
@@ -220,6 +221,7 @@ def vq_pipeline_flow(
     sample: int | None = None,
     seed: int = 0,
     engine: str = "auto",
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Fit or refit the codebook as needed and encode every new partition under ``input_root``.
 
@@ -229,6 +231,8 @@ def vq_pipeline_flow(
         column, id_column: the embedding and id columns. n_codes, metric, sample, seed, engine: fit
             settings. refit_every_hours: refit when the codebook is older (None: never on schedule).
         drift_threshold: refit when new rows' mean distance exceeds the training one by this fraction.
+        dask: run the fits and encodes on a Dask cluster: ``local:N`` (started once for the whole
+            run) or a scheduler address; see :mod:`flows.dask`.
 
     Returns:
         ``codebook``, ``fingerprint``, ``codes_dir``, ``manifest``, ``report``, ``action`` (fit,
@@ -249,17 +253,24 @@ def vq_pipeline_flow(
     fit_settings = dict(inputs=[str(root)], column=column, n_codes=n_codes, metric=metric, sample=sample, seed=seed, engine=engine)
     template = str(work / "codebooks" / "{fp12}.safetensors")
 
+    cluster = contextlib.ExitStack()
+    if dask:
+        from flows.dask import dask_cluster
+
+        # One cluster for every fit and encode of the run (local:N starts here, stops at the end).
+        fit_settings["dask"] = dask = cluster.enter_context(dask_cluster(dask))
+
     def encode(current: dict[str, Any]) -> dict[str, Any]:
         return encode_embeddings_flow(
             inputs=[str(root)], codebook=current["path"], out_dir=str(codes_dir(work, current["fingerprint"])),
-            column=column, id_column=id_column, top_k=TOP_K, with_distance=WITH_DISTANCE, engine=engine,
+            column=column, id_column=id_column, top_k=TOP_K, with_distance=WITH_DISTANCE, engine=engine, dask=dask,
         )
 
     def brief(e: dict[str, Any]) -> dict[str, Any]:
         keys = ("codebook_fingerprint", "out_dir", "manifest", "encoded", "skipped", "rows_encoded", "rows_total", "flow_run_id")
         return {k: e[k] for k in keys}
 
-    with encode_lock(work):  # one run per work_dir: a slow run and the next scheduled one never overlap
+    with cluster, encode_lock(work):  # one run per work_dir: a slow run and the next scheduled one never overlap
         current = read_current_task(str(work))
         action, reason, previous = "none", None, None
         changed = current is not None and (current["metric"], current["n_codes"]) != (metric, n_codes)

@@ -109,6 +109,12 @@ def _add_compute_options(parser: argparse.ArgumentParser) -> None:
         help=f"rows read per batch (default: {DEFAULT_BATCH_ROWS})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a summary line")
+    parser.add_argument(
+        "--dask", default=None, metavar="ADDRESS",
+        help="run on a Dask cluster through the Prefect flow: local:N (N local workers) or a scheduler address "
+        "(tcp://host:8786). Uses PREFECT_API_URL, or starts a Prefect server on 127.0.0.1 for local clusters. "
+        "Not combined with --storage-option, --batch-rows, --n-init; a fit on Dask keeps no --checkpoint",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +306,8 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     if out.is_dir():
         raise InvalidInputError(f"--out={str(out)!r} is a folder; expected a file name such as {str(out / 'codebook.safetensors')!r}.")
     t0 = time.perf_counter()
+    if args.dask:
+        return _fit_on_dask(args, console, out, t0)
     codebook = fit_from_tables(
         args.data,
         column=args.column,
@@ -345,8 +353,78 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _absolute(path: str) -> str:
+    """Local paths made absolute (Dask workers may run elsewhere); URIs as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -> dict[str, Any]:
+    """Run the Prefect flow ``flows.<flow_name>`` with ``dask=args.dask`` against a reachable Prefect API."""
+    if _storage_options(args):
+        raise InvalidInputError(
+            "--storage-option with --dask: the flows read object storage with the workers' own credentials "
+            "(environment or instance role); expected no --storage-option. Fix: configure credentials on the workers."
+        )
+    if args.batch_rows != DEFAULT_BATCH_ROWS:
+        raise InvalidInputError(f"--batch-rows={args.batch_rows} with --dask: expected the default. Fix: drop --batch-rows.")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Imported only here: the library itself never imports prefect (flows/ wraps the library).
+    import importlib
+
+    from flows.dask import prefect_api_for
+
+    module, name = flow_name.rsplit(".", 1)
+    flow_fn = getattr(importlib.import_module(f"flows.{module}"), name)
+    with prefect_api_for(args.dask):
+        return flow_fn(dask=args.dask, engine=args.engine, device=args.device, **params)
+
+
+def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: float) -> int:
+    """``vq fit --dask``: the fit-codebook flow, exact Lloyd as map-reduce on the cluster's workers."""
+    if args.n_init != 1:
+        raise InvalidInputError(f"--n-init={args.n_init} with --dask: expected 1. Fix: drop --n-init, or fit without --dask.")
+    s = _run_flow_on_dask(
+        args, "fit.fit_codebook_flow", inputs=[_absolute(d) for d in args.data], column=args.column, n_codes=args.codes,
+        out=os.path.abspath(out), metric=args.metric, n_iter=args.iters, tol=args.tol, init=args.init, seed=args.seed,
+        sample=args.sample,
+    )
+    summary = {k: s[k] for k in ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        console.result(_dumps(summary))
+    else:
+        state = "converged" if s["converged"] else f"not converged (stopped at --iters {args.iters})"
+        console.result(
+            f"fitted {_plural(s['n_codes'], 'code')} (dim {s['dim']}, {s['metric']}) on {_plural(s['rows'], 'row')} in "
+            f"{_plural(s['iterations'], 'iteration')} on Dask {args.dask}, {state}; inertia {s['inertia']:.4g} -> {s['path']}"
+        )
+    return 0
+
+
 def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     """``vq encode``: encode_tables with a progress bar; the run is resumable (see pipeline)."""
+    if args.dask:
+        s = _run_flow_on_dask(
+            args, "encode.encode_embeddings_flow", inputs=[_absolute(d) for d in args.data], codebook=_absolute(args.codebook),
+            out_dir=os.path.abspath(args.out), column=args.column, id_column=args.id_column, top_k=args.top_k,
+            with_distance=args.with_distance, keep=list(args.keep), overwrite=args.overwrite,
+        )
+        keys = ("out_dir", "manifest", "codebook_fingerprint", "encoded", "skipped", "rows_encoded", "rows_total", "seconds")
+        result = EncodeResult(**{k: s[k] for k in keys})
+    else:
+        result = _encode_here(args, console)
+    if args.json:
+        console.result(_dumps(result.to_dict()))
+    else:
+        skipped = f", skipped {len(result.skipped):,} already complete" if result.skipped else ""
+        console.result(
+            f"encoded {_plural(len(result.encoded), 'file')} ({_plural(result.rows_encoded, 'row')}){skipped} "
+            f"-> {Path(result.out_dir) / MANIFEST_NAME}"
+        )
+    return 0
+
+
+def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
     result: EncodeResult = encode_tables(
         args.data,
         args.codebook,
@@ -364,15 +442,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
         progress=EncodeProgress(console),
     )
     console.end_line()
-    if args.json:
-        console.result(_dumps(result.to_dict()))
-    else:
-        skipped = f", skipped {len(result.skipped):,} already complete" if result.skipped else ""
-        console.result(
-            f"encoded {_plural(len(result.encoded), 'file')} ({_plural(result.rows_encoded, 'row')}){skipped} "
-            f"-> {Path(result.out_dir) / MANIFEST_NAME}"
-        )
-    return 0
+    return result
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:

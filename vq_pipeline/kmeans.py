@@ -199,6 +199,7 @@ def lloyd(
     progress: ProgressCallback | None = None,
     resume: dict[str, Any] | None = None,
     on_update: Callable[[dict[str, Any]], None] | None = None,
+    e_step_fn: Callable[[torch.Tensor], _Pass] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``init`` until the objective settles or ``n_iter`` updates are done.
 
@@ -209,6 +210,8 @@ def lloyd(
         resume: a state given earlier to ``on_update``: continue from it (``init`` is ignored).
         on_update: called after every centroid update with the state to resume from (plain
             values and a CPU tensor), e.g. to checkpoint it.
+        e_step_fn: computes the E step for given centroids instead of :func:`e_step` over ``x``
+            (then only ``x.shape`` is used), e.g. as a map-reduce over partitions on a cluster.
 
     The returned counts and inertia come from an E step on the returned centroids, so they match.
     Resuming from a state gives the same result as not stopping: each step depends only on it.
@@ -227,7 +230,7 @@ def lloyd(
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
     for it in range(first, n_iter + 2):
         t0 = time.perf_counter()
-        p = e_step(x, c, engine=engine, chunk_rows=chunk_rows)
+        p = e_step_fn(c) if e_step_fn is not None else e_step(x, c, engine=engine, chunk_rows=chunk_rows)
         objective = p.objective * scale
         converged = prev is not None and prev - objective <= tol * prev
         last = converged or it == n_iter + 1
@@ -280,9 +283,9 @@ def kmeans_plus_plus(
     """Greedy k-means++ seeding through ``engine`` in bounded chunks.
 
     Each step draws ``2 + ln(n_codes)`` candidates with probability proportional to the squared
-    distance to the nearest chosen centroid, and keeps the one that lowers the total the most. One
-    pass over ``x`` per step computes the (n_rows, n_trials) candidate distances; they are kept for
-    the next step when they fit ``memory_budget``, else the winner's column is recomputed.
+    distance to the nearest chosen centroid, and keeps the one that lowers the total the most: one
+    pass over ``x`` ranks the candidates through the engine, a second updates the distances with
+    the winner's, in the direct (exact) form.
 
     Args:
         x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
@@ -293,11 +296,10 @@ def kmeans_plus_plus(
     """
     n_rows, dim = x.shape
     n_trials = 2 + int(math.log(n_codes))
-    keep_all = n_rows * n_trials * 8 <= memory_budget // 2  # float64 distances
     chunk = plan_chunk_rows(n_rows, n_trials, dim, k=n_trials, engine=engine, memory_budget=memory_budget // 2)
     chosen = [int(torch.randint(n_rows, (1,), generator=generator))]
     first = x[chosen[0] : chosen[0] + 1].to(device)  # (1, dim)
-    closest = _candidate_sqdist(x, first, engine, chunk, closest=None)[1][:, 0]  # (n_rows,) float64
+    closest = _direct_sqdist(x, first[0], chunk)  # (n_rows,) float64
     for i in range(1, n_codes):
         total = float(closest.sum())
         if total <= 0:
@@ -310,37 +312,34 @@ def kmeans_plus_plus(
         # right=True lands on a row whose own weight is > 0, so a row already chosen is never drawn.
         candidates = torch.searchsorted(cumulative, targets.to(cumulative.device), right=True).clamp_(max=n_rows - 1)
         cand_x = x[candidates.to(x.device)].to(device).contiguous()  # (n_trials, dim)
-        potential, per_trial = _candidate_sqdist(x, cand_x, engine, chunk, closest=closest, keep=keep_all)
+        potential = _potentials(x, cand_x, engine, chunk, closest=closest)  # (n_trials,)
         best = int(potential.argmin())
         chosen.append(int(candidates[best]))
-        if per_trial is None:
-            per_trial = _candidate_sqdist(x, cand_x[best : best + 1], engine, chunk, closest=None)[1]
-            best = 0
-        closest = torch.minimum(closest, per_trial[:, best])
+        # The winner's distances in the direct form: exact zeros for copies of chosen rows, so they are
+        # never drawn and running out of distinct rows is detected (the GEMM form leaves ~1e-7 there).
+        closest = torch.minimum(closest, _direct_sqdist(x, cand_x[best], chunk))
     return x[torch.tensor(chosen, device=x.device)].to(device, torch.float32).contiguous()
 
 
-def _candidate_sqdist(
-    x: Rows, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor | None, keep: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass: each candidate's potential ``sum(min(closest, d(x, cand)))`` and, if ``keep``, all distances.
+def _direct_sqdist(x: Rows, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """(n_rows,) float64 squared distances ``sum((x - c)**2)`` of every row to one point c (dim,)."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=c.device)
+    for rows in row_chunks(x.shape[0], chunk_rows):
+        out[rows] = (x[rows].to(c.device) - c).square().sum(dim=1).double()
+    return out
+
+
+def _potentials(x: Rows, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor) -> torch.Tensor:
+    """(m,) float64: each candidate's potential ``sum(min(closest, d(x, cand)))``, in one pass.
 
     Args:
-        cand: (m, dim) float32 on the compute device. closest: (n_rows,) float64 or None (then the
-            potential is the plain sum of distances).
-
-    Returns:
-        potential (m,) float64, and (n_rows, m) float64 distances (None unless ``keep``).
+        cand: (m, dim) float32 on the compute device. closest: (n_rows,) float64.
     """
-    n_rows, m = x.shape[0], cand.shape[0]
-    potential = torch.zeros(m, dtype=torch.float64, device=cand.device)  # (m,)
-    out = torch.empty((n_rows, m), dtype=torch.float64, device=cand.device) if keep else None  # (n_rows, m)
-    for rows in row_chunks(n_rows, chunk_rows):
+    potential = torch.zeros(cand.shape[0], dtype=torch.float64, device=cand.device)  # (m,)
+    for rows in row_chunks(x.shape[0], chunk_rows):
         d = engine.sqdist(x[rows].to(cand.device).contiguous(), cand).double()  # (n, m)
-        if out is not None:
-            out[rows] = d
-        potential += (d if closest is None else torch.minimum(closest[rows, None], d)).sum(dim=0)
-    return potential, out
+        potential += torch.minimum(closest[rows, None], d).sum(dim=0)
+    return potential
 
 
 def _restart_seed(seed: int, restart: int) -> int:
@@ -578,6 +577,7 @@ def fit_rows(
     progress: ProgressCallback | None = None,
     t_start: float | None = None,
     checkpoint: FitCheckpoint | None = None,
+    e_step_fn: Callable[[torch.Tensor], _Pass] | None = None,
 ) -> Codebook:
     """Lloyd restarts over ``rows``, seeded from ``init_rows``; the core behind every fit.
 
@@ -588,6 +588,7 @@ def fit_rows(
             from: ``rows`` itself in memory, a seeded sample (or the head, for 'first') when streamed.
         checkpoint: where to save the state after every update, and to resume from if it holds a
             state of this very fit (same data fingerprint and settings); removed once the fit ends.
+        e_step_fn: see :func:`lloyd` (a distributed E step; ``rows`` then only gives the shape).
     """
     t_start = time.perf_counter() if t_start is None else t_start
     n_rows, dim = rows.shape
@@ -627,7 +628,7 @@ def fit_rows(
         init_seconds += time.perf_counter() - t0
         result = lloyd(
             rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk,
-            progress=progress, resume=resume, on_update=on_update,
+            progress=progress, resume=resume, on_update=on_update, e_step_fn=e_step_fn,
         )
         inertias.append(result.inertia)
         if best is None or result.inertia < best.inertia:
