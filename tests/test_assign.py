@@ -59,6 +59,31 @@ def test_encoding_the_centroids_gives_every_code(engine: str) -> None:
         assert torch.equal(cb.encode(cb.centroids, engine=engine, device="cpu"), torch.arange(50))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_codes_do_not_depend_on_asking_for_distances(engine: str) -> None:
+    # Without distances the torch engine skips its exact recompute; the ranking must not change.
+    for metric in ("l2", "cosine"):
+        cb = make_codebook(70, 12, metric, seed=15, offset=50.0 if metric == "l2" else 0.0)
+        x = cb.centroids[torch.randint(70, (3000,), generator=torch.Generator().manual_seed(16))]
+        x = x + 0.3 * torch.randn(3000, 12, generator=torch.Generator().manual_seed(17))
+        codes = cb.encode(x, engine=engine, device="cpu")
+        with_dist, _ = cb.encode(x, return_distances=True, engine=engine, device="cpu")
+        assert torch.equal(codes, with_dist)
+        assert assert_codes_match(codes, x, cb.centroids, metric) > 2900
+
+
+def test_engine_recomputes_centroid_terms_when_the_centroids_change_in_place() -> None:
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(18))
+    c = torch.randn(20, 6, generator=torch.Generator().manual_seed(19))
+    engine = TorchEngine()
+    engine.nearest(x, c, 1)
+    c[:10] += 3.0  # same tensor object, new contents
+    got = engine.nearest(x, c, 3)
+    want = TorchEngine().nearest(x, c.clone(), 3)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert torch.equal(engine.sqdist(x, c), TorchEngine().sqdist(x, c.clone()))
+
+
 def test_chunk_size_and_row_order_do_not_change_codes() -> None:
     cb = make_codebook(100, 16, "l2", seed=9)
     x = torch.randn(5000, 16, generator=torch.Generator().manual_seed(10))
@@ -83,13 +108,14 @@ class FlakyEngine(TorchEngine):
     """Fails like a KeOps CUDA out-of-memory (a plain RuntimeError) on chunks above a size."""
 
     def __init__(self, max_rows: int) -> None:
+        super().__init__()
         self.max_rows, self.failures = max_rows, 0
 
-    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int, *, distances: bool = True) -> tuple:
         if x.shape[0] > self.max_rows:
             self.failures += 1
             raise RuntimeError("[KeOps] Cuda error: out of memory")
-        return super().nearest(x, c, k)
+        return super().nearest(x, c, k, distances=distances)
 
 
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_codes() -> None:
@@ -104,7 +130,7 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_codes() -> None:
 
 def test_other_runtime_errors_are_not_retried() -> None:
     class Broken(TorchEngine):
-        def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int, *, distances: bool = True) -> tuple:
             raise RuntimeError("kernel exploded")
 
     with pytest.raises(RuntimeError, match="kernel exploded"):

@@ -113,7 +113,11 @@ def test_kill_nine_during_a_checkpointed_fit_then_resume_gives_the_same_codebook
         ckpt, out = tmp_path / f"t{trial}.ckpt", tmp_path / f"t{trial}.safetensors"
         child = subprocess.Popen([sys.executable, "-c", FIT_CHILD, str(data), str(ckpt), str(out)], stdout=subprocess.PIPE, text=True, env=env)
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.1, 0.9) * fit_seconds)
+        started = time.perf_counter()
+        if trial % 2:  # odd trials: wait for the first checkpoint, so that half the kills must resume from one
+            while not ckpt.exists() and child.poll() is None:
+                time.sleep(0.005)
+        time.sleep(rng.uniform(0.1, 0.9) * max(0.0, fit_seconds - (time.perf_counter() - started)))
         child.send_signal(signal.SIGKILL)
         child.wait()
         resumed += ckpt.exists()

@@ -14,6 +14,7 @@ from vq_pipeline import (
     TooFewPointsError,
     fit_codebook,
 )
+from vq_pipeline.validate import MAX_SQUARED_NORM, as_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,17 @@ def test_float64_beyond_float32_range_and_overflowing_norms(cb: Codebook) -> Non
     y[5] = 3e19  # finite in float32, but its squared norm is not
     with pytest.raises(NonFiniteError, match=r"squared norm of x\[5\]=.*Fix: rescale"):
         cb.encode(y, device="cpu")
+
+
+def test_squared_norm_bound_is_exact_at_the_limit() -> None:
+    # The fast float32 norm scan only flags rows; the bound itself is checked in float64.
+    limit = (MAX_SQUARED_NORM / 4) ** 0.5  # a 4-wide row of this value has squared norm == the bound
+    x = torch.ones(6, 4)
+    x[2] = limit * (1 - 1e-6)
+    assert torch.equal(as_embeddings(x), x)
+    x[2] = limit * (1 + 1e-5)
+    with pytest.raises(NonFiniteError, match=r"squared norm of x\[2\]=8\.000e\+37 is too large"):
+        as_embeddings(x)
 
 
 @pytest.mark.parametrize(

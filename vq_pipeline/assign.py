@@ -52,7 +52,8 @@ def nearest_in_chunks(
     k: int,
     engine: Engine,
     chunk_rows: int,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    distances: bool = True,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Yield ``(rows, x_chunk, sqdist, idx)`` for consecutive chunks of ``x``.
 
     Args:
@@ -60,6 +61,7 @@ def nearest_in_chunks(
         c: (n_codes, dim) float32 on the compute device.
         k: neighbours per row, ``1 <= k <= n_codes``.
         chunk_rows: rows per chunk to start with; halved (down to 1) on out-of-memory.
+        distances: passed to :meth:`Engine.nearest`; when False, ``sqdist`` may be ``None``.
 
     Yields:
         rows: the slice of ``x`` covered. x_chunk: (n, dim) float32 on the compute device.
@@ -72,7 +74,7 @@ def nearest_in_chunks(
         rows = slice(start, min(start + chunk_rows, n_rows))
         try:
             xb = x[rows].to(device, non_blocking=True).contiguous()  # (n, dim)
-            sqdist, idx = engine.nearest(xb, c, k)  # (n, k), (n, k)
+            sqdist, idx = engine.nearest(xb, c, k, distances=distances)  # (n, k) or None, (n, k)
         except (RuntimeError, MemoryError) as exc:
             if not (_is_out_of_memory(exc) or isinstance(exc, MemoryError)) or chunk_rows == 1:
                 raise
@@ -132,7 +134,9 @@ def encode(
     if metric == "cosine":
         # argmax of cos(x, c) over unit centroids == argmin of |x/|x| - c|^2: same codes, L2 speed.
         source = _NormalizedRows(x)
-    for rows, _, sqdist, idx in nearest_in_chunks(source, c, k=top_k, engine=eng, chunk_rows=chunk):
+    for rows, _, sqdist, idx in nearest_in_chunks(
+        source, c, k=top_k, engine=eng, chunk_rows=chunk, distances=dists is not None
+    ):
         codes[rows] = idx.cpu()
         if dists is not None:
             dists[rows] = to_metric_distance(sqdist, metric).cpu()

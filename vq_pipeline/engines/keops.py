@@ -109,8 +109,10 @@ class KeOpsEngine:
         """KeOps tiles the reduction itself: large chunks only amortize the call overhead."""
         return 1 << 20
 
-    def nearest(self, x: torch.Tensor, c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :meth:`vq_pipeline.engines.Engine.nearest`."""
+    def nearest(
+        self, x: torch.Tensor, c: torch.Tensor, k: int, *, distances: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """See :meth:`vq_pipeline.engines.Engine.nearest` (``min_argmin`` gives the distances for free)."""
         LazyTensor = _lazy_tensor()
         x_i = LazyTensor(x[:, None, :])  # (n, 1, dim) symbolic
         c_j = LazyTensor(c[None, :, :])  # (1, m, dim) symbolic
