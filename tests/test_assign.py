@@ -102,6 +102,11 @@ def test_chunk_plan_follows_the_memory_budget() -> None:
     assert plan_chunk_rows(50, 1024, 128, k=1, engine=engine, memory_budget=10**9) == 50
     with pytest.raises(ValueError, match=r"memory_budget=10 bytes cannot hold one row.*Fix: raise memory_budget"):
         plan_chunk_rows(10, 1024, 128, k=1, engine=engine, memory_budget=10)
+    # On the CPU the engine keeps the distance block near cache size; on a GPU the budget decides.
+    budget = 2**28
+    assert plan_chunk_rows(10**7, 1024, 128, k=1, engine=engine, memory_budget=budget) == 2048
+    gpu = TorchEngine(torch.device("cuda"))
+    assert plan_chunk_rows(10**7, 1024, 128, k=1, engine=gpu, memory_budget=budget) == budget // per_row
 
 
 class FlakyEngine(TorchEngine):

@@ -97,7 +97,7 @@ def get_engine(name: str, device: torch.device, dim: int) -> Engine:
     if name == "torch":
         from .torch import TorchEngine
 
-        return TorchEngine()
+        return TorchEngine(device)
     from . import keops
 
     if not keops.available():

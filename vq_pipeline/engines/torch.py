@@ -20,12 +20,19 @@ _BLOCK_BYTES = 8 * 2**20
 class TorchEngine:
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self._on_gpu = device is not None and device.type == "cuda"
         # Centroid-side terms of the last codebook seen, reused across the chunks of one pass.
         self._prepared: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def preferred_chunk_rows(self, n_codes: int, dim: int) -> int:
-        """Rows per chunk that keep the distance block near cache size (see ``_BLOCK_BYTES``)."""
+        """Rows per chunk that keep the distance block near cache size (see ``_BLOCK_BYTES``).
+
+        On a GPU there is no such cache to fit, and every chunk costs kernel launches: there, the
+        memory budget alone sets the chunk size.
+        """
+        if self._on_gpu:
+            return 1 << 20
         return max(256, _BLOCK_BYTES // (4 * max(n_codes, dim)))
 
     def _centred(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
