@@ -72,6 +72,15 @@ def test_codes_do_not_depend_on_asking_for_distances(engine: str) -> None:
         assert assert_codes_match(codes, x, cb.centroids, metric) > 2900
 
 
+def test_torch_engine_breaks_ties_towards_the_lowest_code() -> None:
+    c = torch.randn(12, 5, generator=torch.Generator().manual_seed(20))
+    c[9] = c[3]  # a duplicated centroid: every row nearest to it is tied between codes 3 and 9
+    x = c[3] + 0.01 * torch.randn(200, 5, generator=torch.Generator().manual_seed(21))
+    _, idx = TorchEngine().nearest(x, c, 1, distances=False)
+    assert torch.equal(idx[:, 0], torch.full((200,), 3))
+    assert torch.equal(idx, oracle(x, c, "l2").argmin(dim=1, keepdim=True))
+
+
 def test_engine_recomputes_centroid_terms_when_the_centroids_change_in_place() -> None:
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(18))
     c = torch.randn(20, 6, generator=torch.Generator().manual_seed(19))

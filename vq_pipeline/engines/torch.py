@@ -9,12 +9,25 @@ for the chosen centroids are recomputed in the direct ``sum((x - c)**2)`` form.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 # The (rows, n_codes) block of one GEMM is kept about this size: a block that stays in cache makes
 # the argmin that reads it back several times faster than one that spills to memory.
 _BLOCK_BYTES = 8 * 2**20
+
+
+def _argmin_rows(partial: torch.Tensor) -> torch.Tensor:
+    """(n, 1) int64 index of each row's smallest entry (the first one on ties) of ``partial`` (n, m).
+
+    On the CPU this is numpy's SIMD ``argmin``: torch's CPU ``min(dim=1)`` is a scalar loop, and it
+    took as long as the GEMM itself; numpy on one thread was 1.1x (m = 100) to 4.8x (m = 256-1024)
+    faster than torch on two (``benchmarks/RESULTS.md``).
+    """
+    if partial.device.type == "cpu":
+        return torch.from_numpy(partial.numpy().argmin(axis=1).astype(np.int64, copy=False))[:, None]
+    return partial.min(dim=1, keepdim=True).indices  # measured ~25% faster than argmin
 
 
 class TorchEngine:
@@ -70,7 +83,7 @@ class TorchEngine:
         """See :meth:`vq_pipeline.engines.Engine.nearest`."""
         partial, xs, cs = self._ranking(x, c)  # (n, m), (n, dim), (m, dim)
         if k == 1:
-            idx = partial.min(dim=1, keepdim=True).indices  # (n, 1); measured ~25% faster than argmin
+            idx = _argmin_rows(partial)  # (n, 1)
         else:
             idx = partial.topk(k, dim=1, largest=False, sorted=True).indices  # (n, k)
         del partial
