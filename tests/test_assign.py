@@ -81,6 +81,41 @@ def test_torch_engine_breaks_ties_towards_the_lowest_code() -> None:
     assert torch.equal(idx, oracle(x, c, "l2").argmin(dim=1, keepdim=True))
 
 
+def test_split_argmin_matches_torch_and_works_in_a_forked_child() -> None:
+    import os
+    import signal
+    import time
+
+    from vq_pipeline.engines import torch as torch_engine
+
+    g = torch.Generator().manual_seed(22)
+    partial = torch.randint(0, 6, (10_001, 37), generator=g).float()  # many ties: the first must win
+    want = partial.argmin(dim=1, keepdim=True)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            assert torch.equal(torch_engine._argmin_rows(partial), want)
+        torch.set_num_threads(2)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child inherits no helper threads; the pool must start afresh
+            ok = torch.equal(torch_engine._argmin_rows(partial), want)
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the argmin hung in a forked child")
+        assert os.read(read, 1) == b"1" and done[1] == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_engine_recomputes_centroid_terms_when_the_centroids_change_in_place() -> None:
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(18))
     c = torch.randn(20, 6, generator=torch.Generator().manual_seed(19))

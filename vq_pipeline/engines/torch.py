@@ -9,6 +9,10 @@ for the chosen centroids are recomputed in the direct ``sum((x - c)**2)`` form.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -21,13 +25,51 @@ _BLOCK_BYTES = 8 * 2**20
 def _argmin_rows(partial: torch.Tensor) -> torch.Tensor:
     """(n, 1) int64 index of each row's smallest entry (the first one on ties) of ``partial`` (n, m).
 
-    On the CPU this is numpy's SIMD ``argmin``: torch's CPU ``min(dim=1)`` is a scalar loop, and it
-    took as long as the GEMM itself; numpy on one thread was 1.1x (m = 100) to 4.8x (m = 256-1024)
-    faster than torch on two (``benchmarks/RESULTS.md``).
+    On the CPU this is numpy's SIMD ``argmin``, on torch's number of threads: torch's CPU
+    ``min(dim=1)`` is a scalar loop that took as long as the GEMM itself, and numpy on one thread was
+    already 1.1x (m = 100) to 4.8x (m = 256-1024) faster than torch on two (``benchmarks/RESULTS.md``).
     """
-    if partial.device.type == "cpu":
-        return torch.from_numpy(partial.numpy().argmin(axis=1).astype(np.int64, copy=False))[:, None]
-    return partial.min(dim=1, keepdim=True).indices  # measured ~25% faster than argmin
+    if partial.device.type != "cpu":
+        return partial.min(dim=1, keepdim=True).indices  # measured ~25% faster than argmin
+    a = partial.numpy()
+    n = a.shape[0]
+    threads = min(torch.get_num_threads(), n // _MIN_ROWS_PER_THREAD)
+    if threads < 2:
+        return torch.from_numpy(a.argmin(axis=1).astype(np.int64, copy=False))[:, None]
+    out = np.empty(n, dtype=np.int64)
+    bounds = [n * i // threads for i in range(threads + 1)]
+
+    def part(i: int) -> None:
+        out[bounds[i] : bounds[i + 1]] = a[bounds[i] : bounds[i + 1]].argmin(axis=1)  # numpy releases the GIL
+
+    futures = [_pool().submit(part, i) for i in range(1, threads)]
+    part(0)
+    for f in futures:
+        f.result()
+    return torch.from_numpy(out)[:, None]
+
+
+# Below this many rows per thread, splitting the argmin costs more than it saves.
+_MIN_ROWS_PER_THREAD = 1024
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The helper threads of :func:`_argmin_rows`, started on first use."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="vq-argmin")
+        return _POOL
+
+
+def _forget_pool() -> None:
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 class TorchEngine:
