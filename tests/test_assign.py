@@ -126,6 +126,10 @@ def test_engine_recomputes_centroid_terms_when_the_centroids_change_in_place() -
     want = TorchEngine().nearest(x, c.clone(), 3)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert torch.equal(engine.sqdist(x, c), TorchEngine().sqdist(x, c.clone()))
+    # Reused work buffers: a smaller chunk, then another codebook size, then a larger chunk.
+    for rows, codes in ((slice(0, 37), c), (slice(0, 300), c[:7]), (slice(0, 500), c)):
+        got, want = engine.nearest(x[rows], codes, 1), TorchEngine().nearest(x[rows], codes.clone(), 1)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_chunk_size_and_row_order_do_not_change_codes() -> None:
