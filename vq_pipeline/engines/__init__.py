@@ -69,11 +69,11 @@ class Engine(Protocol):
 def auto_engine_name(device: torch.device, dim: int) -> str:
     """The engine ``auto`` resolves to on ``device`` for embeddings of width ``dim``.
 
-    CPU: torch. Measured (``benchmarks/engines.py``, ``benchmarks/RESULTS.md``): KeOps with native
-    flags was 1.3-1.7x faster per iteration at dim 2-8, even at dim 32-64, and 1.2x (dim 128) to
-    2.4-4x (dim 384) slower. Where it wins, an iteration takes 3-25 ms, so the 8-13 s KeOps spends
-    compiling each new width would need hundreds to thousands of iterations to pay back; torch
-    needs no compiler and no cache. ``engine='keops'`` remains one argument away.
+    CPU: torch. Measured (``benchmarks/engines.py``, ``benchmarks/RESULTS.md``, 2026-11-27): KeOps
+    with native flags took 0.9x torch's time per iteration at dim 2 and 1.2-4.6x at dim 8-384. Even
+    where it wins, the 8-13 s KeOps spends compiling each new width would need hundreds of
+    iterations to pay back; torch needs no compiler and no cache. ``engine='keops'`` remains one
+    argument away.
     CUDA: KeOps, the reference engine, when it is installed; torch otherwise. Not yet measured
     on a GPU by this project.
     """
