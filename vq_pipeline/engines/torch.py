@@ -116,9 +116,19 @@ class TorchEngine:
         shift, cs, weights = self._centred(c)
         n, dim = x.shape
         # Two buffers are reused from chunk to chunk (5-9% faster than fresh ones): [x - shift | 1]
-        # and the (n, m) product. Only nearest() uses them: its results never alias them.
+        # and the (n, m) product. Only nearest() uses them: its results never alias them. Larger
+        # buffers serve a shorter chunk on the CPU only; on a GPU, a chunk halved after running out of
+        # memory must not keep the larger buffers alive.
         w = self._work
-        if w is None or w[0].shape[0] < n or w[0].shape[1] != dim + 1 or w[1].shape[1] != weights.shape[1] or w[0].device != x.device:
+        if (
+            w is None
+            or w[0].device != x.device
+            or w[0].shape[1] != dim + 1
+            or w[1].shape[1] != weights.shape[1]
+            or w[0].shape[0] < n
+            or (w[0].shape[0] > n and x.device.type != "cpu")
+        ):
+            self._work = None  # released before the new ones are allocated
             aug = torch.empty((n, dim + 1), dtype=x.dtype, device=x.device)
             aug[:, dim] = 1.0
             w = self._work = (aug, torch.empty((n, weights.shape[1]), dtype=x.dtype, device=x.device))
