@@ -341,15 +341,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
         "inertia": stats["inertia"],
         "seconds": round(seconds, 3),
     }
-    if args.json:
-        console.result(_dumps(summary))
-    else:
-        state = "converged" if stats["converged"] else f"not converged (stopped at --iters {args.iters})"
-        console.result(
-            f"fitted {_plural(codebook.n_codes, 'code')} (dim {codebook.dim}, {codebook.metric}) on "
-            f"{_plural(stats['n_rows'], 'row')} in {_plural(stats['iterations'], 'iteration')}, {state}; "
-            f"inertia {stats['inertia']:.4g} -> {out}"
-        )
+    _print_fit_summary(args, console, summary)
     return 0
 
 
@@ -379,6 +371,19 @@ def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -
         return flow_fn(dask=args.dask, engine=args.engine, device=args.device, **params)
 
 
+def _print_fit_summary(args: argparse.Namespace, console: Console, summary: dict[str, Any], where: str = "") -> None:
+    """The result of ``vq fit``: the summary as JSON, or one sentence (``where``: e.g. " on Dask ...")."""
+    if args.json:
+        console.result(_dumps(summary))
+        return
+    state = "converged" if summary["converged"] else f"not converged (stopped at --iters {args.iters})"
+    console.result(
+        f"fitted {_plural(summary['n_codes'], 'code')} (dim {summary['dim']}, {summary['metric']}) on "
+        f"{_plural(summary['rows'], 'row')} in {_plural(summary['iterations'], 'iteration')}{where}, {state}; "
+        f"inertia {summary['inertia']:.4g} -> {summary['path']}"
+    )
+
+
 def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: float) -> int:
     """``vq fit --dask``: the fit-codebook flow, exact Lloyd as map-reduce on the cluster's workers."""
     if args.n_init != 1:
@@ -390,14 +395,7 @@ def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: floa
     )
     summary = {k: s[k] for k in ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    if args.json:
-        console.result(_dumps(summary))
-    else:
-        state = "converged" if s["converged"] else f"not converged (stopped at --iters {args.iters})"
-        console.result(
-            f"fitted {_plural(s['n_codes'], 'code')} (dim {s['dim']}, {s['metric']}) on {_plural(s['rows'], 'row')} in "
-            f"{_plural(s['iterations'], 'iteration')} on Dask {args.dask}, {state}; inertia {s['inertia']:.4g} -> {s['path']}"
-        )
+    _print_fit_summary(args, console, summary, where=f" on Dask {args.dask}")
     return 0
 
 
