@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m flows.demo
+	$(PY) -m vq_flows.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -21,8 +21,6 @@ Workers run the same Prefect tasks as a local run. They need:
   (concurrent compiles into one folder clash).
 """
 
-from __future__ import annotations
-
 import contextlib
 import ipaddress
 import logging

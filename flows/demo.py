@@ -1,14 +1,12 @@
 """The main job, end to end: generate a partitioned embedding table, run the vq-pipeline flow once.
 
-Run with ``make demo`` (or ``python -m flows.demo [OUT_DIR]``). Under ``OUT_DIR`` (default
+Run with ``make demo`` (or ``python -m vq_flows.demo [OUT_DIR]``). Under ``OUT_DIR`` (default
 ``vq_demo_output/``) it writes ``input/date=2026-11-0X/part-0.parquet`` (3 partitions, 20,000 rows
 of clustered 64-dim embeddings with an ``id`` column; existing partitions are kept), then runs
-:func:`flows.pipeline.vq_pipeline_flow` with ``work_dir=OUT_DIR/work`` on Prefect's ephemeral API
+:func:`vq_flows.pipeline.vq_pipeline_flow` with ``work_dir=OUT_DIR/work`` on Prefect's ephemeral API
 (no server to start) and prints where the codebook, the codes and the report are. A second run
 finds everything encoded and does nothing but report.
 """
-
-from __future__ import annotations
 
 import os
 import sys
@@ -21,7 +19,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from flows.pipeline import vq_pipeline_flow  # noqa: E402
+from vq_flows.pipeline import vq_pipeline_flow  # noqa: E402
 from vq_pipeline.demo import generate_embeddings  # noqa: E402
 from vq_pipeline.tables import write_embeddings  # noqa: E402
 

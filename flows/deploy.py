@@ -1,6 +1,6 @@
 """Serve the vq-pipeline flow on a cron schedule.
 
-    python -m flows.deploy --cron "0 * * * *" --input-root data/embeddings --work-dir vq_work \\
+    python -m vq_flows.deploy --cron "0 * * * *" --input-root data/embeddings --work-dir vq_work \\
         --column embedding --codes 1024 [--metric cosine] [--id-column id] [--refit-every-hours 168]
 
 This registers a deployment with the Prefect API (set ``PREFECT_API_URL`` to a running
@@ -9,8 +9,6 @@ lives as long as this process) and runs the scheduled flow runs in this process 
 At most one run executes at a time (``limit=1``), and the flow also locks its work_dir.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import sys
@@ -18,7 +16,7 @@ from typing import Any, Sequence
 
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipeline import vq_pipeline_flow
+from vq_flows.pipeline import vq_pipeline_flow
 
 DEFAULT_NAME = "scheduled"
 
@@ -31,7 +29,7 @@ def deployment_options(cron: str, name: str = DEFAULT_NAME, **params: Any) -> di
         parameters=params,
         description="Fit or refit the codebook as needed and encode every new partition.",
         tags=["vq-pipeline"],
-        # The flow is loaded by module path (flows.pipeline), so runs work from the repository root
+        # The flow is loaded by module path (vq_flows.pipeline), so runs work from the repository root
         # whatever folder the deployment was started from.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -49,7 +47,7 @@ def serve(cron: str, name: str = DEFAULT_NAME, **params: Any) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, Any]]:
     """(cron, deployment name, flow parameters) from the command line."""
-    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the vq-pipeline flow on a cron schedule.")
+    p = argparse.ArgumentParser(prog="python -m vq_flows.deploy", description="Serve the vq-pipeline flow on a cron schedule.")
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 * * * *" (hourly)')
     p.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default: %(default)s)")
     p.add_argument("--input-root", required=True, help="folder of embedding tables (hive partitions welcome)")

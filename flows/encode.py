@@ -8,8 +8,6 @@ files whose receipt is missing and never duplicates rows. ``_manifest.json`` is 
 Tasks exchange paths, fingerprints and receipts (small dicts), never tensors or frames.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import time
@@ -132,7 +130,7 @@ def encode_embeddings_flow(
     Files whose codes are already in ``out_dir`` (same input, codebook and settings, intact output)
     are skipped; the others get one ``encode-file`` task each (2 retries on non-data errors).
     ``dask``: run the ``encode-file`` tasks on a Dask cluster, ``local:N`` or a scheduler address
-    (see :mod:`flows.dask`); planning, the lock and the manifest stay in the flow's process. The
+    (see :mod:`vq_flows.dask`); planning, the lock and the manifest stay in the flow's process. The
     outputs, receipts and manifest are the same bytes as a local run's.
 
     Returns:
@@ -162,7 +160,7 @@ def encode_embeddings_flow(
         failed: dict[str, BaseException] = {}
         with contextlib.ExitStack() as stack:
             if todo and dask:
-                from flows.dask import dask_task_runner
+                from vq_flows.dask import dask_task_runner
 
                 runner = stack.enter_context(dask_task_runner(dask))
                 logger.info("encoding %d files on the Dask cluster %s", len(todo), runner.client.scheduler.address)

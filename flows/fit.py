@@ -6,8 +6,6 @@ returns a small summary dict. Fitting gets no retries: a failure there is a data
 and a rerun would only repeat it.
 """
 
-from __future__ import annotations
-
 import itertools
 import shutil
 import statistics
@@ -26,7 +24,7 @@ from vq_pipeline import tables
 from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, load_partition_stats, partition_stats_file, save_centroids
 from vq_pipeline.tables import Source
 
-from flows.encode import retry_transient  # noqa: I001 - flows after the library
+from vq_flows.encode import retry_transient  # noqa: I001 - flows after the library
 
 FIT_ARTIFACT_KEY = "vq-fit-codebook"
 # The history table is shown in full up to this many rows, then as its head and tail.
@@ -171,7 +169,7 @@ def fit_on_dask(
     the scheduler. The files live in a ``.vq-fit-*`` folder next to ``out`` (so that folder must be
     shared with the workers) and are removed as soon as they are read.
     """
-    from flows.dask import dask_task_runner
+    from vq_flows.dask import dask_task_runner
 
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -286,7 +284,7 @@ def fit_codebook_flow(
         inputs: table files, globs or folders. out: the codebook file (``{fingerprint}``/``{fp12}``
             placeholders allowed). warm_start: a codebook file to start from; its fingerprint is
             recorded as the new codebook's parent. Other arguments: see ``fit_from_tables``.
-        dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`flows.dask`):
+        dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`vq_flows.dask`):
             exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration;
             this process reduces, updates and saves (see :func:`fit_on_dask`). With ``sample``
             the fit runs here, as without ``dask`` (a sample is meant to fit one machine).

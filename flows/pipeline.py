@@ -15,8 +15,6 @@ refit schedule is due or the distortion ratio exceeds ``1 + drift_threshold``; a
 the new codebook current and encode everything into its own folder (the old folder is left as is).
 """
 
-from __future__ import annotations
-
 import contextlib
 import datetime as dt
 import json
@@ -29,8 +27,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.encode import encode_embeddings_flow, retry_transient
-from flows.fit import fit_codebook_flow
+from vq_flows.encode import encode_embeddings_flow, retry_transient
+from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook
 from vq_pipeline.codebook import atomic_write_bytes
 from vq_pipeline.pipeline import drift_report, encode_lock
@@ -232,7 +230,7 @@ def vq_pipeline_flow(
             settings. refit_every_hours: refit when the codebook is older (None: never on schedule).
         drift_threshold: refit when new rows' mean distance exceeds the training one by this fraction.
         dask: run the fits and encodes on a Dask cluster: ``local:N`` (started once for the whole
-            run) or a scheduler address; see :mod:`flows.dask`.
+            run) or a scheduler address; see :mod:`vq_flows.dask`.
 
     Returns:
         ``codebook``, ``fingerprint``, ``codes_dir``, ``manifest``, ``report``, ``action`` (fit,
@@ -255,7 +253,7 @@ def vq_pipeline_flow(
 
     cluster = contextlib.ExitStack()
     if dask:
-        from flows.dask import dask_cluster
+        from vq_flows.dask import dask_cluster
 
         # One cluster for every fit and encode of the run (local:N starts here, stops at the end).
         fit_settings["dask"] = dask = cluster.enter_context(dask_cluster(dask))

@@ -468,8 +468,8 @@ def assert_works(case: Case, out: Path, work: dict[str, Any]) -> None:
 
 
 def run_flow(case: Case, work: dict[str, Any], out: Path) -> Any:
-    from flows.encode import encode_embeddings_flow
-    from flows.fit import fit_codebook_flow
+    from vq_flows.encode import encode_embeddings_flow
+    from vq_flows.fit import fit_codebook_flow
 
     data = str(work["inputs"][case.name])
     if case.command == "fit":
@@ -495,7 +495,7 @@ def test_flow(name: str, cli_runs: Any, prefect_harness: None, work: dict[str, A
     exc = info.value
     assert not work["marker"].exists(), "a pickle was executed"
     if case.during_encode:
-        from flows.encode import EncodeFailedError
+        from vq_flows.encode import EncodeFailedError
 
         # The file's task failed (without retries: a VQError is about the data); the flow reports it.
         assert isinstance(exc, EncodeFailedError), repr(exc)
@@ -530,7 +530,7 @@ def test_cli(name: str, cli_runs: dict[str, Any], work: dict[str, Any]) -> None:
 
 def test_flow_metric_mismatch_of_a_warm_start(prefect_harness: None, work: dict[str, Any], tmp_path: Path) -> None:
     """A cosine fit warm-started from an l2 codebook (the flows' only metric request on a file)."""
-    from flows.fit import fit_codebook_flow
+    from vq_flows.fit import fit_codebook_flow
 
     out = tmp_path / "cb.safetensors"
     with pytest.raises(InvalidInputError) as info:

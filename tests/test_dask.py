@@ -26,9 +26,9 @@ from vq_pipeline.tables import write_embeddings
 
 pytest.importorskip("prefect_dask")
 
-from flows.dask import DaskAddressError, parse_address, prefect_server  # noqa: E402
-from flows.encode import encode_embeddings_flow  # noqa: E402
-from flows.fit import fit_codebook_flow  # noqa: E402
+from vq_flows.dask import DaskAddressError, parse_address, prefect_server  # noqa: E402
+from vq_flows.encode import encode_embeddings_flow  # noqa: E402
+from vq_flows.fit import fit_codebook_flow  # noqa: E402
 
 DIM = 12
 N_CODES = 16

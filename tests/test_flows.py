@@ -21,10 +21,10 @@ from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.pipeline import fit_from_tables
 from vq_pipeline.tables import read_table, write_embeddings
 
-from flows.deploy import build_deployment, parse_args  # noqa: I001 - flows after the library
-from flows.encode import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, encode_embeddings_flow, encode_file_task, retry_transient
-from flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
-from flows.pipeline import CURRENT_NAME, REPORT_ARTIFACT_KEY, codebook_path, codes_dir, refit_reason, vq_pipeline_flow
+from vq_flows.deploy import build_deployment, parse_args  # noqa: I001 - flows after the library
+from vq_flows.encode import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, encode_embeddings_flow, encode_file_task, retry_transient
+from vq_flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
+from vq_flows.pipeline import CURRENT_NAME, REPORT_ARTIFACT_KEY, codebook_path, codes_dir, refit_reason, vq_pipeline_flow
 
 DIM = 12
 N_CODES = 8
@@ -216,11 +216,11 @@ def test_deployment_has_the_cron_schedule_and_parameters(tmp_path: Path) -> None
     deployment = build_deployment(cron, name, **params)
     assert deployment.name == name and deployment.flow_name == "vq-pipeline"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
-    assert deployment.parameters == params and deployment.entrypoint == "flows.pipeline.vq_pipeline_flow"
+    assert deployment.parameters == params and deployment.entrypoint == "vq_flows.pipeline.vq_pipeline_flow"
 
 
 def test_a_retried_encode_task_resumes_without_duplicating_work(prefect_api, tmp_path: Path, monkeypatch) -> None:
-    import flows.encode as encode_module
+    import vq_flows.encode as encode_module
     from vq_pipeline.pipeline import encode_tables
 
     root = tmp_path / "in"

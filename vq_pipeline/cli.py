@@ -351,7 +351,7 @@ def _absolute(path: str) -> str:
 
 
 def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -> dict[str, Any]:
-    """Run the Prefect flow ``flows.<flow_name>`` with ``dask=args.dask`` against a reachable Prefect API."""
+    """Run the Prefect flow ``vq_flows.<flow_name>`` with ``dask=args.dask`` against a reachable Prefect API."""
     if _storage_options(args):
         raise InvalidInputError(
             "--storage-option with --dask: the flows read object storage with the workers' own credentials "
@@ -363,10 +363,10 @@ def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -
     # Imported only here: the library itself never imports prefect (flows/ wraps the library).
     import importlib
 
-    from flows.dask import prefect_api_for
+    from vq_flows.dask import prefect_api_for
 
     module, name = flow_name.rsplit(".", 1)
-    flow_fn = getattr(importlib.import_module(f"flows.{module}"), name)
+    flow_fn = getattr(importlib.import_module(f"vq_flows.{module}"), name)
     with prefect_api_for(args.dask):
         return flow_fn(dask=args.dask, engine=args.engine, device=args.device, **params)
 
