@@ -23,6 +23,7 @@ from vq_pipeline import Codebook, CodebookFileError
 from vq_pipeline import tables
 from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, load_partition_stats, partition_stats_file, save_centroids
 from vq_pipeline.tables import Source
+from vq_pipeline.validate import DEFAULT_METRIC
 
 from vq_flows.encode import retry_transient  # noqa: I001 - flows after the library
 
@@ -63,7 +64,7 @@ def fit_task(
     column: str,
     n_codes: int,
     out: str,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str = "k-means++",
@@ -152,7 +153,7 @@ def fit_on_dask(
     n_codes: int,
     out: str,
     *,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str = "k-means++",
@@ -267,7 +268,7 @@ def fit_codebook_flow(
     column: str,
     n_codes: int,
     out: str,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str = "k-means++",

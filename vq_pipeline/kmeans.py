@@ -38,6 +38,7 @@ from .engines import Engine, get_engine
 from .errors import InvalidInputError, TooFewPointsError
 from .validate import (
     ENGINES,
+    DEFAULT_METRIC,
     METRICS,
     as_embeddings,
     check_choice,
@@ -81,7 +82,19 @@ class IterationStats:
     seconds: float
 
 
-ProgressCallback = Callable[[IterationStats], None]
+@dataclass(frozen=True)
+class InitProgress:
+    """Seeding progress, reported before the first iteration: ``chosen`` of ``n_codes`` initial
+    centroids picked so far (k-means++ reports every few percent; other inits once, when done)."""
+
+    chosen: int
+    n_codes: int
+    seconds: float
+
+
+#: Called with an :class:`InitProgress` while the initial centroids are chosen, then with an
+#: :class:`IterationStats` after every iteration.
+ProgressCallback = Callable[["IterationStats | InitProgress"], None]
 
 
 @dataclass(frozen=True)
@@ -450,7 +463,7 @@ def fit_options(
     *,
     dim: int,
     n_rows: int,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str | torch.Tensor | Codebook = "k-means++",
@@ -511,7 +524,7 @@ def fit_codebook(
     x: Any,
     n_codes: int,
     *,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str | torch.Tensor | Codebook = "k-means++",

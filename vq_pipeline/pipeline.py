@@ -42,7 +42,7 @@ from .errors import DimensionMismatchError, InvalidInputError, VQError
 from .engines import get_engine
 from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, FitOptions, ProgressCallback, _Pass, e_step, fit_options, fit_rows
 from .tables import Source
-from .validate import METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows, resolve_device
+from .validate import DEFAULT_METRIC, METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
@@ -55,6 +55,8 @@ DEFAULT_DATA_BUDGET = 2 * 2**30
 
 #: Called as progress(key, rows_done, rows_total) while a file is encoded.
 RowProgress = Callable[[str, int, int], None]
+#: Called once as on_plan(rows_to_encode_by_key, skipped_keys) before any file is encoded.
+PlanCallback = Callable[[dict[str, int], list[str]], None]
 
 
 class EncodeLockedError(VQError, RuntimeError):
@@ -69,7 +71,7 @@ def fit_from_tables(
     *,
     column: str,
     n_codes: int,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str | torch.Tensor | Codebook = "k-means++",
@@ -382,7 +384,7 @@ def fit_partitioned(
     *,
     column: str,
     n_codes: int,
-    metric: str = "l2",
+    metric: str = DEFAULT_METRIC,
     n_iter: int = 50,
     tol: float = 1e-4,
     init: str | torch.Tensor | Codebook = "k-means++",
@@ -751,6 +753,7 @@ def encode_tables(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage_options: dict[str, Any] | None = None,
     progress: RowProgress | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> EncodeResult:
     """Encode every input table into ``out_dir``, resumably and exactly once (see the module doc).
 
@@ -761,6 +764,8 @@ def encode_tables(
             as ``row``). top_k: codes per row. with_distance: also write distances.
         keep: columns copied through to the outputs. overwrite: replace another codebook's codes.
         progress: called as ``progress(key, rows_done, rows_in_file)`` after every batch.
+        on_plan: called once, before encoding, as ``on_plan({key: rows} of the files to encode,
+            [keys of the files skipped as already complete])``.
     """
     t0 = time.perf_counter()
     if not isinstance(codebook, Codebook):
@@ -772,6 +777,11 @@ def encode_tables(
         todo, done, records = plan_encode(inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options)
         result = EncodeResult(out_dir=str(out), manifest=str(out / MANIFEST_NAME), codebook_fingerprint=codebook.fingerprint)
         result.skipped = [s.key for s in done]
+        if on_plan is not None:
+            on_plan(
+                {s.key: tables.inspect_source(s, column=column, storage_options=storage_options).n_rows for s in todo},
+                list(result.skipped),
+            )
         for s in todo:
             records[s.key] = encode_source(s, codebook, out, settings, options, progress=progress)
             result.encoded.append(s.key)

@@ -14,6 +14,9 @@ import torch
 from .errors import InvalidInputError, NonFiniteError
 
 METRICS = ("l2", "cosine")
+#: The one default metric of the library, the `vq` command, the flows and the deployment (as in
+#: FAISS and scikit-learn). Pass metric="cosine" for direction-only embeddings.
+DEFAULT_METRIC = "l2"
 ENGINES = ("auto", "keops", "torch")
 
 # Largest squared row norm accepted. Squared distances between two such rows can reach 4x this,
