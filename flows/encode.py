@@ -4,7 +4,8 @@ The flow process holds :func:`vq_pipeline.pipeline.encode_lock` on the output fo
 run; the tasks run in its threads. :func:`plan_encode` (a task) says which files still need codes;
 one ``encode-file`` task per such file calls :func:`encode_source`, which writes the output
 atomically and then its receipt, so a Prefect retry, or a rerun after a crash, redoes at most the
-files whose receipt is missing and never duplicates rows. ``_manifest.json`` is written last.
+files whose receipt is missing and never duplicates rows. The manifest (``<out_dir>.vq/manifest.json``)
+is written last.
 Tasks exchange paths, fingerprints and receipts (small dicts), never tensors or frames.
 """
 
@@ -23,11 +24,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from vq_pipeline import Codebook, VQError
 from vq_pipeline.pipeline import (
-    MANIFEST_NAME,
     EncodeOptions,
     EncodeSettings,
     encode_lock,
     encode_source,
+    manifest_path,
     plan_encode,
     remove_temporaries,
     write_manifest,
@@ -102,7 +103,7 @@ def encode_file_task(
 
 @task(name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def manifest_task(out_dir: str, codebook: str, fingerprint: str, settings: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
-    """Write ``_manifest.json`` for every receipt of the run."""
+    """Write the folder's manifest for every receipt of the run."""
     return str(write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records))
 
 
@@ -120,6 +121,7 @@ def encode_embeddings_flow(
     top_k: int = 1,
     with_distance: bool = False,
     keep: Sequence[str] = (),
+    code_dtype: str | None = None,
     overwrite: bool = False,
     engine: str = "auto",
     device: str | None = None,
@@ -145,7 +147,9 @@ def encode_embeddings_flow(
     """
     t0 = time.perf_counter()
     logger = get_run_logger()
-    settings = EncodeSettings(column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep)).to_dict()
+    settings = EncodeSettings(
+        column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep), code_dtype=code_dtype,
+    ).to_dict()
     out = Path(out_dir)
     with encode_lock(out):
         plan = plan_task(list(inputs), codebook, str(out), settings, overwrite=overwrite)
@@ -203,7 +207,7 @@ def encode_embeddings_flow(
     ]
     create_table_artifact(
         table=files, key=SUMMARY_ARTIFACT_KEY,
-        description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {out / MANIFEST_NAME}",
+        description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}",
     )
     summary = {
         "out_dir": str(out),

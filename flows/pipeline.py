@@ -31,7 +31,7 @@ from vq_flows.encode import encode_embeddings_flow, retry_transient
 from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook
 from vq_pipeline.codebook import atomic_write_bytes
-from vq_pipeline.pipeline import drift_report, encode_lock
+from vq_pipeline.pipeline import drift_report, folder_lock
 
 CURRENT_NAME = "codebooks/current.json"
 CURRENT_FORMAT = "vq-pipeline.current-codebook"
@@ -268,7 +268,7 @@ def vq_pipeline_flow(
         keys = ("codebook_fingerprint", "out_dir", "manifest", "encoded", "skipped", "rows_encoded", "rows_total", "flow_run_id")
         return {k: e[k] for k in keys}
 
-    with cluster, encode_lock(work):  # one run per work_dir: a slow run and the next scheduled one never overlap
+    with cluster, folder_lock(work / ".vq" / "lock", folder=work):  # one run per work_dir: a slow run and the next scheduled one never overlap
         current = read_current_task(str(work))
         action, reason, previous = "none", None, None
         changed = current is not None and (current["metric"], current["n_codes"]) != (metric, n_codes)

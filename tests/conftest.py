@@ -31,6 +31,18 @@ def prefect_api():
         yield
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes in an encode output folder and, under ``state/``, in its bookkeeping folder
+    (``<folder>.vq/``: receipts, manifest), but the lock (its holder note is rewritten by every run)."""
+    from vq_pipeline.pipeline import state_dir
+
+    found = {}
+    for root, prefix in ((folder, ""), (state_dir(folder), "state/")):
+        if root.exists():
+            found.update({prefix + p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"})
+    return found
+
+
 def oracle(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     """(n_rows, n_codes) float64 distances by brute force: squared L2, or 1 - cos."""
     x64, c64 = x.double(), c.double()

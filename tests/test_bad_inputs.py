@@ -9,7 +9,7 @@ Every case builds a real, small parquet file (dim 6, a few hundred rows) or a co
   found while encoding a file arrives as ``EncodeFailedError`` raised *from* it), whose message names
   the problem and says ``Fix``;
 * both: no output under its final name (no codebook for ``fit``; no parquet output, receipt or
-  ``_manifest.json`` for ``encode``). Temporary files and the lock do not count.
+  the manifest for ``encode``). Temporary files and the lock do not count.
 
 A few cases must *work* (integer and float64 vectors, ``n_codes=1``): their results must equal the
 float32 ones. The CLI subprocesses (about 2 s of imports each) run two at a time in the background
@@ -46,7 +46,7 @@ from vq_pipeline.errors import (
     TooFewPointsError,
     UnsupportedFormatError,
 )
-from vq_pipeline.pipeline import MANIFEST_NAME, STATE_DIR
+from vq_pipeline.pipeline import LOCK_NAME, manifest_path, state_dir
 
 DIM = 6
 N_ROWS = 300
@@ -407,16 +407,14 @@ def prefect_harness():
 # ----------------------------------------------------------------------------- checks
 
 
-def visible_files(folder: Path) -> list[str]:
-    """Files under ``folder`` under a final name: not temporary (``.NAME.*.tmp``) and not the lock."""
+def visible_files(folder: Path, *, lock: Path | None = None) -> list[str]:
+    """Files under ``folder`` under a final name: not temporary (``.NAME.*.tmp``) and not ``lock``."""
     if not folder.exists():
         return []
-    found = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp")) and rel != f"{STATE_DIR}/lock":
-            found.append(rel)
-    return found
+    return [
+        p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp")) and p != lock
+    ]
 
 
 def assert_nothing_written(case: Case, out: Path) -> None:
@@ -426,8 +424,10 @@ def assert_nothing_written(case: Case, out: Path) -> None:
         # its first iteration has none either.
         assert visible_files(out.parent) == [], visible_files(out.parent)
     else:
-        assert not (out / MANIFEST_NAME).exists()
-        assert visible_files(out) == [], visible_files(out)  # no parquet output, no receipt
+        assert not manifest_path(out).exists()
+        assert visible_files(out) == [], visible_files(out)  # no parquet output
+        state = state_dir(out)
+        assert visible_files(state, lock=state / LOCK_NAME) == [], visible_files(state)  # no receipt
 
 
 def assert_message(case: Case, message: str) -> None:
@@ -459,7 +459,7 @@ def assert_works(case: Case, out: Path, work: dict[str, Any]) -> None:
         if case.n_codes == 1:
             torch.testing.assert_close(cb.centroids[0], x.double().mean(0).float(), rtol=1e-5, atol=1e-5)
     else:
-        assert (out / MANIFEST_NAME).is_file()
+        assert manifest_path(out).is_file()
         ref = work["l2"].encode(x, engine="torch", device="cpu")
         assert np.array_equal(encoded_codes(out), ref.numpy()), f"{case.name}: codes differ from the float32 encoding"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import snapshot as files
 from vq_pipeline.demo import generate_embeddings
-from vq_pipeline.pipeline import MANIFEST_NAME, encode_tables, fit_from_tables
+from vq_pipeline.pipeline import MANIFEST_NAME, encode_tables, fit_from_tables, state_dir
 from vq_pipeline.tables import write_embeddings
 
 N_KILLS = 20
@@ -28,10 +29,6 @@ print("ready", flush=True)
 encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], column="embedding", id_column="id", with_distance=True, batch_rows=4096)
 print("done", flush=True)
 """
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
 @pytest.mark.slow
@@ -59,17 +56,18 @@ def test_kill_nine_at_random_points_then_resume_gives_identical_outputs(tmp_path
         time.sleep(rng.uniform(0, 1.5 * encode_seconds))
         child.send_signal(signal.SIGKILL)
         outcomes["killed" if child.wait() == -signal.SIGKILL else "finished_first"] += 1
-        if out.exists():
+        if out.exists() or state_dir(out).exists():
             # Whatever the kill left: complete outputs under final names, or temporary names only.
             for rel, content in files(out).items():
                 if rel.endswith(".parquet") and not Path(rel).name.startswith("."):
                     assert content == want[rel], f"trial {trial}: partial or wrong {rel} under its final name"
-                elif rel == MANIFEST_NAME:
+                elif rel == f"state/{MANIFEST_NAME}":
                     assert content == want[rel], f"trial {trial}: manifest written before all outputs"
         encode_tables([data], codebook, out, column="embedding", id_column="id", with_distance=True, batch_rows=4096)
         assert files(out) == want, f"trial {trial}: resumed run differs from the uninterrupted one"
-        assert not list(out.rglob(".*.tmp"))
+        assert not list(out.rglob(".*.tmp")) and not list(state_dir(out).rglob(".*.tmp"))
         shutil.rmtree(out)
+        shutil.rmtree(state_dir(out))
     assert outcomes["killed"] >= N_KILLS // 2, outcomes
     print(json.dumps(outcomes))
 

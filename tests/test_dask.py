@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import snapshot
 from vq_pipeline import Codebook
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.pipeline import encode_tables, fit_from_tables
@@ -59,10 +60,6 @@ def make_parts(root: Path, n_parts: int = 4, n_rows: int = 1500) -> dict[str, np
         parts[key] = generate_embeddings(n_rows, DIM, 10, seed=i)
         write_embeddings(root / key, np.arange(n_rows) + 100_000 * i, parts[key])
     return parts
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
 def local_codes(tmp_path: Path, cb: Codebook) -> dict[str, bytes]:

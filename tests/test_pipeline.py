@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +12,17 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import assert_codes_match
+from conftest import assert_codes_match, snapshot
 from vq_pipeline import Codebook, DimensionMismatchError, InvalidInputError, NonFiniteError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.pipeline import (
-    MANIFEST_NAME,
     EncodeLockedError,
     drift_report,
     encode_lock,
     encode_tables,
     fit_from_tables,
+    manifest_path,
+    state_dir,
 )
 from vq_pipeline.tables import write_embeddings
 
@@ -41,10 +44,6 @@ def dataset(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     root = tmp_path / "in"
     rows = make_dataset(root, {"date=2026-11-01/part-0.parquet": 700, "date=2026-11-01/part-1.parquet": 300, "date=2026-11-02/part-0.parquet": 500})
     return root, rows
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
 def test_fit_from_tables_in_memory_equals_fit_codebook(dataset) -> None:
@@ -101,7 +100,7 @@ def test_encode_outputs_equal_in_memory_encode_row_for_row(dataset, tmp_path: Pa
         assert torch.equal(torch.from_numpy(table["code"].to_numpy().astype(np.int64)), want_codes[:, 0])
         assert table["id"].to_list() == pl.read_parquet(root / rel)["id"].to_list()
         assert_codes_match(codes, torch.from_numpy(x), cb.centroids, "l2")
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads(manifest_path(out).read_text())
     assert manifest["codebook_fingerprint"] == cb.fingerprint and manifest["rows"] == 1500
     entry = manifest["outputs"]["date=2026-11-02/part-0.parquet"]
     assert entry["rows"] == 500 and len(entry["sha256"]) == 64 and sum(entry["code_counts"]) == 500
@@ -119,7 +118,7 @@ def test_rerun_is_a_no_op_and_resume_rebuilds_only_what_is_missing(dataset, tmp_
     assert snapshot(out) == before
     (out / "date=2026-11-01/part-1.parquet").unlink()
     (out / "date=2026-11-02/part-0.parquet").write_bytes(b"garbage")  # a damaged output is rebuilt too
-    (out / MANIFEST_NAME).unlink()
+    manifest_path(out).unlink()
     (out / "date=2026-11-01" / ".part-0.parquet.abc.tmp").write_bytes(b"left by a crash")
     resumed = encode_tables([root], cb, out, column="embedding", with_distance=True)
     assert sorted(resumed.encoded) == ["date=2026-11-01/part-1.parquet", "date=2026-11-02/part-0.parquet"]
@@ -150,7 +149,7 @@ def test_another_codebook_or_settings_is_refused_without_overwrite(dataset, tmp_
     assert snapshot(out) == before
     result = encode_tables([root], b, out, column="embedding", overwrite=True)
     assert len(result.encoded) == 3
-    assert json.loads((out / MANIFEST_NAME).read_text())["codebook_fingerprint"] == b.fingerprint
+    assert json.loads(manifest_path(out).read_text())["codebook_fingerprint"] == b.fingerprint
 
 
 def test_second_concurrent_run_fails_clearly(dataset, tmp_path: Path) -> None:
@@ -160,7 +159,7 @@ def test_second_concurrent_run_fails_clearly(dataset, tmp_path: Path) -> None:
     with encode_lock(out):
         with pytest.raises(EncodeLockedError, match=r"is locked by another run \(pid .*Fix: wait"):
             encode_tables([root], cb, out, column="embedding")
-    assert not (out / MANIFEST_NAME).exists()
+    assert not manifest_path(out).exists()
     assert encode_tables([root], cb, out, column="embedding").rows_total == 1500  # free again
 
 
@@ -193,7 +192,7 @@ def test_bad_inputs_write_nothing(dataset, tmp_path: Path) -> None:
         encode_tables([empty], cb, out, column="embedding")
     with pytest.raises(InvalidInputError, match=r"hold no rows"):
         fit_from_tables([empty], column="embedding", n_codes=2)
-    assert not [p for p in out.rglob("*") if p.is_file() and p.name != "lock"]
+    assert not snapshot(out)
 
 
 def test_drift_report_is_flat_on_training_data_and_rises_on_shifted_data(dataset, tmp_path: Path) -> None:
@@ -233,7 +232,7 @@ def test_failed_encode_leaves_no_output_folder(dataset, tmp_path: Path) -> None:
     out = tmp_path / "never"
     with pytest.raises(InvalidInputError, match="does not exist"):
         encode_tables([tmp_path / "typo"], cb, out, column="embedding")
-    assert not out.exists()
+    assert not out.exists() and not state_dir(out).exists()
 
 
 def test_glob_and_folder_inputs_name_outputs_alike(dataset, tmp_path: Path) -> None:
@@ -243,3 +242,95 @@ def test_glob_and_folder_inputs_name_outputs_alike(dataset, tmp_path: Path) -> N
     encode_tables([root / "date=2026-11-01"], cb, out, column="embedding")
     again = encode_tables([str(root / "date=2026-11-01" / "*.parquet")], cb, out, column="embedding")
     assert again.encoded == [] and sorted(again.skipped) == ["part-0.parquet", "part-1.parquet"]
+
+
+def test_codes_folder_reads_as_a_dataset_with_polars_pyarrow_and_duckdb(dataset, tmp_path: Path) -> None:
+    """Nothing but parquet files in the output folder: readers need no knowledge of the bookkeeping."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    root, rows = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    out = tmp_path / "codes"
+    encode_tables([root], cb, out, column="embedding", id_column="id", with_distance=True)
+    assert {p.suffix for p in out.rglob("*") if p.is_file()} == {".parquet"}
+    assert manifest_path(out).is_file() and manifest_path(out).parent == tmp_path / "codes.vq"
+    ids = sorted(np.concatenate([pl.read_parquet(root / k)["id"].to_numpy() for k in rows]).tolist())
+    assert sorted(pl.scan_parquet(out).select("id").collect()["id"].to_list()) == ids
+    assert sorted(ds.dataset(out, format="parquet").to_table(columns=["id"])["id"].to_pylist()) == ids
+    got = duckdb.sql(f"select id from read_parquet('{out}/**/*.parquet') order by id").fetchall()
+    assert [r[0] for r in got] == ids
+
+
+def test_a_folder_of_the_previous_layout_is_migrated_and_not_re_encoded(dataset, tmp_path: Path) -> None:
+    root, _ = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    out = tmp_path / "out"
+    encode_tables([root], cb, out, column="embedding")
+    want = snapshot(out)
+    (out / ".vq").mkdir()
+    os.replace(state_dir(out) / "receipts", out / ".vq" / "receipts")  # the 0.1 layout: bookkeeping inside
+    os.replace(manifest_path(out), out / "_manifest.json")
+    again = encode_tables([root], cb, out, column="embedding")
+    assert again.encoded == [] and len(again.skipped) == 3
+    assert snapshot(out) == want and not (out / ".vq").exists() and not (out / "_manifest.json").exists()
+
+
+def test_touched_or_copied_input_is_not_encoded_again_but_changed_content_is(dataset, tmp_path: Path) -> None:
+    root, _ = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    out = tmp_path / "out"
+    encode_tables([root], cb, out, column="embedding")
+    want = snapshot(out)
+    touched = root / "date=2026-11-01/part-0.parquet"
+    os.utime(touched, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    copied = root / "date=2026-11-02/part-0.parquet"
+    data = copied.read_bytes()
+    copied.unlink()
+    copied.write_bytes(data)  # same content, a new inode and mtime
+    again = encode_tables([root], cb, out, column="embedding")
+    assert again.encoded == [] and len(again.skipped) == 3
+    assert json.loads(manifest_path(out).read_bytes()) == json.loads(want[f"state/{manifest_path(out).name}"])
+    assert {k: v for k, v in snapshot(out).items() if "receipts" not in k} == {k: v for k, v in want.items() if "receipts" not in k}
+    assert encode_tables([root], cb, out, column="embedding").encoded == []  # the receipts learned the new stat
+    x = pl.read_parquet(copied)
+    write_embeddings(copied, x["id"].to_numpy(), x["embedding"].to_numpy()[::-1].copy())  # same size, other content
+    assert encode_tables([root], cb, out, column="embedding").encoded == ["date=2026-11-02/part-0.parquet"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_mode_a_plain_open_gives(dataset, tmp_path: Path, umask: int) -> None:
+    root, _ = dataset
+    previous = os.umask(umask)
+    try:
+        cb = fit_from_tables([root], column="embedding", n_codes=8, checkpoint=tmp_path / "fit.ckpt", n_iter=2)
+        cb.save(tmp_path / "cb.safetensors")
+        encode_tables([root], cb, tmp_path / "out", column="embedding")
+        from vq_pipeline.kmeans import FitCheckpoint, fit_options
+
+        opts = fit_options(n_codes=8, dim=DIM, n_rows=100, metric="l2")
+        FitCheckpoint(tmp_path / "kept.ckpt").save("fp", opts, restart=0, inertias=[], best=None, lloyd=None)
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert (os.stat(tmp_path / "plain").st_mode & 0o777) == expected
+    written = [tmp_path / "cb.safetensors", tmp_path / "kept.ckpt", *(tmp_path / "out").rglob("*.parquet"), *state_dir(tmp_path / "out").rglob("*.json")]
+    assert len(written) == 2 + 3 + 3 + 1
+    assert {p.name: oct(os.stat(p).st_mode & 0o777) for p in written} == {p.name: oct(expected) for p in written}
+
+
+def test_code_dtype_can_be_pinned_and_a_narrow_or_unknown_one_is_refused_up_front(dataset, tmp_path: Path) -> None:
+    root, _ = dataset
+    cb = fit_from_tables([root], column="embedding", n_codes=8)
+    for pinned, dtype in (("uint32", pl.UInt32), ("int64", pl.Int64), (None, pl.UInt8)):
+        out = tmp_path / f"out-{pinned}"
+        encode_tables([root], cb, out, column="embedding", code_dtype=pinned)
+        assert {pl.read_parquet(p)["code"].dtype for p in out.rglob("*.parquet")} == {dtype}
+    wide = fit_codebook(torch.from_numpy(generate_embeddings(600, DIM, 20, seed=3)), 300)
+    with pytest.raises(InvalidInputError, match=r"code_dtype='uint8' holds codes up to 255 but the codebook has n_codes=300.*Fix"):
+        encode_tables([root], wide, tmp_path / "narrow", column="embedding", code_dtype="uint8")
+    with pytest.raises(InvalidInputError, match=r"code_dtype='float32' is not a supported code type.*uint32"):
+        encode_tables([root], cb, tmp_path / "unknown", column="embedding", code_dtype="float32")
+    assert not (tmp_path / "narrow").exists() and not (tmp_path / "unknown").exists()

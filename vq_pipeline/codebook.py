@@ -34,7 +34,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as _md
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
+from .fileio import atomic_write_bytes
 from .validate import METRICS
 
 FORMAT_NAME = "vq-pipeline.codebook"
@@ -287,27 +287,6 @@ class Codebook:
             "timings": self.timings,
             "empty_codes": int((self.counts == 0).sum()),
         }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 _EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from .assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
 from .codebook import Codebook, tensor_fingerprint
 from .engines import Engine, get_engine
 from .errors import InvalidInputError, TooFewPointsError
+from .fileio import atomic_write
 from .validate import (
     ENGINES,
     DEFAULT_METRIC,
@@ -435,17 +436,7 @@ class FitCheckpoint:
             "best": None if best is None else {**asdict(best), "history": [asdict(h) for h in best.history]},
             "lloyd": lloyd,
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, lambda f: torch.save(state, f))
 
     def clear(self) -> None:
         """Remove the checkpoint, and temporary files of saves that a crash interrupted."""

@@ -3,18 +3,22 @@
 The one place that joins table I/O (:mod:`vq_pipeline.tables`) with compute. No Prefect here:
 ``flows/`` wraps these functions.
 
-Encoding writes, under ``out_dir``:
+Encoding writes ``out_dir`` as a plain parquet dataset (nothing but ``.parquet`` files, so
+``pl.scan_parquet(out_dir)``, pyarrow datasets and duckdb read it as is), and keeps its
+bookkeeping beside it in ``<out_dir>.vq/`` (:func:`state_dir`):
 
 * one parquet file per input file, at the input's path relative to its root (so hive partitions
   keep their layout), written atomically (temporary name in the same folder, fsync, rename);
-* a receipt per output in ``out_dir/.vq/receipts/`` once its output is in place: input, input
-  fingerprint, codebook fingerprint, settings, row count, sha256 of the output, distance sum and
-  code counts;
-* ``_manifest.json`` last, gathering every receipt of the run.
+* a receipt per output in ``<out_dir>.vq/receipts/`` once its output is in place: input, input
+  fingerprint (sha256 of its content), codebook fingerprint, settings, row count, sha256 of the
+  output, distance sum and code counts;
+* ``<out_dir>.vq/manifest.json`` last, gathering every receipt of the run;
+* ``<out_dir>.vq/lock``, held while a run writes.
 
-A rerun skips every input whose receipt matches its fingerprint, the codebook and the settings and
-whose output still has the recorded checksum, so a crashed run resumes where it stopped, and a
-finished run is a no-op. Encoding is deterministic, so a re-encoded output is byte-identical.
+A rerun skips every input whose receipt matches its content, the codebook and the settings and
+whose output still has the recorded checksum, so a crashed run resumes where it stopped, a finished
+run is a no-op, and a file that was only touched or copied is not encoded again. Encoding is
+deterministic, so a re-encoded output is byte-identical.
 A folder that holds another codebook's (or other settings') codes is refused unless ``overwrite``.
 One exclusive lock per ``out_dir`` keeps two runs from writing into it at once.
 """
@@ -27,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,10 +49,11 @@ from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, FitOptions, ProgressCall
 from .tables import Source
 from .validate import DEFAULT_METRIC, METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
-MANIFEST_NAME = "_manifest.json"
+MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
-STATE_DIR = ".vq"
-LOCK_NAME = ".vq/lock"
+#: Suffix of the bookkeeping folder beside an output folder: ``codes/`` keeps it in ``codes.vq/``.
+STATE_SUFFIX = ".vq"
+LOCK_NAME = "lock"
 #: Rows per streamed batch.
 DEFAULT_BATCH_ROWS = 65_536
 #: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
@@ -451,9 +457,14 @@ class EncodeSettings:
     top_k: int = 1
     with_distance: bool = False
     keep: tuple[str, ...] = ()
+    #: The ``code`` column's integer type (a ``tables.CODE_DTYPES`` name); None: the smallest that fits.
+    code_dtype: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "keep": list(self.keep)}
+        d = {**asdict(self), "keep": list(self.keep)}
+        if self.code_dtype is None:  # folders written before the option existed keep matching
+            del d["code_dtype"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -492,19 +503,55 @@ def output_path(out_dir: str | os.PathLike[str], source: Source) -> Path:
     return Path(out_dir) / Path(source.key).with_suffix(".parquet")
 
 
+def state_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The bookkeeping folder of the output folder ``out_dir``: ``<out_dir>.vq`` beside it (receipts,
+    manifest, lock), so that ``out_dir`` itself holds nothing but parquet files."""
+    out = Path(out_dir)
+    if not out.name or out.name == "..":
+        out = Path(os.path.abspath(out))
+    if not out.name:
+        raise InvalidInputError(
+            f"out_dir={str(out_dir)!r} is a filesystem root; expected a folder of its own for the codes. "
+            f"Fix: pass a subfolder such as {str(out / 'codes')!r}."
+        )
+    return out.with_name(out.name + STATE_SUFFIX)
+
+
+def manifest_path(out_dir: str | os.PathLike[str]) -> Path:
+    """Where the manifest of the output folder ``out_dir`` is written (last, after every output)."""
+    return state_dir(out_dir) / MANIFEST_NAME
+
+
 def _receipt_path(out_dir: Path, key: str) -> Path:
-    return out_dir / STATE_DIR / "receipts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    return state_dir(out_dir) / "receipts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _migrate_state(out: Path) -> None:
+    """Move the bookkeeping of a folder written by 0.1 (``_manifest.json`` and ``.vq/`` inside it)
+    to :func:`state_dir`, so that its outputs are still recognized and the folder reads as a dataset."""
+    old = out / ".vq"
+    receipts = state_dir(out) / "receipts"
+    if (old / "receipts").is_dir():
+        receipts.mkdir(parents=True, exist_ok=True)
+        for p in sorted((old / "receipts").glob("*.json")):
+            if not (receipts / p.name).exists():
+                os.replace(p, receipts / p.name)
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (old / "receipts").rmdir()
+    (out / "_manifest.json").unlink(missing_ok=True)  # rewritten in the state folder at the end of the run
+    with contextlib.suppress(OSError):
+        (old / "lock").unlink(missing_ok=True)
+        old.rmdir()
 
 
 @contextlib.contextmanager
-def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the exclusive lock on ``out_dir``, or fail at once if another run holds it.
+def folder_lock(lock_file: str | os.PathLike[str], *, folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the exclusive lock ``lock_file`` for ``folder``, or fail at once if another run holds it.
 
-    A folder that the lock itself created is removed again if the run fails before writing to it.
+    The lock file notes its holder (pid and host), which the error message of a second run quotes.
     """
-    out = Path(out_dir)
-    created = not out.exists()
-    path = out / LOCK_NAME
+    path = Path(lock_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -513,7 +560,7 @@ def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise EncodeLockedError(
-                f"folder={str(out_dir)!r} is locked by another run ({holder}); expected one run per "
+                f"folder={str(folder)!r} is locked by another run ({holder}); expected one run per "
                 f"folder at a time. Fix: wait for it to finish, or write to another folder."
             ) from None
         f.seek(0)
@@ -522,16 +569,33 @@ def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
         f.flush()
         try:
             yield
-        except BaseException:
-            if created and [p for p in out.rglob("*") if p.is_file()] == [path]:
-                path.unlink()
-                for folder in (path.parent, out):
-                    folder.rmdir()
-            raise
         finally:
             f.seek(0)
             f.truncate()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the exclusive lock on the output folder ``out_dir`` (``<out_dir>.vq/lock``).
+
+    Folders that the lock itself created are removed again if the run fails before writing to them.
+    """
+    out = Path(out_dir)
+    state = state_dir(out)
+    created = [p for p in (out, state) if not p.exists()]
+    lock = state / LOCK_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(lock, folder=out_dir):
+        try:
+            yield
+        except BaseException:
+            untouched = not any(p.is_file() for p in out.rglob("*")) and [p for p in state.rglob("*") if p.is_file()] == [lock]
+            if created and untouched:
+                lock.unlink()
+                for folder in created:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def plan_encode(
@@ -554,6 +618,7 @@ def plan_encode(
     """
     out = Path(out_dir)
     check_int("top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes.")
+    tables.code_dtype(codebook.n_codes, settings.code_dtype)  # refuses an unknown or too narrow type up front
     sources = tables.discover(inputs, storage_options=storage_options)
     for s in sources:
         info = tables.inspect_source(s, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=storage_options)
@@ -571,6 +636,7 @@ def plan_encode(
                 f"id_column={settings.id_column!r} has duplicate ids across the inputs, e.g. {dups}; expected unique ids "
                 f"in one encode run. Fix: deduplicate the tables, or encode them in separate runs."
             )
+    _migrate_state(out)
     _check_folder(out, codebook, settings, overwrite=overwrite)
     remove_temporaries(out)
     todo, done, records = [], [], {}
@@ -587,17 +653,18 @@ def plan_encode(
 def remove_temporaries(out_dir: str | os.PathLike[str]) -> None:
     """Delete the temporary files that interrupted writes left in ``out_dir`` (a crashed run, a killed
     worker). Call under :func:`encode_lock`, when no write into the folder is in flight."""
-    for tmp in Path(out_dir).rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for folder in (Path(out_dir), state_dir(out_dir)):
+        for tmp in folder.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _folder_records(out: Path) -> list[dict[str, Any]]:
     """Every receipt in ``out`` plus the manifest's header, to learn what the folder holds."""
     found = []
-    manifest = out / MANIFEST_NAME
+    manifest = manifest_path(out)
     if manifest.is_file():
         found.append(_read_json(manifest))
-    receipts = out / STATE_DIR / "receipts"
+    receipts = state_dir(out) / "receipts"
     if receipts.is_dir():
         found.extend(_read_json(p) for p in sorted(receipts.glob("*.json")))
     return found
@@ -626,8 +693,8 @@ def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, ov
         for entry in (record.get("outputs") or {record.get("key"): record}).values():
             if entry and entry.get("output"):
                 (out / entry["output"]).unlink(missing_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for p in (out / STATE_DIR / "receipts").glob("*.json"):
+    manifest_path(out).unlink(missing_ok=True)
+    for p in (state_dir(out) / "receipts").glob("*.json"):
         p.unlink()
 
 
@@ -641,16 +708,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _completed_record(out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any) -> dict[str, Any] | None:
     receipt = _read_json(_receipt_path(out, source.key))
-    if (
-        not receipt
-        or receipt.get("codebook_fingerprint") != codebook.fingerprint
-        or receipt.get("settings") != settings.to_dict()
-        or receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options)
-    ):
+    if not receipt or receipt.get("codebook_fingerprint") != codebook.fingerprint or receipt.get("settings") != settings.to_dict():
         return None
+    stat = tables.file_stat(source)
+    # Unchanged size, mtime and inode: the content hashed for the receipt is still there. Otherwise
+    # hash the content again; a file that was only touched or copied keeps its receipt.
+    if stat is None or stat != receipt.get("input_stat"):
+        if receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options):
+            return None
     output = out / receipt["output"]
     if not output.is_file() or tables.file_sha256(output) != receipt.get("sha256"):
         return None
+    if stat != receipt.get("input_stat"):
+        atomic_write_bytes(_receipt_path(out, source.key), _dumps({**receipt, "input_stat": stat}))
+        receipt = {**receipt, "input_stat": stat}
     return receipt
 
 
@@ -668,6 +739,7 @@ def encode_source(
     Safe to run concurrently for different sources of one folder (each writes its own files).
     """
     out = Path(out_dir)
+    stat = tables.file_stat(source)
     fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
     info = tables.inspect_source(source, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=options.storage_options)
     frames = []
@@ -694,6 +766,7 @@ def encode_source(
             tables.codes_frame(
                 ids, codes, n_codes=codebook.n_codes, id_column=settings.id_column or "row",
                 distances=distances if settings.with_distance else None, keep=batch.keep,
+                pinned_dtype=settings.code_dtype,
             )
         )
         done += len(batch)
@@ -707,6 +780,7 @@ def encode_source(
         "key": source.key,
         "input": source.uri,
         "input_fingerprint": fingerprint,
+        "input_stat": stat,
         "output": path.relative_to(out).as_posix(),
         "rows": done,
         "sha256": digest,
@@ -720,16 +794,20 @@ def encode_source(
 
 
 def write_manifest(out_dir: str | os.PathLike[str], codebook: Codebook, settings: EncodeSettings, records: dict[str, dict[str, Any]]) -> Path:
-    """Write ``_manifest.json`` (atomically, after the outputs it lists): what the folder holds."""
+    """Write the manifest (:func:`manifest_path`; atomically, after the outputs it lists): what the folder holds."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": "1.0",
         "codebook_fingerprint": codebook.fingerprint,
         "settings": settings.to_dict(),
         "rows": sum(r["rows"] for r in records.values()),
-        "outputs": {key: {k: v for k, v in records[key].items() if k not in ("codebook_fingerprint", "settings")} for key in sorted(records)},
+        # input_stat is a cache hint of this machine (mtime, inode), not part of what the folder holds.
+        "outputs": {
+            key: {k: v for k, v in records[key].items() if k not in ("codebook_fingerprint", "settings", "input_stat")}
+            for key in sorted(records)
+        },
     }
-    return atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, _dumps(manifest))
+    return atomic_write_bytes(manifest_path(out_dir), _dumps(manifest))
 
 
 def _dumps(value: Any) -> bytes:
@@ -746,6 +824,7 @@ def encode_tables(
     top_k: int = 1,
     with_distance: bool = False,
     keep: Sequence[str] = (),
+    code_dtype: str | None = None,
     overwrite: bool = False,
     engine: str = "auto",
     device: str | None = None,
@@ -763,6 +842,8 @@ def encode_tables(
         column: the embedding column. id_column: the id column (default: row positions, written
             as ``row``). top_k: codes per row. with_distance: also write distances.
         keep: columns copied through to the outputs. overwrite: replace another codebook's codes.
+        code_dtype: the ``code`` column's type, e.g. ``"uint32"`` or ``"int64"`` (default: the smallest
+            unsigned type that holds ``n_codes``, which can change with a refit's ``n_codes``).
         progress: called as ``progress(key, rows_done, rows_in_file)`` after every batch.
         on_plan: called once, before encoding, as ``on_plan({key: rows} of the files to encode,
             [keys of the files skipped as already complete])``.
@@ -770,12 +851,14 @@ def encode_tables(
     t0 = time.perf_counter()
     if not isinstance(codebook, Codebook):
         codebook = Codebook.load(codebook)
-    settings = EncodeSettings(column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep))
+    settings = EncodeSettings(
+        column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep), code_dtype=code_dtype,
+    )
     options = EncodeOptions(engine=engine, device=device, batch_rows=check_int("batch_rows", batch_rows, minimum=1), memory_budget=memory_budget, storage_options=storage_options)
     out = Path(out_dir)
     with encode_lock(out):
         todo, done, records = plan_encode(inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options)
-        result = EncodeResult(out_dir=str(out), manifest=str(out / MANIFEST_NAME), codebook_fingerprint=codebook.fingerprint)
+        result = EncodeResult(out_dir=str(out), manifest=str(manifest_path(out)), codebook_fingerprint=codebook.fingerprint)
         result.skipped = [s.key for s in done]
         if on_plan is not None:
             on_plan(
@@ -847,6 +930,7 @@ __all__ = [
     "encode_source",
     "encode_tables",
     "fit_from_tables",
+    "folder_lock",
     "fit_partitioned",
     "load_partition_stats",
     "partition_e_step",
@@ -854,7 +938,9 @@ __all__ = [
     "save_centroids",
     "reduce_partition_stats",
     "save_partition_stats",
+    "manifest_path",
     "output_path",
+    "state_dir",
     "plan_encode",
     "remove_temporaries",
     "write_manifest",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob as _glob
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +24,7 @@ import polars as pl
 import torch
 
 from .errors import InvalidInputError
+from .fileio import atomic_write
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
 _REMOTE_PREFIXES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "http://", "https://", "hf://")
@@ -340,29 +340,54 @@ def sample_rows(
 
 
 def fingerprint(source: Source, *, storage_options: dict[str, Any] | None = None) -> str:
-    """A cheap content fingerprint of one source.
+    """A content fingerprint of one source.
 
-    Local files: sha256 of the size, the modification time and the first and last 64 KiB (a
-    parquet footer holds every row group's statistics, so rewritten contents change it).
-    Remote files: sha256 of the URI, the row count and the schema (no listing API is used).
+    Local files: sha256 of the whole file, so touching a file (or copying it elsewhere) keeps its
+    fingerprint and any change of content changes it. Remote files: sha256 of the URI, the row
+    count and the schema (no listing API is used). See :func:`file_stat` for a cheap check of
+    whether a local file may have changed since it was fingerprinted.
     """
-    h = hashlib.sha256(b"vq-source-v1|")
     if source.is_remote:
         lf = scan(source, storage_options=storage_options)
+        h = hashlib.sha256(b"vq-source-v1|")
         h.update(f"{source.uri}|{lf.select(pl.len()).collect().item()}|{lf.collect_schema()}".encode())
         return h.hexdigest()
+    return "sha256:" + file_sha256(source.uri)
+
+
+def file_stat(source: Source) -> str | None:
+    """``size|mtime_ns|inode`` of a local source (None for remote ones): while it is unchanged, so is
+    the file's :func:`fingerprint` (short of a deliberate in-place edit that restores the mtime)."""
+    if source.is_remote:
+        return None
     st = os.stat(source.uri)
-    h.update(f"{st.st_size}|{st.st_mtime_ns}|".encode())
-    with open(source.uri, "rb") as f:
-        h.update(f.read(65536))
-        if st.st_size > 65536:
-            f.seek(max(65536, st.st_size - 65536))
-            h.update(f.read())
-    return h.hexdigest()
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
-def code_dtype(n_codes: int) -> pl.DataType:
-    """The smallest unsigned integer type holding codes ``0..n_codes-1``."""
+#: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
+CODE_DTYPES = {
+    "uint8": pl.UInt8, "uint16": pl.UInt16, "uint32": pl.UInt32, "uint64": pl.UInt64,
+    "int16": pl.Int16, "int32": pl.Int32, "int64": pl.Int64,
+}
+
+
+def code_dtype(n_codes: int, pinned: str | None = None) -> pl.DataType:
+    """The ``code`` column's type: ``pinned`` (a :data:`CODE_DTYPES` name) when given, else the
+    smallest unsigned integer type holding codes ``0..n_codes-1``."""
+    if pinned is not None:
+        dtype = CODE_DTYPES.get(pinned)
+        if dtype is None:
+            raise InvalidInputError(
+                f"code_dtype={pinned!r} is not a supported code type; expected one of {', '.join(CODE_DTYPES)}. "
+                f"Fix: pick one of those (uint32 or int64 suit most warehouse schemas)."
+            )
+        top = int(np.iinfo(pinned).max) + 1  # the names are numpy's too
+        if n_codes > top:
+            raise InvalidInputError(
+                f"code_dtype={pinned!r} holds codes up to {top - 1} but the codebook has n_codes={n_codes}; expected a type "
+                f"wide enough for code {n_codes - 1}. Fix: pin a wider type such as 'uint32' or 'int64'."
+            )
+        return dtype
     for dtype, top in ((pl.UInt8, 2**8), (pl.UInt16, 2**16), (pl.UInt32, 2**32)):
         if n_codes <= top:
             return dtype
@@ -377,6 +402,7 @@ def codes_frame(
     id_column: str = "id",
     distances: torch.Tensor | None = None,
     keep: Any = None,
+    pinned_dtype: str | None = None,
 ) -> pl.DataFrame:
     """Build the output table of one batch or file.
 
@@ -385,11 +411,12 @@ def codes_frame(
         codes: (n,) or (n, k) int64 tensor, nearest first.
         distances: optional float32 tensor of the same shape.
         keep: optional DataFrame of pass-through columns.
+        pinned_dtype: the codes' integer type (see :func:`code_dtype`; default: the smallest fit).
 
     Columns: ``id_column``, ``code`` (nearest), ``codes`` (Array of k, when k > 1), ``distance``
     (nearest), ``distances`` (Array of k, when k > 1), then the kept columns.
     """
-    dtype = code_dtype(n_codes)
+    dtype = code_dtype(n_codes, pinned_dtype)
     c = codes.numpy()
     cols: list[pl.Series] = [ids.rename(id_column), pl.Series("code", c if c.ndim == 1 else c[:, 0]).cast(dtype)]
     if c.ndim == 2:
@@ -408,24 +435,11 @@ def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> str:
-    """Write ``frame`` to ``path`` via a temporary file in the same folder, fsync and rename.
+    """Write ``frame`` to ``path`` atomically (:func:`vq_pipeline.fileio.atomic_write`).
 
     Returns the sha256 of the written bytes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            frame.write_parquet(f, statistics=True)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+    return file_sha256(atomic_write(path, lambda f: frame.write_parquet(f, statistics=True)))
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
