@@ -12,14 +12,14 @@ import statistics
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from vq_pipeline import Codebook, CodebookFileError
+from vq_pipeline import Codebook, CodebookFileError, IterationStats
 from vq_pipeline import tables
 from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, load_partition_stats, partition_stats_file, save_centroids
 from vq_pipeline.tables import Source
@@ -57,6 +57,18 @@ def _size_summary(counts: list[int]) -> dict[str, Any]:
     }
 
 
+def log_progress(logger: Any) -> Callable[[Any], None]:
+    """A fit ``progress`` callback that logs seeding and every iteration at INFO to the run's log."""
+
+    def log(event: Any) -> None:
+        if isinstance(event, IterationStats):
+            logger.info("iteration %d: objective %.6g, repairs %d (%.2f s)", event.iteration, event.objective, event.n_repairs, event.seconds)
+        else:
+            logger.info("seeding: %d of %d initial centroids chosen (%.1f s)", event.chosen, event.n_codes, event.seconds)
+
+    return log
+
+
 # Results stay in memory (NO_CACHE): a cached result would skip writing the file.
 @task(name="fit-codebook", cache_policy=NO_CACHE)
 def fit_task(
@@ -89,7 +101,7 @@ def fit_task(
     codebook = fit_from_tables(
         inputs, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
         seed=seed, sample=sample_used, engine=engine, device=device,
-        progress=lambda s: logger.debug("iteration %d: objective %.6g, repairs %d", s.iteration, s.objective, s.n_repairs),
+        progress=log_progress(logger),
     )
     return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
 
@@ -201,7 +213,7 @@ def fit_on_dask(
             codebook = fit_partitioned(
                 inputs, map_e_step, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
                 seed=seed, engine=engine, device=device,
-                progress=lambda s: logger.info("iteration %d: objective %.6g, repairs %d", s.iteration, s.objective, s.n_repairs),
+                progress=log_progress(logger),
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

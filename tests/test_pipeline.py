@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import assert_codes_match, snapshot
-from vq_pipeline import Codebook, DimensionMismatchError, InvalidInputError, NonFiniteError, fit_codebook
+from vq_pipeline import DimensionMismatchError, InvalidInputError, IterationStats, NonFiniteError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
+from vq_pipeline.kmeans import InitProgress
 from vq_pipeline.pipeline import (
     EncodeLockedError,
     drift_report,
@@ -334,3 +335,39 @@ def test_code_dtype_can_be_pinned_and_a_narrow_or_unknown_one_is_refused_up_fron
     with pytest.raises(InvalidInputError, match=r"code_dtype='float32' is not a supported code type.*uint32"):
         encode_tables([root], cb, tmp_path / "unknown", column="embedding", code_dtype="float32")
     assert not (tmp_path / "narrow").exists() and not (tmp_path / "unknown").exists()
+
+
+def test_seeding_reports_progress_then_iterations(dataset) -> None:
+    root, _ = dataset
+    events: list = []
+    fit_from_tables([root], column="embedding", n_codes=40, n_iter=3, progress=events.append)
+    seeding = [e for e in events if isinstance(e, InitProgress)]
+    assert len(seeding) >= 10 and events[: len(seeding)] == seeding, "seeding is reported first, every few percent"
+    assert [e.chosen for e in seeding] == sorted(e.chosen for e in seeding) and seeding[-1].chosen == seeding[-1].n_codes == 40
+    assert all(isinstance(e, IterationStats) for e in events[len(seeding) :]) and len(events) - len(seeding) == 4
+    events.clear()
+    fit_from_tables([root], column="embedding", n_codes=40, n_iter=1, init="random", progress=events.append)
+    assert [(e.chosen, e.n_codes) for e in events if isinstance(e, InitProgress)] == [(40, 40)]
+
+
+def test_checkpoint_exists_once_the_initial_centroids_are_chosen(dataset, tmp_path: Path) -> None:
+    """A fit stopped before its first update resumes without seeding again, and ends the same."""
+    import dataclasses
+
+    root, _ = dataset
+    kwargs = dict(column="embedding", n_codes=40, n_iter=6, tol=0.0)
+    want = dataclasses.replace(fit_from_tables([root], **kwargs), created_at="", timings={}).to_bytes()
+    ckpt = tmp_path / "fit.ckpt"
+
+    def stop_at_first_iteration(event) -> None:
+        if isinstance(event, IterationStats):
+            assert ckpt.is_file(), "no checkpoint yet when the first iteration ends"
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_from_tables([root], checkpoint=ckpt, progress=stop_at_first_iteration, **kwargs)
+    events: list = []
+    got = fit_from_tables([root], checkpoint=ckpt, progress=events.append, **kwargs)
+    assert not [e for e in events if isinstance(e, InitProgress)], "the resumed fit seeded again"
+    assert events[0].iteration == 1
+    assert dataclasses.replace(got, created_at="", timings={}).to_bytes() == want and not ckpt.exists()

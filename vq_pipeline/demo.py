@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .kmeans import InitProgress, IterationStats
 from .pipeline import encode_tables, fit_from_tables
 from .tables import write_embeddings
 
@@ -27,6 +28,13 @@ def generate_embeddings(n_rows: int, dim: int, n_topics: int, *, seed: int) -> n
     return x.astype(np.float32)
 
 
+def _print_progress(event: InitProgress | IterationStats) -> None:
+    if isinstance(event, IterationStats):
+        print(f"  iteration {event.iteration}: objective {event.objective:.4f}", file=sys.stderr)
+    else:
+        print(f"  seeding: {event.chosen}/{event.n_codes} initial centroids ({event.seconds:.1f} s)", file=sys.stderr)
+
+
 def main(out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int = 5_000, dim: int = 64, n_codes: int = 64) -> dict:
     out = Path(out_dir)
     train = write_embeddings(out / "train.parquet", np.arange(n_train), generate_embeddings(n_train, dim, 48, seed=1))
@@ -35,7 +43,7 @@ def main(out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int =
     t0 = time.perf_counter()
     codebook = fit_from_tables(
         [train], column="embedding", n_codes=n_codes, metric="cosine", seed=0,
-        progress=lambda s: print(f"  iteration {s.iteration}: objective {s.objective:.4f}", file=sys.stderr),
+        progress=_print_progress,
     )
     codebook_path = codebook.save(out / "codebook.safetensors")
     result = encode_tables([new.parent], codebook, out / "codes", column="embedding", id_column="id", with_distance=True)

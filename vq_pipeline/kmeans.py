@@ -292,7 +292,14 @@ def lloyd(
 
 
 def kmeans_plus_plus(
-    x: torch.Tensor, n_codes: int, *, generator: torch.Generator, engine: Engine, memory_budget: int, device: torch.device
+    x: torch.Tensor,
+    n_codes: int,
+    *,
+    generator: torch.Generator,
+    engine: Engine,
+    memory_budget: int,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding through ``engine`` in bounded chunks.
 
@@ -304,6 +311,7 @@ def kmeans_plus_plus(
     Args:
         x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
         generator: CPU generator; all randomness comes from it.
+        progress: called with an :class:`InitProgress` about every 5% of the centroids (and at the end).
 
     Returns:
         (n_codes, dim) float32 centroids on ``device``, each a row of ``x``.
@@ -314,7 +322,11 @@ def kmeans_plus_plus(
     chosen = [int(torch.randint(n_rows, (1,), generator=generator))]
     first = x[chosen[0] : chosen[0] + 1].to(device)  # (1, dim)
     closest = _direct_sqdist(x, first[0], chunk)  # (n_rows,) float64
+    t0 = time.perf_counter()
+    report_every = max(1, n_codes // 20)
     for i in range(1, n_codes):
+        if i % report_every == 0:
+            _report_init(progress, i, n_codes, t0)
         total = float(closest.sum())
         if total <= 0:
             raise TooFewPointsError(
@@ -332,7 +344,15 @@ def kmeans_plus_plus(
         # The winner's distances in the direct form: exact zeros for copies of chosen rows, so they are
         # never drawn and running out of distinct rows is detected (the GEMM form leaves ~1e-7 there).
         closest = torch.minimum(closest, _direct_sqdist(x, cand_x[best], chunk))
+    _report_init(progress, n_codes, n_codes, t0)
     return x[torch.tensor(chosen, device=x.device)].to(device, torch.float32).contiguous()
+
+
+def _report_init(progress: ProgressCallback | None, chosen: int, n_codes: int, t0: float) -> None:
+    event = InitProgress(chosen=chosen, n_codes=n_codes, seconds=time.perf_counter() - t0)
+    log.info("initial centroids: %d of %d chosen (%.1f s)", chosen, n_codes, event.seconds)
+    if progress is not None:
+        progress(event)
 
 
 def _direct_sqdist(x: Rows, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
@@ -546,7 +566,8 @@ def fit_codebook(
         n_init: restarts from different seeded inits; the lowest objective wins.
         engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu' or 'cuda'.
         memory_budget: bytes of temporaries one chunk may use.
-        progress: called with an :class:`IterationStats` after every iteration.
+        progress: called with :class:`InitProgress` events while the initial centroids are chosen
+            (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration.
         sources, column: provenance recorded in the codebook.
 
     Returns:
@@ -627,9 +648,17 @@ def fit_rows(
             c0 = init_rows[pick.to(init_rows.device)].to(dev).contiguous()
         else:
             c0 = kmeans_plus_plus(
-                init_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev
+                init_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev,
+                progress=progress,
             )
+        if resume is None and not (isinstance(opts.init, str) and opts.init == "k-means++"):
+            _report_init(progress, n_codes, n_codes, t0)
         init_seconds += time.perf_counter() - t0
+        if resume is None and on_update is not None:
+            # A checkpoint as soon as the initial centroids exist: a fit stopped before its first
+            # update resumes without seeding again (k-means++ can take longer than an iteration).
+            resume = {"centroids": c0.to("cpu", torch.float32), "iteration": 1, "prev": None, "total_repairs": 0, "history": []}
+            on_update(resume)
         result = lloyd(
             rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk,
             progress=progress, resume=resume, on_update=on_update, e_step_fn=e_step_fn,
