@@ -1,7 +1,8 @@
 """Serve the vq-pipeline flow on a cron schedule.
 
     python -m vq_flows.deploy --cron "0 * * * *" --input-root data/embeddings --work-dir vq_work \\
-        --column embedding --codes 1024 [--metric cosine] [--id-column id] [--refit-every-hours 168]
+        --column embedding --codes 1024 [--metric l2|cosine] [--id-column id] [--refit-every-hours 168] \\
+        [--drift-threshold 0.25] [--usage-threshold 0.1|off]
 
 This registers a deployment with the Prefect API (set ``PREFECT_API_URL`` to a running
 ``prefect server start`` or Prefect Cloud; without it Prefect starts a temporary local server that
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 
 from prefect.types.entrypoint import EntrypointType
 
-from vq_flows.pipeline import vq_pipeline_flow
+from vq_flows.pipeline import DEFAULT_DRIFT_THRESHOLD, DEFAULT_USAGE_THRESHOLD, vq_pipeline_flow
+from vq_pipeline.validate import DEFAULT_METRIC
 
 DEFAULT_NAME = "scheduled"
 
@@ -45,6 +47,19 @@ def serve(cron: str, name: str = DEFAULT_NAME, **params: Any) -> None:
     vq_pipeline_flow.serve(**deployment_options(cron, name, **params), limit=1)
 
 
+def _threshold_or_off(value: str) -> float | None:
+    """``--usage-threshold``: a number of bits, or ``off``/``none`` to turn the rule off."""
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"usage_threshold={value!r}; expected bits (e.g. {DEFAULT_USAGE_THRESHOLD}) or 'off'. "
+            f"Fix: pass a number, or off to turn the rule off."
+        ) from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, Any]]:
     """(cron, deployment name, flow parameters) from the command line."""
     p = argparse.ArgumentParser(prog="python -m vq_flows.deploy", description="Serve the vq-pipeline flow on a cron schedule.")
@@ -54,10 +69,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--work-dir", required=True, help="folder for codebooks, codes and reports")
     p.add_argument("--column", required=True, help="embedding column")
     p.add_argument("--codes", type=int, required=True, help="number of codes (K)")
-    p.add_argument("--metric", default="cosine", choices=["l2", "cosine"])
+    p.add_argument(
+        "--metric", default=DEFAULT_METRIC, choices=["l2", "cosine"],
+        help="distance metric (default: %(default)s, vq_pipeline.validate.DEFAULT_METRIC, as everywhere)",
+    )
     p.add_argument("--id-column", default=None)
     p.add_argument("--refit-every-hours", type=float, default=24 * 7, help="0 or less: never refit on schedule")
-    p.add_argument("--drift-threshold", type=float, default=0.25)
+    p.add_argument(
+        "--drift-threshold", type=float, default=DEFAULT_DRIFT_THRESHOLD,
+        help="refit when new rows' mean distance exceeds the training one by this fraction (default: %(default)s)",
+    )
+    p.add_argument(
+        "--usage-threshold", type=_threshold_or_off, default=DEFAULT_USAGE_THRESHOLD,
+        help="refit when new rows' code-usage JS divergence exceeds its finite-sample bias by this many bits "
+        "(evaluated from max(100, 5 x codes) new rows on; 'off': never; default: %(default)s)",
+    )
     p.add_argument("--sample", type=int, default=None, help="fit on a seeded sample of this many rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
@@ -66,7 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
         # Absolute: scheduled runs may start in another working folder.
         input_root=os.path.abspath(a.input_root), work_dir=os.path.abspath(a.work_dir), column=a.column, n_codes=a.codes, metric=a.metric,
         id_column=a.id_column, refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
-        drift_threshold=a.drift_threshold, sample=a.sample, seed=a.seed, engine=a.engine,
+        drift_threshold=a.drift_threshold, usage_threshold=a.usage_threshold, sample=a.sample, seed=a.seed,
+        engine=a.engine,
     )
     return a.cron, a.name, params
 

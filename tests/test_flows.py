@@ -24,7 +24,10 @@ from vq_pipeline.tables import read_table, write_embeddings
 from vq_flows.deploy import build_deployment, parse_args  # noqa: I001 - flows after the library
 from vq_flows.encode import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, encode_embeddings_flow, encode_file_task, retry_transient
 from vq_flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
-from vq_flows.pipeline import CURRENT_NAME, REPORT_ARTIFACT_KEY, codebook_path, codes_dir, refit_reason, vq_pipeline_flow
+from vq_flows.pipeline import (
+    CURRENT_NAME, codebook_path, codes_dir, refit_reason, report_artifact_key, vq_pipeline_flow,
+)
+from vq_pipeline.validate import DEFAULT_METRIC
 
 DIM = 12
 N_CODES = 8
@@ -136,15 +139,20 @@ def test_refit_reason() -> None:
     now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.timezone.utc)
     week_ago = (now - dt.timedelta(hours=169)).isoformat()
     hour_ago = (now - dt.timedelta(hours=1)).isoformat()
-    common = dict(now=now, distortion_ratio=1.1, drift_threshold=0.25)
+    measured = dict(rows=500, n_codes=8, distortion_ratio=1.1, usage_divergence=0.01, usage_divergence_expected=0.003)
+    common = dict(now=now, drift=measured, drift_threshold=0.25, usage_threshold=0.1)
     assert refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, **common) is None
     assert refit_reason(created_at=week_ago, last_fit_at=None, refit_every_hours=168, **common).startswith("schedule")
     assert refit_reason(created_at=week_ago, last_fit_at=None, refit_every_hours=None, **common) is None
     # A refit that reproduced the codebook restarts the clock.
     assert refit_reason(created_at=week_ago, last_fit_at=hour_ago, refit_every_hours=168, **common) is None
-    drift = refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, now=now, distortion_ratio=1.3, drift_threshold=0.25)
+    recent = dict(
+        created_at=hour_ago, last_fit_at=None, refit_every_hours=168, now=now, drift_threshold=0.25, usage_threshold=0.1,
+    )
+    drift = refit_reason(drift={**measured, "distortion_ratio": 1.3}, **recent)
     assert drift.startswith("drift") and "1.300" in drift
-    assert refit_reason(created_at=hour_ago, last_fit_at=None, refit_every_hours=168, now=now, distortion_ratio=None, drift_threshold=0.25) is None
+    nothing_new = {"rows": 0, "n_codes": 8, "distortion_ratio": None, "usage_divergence": None}
+    assert refit_reason(drift=nothing_new, **recent) is None
 
 
 def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_api, tmp_path: Path) -> None:
@@ -159,10 +167,14 @@ def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_a
     assert first["codebook"] == str(codebook_path(work, fp1)) and Codebook.load(first["codebook"]).fingerprint == fp1
     assert json.loads((work / CURRENT_NAME).read_text())["codebook"] == f"codebooks/{fp1[:12]}.safetensors"
     assert first["codes_dir"] == str(codes_dir(work, fp1)) and Path(first["manifest"]).is_file()
-    assert first["encode"][0]["encoded"] == sorted(PARTS) and first["drift"]["rows"] == sum(PARTS.values())
+    assert first["encode"][0]["encoded"] == sorted(PARTS) and first["params"]["metric"] == DEFAULT_METRIC
+    # The rows the codebook was fitted on are its baseline, not a drift measurement.
+    assert first["drift"]["baseline"] and first["drift"]["rows"] == 0
+    assert first["drift"]["baseline_rows"] == sum(PARTS.values())
     assert Path(first["report"]).is_file() and Path(first["report"]).with_suffix(".json").is_file()
-    report = artifacts(first["flow_run_id"])[REPORT_ARTIFACT_KEY].data
+    report = artifacts(first["flow_run_id"])[report_artifact_key(work)].data
     assert "fitted a first codebook" in report and first["manifest"] in report
+    assert "baseline: the codebook was fitted on these rows" in report and f"work_dir: `{work}`" in report
 
     # A new partition from the same distribution: only it is encoded, and nothing is refitted.
     new_key = "date=2026-11-04/part-0.parquet"
@@ -170,7 +182,10 @@ def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_a
     second = vq_pipeline_flow(**params)
     assert second["action"] == "none" and second["fingerprint"] == fp1 and len(second["encode"]) == 1
     assert second["encode"][0]["encoded"] == [new_key] and second["encode"][0]["skipped"] == sorted(PARTS)
-    assert second["drift"]["rows"] == 500 and second["drift"]["distortion_ratio"] < 1.25
+    assert second["drift"]["rows"] == 500 and second["drift"]["distortion_ratio"] < 1.25 and second["fired"] == []
+    assert {c["rule"]: c["status"] for c in second["refit_rules"]} == {
+        "schedule": "not fired", "distortion": "not fired", "usage": "not fired",
+    }
     old_codes = snapshot(codes_dir(work, fp1))
 
     # A partition from a very different distribution: drift -> warm-started refit, re-encode all.
@@ -179,6 +194,7 @@ def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_a
     third = vq_pipeline_flow(**params, drift_threshold=0.1)
     fp2 = third["fingerprint"]
     assert third["action"] == "refit" and third["reason"].startswith("drift"), third["reason"]
+    assert "distortion" in third["fired"]
     assert third["drift"]["distortion_ratio"] > 1.1 and third["drift"]["rows"] == 500
     assert fp2 != fp1 and Codebook.load(third["codebook"]).parent_fingerprint == fp1 and third["parent_fingerprint"] == fp1
     assert json.loads((work / CURRENT_NAME).read_text())["fingerprint"] == fp2
@@ -187,7 +203,8 @@ def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_a
     everything = sorted([*PARTS, new_key, drift_key])
     assert third["encode"][1]["encoded"] == everything and third["codes_dir"] == str(codes_dir(work, fp2))
     assert third["previous_codebook"] == str(codebook_path(work, fp1)) and codebook_path(work, fp1).is_file()
-    assert third["drift_after_refit"]["rows"] == sum(PARTS.values()) + 1000
+    assert third["drift_after_refit"]["baseline"]
+    assert third["drift_after_refit"]["baseline_rows"] == sum(PARTS.values()) + 1000
     old_after = snapshot(codes_dir(work, fp1))
     assert {k: v for k, v in old_after.items() if k in old_codes and k != "_manifest.json"} == {
         k: v for k, v in old_codes.items() if k != "_manifest.json"
@@ -197,6 +214,7 @@ def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_a
     # reproduces the converged codebook, which is then kept with its lineage, or becomes a child of it.
     fourth = vq_pipeline_flow(**params, refit_every_hours=0)
     assert fourth["reason"].startswith("schedule") and fourth["encode"][0]["encoded"] == []
+    assert fourth["fired"] == ["schedule"]
     if fourth["action"] == "refit-unchanged":
         assert fourth["fingerprint"] == fp2 and Codebook.load(third["codebook"]).parent_fingerprint == fp1
         assert json.loads((work / CURRENT_NAME).read_text())["last_fit_at"] == fourth["started_at"]
@@ -212,7 +230,8 @@ def test_deployment_has_the_cron_schedule_and_parameters(tmp_path: Path) -> None
         ["--cron", "0 * * * *", "--input-root", str(tmp_path / "in"), "--work-dir", str(tmp_path / "work"),
          "--column", "embedding", "--codes", "16", "--id-column", "id"]
     )
-    assert params["n_codes"] == 16 and params["metric"] == "cosine" and params["refit_every_hours"] == 168
+    assert params["n_codes"] == 16 and params["metric"] == DEFAULT_METRIC and params["refit_every_hours"] == 168
+    assert params["usage_threshold"] == 0.1 and params["drift_threshold"] == 0.25
     deployment = build_deployment(cron, name, **params)
     assert deployment.name == name and deployment.flow_name == "vq-pipeline"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
-
-_umask_lock = threading.Lock()
-
 
 def current_umask() -> int:
     """The process's umask, read without changing it where the platform allows."""
@@ -27,9 +23,10 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    with _umask_lock:  # os.umask can only be read by setting it
-        mask = os.umask(0o022)
-        os.umask(mask)
+    # Elsewhere os.umask can only be read by setting it, and set back at once. (No module-level lock:
+    # served flows pickle this module by value, and a lock cannot be pickled.)
+    mask = os.umask(0o022)
+    os.umask(mask)
     return mask
 
 
