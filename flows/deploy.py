@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from prefect.types.entrypoint import EntrypointType
 
 from vq_flows.pipeline import DEFAULT_DRIFT_THRESHOLD, DEFAULT_USAGE_THRESHOLD, vq_pipeline_flow
+from vq_pipeline.tables import CODE_DTYPES
 from vq_pipeline.validate import DEFAULT_METRIC
 
 DEFAULT_NAME = "scheduled"
@@ -87,13 +88,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--sample", type=int, default=None, help="fit on a seeded sample of this many rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
+    p.add_argument(
+        "--code-dtype", default=None, choices=sorted(CODE_DTYPES),
+        help="integer type of the code column (default: the smallest unsigned type for --codes)",
+    )
     a = p.parse_args(argv)
     params = dict(
         # Absolute: scheduled runs may start in another working folder.
         input_root=os.path.abspath(a.input_root), work_dir=os.path.abspath(a.work_dir), column=a.column, n_codes=a.codes, metric=a.metric,
         id_column=a.id_column, refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
         drift_threshold=a.drift_threshold, usage_threshold=a.usage_threshold, sample=a.sample, seed=a.seed,
-        engine=a.engine,
+        engine=a.engine, code_dtype=a.code_dtype,
     )
     return a.cron, a.name, params
 

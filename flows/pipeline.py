@@ -429,6 +429,7 @@ def vq_pipeline_flow(
     sample: int | None = None,
     seed: int = 0,
     engine: str = "auto",
+    code_dtype: str | None = None,
     dask: str | None = None,
 ) -> dict[str, Any]:
     """Fit or refit the codebook as needed and encode every new partition under ``input_root``.
@@ -444,6 +445,9 @@ def vq_pipeline_flow(
             usage exceeds its finite-sample bias by more than this many bits (evaluated from
             ``max(100, 5 * n_codes)`` new rows on; None: never). Catches topic shifts that move rows
             between codes without raising their distance.
+        code_dtype: the ``code`` column's integer type, e.g. "uint32" or "int64" (default: the
+            smallest unsigned type for ``n_codes``); pin it so that a table schema survives a refit
+            with another ``n_codes``. Codes folders written with another value are refused.
         dask: run the fits and encodes on a Dask cluster: ``local:N`` (started once for the whole
             run) or a scheduler address; see :mod:`vq_flows.dask`.
 
@@ -484,7 +488,8 @@ def vq_pipeline_flow(
     def encode(current: dict[str, Any]) -> dict[str, Any]:
         return encode_embeddings_flow(
             inputs=[str(root)], codebook=current["path"], out_dir=str(codes_dir(work, current["fingerprint"])),
-            column=column, id_column=id_column, top_k=TOP_K, with_distance=WITH_DISTANCE, engine=engine, dask=dask,
+            column=column, id_column=id_column, top_k=TOP_K, with_distance=WITH_DISTANCE, code_dtype=code_dtype,
+            engine=engine, dask=dask,
         )
 
     def brief(e: dict[str, Any]) -> dict[str, Any]:

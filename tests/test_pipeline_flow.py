@@ -404,6 +404,17 @@ def test_a_current_json_pointing_at_a_missing_codebook_fails_at_once(prefect_api
 # ----------------------------------------------------------------------------- measurements
 
 
+def test_pinned_code_dtype_reaches_the_codes_and_the_deployment(prefect_api, tmp_path: Path) -> None:
+    make_parts(tmp_path / "in")
+    vq_pipeline_flow(**params(tmp_path / "in", tmp_path / "work", code_dtype="int64"))
+    codes = pl.read_parquet(tmp_path / "work" / CODES_LINK / "**" / "*.parquet")
+    assert codes.schema["code"] == pl.Int64 and codes.height == sum(PARTS.values())
+    _, _, deployed = parse_args(
+        ["--cron", "0 * * * *", "--input-root", "in", "--work-dir", "work", "--column", "e", "--codes", "8", "--code-dtype", "uint32"]
+    )
+    assert deployed["code_dtype"] == "uint32"
+
+
 def _topic_rows(n: int, dim: int, n_topics: int, seed: int, topics: list[int] | None) -> np.ndarray:
     """generate_embeddings' mixture, or its rows from ``topics`` only (the same topic centres)."""
     if topics is None:
