@@ -1,8 +1,9 @@
 """The ``vq`` command, run as a real subprocess on real parquet files.
 
-Each subprocess pays about two seconds of imports, so the data are small and one fitted codebook
-is shared by the module. A few cheap checks of the error plumbing and the progress display call
-:func:`vq_pipeline.cli.main` in-process.
+Each ``fit`` or ``encode`` subprocess pays about two seconds of imports (torch, polars), so the data
+are small and one fitted codebook is shared by the module. Checks of the error plumbing, of the
+paths a command refuses, of the progress display and of the options call
+:func:`vq_pipeline.cli.main` in-process. Start-up and Ctrl-C: tests/test_cli_startup.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import polars as pl
 import pytest
 import torch
 
-from vq_pipeline import Codebook, fit_codebook
-from vq_pipeline import cli
+import vq_pipeline
+from vq_pipeline import Codebook, cli, fit_codebook, pipeline, validate
 from vq_pipeline.demo import generate_embeddings
-from vq_pipeline.pipeline import MANIFEST_NAME
+from vq_pipeline.kmeans import InitProgress, IterationStats
+from vq_pipeline.pipeline import manifest_path
 from vq_pipeline.tables import write_embeddings
 
 DIM = 16
@@ -106,8 +108,11 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert summary["iterations"] == cb.stats["iterations"] and summary["converged"] == cb.stats["converged"]
     assert summary["inertia"] == pytest.approx(cb.stats["inertia"]) and summary["seconds"] > 0
     assert cb.column == "embedding" and len(cb.sources) == len(PARTS) and cb.fit["seed"] == 3
-    # Progress: one line per E step on stderr, in the documented shape.
-    lines = fit.stderr.strip().splitlines()
+    # Progress on stderr, in the documented shapes: what is read, the end of seeding (fast seeding shows
+    # no intermediate line), then one line per E step.
+    reading, seeding, *lines = fit.stderr.strip().splitlines()
+    assert reading == f"reading 3,000 rows (dim {DIM}) from 2 tables"
+    assert re.fullmatch(rf"seeding: {N_CODES}/{N_CODES} initial centroids \(\d+\.\d s\)", seeding), seeding
     assert len(lines) == cb.stats["iterations"] + 1
     assert all(re.fullmatch(r"iteration \d+: objective \S+ \(\d+\.\d\d s\)", line) for line in lines), lines
     assert list(work["codebook"].parent.iterdir()) == [work["codebook"]]  # no temporary files left
@@ -140,12 +145,14 @@ def test_encode_matches_library_and_rerun_is_a_noop(work: dict[str, Any], tmp_pa
     result = json.loads(first.stdout)
     assert result["encoded"] == sorted(PARTS) and result["skipped"] == []
     assert result["rows_encoded"] == result["rows_total"] == sum(PARTS.values())
-    assert result["manifest"] == str(out / MANIFEST_NAME) and (out / MANIFEST_NAME).is_file()
+    assert result["manifest"] == str(manifest_path(out)) and manifest_path(out).is_file()
     cb = Codebook.load(work["codebook"])
     assert result["codebook_fingerprint"] == cb.fingerprint
-    # stderr is not a TTY here: plain progress lines, and one at each file's end.
+    # stderr is not a TTY here: plain progress lines, and one at each file's end, with the run's totals.
     for key, n in PARTS.items():
         assert f"{key}: {n:,}/{n:,} rows (100%" in first.stderr, first.stderr
+    last = first.stderr.strip().splitlines()[-1]
+    assert re.search(r"; overall 2/2 files, 3,000/3,000 rows \(100%\) in \S+ s, [\d,]+ rows/s$", last), last
     assert "\r" not in first.stderr
 
     for key, (ids, x) in work["rows"].items():
@@ -160,7 +167,7 @@ def test_encode_matches_library_and_rerun_is_a_noop(work: dict[str, Any], tmp_pa
     again = vq("encode", work["root"] / "in", "--codebook", work["codebook"], "--column", "embedding", "--id-column", "id",
                "--with-distance", "--engine", "torch", "--out", out)
     assert again.returncode == 0, again.stderr
-    assert again.stdout == f"encoded 0 files (0 rows), skipped {len(PARTS)} already complete -> {out / MANIFEST_NAME}\n"
+    assert again.stdout == f"encoded 0 files (0 rows), skipped {len(PARTS)} already complete -> {manifest_path(out)}\n"
     assert again.stderr == ""  # nothing was encoded, so no progress
     assert snapshot(out) == before
 
@@ -189,7 +196,7 @@ def test_encode_refuses_another_codebooks_codes_unless_overwrite(work: dict[str,
     replaced = vq(*args, "--codebook", other, "--overwrite", "--json")
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(replaced.stdout)["encoded"] == sorted(PARTS)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads(manifest_path(out).read_text())
     assert manifest["codebook_fingerprint"] == Codebook.load(other).fingerprint
     ids, x = work["rows"]["a.parquet"]
     table = pl.read_parquet(out / "a.parquet")
@@ -241,7 +248,7 @@ def test_errors_exit_1_with_one_line_and_write_nothing_final(case: str, failed_r
     if case.startswith("fit"):
         assert list(out.parent.iterdir()) == []  # no codebook, no temporary file
     elif case.startswith("encode"):
-        assert not (out / MANIFEST_NAME).exists()
+        assert not manifest_path(out).exists()
     if case == "encode-nan":  # the good file before the bad one is done, and a rerun resumes after it
         assert (out / "a.parquet").is_file() and not (out / "b_nan.parquet").exists()
         assert "a.parquet: 100/100 rows (100%" in proc.stderr
@@ -280,7 +287,7 @@ def test_options_reach_fit_from_tables(monkeypatch: pytest.MonkeyPatch, tmp_path
         seen.update(kwargs, inputs=inputs)
         return codebook
 
-    monkeypatch.setattr(cli, "fit_from_tables", fake_fit)
+    monkeypatch.setattr(pipeline, "fit_from_tables", fake_fit)  # cmd_fit imports it when it runs
     out = tmp_path / "cb.safetensors"
     argv = ["--storage-option", "region=eu", "fit", "s3://b/t/", "more.parquet", "--column", "e", "--codes", "3",
             "--iters", "7", "--tol", "0", "--init", "random", "--n-init", "2", "--sample", "40", "--device", "cpu",
@@ -301,7 +308,7 @@ def test_unexpected_errors_and_interrupts(debug: bool, monkeypatch: pytest.Monke
     def boom(path: Any) -> Codebook:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli.Codebook, "load", boom)
+    monkeypatch.setattr(Codebook, "load", boom)
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     if debug:
@@ -312,7 +319,7 @@ def test_unexpected_errors_and_interrupts(debug: bool, monkeypatch: pytest.Monke
     def interrupted(path: Any) -> Codebook:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.Codebook, "load", interrupted)
+    monkeypatch.setattr(Codebook, "load", interrupted)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
@@ -336,7 +343,7 @@ class _Clock:
         return self.now
 
 
-def test_encode_progress_in_a_log_is_throttled() -> None:
+def test_encode_progress_without_a_plan_in_a_log_is_throttled() -> None:
     err, clock = io.StringIO(), _Clock()
     progress = cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=False, clock=clock)
     for done in range(100, 1001, 100):  # one batch a second
@@ -348,7 +355,7 @@ def test_encode_progress_in_a_log_is_throttled() -> None:
     assert lines[-1].endswith("in 10.0 s")
 
 
-def test_encode_progress_on_a_terminal_redraws_one_line_per_file() -> None:
+def test_encode_progress_without_a_plan_on_a_terminal_redraws_one_line_per_file() -> None:
     err, clock = io.StringIO(), _Clock()
     console = cli.Console(quiet=False, stderr=err)
     progress = cli.EncodeProgress(console, tty=True, clock=clock)
@@ -369,3 +376,243 @@ def test_quiet_hides_progress() -> None:
     progress = cli.EncodeProgress(cli.Console(quiet=True, stderr=err), tty=True)
     progress("a.parquet", 10, 10)
     assert err.getvalue() == ""
+
+
+def test_encode_progress_in_a_log_shows_the_run() -> None:
+    err, clock = io.StringIO(), _Clock()
+    progress = cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=False, clock=clock)
+    progress.plan({"a.parquet": 1000, "b.parquet": 6000}, ["done-before.parquet"])
+    for key, total in [("a.parquet", 1000), ("b.parquet", 6000)]:
+        for done in range(500, total + 1, 500):  # 500 rows a second
+            clock.now += 1.0
+            progress(key, done, total)
+    # Each file's first batch, one line per 5 s, and each file's end; the run's files, rows, rate and ETA.
+    assert err.getvalue().splitlines() == [
+        "a.parquet: 500/1,000 rows (50%); overall 0/2 files, 500/7,000 rows (7%), 500 rows/s, ETA 13 s",
+        "a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/7,000 rows (14%), 500 rows/s, ETA 12 s",
+        "b.parquet: 500/6,000 rows (8%); overall 1/2 files, 1,500/7,000 rows (21%), 500 rows/s, ETA 11 s",
+        "b.parquet: 3,000/6,000 rows (50%); overall 1/2 files, 4,000/7,000 rows (57%), 500 rows/s, ETA 6 s",
+        "b.parquet: 5,500/6,000 rows (92%); overall 1/2 files, 6,500/7,000 rows (93%), 500 rows/s, ETA 1 s",
+        (
+            "b.parquet: 6,000/6,000 rows (100%) in 12.0 s; "
+            "overall 2/2 files, 7,000/7,000 rows (100%) in 14.0 s, 500 rows/s"
+        ),
+    ]
+
+
+def test_encode_progress_on_a_terminal_draws_the_run_and_leaves_a_line_per_file() -> None:
+    err, clock = io.StringIO(), _Clock()
+    console = cli.Console(quiet=False, stderr=err)
+    progress = cli.EncodeProgress(console, tty=True, clock=clock)
+    progress.plan({"a.parquet": 1000, "b.parquet": 1000}, [])
+    for key in ["a.parquet", "b.parquet"]:
+        for done in (500, 1000):
+            clock.now += 1.0
+            progress(key, done, 1000)
+    redraw = "\r\x1b[2K"
+    assert err.getvalue().split(redraw) == [
+        "",
+        "[######------------------] 0/2 files, 500/2,000 rows (25%), 500 rows/s, ETA 3 s | a.parquet 500/1,000",
+        "a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/2,000 rows (50%), 500 rows/s, ETA 2 s\n",
+        "[##################------] 1/2 files, 1,500/2,000 rows (75%), 500 rows/s, ETA 1 s | b.parquet 500/1,000",
+        (
+            "b.parquet: 1,000/1,000 rows (100%) in 2.0 s; "
+            "overall 2/2 files, 2,000/2,000 rows (100%) in 4.0 s, 500 rows/s\n"
+        ),
+    ]
+
+
+def test_encode_progress_plan_without_files_shows_nothing() -> None:
+    err = io.StringIO()
+    cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=False).plan({}, ["a.parquet"])
+    assert err.getvalue() == ""
+
+
+def _iteration(i: int) -> IterationStats:
+    return IterationStats(iteration=i, objective=12.0 / i, n_repairs=i - 1, n_empty=0, imbalance=1.0, seconds=0.25)
+
+
+def test_fit_progress_shows_seeding_throttled_and_counts_restarts() -> None:
+    err = io.StringIO()
+    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=2, tty=False)
+    for _ in range(2):  # two restarts: k-means++ reports every few percent, then the iterations
+        for chosen, seconds in [(12, 2.0), (24, 4.9), (36, 6.0), (48, 9.0), (60, 11.5), (64, 11.6)]:
+            progress(InitProgress(chosen=chosen, n_codes=64, seconds=seconds))
+        progress(_iteration(1))
+        progress(_iteration(2))
+    # A line once 5 s of seeding passed since the last one, and one at its end.
+    expected = [
+        "seeding: 36/64 initial centroids (6.0 s)",
+        "seeding: 60/64 initial centroids (11.5 s)",
+        "seeding: 64/64 initial centroids (11.6 s)",
+        "iteration 1: objective 12 (0.25 s)",
+        "iteration 2: objective 6, 1 empty code repaired (0.25 s)",
+    ]
+    assert err.getvalue().splitlines() == [f"restart {r}/2, {line}" for r in (1, 2) for line in expected]
+
+
+def test_fit_progress_counts_restarts_whose_init_reports_nothing() -> None:
+    err = io.StringIO()
+    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=2, tty=False)
+    for i in (1, 2, 1):
+        progress(_iteration(i))
+    assert [line.split(",")[0] for line in err.getvalue().splitlines()] == ["restart 1/2", "restart 1/2", "restart 2/2"]
+
+
+def test_fit_progress_on_a_terminal_redraws_seeding_in_place() -> None:
+    err = io.StringIO()
+    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=1, tty=True)
+    for chosen, seconds in [(16, 0.05), (32, 0.2), (48, 0.25), (64, 0.4)]:
+        progress(InitProgress(chosen=chosen, n_codes=64, seconds=seconds))
+    progress(_iteration(1))
+    assert err.getvalue() == (
+        "\r\x1b[2Kseeding: 32/64 initial centroids (0.2 s)\r\x1b[2Kseeding: 64/64 initial centroids (0.4 s)\n"
+        "iteration 1: objective 12 (0.25 s)\n"
+    )
+
+
+def test_metric_default_and_its_help_come_from_the_library(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["fit", "x.parquet", "--column", "e", "--codes", "2", "--out", "o.safetensors"]
+    assert cli.build_parser().parse_args(argv).metric == validate.DEFAULT_METRIC == "l2"
+    monkeypatch.setattr(validate, "DEFAULT_METRIC", "cosine")
+    assert cli.build_parser().parse_args(argv).metric == "cosine"
+    assert cli.main(["fit", "--help"]) == 0
+    assert "distance (default: cosine)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"vq {vq_pipeline.__version__}\n"
+
+
+# ----------------------------------------------------------------------------- paths refused before any work
+
+
+@pytest.fixture
+def data(work: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the input tables as ``data/`` in a fresh working folder, and ``link`` -> ``data``."""
+    for key, (ids, x) in work["rows"].items():
+        write_embeddings(tmp_path / "data" / key, ids, x)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "data"
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes (links not followed, so ``link`` is listed once)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(capsys: pytest.CaptureFixture[str], rc: int, *fragments: str) -> None:
+    """Exit 1 and one ``error: ...`` line naming each fragment and saying how to fix it."""
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Fix: " in err and "unexpected" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("out, what", [("e/", "ends with '/', so it names a folder"), ("models", "is a folder")])
+def test_fit_refuses_an_out_that_names_a_folder(
+    out: str, what: str, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Path("e/")`` is ``Path("e")``: `vq fit --out e/` used to write a codebook file named ``e``."""
+    Path("models").mkdir()
+    before = files(Path.cwd())
+    rc = cli.main(["fit", "data", "--column", "embedding", "--codes", "4", "--engine", "torch", "--out", out])
+    assert_refused(capsys, rc, f"--out={out!r} {what}", repr(str(Path(out) / "codebook.safetensors")))
+    assert files(Path.cwd()) == before and not Path("e").exists()  # no codebook, no checkpoint, no folder
+
+
+@pytest.mark.parametrize("option", ["--out", "--checkpoint"])
+@pytest.mark.parametrize("given", ["data", "data/a.parquet", "link"])
+def test_fit_refuses_to_write_over_an_input_table(
+    option: str, given: str, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input given as a folder, as the file itself, or through a symlink to its folder."""
+    before = files(data)
+    target = "link/a.parquet" if given == "link" else "data/a.parquet"
+    paths = ["--out", target] if option == "--out" else ["--out", "cb.safetensors", "--checkpoint", target]
+    rc = cli.main(["fit", given, "--column", "embedding", "--codes", "4", "--engine", "torch", *paths])
+    assert_refused(capsys, rc, f"{option}={target!r} is the input table")
+    assert files(data) == before and not Path("cb.safetensors").exists()
+
+
+def test_encode_refuses_an_out_that_is_a_file(
+    work: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "codes.parquet"
+    out.write_bytes(b"not a folder")
+    rc = cli.main(["encode", str(work["root"] / "in"), "--codebook", str(work["codebook"]), "--column", "embedding",
+                   "--out", str(out)])
+    assert_refused(capsys, rc, f"--out={str(out)!r} is a file", "expected a folder")
+    assert files(tmp_path) == {"codes.parquet": b"not a folder"}
+
+
+@pytest.mark.parametrize(
+    "given, out, what",
+    [
+        ("data", "data", "is the input folder 'data'"),
+        ("data", "data/", "is the input folder 'data'"),
+        ("data", "data/codes", "is inside the input folder"),
+        ("data", "data/date=2026-11-02/codes", "is inside the input folder"),
+        ("data", "link/codes", "is inside the input folder"),  # the same folder through a symlink
+        ("link", "data/codes", "is inside the input folder"),
+        ("data", "elsewhere/../data/codes", "is inside the input folder"),
+        ("data/*.parquet", "data/codes", "is inside the input folder"),
+        ("data/a.parquet", "data", "is the folder of the input 'data/a.parquet'"),  # its codes would replace it
+    ],
+)
+def test_encode_refuses_an_out_inside_an_input_folder(
+    given: str, out: str, what: str, work: dict[str, Any], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vq encode data/ --out data/` used to write over the inputs, and `--out data/codes` made the next
+    run read the codes as inputs."""
+    before = files(Path.cwd())
+    rc = cli.main(["encode", given, "--codebook", str(work["codebook"]), "--column", "embedding", "--out", out])
+    assert_refused(capsys, rc, f"--out={out!r} {what}", f"such as --out {data.parent / 'data-codes'}")
+    assert files(Path.cwd()) == before
+
+
+def test_encode_next_to_an_input_file_is_allowed(
+    work: dict[str, Any], data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only folders (and globs) are searched below: codes beside a single input file are never read back."""
+    rc = cli.main(["--quiet", "encode", "data/a.parquet", "--codebook", str(work["codebook"]), "--column", "embedding",
+                   "--engine", "torch", "--out", "data/codes"])
+    assert rc == 0, capsys.readouterr().err
+    assert (data / "codes" / "a.parquet").is_file()
+
+
+# ----------------------------------------------------------------------------- --dask on a small input
+
+
+def test_dask_on_a_small_input_warns_once_then_goes_on(
+    work: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warning comes before anything of the cluster; here the run then stops at its own option checks
+    (--n-init, --batch-rows are refused with --dask), before a cluster is started."""
+    inputs = str(work["root"] / "in")
+    fit = ["fit", inputs, "--column", "embedding", "--codes", "4", "--out", str(tmp_path / "cb.safetensors")]
+    codebook = str(work["codebook"])
+    encode = ["encode", inputs, "--codebook", codebook, "--column", "embedding", "--out", str(tmp_path / "c")]
+    cases = [(fit + ["--n-init", "2"], "--n-init=2 with --dask"), (encode + ["--batch-rows", "10"], "--batch-rows=10")]
+    for argv, refused in cases:
+        assert cli.main([*argv, "--quiet", "--dask", "local:1"]) == 1
+        warning, error = capsys.readouterr().err.splitlines()
+        assert warning.startswith("warning: --dask='local:1' for 3,000 rows in 2 tables: the cluster's start-up"), (
+            warning
+        )
+        assert "a local run (without --dask) would be faster" in warning
+        assert error.startswith(f"error: {refused}"), error
+
+
+def test_dask_on_a_large_input_does_not_warn(
+    work: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "DASK_MIN_ROWS", sum(PARTS.values()))  # these 3,000 rows count as large
+    argv = ["fit", str(work["root"] / "in"), "--column", "embedding", "--codes", "4", "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, "--dask", "local:1", "--n-init", "2"]) == 1
+    assert capsys.readouterr().err.startswith("error: --n-init=2 with --dask")

@@ -3,11 +3,16 @@
     from vq_pipeline import fit_codebook, Codebook
     codebook = fit_codebook(x, 256, metric="cosine")
     codes = codebook.encode(new_x)
+
+The public names are imported on first use (:pep:`562`): ``import vq_pipeline`` alone does not
+load torch, so that ``vq --help``, ``vq --version`` and other light commands start at once.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads that spin while they wait turn every small torch op into a stall when the CPU is
 # shared (a scheduler's workers, a busy node): measured 15-140x slower Lloyd iterations and k-means++
@@ -15,26 +20,58 @@ import os
 # loads its OpenMP runtime, so it is set here, unless the user chose a policy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .codebook import Codebook  # noqa: E402
-from .errors import (  # noqa: E402
-    CodebookFileError,
-    DimensionMismatchError,
-    EngineUnavailableError,
-    InvalidInputError,
-    NonFiniteError,
-    TooFewPointsError,
-    UnsupportedFormatError,
-    VQError,
-)
-from .kmeans import IterationStats, fit_codebook  # noqa: E402
-
 __version__ = "0.1.0"
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "Codebook": "codebook",
+    "CodebookFileError": "errors",
+    "DimensionMismatchError": "errors",
+    "EngineUnavailableError": "errors",
+    "InvalidInputError": "errors",
+    "NonFiniteError": "errors",
+    "TooFewPointsError": "errors",
+    "UnsupportedFormatError": "errors",
+    "VQError": "errors",
+    "InitProgress": "kmeans",
+    "IterationStats": "kmeans",
+    "fit_codebook": "kmeans",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from .codebook import Codebook
+    from .errors import (
+        CodebookFileError,
+        DimensionMismatchError,
+        EngineUnavailableError,
+        InvalidInputError,
+        NonFiniteError,
+        TooFewPointsError,
+        UnsupportedFormatError,
+        VQError,
+    )
+    from .kmeans import InitProgress, IterationStats, fit_codebook
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "Codebook",
     "CodebookFileError",
     "DimensionMismatchError",
     "EngineUnavailableError",
+    "InitProgress",
     "InvalidInputError",
     "IterationStats",
     "NonFiniteError",

@@ -5,33 +5,42 @@
     vq fit DATA... --column COL --codes K --out CODEBOOK.safetensors [--metric cosine] [--json]
     vq encode DATA... --codebook CODEBOOK.safetensors --column COL --out OUT_DIR [--json]
     vq inspect CODEBOOK.safetensors [--json]
+    vq --version
 
 stdout carries only the result (one summary line, or one JSON object with ``--json``) so that a
-scheduler or a shell pipeline can parse it; progress and errors go to stderr.
+scheduler or a shell pipeline can parse it; progress, warnings and errors go to stderr.
 Exit codes: 0 success, 1 error (a :class:`~vq_pipeline.errors.VQError` prints its message only;
-anything else is reported as unexpected), 2 usage error, 130 interrupted.
+anything else is reported as unexpected), 2 usage error, 130 interrupted (Ctrl-C prints one line).
 
-This module is a thin shell over :mod:`vq_pipeline.pipeline`: no Prefect and no polars here.
+This module is a thin shell over :mod:`vq_pipeline.pipeline`: no Prefect and no polars here. It
+imports nothing heavy at import time: torch, polars and Prefect are imported by the commands that
+use them (``vq fit`` and ``vq encode`` build their options on first use, since their defaults come
+from the library), so ``vq --help`` and ``vq --version`` start at once and ``vq inspect`` loads only
+the codebook module.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
-import torch
-
-from .codebook import Codebook
+from . import __version__
 from .errors import InvalidInputError, VQError
-from .kmeans import IterationStats
-from .pipeline import DEFAULT_BATCH_ROWS, MANIFEST_NAME, EncodeResult, encode_tables, fit_from_tables
+
+if TYPE_CHECKING:
+    from .codebook import Codebook
+    from .kmeans import InitProgress, IterationStats
+    from .pipeline import EncodeResult
 
 #: Exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -41,6 +50,9 @@ LOG_PROGRESS_INTERVAL = 5.0
 TTY_PROGRESS_INTERVAL = 0.1
 #: Sources listed by ``vq inspect`` before eliding the rest (a hive table can have thousands).
 MAX_SOURCES_SHOWN = 5
+#: Below this many input rows, ``--dask`` costs more than it saves: a cluster's start-up and about
+#: 0.3 s of scheduling per task (measured) against a local run of seconds.
+DASK_MIN_ROWS = 200_000
 
 Handler = Callable[[argparse.Namespace, "Console"], int]
 
@@ -100,7 +112,10 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
 
 
 def _add_compute_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=["auto", "keops", "torch"], default="auto", help="compute engine (default: auto)")
+    from .pipeline import DEFAULT_BATCH_ROWS
+    from .validate import ENGINES
+
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="compute engine (default: auto)")
     parser.add_argument(
         "--device", default=None, metavar="cpu|cuda", help="compute device: cpu, cuda or cuda:N (default: cuda if available)"
     )
@@ -113,34 +128,25 @@ def _add_compute_options(parser: argparse.ArgumentParser) -> None:
         "--dask", default=None, metavar="ADDRESS",
         help="run on a Dask cluster through the Prefect flow: local:N (N local workers) or a scheduler address "
         "(tcp://host:8786). Uses PREFECT_API_URL, or starts a Prefect server on 127.0.0.1 for local clusters. "
-        "Not combined with --storage-option, --batch-rows, --n-init; a fit on Dask keeps no --checkpoint",
+        f"Not combined with --storage-option, --batch-rows, --n-init; a fit on Dask keeps no --checkpoint. "
+        f"Slower than a local run below about {DASK_MIN_ROWS:,} rows",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``vq`` argument parser; each subcommand sets ``handler``."""
-    parser = argparse.ArgumentParser(
-        prog="vq",
-        description="K-means codebooks for embedding tables: fit, encode, inspect.",
-        epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted.",
-    )
-    _add_global_options(parser, in_subcommand=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_fit_options(fit: argparse.ArgumentParser) -> None:
+    from .kmeans import INITS
+    from .validate import DEFAULT_METRIC, METRICS
 
-    fit = commands.add_parser(
-        "fit", help="fit a codebook on the embedding column of tables",
-        description="Fit a K-means codebook on the embedding column of parquet/Arrow tables and save it.",
-    )
     fit.add_argument("data", nargs="+", metavar="DATA", help="table files, globs or folders (local or object storage)")
     fit.add_argument("--column", required=True, help="the embedding column")
     fit.add_argument("--codes", required=True, type=_int_at_least(1), metavar="K", help="number of codes (centroids)")
-    fit.add_argument("--metric", choices=["l2", "cosine"], default="l2", help="distance (default: l2)")
+    fit.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distance (default: {DEFAULT_METRIC})")
     fit.add_argument("--iters", type=_int_at_least(0), default=50, metavar="N", help="at most N Lloyd updates (default: 50)")
     fit.add_argument(
         "--tol", type=_non_negative_float, default=1e-4, metavar="T",
         help="stop when the objective's relative decrease is <= T (default: 1e-4)",
     )
-    fit.add_argument("--init", choices=["k-means++", "random", "first"], default="k-means++", help="initialization (default: k-means++)")
+    fit.add_argument("--init", choices=INITS, default="k-means++", help="initialization (default: k-means++)")
     fit.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random choice (default: 0)")
     fit.add_argument("--n-init", type=_int_at_least(1), default=1, metavar="R", help="seeded restarts; the best is kept (default: 1)")
     fit.add_argument("--sample", type=_int_at_least(1), default=None, metavar="N", help="fit on a seeded sample of N rows")
@@ -152,15 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_options(fit)
     fit.add_argument("--out", required=True, metavar="CODEBOOK.safetensors", help="codebook file to write (atomically)")
     _add_global_options(fit, in_subcommand=True)
-    fit.set_defaults(handler=cmd_fit)
 
-    enc = commands.add_parser(
-        "encode", help="assign every row of tables its nearest code(s)",
-        description=(
-            "Encode tables into one parquet file of codes per input file, under OUT_DIR. Resumable: a rerun "
-            "skips files already encoded with the same codebook and settings."
-        ),
-    )
+
+def _add_encode_options(enc: argparse.ArgumentParser) -> None:
     enc.add_argument("data", nargs="+", metavar="DATA", help="table files, globs or folders (local or object storage)")
     enc.add_argument("--codebook", required=True, metavar="CODEBOOK.safetensors", help="codebook file written by `vq fit`")
     enc.add_argument("--column", required=True, help="the embedding column")
@@ -171,10 +171,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", nargs="+", action="extend", default=[], metavar="COL",
         help="columns copied through to the output (put DATA before this option, or repeat --keep)",
     )
-    enc.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
+    enc.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (not inside an input folder)")
     enc.add_argument("--overwrite", action="store_true", help="replace codes that another codebook or other settings wrote in OUT_DIR")
     _add_compute_options(enc)
     _add_global_options(enc, in_subcommand=True)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that adds its options when first used: to parse, or to print help or usage.
+
+    ``vq fit`` and ``vq encode`` take their choices and defaults from the library (DEFAULT_METRIC,
+    DEFAULT_BATCH_ROWS...), whose modules import torch and polars; ``vq --help``, ``vq --version``
+    and ``vq inspect`` never build those options, so they never pay for those imports.
+    """
+
+    def __init__(self, *args: Any, add_options: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._add_options = add_options
+
+    def _ensure_options(self) -> None:
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        self._ensure_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._ensure_options()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._ensure_options()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vq`` argument parser; each subcommand sets ``handler``."""
+    parser = argparse.ArgumentParser(
+        prog="vq",
+        description="K-means codebooks for embedding tables: fit, encode, inspect.",
+        epilog="Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"vq {__version__}")
+    _add_global_options(parser, in_subcommand=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
+
+    fit = commands.add_parser(
+        "fit", help="fit a codebook on the embedding column of tables",
+        description="Fit a K-means codebook on the embedding column of parquet/Arrow tables and save it.",
+        add_options=_add_fit_options,
+    )
+    fit.set_defaults(handler=cmd_fit)
+
+    enc = commands.add_parser(
+        "encode", help="assign every row of tables its nearest code(s)",
+        description=(
+            "Encode tables into one parquet file of codes per input file, under OUT_DIR. Resumable: a rerun "
+            "skips files already encoded with the same codebook and settings."
+        ),
+        add_options=_add_encode_options,
+    )
     enc.set_defaults(handler=cmd_encode)
 
     ins = commands.add_parser("inspect", help="describe a codebook file", description="Describe a codebook file.")
@@ -189,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Console:
-    """Where the command writes: results to stdout, progress and errors to stderr.
+    """Where the command writes: results to stdout, progress, warnings and errors to stderr.
 
     Remembers whether a progress bar left the cursor mid-line, so that whatever is written to
     stderr next (an error, a warning) starts on a fresh line.
@@ -212,6 +270,9 @@ class Console:
     def draw(self, text: str) -> None:
         """Redraw the current terminal line (the caller checked that stderr is a TTY)."""
         if not self.quiet:
+            columns = self._columns()
+            if columns:
+                text = text[: columns - 1]  # a wrapped line could not be redrawn in place
             self.stderr.write("\r\x1b[2K" + text)  # carriage return, then erase the old, longer line
             self.stderr.flush()
             self._open_line = True
@@ -222,9 +283,19 @@ class Console:
             self.stderr.flush()
             self._open_line = False
 
+    def warning(self, text: str) -> None:
+        """A ``warning: ...`` line; shown with ``--quiet`` too (it is not progress)."""
+        self.error(f"warning: {text}")
+
     def error(self, text: str) -> None:
         self.end_line()
         print(text, file=self.stderr, flush=True)
+
+    def _columns(self) -> int | None:
+        try:
+            return os.get_terminal_size(self.stderr.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # not a terminal (a StringIO has no fileno)
+            return None
 
 
 def _dumps(value: Any) -> str:
@@ -235,26 +306,80 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+def _percent(done: int, total: int) -> str:
+    return f"{100.0 * done / total if total else 100.0:.0f}%"
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 class FitProgress:
-    """Per-iteration lines for ``fit_from_tables(progress=...)``; restarts are told apart by iteration 1."""
+    """Lines for ``fit_from_tables(progress=...)``: seeding, then one line per Lloyd iteration.
 
-    def __init__(self, console: Console, n_init: int) -> None:
+    Seeding (:class:`~vq_pipeline.kmeans.InitProgress`, every few percent of the centroids) is
+    throttled by its own clock: on a terminal one line redrawn in place, in a log a line at most
+    every ``LOG_PROGRESS_INTERVAL`` seconds of seeding and one when it ends. With ``n_init > 1``
+    each restart begins with its seeding events, or with iteration 1 when its init reports none.
+    """
+
+    def __init__(self, console: Console, n_init: int, *, tty: bool | None = None) -> None:
         self.console, self.n_init, self.restart = console, n_init, 0
+        self.tty = console.stderr.isatty() if tty is None else tty
+        self.seeding = False  # between a restart's first seeding event and its first iteration
+        self.shown = 0.0  # InitProgress.seconds of the last seeding line shown
 
-    def __call__(self, stats: IterationStats) -> None:
-        if stats.iteration == 1:
-            self.restart += 1
-        prefix = f"restart {self.restart}/{self.n_init}, " if self.n_init > 1 else ""
-        extra = f", {_plural(stats.n_repairs, 'empty code')} repaired" if stats.n_repairs else ""
-        self.console.progress(f"{prefix}iteration {stats.iteration}: objective {stats.objective:.4g}{extra} ({stats.seconds:.2f} s)")
+    def __call__(self, event: IterationStats | InitProgress) -> None:
+        from .kmeans import InitProgress  # already loaded by the fit that calls this
+
+        if isinstance(event, InitProgress):
+            self._seeding(event)
+            return
+        if self.restart == 0 or (event.iteration == 1 and not self.seeding):
+            self.restart += 1  # (restart 0: a fit resumed from its checkpoint past iteration 1)
+        self.seeding = False
+        extra = f", {_plural(event.n_repairs, 'empty code')} repaired" if event.n_repairs else ""
+        objective = f"objective {event.objective:.4g}{extra} ({event.seconds:.2f} s)"
+        self.console.progress(f"{self._prefix()}iteration {event.iteration}: {objective}")
+
+    def _seeding(self, event: InitProgress) -> None:
+        if not self.seeding:
+            self.seeding, self.restart, self.shown = True, self.restart + 1, 0.0
+        finished = event.chosen >= event.n_codes
+        interval = TTY_PROGRESS_INTERVAL if self.tty else LOG_PROGRESS_INTERVAL
+        if not finished and event.seconds - self.shown < interval:
+            return
+        self.shown = event.seconds
+        text = f"{self._prefix()}seeding: {event.chosen:,}/{event.n_codes:,} initial centroids ({event.seconds:.1f} s)"
+        if not self.tty:
+            self.console.progress(text)
+            return
+        self.console.draw(text)
+        if finished:
+            self.console.end_line()
+
+    def _prefix(self) -> str:
+        return f"restart {self.restart}/{self.n_init}, " if self.n_init > 1 else ""
 
 
 class EncodeProgress:
-    """Rows done per file for ``encode_tables(progress=...)``.
+    """Progress of ``encode_tables(on_plan=progress.plan, progress=progress)``: the run and the current file.
 
-    On a terminal, a bar redrawn in place; in a log (stderr not a TTY), a line at most every
-    ``LOG_PROGRESS_INTERVAL`` seconds and one when each file ends, so that logs stay short.
+    :meth:`plan` learns the rows of every file to encode; each batch then moves the run's totals:
+    files done, rows done, rate (rows/s since the plan) and ETA. On a terminal, a bar of the whole
+    run redrawn in place (at most every ``TTY_PROGRESS_INTERVAL`` seconds) and a line left for each
+    finished file; in a log (stderr not a TTY), a line at most every ``LOG_PROGRESS_INTERVAL``
+    seconds and one when each file ends, so that logs stay short. Without a plan, only the current
+    file is shown.
     """
+
+    BAR_WIDTH = 24
 
     def __init__(self, console: Console, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
@@ -265,30 +390,174 @@ class EncodeProgress:
         # previous callback (the previous file's end, or the start of the run for the first).
         self.started = self.previous = self.clock()
         self.last = float("-inf")
+        self.n_files: int | None = None  # files to encode, from plan(); None without a plan
+        self.rows_total = 0  # rows to encode, from plan()
+        self.run_started = self.started
+        self.files_done = self.rows_done = 0  # over the run: finished files, and every row encoded
+        self.file_done = 0  # rows of the current file encoded
+
+    def plan(self, todo: dict[str, int], skipped: list[str]) -> None:
+        """The ``on_plan`` callback: ``{key: rows}`` of the files to encode, and the keys skipped."""
+        self.n_files, self.rows_total = len(todo), sum(todo.values())
+        self.run_started = self.previous = self.clock()
 
     def __call__(self, key: str, done: int, total: int) -> None:
         now = self.clock()
         if key != self.key:
             self.console.end_line()
             self.key, self.started, self.last = key, self.previous, float("-inf")
-        self.previous = now
+            self.file_done = 0
+        self.rows_done += done - self.file_done
+        self.previous, self.file_done = now, done
         finished = done >= total
+        if finished:
+            self.files_done += 1
         interval = TTY_PROGRESS_INTERVAL if self.tty else LOG_PROGRESS_INTERVAL
         if not finished and now - self.last < interval:
             return
         self.last = now
         elapsed = now - self.started
-        pct = 100.0 * done / total if total else 100.0
-        rate = f", {done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
-        counts = f"{done:,}/{total:,} rows ({pct:.0f}%{rate})"
-        if self.tty:
-            width = 24
-            filled = int(width * min(done, total) / total) if total else width
-            self.console.draw(f"{key} [{'#' * filled}{'-' * (width - filled)}] {counts}")
-            if finished:
-                self.console.end_line()
-        else:
-            self.console.progress(f"{key}: {counts}{f' in {elapsed:.1f} s' if finished else ''}")
+        counts = f"{done:,}/{total:,} rows ({_percent(done, total)}"
+        if self.n_files is None:  # the current file alone, with its rate
+            counts += f", {done / elapsed:,.0f} rows/s)" if elapsed > 0 else ")"
+            if self.tty:
+                self.console.draw(f"{key} {self._bar(done, total)} {counts}")
+            else:
+                self.console.progress(f"{key}: {counts}{f' in {elapsed:.1f} s' if finished else ''}")
+        elif self.tty and not finished:
+            bar = self._bar(self.rows_done, self.rows_total)
+            self.console.draw(f"{bar} {self._run(now)} | {key} {done:,}/{total:,}")
+        else:  # a log line, or the line a finished file leaves on a terminal
+            text = f"{key}: {counts}){f' in {elapsed:.1f} s' if finished else ''}; overall {self._run(now)}"
+            if self.tty:
+                self.console.draw(text)
+            else:
+                self.console.progress(text)
+        if finished:
+            self.console.end_line()
+
+    def _bar(self, done: int, total: int) -> str:
+        filled = int(self.BAR_WIDTH * min(done, total) / total) if total else self.BAR_WIDTH
+        return f"[{'#' * filled}{'-' * (self.BAR_WIDTH - filled)}]"
+
+    def _run(self, now: float) -> str:
+        """The run so far: ``1/2 files, 1,600/3,000 rows (53%), 800 rows/s, ETA 2 s``."""
+        rows_total, rows_done = self.rows_total, self.rows_done
+        elapsed = now - self.run_started
+        rows = f"{rows_done:,}/{rows_total:,} rows ({_percent(rows_done, rows_total)})"
+        text = f"{self.files_done}/{self.n_files} files, {rows}"
+        if elapsed <= 0 or rows_done == 0:
+            return text
+        rate = rows_done / elapsed
+        if rows_done >= rows_total:
+            return f"{text} in {elapsed:.1f} s, {rate:,.0f} rows/s"
+        return f"{text}, {rate:,.0f} rows/s, ETA {_duration((rows_total - rows_done) / rate)}"
+
+
+# ----------------------------------------------------------------------------- checks of paths
+
+
+def _is_local(path: str | os.PathLike[str]) -> bool:
+    return "://" not in str(path)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (Dask workers may run elsewhere); URIs as given."""
+    return os.path.abspath(path) if _is_local(path) else path
+
+
+def _file_option(name: str, raw: str, example: str) -> Path:
+    """``raw`` as the path of a file to write, refused when it names a folder (``x/``, or an existing one):
+    ``Path`` drops a trailing slash, so ``--out e/`` would otherwise write a file named ``e``."""
+    suffixes = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if raw.endswith(suffixes) or Path(raw).is_dir():
+        what = f"ends with {raw[-1]!r}, so it names a folder" if raw.endswith(suffixes) else "is a folder"
+        fixed = str(Path(raw) / example)
+        raise InvalidInputError(
+            f"{name}={raw!r} {what}; expected a file name such as {fixed!r}. Fix: pass {name} {fixed}."
+        )
+    return Path(raw)
+
+
+def _refuse_overwriting_inputs(inputs: list[str], outputs: dict[str, Path | None]) -> None:
+    """Refuse output files of ``vq fit`` (``--out``, ``--checkpoint``) that are input tables."""
+    existing = {name: os.path.realpath(p) for name, p in outputs.items() if p is not None and p.is_file()}
+    if not existing:
+        return  # a file that does not exist yet is no input
+    from . import tables
+
+    for raw in filter(_is_local, inputs):
+        try:
+            sources = tables.discover([raw])
+        except VQError:
+            continue  # the fit reports a bad input with its own, fuller message
+        for s in sources:
+            for name, path in existing.items():
+                if os.path.realpath(s.uri) == path:
+                    suffix = ".safetensors" if name == "--out" else ".ckpt"
+                    fixed = str(Path(str(outputs[name])).with_suffix(suffix))
+                    raise InvalidInputError(
+                        f"{name}={str(outputs[name])!r} is the input table {s.uri!r}; expected a new file: writing "
+                        f"it would destroy the input. Fix: pass {name} {fixed} (or another file that is no input)."
+                    )
+
+
+def _input_folders(raw: str) -> list[tuple[str, bool]]:
+    """(resolved folder, whether outputs inside it are refused too) of one local input of ``vq encode``.
+
+    A folder or a glob is searched below its root, so an output folder inside it would be read back
+    as input by the next run; a file's own folder is refused only as the output folder itself (whose
+    output file would replace the input). A missing input gives none (encode reports it).
+    """
+    path = Path(raw)
+    if path.is_dir():
+        return [(os.path.realpath(path), True)]
+    if path.is_file():
+        return [(os.path.realpath(path.parent), False)]
+    if not any(ch in raw for ch in "*?["):
+        return []
+    from . import tables
+
+    try:
+        sources = tables.discover([raw])
+    except VQError:
+        return []
+    # A source's key is its path below the root the glob was searched from.
+    roots = {Path(s.uri).parents[len(Path(s.key).parts) - 1] for s in sources}
+    return [(os.path.realpath(root), True) for root in roots]
+
+
+def _refuse_encode_out(raw: str, inputs: list[str]) -> None:
+    """Refuse a ``vq encode --out`` that is a file, an input folder or inside one (paths resolved)."""
+    out = Path(raw)
+    if out.is_file():
+        fixed = str(out.parent / "codes")
+        raise InvalidInputError(
+            f"--out={raw!r} is a file; expected a folder for the codes (created if missing). Fix: pass a folder "
+            f"such as --out {fixed}."
+        )
+    if not _is_local(raw):
+        return
+    resolved = Path(os.path.realpath(out))
+    for given in filter(_is_local, inputs):
+        for folder, below_too in _input_folders(given):
+            inside = below_too and Path(folder) in resolved.parents
+            if str(resolved) != folder and not inside:
+                continue
+            fixed = str(Path(folder).parent / f"{Path(folder).name}-codes")
+            if inside:
+                problem = (
+                    f"is inside the input folder {folder!r} (of DATA {given!r}): the next run would read the codes "
+                    f"as inputs"
+                )
+            elif below_too:
+                problem = f"is the input folder {given!r}: the codes would be written among (and over) the inputs"
+            else:
+                problem = f"is the folder of the input {given!r}: its codes would replace it"
+            raise InvalidInputError(
+                f"--out={raw!r} {problem}; expected an output folder outside every input folder. "
+                f"Fix: pass an --out outside {folder!r}, such as --out {fixed}."
+            )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -299,15 +568,56 @@ def _storage_options(args: argparse.Namespace) -> dict[str, str] | None:
     return dict(pairs) or None
 
 
+def _count_rows(
+    inputs: list[str], *, column: str, storage_options: dict[str, str] | None
+) -> tuple[int, int, int | None] | None:
+    """(tables, rows, dim or None) of the inputs, from their footers; None when they cannot be read
+    (the command itself then fails with its fuller message)."""
+    from . import tables
+
+    try:
+        sources = tables.discover(inputs, storage_options=storage_options)
+        infos = [tables.inspect_source(s, column=column, storage_options=storage_options) for s in sources]
+    except VQError:
+        return None
+    dims = {info.dim for info in infos}
+    return len(sources), sum(info.n_rows for info in infos), dims.pop() if len(dims) == 1 else None
+
+
+def _warn_if_small_for_dask(args: argparse.Namespace, console: Console) -> None:
+    """One warning when ``--dask`` is given so few rows that the cluster's overheads dominate."""
+    if not all(map(_is_local, args.data)):
+        return  # remote tables are read with the workers' credentials; not counted here
+    counted = _count_rows(args.data, column=args.column, storage_options=None)
+    if counted is None or counted[1] >= DASK_MIN_ROWS:
+        return
+    console.warning(
+        f"--dask={args.dask!r} for {_plural(counted[1], 'row')} in {_plural(counted[0], 'table')}: the cluster's "
+        f"start-up and per-task overhead (about 0.3 s per task) will dominate; a local run (without --dask) "
+        f"would be faster below about {DASK_MIN_ROWS:,} rows. Running on Dask anyway."
+    )
+
+
 def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     """``vq fit``: fit_from_tables, then save the codebook atomically."""
-    out = Path(args.out)
     # Checked before fitting, so that a long fit is not wasted on a path it cannot be saved to.
-    if out.is_dir():
-        raise InvalidInputError(f"--out={str(out)!r} is a folder; expected a file name such as {str(out / 'codebook.safetensors')!r}.")
+    out = _file_option("--out", args.out, "codebook.safetensors")
     t0 = time.perf_counter()
     if args.dask:
+        _refuse_overwriting_inputs(args.data, {"--out": out})
+        _warn_if_small_for_dask(args, console)
         return _fit_on_dask(args, console, out, t0)
+    if args.checkpoint == "none":
+        checkpoint = None
+    elif args.checkpoint:
+        checkpoint = _file_option("--checkpoint", args.checkpoint, "fit.ckpt")
+    else:
+        checkpoint = out.with_name(out.name + ".ckpt")
+    _refuse_overwriting_inputs(args.data, {"--out": out, "--checkpoint": checkpoint})
+    from .pipeline import fit_from_tables
+
+    if not console.quiet:
+        _show_fit_input(args, console)
     codebook = fit_from_tables(
         args.data,
         column=args.column,
@@ -324,7 +634,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
         batch_rows=args.batch_rows,
         storage_options=_storage_options(args),
         progress=FitProgress(console, args.n_init),
-        checkpoint=None if args.checkpoint == "none" else (args.checkpoint or out.with_name(out.name + ".ckpt")),
+        checkpoint=checkpoint,
     )
     codebook.save(out)
     seconds = time.perf_counter() - t0
@@ -345,13 +655,20 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _absolute(path: str) -> str:
-    """Local paths made absolute (Dask workers may run elsewhere); URIs as given."""
-    return path if "://" in path else os.path.abspath(path)
+def _show_fit_input(args: argparse.Namespace, console: Console) -> None:
+    """``reading 2,000,000 rows (dim 32) from 1 table``: said before a read that can take minutes."""
+    counted = _count_rows(args.data, column=args.column, storage_options=_storage_options(args))
+    if counted is None:
+        return
+    n_tables, n_rows, dim = counted
+    rows = f"a seeded sample of {args.sample:,} of {n_rows:,} rows" if args.sample else _plural(n_rows, "row")
+    console.progress(f"reading {rows}{f' (dim {dim})' if dim else ''} from {_plural(n_tables, 'table')}")
 
 
 def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -> dict[str, Any]:
     """Run the Prefect flow ``vq_flows.<flow_name>`` with ``dask=args.dask`` against a reachable Prefect API."""
+    from .pipeline import DEFAULT_BATCH_ROWS
+
     if _storage_options(args):
         raise InvalidInputError(
             "--storage-option with --dask: the flows read object storage with the workers' own credentials "
@@ -401,7 +718,11 @@ def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: floa
 
 def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     """``vq encode``: encode_tables with a progress bar; the run is resumable (see pipeline)."""
+    _refuse_encode_out(args.out, args.data)
     if args.dask:
+        from .pipeline import EncodeResult
+
+        _warn_if_small_for_dask(args, console)
         s = _run_flow_on_dask(
             args, "encode.encode_embeddings_flow", inputs=[_absolute(d) for d in args.data], codebook=_absolute(args.codebook),
             out_dir=os.path.abspath(args.out), column=args.column, id_column=args.id_column, top_k=args.top_k,
@@ -417,12 +738,15 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
         skipped = f", skipped {len(result.skipped):,} already complete" if result.skipped else ""
         console.result(
             f"encoded {_plural(len(result.encoded), 'file')} ({_plural(result.rows_encoded, 'row')}){skipped} "
-            f"-> {Path(result.out_dir) / MANIFEST_NAME}"
+            f"-> {result.manifest}"
         )
     return 0
 
 
 def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
+    from .pipeline import encode_tables
+
+    progress = EncodeProgress(console)
     result: EncodeResult = encode_tables(
         args.data,
         args.codebook,
@@ -437,7 +761,8 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
         device=args.device,
         batch_rows=args.batch_rows,
         storage_options=_storage_options(args),
-        progress=EncodeProgress(console),
+        progress=progress,
+        on_plan=progress.plan,
     )
     console.end_line()
     return result
@@ -445,6 +770,8 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     """``vq inspect``: describe a codebook file (Codebook.load validates it first)."""
+    from .codebook import Codebook  # torch, but neither polars nor prefect
+
     codebook = Codebook.load(args.codebook)
     if args.json:
         console.result(_dumps(codebook.summary()))
@@ -457,9 +784,12 @@ def describe(codebook: Codebook, *, title: str = "codebook") -> str:
     """A multi-line, human-readable description of a codebook.
 
     Uses ``.get`` throughout: codebooks fitted in memory or by older releases lack some stats.
+    Reads the counts through numpy, so it needs nothing of torch but the ``counts`` it is given.
     """
+    import numpy as np
+
     s, fit = codebook.stats, codebook.fit
-    counts = codebook.counts.double()
+    counts = np.asarray(codebook.counts, dtype=np.int64)  # (n_codes,)
     rows: list[tuple[str, str]] = [
         ("fingerprint", codebook.fingerprint),
         ("metric", codebook.metric),
@@ -484,8 +814,8 @@ def describe(codebook: Codebook, *, title: str = "codebook") -> str:
     if "iterations" in s:
         rows.append(("iterations", f"{s['iterations']}, {'converged' if s.get('converged') else 'not converged'}"))
     rows.append(("repairs", str(s.get("n_repairs", "unknown"))))
-    rows.append(("empty codes", str(int((codebook.counts == 0).sum()))))
-    median = f"{float(torch.quantile(counts, 0.5)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
+    rows.append(("empty codes", str(int((counts == 0).sum()))))
+    median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
     rows.append(("cluster sizes", f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,})"))
     sources = list(codebook.sources)
     shown = sources[:MAX_SOURCES_SHOWN] + ([f"... and {len(sources) - MAX_SOURCES_SHOWN:,} more"] if len(sources) > MAX_SOURCES_SHOWN else [])
@@ -509,33 +839,80 @@ def describe(codebook: Codebook, *, title: str = "codebook") -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+class _InterruptHandler:
+    """The SIGINT handler of one ``vq`` run: Ctrl-C raises KeyboardInterrupt, once.
+
+    polars, when it runs a query, puts its own handler in front of this one: it cancels the query,
+    raises KeyboardInterrupt, and passes the signal on, which with Python's default handler raises a
+    second one in whatever runs next (a cleanup, the except clause: a second traceback). So a signal
+    that comes while a KeyboardInterrupt is being handled is ignored, and so is one after the run.
+    """
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.closed and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_once() -> Iterator[None]:
+    """Run with :class:`_InterruptHandler`, installed before polars is imported (so that polars chains
+    to it). Left alone: a SIGINT that is ignored (``nohup``, a background job) or handled by a program
+    that calls :func:`main`, and threads other than the main one (they cannot set handlers)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    handler = _InterruptHandler()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        handler.closed = True  # signal.signal runs a pending handler first: it must not raise now
+        signal.signal(signal.SIGINT, previous)
+
+
+def _log_to_stderr() -> None:
+    """``--debug``: the library logs each iteration and OOM retries under "vq_pipeline"; show them all."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("vq_pipeline")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vq`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
     Returns rather than exits, so that it can be called in-process; the console script and
-    ``python -m vq_pipeline.cli`` pass the result to ``sys.exit``.
+    ``python -m vq_pipeline.cli`` pass the result to ``sys.exit``. Ctrl-C at any point, the
+    imports of torch and polars and a polars query included, prints one ``interrupted`` line and
+    returns 130.
     """
-    parser = build_parser()
+    with _interrupts_once():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    console = Console(quiet=False)
+    debug = False
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits for --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
-    console = Console(quiet=args.quiet)
-    if args.debug:
-        # The library logs each iteration and OOM retries under "vq_pipeline"; show them all.
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger = logging.getLogger("vq_pipeline")
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    handler_fn: Handler = args.handler
-    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # argparse exits for --help, --version (0) and usage errors (2)
+            return exc.code if isinstance(exc.code, int) else 2
+        console.quiet, debug = args.quiet, args.debug
+        if debug:
+            _log_to_stderr()
+        handler_fn: Handler = args.handler
         return handler_fn(args, console)
     except KeyboardInterrupt:
         console.error("interrupted")
         return EXIT_INTERRUPTED
     except VQError as exc:
-        if args.debug:
+        if debug:
             console.end_line()
             traceback.print_exc()
         console.error(f"error: {exc}")
@@ -546,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one readable line, not a traceback
-        if args.debug:
+        if debug:
             console.end_line()
             traceback.print_exc()
             console.error(f"error: unexpected {type(exc).__name__}: {exc}")

@@ -1,0 +1,190 @@
+"""Start-up and Ctrl-C of the ``vq`` command, in fresh processes (both depend on the process).
+
+* What a command imports, from ``python -X importtime`` (it lists every module a process imports):
+  ``vq --help``, ``vq --version`` and ``import vq_pipeline`` import neither torch, polars nor
+  prefect; ``vq inspect`` imports torch (the codebook module needs it) but neither polars nor prefect.
+* Ctrl-C (SIGINT) prints one ``interrupted`` line on stderr and exits 130, without a traceback:
+  while torch is being imported, and while polars reads a table. The signal is sent once the child
+  shows that it got there (an import line, or the bytes it has read), never after a fixed delay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vq_pipeline
+from vq_pipeline import Codebook, cli, kmeans
+from vq_pipeline.tables import write_embeddings
+
+HEAVY = {"torch", "polars", "prefect"}
+SCRIPT = Path(sys.executable).parent / "vq"
+# Rows of the table read while Ctrl-C comes: 1,000,000 x 32 float32 (120 MB), read in small batches
+# (about 4 s of polars queries here).
+BIG_ROWS, BIG_DIM, BIG_BATCH = 1_000_000, 32, 8192
+
+
+def command(*args: str, importtime: bool = False) -> list[str]:
+    """The installed console script (when there is one) under this interpreter, else ``-m vq_pipeline.cli``."""
+    flags = ["-X", "importtime"] if importtime else []
+    entry = [str(SCRIPT)] if SCRIPT.exists() else ["-m", "vq_pipeline.cli"]
+    return [sys.executable, *flags, *entry, *args]
+
+
+def imported(stderr: str) -> set[str]:
+    """Top-level names of the modules that a ``python -X importtime`` process imported."""
+    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines[1:]}  # lines[0]: the header
+
+
+def other_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
+@pytest.fixture(scope="module")
+def codebook(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    path = tmp_path_factory.mktemp("startup") / "cb.safetensors"
+    vq_pipeline.fit_codebook(x, 4, engine="torch").save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def test_import_loads_nothing_heavy_and_keeps_the_omp_policy() -> None:
+    code = (
+        "import os; os.environ.pop('OMP_WAIT_POLICY', None)\n"
+        "import vq_pipeline, vq_pipeline.cli\n"
+        "print(os.environ['OMP_WAIT_POLICY'], vq_pipeline.VQError.__name__)"
+    )
+    argv = [sys.executable, "-X", "importtime", "-c", code]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "PASSIVE VQError\n"
+    assert not HEAVY & imported(proc.stderr), sorted(HEAVY & imported(proc.stderr))
+
+
+def test_public_names_resolve_on_first_use() -> None:
+    assert set(vq_pipeline.__all__) == {
+        "Codebook", "CodebookFileError", "DimensionMismatchError", "EngineUnavailableError", "InitProgress",
+        "InvalidInputError", "IterationStats", "NonFiniteError", "TooFewPointsError", "UnsupportedFormatError",
+        "VQError", "fit_codebook",
+    }
+    assert all(getattr(vq_pipeline, name) is not None for name in vq_pipeline.__all__)
+    assert vq_pipeline.InitProgress is kmeans.InitProgress and vq_pipeline.fit_codebook is kmeans.fit_codebook
+    assert set(vq_pipeline.__all__) <= set(dir(vq_pipeline))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vq_pipeline.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
+    proc = subprocess.run(command(*argv, importtime=True), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert not HEAVY & imported(proc.stderr), sorted(HEAVY & imported(proc.stderr))
+    if argv == ["--version"]:
+        assert proc.stdout == f"vq {vq_pipeline.__version__}\n"
+    else:
+        assert proc.stdout.startswith("usage: vq") and "--version" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_inspect_imports_neither_polars_nor_prefect(codebook: Path) -> None:
+    argv = command("inspect", str(codebook), importtime=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert not {"polars", "prefect"} & imported(proc.stderr)
+    assert proc.stdout == cli.describe(Codebook.load(codebook), title=str(codebook)) + "\n"
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+def interrupt(argv: list[str], ready: Callable[[subprocess.Popen[str], str], bool]) -> tuple[int, str]:
+    """Run ``argv``, send SIGINT once ``ready(process, stderr line)`` says so, and return (exit status, stderr)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if ready(proc, line):
+                break
+        else:
+            pytest.fail(f"the command ended (status {proc.wait()}) before it was interrupted:\n{''.join(seen)}")
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        return proc.wait(timeout=120), "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_interrupted(status: int, stderr: str, *progress: str) -> None:
+    """Exit 130 and, after the expected progress lines, one ``interrupted`` line, no traceback."""
+    assert status == cli.EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert other_lines(stderr) == [*progress, "interrupted"], stderr
+
+
+def test_ctrl_c_while_torch_is_imported(tmp_path: Path) -> None:
+    table = tmp_path / "t.parquet"
+    write_embeddings(table, np.arange(100), np.random.default_rng(0).standard_normal((100, 4)).astype(np.float32))
+    out = tmp_path / "cb.safetensors"
+    argv = command("fit", str(table), "--column", "embedding", "--codes", "4", "--out", str(out), importtime=True)
+
+    def importing_torch(proc: subprocess.Popen[str], line: str) -> bool:
+        # importtime writes a module's line when it is imported: torch's submodules come while torch loads.
+        return bool(re.search(r"\|\s+torch\.", line))
+
+    status, stderr = interrupt(argv, importing_torch)
+    assert_interrupted(status, stderr)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def big_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x = np.random.default_rng(1).standard_normal((BIG_ROWS, BIG_DIM), dtype=np.float32)
+    return write_embeddings(tmp_path_factory.mktemp("big") / "big.parquet", np.arange(BIG_ROWS), x)
+
+
+def bytes_read(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_ctrl_c_while_polars_reads_a_table(big_table: Path, tmp_path: Path) -> None:
+    """Before the fix, polars cancelled its query with a KeyboardInterrupt and passed the signal on to
+    Python, which raised a second one in the except clause: two tracebacks, exit by signal."""
+    if not Path(f"/proc/{os.getpid()}/io").exists():
+        pytest.skip("needs /proc/PID/io to see the child read")
+    size = big_table.stat().st_size
+    out = tmp_path / "cb.safetensors"
+    argv = command(
+        "fit", str(big_table), "--column", "embedding", "--codes", "16", "--init", "first",
+        "--batch-rows", str(BIG_BATCH), "--out", str(out),
+    )
+
+    def reading(proc: subprocess.Popen[str], line: str) -> bool:
+        if not line.startswith("reading "):
+            return False
+        # After the line: the table's fingerprint reads the file once, then polars reads it in batches.
+        # Wait until polars has read half a table more than that, so that the signal comes mid-read.
+        start = bytes_read(proc.pid)
+        while proc.poll() is None and bytes_read(proc.pid) < start + 1.5 * size:
+            time.sleep(0.005)
+        return True
+
+    status, stderr = interrupt(argv, reading)
+    assert_interrupted(status, stderr, f"reading {BIG_ROWS:,} rows (dim {BIG_DIM}) from 1 table")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no codebook, no checkpoint
