@@ -305,10 +305,12 @@ def test_options_reach_fit_from_tables(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_unexpected_errors_and_interrupts(debug: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*(["--debug"] if debug else []), "inspect", "cb.safetensors"]
 
+    import vq_pipeline.codebook_file as codebook_file
+
     def boom(path: Any) -> Codebook:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(Codebook, "load", boom)
+    monkeypatch.setattr(codebook_file, "load_info", boom)
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     if debug:
@@ -319,7 +321,7 @@ def test_unexpected_errors_and_interrupts(debug: bool, monkeypatch: pytest.Monke
     def interrupted(path: Any) -> Codebook:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Codebook, "load", interrupted)
+    monkeypatch.setattr(codebook_file, "load_info", interrupted)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
@@ -471,15 +473,14 @@ def test_fit_progress_on_a_terminal_redraws_seeding_in_place() -> None:
     )
 
 
-def test_metric_default_and_its_help_come_from_the_library(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_metric_default_and_its_help_come_from_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+    from vq_pipeline import settings
+
     argv = ["fit", "x.parquet", "--column", "e", "--codes", "2", "--out", "o.safetensors"]
-    assert cli.build_parser().parse_args(argv).metric == validate.DEFAULT_METRIC == "l2"
-    monkeypatch.setattr(validate, "DEFAULT_METRIC", "cosine")
-    assert cli.build_parser().parse_args(argv).metric == "cosine"
+    assert cli.build_parser().parse_args(argv).metric == settings.DEFAULT_METRIC == validate.DEFAULT_METRIC == "l2"
     assert cli.main(["fit", "--help"]) == 0
-    assert "distance (default: cosine)" in " ".join(capsys.readouterr().out.split())
+    assert f"distance (default: {settings.DEFAULT_METRIC})" in " ".join(capsys.readouterr().out.split())
+    assert 'default="l2"' not in Path(cli.__file__).read_text()
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -87,22 +87,24 @@ def test_public_names_resolve_on_first_use() -> None:
         vq_pipeline.nope  # noqa: B018
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["fit", "--help"], ["encode", "--help"]])
 def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
     proc = subprocess.run(command(*argv, importtime=True), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert not HEAVY & imported(proc.stderr), sorted(HEAVY & imported(proc.stderr))
     if argv == ["--version"]:
         assert proc.stdout == f"vq {vq_pipeline.__version__}\n"
-    else:
+    elif len(argv) == 1:
         assert proc.stdout.startswith("usage: vq") and "--version" in proc.stdout and "inspect" in proc.stdout
+    else:
+        assert proc.stdout.startswith(f"usage: vq {argv[0]}") and "--column" in proc.stdout
 
 
-def test_inspect_imports_neither_polars_nor_prefect(codebook: Path) -> None:
+def test_inspect_imports_neither_torch_nor_polars_nor_prefect(codebook: Path) -> None:
     argv = command("inspect", str(codebook), importtime=True)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert not {"polars", "prefect"} & imported(proc.stderr)
+    assert not {"torch", "polars", "prefect"} & imported(proc.stderr)
     assert proc.stdout == cli.describe(Codebook.load(codebook), title=str(codebook)) + "\n"
 
 

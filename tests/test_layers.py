@@ -6,10 +6,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Modules that `vq --help`, `vq --version` and `vq inspect` load: they must not import torch or polars.
+LIGHT = {"vq_pipeline/settings.py", "vq_pipeline/codebook_file.py", "vq_pipeline/fileio.py", "vq_pipeline/errors.py"}
 # module (top-level import name) -> the only files allowed to import it
 OWNERS = {
     "pykeops": {"vq_pipeline/engines/keops.py"},
-    "safetensors": {"vq_pipeline/codebook.py"},
+    "safetensors": {"vq_pipeline/codebook_file.py"},
     "polars": {"vq_pipeline/tables.py"},
 }
 
@@ -33,3 +35,5 @@ def test_import_rules() -> None:
         assert "prefect" not in found, f"{rel} imports prefect; only flows/ may"
         for module, owners in OWNERS.items():
             assert module not in found or rel in owners, f"{rel} imports {module}; only {sorted(owners)} may"
+        if rel in LIGHT:
+            assert not {"torch", "polars"} & found, f"{rel} imports {sorted({'torch', 'polars'} & found)}; it must stay light"

@@ -15,12 +15,12 @@ import torch
 
 from .engines import Engine, get_engine
 from .errors import DimensionMismatchError, InvalidInputError
+from .settings import DEFAULT_MEMORY_BUDGET
 from .validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
 log = logging.getLogger(__name__)
 
 #: Default temporary memory one pass may use, in bytes. Override with ``memory_budget=``.
-DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def plan_chunk_rows(n_rows: int, n_codes: int, dim: int, *, k: int, engine: Engine, memory_budget: int) -> int:

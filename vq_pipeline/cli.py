@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from . import __version__
 from .errors import InvalidInputError, VQError
+from .settings import DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
 
 if TYPE_CHECKING:
     from .codebook import Codebook
+    from .codebook_file import CodebookInfo
     from .kmeans import InitProgress, IterationStats
     from .pipeline import EncodeResult
 
@@ -112,9 +114,6 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
 
 
 def _add_compute_options(parser: argparse.ArgumentParser) -> None:
-    from .pipeline import DEFAULT_BATCH_ROWS
-    from .validate import ENGINES
-
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="compute engine (default: auto)")
     parser.add_argument(
         "--device", default=None, metavar="cpu|cuda", help="compute device: cpu, cuda or cuda:N (default: cuda if available)"
@@ -134,9 +133,6 @@ def _add_compute_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fit_options(fit: argparse.ArgumentParser) -> None:
-    from .kmeans import INITS
-    from .validate import DEFAULT_METRIC, METRICS
-
     fit.add_argument("data", nargs="+", metavar="DATA", help="table files, globs or folders (local or object storage)")
     fit.add_argument("--column", required=True, help="the embedding column")
     fit.add_argument("--codes", required=True, type=_int_at_least(1), metavar="K", help="number of codes (centroids)")
@@ -667,8 +663,6 @@ def _show_fit_input(args: argparse.Namespace, console: Console) -> None:
 
 def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -> dict[str, Any]:
     """Run the Prefect flow ``vq_flows.<flow_name>`` with ``dask=args.dask`` against a reachable Prefect API."""
-    from .pipeline import DEFAULT_BATCH_ROWS
-
     if _storage_options(args):
         raise InvalidInputError(
             "--storage-option with --dask: the flows read object storage with the workers' own credentials "
@@ -769,10 +763,10 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    """``vq inspect``: describe a codebook file (Codebook.load validates it first)."""
-    from .codebook import Codebook  # torch, but neither polars nor prefect
+    """``vq inspect``: describe a codebook file, validated as ``Codebook.load`` does, without loading torch."""
+    from .codebook_file import load_info
 
-    codebook = Codebook.load(args.codebook)
+    codebook = load_info(args.codebook)
     if args.json:
         console.result(_dumps(codebook.summary()))
     else:
@@ -780,7 +774,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def describe(codebook: Codebook, *, title: str = "codebook") -> str:
+def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> str:
     """A multi-line, human-readable description of a codebook.
 
     Uses ``.get`` throughout: codebooks fitted in memory or by older releases lack some stats.

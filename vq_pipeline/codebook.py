@@ -42,13 +42,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
+from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_values,
+    fingerprint_of,
+    provenance_fields,
+    read_codebook_bytes,
+    read_file,
+    summarize,
+)
+from .errors import CodebookFileError, InvalidInputError
 from .fileio import atomic_write_bytes
-from .validate import METRICS
-
-FORMAT_NAME = "vq-pipeline.codebook"
-FORMAT_VERSION = "1.0"
-_MAX_HEADER_BYTES = 16 * 2**20
+from .settings import METRICS
 # Metadata that changes from run to run; everything else is reproducible.
 RUN_KEYS = ("created_at", "timings")
 
@@ -109,18 +115,7 @@ class Codebook:
                 f"counts (shape={tuple(getattr(n, 'shape', ()))}, dtype={getattr(n, 'dtype', None)}) must be an "
                 f"int64 tensor of shape ({c.shape[0]},), one count per code."
             )
-        if not bool(torch.isfinite(c).all()):
-            raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
-        if bool((n < 0).any()):
-            raise InvalidInputError("counts hold negative values; expected counts >= 0.")
-        if self.metric == "cosine":
-            norms = torch.linalg.vector_norm(c.double(), dim=1)  # (n_codes,)
-            worst = float((norms - 1).abs().max())
-            if worst > 1e-3:
-                raise InvalidInputError(
-                    f"cosine centroid norms deviate from 1 by up to {worst:.3g}; expected unit-norm rows. "
-                    f"Fix: normalize the centroids, or use metric='l2'."
-                )
+        check_values(c.detach().cpu().numpy(), n.detach().cpu().numpy(), self.metric)
         # Private copies: a caller mutating its tensors must not change a codebook.
         object.__setattr__(self, "centroids", c.detach().to("cpu").contiguous().clone())
         object.__setattr__(self, "counts", n.detach().to("cpu").contiguous().clone())
@@ -137,9 +132,7 @@ class Codebook:
     @property
     def fingerprint(self) -> str:
         """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
-        h = hashlib.sha256(f"{FORMAT_NAME}|{self.metric}|{self.n_codes}|{self.dim}|".encode())
-        h.update(self.centroids.numpy().astype("<f4").tobytes())
-        return h.hexdigest()
+        return fingerprint_of(self.metric, self.centroids.numpy())
 
     def encode(
         self,
@@ -224,7 +217,7 @@ class Codebook:
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "<bytes>", metric: str | None = None) -> Codebook:
         """Parse and validate codebook bytes; see :meth:`load`."""
-        meta, tensors = _parse(data, source)
+        meta, arrays = read_codebook_bytes(data, source)
         if metric is not None and metric != meta["metric"]:
             raise InvalidInputError(
                 f"metric={metric!r} was requested but {source} holds a metric={meta['metric']!r} codebook. "
@@ -232,18 +225,9 @@ class Codebook:
             )
         try:
             return cls(
-                centroids=tensors["centroids"],
-                counts=tensors["counts"],
-                metric=meta["metric"],
-                fit=_json_field(meta, "fit", source, dict),
-                stats=_json_field(meta, "stats", source, dict),
-                data_fingerprint=meta.get("data_fingerprint", ""),
-                sources=tuple(_json_field(meta, "sources", source, list)),
-                column=meta.get("column", ""),
-                parent_fingerprint=meta.get("parent_fingerprint", ""),
-                versions=_json_field(meta, "versions", source, dict),
-                created_at=meta.get("created_at", ""),
-                timings=_json_field(meta, "timings", source, dict),
+                centroids=torch.from_numpy(arrays["centroids"]),
+                counts=torch.from_numpy(arrays["counts"]),
+                **provenance_fields(meta, source),
             )
         except InvalidInputError as exc:
             raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
@@ -261,123 +245,12 @@ class Codebook:
                 NaN centroids. UnsupportedFormatError: another format or an unknown major version.
             InvalidInputError: ``metric`` differs from the file's.
         """
-        p = Path(path)
-        if not p.is_file():
-            raise CodebookFileError(
-                f"codebook path={str(p)!r} {'is a folder' if p.is_dir() else 'does not exist'}; "
-                f"expected a .safetensors codebook file. Fix: pass the file written by `vq fit` or Codebook.save."
-            )
-        return cls.from_bytes(p.read_bytes(), source=f"codebook file {str(p)!r}", metric=metric)
+        data, source = read_file(path)
+        return cls.from_bytes(data, source=source, metric=metric)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (no tensors) for people and artifacts."""
-        return {
-            "fingerprint": self.fingerprint,
-            "metric": self.metric,
-            "n_codes": self.n_codes,
-            "dim": self.dim,
-            "fit": self.fit,
-            "stats": self.stats,
-            "data_fingerprint": self.data_fingerprint,
-            "sources": list(self.sources),
-            "column": self.column,
-            "parent_fingerprint": self.parent_fingerprint,
-            "versions": self.versions,
-            "created_at": self.created_at,
-            "timings": self.timings,
-            "empty_codes": int((self.counts == 0).sum()),
-        }
-
-
-_EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}
-
-
-def _parse(data: bytes, source: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Check a safetensors codebook's header by hand, then let safetensors read the tensors."""
-    fix = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit it."
-    (n_header,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (None,)
-    if n_header is None or n_header > min(len(data) - 8, _MAX_HEADER_BYTES) or data[8:9] != b"{":
-        # Not a safetensors header: say what it looks like instead. (A pickle's first bytes can also
-        # read as a plausible header length, so this is only asked once the header check failed.)
-        if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or data[:4] == b"PK\x03\x04":
-            raise CodebookFileError(
-                f"{source} looks like a pickle or torch.save archive, not a safetensors codebook; pickles are "
-                f"never loaded because loading one can run arbitrary code. {fix}"
-            )
-        if n_header is None:
-            raise CodebookFileError(f"{source} is {len(data)} bytes long: too short to be a safetensors file. {fix}")
-        raise CodebookFileError(
-            f"{source}: header length={n_header} bytes but the file has {len(data) - 8} bytes after it; "
-            f"expected a safetensors file. The file is truncated or not a codebook. {fix}"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodebookFileError(f"{source}: the header is not valid JSON ({exc}); the file is corrupt. {fix}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise CodebookFileError(f"{source}: the header has no metadata; expected a vq-pipeline codebook. {fix}")
-    meta = header.pop("__metadata__")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise CodebookFileError(f"{source}: metadata values must be strings; the file is corrupt. {fix}")
-    if meta.get("format") != FORMAT_NAME:
-        raise UnsupportedFormatError(
-            f"{source}: format={meta.get('format')!r}; expected {FORMAT_NAME!r}. {fix}"
-        )
-    version = meta.get("format_version", "")
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-        raise UnsupportedFormatError(
-            f"{source}: format_version={version!r}; this release reads major version "
-            f"{FORMAT_VERSION.split('.')[0]} ({FORMAT_VERSION}). Fix: upgrade vq-pipeline, or refit the codebook."
-        )
-    if meta.get("metric") not in METRICS:
-        raise CodebookFileError(f"{source}: metric={meta.get('metric')!r}; expected one of {METRICS}. {fix}")
-    try:
-        n_codes, dim = int(meta["n_codes"]), int(meta["dim"])
-    except (KeyError, ValueError):
-        raise CodebookFileError(
-            f"{source}: n_codes={meta.get('n_codes')!r}, dim={meta.get('dim')!r}; expected integers. {fix}"
-        ) from None
-    if set(header) != set(_EXPECTED_TENSORS):
-        raise CodebookFileError(
-            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {fix}"
-        )
-    expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
-    n_data = len(data) - 8 - n_header
-    for name, (dtype, _) in _EXPECTED_TENSORS.items():
-        info = header[name]
-        if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != expected_shapes[name]:
-            raise CodebookFileError(
-                f"{source}: tensor {name!r} is {info!r}; expected dtype {dtype} and shape {expected_shapes[name]} "
-                f"(from metadata n_codes={n_codes}, dim={dim}). The header is inconsistent. {fix}"
-            )
-        offsets = info.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CodebookFileError(f"{source}: tensor {name!r} has data_offsets={offsets!r}; the header is corrupt. {fix}")
-        if offsets[1] > n_data:
-            raise CodebookFileError(
-                f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_data} data bytes follow the "
-                f"header; the file is truncated. {fix}"
-            )
-    try:
-        from safetensors.torch import load as _st_load
-
-        tensors = _st_load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise CodebookFileError(f"{source}: safetensors could not read it ({exc}). {fix}") from None
-    return meta, tensors
-
-
-def _json_field(meta: dict[str, str], key: str, source: str, kind: type) -> Any:
-    raw = meta.get(key, "")
-    if raw == "":
-        return kind()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CodebookFileError(f"{source}: metadata {key}={raw[:80]!r} is not valid JSON; the file is corrupt.") from None
-    if not isinstance(value, kind):
-        raise CodebookFileError(f"{source}: metadata {key} is a {type(value).__name__}; expected a {kind.__name__}.")
-    return value
+        return summarize(self)
 
 
 def tensor_fingerprint(x: torch.Tensor) -> str:

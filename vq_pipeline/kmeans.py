@@ -37,6 +37,7 @@ from .codebook import Codebook, tensor_fingerprint
 from .engines import Engine, get_engine
 from .errors import InvalidInputError, TooFewPointsError
 from .fileio import atomic_write
+from .settings import INITS
 from .validate import (
     ENGINES,
     DEFAULT_METRIC,
@@ -53,7 +54,6 @@ from .validate import (
 
 log = logging.getLogger(__name__)
 
-INITS = ("k-means++", "random", "first")
 # At most this many far-point candidates are kept per E step for empty-cluster repair.
 _MAX_FAR_CANDIDATES = 1024
 

@@ -46,6 +46,7 @@ from .codebook import Codebook, atomic_write_bytes
 from .errors import DimensionMismatchError, InvalidInputError, VQError
 from .engines import get_engine
 from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, FitOptions, ProgressCallback, _Pass, e_step, fit_options, fit_rows
+from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
 from .validate import DEFAULT_METRIC, METRICS, as_embeddings, check_choice, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
@@ -54,8 +55,6 @@ MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
 #: Suffix of the bookkeeping folder beside an output folder: ``codes/`` keeps it in ``codes.vq/``.
 STATE_SUFFIX = ".vq"
 LOCK_NAME = "lock"
-#: Rows per streamed batch.
-DEFAULT_BATCH_ROWS = 65_536
 #: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
 DEFAULT_DATA_BUDGET = 2 * 2**30
 

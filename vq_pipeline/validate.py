@@ -12,12 +12,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError, NonFiniteError
-
-METRICS = ("l2", "cosine")
-#: The one default metric of the library, the `vq` command, the flows and the deployment (as in
-#: FAISS and scikit-learn). Pass metric="cosine" for direction-only embeddings.
-DEFAULT_METRIC = "l2"
-ENGINES = ("auto", "keops", "torch")
+from .settings import DEFAULT_METRIC, ENGINES, METRICS  # noqa: F401 - re-exported for callers
 
 # Largest squared row norm accepted. Squared distances between two such rows can reach 4x this,
 # which must stay below float32's max (3.4e38) for every engine to compute them.
