@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from prefect.types.entrypoint import EntrypointType
 
 from vq_flows.pipeline import DEFAULT_DRIFT_THRESHOLD, DEFAULT_USAGE_THRESHOLD, vq_pipeline_flow
-from vq_pipeline.tables import CODE_DTYPES
+from vq_pipeline.settings import CODE_DTYPE_NAMES
 from vq_pipeline.validate import DEFAULT_METRIC
 
 DEFAULT_NAME = "scheduled"
@@ -89,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
     p.add_argument(
-        "--code-dtype", default=None, choices=sorted(CODE_DTYPES),
+        "--code-dtype", default=None, choices=CODE_DTYPE_NAMES,
         help="integer type of the code column (default: the smallest unsigned type for --codes)",
     )
     a = p.parse_args(argv)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import vq_pipeline
+from conftest import snapshot
 from vq_pipeline import Codebook, cli, fit_codebook, pipeline, validate
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.kmeans import InitProgress, IterationStats
@@ -62,11 +63,6 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) 
     assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file's bytes, but the lock file (its holder is rewritten by every run)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +477,15 @@ def test_metric_default_and_its_help_come_from_the_library(capsys: pytest.Captur
     assert cli.main(["fit", "--help"]) == 0
     assert f"distance (default: {settings.DEFAULT_METRIC})" in " ".join(capsys.readouterr().out.split())
     assert 'default="l2"' not in Path(cli.__file__).read_text()
+
+
+def test_encode_code_dtype_is_pinned_or_refused(work: dict[str, Any], tmp_path: Path) -> None:
+    args = ("encode", work["root"] / "in", "--codebook", work["codebook"], "--column", "embedding", "--quiet")
+    pinned = vq(*args, "--code-dtype", "uint32", "--out", tmp_path / "pinned")
+    assert pinned.returncode == 0, pinned.stderr
+    assert {pl.read_parquet(p)["code"].dtype for p in (tmp_path / "pinned").rglob("*.parquet")} == {pl.UInt32}
+    bad = vq(*args, "--code-dtype", "float32", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "invalid choice: 'float32'" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

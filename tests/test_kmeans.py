@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ENGINES, assert_codes_match, oracle
-from vq_pipeline import Codebook, TooFewPointsError, fit_codebook
+from vq_pipeline import TooFewPointsError, fit_codebook
 from vq_pipeline.engines.torch import TorchEngine
 from vq_pipeline.kmeans import kmeans_plus_plus
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from . import __version__
 from .errors import InvalidInputError, VQError
-from .settings import DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
+from .settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
 
 if TYPE_CHECKING:
     from .codebook import Codebook
@@ -169,6 +169,11 @@ def _add_encode_options(enc: argparse.ArgumentParser) -> None:
     )
     enc.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (not inside an input folder)")
     enc.add_argument("--overwrite", action="store_true", help="replace codes that another codebook or other settings wrote in OUT_DIR")
+    enc.add_argument(
+        "--code-dtype", choices=CODE_DTYPE_NAMES, default=None, metavar="TYPE",
+        help=f"integer type of the code column, one of {', '.join(CODE_DTYPE_NAMES)} "
+        "(default: the smallest unsigned type for the codebook's n_codes)",
+    )
     _add_compute_options(enc)
     _add_global_options(enc, in_subcommand=True)
 
@@ -720,7 +725,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
         s = _run_flow_on_dask(
             args, "encode.encode_embeddings_flow", inputs=[_absolute(d) for d in args.data], codebook=_absolute(args.codebook),
             out_dir=os.path.abspath(args.out), column=args.column, id_column=args.id_column, top_k=args.top_k,
-            with_distance=args.with_distance, keep=list(args.keep), overwrite=args.overwrite,
+            with_distance=args.with_distance, keep=list(args.keep), code_dtype=args.code_dtype, overwrite=args.overwrite,
         )
         keys = ("out_dir", "manifest", "codebook_fingerprint", "encoded", "skipped", "rows_encoded", "rows_total", "seconds")
         result = EncodeResult(**{k: s[k] for k in keys})
@@ -750,6 +755,7 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
         top_k=args.top_k,
         with_distance=args.with_distance,
         keep=args.keep,
+        code_dtype=args.code_dtype,
         overwrite=args.overwrite,
         engine=args.engine,
         device=args.device,

@@ -15,5 +15,15 @@ INITS = ("k-means++", "random", "first")
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per streamed table batch.
 DEFAULT_BATCH_ROWS = 65_536
+#: Integer types the ``code`` column can be pinned to (``code_dtype``); the names are numpy's.
+CODE_DTYPE_NAMES = ("uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64")
 
-__all__ = ["DEFAULT_BATCH_ROWS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_METRIC", "ENGINES", "INITS", "METRICS"]
+__all__ = [
+    "CODE_DTYPE_NAMES",
+    "DEFAULT_BATCH_ROWS",
+    "DEFAULT_MEMORY_BUDGET",
+    "DEFAULT_METRIC",
+    "ENGINES",
+    "INITS",
+    "METRICS",
+]

@@ -25,6 +25,7 @@ import torch
 
 from .errors import InvalidInputError
 from .fileio import atomic_write
+from .settings import CODE_DTYPE_NAMES
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
 _REMOTE_PREFIXES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "http://", "https://", "hf://")
@@ -365,10 +366,7 @@ def file_stat(source: Source) -> str | None:
 
 
 #: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
-CODE_DTYPES = {
-    "uint8": pl.UInt8, "uint16": pl.UInt16, "uint32": pl.UInt32, "uint64": pl.UInt64,
-    "int16": pl.Int16, "int32": pl.Int32, "int64": pl.Int64,
-}
+CODE_DTYPES = {name: getattr(pl, name.replace("uint", "UInt").replace("int", "Int")) for name in CODE_DTYPE_NAMES}
 
 
 def code_dtype(n_codes: int, pinned: str | None = None) -> pl.DataType:
