@@ -45,12 +45,11 @@ import torch
 from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
     FORMAT_NAME,
     FORMAT_VERSION,
+    CodebookViews,
     check_values,
-    fingerprint_of,
     provenance_fields,
     read_codebook_bytes,
     read_file,
-    summarize,
 )
 from .errors import CodebookFileError, InvalidInputError
 from .fileio import atomic_write_bytes
@@ -77,7 +76,7 @@ def library_versions() -> dict[str, str]:
 
 
 @dataclass(frozen=True, eq=False)
-class Codebook:
+class Codebook(CodebookViews):
     """A fitted codebook: centroids, their training counts, the metric and provenance.
 
     Attributes:
@@ -120,19 +119,6 @@ class Codebook:
         object.__setattr__(self, "centroids", c.detach().to("cpu").contiguous().clone())
         object.__setattr__(self, "counts", n.detach().to("cpu").contiguous().clone())
         object.__setattr__(self, "sources", tuple(self.sources))
-
-    @property
-    def n_codes(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.centroids.shape[1])
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
-        return fingerprint_of(self.metric, self.centroids.numpy())
 
     def encode(
         self,
@@ -247,10 +233,6 @@ class Codebook:
         """
         data, source = read_file(path)
         return cls.from_bytes(data, source=source, metric=metric)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-friendly description (no tensors) for people and artifacts."""
-        return summarize(self)
 
 
 def tensor_fingerprint(x: torch.Tensor) -> str:

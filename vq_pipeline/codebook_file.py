@@ -197,8 +197,34 @@ def summarize(codebook: Any) -> dict[str, Any]:
     }
 
 
+class CodebookViews:
+    """What a Codebook and a CodebookInfo derive alike from ``centroids``, ``counts`` and ``metric``
+    (CPU tensors or numpy arrays)."""
+
+    centroids: Any
+    counts: Any
+    metric: str
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
+        return fingerprint_of(self.metric, np.asarray(self.centroids))
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors or arrays) for people and artifacts."""
+        return summarize(self)
+
+
 @dataclass(frozen=True, eq=False)
-class CodebookInfo:
+class CodebookInfo(CodebookViews):
     """A codebook file read with numpy: the same attributes as a Codebook, arrays instead of tensors."""
 
     centroids: np.ndarray  # (n_codes, dim) float32
@@ -213,22 +239,6 @@ class CodebookInfo:
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     timings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_codes(self) -> int:
-        return int(self.centroids.shape[0])
-
-    @property
-    def dim(self) -> int:
-        return int(self.centroids.shape[1])
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.metric, self.centroids)
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-friendly description (no arrays), the same as ``Codebook.summary()``."""
-        return summarize(self)
 
 
 def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
@@ -247,6 +257,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "CodebookInfo",
+    "CodebookViews",
     "check_values",
     "fingerprint_of",
     "json_field",
