@@ -41,13 +41,11 @@ from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from vq_pipeline.errors import ConfigurationError, DaskAddressError
+
 _LOCAL = re.compile(r"local:(\d+)")
 _HOST_PORT = re.compile(r"[A-Za-z0-9_.\-\[\]:]+:\d+")
 log = logging.getLogger(__name__)
-
-
-class DaskAddressError(ValueError):
-    """A ``dask=`` address that is neither ``local:N`` nor a scheduler address."""
 
 
 def parse_address(address: str) -> tuple[str, int | None]:
@@ -140,14 +138,14 @@ def worker_api_url(scheduler: str) -> str:
         ctx = FlowRunContext.get()
         url = str(ctx.client.api_url) if ctx is not None and ctx.client is not None else None
     if not url:
-        raise RuntimeError(
+        raise ConfigurationError(
             "no Prefect API URL for the Dask workers; expected PREFECT_API_URL or a running flow. "
             "Fix: set PREFECT_API_URL to a Prefect server the workers can reach."
         )
     api_host = urlparse(url).hostname
     sched_host = urlparse(scheduler).hostname if "://" in scheduler else None
     if _is_loopback(api_host) and sched_host is not None and not _is_loopback(sched_host):
-        raise RuntimeError(
+        raise ConfigurationError(
             f"the Prefect API is at {url}, on this machine's loopback, but the Dask scheduler {scheduler} is on "
             f"another host whose workers cannot reach it; expected a server the workers can reach. Fix: start "
             f"`prefect server start --host 0.0.0.0` (or use Prefect Cloud) and set PREFECT_API_URL to its URL."
@@ -212,7 +210,7 @@ def prefect_server(host: str = "127.0.0.1", port: int | None = None, *, timeout:
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (home / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(
+                raise ConfigurationError(
                     f"`prefect server start` on {host}:{port} did not become healthy within {timeout:g} s "
                     f"(exit code {proc.poll()}); its log ends with:\n{tail}"
                 )
@@ -250,7 +248,7 @@ def prefect_api_for(address: str) -> Iterator[str | None]:
         return
     kind, _ = parse_address(address)
     if kind != "local" and not _is_loopback(urlparse(kind).hostname):
-        raise RuntimeError(
+        raise ConfigurationError(
             f"dask={address!r} is a remote cluster and PREFECT_API_URL is not set; expected a Prefect server its "
             f"workers can reach. Fix: export PREFECT_API_URL=http://<server>:4200/api (prefect server start "
             f"--host 0.0.0.0, or Prefect Cloud)."

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from vq_pipeline import Codebook, VQError
+from vq_pipeline.errors import EncodeFailedError
 from vq_pipeline.pipeline import (
     EncodeOptions,
     EncodeSettings,
@@ -43,20 +44,22 @@ SUMMARY_ARTIFACT_KEY = "vq-encode-summary"
 MAX_WORKERS = max(1, int(os.environ.get("VQ_ENCODE_WORKERS") or min(2, os.cpu_count() or 1)))
 
 
-class EncodeFailedError(RuntimeError):
-    """Some files could not be encoded (after retries); the others are done and kept."""
-
-
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is a vq-pipeline error: those are about the data or the settings
-    (bad rows, wrong dim, foreign folder) and would fail again the same way."""
+    """Retry only what a retry can fix: I/O errors (a network filesystem, object storage) and a lost
+    Dask worker. Never a vq-pipeline error (bad input, state or configuration: the next try meets
+    the same data, files and settings) and never a bug (it would fail the same way)."""
+    from distributed import KilledWorker
+    from distributed.comm import CommClosedError
+
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - no readable exception: let the retry policy decide
+        except Exception:  # noqa: BLE001 - no readable exception (a crashed run): a retry may get through
             return True
-    return not isinstance(exc, VQError)
+    if isinstance(exc, VQError):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, KilledWorker, CommClosedError))
 
 
 def _settings(settings: dict[str, Any]) -> EncodeSettings:

@@ -40,7 +40,7 @@ from vq_flows.encode import encode_embeddings_flow, retry_transient
 from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook
 from vq_pipeline.fileio import atomic_write_bytes, fsync_folder
-from vq_pipeline.errors import InvalidInputError, VQError
+from vq_pipeline.errors import InvalidInputError, PipelineStateError
 from vq_pipeline.pipeline import drift_report, folder_lock
 from vq_pipeline.validate import DEFAULT_METRIC
 
@@ -67,12 +67,6 @@ USAGE_MIN_ROWS_PER_CODE = 5
 # codebook represents badly). Changing them would make every codes folder refuse the next run.
 TOP_K = 1
 WITH_DISTANCE = True
-
-
-class PipelineStateError(VQError, RuntimeError):
-    """``codebooks/current.json`` is unreadable or points at a missing or different codebook, or
-    ``codes/current`` is not a symlink. A :class:`VQError`, so the tasks' retry policy does not retry
-    it: the next try would find the same files."""
 
 
 def codebook_path(work_dir: str | Path, fingerprint: str) -> Path:

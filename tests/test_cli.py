@@ -615,6 +615,18 @@ def test_dask_on_a_small_input_warns_once_then_goes_on(
         assert error.startswith(f"error: {refused}"), error
 
 
+def test_a_bad_dask_address_is_a_configuration_error(
+    work: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    inputs, codebook = str(work["root"] / "in"), str(work["codebook"])
+    argv = ["encode", inputs, "--codebook", codebook, "--column", "embedding", "--out", str(tmp_path / "c"), "--quiet"]
+    assert cli.main([*argv, "--dask", "bogus"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: dask='bogus'") and "Fix:" in error and "unexpected" not in error, error
+    assert not (tmp_path / "c").exists()
+
+
 def test_dask_on_a_large_input_does_not_warn(
     work: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

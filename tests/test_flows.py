@@ -87,8 +87,17 @@ def test_task_retry_policy() -> None:
     from prefect.states import Failed
 
     assert encode_file_task.retries == 2 and fit_task.retries == 0
-    assert retry_transient(None, None, Failed(data=OSError("connection reset")))
-    assert not retry_transient(None, None, Failed(data=InvalidInputError("bad rows")))
+    from distributed import KilledWorker
+
+    from vq_pipeline.errors import ConfigurationError, EncodeLockedError, PipelineStateError
+
+    # What a retry can fix: I/O and a lost worker.
+    for transient in (OSError("connection reset"), TimeoutError("read timed out"), KilledWorker("encode-a", "tcp://w:1", 3)):
+        assert retry_transient(None, None, Failed(data=transient)), transient
+    # Bad input, state or configuration, and bugs, fail the same way every time.
+    for final in (InvalidInputError("bad rows"), PipelineStateError("current.json"), EncodeLockedError("locked"),
+                  ConfigurationError("no API"), RuntimeError("a bug"), KeyError("a bug")):
+        assert not retry_transient(None, None, Failed(data=final)), final
 
 
 # ----------------------------------------------------------------------------- encode

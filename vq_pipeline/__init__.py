@@ -20,19 +20,14 @@ from typing import TYPE_CHECKING, Any
 # loads its OpenMP runtime, so it is set here, unless the user chose a policy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import errors as _errors  # light: the exception tree imports nothing
+
 __version__ = "0.1.0"
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
     "Codebook": "codebook",
-    "CodebookFileError": "errors",
-    "DimensionMismatchError": "errors",
-    "EngineUnavailableError": "errors",
-    "InvalidInputError": "errors",
-    "NonFiniteError": "errors",
-    "TooFewPointsError": "errors",
-    "UnsupportedFormatError": "errors",
-    "VQError": "errors",
+    **{name: "errors" for name in _errors.__all__},
     "InitProgress": "kmeans",
     "IterationStats": "kmeans",
     "fit_codebook": "kmeans",
@@ -42,10 +37,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .codebook import Codebook
     from .errors import (
         CodebookFileError,
+        ConfigurationError,
+        DaskAddressError,
         DimensionMismatchError,
+        EncodeFailedError,
+        EncodeLockedError,
         EngineUnavailableError,
         InvalidInputError,
         NonFiniteError,
+        PipelineStateError,
+        StateError,
         TooFewPointsError,
         UnsupportedFormatError,
         VQError,
@@ -69,12 +70,18 @@ def __dir__() -> list[str]:
 __all__ = [
     "Codebook",
     "CodebookFileError",
+    "ConfigurationError",
+    "DaskAddressError",
     "DimensionMismatchError",
+    "EncodeFailedError",
+    "EncodeLockedError",
     "EngineUnavailableError",
     "InitProgress",
     "InvalidInputError",
     "IterationStats",
     "NonFiniteError",
+    "PipelineStateError",
+    "StateError",
     "TooFewPointsError",
     "UnsupportedFormatError",
     "VQError",

@@ -43,7 +43,7 @@ import torch
 from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET, encode as encode_tensor, plan_chunk_rows
 from .codebook import Codebook, atomic_write_bytes
-from .errors import DimensionMismatchError, InvalidInputError, VQError
+from .errors import DimensionMismatchError, EncodeLockedError, InvalidInputError
 from .engines import get_engine
 from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, FitOptions, ProgressCallback, _Pass, e_step, fit_options, fit_rows
 from .settings import DEFAULT_BATCH_ROWS
@@ -62,10 +62,6 @@ DEFAULT_DATA_BUDGET = 2 * 2**30
 RowProgress = Callable[[str, int, int], None]
 #: Called once as on_plan(rows_to_encode_by_key, skipped_keys) before any file is encoded.
 PlanCallback = Callable[[dict[str, int], list[str]], None]
-
-
-class EncodeLockedError(VQError, RuntimeError):
-    """Another run is writing into the same folder."""
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -433,7 +429,10 @@ def fit_partitioned(
     def e_step_fn(c: torch.Tensor) -> _Pass:
         parts = list(map_e_step(c.to("cpu", torch.float32), sources))
         if len(parts) != len(sources):
-            raise RuntimeError(f"map_e_step returned {len(parts)} results for {len(sources)} sources; expected one per source")
+            raise InvalidInputError(
+                f"map_e_step returned {len(parts)} results for {len(sources)} sources; expected one per source, in "
+                f"source order. Fix: return one partition's statistics for each source it is given."
+            )
         p = reduce_partition_stats(parts)
         return _Pass(p.sums.to(c.device), p.counts.to(c.device), p.objective, p.far_sqdist.to(c.device), p.far_rows.to(c.device))
 
