@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) -m vq_flows.demo
 
 test: $(STAMP)
+	$(PY) -m ruff check vq_pipeline flows tests
 	$(PY) -m pytest
 
 clean:

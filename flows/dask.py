@@ -36,7 +36,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin

@@ -13,7 +13,8 @@ At most one run executes at a time (``limit=1``), and the flow also locks its wo
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from prefect.types.entrypoint import EntrypointType
 

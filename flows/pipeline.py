@@ -119,7 +119,7 @@ def _parse_time(value: str | None) -> dt.datetime | None:
         t = dt.datetime.fromisoformat(value)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def _check(rule: str, when: str, value: str, status: str, reason: str | None = None) -> dict[str, Any]:
@@ -462,7 +462,7 @@ def vq_pipeline_flow(
             f"would be read back as inputs. Fix: put work_dir outside input_root."
         )
     _check_thresholds(drift_threshold, usage_threshold)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")
     fit_settings = dict(
         inputs=[str(root)], column=column, n_codes=n_codes, metric=metric, sample=sample, seed=seed, engine=engine,

@@ -31,7 +31,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -552,16 +553,6 @@ def test_library_metric_mismatch(work: dict[str, Any]) -> None:
         message = str(info.value)
         assert f"metric={asked!r} was requested" in message and f"metric={held!r} codebook" in message and "Fix" in message
         assert Codebook.load(path, metric=held).metric == held
-
-
-def test_case_counts() -> None:
-    """The counts the issue asks for (printed with ``-s``)."""
-    bad = [c for c in CASES if c.error is not None]
-    print(
-        f"\nbad-input cases: {len(CASES)} via the CLI ({len(bad)} errors, {len(CASES) - len(bad)} that must work), "
-        f"{len(CASES) + 1} via the flows (+ warm-start metric mismatch), 1 library-only (Codebook.load metric mismatch)"
-    )
-    assert {c.command for c in CASES} == {"fit", "encode"} and len(bad) >= 40
 
 
 def test_a_header_length_that_looks_like_a_pickle_opcode_is_not_refused(work: dict[str, Any], tmp_path: Path) -> None:

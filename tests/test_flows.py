@@ -141,7 +141,7 @@ def test_encode_flow_matches_in_memory_encode_and_resumes(prefect_api, tmp_path:
 
 
 def test_refit_reason() -> None:
-    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
     week_ago = (now - dt.timedelta(hours=169)).isoformat()
     hour_ago = (now - dt.timedelta(hours=1)).isoformat()
     measured = dict(rows=500, n_codes=8, distortion_ratio=1.1, usage_divergence=0.01, usage_divergence_expected=0.003)

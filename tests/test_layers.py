@@ -1,4 +1,4 @@
-"""The layering rules of DESIGN.md, enforced by scanning imports."""
+"""The layering rules (README "Layout"), enforced by scanning imports."""
 
 from __future__ import annotations
 

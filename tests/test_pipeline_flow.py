@@ -166,7 +166,7 @@ def test_usage_rule_refits_on_a_topic_shift_that_distortion_misses(prefect_api, 
 
 
 def test_refit_checks_usage_rule() -> None:
-    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
     base = dict(
         created_at=(now - dt.timedelta(hours=1)).isoformat(),
         last_fit_at=None,

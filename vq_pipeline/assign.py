@@ -9,7 +9,7 @@ of memory (a KeOps CUDA out-of-memory error arrives as a plain ``RuntimeError``)
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

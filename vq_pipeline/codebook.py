@@ -96,7 +96,7 @@ class Codebook(CodebookViews):
     column: str = ""
     parent_fingerprint: str = ""
     versions: dict[str, str] = field(default_factory=library_versions)
-    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     timings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

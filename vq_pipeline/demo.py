@@ -1,8 +1,10 @@
-"""The main job on embedded defaults: fit a codebook on a generated embedding table, encode another.
+"""A fit and an encode without Prefect, on generated embeddings (``make demo`` runs the Prefect
+pipeline instead: :mod:`vq_flows.demo`).
 
-Run with ``make demo`` (or ``python -m vq_pipeline.demo [OUT_DIR]``). It writes, under ``OUT_DIR``
-(default ``vq_demo_output/``): ``train.parquet`` and ``new.parquet`` (generated embeddings),
-``codebook.safetensors`` and ``codes.parquet`` (``id, code, distance``), then prints a summary.
+Run with ``python -m vq_pipeline.demo [OUT_DIR]``. It writes, under ``OUT_DIR`` (default
+``vq_demo_output/``): ``train.parquet`` and ``new/part-0.parquet`` (generated embeddings),
+``codebook.safetensors``, and ``codes/part-0.parquet`` (``id, code, distance``) with its bookkeeping
+in ``codes.vq/``, then prints a summary as JSON.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 def current_umask() -> int:
     """The process's umask, read without changing it where the platform allows."""

@@ -6,7 +6,8 @@ centroid means) and adds what it leaves out:
 * k-means++ initialization (greedy, as in scikit-learn: ``2 + ln(n_codes)`` candidates per step),
   computed through the same engine in bounded chunks, never with an (n_rows, n_codes) matrix;
 * empty clusters are repaired by moving them to the points farthest from their centroids
-  (scikit-learn's rule), falling back to splitting the largest cluster (FAISS's rule); every repair
+  (scikit-learn's rule), falling back to splitting the largest cluster (FAISS splits a cluster
+  drawn at random, weighted by size; the largest keeps the fit deterministic); every repair
   is counted, and no centroid is ever NaN or left behind at zero;
 * stopping when the objective's relative decrease falls to ``tol``, or after ``n_iter`` updates;
 * ``n_init`` seeded restarts, keeping the lowest objective;
@@ -28,7 +29,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 

@@ -6,7 +6,8 @@ Everything here raises subclasses of :class:`vq_pipeline.errors.InvalidInputErro
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
