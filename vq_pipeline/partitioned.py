@@ -1,0 +1,214 @@
+"""The distributed fit's wire protocol: one partition's E-step statistics against centroids in a
+file, written to a file; their reduce in source order; and exact Lloyd over them (:func:`fit_partitioned`).
+
+Only paths and a few numbers cross a scheduler: workers read their partitions themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tables
+from .assign import DEFAULT_MEMORY_BUDGET, plan_chunk_rows
+from .codebook import Codebook, atomic_write_bytes
+from .errors import InvalidInputError
+from .engines import get_engine
+from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, ProgressCallback, _Pass, e_step, fit_options, fit_rows
+from .settings import DEFAULT_BATCH_ROWS
+from .tables import Source
+from .fit_tables import _fit_inputs, _streamed_init_rows, _StreamedRows
+from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, resolve_device
+
+
+#
+# Exact Lloyd as map-reduce over partitions (one input file each): a worker computes one partition's
+# E-step statistics against the current centroids (:func:`partition_e_step`), the driver adds them
+# up in source order (:func:`reduce_partition_stats`) and runs the M step, the convergence test and
+# the repairs of :func:`vq_pipeline.kmeans.lloyd` unchanged (:func:`fit_partitioned`). The sums are
+# float64, so the codebook equals a single-machine streamed fit from the same init up to float64
+# summation order: centroids agree to float32 rounding (see the README for the tested tolerance).
+
+#: Called as ``map_e_step(centroids, sources)`` -> one :func:`partition_e_step` result per source, in order.
+MapEStep = Callable[[torch.Tensor, Sequence[Source]], Sequence[_Pass]]
+
+
+def partition_e_step(
+    source: Source,
+    centroids: torch.Tensor,
+    *,
+    column: str,
+    metric: str,
+    engine: str = "auto",
+    device: str | torch.device | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    storage_options: dict[str, Any] | None = None,
+) -> _Pass:
+    """One partition's E-step statistics against ``centroids``, reading the partition itself.
+
+    Args:
+        source: the partition (one table file).
+        centroids: (n_codes, dim) float32, any device; unit rows under cosine.
+        device: where to compute (None: CUDA if this machine has it, else CPU).
+
+    Returns:
+        A ``kmeans._Pass`` on the CPU: ``sums`` (n_codes, dim) float64 of the rows assigned to each
+        code (unit rows under cosine), ``counts`` (n_codes,) int64, ``objective`` (the float sum of
+        squared L2 distances to the nearest centroid), and the partition's farthest rows
+        (``far_sqdist`` (n_far,) float32 descending, ``far_rows`` (n_far, dim) float32) for repairs.
+    """
+    metric = check_choice("metric", metric, METRICS)
+    n_codes, dim = centroids.shape
+    dev = resolve_device(device)
+    c = centroids.to(dev, torch.float32).contiguous()  # (n_codes, dim)
+    n_rows = tables.inspect_source(source, column=column, storage_options=storage_options).n_rows
+    rows = _StreamedRows([source], [n_rows], dim=dim, column=column, batch_rows=batch_rows, metric=metric, storage_options=storage_options)
+    eng = get_engine(engine, dev, dim)
+    chunk = plan_chunk_rows(max(n_rows, 1), n_codes, dim, k=1, engine=eng, memory_budget=memory_budget)
+    if n_rows == 0:
+        p = _Pass(
+            torch.zeros((n_codes, dim), dtype=torch.float64), torch.zeros(n_codes, dtype=torch.int64), 0.0,
+            torch.empty(0, dtype=torch.float32), torch.empty((0, dim), dtype=torch.float32),
+        )
+    else:
+        p = e_step(rows, c, engine=eng, chunk_rows=chunk)
+    return _Pass(p.sums.cpu(), p.counts.cpu(), float(p.objective), p.far_sqdist.cpu(), p.far_rows.cpu())
+
+
+def reduce_partition_stats(parts: Sequence[_Pass]) -> _Pass:
+    """Add up partitions' E-step statistics in the given order (pass them in source order: the
+    result is then the same on every run), keeping the farthest rows over all partitions."""
+    if not parts:
+        raise InvalidInputError("parts=[]: expected the statistics of at least one partition. Fix: pass one per source.")
+    sums = parts[0].sums.clone()  # (n_codes, dim) float64
+    counts = parts[0].counts.clone()  # (n_codes,) int64
+    objective = parts[0].objective
+    for p in parts[1:]:
+        sums += p.sums
+        counts += p.counts
+        objective += p.objective
+    n_far = min(sums.shape[0], _MAX_FAR_CANDIDATES)
+    far_d = torch.cat([p.far_sqdist for p in parts])  # (sum n_far,)
+    far_x = torch.cat([p.far_rows for p in parts])  # (sum n_far, dim)
+    keep = far_d.topk(min(n_far, far_d.shape[0]), sorted=True).indices
+    return _Pass(sums, counts, objective, far_d[keep], far_x[keep])
+
+
+def save_partition_stats(path: str | os.PathLike[str], p: _Pass) -> Path:
+    """Write one partition's statistics as an ``.npz`` file, atomically (plain arrays, no pickles)."""
+    buf = io.BytesIO()
+    np.savez(
+        buf, sums=p.sums.numpy(), counts=p.counts.numpy(), objective=np.float64(p.objective),
+        far_sqdist=p.far_sqdist.numpy(), far_rows=p.far_rows.numpy(),
+    )
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_partition_stats(path: str | os.PathLike[str]) -> _Pass:
+    """Read a file written by :func:`save_partition_stats` (pickles refused)."""
+    with np.load(path, allow_pickle=False) as z:
+        return _Pass(
+            torch.from_numpy(z["sums"].copy()), torch.from_numpy(z["counts"].copy()), float(z["objective"]),
+            torch.from_numpy(z["far_sqdist"].copy()), torch.from_numpy(z["far_rows"].copy()),
+        )
+
+
+def save_centroids(path: str | os.PathLike[str], centroids: torch.Tensor) -> Path:
+    """Write (n_codes, dim) float32 centroids as an ``.npy`` file, atomically, for workers to read."""
+    buf = io.BytesIO()
+    np.save(buf, centroids.detach().to("cpu", torch.float32).numpy(), allow_pickle=False)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def partition_stats_file(
+    source: Source, centroids_file: str | os.PathLike[str], stats_file: str | os.PathLike[str], **options: Any
+) -> dict[str, Any]:
+    """:func:`partition_e_step` from and to files (what a worker runs): read the centroids written by
+    :func:`save_centroids`, write the statistics with :func:`save_partition_stats`, return a small
+    summary (``stats`` path, ``rows``, ``objective``). ``options``: those of :func:`partition_e_step`."""
+    c = torch.from_numpy(np.load(centroids_file, allow_pickle=False))  # (n_codes, dim) float32
+    p = partition_e_step(source, c, **options)
+    save_partition_stats(stats_file, p)
+    return {"stats": str(stats_file), "rows": int(p.counts.sum()), "objective": p.objective}
+
+
+class _Shape:
+    """Stands in for the rows when the E step runs elsewhere: Lloyd then only reads their shape."""
+
+    def __init__(self, n_rows: int, dim: int) -> None:
+        self.shape = (n_rows, dim)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        raise AssertionError("the rows of a partitioned fit are read by the workers, not here")
+
+
+def fit_partitioned(
+    inputs: Sequence[str | os.PathLike[str]],
+    map_e_step: MapEStep,
+    *,
+    column: str,
+    n_codes: int,
+    metric: str = DEFAULT_METRIC,
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    init: str | torch.Tensor | Codebook = "k-means++",
+    seed: int = 0,
+    n_init: int = 1,
+    engine: str = "auto",
+    device: str | torch.device | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> Codebook:
+    """Exact Lloyd over the tables' files as map-reduce; the same codebook as a streamed
+    :func:`fit_from_tables` from the same init, up to float64 summation order.
+
+    Every iteration calls ``map_e_step(centroids, sources)``, which must return
+    :func:`partition_e_step` of each source against ``centroids`` (computed anywhere: threads, Dask
+    workers), in source order; this process reduces them and runs the M step, repairs and the
+    stopping rule of :func:`vq_pipeline.kmeans.lloyd`. Init (k-means++ at scale): greedy k-means++
+    on a seeded uniform sample of ``min(n_rows, 256 * n_codes)`` rows read here, as a streamed fit
+    does ('first': the first rows; or a tensor / Codebook to warm-start from). Other arguments: see
+    :func:`fit_from_tables`; ``device`` is where this process seeds and updates the centroids.
+    """
+    t_start = time.perf_counter()
+    metric = check_choice("metric", metric, METRICS)
+    batch_rows = check_int("batch_rows", batch_rows, minimum=1)
+    sources, counts, dim, provenance = _fit_inputs(inputs, column=column, n_codes=n_codes, storage_options=storage_options)
+    n_total = sum(counts)
+    opts = fit_options(
+        n_codes, dim=dim, n_rows=n_total, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
+        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
+    )
+    mode: dict[str, Any] = {"mode": "partitioned", "rows_total": n_total, "partitions": len(sources)}
+    rows = _StreamedRows(sources, counts, dim=dim, column=column, batch_rows=batch_rows, metric=opts.metric, storage_options=storage_options)
+    init_rows = (
+        rows[0:0] if isinstance(opts.init, torch.Tensor)
+        else _streamed_init_rows(rows, sources, counts, opts, seed=seed, column=column, mode=mode, storage_options=storage_options)
+    )
+
+    def e_step_fn(c: torch.Tensor) -> _Pass:
+        parts = list(map_e_step(c.to("cpu", torch.float32), sources))
+        if len(parts) != len(sources):
+            raise InvalidInputError(
+                f"map_e_step returned {len(parts)} results for {len(sources)} sources; expected one per source, in "
+                f"source order. Fix: return one partition's statistics for each source it is given."
+            )
+        p = reduce_partition_stats(parts)
+        return _Pass(p.sums.to(c.device), p.counts.to(c.device), p.objective, p.far_sqdist.to(c.device), p.far_rows.to(c.device))
+
+    ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
+    return fit_rows(
+        _Shape(n_total, dim), init_rows, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt,
+        e_step_fn=e_step_fn, **provenance,
+    )
