@@ -358,7 +358,7 @@ def out_path(case: Case, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_runs(work: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Any:
-    """Every case through ``python -m vq_pipeline.cli``, two subprocesses at a time, in the background.
+    """Every case through ``python -m vq_flows.cli``, two subprocesses at a time, in the background.
 
     Returns futures of ``(finished process, output path)`` by case name. test_flow asks for this
     fixture first, so the subprocesses (mostly imports) overlap the in-process flow runs (mostly
@@ -370,7 +370,7 @@ def cli_runs(work: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, req
     def run(case: Case) -> tuple[subprocess.CompletedProcess[str], Path]:
         out = out_path(case, root / case.name)
         proc = subprocess.run(
-            [sys.executable, "-m", "vq_pipeline.cli", *cli_argv(case, work, out)],
+            [sys.executable, "-m", "vq_flows.cli", *cli_argv(case, work, out)],
             capture_output=True, text=True, env=env, timeout=300,
         )
         return proc, out

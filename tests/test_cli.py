@@ -3,7 +3,7 @@
 Each ``fit`` or ``encode`` subprocess pays about two seconds of imports (torch, polars), so the data
 are small and one fitted codebook is shared by the module. Checks of the error plumbing, of the
 paths a command refuses, of the progress display and of the options call
-:func:`vq_pipeline.cli.main` in-process. Start-up and Ctrl-C: tests/test_cli_startup.py.
+:func:`vq_flows.cli.main` in-process. Start-up and Ctrl-C: tests/test_cli_startup.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 
 import vq_pipeline
 from conftest import snapshot
-from vq_pipeline import Codebook, cli, fit_codebook, pipeline, validate
+from vq_flows import cli
+from vq_pipeline import Codebook, fit_codebook, pipeline, validate
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.kmeans import InitProgress, IterationStats
 from vq_pipeline.pipeline import manifest_path
@@ -47,7 +48,7 @@ def vq(*args: Any, cwd: Path | None = None, script: bool = False) -> subprocess.
             pytest.skip("the vq console script is not installed next to this interpreter")
         cmd = [str(exe)]
     else:
-        cmd = [sys.executable, "-m", "vq_pipeline.cli"]
+        cmd = [sys.executable, "-m", "vq_flows.cli"]
     # conftest.py has set the KeOps cache and Prefect variables in os.environ; children inherit them.
     env = dict(os.environ)
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import vq_pipeline
-from vq_pipeline import Codebook, cli, kmeans
+from vq_flows import cli
+from vq_pipeline import Codebook, kmeans
 from vq_pipeline.tables import write_embeddings
 
 HEAVY = {"torch", "polars", "prefect"}
@@ -34,9 +35,9 @@ BIG_ROWS, BIG_DIM, BIG_BATCH = 1_000_000, 32, 8192
 
 
 def command(*args: str, importtime: bool = False) -> list[str]:
-    """The installed console script (when there is one) under this interpreter, else ``-m vq_pipeline.cli``."""
+    """The installed console script (when there is one) under this interpreter, else ``-m vq_flows.cli``."""
     flags = ["-X", "importtime"] if importtime else []
-    entry = [str(SCRIPT)] if SCRIPT.exists() else ["-m", "vq_pipeline.cli"]
+    entry = [str(SCRIPT)] if SCRIPT.exists() else ["-m", "vq_flows.cli"]
     return [sys.executable, *flags, *entry, *args]
 
 
@@ -64,7 +65,7 @@ def codebook(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_import_loads_nothing_heavy_and_keeps_the_omp_policy() -> None:
     code = (
         "import os; os.environ.pop('OMP_WAIT_POLICY', None)\n"
-        "import vq_pipeline, vq_pipeline.cli\n"
+        "import vq_pipeline, vq_flows.cli\n"
         "print(os.environ['OMP_WAIT_POLICY'], vq_pipeline.VQError.__name__)"
     )
     argv = [sys.executable, "-X", "importtime", "-c", code]

@@ -98,7 +98,7 @@ def test_encode_on_dask_writes_the_bytes_of_a_local_encode(cluster, tmp_path: Pa
 
 def test_vq_encode_dask_local_cluster(cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`vq encode --dask local:2` starts (and stops) its own two-worker cluster; same bytes."""
-    from vq_pipeline.cli import main
+    from vq_flows.cli import main
 
     make_parts(tmp_path / "in", n_parts=2, n_rows=800)
     cb = fit_from_tables([tmp_path / "in"], column="embedding", n_codes=N_CODES, metric="l2", seed=1)

@@ -33,6 +33,7 @@ def test_import_rules() -> None:
         rel = path.relative_to(ROOT).as_posix()
         found = imports(path)
         assert "prefect" not in found, f"{rel} imports prefect; only flows/ may"
+        assert not {"flows", "vq_flows"} & found, f"{rel} imports the application layer (flows/); nothing below it may"
         for module, owners in OWNERS.items():
             assert module not in found or rel in owners, f"{rel} imports {module}; only {sorted(owners)} may"
         if rel in LIGHT:

@@ -35,15 +35,15 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import __version__
-from .errors import InvalidInputError, VQError
-from .settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
+from vq_pipeline import __version__
+from vq_pipeline.errors import InvalidInputError, VQError
+from vq_pipeline.settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
 
 if TYPE_CHECKING:
-    from .codebook import Codebook
-    from .codebook_file import CodebookInfo
-    from .kmeans import InitProgress, IterationStats
-    from .pipeline import EncodeResult
+    from vq_pipeline.codebook import Codebook
+    from vq_pipeline.codebook_file import CodebookInfo
+    from vq_pipeline.kmeans import InitProgress, IterationStats
+    from vq_pipeline.pipeline import EncodeResult
 
 #: Exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -338,7 +338,7 @@ class FitProgress:
         self.shown = 0.0  # InitProgress.seconds of the last seeding line shown
 
     def __call__(self, event: IterationStats | InitProgress) -> None:
-        from .kmeans import InitProgress  # already loaded by the fit that calls this
+        from vq_pipeline.kmeans import InitProgress  # already loaded by the fit that calls this
 
         if isinstance(event, InitProgress):
             self._seeding(event)
@@ -486,7 +486,7 @@ def _refuse_overwriting_inputs(inputs: list[str], outputs: dict[str, Path | None
     existing = {name: os.path.realpath(p) for name, p in outputs.items() if p is not None and p.is_file()}
     if not existing:
         return  # a file that does not exist yet is no input
-    from . import tables
+    from vq_pipeline import tables
 
     for raw in filter(_is_local, inputs):
         try:
@@ -518,7 +518,7 @@ def _input_folders(raw: str) -> list[tuple[str, bool]]:
         return [(os.path.realpath(path.parent), False)]
     if not any(ch in raw for ch in "*?["):
         return []
-    from . import tables
+    from vq_pipeline import tables
 
     try:
         sources = tables.discover([raw])
@@ -575,7 +575,7 @@ def _count_rows(
 ) -> tuple[int, int, int | None] | None:
     """(tables, rows, dim or None) of the inputs, from their footers; None when they cannot be read
     (the command itself then fails with its fuller message)."""
-    from . import tables
+    from vq_pipeline import tables
 
     try:
         sources = tables.discover(inputs, storage_options=storage_options)
@@ -616,7 +616,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     else:
         checkpoint = out.with_name(out.name + ".ckpt")
     _refuse_overwriting_inputs(args.data, {"--out": out, "--checkpoint": checkpoint})
-    from .pipeline import fit_from_tables
+    from vq_pipeline.pipeline import fit_from_tables
 
     if not console.quiet:
         _show_fit_input(args, console)
@@ -720,7 +720,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     """``vq encode``: encode_tables with a progress bar; the run is resumable (see pipeline)."""
     _refuse_encode_out(args.out, args.data)
     if args.dask:
-        from .pipeline import EncodeResult
+        from vq_pipeline.pipeline import EncodeResult
 
         _warn_if_small_for_dask(args, console)
         s = _run_flow_on_dask(
@@ -744,7 +744,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
 
 
 def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
-    from .pipeline import encode_tables
+    from vq_pipeline.pipeline import encode_tables
 
     progress = EncodeProgress(console)
     result: EncodeResult = encode_tables(
@@ -771,7 +771,7 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     """``vq inspect``: describe a codebook file, validated as ``Codebook.load`` does, without loading torch."""
-    from .codebook_file import load_info
+    from vq_pipeline.codebook_file import load_info
 
     codebook = load_info(args.codebook)
     if args.json:
@@ -888,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``vq`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
     Returns rather than exits, so that it can be called in-process; the console script and
-    ``python -m vq_pipeline.cli`` pass the result to ``sys.exit``. Ctrl-C at any point, the
+    ``python -m vq_flows.cli`` pass the result to ``sys.exit``. Ctrl-C at any point, the
     imports of torch and polars and a polars query included, prints one ``interrupted`` line and
     returns 130.
     """
