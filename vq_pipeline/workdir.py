@@ -1,0 +1,390 @@
+"""The scheduled pipeline's folder, its file formats and its refit rules; no Prefect here, so a
+second orchestrator (cron, Airflow) can drive the same folder.
+
+Layout under ``work_dir``::
+
+    codebooks/<fingerprint[:12]>.safetensors   every codebook fitted (content-addressed)
+    codebooks/current.json                     which one is current (written atomically)
+    codes/<fingerprint[:12]>/                  that codebook's codes: one parquet per input file (a
+                                               plain parquet dataset; its bookkeeping, manifest
+                                               included, lies beside it)
+    codes/current                              relative symlink to the current codebook's codes
+                                               folder, switched atomically with current.json
+    reports/<UTC time>-<run id>.md, .json      one report per run
+    .vq/lock                                   one run per work_dir at a time (:func:`lock`)
+
+Refit rules (:func:`refit_checks`): the schedule is due, the distortion ratio exceeds
+``1 + drift_threshold``, or the code-usage divergence exceeds its finite-sample bias by more than
+``usage_threshold`` bits. A run that fitted the codebook encodes the rows it was fitted on: the
+report calls them the baseline, and no refit rule is evaluated on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .codebook import Codebook
+from .encode_folder import folder_lock
+from .errors import InvalidInputError, PipelineStateError
+from .fileio import atomic_write_bytes, fsync_folder
+
+CURRENT_NAME = "codebooks/current.json"
+CURRENT_FORMAT = "vq-pipeline.current-codebook"
+#: Relative symlink to the current codebook's codes folder: ``pl.scan_parquet(work_dir / CODES_LINK)``.
+CODES_LINK = "codes/current"
+#: The run's lock under work_dir: one run per work_dir at a time.
+LOCK_FILE = ".vq/lock"
+DEFAULT_DRIFT_THRESHOLD = 0.25
+#: Bits of code-usage JS divergence above its finite-sample bias that make a refit. Measured with
+#: ``python tests/test_pipeline_flow.py`` (64 and 256 codes on 48 topics, 8 codes on 10): batches of
+#: the training mixture stay within 0.01 bits of the bias from 5 rows per code on (0.03 with 8 codes),
+#: but reach 0.09 at 1 row per code; a batch with half its rows from one topic scores 0.13-0.3 above
+#: it, 1-3 topics alone 0.4-0.9, at distortion ratios of 0.76-1.44 (mostly under 1.25).
+DEFAULT_USAGE_THRESHOLD = 0.1
+#: The usage rule waits for at least this many new rows, and this many per code: with fewer, the
+#: bias estimate runs low and a batch of the training mixture can pass the threshold by chance.
+USAGE_MIN_ROWS = 100
+USAGE_MIN_ROWS_PER_CODE = 5
+# The pipeline's encode settings: one code per row plus its distance (lets readers filter rows the
+# codebook represents badly). Changing them would make every codes folder refuse the next run.
+TOP_K = 1
+WITH_DISTANCE = True
+
+
+def codebook_path(work_dir: str | Path, fingerprint: str) -> Path:
+    return Path(work_dir) / "codebooks" / f"{fingerprint[:12]}.safetensors"
+
+
+def codes_dir(work_dir: str | Path, fingerprint: str) -> Path:
+    return Path(work_dir) / "codes" / fingerprint[:12]
+
+
+def report_path(work_dir: str | Path, started: dt.datetime, run_id: str | None) -> Path:
+    """Where the report of the run that started at ``started`` goes (``.md``; its summary ``.json`` beside it)."""
+    return Path(work_dir) / "reports" / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}-{(run_id or 'local')[:8]}.md"
+
+
+@contextlib.contextmanager
+def lock(work_dir: str | Path) -> Iterator[None]:
+    """Hold ``work_dir``'s lock for a run: a slow run and the next scheduled one never overlap."""
+    with folder_lock(Path(work_dir) / LOCK_FILE, folder=work_dir):
+        yield
+
+
+def usage_min_rows(n_codes: int) -> int:
+    """New rows the code-usage rule needs before it is evaluated."""
+    return max(USAGE_MIN_ROWS, USAGE_MIN_ROWS_PER_CODE * n_codes)
+
+
+def link_current_codes(work_dir: str | Path, fingerprint: str) -> Path:
+    """Point ``codes/current`` at ``codes/<fingerprint[:12]>`` with a relative symlink, replaced
+    atomically (a temporary link in the same folder, then ``os.replace``): a reader sees the old
+    folder or the new one, never no link. The folder may not exist yet (the codes come next)."""
+    link = Path(work_dir) / CODES_LINK
+    target = fingerprint[:12]
+    if link.is_symlink() and os.readlink(link) == target:
+        return link
+    if link.exists() and not link.is_symlink():
+        raise PipelineStateError(
+            f"codes_link={str(link)!r} is not a symlink; expected the link to the current codes folder. "
+            f"Fix: move it away; the next run recreates the link."
+        )
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a crashed run's leftover: the work_dir lock keeps other runs out
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_folder(link.parent)  # the rename itself survives a crash
+    return link
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _check(rule: str, when: str, value: str, status: str, reason: str | None = None) -> dict[str, Any]:
+    return {"rule": rule, "when": when, "value": value, "status": status, "fired": status == "fired", "reason": reason}
+
+
+def _evaluated(rule: str, when: str, value: str, fired: bool, reason: str) -> dict[str, Any]:
+    return _check(rule, when, value, "fired" if fired else "not fired", reason if fired else None)
+
+
+def refit_checks(
+    *,
+    created_at: str,
+    last_fit_at: str | None,
+    now: dt.datetime,
+    refit_every_hours: float | None,
+    drift: dict[str, Any] | None,
+    drift_threshold: float,
+    usage_threshold: float | None,
+) -> list[dict[str, Any]]:
+    """Every refit rule, evaluated: one dict each with ``rule`` (schedule, distortion, usage),
+    ``when`` (the rule in words), ``value`` (what this run measured), ``status`` (fired, not fired,
+    off, not evaluated), ``fired`` and ``reason`` (why it asks for a refit, when it fired).
+
+    Schedule: the codebook is older than ``refit_every_hours``; its age counts from its
+    ``created_at``, or from the last refit attempt when that is later (a refit that reproduced the
+    same centroids keeps the old file, and must not make every later run refit again).
+    Distortion: the newly encoded rows' mean distance exceeds the training mean by more than
+    ``drift_threshold`` (``distortion_ratio > 1 + drift_threshold``).
+    Usage: the new rows' code-usage Jensen-Shannon divergence from the training usage exceeds the
+    divergence a batch of that size drawn from the training distribution itself would show (its
+    finite-sample bias) by more than ``usage_threshold`` bits; evaluated from
+    :func:`usage_min_rows` new rows on, since below that the bias estimate is unreliable.
+    ``drift`` is :func:`vq_pipeline.pipeline.drift_report`'s dict; a baseline one (the rows the
+    codebook was fitted on) evaluates no rule.
+    """
+    drift = drift or {}
+    schedule = f"the codebook is older than {refit_every_hours:g} h" if refit_every_hours is not None else "never (off)"
+    distortion = f"distortion ratio > {1 + drift_threshold:g} (1 + drift_threshold)"
+    if usage_threshold is None:
+        usage = "never (off)"
+    else:
+        usage = f"code-usage JS divergence above its finite-sample bias > {usage_threshold:g} bits"
+        if drift.get("n_codes"):
+            usage += f" (from {usage_min_rows(drift['n_codes'])} new rows)"
+    if drift.get("baseline"):
+        rules = [("schedule", schedule), ("distortion", distortion), ("usage", usage)]
+        return [_check(rule, when, "baseline", "not evaluated") for rule, when in rules]
+
+    checks = []
+    if refit_every_hours is None:
+        checks.append(_check("schedule", schedule, "—", "off"))
+    else:
+        times = [t for t in (_parse_time(created_at), _parse_time(last_fit_at)) if t is not None]
+        age_h = (now - max(times)).total_seconds() / 3600 if times else float("inf")
+        fired = age_h > refit_every_hours
+        reason = f"schedule: the codebook is {age_h:.1f} h old (refit every {refit_every_hours:g} h)"
+        checks.append(_evaluated("schedule", schedule, f"{age_h:.1f} h old", fired, reason))
+
+    ratio, rows = drift.get("distortion_ratio"), drift.get("rows") or 0
+    if ratio is None:
+        checks.append(_check("distortion", distortion, "no new rows", "not evaluated"))
+    else:
+        fired = ratio > 1 + drift_threshold
+        reason = f"drift: distortion ratio {ratio:.3f} > 1 + drift_threshold ({1 + drift_threshold:g})"
+        checks.append(_evaluated("distortion", distortion, f"{ratio:.3f}", fired, reason))
+
+    divergence, expected = drift.get("usage_divergence"), drift.get("usage_divergence_expected")
+    if usage_threshold is None:
+        checks.append(_check("usage", usage, "—", "off"))
+    elif divergence is None or expected is None:
+        checks.append(_check("usage", usage, "no new rows", "not evaluated"))
+    elif rows < usage_min_rows(drift.get("n_codes") or 0):
+        value = f"{rows} new rows < {usage_min_rows(drift.get('n_codes') or 0)} (JS {divergence:.3f} bits)"
+        checks.append(_check("usage", usage, value, "not evaluated"))
+    else:
+        excess = divergence - expected
+        fired = excess > usage_threshold
+        value = f"{excess:.3f} bits (JS {divergence:.3f} − bias {expected:.3f}, {rows} rows)"
+        reason = (
+            f"usage: code-usage divergence {divergence:.3f} bits exceeds its finite-sample bias {expected:.3f} "
+            f"by {excess:.3f} > usage_threshold ({usage_threshold:g})"
+        )
+        checks.append(_evaluated("usage", usage, value, fired, reason))
+    return checks
+
+
+def refit_reason(**kwargs: Any) -> str | None:
+    """Why the current codebook should be refitted now (the fired rules of :func:`refit_checks`,
+    which takes the same keyword arguments), or None."""
+    return "; ".join(c["reason"] for c in refit_checks(**kwargs) if c["fired"]) or None
+
+
+def read_current(work_dir: str) -> dict[str, Any] | None:
+    """The current codebook's pointer and identity, or None when there is none yet."""
+    pointer = Path(work_dir) / CURRENT_NAME
+    if not pointer.is_file():
+        return None
+    try:
+        current = json.loads(pointer.read_text())
+        relative = current["codebook"]
+        recorded = current["fingerprint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PipelineStateError(
+            f"current={str(pointer)!r} is not a current-codebook pointer ({type(e).__name__}: {e}); expected JSON with "
+            f"'codebook' and 'fingerprint'. Fix: restore it, or delete it to fit a new codebook."
+        ) from None
+    path = Path(work_dir) / relative
+    if not path.is_file():
+        raise PipelineStateError(
+            f"codebook={relative!r} in {pointer} does not exist; expected the current codebook file. "
+            f"Fix: restore it, or delete {pointer} to fit a new codebook."
+        )
+    cb = Codebook.load(path)
+    if cb.fingerprint != recorded:
+        raise PipelineStateError(
+            f"{path} has fingerprint {cb.fingerprint[:12]}… but {pointer} records {recorded[:12]}…; "
+            f"expected codebook files never to change. Fix: restore the file, or delete {pointer} to fit anew."
+        )
+    return {
+        **current,
+        "path": str(path),
+        "created_at": cb.created_at,
+        "metric": cb.metric,
+        "n_codes": cb.n_codes,
+        "dim": cb.dim,
+        "parent_fingerprint": cb.parent_fingerprint,
+    }
+
+
+def set_current(
+    work_dir: str, path: str, fingerprint: str, reason: str, now: str, since: str | None = None,
+) -> dict[str, Any]:
+    """Point ``codebooks/current.json`` and ``codes/current`` at a codebook (each atomically: readers
+    see the old or the new)."""
+    work = Path(work_dir)
+    pointer = {
+        "format": CURRENT_FORMAT,
+        "codebook": Path(path).relative_to(work).as_posix(),
+        "fingerprint": fingerprint,
+        "codes": codes_dir(work, fingerprint).relative_to(work).as_posix(),
+        "codes_link": CODES_LINK,
+        "since": since or now,
+        "last_fit_at": now,
+        "reason": reason,
+    }
+    atomic_write_bytes(work / CURRENT_NAME, (json.dumps(pointer, indent=1, sort_keys=True) + "\n").encode())
+    link_current_codes(work, fingerprint)
+    return pointer
+
+
+def write_report(path: str, markdown: str, summary: dict[str, Any]) -> str:
+    """Write the run's report as markdown and its summary as JSON next to it."""
+    report = Path(path)
+    atomic_write_bytes(report, markdown.encode())
+    summary_json = json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n"
+    atomic_write_bytes(report.with_suffix(".json"), summary_json.encode())
+    return str(report)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "—"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+_RULE_NAMES = {"schedule": "schedule", "distortion": "distortion", "usage": "code usage"}
+
+
+def _drift_lines(s: dict[str, Any]) -> list[str]:
+    d = s["drift"]
+    if d.get("baseline"):
+        return [
+            "## Baseline",
+            "",
+            (
+                f"{d['note'][0].upper()}{d['note'][1:]} ({_fmt(d.get('baseline_rows'))} rows, mean distance "
+                f"{_fmt(d.get('baseline_mean_distance'))}, {d['codes_used']} of {d['n_codes']} codes used): they are "
+                f"not drift. Drift is measured on the rows that later runs encode."
+            ),
+        ]
+    columns = [("against the codebook current at the start", d)]
+    if s.get("drift_after_refit"):
+        columns.append(("against the refitted codebook", s["drift_after_refit"]))
+    lines = ["## Drift of the newly encoded rows", ""]
+    lines += ["| | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    measured = {"distortion_ratio", "usage_divergence", "usage_divergence_expected", "usage_divergence_excess"}
+    for key, label in [
+        ("rows", "rows"),
+        ("mean_distance", "mean distance"),
+        ("train_mean_distance", "training mean distance"),
+        ("distortion_ratio", "distortion ratio (new / training)"),
+        ("codes_used", "codes used"),
+        ("usage_divergence", "code-usage divergence (JS, bits)"),
+        ("usage_divergence_expected", "its finite-sample bias (bits)"),
+        ("usage_divergence_excess", "divergence above the bias (bits)"),
+    ]:
+        cells = []
+        for _, c in columns:
+            if c.get("baseline"):
+                own = {"rows": c.get("baseline_rows"), "mean_distance": c.get("baseline_mean_distance")}
+                cells.append("baseline" if key in measured else _fmt(own.get(key, c.get(key))))
+            else:
+                cells.append(_fmt(c.get(key)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(c.get("baseline") for _, c in columns):
+        lines += ["", "Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
+    return lines
+
+
+def _rule_lines(s: dict[str, Any]) -> list[str]:
+    lines = ["## Refit rules", "", "| rule | refits when | this run | result |", "|---|---|---|---|"]
+    for c in s["refit_rules"]:
+        result = "**fired**" if c["fired"] else c["status"]
+        lines.append(f"| {_RULE_NAMES[c['rule']]} | {c['when']} | {c['value']} | {result} |")
+    fired = [_RULE_NAMES[c["rule"]] for c in s["refit_rules"] if c["fired"]]
+    if s["drift"].get("baseline"):
+        verdict = f"No rule was evaluated: this run fitted the codebook ({s['drift']['note']})."
+    elif fired:
+        verdict = f"Fired: {', '.join(fired)}."
+    else:
+        verdict = "No rule fired."
+    return [*lines, "", verdict]
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    """The run report as markdown (pure formatting of the flow's summary)."""
+    s = summary
+    lines = [f"# vq-pipeline run {s['started_at']}", ""]
+    lines += [f"work_dir: `{s['work_dir']}` (input_root `{s['input_root']}`)", ""]
+    action = {
+        "fit": "fitted a first codebook",
+        "refit": "refitted, warm-started from the previous codebook",
+        "refit-unchanged": "refitted, but the refit reproduced the current codebook (kept)",
+        "none": "no refit",
+    }[s["action"]]
+    lines += [f"**Codebook:** {action}" + (f" — {s['reason']}" if s["reason"] else "") + ".", ""]
+    lines += ["## Encoding", "", "| codebook | folder | encoded | skipped | rows encoded |", "|---|---|---|---|---|"]
+    for e in s["encode"]:
+        lines.append(
+            f"| `{e['codebook_fingerprint'][:12]}` | `{e['out_dir']}` | {len(e['encoded'])} | {len(e['skipped'])} "
+            f"| {e['rows_encoded']} |"
+        )
+    lines += ["", *_drift_lines(s), "", *_rule_lines(s)]
+    lines += [
+        "",
+        "## Where things are",
+        "",
+        f"- work_dir: `{s['work_dir']}`",
+        f"- current codebook: `{s['codebook']}` (fingerprint `{s['fingerprint']}`)",
+        f"- codes: `{s['codes_dir']}`, also at the stable path `{s['codes_link']}`; manifest `{s['manifest']}`",
+        (
+            f"- this report: `{s['report']}` (summary: `{Path(s['report']).with_suffix('.json')}`; "
+            f"artifact key `{s['artifact_key']}`)"
+        ),
+    ]
+    if s.get("previous_codebook"):
+        lines.append(
+            f"- previous codebook: `{s['previous_codebook']}`; its codes are left in `{s['previous_codes_dir']}`"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def check_thresholds(drift_threshold: float, usage_threshold: float | None) -> None:
+    if not drift_threshold >= 0:
+        raise InvalidInputError(
+            f"drift_threshold={drift_threshold!r}; expected a fraction >= 0 (refit when the distortion ratio "
+            f"exceeds 1 + drift_threshold). Fix: pass e.g. {DEFAULT_DRIFT_THRESHOLD}."
+        )
+    if usage_threshold is not None and not 0 <= usage_threshold < 1:
+        raise InvalidInputError(
+            f"usage_threshold={usage_threshold!r}; expected bits of Jensen-Shannon divergence in [0, 1). "
+            f"Fix: pass e.g. {DEFAULT_USAGE_THRESHOLD}, or None to turn the code-usage rule off."
+        )
+
+
