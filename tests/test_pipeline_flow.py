@@ -380,19 +380,23 @@ def test_a_current_json_pointing_at_a_missing_codebook_fails_at_once(prefect_api
     )
     assert issubclass(PipelineStateError, VQError) and issubclass(PipelineStateError, RuntimeError)
 
-    t0 = time.monotonic()
     state = vq_pipeline_flow(**params(root, work), return_state=True)
-    seconds = time.monotonic() - t0
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PipelineStateError) and "codebook='codebooks/0123456789ab.safetensors'" in str(error)
     assert "Fix:" in str(error)
-    assert seconds < 5, f"{seconds:.1f} s: the task waited for a retry (retry_delay_seconds=5)"
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    (read,) = [t for t in task_runs if t.name.startswith("read-current-codebook")]
+    # Task runs reach the API through an events worker, a moment after the flow returns: poll for them.
+    deadline, reads = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        reads = [t for t in task_runs if t.name.startswith("read-current-codebook")]
+        if reads and reads[0].state is not None and reads[0].state.is_final():
+            break
+        time.sleep(0.5)
+    (read,) = reads
     assert read.run_count == 1 and read.state.is_failed()
     assert not retry_transient(None, None, state)  # the policy itself says: do not retry
 
