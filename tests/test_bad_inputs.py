@@ -387,24 +387,6 @@ def cli_runs(work: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, req
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """A throwaway Prefect API for the flow runs, shared with any harness the session already runs.
-
-    tests/test_flows.py starts the same kind of harness in its session fixture; when that one is
-    already up (its module ran first), its API URL is set and is reused here instead of a second one.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 # ----------------------------------------------------------------------------- checks
 
 
@@ -484,7 +466,7 @@ def run_flow(case: Case, work: dict[str, Any], out: Path) -> Any:
 
 
 @pytest.mark.parametrize("name", [_param(c) for c in CASES])
-def test_flow(name: str, cli_runs: Any, prefect_harness: None, work: dict[str, Any], tmp_path: Path) -> None:
+def test_flow(name: str, cli_runs: Any, prefect_api: None, work: dict[str, Any], tmp_path: Path) -> None:
     case = CASES_BY_NAME[name]
     out = out_path(case, tmp_path / "out")
     if case.error is None:
@@ -529,7 +511,7 @@ def test_cli(name: str, cli_runs: dict[str, Any], work: dict[str, Any]) -> None:
     assert_nothing_written(case, out)
 
 
-def test_flow_metric_mismatch_of_a_warm_start(prefect_harness: None, work: dict[str, Any], tmp_path: Path) -> None:
+def test_flow_metric_mismatch_of_a_warm_start(prefect_api: None, work: dict[str, Any], tmp_path: Path) -> None:
     """A cosine fit warm-started from an l2 codebook (the flows' only metric request on a file)."""
     from vq_flows.fit import fit_codebook_flow
 

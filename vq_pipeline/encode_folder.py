@@ -39,7 +39,8 @@ import torch
 
 from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET, encode as encode_tensor
-from .codebook import Codebook, atomic_write_bytes
+from .codebook import Codebook
+from .fileio import atomic_write_bytes, canonical_json
 from .errors import DimensionMismatchError, EncodeLockedError, InvalidInputError
 from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
@@ -330,7 +331,7 @@ def _completed_record(out: Path, source: Source, codebook: Codebook, settings: E
     if not output.is_file() or tables.file_sha256(output) != receipt.get("sha256"):
         return None
     if stat != receipt.get("input_stat"):
-        atomic_write_bytes(_receipt_path(out, source.key), _dumps({**receipt, "input_stat": stat}))
+        atomic_write_bytes(_receipt_path(out, source.key), canonical_json({**receipt, "input_stat": stat}))
         receipt = {**receipt, "input_stat": stat}
     return receipt
 
@@ -399,7 +400,7 @@ def encode_source(
         "distance_sum": distance_sum,
         "code_counts": code_counts.tolist(),
     }
-    atomic_write_bytes(_receipt_path(out, source.key), _dumps(receipt))
+    atomic_write_bytes(_receipt_path(out, source.key), canonical_json(receipt))
     return receipt
 
 
@@ -417,11 +418,7 @@ def write_manifest(out_dir: str | os.PathLike[str], codebook: Codebook, settings
             for key in sorted(records)
         },
     }
-    return atomic_write_bytes(manifest_path(out_dir), _dumps(manifest))
-
-
-def _dumps(value: Any) -> bytes:
-    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+    return atomic_write_bytes(manifest_path(out_dir), canonical_json(manifest))
 
 
 def encode_tables(

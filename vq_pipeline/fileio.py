@@ -9,6 +9,7 @@ private, 0600, unreadable by the other users, containers and jobs that share the
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -64,6 +65,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def canonical_json(value: object) -> bytes:
+    """The bytes of every JSON file the package writes (receipts, manifests, pointers, summaries):
+    sorted keys, one-space indents, a final newline, so equal values give equal files. Values JSON
+    cannot hold (a datetime, a path) are written as ``str(value)``."""
+    return (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode()
+
+
 def fsync_folder(folder: str | os.PathLike[str]) -> None:
     """Make renames and new entries in ``folder`` durable."""
     dir_fd = os.open(folder, os.O_RDONLY)
@@ -73,4 +81,4 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(dir_fd)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "current_umask", "fsync_folder", "temporary_path"]
+__all__ = ["atomic_write", "atomic_write_bytes", "canonical_json", "current_umask", "fsync_folder", "temporary_path"]

@@ -32,7 +32,7 @@ from typing import Any
 from .codebook import Codebook
 from .encode_folder import folder_lock
 from .errors import InvalidInputError, PipelineStateError
-from .fileio import atomic_write_bytes, fsync_folder
+from .fileio import atomic_write_bytes, canonical_json, fsync_folder
 
 CURRENT_NAME = "codebooks/current.json"
 CURRENT_FORMAT = "vq-pipeline.current-codebook"
@@ -258,7 +258,7 @@ def set_current(
         "last_fit_at": now,
         "reason": reason,
     }
-    atomic_write_bytes(work / CURRENT_NAME, (json.dumps(pointer, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(work / CURRENT_NAME, canonical_json(pointer))
     link_current_codes(work, fingerprint)
     return pointer
 
@@ -267,8 +267,7 @@ def write_report(path: str, markdown: str, summary: dict[str, Any]) -> str:
     """Write the run's report as markdown and its summary as JSON next to it."""
     report = Path(path)
     atomic_write_bytes(report, markdown.encode())
-    summary_json = json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n"
-    atomic_write_bytes(report.with_suffix(".json"), summary_json.encode())
+    atomic_write_bytes(report.with_suffix(".json"), canonical_json(summary))
     return str(report)
 
 
