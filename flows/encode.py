@@ -23,6 +23,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from vq_flows.artifacts import scoped_key
 from vq_pipeline import Codebook, VQError
 from vq_pipeline.errors import EncodeFailedError
 from vq_pipeline.pipeline import (
@@ -37,6 +38,7 @@ from vq_pipeline.pipeline import (
 )
 from vq_pipeline.tables import Source
 
+#: Prefixes of the encode artifacts' keys, scoped per output folder (:func:`vq_flows.artifacts.scoped_key`).
 PROGRESS_ARTIFACT_KEY = "vq-encode-progress"
 SUMMARY_ARTIFACT_KEY = "vq-encode-summary"
 # Files encoded at once (threads of the flow process). torch already spreads one file over the
@@ -161,7 +163,7 @@ def encode_embeddings_flow(
         n_files = len(todo) + len(plan["done"])
         logger.info("%d files: %d to encode, %d already encoded", n_files, len(todo), len(plan["done"]))
         progress_id = create_progress_artifact(
-            progress=100.0 * len(plan["done"]) / n_files, key=PROGRESS_ARTIFACT_KEY,
+            progress=100.0 * len(plan["done"]) / n_files, key=scoped_key(PROGRESS_ARTIFACT_KEY, out),
             description=f"files encoded into {out} ({len(todo)} to do)",
         )
         new: dict[str, dict[str, Any]] = {}
@@ -210,7 +212,7 @@ def encode_embeddings_flow(
         for k, r in sorted(records.items())
     ]
     create_table_artifact(
-        table=files, key=SUMMARY_ARTIFACT_KEY,
+        table=files, key=scoped_key(SUMMARY_ARTIFACT_KEY, out),
         description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}",
     )
     summary = {

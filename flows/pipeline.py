@@ -13,7 +13,6 @@ folder (the old folder is left as is).
 
 import contextlib
 import datetime as dt
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from vq_flows.artifacts import scoped_key
 from vq_flows.encode import encode_embeddings_flow, retry_transient
 from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook, workdir
@@ -51,11 +51,9 @@ REPORT_ARTIFACT_KEY = "vq-pipeline-report"
 
 
 def report_artifact_key(work_dir: str | Path) -> str:
-    """The report artifact's key for ``work_dir``: Prefect's keys are global, so two pipelines with
-    different work_dirs must not share one. ``vq-pipeline-report-`` + 10 hex digits of the sha256 of
-    the absolute work_dir (keys allow only lowercase letters, digits and dashes)."""
-    digest = hashlib.sha256(str(Path(work_dir).absolute()).encode()).hexdigest()[:10]
-    return f"{REPORT_ARTIFACT_KEY}-{digest}"
+    """The report artifact's key for ``work_dir``: ``vq-pipeline-report-`` + 10 hex digits of the
+    sha256 of the absolute work_dir (:func:`vq_flows.artifacts.scoped_key`)."""
+    return scoped_key(REPORT_ARTIFACT_KEY, work_dir)
 
 
 @task(

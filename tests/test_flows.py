@@ -22,6 +22,7 @@ from vq_pipeline.pipeline import fit_from_tables
 from vq_pipeline.tables import read_table, write_embeddings
 
 from vq_flows.deploy import build_deployment, parse_args  # noqa: I001 - flows after the library
+from vq_flows.artifacts import scoped_key
 from vq_flows.encode import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, encode_embeddings_flow, encode_file_task, retry_transient
 from vq_flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
 from vq_flows.pipeline import (
@@ -120,8 +121,8 @@ def test_encode_flow_matches_in_memory_encode_and_resumes(prefect_api, tmp_path:
         assert np.array_equal(table["code"].to_numpy().astype(np.int64), codes.numpy())
         np.testing.assert_allclose(table["distance"].to_numpy(), dist.numpy(), rtol=1e-5, atol=1e-6)
     found = artifacts(first["flow_run_id"])
-    assert found[PROGRESS_ARTIFACT_KEY].data == 100
-    table = table_rows(found[SUMMARY_ARTIFACT_KEY])
+    assert found[scoped_key(PROGRESS_ARTIFACT_KEY, out)].data == 100
+    table = table_rows(found[scoped_key(SUMMARY_ARTIFACT_KEY, out)])
     assert [r["key"] for r in table] == sorted(PARTS) and {r["status"] for r in table} == {"encoded"}
     assert all(r["rows"] == PARTS[r["key"]] and r["mean_distance"] > 0 for r in table)
 
