@@ -117,15 +117,23 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
 def _add_compute_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="compute engine (default: auto)")
     parser.add_argument(
-        "--device", default=None, metavar="cpu|cuda", help="compute device: cpu, cuda or cuda:N (default: cuda if available)"
+        "--device",
+        default=None,
+        metavar="cpu|cuda",
+        help="compute device: cpu, cuda or cuda:N (default: cuda if available)",
     )
     parser.add_argument(
-        "--batch-rows", type=_int_at_least(1), default=DEFAULT_BATCH_ROWS, metavar="N",
+        "--batch-rows",
+        type=_int_at_least(1),
+        default=DEFAULT_BATCH_ROWS,
+        metavar="N",
         help=f"rows read per batch (default: {DEFAULT_BATCH_ROWS})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a summary line")
     parser.add_argument(
-        "--dask", default=None, metavar="ADDRESS",
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
         help="run on a Dask cluster through the Prefect flow: local:N (N local workers) or a scheduler address "
         "(tcp://host:8786). Uses PREFECT_API_URL, or starts a Prefect server on 127.0.0.1 for local clusters. "
         f"Not combined with --storage-option, --batch-rows, --n-init; a fit on Dask keeps no --checkpoint. "
@@ -138,19 +146,30 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--column", required=True, help="the embedding column")
     fit.add_argument("--codes", required=True, type=_int_at_least(1), metavar="K", help="number of codes (centroids)")
     fit.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distance (default: {DEFAULT_METRIC})")
-    fit.add_argument("--iters", type=_int_at_least(0), default=50, metavar="N", help="at most N Lloyd updates (default: 50)")
     fit.add_argument(
-        "--tol", type=_non_negative_float, default=1e-4, metavar="T",
+        "--iters", type=_int_at_least(0), default=50, metavar="N", help="at most N Lloyd updates (default: 50)"
+    )
+    fit.add_argument(
+        "--tol",
+        type=_non_negative_float,
+        default=1e-4,
+        metavar="T",
         help="stop when the objective's relative decrease is <= T (default: 1e-4)",
     )
     fit.add_argument("--init", choices=INITS, default="k-means++", help="initialization (default: k-means++)")
     fit.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random choice (default: 0)")
-    fit.add_argument("--n-init", type=_int_at_least(1), default=1, metavar="R", help="seeded restarts; the best is kept (default: 1)")
-    fit.add_argument("--sample", type=_int_at_least(1), default=None, metavar="N", help="fit on a seeded sample of N rows")
     fit.add_argument(
-        "--checkpoint", default=None, metavar="FILE",
-        help="keep the fit's state in FILE after every iteration; rerunning the same command after a crash resumes there "
-        "(default: OUT.ckpt next to --out; 'none' to disable)",
+        "--n-init", type=_int_at_least(1), default=1, metavar="R", help="seeded restarts; the best is kept (default: 1)"
+    )
+    fit.add_argument(
+        "--sample", type=_int_at_least(1), default=None, metavar="N", help="fit on a seeded sample of N rows"
+    )
+    fit.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE",
+        help="keep the fit's state in FILE as soon as seeding ends and after every iteration; rerunning the "
+        "same command after a crash resumes there (default: OUT.ckpt next to --out; 'none' to disable)",
     )
     _add_compute_options(fit)
     fit.add_argument("--out", required=True, metavar="CODEBOOK.safetensors", help="codebook file to write (atomically)")
@@ -159,19 +178,39 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
 
 def _add_encode_options(enc: argparse.ArgumentParser) -> None:
     enc.add_argument("data", nargs="+", metavar="DATA", help="table files, globs or folders (local or object storage)")
-    enc.add_argument("--codebook", required=True, metavar="CODEBOOK.safetensors", help="codebook file written by `vq fit`")
+    enc.add_argument(
+        "--codebook", required=True, metavar="CODEBOOK.safetensors", help="codebook file written by `vq fit`"
+    )
     enc.add_argument("--column", required=True, help="the embedding column")
-    enc.add_argument("--id-column", default=None, metavar="ID", help="id column copied to the output (default: row positions, as `row`)")
-    enc.add_argument("--top-k", type=_int_at_least(1), default=1, metavar="K", help="codes per row, nearest first (default: 1)")
+    enc.add_argument(
+        "--id-column",
+        default=None,
+        metavar="ID",
+        help="id column copied to the output (default: row positions, as `row`)",
+    )
+    enc.add_argument(
+        "--top-k", type=_int_at_least(1), default=1, metavar="K", help="codes per row, nearest first (default: 1)"
+    )
     enc.add_argument("--with-distance", action="store_true", help="also write the distance(s) to the code(s)")
     enc.add_argument(
-        "--keep", nargs="+", action="extend", default=[], metavar="COL",
+        "--keep",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="COL",
         help="columns copied through to the output (put DATA before this option, or repeat --keep)",
     )
     enc.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (not inside an input folder)")
-    enc.add_argument("--overwrite", action="store_true", help="replace codes that another codebook or other settings wrote in OUT_DIR")
     enc.add_argument(
-        "--code-dtype", choices=CODE_DTYPE_NAMES, default=None, metavar="TYPE",
+        "--overwrite",
+        action="store_true",
+        help="replace codes that another codebook or other settings wrote in OUT_DIR",
+    )
+    enc.add_argument(
+        "--code-dtype",
+        choices=CODE_DTYPE_NAMES,
+        default=None,
+        metavar="TYPE",
         help=f"integer type of the code column, one of {', '.join(CODE_DTYPE_NAMES)} "
         "(default: the smallest unsigned type for the codebook's n_codes)",
     )
@@ -221,14 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
 
     fit = commands.add_parser(
-        "fit", help="fit a codebook on the embedding column of tables",
+        "fit",
+        help="fit a codebook on the embedding column of tables",
         description="Fit a K-means codebook on the embedding column of parquet/Arrow tables and save it.",
         add_options=_add_fit_options,
     )
     fit.set_defaults(handler=cmd_fit)
 
     enc = commands.add_parser(
-        "encode", help="assign every row of tables its nearest code(s)",
+        "encode",
+        help="assign every row of tables its nearest code(s)",
         description=(
             "Encode tables into one parquet file of codes per input file, under OUT_DIR. Resumable: a rerun "
             "skips files already encoded with the same codebook and settings."
@@ -383,7 +424,9 @@ class EncodeProgress:
 
     BAR_WIDTH = 24
 
-    def __init__(self, console: Console, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, console: Console, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console = console
         self.tty = console.stderr.isatty() if tty is None else tty
         self.clock = clock
@@ -675,7 +718,9 @@ def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -
             "(environment or instance role); expected no --storage-option. Fix: configure credentials on the workers."
         )
     if args.batch_rows != DEFAULT_BATCH_ROWS:
-        raise InvalidInputError(f"--batch-rows={args.batch_rows} with --dask: expected the default. Fix: drop --batch-rows.")
+        raise InvalidInputError(
+            f"--batch-rows={args.batch_rows} with --dask: expected the default. Fix: drop --batch-rows."
+        )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Imported only here: the library itself never imports prefect (flows/ wraps the library).
     import importlib
@@ -704,13 +749,27 @@ def _print_fit_summary(args: argparse.Namespace, console: Console, summary: dict
 def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: float) -> int:
     """``vq fit --dask``: the fit-codebook flow, exact Lloyd as map-reduce on the cluster's workers."""
     if args.n_init != 1:
-        raise InvalidInputError(f"--n-init={args.n_init} with --dask: expected 1. Fix: drop --n-init, or fit without --dask.")
+        raise InvalidInputError(
+            f"--n-init={args.n_init} with --dask: expected 1. Fix: drop --n-init, or fit without --dask."
+        )
     s = _run_flow_on_dask(
-        args, "fit.fit_codebook_flow", inputs=[_absolute(d) for d in args.data], column=args.column, n_codes=args.codes,
-        out=os.path.abspath(out), metric=args.metric, n_iter=args.iters, tol=args.tol, init=args.init, seed=args.seed,
+        args,
+        "fit.fit_codebook_flow",
+        inputs=[_absolute(d) for d in args.data],
+        column=args.column,
+        n_codes=args.codes,
+        out=os.path.abspath(out),
+        metric=args.metric,
+        n_iter=args.iters,
+        tol=args.tol,
+        init=args.init,
+        seed=args.seed,
         sample=args.sample,
     )
-    summary = {k: s[k] for k in ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")}
+    summary = {
+        k: s[k]
+        for k in ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")
+    }
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     _print_fit_summary(args, console, summary, where=f" on Dask {args.dask}")
     return 0
@@ -724,11 +783,29 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
 
         _warn_if_small_for_dask(args, console)
         s = _run_flow_on_dask(
-            args, "encode.encode_embeddings_flow", inputs=[_absolute(d) for d in args.data], codebook=_absolute(args.codebook),
-            out_dir=os.path.abspath(args.out), column=args.column, id_column=args.id_column, top_k=args.top_k,
-            with_distance=args.with_distance, keep=list(args.keep), code_dtype=args.code_dtype, overwrite=args.overwrite,
+            args,
+            "encode.encode_embeddings_flow",
+            inputs=[_absolute(d) for d in args.data],
+            codebook=_absolute(args.codebook),
+            out_dir=os.path.abspath(args.out),
+            column=args.column,
+            id_column=args.id_column,
+            top_k=args.top_k,
+            with_distance=args.with_distance,
+            keep=list(args.keep),
+            code_dtype=args.code_dtype,
+            overwrite=args.overwrite,
         )
-        keys = ("out_dir", "manifest", "codebook_fingerprint", "encoded", "skipped", "rows_encoded", "rows_total", "seconds")
+        keys = (
+            "out_dir",
+            "manifest",
+            "codebook_fingerprint",
+            "encoded",
+            "skipped",
+            "rows_encoded",
+            "rows_total",
+            "seconds",
+        )
         result = EncodeResult(**{k: s[k] for k in keys})
     else:
         result = _encode_here(args, console)
@@ -817,9 +894,16 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
     rows.append(("repairs", str(s.get("n_repairs", "unknown"))))
     rows.append(("empty codes", str(int((counts == 0).sum()))))
     median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
-    rows.append(("cluster sizes", f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,})"))
+    rows.append(
+        (
+            "cluster sizes",
+            f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,})",
+        )
+    )
     sources = list(codebook.sources)
-    shown = sources[:MAX_SOURCES_SHOWN] + ([f"... and {len(sources) - MAX_SOURCES_SHOWN:,} more"] if len(sources) > MAX_SOURCES_SHOWN else [])
+    shown = sources[:MAX_SOURCES_SHOWN] + (
+        [f"... and {len(sources) - MAX_SOURCES_SHOWN:,} more"] if len(sources) > MAX_SOURCES_SHOWN else []
+    )
     rows.append(("sources", "\n".join(shown) if shown else "(in memory)"))
     rows.append(("column", codebook.column or "(in memory)"))
     rows.append(("data fingerprint", codebook.data_fingerprint or "unknown"))

@@ -56,7 +56,9 @@ def parse_address(address: str) -> tuple[str, int | None]:
     if m:
         n = int(m.group(1))
         if n < 1:
-            raise DaskAddressError(f"dask={address!r} asks for {n} workers; expected local:N with N >= 1. Fix: pass e.g. local:2.")
+            raise DaskAddressError(
+                f"dask={address!r} asks for {n} workers; expected local:N with N >= 1. Fix: pass e.g. local:2."
+            )
         return "local", n
     if "://" in a:
         return a, None
@@ -116,7 +118,11 @@ def dask_cluster(address: str) -> Iterator[str]:
     assert n is not None
     threads = str(max(1, (os.cpu_count() or 1) // n))
     with LocalCluster(
-        n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0",
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
         silence_logs=logging.WARNING,
         # Coarse tasks (one file each): one at a time per worker, torch spreads it over its cores.
         env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
@@ -204,7 +210,10 @@ def prefect_server(host: str = "127.0.0.1", port: int | None = None, *, timeout:
     log_file = open(home / "server.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + timeout

@@ -35,7 +35,9 @@ def write_partitions(root: Path) -> list[Path]:
     for i, (partition, n_rows) in enumerate(PARTITIONS.items()):
         path = root / partition / "part-0.parquet"
         if not path.is_file():
-            write_embeddings(path, np.arange(n_rows) + first_id, generate_embeddings(n_rows, DIM, N_TOPICS, seed=100 + i))
+            write_embeddings(
+                path, np.arange(n_rows) + first_id, generate_embeddings(n_rows, DIM, N_TOPICS, seed=100 + i)
+            )
         paths.append(path)
         first_id += n_rows  # ids are unique across partitions, as one encode run requires
     return paths
@@ -45,18 +47,28 @@ def main(out_dir: str = "vq_demo_output") -> dict[str, Any]:
     out = Path(out_dir)
     write_partitions(out / "input")
     summary = vq_pipeline_flow(
-        input_root=str(out / "input"), work_dir=str(out / "work"), column="embedding", n_codes=N_CODES,
-        metric="cosine", id_column="id",
+        input_root=str(out / "input"),
+        work_dir=str(out / "work"),
+        column="embedding",
+        n_codes=N_CODES,
+        metric="cosine",
+        id_column="id",
     )
     e = summary["encode"][-1]
     drift = summary["drift"]
     print()
     print(f"codebook:  {summary['codebook']}  ({summary['action']}: {summary['reason'] or 'nothing due'})")
-    print(f"codes:     {summary['codes_dir']}  ({len(e['encoded'])} files encoded, {len(e['skipped'])} skipped, {e['rows_total']} rows)")
+    print(
+        f"codes:     {summary['codes_dir']}  ({len(e['encoded'])} files "
+        f"encoded, {len(e['skipped'])} skipped, {e['rows_total']} rows)"
+    )
     print(f"manifest:  {summary['manifest']}")
     print(f"report:    {summary['report']}")
     if drift["rows"]:
-        print(f"drift:     distortion ratio {drift['distortion_ratio']:.3f}, code-usage divergence {drift['usage_divergence']:.4f} bits ({drift['rows']} new rows)")
+        print(
+            f"drift:     distortion ratio {drift['distortion_ratio']:.3f}, code-usage "
+            f"divergence {drift['usage_divergence']:.4f} bits ({drift['rows']} new rows)"
+        )
     print(f"seconds:   {summary['seconds']:.1f}")
     return summary
 

@@ -64,7 +64,9 @@ def _threshold_or_off(value: str) -> float | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, Any]]:
     """(cron, deployment name, flow parameters) from the command line."""
-    p = argparse.ArgumentParser(prog="python -m vq_flows.deploy", description="Serve the vq-pipeline flow on a cron schedule.")
+    p = argparse.ArgumentParser(
+        prog="python -m vq_flows.deploy", description="Serve the vq-pipeline flow on a cron schedule."
+    )
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 * * * *" (hourly)')
     p.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default: %(default)s)")
     p.add_argument("--input-root", required=True, help="folder of embedding tables (hive partitions welcome)")
@@ -72,17 +74,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--column", required=True, help="embedding column")
     p.add_argument("--codes", type=int, required=True, help="number of codes (K)")
     p.add_argument(
-        "--metric", default=DEFAULT_METRIC, choices=["l2", "cosine"],
+        "--metric",
+        default=DEFAULT_METRIC,
+        choices=["l2", "cosine"],
         help="distance metric (default: %(default)s, vq_pipeline.validate.DEFAULT_METRIC, as everywhere)",
     )
     p.add_argument("--id-column", default=None)
     p.add_argument("--refit-every-hours", type=float, default=24 * 7, help="0 or less: never refit on schedule")
     p.add_argument(
-        "--drift-threshold", type=float, default=DEFAULT_DRIFT_THRESHOLD,
+        "--drift-threshold",
+        type=float,
+        default=DEFAULT_DRIFT_THRESHOLD,
         help="refit when new rows' mean distance exceeds the training one by this fraction (default: %(default)s)",
     )
     p.add_argument(
-        "--usage-threshold", type=_threshold_or_off, default=DEFAULT_USAGE_THRESHOLD,
+        "--usage-threshold",
+        type=_threshold_or_off,
+        default=DEFAULT_USAGE_THRESHOLD,
         help="refit when new rows' code-usage JS divergence exceeds its finite-sample bias by this many bits "
         "(evaluated from max(100, 5 x codes) new rows on; 'off': never; default: %(default)s)",
     )
@@ -90,16 +98,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
     p.add_argument(
-        "--code-dtype", default=None, choices=CODE_DTYPE_NAMES,
+        "--code-dtype",
+        default=None,
+        choices=CODE_DTYPE_NAMES,
         help="integer type of the code column (default: the smallest unsigned type for --codes)",
     )
     a = p.parse_args(argv)
     params = dict(
         # Absolute: scheduled runs may start in another working folder.
-        input_root=os.path.abspath(a.input_root), work_dir=os.path.abspath(a.work_dir), column=a.column, n_codes=a.codes, metric=a.metric,
-        id_column=a.id_column, refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
-        drift_threshold=a.drift_threshold, usage_threshold=a.usage_threshold, sample=a.sample, seed=a.seed,
-        engine=a.engine, code_dtype=a.code_dtype,
+        input_root=os.path.abspath(a.input_root),
+        work_dir=os.path.abspath(a.work_dir),
+        column=a.column,
+        n_codes=a.codes,
+        metric=a.metric,
+        id_column=a.id_column,
+        refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
+        drift_threshold=a.drift_threshold,
+        usage_threshold=a.usage_threshold,
+        sample=a.sample,
+        seed=a.seed,
+        engine=a.engine,
+        code_dtype=a.code_dtype,
     )
     return a.cron, a.name, params
 

@@ -81,7 +81,9 @@ def _load(codebook: str, fingerprint: str | None = None) -> Codebook:
 
 
 @task(name="plan-encode", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def plan_task(inputs: list[str], codebook: str, out_dir: str, settings: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
+def plan_task(
+    inputs: list[str], codebook: str, out_dir: str, settings: dict[str, Any], overwrite: bool = False
+) -> dict[str, Any]:
     """Split the inputs into files to encode and files already done, as plain data."""
     cb = _load(codebook)
     todo, done, records = plan_encode(inputs, cb, out_dir, _settings(settings), overwrite=overwrite)
@@ -94,21 +96,37 @@ def plan_task(inputs: list[str], codebook: str, out_dir: str, settings: dict[str
 
 
 @task(
-    name="encode-file", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+    name="encode-file",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
     task_run_name="encode-{key}",
 )
 def encode_file_task(
-    uri: str, key: str, codebook: str, fingerprint: str, out_dir: str, settings: dict[str, Any],
-    engine: str = "auto", device: str | None = None,
+    uri: str,
+    key: str,
+    codebook: str,
+    fingerprint: str,
+    out_dir: str,
+    settings: dict[str, Any],
+    engine: str = "auto",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Encode one input file and return its receipt. Safe to retry: the output and the receipt are
     each written atomically, and a re-encoded output is byte-identical."""
     cb = _load(codebook, fingerprint)
-    return encode_source(Source(uri=uri, key=key), cb, out_dir, _settings(settings), EncodeOptions(engine=engine, device=device))
+    return encode_source(
+        Source(uri=uri, key=key), cb, out_dir, _settings(settings), EncodeOptions(engine=engine, device=device)
+    )
 
 
-@task(name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def manifest_task(out_dir: str, codebook: str, fingerprint: str, settings: dict[str, Any], records: dict[str, dict[str, Any]]) -> str:
+@task(
+    name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient
+)
+def manifest_task(
+    out_dir: str, codebook: str, fingerprint: str, settings: dict[str, Any], records: dict[str, dict[str, Any]]
+) -> str:
     """Write the folder's manifest for every receipt of the run."""
     return str(write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records))
 
@@ -154,7 +172,12 @@ def encode_embeddings_flow(
     t0 = time.perf_counter()
     logger = get_run_logger()
     settings = EncodeSettings(
-        column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep), code_dtype=code_dtype,
+        column=column,
+        id_column=id_column,
+        top_k=top_k,
+        with_distance=with_distance,
+        keep=tuple(keep),
+        code_dtype=code_dtype,
     ).to_dict()
     out = Path(out_dir)
     with encode_lock(out):
@@ -163,7 +186,8 @@ def encode_embeddings_flow(
         n_files = len(todo) + len(plan["done"])
         logger.info("%d files: %d to encode, %d already encoded", n_files, len(todo), len(plan["done"]))
         progress_id = create_progress_artifact(
-            progress=100.0 * len(plan["done"]) / n_files, key=scoped_key(PROGRESS_ARTIFACT_KEY, out),
+            progress=100.0 * len(plan["done"]) / n_files,
+            key=scoped_key(PROGRESS_ARTIFACT_KEY, out),
             description=f"files encoded into {out} ({len(todo)} to do)",
         )
         new: dict[str, dict[str, Any]] = {}
@@ -175,17 +199,34 @@ def encode_embeddings_flow(
                 runner = stack.enter_context(dask_task_runner(dask))
                 logger.info("encoding %d files on the Dask cluster %s", len(todo), runner.client.scheduler.address)
                 futures = [
-                    runner.submit(encode_file_task, parameters=dict(
-                        uri=s["uri"], key=s["key"], codebook=codebook, fingerprint=fingerprint, out_dir=str(out),
-                        settings=settings, engine=engine, device=device,
-                    ))
+                    runner.submit(
+                        encode_file_task,
+                        parameters=dict(
+                            uri=s["uri"],
+                            key=s["key"],
+                            codebook=codebook,
+                            fingerprint=fingerprint,
+                            out_dir=str(out),
+                            settings=settings,
+                            engine=engine,
+                            device=device,
+                        ),
+                    )
                     for s in todo
                 ]
             elif todo:
-                futures = list(encode_file_task.map(
-                    [s["uri"] for s in todo], [s["key"] for s in todo], codebook, fingerprint, str(out), unmapped(settings),
-                    engine=engine, device=device,
-                ))
+                futures = list(
+                    encode_file_task.map(
+                        [s["uri"] for s in todo],
+                        [s["key"] for s in todo],
+                        codebook,
+                        fingerprint,
+                        str(out),
+                        unmapped(settings),
+                        engine=engine,
+                        device=device,
+                    )
+                )
             else:
                 futures = []
             key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
@@ -208,11 +249,17 @@ def encode_embeddings_flow(
         manifest = manifest_task(str(out), codebook, fingerprint, settings, records)
 
     files = [
-        {"key": k, "rows": r["rows"], "status": "encoded" if k in new else "skipped", "mean_distance": _mean_distance(r)}
+        {
+            "key": k,
+            "rows": r["rows"],
+            "status": "encoded" if k in new else "skipped",
+            "mean_distance": _mean_distance(r),
+        }
         for k, r in sorted(records.items())
     ]
     create_table_artifact(
-        table=files, key=scoped_key(SUMMARY_ARTIFACT_KEY, out),
+        table=files,
+        key=scoped_key(SUMMARY_ARTIFACT_KEY, out),
         description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}",
     )
     summary = {
@@ -229,5 +276,11 @@ def encode_embeddings_flow(
         "seconds": time.perf_counter() - t0,
         "flow_run_id": flow_run.get_id(),
     }
-    logger.info("encoded %d files (%d rows), skipped %d; manifest %s", len(new), summary["rows_encoded"], len(summary["skipped"]), manifest)
+    logger.info(
+        "encoded %d files (%d rows), skipped %d; manifest %s",
+        len(new),
+        summary["rows_encoded"],
+        len(summary["skipped"]),
+        manifest,
+    )
     return summary

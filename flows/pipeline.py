@@ -57,7 +57,10 @@ def report_artifact_key(work_dir: str | Path) -> str:
 
 
 @task(
-    name="read-current-codebook", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+    name="read-current-codebook",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
     retry_condition_fn=retry_transient,
 )
 def read_current_task(work_dir: str) -> dict[str, Any] | None:
@@ -67,7 +70,12 @@ def read_current_task(work_dir: str) -> dict[str, Any] | None:
 
 @task(name="set-current-codebook", cache_policy=NO_CACHE)
 def set_current_task(
-    work_dir: str, path: str, fingerprint: str, reason: str, now: str, since: str | None = None,
+    work_dir: str,
+    path: str,
+    fingerprint: str,
+    reason: str,
+    now: str,
+    since: str | None = None,
 ) -> dict[str, Any]:
     """Make a codebook current (:func:`vq_pipeline.workdir.set_current`)."""
     return workdir.set_current(work_dir, path, fingerprint, reason, now, since)
@@ -142,11 +150,19 @@ def vq_pipeline_flow(
     started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")
     fit_settings = dict(
-        inputs=[str(root)], column=column, n_codes=n_codes, metric=metric, sample=sample, seed=seed, engine=engine,
+        inputs=[str(root)],
+        column=column,
+        n_codes=n_codes,
+        metric=metric,
+        sample=sample,
+        seed=seed,
+        engine=engine,
     )
     template = str(work / "codebooks" / "{fp12}.safetensors")
     rule_settings = dict(
-        refit_every_hours=refit_every_hours, drift_threshold=drift_threshold, usage_threshold=usage_threshold,
+        refit_every_hours=refit_every_hours,
+        drift_threshold=drift_threshold,
+        usage_threshold=usage_threshold,
     )
 
     cluster = contextlib.ExitStack()
@@ -158,14 +174,27 @@ def vq_pipeline_flow(
 
     def encode(current: dict[str, Any]) -> dict[str, Any]:
         return encode_embeddings_flow(
-            inputs=[str(root)], codebook=current["path"], out_dir=str(codes_dir(work, current["fingerprint"])),
-            column=column, id_column=id_column, top_k=TOP_K, with_distance=WITH_DISTANCE, code_dtype=code_dtype,
-            engine=engine, dask=dask,
+            inputs=[str(root)],
+            codebook=current["path"],
+            out_dir=str(codes_dir(work, current["fingerprint"])),
+            column=column,
+            id_column=id_column,
+            top_k=TOP_K,
+            with_distance=WITH_DISTANCE,
+            code_dtype=code_dtype,
+            engine=engine,
+            dask=dask,
         )
 
     def brief(e: dict[str, Any]) -> dict[str, Any]:
         keys = (
-            "codebook_fingerprint", "out_dir", "manifest", "encoded", "skipped", "rows_encoded", "rows_total",
+            "codebook_fingerprint",
+            "out_dir",
+            "manifest",
+            "encoded",
+            "skipped",
+            "rows_encoded",
+            "rows_total",
             "flow_run_id",
         )
         return {k: e[k] for k in keys}
@@ -179,9 +208,10 @@ def vq_pipeline_flow(
         if current is None or changed:
             action = "fit"
             reason = (
-                f"settings changed (metric {current['metric']} → {metric}, "
-                f"n_codes {current['n_codes']} → {n_codes})"
-                if changed else "no current codebook"
+                f"settings changed (metric {current['metric']} → "
+                f"{metric}, n_codes {current['n_codes']} → {n_codes})"
+                if changed
+                else "no current codebook"
             )
             previous = current
             fit = fit_codebook_flow(out=template, **fit_settings)
@@ -191,7 +221,10 @@ def vq_pipeline_flow(
         # The codebook this run fitted was fitted on the rows it just encoded: a baseline, not drift.
         drift = drift_task(current["path"], encoded[0]["new_receipts"], baseline=action == "fit")
         checks = refit_checks(
-            created_at=current["created_at"], last_fit_at=current.get("last_fit_at"), now=started, drift=drift,
+            created_at=current["created_at"],
+            last_fit_at=current.get("last_fit_at"),
+            now=started,
+            drift=drift,
             **rule_settings,
         )
         drift_after = None
@@ -203,7 +236,11 @@ def vq_pipeline_flow(
                 if fit["fingerprint"] == current["fingerprint"]:
                     action = "refit-unchanged"
                     set_current_task(
-                        str(work), current["path"], current["fingerprint"], current.get("reason") or reason, now,
+                        str(work),
+                        current["path"],
+                        current["fingerprint"],
+                        current.get("reason") or reason,
+                        now,
                         since=current.get("since"),
                     )
                 else:
@@ -242,11 +279,16 @@ def vq_pipeline_flow(
         markdown = report_markdown(summary)
         write_report_task(str(report), markdown, summary)
     create_markdown_artifact(
-        markdown=markdown, key=summary["artifact_key"], description=f"vq-pipeline: {action}, {work}",
+        markdown=markdown,
+        key=summary["artifact_key"],
+        description=f"vq-pipeline: {action}, {work}",
     )
     summary["seconds"] = time.perf_counter() - t0
     logger.info(
-        "codebook %s (%s); encoded %s files; report %s", current["fingerprint"][:12], action,
-        sum(len(e["encoded"]) for e in encoded), report,
+        "codebook %s (%s); encoded %s files; report %s",
+        current["fingerprint"][:12],
+        action,
+        sum(len(e["encoded"]) for e in encoded),
+        report,
     )
     return summary

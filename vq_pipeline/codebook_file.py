@@ -76,7 +76,9 @@ def _check_header(data: bytes, source: str) -> tuple[dict[str, str], int]:
     try:
         header = json.loads(data[8 : 8 + n_header].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CodebookFileError(f"{source}: the header is not valid JSON ({exc}); the file is corrupt. {_FIX}") from None
+        raise CodebookFileError(
+            f"{source}: the header is not valid JSON ({exc}); the file is corrupt. {_FIX}"
+        ) from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise CodebookFileError(f"{source}: the header has no metadata; expected a vq-pipeline codebook. {_FIX}")
     meta = header.pop("__metadata__")
@@ -99,7 +101,9 @@ def _check_header(data: bytes, source: str) -> tuple[dict[str, str], int]:
             f"{source}: n_codes={meta.get('n_codes')!r}, dim={meta.get('dim')!r}; expected integers. {_FIX}"
         ) from None
     if set(header) != set(_EXPECTED_TENSORS):
-        raise CodebookFileError(f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {_FIX}")
+        raise CodebookFileError(
+            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {_FIX}"
+        )
     expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
     n_data = len(data) - 8 - n_header
     for name, (dtype, _) in _EXPECTED_TENSORS.items():
@@ -111,7 +115,9 @@ def _check_header(data: bytes, source: str) -> tuple[dict[str, str], int]:
             )
         offsets = info.get("data_offsets")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CodebookFileError(f"{source}: tensor {name!r} has data_offsets={offsets!r}; the header is corrupt. {_FIX}")
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} has data_offsets={offsets!r}; the header is corrupt. {_FIX}"
+            )
         if offsets[1] > n_data:
             raise CodebookFileError(
                 f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_data} data bytes follow the "
@@ -144,7 +150,9 @@ def json_field(meta: dict[str, str], key: str, source: str, kind: type) -> Any:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        raise CodebookFileError(f"{source}: metadata {key}={raw[:80]!r} is not valid JSON; the file is corrupt.") from None
+        raise CodebookFileError(
+            f"{source}: metadata {key}={raw[:80]!r} is not valid JSON; the file is corrupt."
+        ) from None
     if not isinstance(value, kind):
         raise CodebookFileError(f"{source}: metadata {key} is a {type(value).__name__}; expected a {kind.__name__}.")
     return value

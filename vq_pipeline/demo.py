@@ -37,18 +37,28 @@ def _print_progress(event: InitProgress | IterationStats) -> None:
         print(f"  seeding: {event.chosen}/{event.n_codes} initial centroids ({event.seconds:.1f} s)", file=sys.stderr)
 
 
-def main(out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int = 5_000, dim: int = 64, n_codes: int = 64) -> dict:
+def main(
+    out_dir: str = "vq_demo_output", *, n_train: int = 20_000, n_new: int = 5_000, dim: int = 64, n_codes: int = 64
+) -> dict:
     out = Path(out_dir)
     train = write_embeddings(out / "train.parquet", np.arange(n_train), generate_embeddings(n_train, dim, 48, seed=1))
-    new = write_embeddings(out / "new" / "part-0.parquet", np.arange(n_new) + 10**6, generate_embeddings(n_new, dim, 48, seed=2))
+    new = write_embeddings(
+        out / "new" / "part-0.parquet", np.arange(n_new) + 10**6, generate_embeddings(n_new, dim, 48, seed=2)
+    )
 
     t0 = time.perf_counter()
     codebook = fit_from_tables(
-        [train], column="embedding", n_codes=n_codes, metric="cosine", seed=0,
+        [train],
+        column="embedding",
+        n_codes=n_codes,
+        metric="cosine",
+        seed=0,
         progress=_print_progress,
     )
     codebook_path = codebook.save(out / "codebook.safetensors")
-    result = encode_tables([new.parent], codebook, out / "codes", column="embedding", id_column="id", with_distance=True)
+    result = encode_tables(
+        [new.parent], codebook, out / "codes", column="embedding", id_column="id", with_distance=True
+    )
     record = result.records["part-0.parquet"]
     summary = {
         "codebook": str(codebook_path),

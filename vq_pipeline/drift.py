@@ -12,8 +12,6 @@ import numpy as np
 from .codebook import Codebook
 
 
-
-
 def drift_report(codebook: Codebook, records: Sequence[dict[str, Any]], *, baseline: bool = False) -> dict[str, Any]:
     """Quantization distortion and code usage of newly encoded outputs against the training baseline.
 
@@ -40,9 +38,18 @@ def drift_report(codebook: Codebook, records: Sequence[dict[str, Any]], *, basel
     train_rows = int(codebook.stats.get("n_rows") or q.sum())
     train_mean = float(codebook.stats.get("inertia", 0.0)) / max(train_rows, 1)
     report: dict[str, Any] = {
-        "rows": rows, "mean_distance": None, "train_mean_distance": train_mean, "distortion_ratio": None,
-        "codes_used": 0, "usage_divergence": None, "usage_divergence_expected": None, "usage_divergence_excess": None,
-        "train_rows": train_rows, "n_codes": codebook.n_codes, "baseline": baseline, "note": None,
+        "rows": rows,
+        "mean_distance": None,
+        "train_mean_distance": train_mean,
+        "distortion_ratio": None,
+        "codes_used": 0,
+        "usage_divergence": None,
+        "usage_divergence_expected": None,
+        "usage_divergence_excess": None,
+        "train_rows": train_rows,
+        "n_codes": codebook.n_codes,
+        "baseline": baseline,
+        "note": None,
     }
     if baseline:
         note = "baseline: the codebook was fitted on these rows"

@@ -58,7 +58,6 @@ RowProgress = Callable[[str, int, int], None]
 PlanCallback = Callable[[dict[str, int], list[str]], None]
 
 
-
 @dataclass(frozen=True)
 class EncodeSettings:
     """What an encode run writes; a folder's outputs all share one codebook and one of these."""
@@ -201,7 +200,9 @@ def encode_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            untouched = not any(p.is_file() for p in out.rglob("*")) and [p for p in state.rglob("*") if p.is_file()] == [lock]
+            untouched = not any(p.is_file() for p in out.rglob("*")) and [
+                p for p in state.rglob("*") if p.is_file()
+            ] == [lock]
             if created and untouched:
                 lock.unlink()
                 for folder in created:
@@ -228,11 +229,15 @@ def plan_encode(
         (todo sources, done sources, records of the done ones keyed by source key).
     """
     out = Path(out_dir)
-    check_int("top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes.")
+    check_int(
+        "top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes."
+    )
     tables.code_dtype(codebook.n_codes, settings.code_dtype)  # refuses an unknown or too narrow type up front
     sources = tables.discover(inputs, storage_options=storage_options)
     for s in sources:
-        info = tables.inspect_source(s, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=storage_options)
+        info = tables.inspect_source(
+            s, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=storage_options
+        )
         if info.n_rows == 0:
             raise InvalidInputError(f"table {s.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
         if info.dim is not None and info.dim != codebook.dim:
@@ -244,7 +249,8 @@ def plan_encode(
         dups = tables.duplicate_ids(sources, settings.id_column, storage_options=storage_options)
         if dups:
             raise InvalidInputError(
-                f"id_column={settings.id_column!r} has duplicate ids across the inputs, e.g. {dups}; expected unique ids "
+                f"id_column={settings.id_column!r} has duplicate ids "
+                f"across the inputs, e.g. {dups}; expected unique ids "
                 f"in one encode run. Fix: deduplicate the tables, or encode them in separate runs."
             )
     _migrate_state(out)
@@ -283,7 +289,8 @@ def _folder_records(out: Path) -> list[dict[str, Any]]:
 
 def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, overwrite: bool) -> None:
     foreign = [
-        r for r in _folder_records(out)
+        r
+        for r in _folder_records(out)
         if r.get("codebook_fingerprint") != codebook.fingerprint or r.get("settings") != settings.to_dict()
     ]
     if not foreign:
@@ -297,7 +304,8 @@ def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, ov
         )
         raise InvalidInputError(
             f"out_dir={str(out)!r} holds codes written with {what}; this run uses codebook "
-            f"{codebook.fingerprint[:12]}… with settings {json.dumps(settings.to_dict(), sort_keys=True)}. Expected a folder holding only this "
+            f"{codebook.fingerprint[:12]}… with settings "
+            f"{json.dumps(settings.to_dict(), sort_keys=True)}. Expected a folder holding only this "
             f"codebook's codes. Fix: pass --overwrite (overwrite=True) to replace them, or write to another folder."
         )
     for record in _folder_records(out):
@@ -317,9 +325,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _completed_record(out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any) -> dict[str, Any] | None:
+def _completed_record(
+    out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any
+) -> dict[str, Any] | None:
     receipt = _read_json(_receipt_path(out, source.key))
-    if not receipt or receipt.get("codebook_fingerprint") != codebook.fingerprint or receipt.get("settings") != settings.to_dict():
+    if (
+        not receipt
+        or receipt.get("codebook_fingerprint") != codebook.fingerprint
+        or receipt.get("settings") != settings.to_dict()
+    ):
         return None
     stat = tables.file_stat(source)
     # Unchanged size, mtime and inode: the content hashed for the receipt is still there. Otherwise
@@ -352,20 +366,37 @@ def encode_source(
     out = Path(out_dir)
     stat = tables.file_stat(source)
     fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
-    info = tables.inspect_source(source, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=options.storage_options)
+    info = tables.inspect_source(
+        source,
+        column=settings.column,
+        id_column=settings.id_column,
+        keep=settings.keep,
+        storage_options=options.storage_options,
+    )
     frames = []
     code_counts = torch.zeros(codebook.n_codes, dtype=torch.int64)  # (n_codes,)
     distance_sum = 0.0
     done = 0
     for batch in tables.iter_batches(
-        source, column=settings.column, batch_rows=options.batch_rows, id_column=settings.id_column,
-        keep=settings.keep, storage_options=options.storage_options,
+        source,
+        column=settings.column,
+        batch_rows=options.batch_rows,
+        id_column=settings.id_column,
+        keep=settings.keep,
+        storage_options=options.storage_options,
     ):
         try:
             codes, distances = encode_tensor(
-                codebook.centroids, codebook.metric, batch.x, top_k=settings.top_k, return_distances=True,
-                engine=options.engine, device=options.device, memory_budget=options.memory_budget,
-                name=settings.column, row_offset=batch.offset,
+                codebook.centroids,
+                codebook.metric,
+                batch.x,
+                top_k=settings.top_k,
+                return_distances=True,
+                engine=options.engine,
+                device=options.device,
+                memory_budget=options.memory_budget,
+                name=settings.column,
+                row_offset=batch.offset,
             )
         except InvalidInputError as exc:
             raise type(exc)(f"{source.uri}: {exc}") from None
@@ -375,8 +406,12 @@ def encode_source(
         ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
         frames.append(
             tables.codes_frame(
-                ids, codes, n_codes=codebook.n_codes, id_column=settings.id_column or "row",
-                distances=distances if settings.with_distance else None, keep=batch.keep,
+                ids,
+                codes,
+                n_codes=codebook.n_codes,
+                id_column=settings.id_column or "row",
+                distances=distances if settings.with_distance else None,
+                keep=batch.keep,
                 pinned_dtype=settings.code_dtype,
             )
         )
@@ -404,7 +439,9 @@ def encode_source(
     return receipt
 
 
-def write_manifest(out_dir: str | os.PathLike[str], codebook: Codebook, settings: EncodeSettings, records: dict[str, dict[str, Any]]) -> Path:
+def write_manifest(
+    out_dir: str | os.PathLike[str], codebook: Codebook, settings: EncodeSettings, records: dict[str, dict[str, Any]]
+) -> Path:
     """Write the manifest (:func:`manifest_path`; atomically, after the outputs it lists): what the folder holds."""
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -459,13 +496,28 @@ def encode_tables(
     if not isinstance(codebook, Codebook):
         codebook = Codebook.load(codebook)
     settings = EncodeSettings(
-        column=column, id_column=id_column, top_k=top_k, with_distance=with_distance, keep=tuple(keep), code_dtype=code_dtype,
+        column=column,
+        id_column=id_column,
+        top_k=top_k,
+        with_distance=with_distance,
+        keep=tuple(keep),
+        code_dtype=code_dtype,
     )
-    options = EncodeOptions(engine=engine, device=device, batch_rows=check_int("batch_rows", batch_rows, minimum=1), memory_budget=memory_budget, storage_options=storage_options)
+    options = EncodeOptions(
+        engine=engine,
+        device=device,
+        batch_rows=check_int("batch_rows", batch_rows, minimum=1),
+        memory_budget=memory_budget,
+        storage_options=storage_options,
+    )
     out = Path(out_dir)
     with encode_lock(out):
-        todo, done, records = plan_encode(inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options)
-        result = EncodeResult(out_dir=str(out), manifest=str(manifest_path(out)), codebook_fingerprint=codebook.fingerprint)
+        todo, done, records = plan_encode(
+            inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options
+        )
+        result = EncodeResult(
+            out_dir=str(out), manifest=str(manifest_path(out)), codebook_fingerprint=codebook.fingerprint
+        )
         result.skipped = [s.key for s in done]
         if on_plan is not None:
             on_plan(

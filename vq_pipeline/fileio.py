@@ -16,6 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import BinaryIO
 
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the platform allows."""
     try:

@@ -6,8 +6,8 @@ This is the only module that imports polars. Path in, tensor out: no math here.
   files, globs, folders (searched recursively; hive-partitioned ``key=value/`` folders included), on
   local disk or object storage (``s3://``, ``gs://``, ``az://`` with polars' ``storage_options``).
 * Embeddings: an ``Array(Float32|Float64|Int*, dim)`` column, or a ``List`` of those with one length.
-* Batches are slices of a lazy scan, read one at a time; an ``Array(Float32)`` batch with no nulls reaches torch without a
-  copy (DLPack), and such tensors are never written into.
+* Batches are slices of a lazy scan, read one at a time; an ``Array(Float32)`` batch with no nulls
+  reaches torch without a copy (DLPack), and such tensors are never written into.
 """
 
 from __future__ import annotations
@@ -29,8 +29,31 @@ from .fileio import atomic_write
 from .settings import CODE_DTYPE_NAMES
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
-_REMOTE_PREFIXES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "http://", "https://", "hf://")
-_NUMERIC_INNER = (pl.Float32, pl.Float64, pl.Float16, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+_REMOTE_PREFIXES = (
+    "s3://",
+    "s3a://",
+    "gs://",
+    "gcs://",
+    "az://",
+    "abfs://",
+    "abfss://",
+    "http://",
+    "https://",
+    "hf://",
+)
+_NUMERIC_INNER = (
+    pl.Float32,
+    pl.Float64,
+    pl.Float16,
+    pl.Int8,
+    pl.Int16,
+    pl.Int32,
+    pl.Int64,
+    pl.UInt8,
+    pl.UInt16,
+    pl.UInt32,
+    pl.UInt64,
+)
 
 
 @dataclass(frozen=True)
@@ -173,7 +196,12 @@ class TableInfo:
 
 
 def inspect_source(
-    source: Source, *, column: str, id_column: str | None = None, keep: Sequence[str] = (), storage_options: dict[str, Any] | None = None
+    source: Source,
+    *,
+    column: str,
+    id_column: str | None = None,
+    keep: Sequence[str] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> TableInfo:
     """Check a source's schema and count its rows, reading only metadata.
 
@@ -187,7 +215,11 @@ def inspect_source(
         n_rows = int(lf.select(pl.len()).collect().item())
     except Exception as exc:  # noqa: BLE001
         raise _unreadable(source, exc) from None
-    for name, what in [(column, "column"), *((id_column, "id_column") for _ in [0] if id_column), *((k, "keep") for k in keep)]:
+    for name, what in [
+        (column, "column"),
+        *((id_column, "id_column") for _ in [0] if id_column),
+        *((k, "keep") for k in keep),
+    ]:
         if name not in schema:
             raise InvalidInputError(
                 f"{what}={name!r} is not a column of {source.uri!r}; expected one of {list(schema.names())}. "
@@ -262,7 +294,8 @@ def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: i
     if s.null_count():
         row = offset + int(s.is_null().arg_true()[0])
         raise InvalidInputError(
-            f"{where} is null at row {row}; expected an embedding on every row. Fix: drop or fill rows without embeddings."
+            f"{where} is null at row {row}; expected an embedding on "
+            "every row. Fix: drop or fill rows without embeddings."
         )
     if isinstance(s.dtype, pl.List):
         lengths = s.list.len()
@@ -282,12 +315,15 @@ def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: i
         s = s.cast(pl.Array(s.dtype.inner, want))
     n_dim = int(s.dtype.size)
     if dim is not None and n_dim != dim:
-        raise InvalidInputError(f"{where} changes dim from {dim} to {n_dim} at row {offset}; expected one dim per table.")
+        raise InvalidInputError(
+            f"{where} changes dim from {dim} to {n_dim} at row {offset}; expected one dim per table."
+        )
     flat = s.explode() if len(s) else s
     if flat.null_count():
         row = offset + int(flat.is_null().arg_true()[0]) // n_dim
         raise InvalidInputError(
-            f"{where} has a null element inside the vector at row {row}; expected numbers only. Fix: drop or repair that row."
+            f"{where} has a null element inside the vector at row {row}; "
+            "expected numbers only. Fix: drop or repair that row."
         )
     # float64 stays float64 here: validation must see a 1e39 as too large, not as the Inf a cast makes.
     if s.dtype.inner not in (pl.Float32, pl.Float64):
@@ -302,7 +338,9 @@ def row_positions(batch: Batch) -> pl.Series:
     return pl.Series("row", np.arange(batch.offset, batch.offset + len(batch), dtype=np.uint64))
 
 
-def duplicate_ids(sources: Sequence[Source], id_column: str, *, storage_options: dict[str, Any] | None = None, limit: int = 5) -> list[Any]:
+def duplicate_ids(
+    sources: Sequence[Source], id_column: str, *, storage_options: dict[str, Any] | None = None, limit: int = 5
+) -> list[Any]:
     """Up to ``limit`` ids that occur more than once across ``sources`` (reads only the id column)."""
     frames = [scan(s, storage_options=storage_options).select(pl.col(id_column)) for s in sources]
     dup = pl.concat(frames).group_by(id_column).len().filter(pl.col("len") > 1).head(limit)
@@ -383,7 +421,8 @@ def code_dtype(n_codes: int, pinned: str | None = None) -> pl.DataType:
         top = int(np.iinfo(pinned).max) + 1  # the names are numpy's too
         if n_codes > top:
             raise InvalidInputError(
-                f"code_dtype={pinned!r} holds codes up to {top - 1} but the codebook has n_codes={n_codes}; expected a type "
+                f"code_dtype={pinned!r} holds codes up to {top - 1} but "
+                f"the codebook has n_codes={n_codes}; expected a type "
                 f"wide enough for code {n_codes - 1}. Fix: pin a wider type such as 'uint32' or 'int64'."
             )
         return dtype
@@ -452,7 +491,9 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 # ----------------------------------------------------------------- small helpers for the demo and tests
 
 
-def write_embeddings(path: str | os.PathLike[str], ids: np.ndarray, x: np.ndarray, *, column: str = "embedding") -> Path:
+def write_embeddings(
+    path: str | os.PathLike[str], ids: np.ndarray, x: np.ndarray, *, column: str = "embedding"
+) -> Path:
     """Write a parquet table with an ``id`` column and an ``Array(Float32, dim)`` embedding column.
 
     Args:

@@ -243,7 +243,12 @@ def read_current(work_dir: str) -> dict[str, Any] | None:
 
 
 def set_current(
-    work_dir: str, path: str, fingerprint: str, reason: str, now: str, since: str | None = None,
+    work_dir: str,
+    path: str,
+    fingerprint: str,
+    reason: str,
+    now: str,
+    since: str | None = None,
 ) -> dict[str, Any]:
     """Point ``codebooks/current.json`` and ``codes/current`` at a codebook (each atomically: readers
     see the old or the new)."""
@@ -385,5 +390,3 @@ def check_thresholds(drift_threshold: float, usage_threshold: float | None) -> N
             f"usage_threshold={usage_threshold!r}; expected bits of Jensen-Shannon divergence in [0, 1). "
             f"Fix: pass e.g. {DEFAULT_USAGE_THRESHOLD}, or None to turn the code-usage rule off."
         )
-
-
