@@ -13,9 +13,9 @@ centroid means) and adds what it leaves out:
 * ``n_init`` seeded restarts, keeping the lowest objective;
 * per-iteration statistics (objective, repairs, imbalance, seconds).
 
-Every E step is one pass of :func:`vq_pipeline.assign.nearest_in_chunks` over ``x``; ``x`` may be any
-object with ``.shape`` and row slicing that returns float32 tensors, which is how streamed tables reuse
-this loop. Sums are accumulated in float64 so the result does not hinge on summation order.
+Lloyd reads its rows only through a :class:`vq_pipeline.data.DataSource` (in memory, streamed tables,
+partitions on workers): ``e_step(centroids)`` gives the sums, counts, objective and far rows of one
+pass (:class:`vq_pipeline.data.EStepStats`, float64 sums), ``sample`` the rows that seeding draws from.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
+import numpy as np
 import torch
 
-from .assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
+from .assign import DEFAULT_MEMORY_BUDGET, plan_chunk_rows
 from .codebook import Codebook, tensor_fingerprint
+from .data import SEED_ROWS_PER_CODE, DataSource, EStepStats, InMemoryRows
 from .engines import Engine, get_engine
 from .errors import InvalidInputError, TooFewPointsError
 from .fileio import atomic_write
@@ -55,18 +57,6 @@ from .validate import (
 )
 
 log = logging.getLogger(__name__)
-
-# At most this many far-point candidates are kept per E step for empty-cluster repair.
-_MAX_FAR_CANDIDATES = 1024
-
-
-class Rows(Protocol):
-    """Row-sliceable embeddings: ``rows[a:b]`` gives a (b - a, dim) float32 tensor."""
-
-    shape: Any
-
-    def __getitem__(self, rows: slice) -> torch.Tensor: ...
-
 
 @dataclass(frozen=True)
 class IterationStats:
@@ -113,45 +103,7 @@ class LloydResult:
     history: list[IterationStats]
 
 
-@dataclass
-class _Pass:
-    """What one E step accumulates over all chunks."""
-
-    sums: torch.Tensor  # (n_codes, dim) float64, compute device
-    counts: torch.Tensor  # (n_codes,) int64, compute device
-    objective: float
-    far_sqdist: torch.Tensor  # (n_far,) float32, descending
-    far_rows: torch.Tensor  # (n_far, dim) float32
-
-
-def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> _Pass:
-    """Assign every row of ``x`` to its nearest centroid and accumulate sums, counts, objective.
-
-    Args:
-        x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
-        c: (n_codes, dim) float32 centroids on the compute device.
-    """
-    n_codes, dim = c.shape
-    n_far = min(n_codes, _MAX_FAR_CANDIDATES)
-    sums = torch.zeros((n_codes, dim), dtype=torch.float64, device=c.device)  # (n_codes, dim)
-    counts = torch.zeros(n_codes, dtype=torch.int64, device=c.device)  # (n_codes,)
-    objective = torch.zeros((), dtype=torch.float64, device=c.device)
-    far_d = torch.empty(0, dtype=torch.float32, device=c.device)  # (<= n_far,)
-    far_x = torch.empty((0, dim), dtype=torch.float32, device=c.device)  # (<= n_far, dim)
-    for _, xb, sqdist, idx in nearest_in_chunks(x, c, k=1, engine=engine, chunk_rows=chunk_rows):
-        d, code = sqdist[:, 0], idx[:, 0]  # (n,), (n,)
-        sums.index_add_(0, code, xb.double())
-        counts += torch.bincount(code, minlength=n_codes)
-        objective += d.double().sum()
-        top = d.topk(min(n_far, d.shape[0]), sorted=True)  # the chunk's farthest rows
-        far_d = torch.cat([far_d, top.values])  # (<= 2 n_far,)
-        far_x = torch.cat([far_x, xb[top.indices]])  # (<= 2 n_far, dim)
-        keep = far_d.topk(min(n_far, far_d.shape[0]), sorted=True).indices
-        far_d, far_x = far_d[keep], far_x[keep]
-    return _Pass(sums, counts, float(objective), far_d, far_x)
-
-
-def m_step(p: _Pass, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int]:
+def m_step(p: EStepStats, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int]:
     """New centroids from an E step's sums and counts, with empty clusters repaired.
 
     Returns:
@@ -172,7 +124,7 @@ def m_step(p: _Pass, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int
     return new, len(empty)
 
 
-def _repair(c: torch.Tensor, empty: list[int], p: _Pass, *, metric: str) -> None:
+def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str) -> None:
     """Move empty codes to the farthest distinct rows; split the largest clusters if rows run out."""
     picked: list[torch.Tensor] = []
     for d, row in zip(p.far_sqdist.tolist(), p.far_rows):
@@ -203,94 +155,116 @@ def _repair(c: torch.Tensor, empty: list[int], p: _Pass, *, metric: str) -> None
         c[empty] = normalize_rows(c[empty])
 
 
+@dataclass(frozen=True)
+class LloydState:
+    """Where one Lloyd run stands before an E step; the rest of the run depends only on it.
+
+    A fit checkpoints it after every update; :func:`lloyd` resumed from it gives the same result
+    as a run that never stopped.
+    """
+
+    centroids: torch.Tensor  # (n_codes, dim) float32, CPU
+    iteration: int  # the number of the next E step (1: the first, on the initial centroids)
+    prev_objective: float | None  # the objective of the E step before it (None: none yet)
+    n_repairs: int  # empty-cluster repairs so far
+    history: tuple[IterationStats, ...] = ()
+
+    @classmethod
+    def start(cls, centroids: torch.Tensor) -> LloydState:
+        return cls(centroids.to("cpu", torch.float32), 1, None, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values and a tensor, for ``torch.save`` / ``torch.load(weights_only=True)``."""
+        return {
+            "centroids": self.centroids, "iteration": self.iteration, "prev": self.prev_objective,
+            "total_repairs": self.n_repairs, "history": [asdict(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LloydState:
+        history = tuple(IterationStats(**h) for h in d["history"])
+        return cls(d["centroids"], d["iteration"], d["prev"], d["total_repairs"], history)
+
+
 def lloyd(
-    x: Rows,
+    source: DataSource,
     init: torch.Tensor,
     *,
     metric: str,
     n_iter: int,
     tol: float,
-    engine: Engine,
-    chunk_rows: int,
-    progress: ProgressCallback | None = None,
-    resume: dict[str, Any] | None = None,
-    on_update: Callable[[dict[str, Any]], None] | None = None,
-    e_step_fn: Callable[[torch.Tensor], _Pass] | None = None,
+    resume: LloydState | None = None,
+    on_event: ProgressCallback | None = None,
+    on_update: Callable[[LloydState], None] | None = None,
 ) -> LloydResult:
     """Run Lloyd's algorithm from ``init`` until the objective settles or ``n_iter`` updates are done.
 
     Args:
-        x: (n_rows, dim) float32 rows, unit rows under cosine; finite (validated by the caller).
+        source: the rows (unit rows under cosine, validated); every E step is ``source.e_step``.
         init: (n_codes, dim) float32 starting centroids on the compute device.
         tol: stop when ``(previous - current) <= tol * previous`` for the objective.
-        resume: a state given earlier to ``on_update``: continue from it (``init`` is ignored).
-        on_update: called after every centroid update with the state to resume from (plain
-            values and a CPU tensor), e.g. to checkpoint it.
-        e_step_fn: computes the E step for given centroids instead of :func:`e_step` over ``x``
-            (then only ``x.shape`` is used), e.g. as a map-reduce over partitions on a cluster.
+        resume: a state given earlier to ``on_update``: continue from it (only ``init``'s device is used).
+        on_event: called with an :class:`IterationStats` after every E step (and its update).
+        on_update: called after every centroid update with the state to resume from, e.g. to checkpoint it.
 
-    The returned counts and inertia come from an E step on the returned centroids, so they match.
-    Resuming from a state gives the same result as not stopping: each step depends only on it.
+    Each E step evaluates the current centroids; an update follows while the objective still falls
+    by more than ``tol`` and fewer than ``n_iter`` updates are done. The last E step, on the returned
+    centroids, gives the returned counts and inertia.
     """
-    c = init
-    n_rows = x.shape[0]
-    history: list[IterationStats] = []
-    prev: float | None = None
-    converged = False
-    total_repairs = 0
-    first = 1
-    if resume is not None:
-        c = resume["centroids"].to(init.device)
-        first, prev, total_repairs = resume["iteration"], resume["prev"], resume["total_repairs"]
-        history = [IterationStats(**h) for h in resume["history"]]
+    state = resume if resume is not None else LloydState.start(init)
+    c = state.centroids.to(init.device)  # (n_codes, dim)
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
-    for it in range(first, n_iter + 2):
-        t0 = time.perf_counter()
-        p = e_step_fn(c) if e_step_fn is not None else e_step(x, c, engine=engine, chunk_rows=chunk_rows)
-        objective = p.objective * scale
-        converged = prev is not None and prev - objective <= tol * prev
-        last = converged or it == n_iter + 1
-        repairs = 0
-        if not last:
-            c, repairs = m_step(p, c, metric=metric)
-            total_repairs += repairs
-        if c.device.type == "cuda":
-            torch.cuda.synchronize(c.device)
-        counts = p.counts.double()
-        stats = IterationStats(
-            iteration=it,
-            objective=objective,
-            n_repairs=repairs,
-            n_empty=int((p.counts == 0).sum()),
-            imbalance=float(c.shape[0] * counts.square().sum() / n_rows**2),
-            seconds=time.perf_counter() - t0,
+    t0 = time.perf_counter()
+    p = source.e_step(c)
+    objective = p.objective * scale
+    while not _converged(state.prev_objective, objective, tol) and state.iteration <= n_iter:
+        c, repairs = m_step(p, c, metric=metric)
+        stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, source.n_rows, on_event)
+        state = LloydState(
+            c.to("cpu", torch.float32), state.iteration + 1, objective, state.n_repairs + repairs, (*state.history, stats)
         )
-        history.append(stats)
-        log.info("iteration %d: objective=%.6g repairs=%d imbalance=%.3f", it, objective, repairs, stats.imbalance)
-        if progress is not None:
-            progress(stats)
-        if last:
-            return LloydResult(
-                centroids=c.to("cpu", torch.float32),
-                counts=p.counts.cpu(),
-                inertia=objective,
-                n_iter=it - 1,
-                converged=converged,
-                n_repairs=total_repairs,
-                history=history,
-            )
-        prev = objective
         if on_update is not None:
-            on_update(
-                {
-                    "centroids": c.to("cpu", torch.float32),
-                    "iteration": it + 1,
-                    "prev": prev,
-                    "total_repairs": total_repairs,
-                    "history": [asdict(h) for h in history],
-                }
-            )
-    raise AssertionError("unreachable")  # the loop always returns on its last pass
+            on_update(state)
+        t0 = time.perf_counter()
+        p = source.e_step(c)
+        objective = p.objective * scale
+    # The last E step evaluated the returned centroids: its stats close the history, with no update.
+    stats = _iteration_stats(state.iteration, objective, 0, p, c, t0, source.n_rows, on_event)
+    return LloydResult(
+        centroids=c.to("cpu", torch.float32),
+        counts=p.counts.cpu(),
+        inertia=objective,
+        n_iter=state.iteration - 1,
+        converged=_converged(state.prev_objective, objective, tol),
+        n_repairs=state.n_repairs,
+        history=[*state.history, stats],
+    )
+
+
+def _converged(prev: float | None, objective: float, tol: float) -> bool:
+    return prev is not None and prev - objective <= tol * prev
+
+
+def _iteration_stats(
+    it: int, objective: float, repairs: int, p: EStepStats, c: torch.Tensor, t0: float, n_rows: int,
+    on_event: ProgressCallback | None,
+) -> IterationStats:
+    """One iteration's statistics (E step ``p`` on the centroids before update ``c``), logged and reported."""
+    if c.device.type == "cuda":
+        torch.cuda.synchronize(c.device)
+    counts = p.counts.double()  # (n_codes,)
+    stats = IterationStats(
+        iteration=it,
+        objective=objective,
+        n_repairs=repairs,
+        n_empty=int((p.counts == 0).sum()),
+        imbalance=float(c.shape[0] * counts.square().sum() / n_rows**2),
+        seconds=time.perf_counter() - t0,
+    )
+    log.info("iteration %d: objective=%.6g repairs=%d imbalance=%.3f", it, objective, repairs, stats.imbalance)
+    if on_event is not None:
+        on_event(stats)
+    return stats
 
 
 def kmeans_plus_plus(
@@ -357,7 +331,7 @@ def _report_init(progress: ProgressCallback | None, chosen: int, n_codes: int, t
         progress(event)
 
 
-def _direct_sqdist(x: Rows, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def _direct_sqdist(x: torch.Tensor, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     """(n_rows,) float64 squared distances ``sum((x - c)**2)`` of every row to one point c (dim,)."""
     out = torch.empty(x.shape[0], dtype=torch.float64, device=c.device)
     for rows in row_chunks(x.shape[0], chunk_rows):
@@ -365,7 +339,7 @@ def _direct_sqdist(x: Rows, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     return out
 
 
-def _potentials(x: Rows, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor) -> torch.Tensor:
+def _potentials(x: torch.Tensor, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor) -> torch.Tensor:
     """(m,) float64: each candidate's potential ``sum(min(closest, d(x, cand)))``, in one pass.
 
     Args:
@@ -435,7 +409,8 @@ class FitCheckpoint:
             h.update(opts.init.cpu().numpy().tobytes())
         return h.hexdigest()
 
-    def load(self, data_fingerprint: str, opts: FitOptions) -> dict[str, Any] | None:
+    def load(self, data_fingerprint: str, opts: FitOptions) -> FitProgress | None:
+        """The progress saved by this very fit (same data fingerprint and settings), else None."""
         if not self.path.is_file():
             return None
         try:
@@ -446,17 +421,22 @@ class FitCheckpoint:
         if not isinstance(state, dict) or state.get("key") != self._key(data_fingerprint, opts):
             log.warning("ignoring checkpoint %s: it belongs to another fit", self.path)
             return None
-        return state
+        best = state["best"]
+        if best is not None:
+            best = LloydResult(**{**best, "history": [IterationStats(**h) for h in best["history"]]})
+        lloyd = None if state["lloyd"] is None else LloydState.from_dict(state["lloyd"])
+        return FitProgress(state["restart"], tuple(state["inertias"]), best, lloyd)
 
     def save(
-        self, data_fingerprint: str, opts: FitOptions, *, restart: int, inertias: list[float], best: LloydResult | None, lloyd: dict[str, Any] | None
+        self, data_fingerprint: str, opts: FitOptions, *, restart: int, inertias: Sequence[float], best: LloydResult | None,
+        lloyd: LloydState | None,
     ) -> None:
         state = {
             "key": self._key(data_fingerprint, opts),
             "restart": restart,
             "inertias": list(inertias),
             "best": None if best is None else {**asdict(best), "history": [asdict(h) for h in best.history]},
-            "lloyd": lloyd,
+            "lloyd": None if lloyd is None else lloyd.to_dict(),
         }
         atomic_write(self.path, lambda f: torch.save(state, f))
 
@@ -467,8 +447,15 @@ class FitCheckpoint:
             stale.unlink(missing_ok=True)
 
 
-def _result_from_state(state: dict[str, Any]) -> LloydResult:
-    return LloydResult(**{**state, "history": [IterationStats(**h) for h in state["history"]]})
+@dataclass(frozen=True)
+class FitProgress:
+    """How far a fit's restarts are: the next restart, the finished ones' inertias and best result,
+    and the next restart's Lloyd state when it has begun (what a checkpoint holds)."""
+
+    restart: int = 0
+    inertias: tuple[float, ...] = ()
+    best: LloydResult | None = None
+    lloyd: LloydState | None = None
 
 
 def fit_options(
@@ -586,15 +573,14 @@ def fit_codebook(
     if opts.metric == "cosine":
         check_nonzero_rows(x)
         x = normalize_rows(x)
-    x = _maybe_to_device(x, opts.device)
-    return fit_rows(
-        x, x, opts, data_fingerprint=data_fingerprint, sources=sources, column=column, progress=progress, t_start=t_start
+    source = InMemoryRows(_maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget)
+    return fit_source(
+        source, opts, data_fingerprint=data_fingerprint, sources=sources, column=column, progress=progress, t_start=t_start
     )
 
 
-def fit_rows(
-    rows: Rows,
-    init_rows: torch.Tensor,
+def fit_source(
+    source: DataSource,
     opts: FitOptions,
     *,
     data_fingerprint: str,
@@ -604,72 +590,46 @@ def fit_rows(
     progress: ProgressCallback | None = None,
     t_start: float | None = None,
     checkpoint: FitCheckpoint | None = None,
-    e_step_fn: Callable[[torch.Tensor], _Pass] | None = None,
 ) -> Codebook:
-    """Lloyd restarts over ``rows``, seeded from ``init_rows``; the core behind every fit.
+    """Lloyd restarts over ``source``, seeded from its :meth:`~vq_pipeline.data.DataSource.sample`;
+    the one fit behind every entry point (in memory, streamed tables, partitions).
 
     Args:
-        rows: (n_rows, dim) float32 rows, validated, unit rows under cosine (a tensor, or a streamed
-            table that serves consecutive slices).
-        init_rows: (n_init_rows, dim) float32 rows that 'k-means++', 'random' and 'first' draw
-            from: ``rows`` itself in memory, a seeded sample (or the head, for 'first') when streamed.
+        source: the training rows: validated, unit rows under cosine.
         checkpoint: where to save the state after every update, and to resume from if it holds a
             state of this very fit (same data fingerprint and settings); removed once the fit ends.
-        e_step_fn: see :func:`lloyd` (a distributed E step; ``rows`` then only gives the shape).
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    n_rows, dim = rows.shape
-    n_codes, dev = opts.n_codes, opts.device
-    eng = get_engine(opts.engine, dev, dim)
-    chunk = plan_chunk_rows(n_rows, n_codes, dim, k=1, engine=eng, memory_budget=opts.memory_budget)
-    best: LloydResult | None = None
-    inertias: list[float] = []
+    eng = get_engine(opts.engine, opts.device, source.dim)
+    seed_rows = _seeding_rows(source, opts)
+    done = checkpoint.load(data_fingerprint, opts) if checkpoint is not None else None
+    if done is not None:
+        log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, done.restart)
+    done = done or FitProgress()
     init_seconds = 0.0
-    saved = checkpoint.load(data_fingerprint, opts) if checkpoint is not None else None
-    first_restart = 0
-    if saved is not None:
-        first_restart, inertias = saved["restart"], list(saved["inertias"])
-        best = _result_from_state(saved["best"]) if saved["best"] is not None else None
-        log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, first_restart)
-    for restart in range(first_restart, opts.n_init):
-        resume = saved["lloyd"] if saved is not None and restart == first_restart else None
-        on_update = None
+    for restart in range(done.restart, opts.n_init):
+        resume = done.lloyd if restart == done.restart else None
+        save = None
         if checkpoint is not None:
-            def on_update(state: dict[str, Any], restart: int = restart) -> None:
-                checkpoint.save(data_fingerprint, opts, restart=restart, inertias=inertias, best=best, lloyd=state)
-        generator = torch.Generator().manual_seed(_restart_seed(opts.seed, restart))
+            def save(state: LloydState, restart: int = restart, done: FitProgress = done) -> None:
+                checkpoint.save(data_fingerprint, opts, restart=restart, inertias=done.inertias, best=done.best, lloyd=state)
         t0 = time.perf_counter()
-        if resume is not None:
-            c0 = resume["centroids"].to(dev)
-        elif isinstance(opts.init, torch.Tensor):
-            c0 = opts.init.to(dev).contiguous()
-        elif opts.init == "first":
-            c0 = init_rows[:n_codes].to(dev).contiguous()
-        elif opts.init == "random":
-            pick = torch.randperm(init_rows.shape[0], generator=generator)[:n_codes]
-            c0 = init_rows[pick.to(init_rows.device)].to(dev).contiguous()
-        else:
-            c0 = kmeans_plus_plus(
-                init_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev,
-                progress=progress,
-            )
-        if resume is None and not (isinstance(opts.init, str) and opts.init == "k-means++"):
-            _report_init(progress, n_codes, n_codes, t0)
+        c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, progress)
         init_seconds += time.perf_counter() - t0
-        if resume is None and on_update is not None:
+        if resume is None and save is not None:
             # A checkpoint as soon as the initial centroids exist: a fit stopped before its first
             # update resumes without seeding again (k-means++ can take longer than an iteration).
-            resume = {"centroids": c0.to("cpu", torch.float32), "iteration": 1, "prev": None, "total_repairs": 0, "history": []}
-            on_update(resume)
+            resume = LloydState.start(c0)
+            save(resume)
         result = lloyd(
-            rows, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, engine=eng, chunk_rows=chunk,
-            progress=progress, resume=resume, on_update=on_update, e_step_fn=e_step_fn,
+            source, c0.to(opts.device), metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, resume=resume,
+            on_event=progress, on_update=save,
         )
-        inertias.append(result.inertia)
-        if best is None or result.inertia < best.inertia:
-            best = result
+        best = result if done.best is None or result.inertia < done.best.inertia else done.best
+        done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)
         if checkpoint is not None:
-            checkpoint.save(data_fingerprint, opts, restart=restart + 1, inertias=inertias, best=best, lloyd=None)
+            checkpoint.save(data_fingerprint, opts, restart=done.restart, inertias=done.inertias, best=best, lloyd=None)
+    best, n_rows, inertias = done.best, source.n_rows, list(done.inertias)
     assert best is not None
     if checkpoint is not None:
         checkpoint.clear()
@@ -700,6 +660,38 @@ def fit_rows(
             "iteration_seconds": [h["seconds"] for h in history],
         },
     )
+
+
+def _seeding_rows(source: DataSource, opts: FitOptions) -> torch.Tensor | None:
+    """The rows a named init draws from (None for a given tensor): the head for 'first', else a
+    seeded sample of ``SEED_ROWS_PER_CODE * n_codes`` rows (all rows for a source in memory)."""
+    if isinstance(opts.init, torch.Tensor):
+        return None
+    if opts.init == "first":
+        return source.sample(opts.n_codes, None)
+    return source.sample(SEED_ROWS_PER_CODE * opts.n_codes, np.random.default_rng(opts.seed))
+
+
+def _initial_centroids(
+    seed_rows: torch.Tensor | None, opts: FitOptions, restart: int, eng: Engine, progress: ProgressCallback | None
+) -> torch.Tensor:
+    """(n_codes, dim) float32 initial centroids of one restart on the compute device."""
+    n_codes, dev = opts.n_codes, opts.device
+    generator = torch.Generator().manual_seed(_restart_seed(opts.seed, restart))
+    t0 = time.perf_counter()
+    if isinstance(opts.init, torch.Tensor):
+        c0 = opts.init.to(dev).contiguous()
+    elif opts.init == "first":
+        c0 = seed_rows[:n_codes].to(dev).contiguous()
+    elif opts.init == "random":
+        pick = torch.randperm(seed_rows.shape[0], generator=generator)[:n_codes]
+        c0 = seed_rows[pick.to(seed_rows.device)].to(dev).contiguous()
+    else:
+        return kmeans_plus_plus(
+            seed_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev, progress=progress
+        )
+    _report_init(progress, n_codes, n_codes, t0)
+    return c0
 
 
 def _check_init_tensor(init: torch.Tensor, n_codes: int, dim: int, metric: str) -> torch.Tensor:

@@ -10,21 +10,20 @@ import io
 import os
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import tables
-from .assign import DEFAULT_MEMORY_BUDGET, plan_chunk_rows
+from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook, atomic_write_bytes
-from .errors import InvalidInputError
-from .engines import get_engine
-from .kmeans import _MAX_FAR_CANDIDATES, FitCheckpoint, ProgressCallback, _Pass, e_step, fit_options, fit_rows
+from .data import EStepStats, MapEStep, PartitionedTables, StreamedTables
+from .kmeans import FitCheckpoint, ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
-from .fit_tables import _fit_inputs, _streamed_init_rows, _StreamedRows
+from .fit_tables import _fit_inputs, init_sample_stats
 from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, resolve_device
 
 
@@ -36,8 +35,10 @@ from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, resolve_
 # float64, so the codebook equals a single-machine streamed fit from the same init up to float64
 # summation order: centroids agree to float32 rounding (see the README for the tested tolerance).
 
-#: Called as ``map_e_step(centroids, sources)`` -> one :func:`partition_e_step` result per source, in order.
-MapEStep = Callable[[torch.Tensor, Sequence[Source]], Sequence[_Pass]]
+__all__ = [
+    "MapEStep", "fit_partitioned", "load_partition_stats", "partition_e_step", "partition_stats_file",
+    "reduce_partition_stats", "save_centroids", "save_partition_stats",
+]
 
 
 def partition_e_step(
@@ -51,7 +52,7 @@ def partition_e_step(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage_options: dict[str, Any] | None = None,
-) -> _Pass:
+) -> EStepStats:
     """One partition's E-step statistics against ``centroids``, reading the partition itself.
 
     Args:
@@ -60,49 +61,30 @@ def partition_e_step(
         device: where to compute (None: CUDA if this machine has it, else CPU).
 
     Returns:
-        A ``kmeans._Pass`` on the CPU: ``sums`` (n_codes, dim) float64 of the rows assigned to each
+        An :class:`~vq_pipeline.data.EStepStats` on the CPU: ``sums`` (n_codes, dim) float64 of the rows assigned to each
         code (unit rows under cosine), ``counts`` (n_codes,) int64, ``objective`` (the float sum of
         squared L2 distances to the nearest centroid), and the partition's farthest rows
         (``far_sqdist`` (n_far,) float32 descending, ``far_rows`` (n_far, dim) float32) for repairs.
     """
     metric = check_choice("metric", metric, METRICS)
-    n_codes, dim = centroids.shape
     dev = resolve_device(device)
     c = centroids.to(dev, torch.float32).contiguous()  # (n_codes, dim)
     n_rows = tables.inspect_source(source, column=column, storage_options=storage_options).n_rows
-    rows = _StreamedRows([source], [n_rows], dim=dim, column=column, batch_rows=batch_rows, metric=metric, storage_options=storage_options)
-    eng = get_engine(engine, dev, dim)
-    chunk = plan_chunk_rows(max(n_rows, 1), n_codes, dim, k=1, engine=eng, memory_budget=memory_budget)
-    if n_rows == 0:
-        p = _Pass(
-            torch.zeros((n_codes, dim), dtype=torch.float64), torch.zeros(n_codes, dtype=torch.int64), 0.0,
-            torch.empty(0, dtype=torch.float32), torch.empty((0, dim), dtype=torch.float32),
-        )
-    else:
-        p = e_step(rows, c, engine=eng, chunk_rows=chunk)
-    return _Pass(p.sums.cpu(), p.counts.cpu(), float(p.objective), p.far_sqdist.cpu(), p.far_rows.cpu())
+    rows = StreamedTables(
+        [source], [n_rows], dim=c.shape[1], column=column, metric=metric, batch_rows=batch_rows,
+        storage_options=storage_options, engine=engine, memory_budget=memory_budget,
+    )
+    return rows.e_step(c).to("cpu")
 
 
-def reduce_partition_stats(parts: Sequence[_Pass]) -> _Pass:
+def reduce_partition_stats(parts: Sequence[EStepStats]) -> EStepStats:
     """Add up partitions' E-step statistics in the given order (pass them in source order: the
-    result is then the same on every run), keeping the farthest rows over all partitions."""
-    if not parts:
-        raise InvalidInputError("parts=[]: expected the statistics of at least one partition. Fix: pass one per source.")
-    sums = parts[0].sums.clone()  # (n_codes, dim) float64
-    counts = parts[0].counts.clone()  # (n_codes,) int64
-    objective = parts[0].objective
-    for p in parts[1:]:
-        sums += p.sums
-        counts += p.counts
-        objective += p.objective
-    n_far = min(sums.shape[0], _MAX_FAR_CANDIDATES)
-    far_d = torch.cat([p.far_sqdist for p in parts])  # (sum n_far,)
-    far_x = torch.cat([p.far_rows for p in parts])  # (sum n_far, dim)
-    keep = far_d.topk(min(n_far, far_d.shape[0]), sorted=True).indices
-    return _Pass(sums, counts, objective, far_d[keep], far_x[keep])
+    result is then the same on every run), keeping the farthest rows over all partitions
+    (:meth:`EStepStats.merge`)."""
+    return EStepStats.merge(parts)
 
 
-def save_partition_stats(path: str | os.PathLike[str], p: _Pass) -> Path:
+def save_partition_stats(path: str | os.PathLike[str], p: EStepStats) -> Path:
     """Write one partition's statistics as an ``.npz`` file, atomically (plain arrays, no pickles)."""
     buf = io.BytesIO()
     np.savez(
@@ -112,10 +94,10 @@ def save_partition_stats(path: str | os.PathLike[str], p: _Pass) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def load_partition_stats(path: str | os.PathLike[str]) -> _Pass:
+def load_partition_stats(path: str | os.PathLike[str]) -> EStepStats:
     """Read a file written by :func:`save_partition_stats` (pickles refused)."""
     with np.load(path, allow_pickle=False) as z:
-        return _Pass(
+        return EStepStats(
             torch.from_numpy(z["sums"].copy()), torch.from_numpy(z["counts"].copy()), float(z["objective"]),
             torch.from_numpy(z["far_sqdist"].copy()), torch.from_numpy(z["far_rows"].copy()),
         )
@@ -138,16 +120,6 @@ def partition_stats_file(
     p = partition_e_step(source, c, **options)
     save_partition_stats(stats_file, p)
     return {"stats": str(stats_file), "rows": int(p.counts.sum()), "objective": p.objective}
-
-
-class _Shape:
-    """Stands in for the rows when the E step runs elsewhere: Lloyd then only reads their shape."""
-
-    def __init__(self, n_rows: int, dim: int) -> None:
-        self.shape = (n_rows, dim)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        raise AssertionError("the rows of a partitioned fit are read by the workers, not here")
 
 
 def fit_partitioned(
@@ -190,25 +162,10 @@ def fit_partitioned(
         n_codes, dim=dim, n_rows=n_total, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
         n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
     )
-    mode: dict[str, Any] = {"mode": "partitioned", "rows_total": n_total, "partitions": len(sources)}
-    rows = _StreamedRows(sources, counts, dim=dim, column=column, batch_rows=batch_rows, metric=opts.metric, storage_options=storage_options)
-    init_rows = (
-        rows[0:0] if isinstance(opts.init, torch.Tensor)
-        else _streamed_init_rows(rows, sources, counts, opts, seed=seed, column=column, mode=mode, storage_options=storage_options)
+    mode: dict[str, Any] = {"mode": "partitioned", "rows_total": n_total, "partitions": len(sources), **init_sample_stats(opts, n_total)}
+    source = PartitionedTables(
+        sources, counts, map_e_step, dim=dim, column=column, metric=opts.metric, batch_rows=batch_rows,
+        storage_options=storage_options, engine=opts.engine, memory_budget=opts.memory_budget,
     )
-
-    def e_step_fn(c: torch.Tensor) -> _Pass:
-        parts = list(map_e_step(c.to("cpu", torch.float32), sources))
-        if len(parts) != len(sources):
-            raise InvalidInputError(
-                f"map_e_step returned {len(parts)} results for {len(sources)} sources; expected one per source, in "
-                f"source order. Fix: return one partition's statistics for each source it is given."
-            )
-        p = reduce_partition_stats(parts)
-        return _Pass(p.sums.to(c.device), p.counts.to(c.device), p.objective, p.far_sqdist.to(c.device), p.far_rows.to(c.device))
-
     ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
-    return fit_rows(
-        _Shape(n_total, dim), init_rows, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt,
-        e_step_fn=e_step_fn, **provenance,
-    )
+    return fit_source(source, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)

@@ -1,0 +1,294 @@
+"""The data seam of Lloyd: where the rows live (in memory, streamed tables, partitions on workers).
+
+In the spirit of FAISS ``contrib/clustering.py``'s ``DatasetAssign``: Lloyd's loop only ever asks a
+:class:`DataSource` for its size, for one E step against given centroids (:class:`EStepStats`) and
+for the rows that seeding draws from. Three sources:
+
+* :class:`InMemoryRows`: a tensor (any device), the E step through an engine in chunks;
+* :class:`StreamedTables`: table files re-read on every E step (exact streamed Lloyd), each batch
+  validated, L2-normalized under cosine;
+* :class:`PartitionedTables`: the same tables, with the E step mapped over the files (one
+  partition each, computed anywhere) and reduced here by :meth:`EStepStats.merge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from . import tables
+from .assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
+from .engines import Engine, get_engine
+from .errors import DimensionMismatchError, InvalidInputError
+from .tables import Source
+from .validate import as_embeddings, check_nonzero_rows, normalize_rows
+
+# At most this many far-point candidates are kept per E step for empty-cluster repair.
+MAX_FAR_CANDIDATES = 1024
+#: Seeding from tables not held in memory draws from a sample of this many rows per code.
+SEED_ROWS_PER_CODE = 256
+
+
+@dataclass(frozen=True)
+class EStepStats:
+    """What one E step accumulates: enough for the M step, the objective and empty-cluster repair.
+
+    Attributes:
+        sums: (n_codes, dim) float64, the sum of the rows assigned to each code (unit rows under cosine).
+        counts: (n_codes,) int64, how many rows each code was assigned.
+        objective: the sum over rows of the squared L2 distance to the nearest centroid.
+        far_sqdist: (n_far,) float32, descending: the largest of those distances, ``n_far <=
+            min(n_codes, MAX_FAR_CANDIDATES)``.
+        far_rows: (n_far, dim) float32, the rows they belong to (where empty codes are moved).
+
+    All tensors on one device (the compute device, or the CPU on the wire).
+    """
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    objective: float
+    far_sqdist: torch.Tensor
+    far_rows: torch.Tensor
+
+    def to(self, device: torch.device | str) -> EStepStats:
+        return EStepStats(
+            self.sums.to(device), self.counts.to(device), float(self.objective), self.far_sqdist.to(device), self.far_rows.to(device)
+        )
+
+    @classmethod
+    def merge(cls, parts: Sequence[EStepStats]) -> EStepStats:
+        """The statistics of the union of the parts' rows. Sums are added in the given order (pass
+        the parts in a fixed order, e.g. source order, for the same result on every run); the
+        farthest rows are kept over all parts, as :func:`farthest` keeps them."""
+        if not parts:
+            raise InvalidInputError("parts=[]: expected the statistics of at least one partition. Fix: pass one per source.")
+        sums = parts[0].sums.clone()  # (n_codes, dim) float64
+        counts = parts[0].counts.clone()  # (n_codes,) int64
+        objective = parts[0].objective
+        for p in parts[1:]:
+            sums += p.sums
+            counts += p.counts
+            objective += p.objective
+        far_d, far_x = farthest(torch.cat([p.far_sqdist for p in parts]), torch.cat([p.far_rows for p in parts]), sums.shape[0])
+        return cls(sums, counts, objective, far_d, far_x)
+
+
+def farthest(sqdist: torch.Tensor, rows: torch.Tensor, n_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one far-row merge: keep the ``min(n_codes, MAX_FAR_CANDIDATES)`` largest distances.
+
+    Args:
+        sqdist: (m,) float32 candidate distances. rows: (m, dim) float32, their rows.
+
+    Returns:
+        (n_far,) float32 descending and (n_far, dim) float32.
+    """
+    keep = sqdist.topk(min(n_codes, MAX_FAR_CANDIDATES, sqdist.shape[0]), sorted=True).indices
+    return sqdist[keep], rows[keep]
+
+
+class Rows(Protocol):
+    """Row-sliceable embeddings: ``rows[a:b]`` gives a (b - a, dim) float32 tensor."""
+
+    shape: Any
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> EStepStats:
+    """Assign every row of ``x`` to its nearest centroid and accumulate sums, counts, objective.
+
+    Args:
+        x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
+        c: (n_codes, dim) float32 centroids on the compute device.
+    """
+    n_codes, dim = c.shape
+    n_far = min(n_codes, MAX_FAR_CANDIDATES)
+    sums = torch.zeros((n_codes, dim), dtype=torch.float64, device=c.device)  # (n_codes, dim)
+    counts = torch.zeros(n_codes, dtype=torch.int64, device=c.device)  # (n_codes,)
+    objective = torch.zeros((), dtype=torch.float64, device=c.device)
+    far_d = torch.empty(0, dtype=torch.float32, device=c.device)  # (<= n_far,)
+    far_x = torch.empty((0, dim), dtype=torch.float32, device=c.device)  # (<= n_far, dim)
+    for _, xb, sqdist, idx in nearest_in_chunks(x, c, k=1, engine=engine, chunk_rows=chunk_rows):
+        d, code = sqdist[:, 0], idx[:, 0]  # (n,), (n,)
+        sums.index_add_(0, code, xb.double())
+        counts += torch.bincount(code, minlength=n_codes)
+        objective += d.double().sum()
+        top = d.topk(min(n_far, d.shape[0]), sorted=True)  # the chunk's farthest rows
+        far_d, far_x = farthest(torch.cat([far_d, top.values]), torch.cat([far_x, xb[top.indices]]), n_codes)
+    return EStepStats(sums, counts, float(objective), far_d, far_x)
+
+
+class DataSource(Protocol):
+    """What Lloyd's loop needs of its data: rows (unit rows under cosine), validated, finite."""
+
+    n_rows: int
+    dim: int
+
+    def e_step(self, centroids: torch.Tensor) -> EStepStats:
+        """One E step against (n_codes, dim) float32 centroids on the compute device; the stats on that device."""
+        ...
+
+    def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
+        """(m, dim) float32 rows that seeding draws from, in row order: the first ``min(n, n_rows)``
+        rows when ``generator`` is None, else a uniform sample of ``min(n, n_rows)`` distinct rows
+        drawn with it. A source that holds its rows in memory returns all of them (seeding then
+        draws from every row)."""
+        ...
+
+
+class _ChunkPlan:
+    """The engine and rows per chunk of an E step computed in this process, per device and n_codes."""
+
+    def __init__(self, engine: str, memory_budget: int) -> None:
+        self._engine, self._memory_budget = engine, memory_budget
+        self._plans: dict[tuple[torch.device, int, int, int], tuple[Engine, int]] = {}
+
+    def __call__(self, centroids: torch.Tensor, n_rows: int) -> dict[str, Any]:
+        (n_codes, dim), device = centroids.shape, centroids.device
+        key = (device, n_rows, n_codes, dim)
+        if key not in self._plans:
+            eng = get_engine(self._engine, device, dim)
+            chunk = plan_chunk_rows(max(n_rows, 1), n_codes, dim, k=1, engine=eng, memory_budget=self._memory_budget)
+            self._plans[key] = (eng, chunk)
+        eng, chunk = self._plans[key]
+        return {"engine": eng, "chunk_rows": chunk}
+
+
+class InMemoryRows:
+    """A (n_rows, dim) float32 tensor on any device (validated; unit rows under cosine); E steps
+    through ``engine`` in chunks that fit ``memory_budget``."""
+
+    def __init__(self, x: torch.Tensor, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        self.x = x
+        self.n_rows, self.dim = x.shape
+        self._plan = _ChunkPlan(engine, memory_budget)
+
+    def e_step(self, centroids: torch.Tensor) -> EStepStats:
+        return e_step(self.x, centroids, **self._plan(centroids, self.n_rows))
+
+    def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
+        return self.x
+
+
+class StreamedTables:
+    """The rows of table files (one embedding column), read again on every E step (exact streamed
+    Lloyd) through ``engine`` in chunks that fit ``memory_budget``."""
+
+    def __init__(
+        self, sources: Sequence[Source], counts: Sequence[int], *, dim: int, column: str, metric: str,
+        batch_rows: int, storage_options: Any = None, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        self._plan = _ChunkPlan(engine, memory_budget)
+        self.sources, self.counts, self.column, self.metric = list(sources), list(counts), column, metric
+        self.batch_rows, self.storage_options = batch_rows, storage_options
+        self.n_rows, self.dim = sum(self.counts), dim
+
+    def e_step(self, centroids: torch.Tensor) -> EStepStats:
+        return e_step(self._rows(), centroids, **self._plan(centroids, self.n_rows))
+
+    def _rows(self) -> _StreamedRows:
+        return _StreamedRows(self.sources, self.counts, dim=self.dim, column=self.column, batch_rows=self.batch_rows,
+                             metric=self.metric, storage_options=self.storage_options)
+
+    def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return self._rows()[0:n].clone()
+        positions = np.sort(generator.choice(self.n_rows, size=min(self.n_rows, n), replace=False))
+        x = validated_sample(self.sources, self.counts, positions, column=self.column, metric=self.metric,
+                             storage_options=self.storage_options)
+        return normalize_rows(x) if self.metric == "cosine" else x
+
+
+#: Called as ``map_e_step(centroids, sources)`` -> one partition's :class:`EStepStats` per source, in order.
+MapEStep = Callable[[torch.Tensor, Sequence[Source]], Sequence[EStepStats]]
+
+
+class PartitionedTables(StreamedTables):
+    """Streamed tables whose E step runs elsewhere: ``map_e_step`` computes each file's statistics
+    (CPU (n_codes, dim) float32 centroids in), this process merges them in source order. Seeding
+    rows are still read here."""
+
+    def __init__(self, sources: Sequence[Source], counts: Sequence[int], map_e_step: MapEStep, **options: Any) -> None:
+        super().__init__(sources, counts, **options)
+        self.map_e_step = map_e_step
+
+    def e_step(self, centroids: torch.Tensor) -> EStepStats:
+        parts = list(self.map_e_step(centroids.to("cpu", torch.float32), self.sources))
+        if len(parts) != len(self.sources):
+            raise InvalidInputError(
+                f"map_e_step returned {len(parts)} results for {len(self.sources)} sources; expected one per source, in "
+                f"source order. Fix: return one partition's statistics for each source it is given."
+            )
+        return EStepStats.merge(parts).to(centroids.device)
+
+
+def validated(
+    x: torch.Tensor, source: Source, column: str, dim: int, metric: str, *, row_offset: int = 0, row_numbers: Any = None
+) -> torch.Tensor:
+    """Validate one batch of ``source``; errors name the file and the rows' numbers in it."""
+    if x.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"column={column!r} of {source.uri!r} has dim={x.shape[1]}; expected {dim} like the other tables."
+        )
+    try:
+        x = as_embeddings(x, name=column, row_offset=row_offset, row_numbers=row_numbers)
+        if metric == "cosine":
+            check_nonzero_rows(x, name=column, row_offset=row_offset, row_numbers=row_numbers)
+        return x
+    except InvalidInputError as exc:
+        raise type(exc)(f"{source.uri}: {exc}") from None
+
+
+def validated_batches(
+    sources: Sequence[Source], column: str, batch_rows: int, dim: int, metric: str, storage_options: Any
+) -> Iterator[torch.Tensor]:
+    """Every row of every source as validated (n, dim) float32 batches, in order."""
+    for s in sources:
+        for batch in tables.iter_batches(s, column=column, batch_rows=batch_rows, storage_options=storage_options):
+            yield validated(batch.x, s, column, dim, metric, row_offset=batch.offset)
+
+
+def validated_sample(
+    sources: Sequence[Source], counts: Sequence[int], positions: np.ndarray, *, column: str, metric: str, storage_options: Any
+) -> torch.Tensor:
+    """The rows at global ``positions``, validated; only those rows are checked."""
+    parts = tables.sample_rows(sources, counts, positions, column=column, storage_options=storage_options)
+    dim = parts[0][2].shape[1]
+    return torch.cat([validated(x, s, column, dim, metric, row_numbers=local) for s, local, x in parts])
+
+
+class _StreamedRows:
+    """The concatenated sources as row slices, for one pass (exact streamed Lloyd).
+
+    Serves consecutive slices ``[a, b)`` (a pass restarts when ``a`` goes back), holding at most one
+    slice plus one batch in memory; each batch is validated, and L2-normalized under cosine.
+    """
+
+    def __init__(
+        self, sources: Sequence[Source], counts: Sequence[int], *, dim: int, column: str, batch_rows: int, metric: str, storage_options: Any
+    ) -> None:
+        self.shape = (sum(counts), dim)
+        self._sources, self._column, self._batch_rows = sources, column, batch_rows
+        self._metric, self._storage_options = metric, storage_options
+        self._it: Iterator[torch.Tensor] | None = None
+        self._buf = torch.empty((0, dim))  # rows [self._start, self._start + len(self._buf))
+        self._start = 0
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        for s in self._sources:
+            for batch in tables.iter_batches(s, column=self._column, batch_rows=self._batch_rows, storage_options=self._storage_options):
+                x = validated(batch.x, s, self._column, self.shape[1], self._metric, row_offset=batch.offset)
+                yield normalize_rows(x) if self._metric == "cosine" else x
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b = rows.start, min(rows.stop, self.shape[0])
+        if self._it is None or a < self._start:
+            self._it, self._buf, self._start = self._batches(), self._buf[:0], 0
+        self._buf, self._start = self._buf[a - self._start :], a
+        while self._start + self._buf.shape[0] < b:
+            self._buf = torch.cat([self._buf, next(self._it)])
+        return self._buf[: b - a]
