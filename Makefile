@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check vq_pipeline flows tests
+	$(PY) -m ruff format --check vq_pipeline flows
 	$(PY) -m pytest
 
 clean:

@@ -22,7 +22,13 @@ from prefect.runtime import flow_run
 
 from vq_pipeline import Codebook, CodebookFileError, IterationStats
 from vq_pipeline import tables
-from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, load_partition_stats, partition_stats_file, save_centroids
+from vq_pipeline.pipeline import (
+    fit_from_tables,
+    fit_partitioned,
+    load_partition_stats,
+    partition_stats_file,
+    save_centroids,
+)
 from vq_pipeline.tables import Source
 from vq_pipeline.validate import DEFAULT_METRIC
 
@@ -53,7 +59,11 @@ def _size_summary(counts: list[int]) -> dict[str, Any]:
     else:
         q1 = median = q3 = float(ordered[0])
     return {
-        "min": ordered[0], "q1": q1, "median": median, "q3": q3, "max": ordered[-1],
+        "min": ordered[0],
+        "q1": q1,
+        "median": median,
+        "q3": q3,
+        "max": ordered[-1],
         "empty": sum(1 for c in ordered if c == 0),
     }
 
@@ -63,9 +73,17 @@ def log_progress(logger: Any) -> Callable[[Any], None]:
 
     def log(event: Any) -> None:
         if isinstance(event, IterationStats):
-            logger.info("iteration %d: objective %.6g, repairs %d (%.2f s)", event.iteration, event.objective, event.n_repairs, event.seconds)
+            logger.info(
+                "iteration %d: objective %.6g, repairs %d (%.2f s)",
+                event.iteration,
+                event.objective,
+                event.n_repairs,
+                event.seconds,
+            )
         else:
-            logger.info("seeding: %d of %d initial centroids chosen (%.1f s)", event.chosen, event.n_codes, event.seconds)
+            logger.info(
+                "seeding: %d of %d initial centroids chosen (%.1f s)", event.chosen, event.n_codes, event.seconds
+            )
 
     return log
 
@@ -100,8 +118,17 @@ def fit_task(
         logger.info("sample=%s exceeds the tables' rows; fitting on all %s rows", sample, sample_used)
     start = Codebook.load(warm_start, metric=metric) if warm_start else init
     codebook = fit_from_tables(
-        inputs, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
-        seed=seed, sample=sample_used, engine=engine, device=device,
+        inputs,
+        column=column,
+        n_codes=n_codes,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=start,
+        seed=seed,
+        sample=sample_used,
+        engine=engine,
+        device=device,
         progress=log_progress(logger),
     )
     return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
@@ -148,15 +175,28 @@ def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) ->
 
 
 @task(
-    name="partition-stats", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+    name="partition-stats",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
     task_run_name="stats-{key}",
 )
 def partition_stats_task(
-    uri: str, key: str, centroids: str, stats: str, column: str, metric: str, engine: str = "auto", device: str | None = None,
+    uri: str,
+    key: str,
+    centroids: str,
+    stats: str,
+    column: str,
+    metric: str,
+    engine: str = "auto",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """One partition's E-step statistics against the centroids in file ``centroids``, written to file
     ``stats``; returns the path, rows and objective. Safe to retry (the file is written atomically)."""
-    return partition_stats_file(Source(uri=uri, key=key), centroids, stats, column=column, metric=metric, engine=engine, device=device)
+    return partition_stats_file(
+        Source(uri=uri, key=key), centroids, stats, column=column, metric=metric, engine=engine, device=device
+    )
 
 
 def fit_on_dask(
@@ -198,10 +238,19 @@ def fit_on_dask(
                 i = next(calls)
                 cfile = save_centroids(scratch / f"centroids-{i:05d}.npy", c)
                 futures = [
-                    runner.submit(partition_stats_task, parameters=dict(
-                        uri=s.uri, key=s.key, centroids=str(cfile), stats=str(scratch / f"stats-{i:05d}-{j:06d}.npz"),
-                        column=column, metric=metric, engine=engine, device=device,
-                    ))
+                    runner.submit(
+                        partition_stats_task,
+                        parameters=dict(
+                            uri=s.uri,
+                            key=s.key,
+                            centroids=str(cfile),
+                            stats=str(scratch / f"stats-{i:05d}-{j:06d}.npz"),
+                            column=column,
+                            metric=metric,
+                            engine=engine,
+                            device=device,
+                        ),
+                    )
                     for j, s in enumerate(sources)
                 ]
                 results = [f.result() for f in futures]  # in source order: the reduction is deterministic
@@ -212,8 +261,17 @@ def fit_on_dask(
                 return parts
 
             codebook = fit_partitioned(
-                inputs, map_e_step, column=column, n_codes=n_codes, metric=metric, n_iter=n_iter, tol=tol, init=start,
-                seed=seed, engine=engine, device=device,
+                inputs,
+                map_e_step,
+                column=column,
+                n_codes=n_codes,
+                metric=metric,
+                n_iter=n_iter,
+                tol=tol,
+                init=start,
+                seed=seed,
+                engine=engine,
+                device=device,
                 progress=log_progress(logger),
             )
     finally:
@@ -231,7 +289,11 @@ def fit_markdown(summary: dict[str, Any]) -> str:
     """The fit report as markdown (pure formatting of :func:`fit_task`'s summary)."""
     s = summary
     sizes = s["cluster_sizes"]
-    rows = f"{s['rows']} ({s['mode']}" + (f", of {s['rows_total']}" if s.get("rows_total") not in (None, s["rows"]) else "") + ")"
+    rows = (
+        f"{s['rows']} ({s['mode']}"
+        + (f", of {s['rows_total']}" if s.get("rows_total") not in (None, s["rows"]) else "")
+        + ")"
+    )
     lines = [
         "# Codebook fit",
         "",
@@ -239,7 +301,9 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         "|---|---|",
         f"| file | `{s['path']}`{' (kept: same centroids as the existing file)' if s['kept_existing'] else ''} |",
         f"| fingerprint | `{s['fingerprint']}` |",
-        f"| parent (warm start) | `{s['parent_fingerprint']}` |" if s["parent_fingerprint"] else "| parent (warm start) | none |",
+        f"| parent (warm start) | `{s['parent_fingerprint']}` |"
+        if s["parent_fingerprint"]
+        else "| parent (warm start) | none |",
         f"| n_codes | {s['n_codes']} |",
         f"| dim | {s['dim']} |",
         f"| metric | {s['metric']} |",
@@ -249,13 +313,15 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| iterations | {s['iterations']} ({'converged' if s['converged'] else 'not converged'}) |",
         f"| final objective | {_fmt(s['inertia'])} (mean distance {_fmt(s['mean_distance'])}) |",
         f"| empty-cluster repairs | {s['n_repairs']} |",
-        f"| time | fit {_fmt(s['fit_seconds'])} s (init {_fmt(s['init_seconds'])} s); task {_fmt(s['task_seconds'])} s |",
+        f"| time | fit {_fmt(s['fit_seconds'])} s (init {_fmt(s['init_seconds'])} s); "
+        f"task {_fmt(s['task_seconds'])} s |",
         "",
         "## Cluster sizes",
         "",
         "| min | q1 | median | q3 | max | empty codes |",
         "|---|---|---|---|---|---|",
-        f"| {sizes['min']} | {_fmt(sizes['q1'])} | {_fmt(sizes['median'])} | {_fmt(sizes['q3'])} | {sizes['max']} | {sizes['empty']} |",
+        f"| {sizes['min']} | {_fmt(sizes['q1'])} | {_fmt(sizes['median'])} | {_fmt(sizes['q3'])} "
+        f"| {sizes['max']} | {sizes['empty']} |",
         "",
         "## Objective per iteration",
         "",
@@ -270,7 +336,8 @@ def fit_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| … | ({len(history) - 2 * half} more) | | | |")
         else:
             lines.append(
-                f"| {h['iteration']} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} | {_fmt(h['imbalance'])} |"
+                f"| {h['iteration']} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} "
+                f"| {_fmt(h['imbalance'])} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -310,22 +377,48 @@ def fit_codebook_flow(
     """
     if dask and sample is None:
         summary = fit_on_dask(
-            dask, inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-            engine=engine, device=device, warm_start=warm_start,
+            dask,
+            inputs,
+            column,
+            n_codes,
+            out,
+            metric=metric,
+            n_iter=n_iter,
+            tol=tol,
+            init=init,
+            seed=seed,
+            engine=engine,
+            device=device,
+            warm_start=warm_start,
         )
     else:
         if dask:
             get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
         summary = fit_task(
-            inputs, column, n_codes, out, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-            sample=sample, engine=engine, device=device, warm_start=warm_start,
+            inputs,
+            column,
+            n_codes,
+            out,
+            metric=metric,
+            n_iter=n_iter,
+            tol=tol,
+            init=init,
+            seed=seed,
+            sample=sample,
+            engine=engine,
+            device=device,
+            warm_start=warm_start,
         )
     create_markdown_artifact(
-        markdown=fit_markdown(summary), key=FIT_ARTIFACT_KEY,
+        markdown=fit_markdown(summary),
+        key=FIT_ARTIFACT_KEY,
         description=f"codebook {summary['fingerprint'][:12]}: {summary['n_codes']} codes × {summary['dim']}",
     )
     get_run_logger().info(
-        "codebook %s: %d iterations, %d repairs, %s", summary["fingerprint"][:12], summary["iterations"],
-        summary["n_repairs"], summary["path"],
+        "codebook %s: %d iterations, %d repairs, %s",
+        summary["fingerprint"][:12],
+        summary["iterations"],
+        summary["n_repairs"],
+        summary["path"],
     )
     return {**{k: v for k, v in summary.items() if k != "history"}, "flow_run_id": flow_run.get_id()}

@@ -208,8 +208,7 @@ def vq_pipeline_flow(
         if current is None or changed:
             action = "fit"
             reason = (
-                f"settings changed (metric {current['metric']} → "
-                f"{metric}, n_codes {current['n_codes']} → {n_codes})"
+                f"settings changed (metric {current['metric']} → {metric}, n_codes {current['n_codes']} → {n_codes})"
                 if changed
                 else "no current codebook"
             )

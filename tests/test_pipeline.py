@@ -307,7 +307,8 @@ def test_written_files_get_the_mode_a_plain_open_gives(dataset, tmp_path: Path, 
         cb = fit_from_tables([root], column="embedding", n_codes=8, checkpoint=tmp_path / "fit.ckpt", n_iter=2)
         cb.save(tmp_path / "cb.safetensors")
         encode_tables([root], cb, tmp_path / "out", column="embedding")
-        from vq_pipeline.kmeans import FitCheckpoint, fit_options
+        from vq_pipeline.checkpoint import FitCheckpoint
+        from vq_pipeline.kmeans import fit_options
 
         opts = fit_options(n_codes=8, dim=DIM, n_rows=100, metric="l2")
         FitCheckpoint(tmp_path / "kept.ckpt").save("fp", opts, restart=0, inertias=[], best=None, lloyd=None)

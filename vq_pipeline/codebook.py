@@ -54,6 +54,7 @@ from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
 from .errors import CodebookFileError, InvalidInputError
 from .fileio import atomic_write_bytes
 from .settings import METRICS
+
 # Metadata that changes from run to run; everything else is reproducible.
 RUN_KEYS = ("created_at", "timings")
 

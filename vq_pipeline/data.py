@@ -56,7 +56,11 @@ class EStepStats:
 
     def to(self, device: torch.device | str) -> EStepStats:
         return EStepStats(
-            self.sums.to(device), self.counts.to(device), float(self.objective), self.far_sqdist.to(device), self.far_rows.to(device)
+            self.sums.to(device),
+            self.counts.to(device),
+            float(self.objective),
+            self.far_sqdist.to(device),
+            self.far_rows.to(device),
         )
 
     @classmethod
@@ -65,7 +69,9 @@ class EStepStats:
         the parts in a fixed order, e.g. source order, for the same result on every run); the
         farthest rows are kept over all parts, as :func:`farthest` keeps them."""
         if not parts:
-            raise InvalidInputError("parts=[]: expected the statistics of at least one partition. Fix: pass one per source.")
+            raise InvalidInputError(
+                "parts=[]: expected the statistics of at least one partition. Fix: pass one per source."
+            )
         sums = parts[0].sums.clone()  # (n_codes, dim) float64
         counts = parts[0].counts.clone()  # (n_codes,) int64
         objective = parts[0].objective
@@ -73,7 +79,9 @@ class EStepStats:
             sums += p.sums
             counts += p.counts
             objective += p.objective
-        far_d, far_x = farthest(torch.cat([p.far_sqdist for p in parts]), torch.cat([p.far_rows for p in parts]), sums.shape[0])
+        far_d, far_x = farthest(
+            torch.cat([p.far_sqdist for p in parts]), torch.cat([p.far_rows for p in parts]), sums.shape[0]
+        )
         return cls(sums, counts, objective, far_d, far_x)
 
 
@@ -179,8 +187,17 @@ class StreamedTables:
     Lloyd) through ``engine`` in chunks that fit ``memory_budget``."""
 
     def __init__(
-        self, sources: Sequence[Source], counts: Sequence[int], *, dim: int, column: str, metric: str,
-        batch_rows: int, storage_options: Any = None, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        self,
+        sources: Sequence[Source],
+        counts: Sequence[int],
+        *,
+        dim: int,
+        column: str,
+        metric: str,
+        batch_rows: int,
+        storage_options: Any = None,
+        engine: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         self._plan = _ChunkPlan(engine, memory_budget)
         self.sources, self.counts, self.column, self.metric = list(sources), list(counts), column, metric
@@ -191,15 +208,28 @@ class StreamedTables:
         return e_step(self._rows(), centroids, **self._plan(centroids, self.n_rows))
 
     def _rows(self) -> _StreamedRows:
-        return _StreamedRows(self.sources, self.counts, dim=self.dim, column=self.column, batch_rows=self.batch_rows,
-                             metric=self.metric, storage_options=self.storage_options)
+        return _StreamedRows(
+            self.sources,
+            self.counts,
+            dim=self.dim,
+            column=self.column,
+            batch_rows=self.batch_rows,
+            metric=self.metric,
+            storage_options=self.storage_options,
+        )
 
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         if generator is None:
             return self._rows()[0:n].clone()
         positions = np.sort(generator.choice(self.n_rows, size=min(self.n_rows, n), replace=False))
-        x = validated_sample(self.sources, self.counts, positions, column=self.column, metric=self.metric,
-                             storage_options=self.storage_options)
+        x = validated_sample(
+            self.sources,
+            self.counts,
+            positions,
+            column=self.column,
+            metric=self.metric,
+            storage_options=self.storage_options,
+        )
         return normalize_rows(x) if self.metric == "cosine" else x
 
 
@@ -220,8 +250,8 @@ class PartitionedTables(StreamedTables):
         parts = list(self.map_e_step(centroids.to("cpu", torch.float32), self.sources))
         if len(parts) != len(self.sources):
             raise InvalidInputError(
-                f"map_e_step returned {len(parts)} results for {len(self.sources)} sources; expected one per source, in "
-                f"source order. Fix: return one partition's statistics for each source it is given."
+                f"map_e_step returned {len(parts)} results for {len(self.sources)} sources; expected one per "
+                f"source, in source order. Fix: return one partition's statistics for each source it is given."
             )
         return EStepStats.merge(parts).to(centroids.device)
 
@@ -253,7 +283,13 @@ def validated_batches(
 
 
 def validated_sample(
-    sources: Sequence[Source], counts: Sequence[int], positions: np.ndarray, *, column: str, metric: str, storage_options: Any
+    sources: Sequence[Source],
+    counts: Sequence[int],
+    positions: np.ndarray,
+    *,
+    column: str,
+    metric: str,
+    storage_options: Any,
 ) -> torch.Tensor:
     """The rows at global ``positions``, validated; only those rows are checked."""
     parts = tables.sample_rows(sources, counts, positions, column=column, storage_options=storage_options)
@@ -269,7 +305,15 @@ class _StreamedRows:
     """
 
     def __init__(
-        self, sources: Sequence[Source], counts: Sequence[int], *, dim: int, column: str, batch_rows: int, metric: str, storage_options: Any
+        self,
+        sources: Sequence[Source],
+        counts: Sequence[int],
+        *,
+        dim: int,
+        column: str,
+        batch_rows: int,
+        metric: str,
+        storage_options: Any,
     ) -> None:
         self.shape = (sum(counts), dim)
         self._sources, self._column, self._batch_rows = sources, column, batch_rows
@@ -280,7 +324,9 @@ class _StreamedRows:
 
     def _batches(self) -> Iterator[torch.Tensor]:
         for s in self._sources:
-            for batch in tables.iter_batches(s, column=self._column, batch_rows=self._batch_rows, storage_options=self._storage_options):
+            for batch in tables.iter_batches(
+                s, column=self._column, batch_rows=self._batch_rows, storage_options=self._storage_options
+            ):
                 x = validated(batch.x, s, self._column, self.shape[1], self._metric, row_offset=batch.offset)
                 yield normalize_rows(x) if self._metric == "cosine" else x
 

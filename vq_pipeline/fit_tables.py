@@ -21,14 +21,14 @@ from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook
 from .data import SEED_ROWS_PER_CODE, DataSource, InMemoryRows, StreamedTables, validated_batches, validated_sample
 from .errors import DimensionMismatchError, InvalidInputError
-from .kmeans import FitCheckpoint, FitOptions, ProgressCallback, fit_options, fit_source
+from .checkpoint import FitCheckpoint
+from .kmeans import FitOptions, ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
 from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, normalize_rows
 
 #: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
 DEFAULT_DATA_BUDGET = 2 * 2**30
-
 
 
 def fit_from_tables(
@@ -67,7 +67,9 @@ def fit_from_tables(
     metric = check_choice("metric", metric, METRICS)
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)
-    sources, counts, dim, provenance = _fit_inputs(inputs, column=column, n_codes=n_codes, storage_options=storage_options)
+    sources, counts, dim, provenance = _fit_inputs(
+        inputs, column=column, n_codes=n_codes, storage_options=storage_options
+    )
     n_total = sum(counts)
 
     if sample is not None:
@@ -85,8 +87,18 @@ def fit_from_tables(
     n_rows = x.shape[0] if x is not None else n_total
     ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
     opts = fit_options(
-        n_codes, dim=dim, n_rows=n_rows, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
+        n_codes,
+        dim=dim,
+        n_rows=n_rows,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        n_init=n_init,
+        engine=engine,
+        device=device,
+        memory_budget=memory_budget,
     )
     if x is not None:
         if opts.metric == "cosine":
@@ -94,8 +106,15 @@ def fit_from_tables(
         source: DataSource = InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget)
     else:
         source = StreamedTables(
-            sources, counts, dim=dim, column=column, metric=opts.metric, batch_rows=batch_rows,
-            storage_options=storage_options, engine=opts.engine, memory_budget=opts.memory_budget,
+            sources,
+            counts,
+            dim=dim,
+            column=column,
+            metric=opts.metric,
+            batch_rows=batch_rows,
+            storage_options=storage_options,
+            engine=opts.engine,
+            memory_budget=opts.memory_budget,
         )
         mode.update(init_sample_stats(opts, n_total))
     return fit_source(source, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)

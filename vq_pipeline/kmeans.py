@@ -20,43 +20,36 @@ pass (:class:`vq_pipeline.data.EStepStats`, float64 sums), ``sample`` the rows t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .assign import DEFAULT_MEMORY_BUDGET, plan_chunk_rows
 from .codebook import Codebook, tensor_fingerprint
+from .fit_options import FitOptions, _check_init_tensor, fit_options, maybe_to_device  # noqa: F401 - fit_options re-exported
 from .data import SEED_ROWS_PER_CODE, DataSource, EStepStats, InMemoryRows
 from .engines import Engine, get_engine
-from .errors import InvalidInputError, TooFewPointsError
-from .fileio import atomic_write
-from .settings import INITS
+from .errors import TooFewPointsError
 from .validate import (
-    ENGINES,
     DEFAULT_METRIC,
-    METRICS,
     as_embeddings,
-    check_choice,
-    check_float,
-    check_int,
     check_nonzero_rows,
     normalize_rows,
-    resolve_device,
     row_chunks,
 )
 
+if TYPE_CHECKING:
+    from .checkpoint import FitCheckpoint
+
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class IterationStats:
@@ -143,7 +136,7 @@ def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str) ->
     for code, row in zip(empty, picked):
         c[code] = row
     sizes = p.counts.to(torch.float64).clone()  # (n_codes,)
-    for code in empty[len(picked):]:
+    for code in empty[len(picked) :]:
         big = int(sizes.argmax())
         sign = torch.ones(c.shape[1], device=c.device)
         sign[1::2] = -1
@@ -176,8 +169,11 @@ class LloydState:
     def to_dict(self) -> dict[str, Any]:
         """Plain values and a tensor, for ``torch.save`` / ``torch.load(weights_only=True)``."""
         return {
-            "centroids": self.centroids, "iteration": self.iteration, "prev": self.prev_objective,
-            "total_repairs": self.n_repairs, "history": [asdict(h) for h in self.history],
+            "centroids": self.centroids,
+            "iteration": self.iteration,
+            "prev": self.prev_objective,
+            "total_repairs": self.n_repairs,
+            "history": [asdict(h) for h in self.history],
         }
 
     @classmethod
@@ -221,7 +217,11 @@ def lloyd(
         c, repairs = m_step(p, c, metric=metric)
         stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, source.n_rows, on_event)
         state = LloydState(
-            c.to("cpu", torch.float32), state.iteration + 1, objective, state.n_repairs + repairs, (*state.history, stats)
+            c.to("cpu", torch.float32),
+            state.iteration + 1,
+            objective,
+            state.n_repairs + repairs,
+            (*state.history, stats),
         )
         if on_update is not None:
             on_update(state)
@@ -246,7 +246,13 @@ def _converged(prev: float | None, objective: float, tol: float) -> bool:
 
 
 def _iteration_stats(
-    it: int, objective: float, repairs: int, p: EStepStats, c: torch.Tensor, t0: float, n_rows: int,
+    it: int,
+    objective: float,
+    repairs: int,
+    p: EStepStats,
+    c: torch.Tensor,
+    t0: float,
+    n_rows: int,
     on_event: ProgressCallback | None,
 ) -> IterationStats:
     """One iteration's statistics (E step ``p`` on the centroids before update ``c``), logged and reported."""
@@ -339,7 +345,9 @@ def _direct_sqdist(x: torch.Tensor, c: torch.Tensor, chunk_rows: int) -> torch.T
     return out
 
 
-def _potentials(x: torch.Tensor, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor) -> torch.Tensor:
+def _potentials(
+    x: torch.Tensor, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor
+) -> torch.Tensor:
     """(m,) float64: each candidate's potential ``sum(min(closest, d(x, cand)))``, in one pass.
 
     Args:
@@ -357,97 +365,6 @@ def _restart_seed(seed: int, restart: int) -> int:
 
 
 @dataclass(frozen=True)
-class FitOptions:
-    """Validated fit settings (see :func:`fit_codebook` for their meaning)."""
-
-    n_codes: int
-    metric: str
-    n_iter: int
-    tol: float
-    init: str | torch.Tensor  # a name from INITS, or (n_codes, dim) float32 starting centroids
-    parent_fingerprint: str
-    seed: int
-    n_init: int
-    engine: str
-    device: torch.device
-    memory_budget: int
-
-    @property
-    def init_name(self) -> str:
-        return self.init if isinstance(self.init, str) else "tensor"
-
-    def settings(self, engine_name: str) -> dict[str, Any]:
-        """The settings recorded in the codebook file."""
-        return {
-            "n_codes": self.n_codes,
-            "metric": self.metric,
-            "init": self.init_name,
-            "seed": self.seed,
-            "n_iter": self.n_iter,
-            "tol": self.tol,
-            "n_init": self.n_init,
-            "engine": engine_name,
-            "device": self.device.type,
-        }
-
-
-class FitCheckpoint:
-    """A fit's progress in one file, so that a killed fit resumes instead of starting over.
-
-    Saved atomically after every centroid update (a temporary file, fsync, rename) with
-    ``torch.save``; read back with ``torch.load(weights_only=True)``, which never runs code. A
-    checkpoint of another fit (other data or settings) is ignored, not resumed.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    @staticmethod
-    def _key(data_fingerprint: str, opts: FitOptions) -> str:
-        h = hashlib.sha256(f"{data_fingerprint}|{json.dumps(opts.settings(opts.engine), sort_keys=True)}".encode())
-        if isinstance(opts.init, torch.Tensor):
-            h.update(opts.init.cpu().numpy().tobytes())
-        return h.hexdigest()
-
-    def load(self, data_fingerprint: str, opts: FitOptions) -> FitProgress | None:
-        """The progress saved by this very fit (same data fingerprint and settings), else None."""
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the work it saved
-            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, exc)
-            return None
-        if not isinstance(state, dict) or state.get("key") != self._key(data_fingerprint, opts):
-            log.warning("ignoring checkpoint %s: it belongs to another fit", self.path)
-            return None
-        best = state["best"]
-        if best is not None:
-            best = LloydResult(**{**best, "history": [IterationStats(**h) for h in best["history"]]})
-        lloyd = None if state["lloyd"] is None else LloydState.from_dict(state["lloyd"])
-        return FitProgress(state["restart"], tuple(state["inertias"]), best, lloyd)
-
-    def save(
-        self, data_fingerprint: str, opts: FitOptions, *, restart: int, inertias: Sequence[float], best: LloydResult | None,
-        lloyd: LloydState | None,
-    ) -> None:
-        state = {
-            "key": self._key(data_fingerprint, opts),
-            "restart": restart,
-            "inertias": list(inertias),
-            "best": None if best is None else {**asdict(best), "history": [asdict(h) for h in best.history]},
-            "lloyd": None if lloyd is None else lloyd.to_dict(),
-        }
-        atomic_write(self.path, lambda f: torch.save(state, f))
-
-    def clear(self) -> None:
-        """Remove the checkpoint, and temporary files of saves that a crash interrupted."""
-        self.path.unlink(missing_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
 class FitProgress:
     """How far a fit's restarts are: the next restart, the finished ones' inertias and best result,
     and the next restart's Lloyd state when it has begun (what a checkpoint holds)."""
@@ -456,68 +373,6 @@ class FitProgress:
     inertias: tuple[float, ...] = ()
     best: LloydResult | None = None
     lloyd: LloydState | None = None
-
-
-def fit_options(
-    n_codes: Any,
-    *,
-    dim: int,
-    n_rows: int,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str | torch.Tensor | Codebook = "k-means++",
-    seed: int = 0,
-    n_init: int = 1,
-    engine: str = "auto",
-    device: str | torch.device | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    x_device: torch.Tensor | None = None,
-) -> FitOptions:
-    """Validate fit settings for data of ``n_rows`` rows of width ``dim``; raise clear errors."""
-    metric = check_choice("metric", metric, METRICS)
-    n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
-    if n_codes > n_rows:
-        raise TooFewPointsError(
-            f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
-            f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
-        )
-    n_iter = check_int("n_iter", n_iter, minimum=0)
-    tol = check_float("tol", tol)
-    seed = check_int("seed", seed, minimum=0)
-    n_init = check_int("n_init", n_init, minimum=1)
-    budget = check_int("memory_budget", memory_budget, minimum=1)
-    check_choice("engine", engine, ENGINES)
-    parent = ""
-    if isinstance(init, Codebook):
-        if init.metric != metric:
-            raise InvalidInputError(
-                f"init codebook metric={init.metric!r} but metric={metric!r}; expected the same metric. "
-                f"Fix: pass metric={init.metric!r}, or start from a k-means++ init."
-            )
-        parent, init = init.fingerprint, init.centroids
-    if isinstance(init, torch.Tensor):
-        init = _check_init_tensor(init, n_codes, dim, metric)
-        if n_init != 1:
-            raise InvalidInputError(
-                f"n_init={n_init} with a given init tensor would repeat the same run; expected n_init=1. "
-                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
-            )
-    else:
-        check_choice("init", init, INITS)
-    return FitOptions(
-        n_codes=n_codes,
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        parent_fingerprint=parent,
-        seed=seed,
-        n_init=n_init,
-        engine=engine,
-        device=resolve_device(device, x_device),
-        memory_budget=budget,
-    )
 
 
 def fit_codebook(
@@ -566,16 +421,33 @@ def fit_codebook(
     x = as_embeddings(x)
     n_rows, dim = x.shape
     opts = fit_options(
-        n_codes, dim=dim, n_rows=n_rows, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget, x_device=x,
+        n_codes,
+        dim=dim,
+        n_rows=n_rows,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        n_init=n_init,
+        engine=engine,
+        device=device,
+        memory_budget=memory_budget,
+        x_device=x,
     )
     data_fingerprint = tensor_fingerprint(x)
     if opts.metric == "cosine":
         check_nonzero_rows(x)
         x = normalize_rows(x)
-    source = InMemoryRows(_maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget)
+    source = InMemoryRows(maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget)
     return fit_source(
-        source, opts, data_fingerprint=data_fingerprint, sources=sources, column=column, progress=progress, t_start=t_start
+        source,
+        opts,
+        data_fingerprint=data_fingerprint,
+        sources=sources,
+        column=column,
+        progress=progress,
+        t_start=t_start,
     )
 
 
@@ -611,8 +483,12 @@ def fit_source(
         resume = done.lloyd if restart == done.restart else None
         save = None
         if checkpoint is not None:
+
             def save(state: LloydState, restart: int = restart, done: FitProgress = done) -> None:
-                checkpoint.save(data_fingerprint, opts, restart=restart, inertias=done.inertias, best=done.best, lloyd=state)
+                checkpoint.save(
+                    data_fingerprint, opts, restart=restart, inertias=done.inertias, best=done.best, lloyd=state
+                )
+
         t0 = time.perf_counter()
         c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, progress)
         init_seconds += time.perf_counter() - t0
@@ -622,8 +498,14 @@ def fit_source(
             resume = LloydState.start(c0)
             save(resume)
         result = lloyd(
-            source, c0.to(opts.device), metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol, resume=resume,
-            on_event=progress, on_update=save,
+            source,
+            c0.to(opts.device),
+            metric=opts.metric,
+            n_iter=opts.n_iter,
+            tol=opts.tol,
+            resume=resume,
+            on_event=progress,
+            on_update=save,
         )
         best = result if done.best is None or result.inertia < done.best.inertia else done.best
         done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)
@@ -688,28 +570,13 @@ def _initial_centroids(
         c0 = seed_rows[pick.to(seed_rows.device)].to(dev).contiguous()
     else:
         return kmeans_plus_plus(
-            seed_rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev, progress=progress
+            seed_rows,
+            n_codes,
+            generator=generator,
+            engine=eng,
+            memory_budget=opts.memory_budget,
+            device=dev,
+            progress=progress,
         )
     _report_init(progress, n_codes, n_codes, t0)
     return c0
-
-
-def _check_init_tensor(init: torch.Tensor, n_codes: int, dim: int, metric: str) -> torch.Tensor:
-    c = as_embeddings(init, name="init")
-    if tuple(c.shape) != (n_codes, dim):
-        raise InvalidInputError(
-            f"init.shape={tuple(c.shape)}; expected (n_codes, dim)=({n_codes}, {dim}). "
-            f"Fix: pass one starting centroid per code, with the data's width."
-        )
-    if metric == "cosine":
-        check_nonzero_rows(c, name="init")
-        c = normalize_rows(c)
-    return c
-
-
-def _maybe_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move the training rows to a GPU once when they take at most half its free memory."""
-    if device.type != "cuda" or x.device == device:
-        return x
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.to(device) if x.numel() * 4 <= free // 2 else x

@@ -20,7 +20,8 @@ from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook, atomic_write_bytes
 from .data import EStepStats, MapEStep, PartitionedTables, StreamedTables
-from .kmeans import FitCheckpoint, ProgressCallback, fit_options, fit_source
+from .checkpoint import FitCheckpoint
+from .kmeans import ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
 from .fit_tables import _fit_inputs, init_sample_stats
@@ -36,8 +37,14 @@ from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, resolve_
 # summation order: centroids agree to float32 rounding (see the README for the tested tolerance).
 
 __all__ = [
-    "MapEStep", "fit_partitioned", "load_partition_stats", "partition_e_step", "partition_stats_file",
-    "reduce_partition_stats", "save_centroids", "save_partition_stats",
+    "MapEStep",
+    "fit_partitioned",
+    "load_partition_stats",
+    "partition_e_step",
+    "partition_stats_file",
+    "reduce_partition_stats",
+    "save_centroids",
+    "save_partition_stats",
 ]
 
 
@@ -61,18 +68,26 @@ def partition_e_step(
         device: where to compute (None: CUDA if this machine has it, else CPU).
 
     Returns:
-        An :class:`~vq_pipeline.data.EStepStats` on the CPU: ``sums`` (n_codes, dim) float64 of the rows assigned to each
-        code (unit rows under cosine), ``counts`` (n_codes,) int64, ``objective`` (the float sum of
-        squared L2 distances to the nearest centroid), and the partition's farthest rows
-        (``far_sqdist`` (n_far,) float32 descending, ``far_rows`` (n_far, dim) float32) for repairs.
+        An :class:`~vq_pipeline.data.EStepStats` on the CPU: ``sums`` (n_codes, dim) float64 of the
+        rows assigned to each code (unit rows under cosine), ``counts`` (n_codes,) int64,
+        ``objective`` (the float sum of squared L2 distances to the nearest centroid), and the
+        partition's farthest rows (``far_sqdist`` (n_far,) float32 descending, ``far_rows``
+        (n_far, dim) float32) for repairs.
     """
     metric = check_choice("metric", metric, METRICS)
     dev = resolve_device(device)
     c = centroids.to(dev, torch.float32).contiguous()  # (n_codes, dim)
     n_rows = tables.inspect_source(source, column=column, storage_options=storage_options).n_rows
     rows = StreamedTables(
-        [source], [n_rows], dim=c.shape[1], column=column, metric=metric, batch_rows=batch_rows,
-        storage_options=storage_options, engine=engine, memory_budget=memory_budget,
+        [source],
+        [n_rows],
+        dim=c.shape[1],
+        column=column,
+        metric=metric,
+        batch_rows=batch_rows,
+        storage_options=storage_options,
+        engine=engine,
+        memory_budget=memory_budget,
     )
     return rows.e_step(c).to("cpu")
 
@@ -88,8 +103,12 @@ def save_partition_stats(path: str | os.PathLike[str], p: EStepStats) -> Path:
     """Write one partition's statistics as an ``.npz`` file, atomically (plain arrays, no pickles)."""
     buf = io.BytesIO()
     np.savez(
-        buf, sums=p.sums.numpy(), counts=p.counts.numpy(), objective=np.float64(p.objective),
-        far_sqdist=p.far_sqdist.numpy(), far_rows=p.far_rows.numpy(),
+        buf,
+        sums=p.sums.numpy(),
+        counts=p.counts.numpy(),
+        objective=np.float64(p.objective),
+        far_sqdist=p.far_sqdist.numpy(),
+        far_rows=p.far_rows.numpy(),
     )
     return atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -98,8 +117,11 @@ def load_partition_stats(path: str | os.PathLike[str]) -> EStepStats:
     """Read a file written by :func:`save_partition_stats` (pickles refused)."""
     with np.load(path, allow_pickle=False) as z:
         return EStepStats(
-            torch.from_numpy(z["sums"].copy()), torch.from_numpy(z["counts"].copy()), float(z["objective"]),
-            torch.from_numpy(z["far_sqdist"].copy()), torch.from_numpy(z["far_rows"].copy()),
+            torch.from_numpy(z["sums"].copy()),
+            torch.from_numpy(z["counts"].copy()),
+            float(z["objective"]),
+            torch.from_numpy(z["far_sqdist"].copy()),
+            torch.from_numpy(z["far_rows"].copy()),
         )
 
 
@@ -156,16 +178,41 @@ def fit_partitioned(
     t_start = time.perf_counter()
     metric = check_choice("metric", metric, METRICS)
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
-    sources, counts, dim, provenance = _fit_inputs(inputs, column=column, n_codes=n_codes, storage_options=storage_options)
+    sources, counts, dim, provenance = _fit_inputs(
+        inputs, column=column, n_codes=n_codes, storage_options=storage_options
+    )
     n_total = sum(counts)
     opts = fit_options(
-        n_codes, dim=dim, n_rows=n_total, metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed,
-        n_init=n_init, engine=engine, device=device, memory_budget=memory_budget,
+        n_codes,
+        dim=dim,
+        n_rows=n_total,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        n_init=n_init,
+        engine=engine,
+        device=device,
+        memory_budget=memory_budget,
     )
-    mode: dict[str, Any] = {"mode": "partitioned", "rows_total": n_total, "partitions": len(sources), **init_sample_stats(opts, n_total)}
+    mode: dict[str, Any] = {
+        "mode": "partitioned",
+        "rows_total": n_total,
+        "partitions": len(sources),
+        **init_sample_stats(opts, n_total),
+    }
     source = PartitionedTables(
-        sources, counts, map_e_step, dim=dim, column=column, metric=opts.metric, batch_rows=batch_rows,
-        storage_options=storage_options, engine=opts.engine, memory_budget=opts.memory_budget,
+        sources,
+        counts,
+        map_e_step,
+        dim=dim,
+        column=column,
+        metric=opts.metric,
+        batch_rows=batch_rows,
+        storage_options=storage_options,
+        engine=opts.engine,
+        memory_budget=opts.memory_budget,
     )
     ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
     return fit_source(source, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)

@@ -51,8 +51,7 @@ def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise InvalidInputError(
-            f"{name}={value} is out of range; expected an integer {bound}."
-            f"{(' Fix: ' + hint) if hint else ''}"
+            f"{name}={value} is out of range; expected an integer {bound}.{(' Fix: ' + hint) if hint else ''}"
         )
     return value
 
