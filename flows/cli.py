@@ -36,7 +36,9 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from vq_pipeline import __version__
+from vq_pipeline.display import safe_text
 from vq_pipeline.errors import InvalidInputError, VQError
+from vq_pipeline.paths import check_output_file, check_output_folder, is_local, output_lock
 from vq_pipeline.settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
 
 if TYPE_CHECKING:
@@ -207,6 +209,11 @@ def _add_encode_options(enc: argparse.ArgumentParser) -> None:
         help="replace codes that another codebook or other settings wrote in OUT_DIR",
     )
     enc.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove the codes of inputs that are not part of this run (kept and listed as stale by default)",
+    )
+    enc.add_argument(
         "--code-dtype",
         choices=CODE_DTYPE_NAMES,
         default=None,
@@ -308,12 +315,12 @@ class Console:
     def progress(self, text: str) -> None:
         if not self.quiet:
             self.end_line()
-            print(text, file=self.stderr, flush=True)
+            print(safe_text(text), file=self.stderr, flush=True)
 
     def draw(self, text: str) -> None:
         """Redraw the current terminal line (the caller checked that stderr is a TTY)."""
         if not self.quiet:
-            columns = self._columns()
+            text, columns = safe_text(text), self._columns()  # file names may hold control characters
             if columns:
                 text = text[: columns - 1]  # a wrapped line could not be redrawn in place
             self.stderr.write("\r\x1b[2K" + text)  # carriage return, then erase the old, longer line
@@ -331,8 +338,10 @@ class Console:
         self.error(f"warning: {text}")
 
     def error(self, text: str) -> None:
+        """One line on stderr; control characters in it (from file names or file contents quoted by a
+        message) are shown as escapes, so they cannot drive the terminal."""
         self.end_line()
-        print(text, file=self.stderr, flush=True)
+        print(safe_text(text), file=self.stderr, flush=True)
 
     def _columns(self) -> int | None:
         try:
@@ -502,20 +511,16 @@ class EncodeProgress:
 # ----------------------------------------------------------------------------- checks of paths
 
 
-def _is_local(path: str | os.PathLike[str]) -> bool:
-    return "://" not in str(path)
-
-
 def _absolute(path: str) -> str:
     """Local paths made absolute (Dask workers may run elsewhere); URIs as given."""
-    return os.path.abspath(path) if _is_local(path) else path
+    return os.path.abspath(path) if is_local(path) else path
 
 
 def _file_option(name: str, raw: str, example: str) -> Path:
     """``raw`` as the path of a file to write, refused when it names a folder (``x/``, or an existing one):
     ``Path`` drops a trailing slash, so ``--out e/`` would otherwise write a file named ``e``."""
     suffixes = tuple(sep for sep in (os.sep, os.altsep) if sep)
-    if raw.endswith(suffixes) or Path(raw).is_dir():
+    if raw.endswith(suffixes) or os.path.isdir(raw):
         what = f"ends with {raw[-1]!r}, so it names a folder" if raw.endswith(suffixes) else "is a folder"
         fixed = str(Path(raw) / example)
         raise InvalidInputError(
@@ -524,85 +529,17 @@ def _file_option(name: str, raw: str, example: str) -> Path:
     return Path(raw)
 
 
-def _refuse_overwriting_inputs(inputs: list[str], outputs: dict[str, Path | None]) -> None:
-    """Refuse output files of ``vq fit`` (``--out``, ``--checkpoint``) that are input tables."""
-    existing = {name: os.path.realpath(p) for name, p in outputs.items() if p is not None and p.is_file()}
-    if not existing:
-        return  # a file that does not exist yet is no input
-    from vq_pipeline import tables
+def _check_fit_outputs(inputs: list[str], out: Path, checkpoint: Path | None) -> None:
+    """Refuse, before any work, a ``vq fit --out`` or ``--checkpoint`` that is an input, lies inside
+    an input folder, cannot be created, or is an existing file vq did not write (the library's rule)."""
+    from vq_pipeline.checkpoint import FitCheckpoint
+    from vq_pipeline.codebook_file import is_codebook_file
 
-    for raw in filter(_is_local, inputs):
-        try:
-            sources = tables.discover([raw])
-        except VQError:
-            continue  # the fit reports a bad input with its own, fuller message
-        for s in sources:
-            for name, path in existing.items():
-                if os.path.realpath(s.uri) == path:
-                    suffix = ".safetensors" if name == "--out" else ".ckpt"
-                    fixed = str(Path(str(outputs[name])).with_suffix(suffix))
-                    raise InvalidInputError(
-                        f"{name}={str(outputs[name])!r} is the input table {s.uri!r}; expected a new file: writing "
-                        f"it would destroy the input. Fix: pass {name} {fixed} (or another file that is no input)."
-                    )
-
-
-def _input_folders(raw: str) -> list[tuple[str, bool]]:
-    """(resolved folder, whether outputs inside it are refused too) of one local input of ``vq encode``.
-
-    A folder or a glob is searched below its root, so an output folder inside it would be read back
-    as input by the next run; a file's own folder is refused only as the output folder itself (whose
-    output file would replace the input). A missing input gives none (encode reports it).
-    """
-    path = Path(raw)
-    if path.is_dir():
-        return [(os.path.realpath(path), True)]
-    if path.is_file():
-        return [(os.path.realpath(path.parent), False)]
-    if not any(ch in raw for ch in "*?["):
-        return []
-    from vq_pipeline import tables
-
-    try:
-        sources = tables.discover([raw])
-    except VQError:
-        return []
-    # A source's key is its path below the root the glob was searched from.
-    roots = {Path(s.uri).parents[len(Path(s.key).parts) - 1] for s in sources}
-    return [(os.path.realpath(root), True) for root in roots]
-
-
-def _refuse_encode_out(raw: str, inputs: list[str]) -> None:
-    """Refuse a ``vq encode --out`` that is a file, an input folder or inside one (paths resolved)."""
-    out = Path(raw)
-    if out.is_file():
-        fixed = str(out.parent / "codes")
-        raise InvalidInputError(
-            f"--out={raw!r} is a file; expected a folder for the codes (created if missing). Fix: pass a folder "
-            f"such as --out {fixed}."
+    check_output_file("--out", out, inputs, ours=is_codebook_file, what="codebook", suffix=".safetensors")
+    if checkpoint is not None:
+        check_output_file(
+            "--checkpoint", checkpoint, inputs, ours=FitCheckpoint.is_checkpoint, what="fit checkpoint", suffix=".ckpt"
         )
-    if not _is_local(raw):
-        return
-    resolved = Path(os.path.realpath(out))
-    for given in filter(_is_local, inputs):
-        for folder, below_too in _input_folders(given):
-            inside = below_too and Path(folder) in resolved.parents
-            if str(resolved) != folder and not inside:
-                continue
-            fixed = str(Path(folder).parent / f"{Path(folder).name}-codes")
-            if inside:
-                problem = (
-                    f"is inside the input folder {folder!r} (of DATA {given!r}): the next run would read the codes "
-                    f"as inputs"
-                )
-            elif below_too:
-                problem = f"is the input folder {given!r}: the codes would be written among (and over) the inputs"
-            else:
-                problem = f"is the folder of the input {given!r}: its codes would replace it"
-            raise InvalidInputError(
-                f"--out={raw!r} {problem}; expected an output folder outside every input folder. "
-                f"Fix: pass an --out outside {folder!r}, such as --out {fixed}."
-            )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -631,7 +568,7 @@ def _count_rows(
 
 def _warn_if_small_for_dask(args: argparse.Namespace, console: Console) -> None:
     """One warning when ``--dask`` is given so few rows that the cluster's overheads dominate."""
-    if not all(map(_is_local, args.data)):
+    if not all(map(is_local, args.data)):
         return  # remote tables are read with the workers' credentials; not counted here
     counted = _count_rows(args.data, column=args.column, storage_options=None)
     if counted is None or counted[1] >= DASK_MIN_ROWS:
@@ -649,16 +586,22 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     out = _file_option("--out", args.out, "codebook.safetensors")
     t0 = time.perf_counter()
     if args.dask:
-        _refuse_overwriting_inputs(args.data, {"--out": out})
+        _check_fit_outputs(args.data, out, None)
         _warn_if_small_for_dask(args, console)
-        return _fit_on_dask(args, console, out, t0)
+        with output_lock(out, what="codebook"):
+            return _fit_on_dask(args, console, out, t0)
     if args.checkpoint == "none":
         checkpoint = None
     elif args.checkpoint:
         checkpoint = _file_option("--checkpoint", args.checkpoint, "fit.ckpt")
     else:
         checkpoint = out.with_name(out.name + ".ckpt")
-    _refuse_overwriting_inputs(args.data, {"--out": out, "--checkpoint": checkpoint})
+    _check_fit_outputs(args.data, out, checkpoint)
+    with output_lock(out, what="codebook"):  # one fit per output: the file on disk is the one reported
+        return _fit_here(args, console, out, checkpoint, t0)
+
+
+def _fit_here(args: argparse.Namespace, console: Console, out: Path, checkpoint: Path | None, t0: float) -> int:
     from vq_pipeline.pipeline import fit_from_tables
 
     if not console.quiet:
@@ -740,9 +683,11 @@ def _print_fit_summary(args: argparse.Namespace, console: Console, summary: dict
         return
     state = "converged" if summary["converged"] else f"not converged (stopped at --iters {args.iters})"
     console.result(
-        f"fitted {_plural(summary['n_codes'], 'code')} (dim {summary['dim']}, {summary['metric']}) on "
-        f"{_plural(summary['rows'], 'row')} in {_plural(summary['iterations'], 'iteration')}{where}, {state}; "
-        f"inertia {summary['inertia']:.4g} -> {summary['path']}"
+        safe_text(
+            f"fitted {_plural(summary['n_codes'], 'code')} (dim {summary['dim']}, {summary['metric']}) on "
+            f"{_plural(summary['rows'], 'row')} in {_plural(summary['iterations'], 'iteration')}{where}, {state}; "
+            f"inertia {summary['inertia']:.4g} -> {summary['path']}"
+        )
     )
 
 
@@ -777,7 +722,7 @@ def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: floa
 
 def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     """``vq encode``: encode_tables with a progress bar; the run is resumable (see pipeline)."""
-    _refuse_encode_out(args.out, args.data)
+    check_output_folder("--out", args.out, args.data)  # encode_tables checks again; this names the flag
     if args.dask:
         from vq_pipeline.pipeline import EncodeResult
 
@@ -795,6 +740,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             keep=list(args.keep),
             code_dtype=args.code_dtype,
             overwrite=args.overwrite,
+            prune=args.prune,
         )
         keys = (
             "out_dir",
@@ -805,6 +751,9 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             "rows_encoded",
             "rows_total",
             "seconds",
+            "stale",
+            "pruned",
+            "unrecorded",
         )
         result = EncodeResult(**{k: s[k] for k in keys})
     else:
@@ -814,9 +763,23 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     else:
         skipped = f", skipped {len(result.skipped):,} already complete" if result.skipped else ""
         console.result(
-            f"encoded {_plural(len(result.encoded), 'file')} ({_plural(result.rows_encoded, 'row')}){skipped} "
-            f"-> {result.manifest}"
+            safe_text(
+                f"encoded {_plural(len(result.encoded), 'file')} ({_plural(result.rows_encoded, 'row')}){skipped} "
+                f"-> {result.manifest}"
+            )
         )
+        if result.pruned:
+            console.warning(f"removed {_plural(len(result.pruned), 'stale output')}: {', '.join(result.pruned)}")
+        if result.stale:
+            console.warning(
+                f"{_plural(len(result.stale), 'output')} in {args.out} belong to inputs not part of this run, kept and "
+                f"listed as stale in the manifest (e.g. {result.stale[0]!r}); pass --prune to remove them."
+            )
+        if result.unrecorded:
+            console.warning(
+                f"{_plural(len(result.unrecorded), 'parquet file')} in {args.out} were not written by vq and are left "
+                f"alone (e.g. {result.unrecorded[0]!r}); readers of the folder will read them too."
+            )
     return 0
 
 
@@ -835,6 +798,7 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
         keep=args.keep,
         code_dtype=args.code_dtype,
         overwrite=args.overwrite,
+        prune=args.prune,
         engine=args.engine,
         device=args.device,
         batch_rows=args.batch_rows,
@@ -852,7 +816,7 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 
     codebook = load_info(args.codebook)
     if args.json:
-        console.result(_dumps(codebook.summary()))
+        console.result(_dumps(codebook.summary()))  # JSON escapes every control character
     else:
         console.result(describe(codebook, title=args.codebook))
     return 0
@@ -863,35 +827,49 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
 
     Uses ``.get`` throughout: codebooks fitted in memory or by older releases lack some stats.
     Reads the counts through numpy, so it needs nothing of torch but the ``counts`` it is given.
+    Every string taken from the codebook (or the title, a file name) goes through ``safe_text``
+    and every number through ``show``, so a hostile file can neither drive the terminal, nor forge
+    a line of the report, nor make it fail: each line is the title or starts with a label.
     """
     import numpy as np
 
-    s, fit = codebook.stats, codebook.fit
+    from vq_pipeline.display import is_number, safe_text, show
+
+    s = codebook.stats if isinstance(codebook.stats, dict) else {}
+    fit = codebook.fit
+    if isinstance(fit, dict):
+        fit_text = " ".join(f"{show(k)}={show(v)}" for k, v in fit.items() if k not in ("n_codes", "metric"))
+    else:
+        fit_text = show(fit)
     counts = np.asarray(codebook.counts, dtype=np.int64)  # (n_codes,)
     rows: list[tuple[str, str]] = [
         ("fingerprint", codebook.fingerprint),
-        ("metric", codebook.metric),
+        ("metric", show(codebook.metric)),
         ("codes", f"{codebook.n_codes:,} x dim {codebook.dim}"),
-        ("fit", " ".join(f"{k}={v}" for k, v in fit.items() if k not in ("n_codes", "metric")) or "unknown"),
+        ("fit", fit_text or "unknown"),
     ]
     n_rows = s.get("n_rows")
     if n_rows is not None:
         how = s.get("mode")
         total = s.get("rows_total")
         if how == "sample" and total is not None:
-            detail = f" (seeded sample of {total:,}, seed {s.get('sample_seed')})"
+            detail = f" (seeded sample of {show(total, ',')}, seed {show(s.get('sample_seed'))})"
         elif how:
-            detail = f" ({how})"
+            detail = f" ({show(how)})"
         else:
             detail = ""
-        rows.append(("training rows", f"{n_rows:,}{detail}"))
+        rows.append(("training rows", f"{show(n_rows, ',')}{detail}"))
     inertia = s.get("inertia")
     if inertia is not None:
-        mean = f" (mean {inertia / n_rows:.4g} per row)" if n_rows else ""
-        rows.append(("inertia", f"{inertia:.6g}{mean}"))
+        try:
+            mean = f" (mean {inertia / n_rows:.4g} per row)" if is_number(inertia) and is_number(n_rows) else ""
+        except (ArithmeticError, ValueError):  # no rows, or numbers too large for a float
+            mean = ""
+        rows.append(("inertia", f"{show(inertia, '.6g')}{mean}"))
     if "iterations" in s:
-        rows.append(("iterations", f"{s['iterations']}, {'converged' if s.get('converged') else 'not converged'}"))
-    rows.append(("repairs", str(s.get("n_repairs", "unknown"))))
+        converged = "converged" if s.get("converged") is True else "not converged"
+        rows.append(("iterations", f"{show(s['iterations'])}, {converged}"))
+    rows.append(("repairs", show(s.get("n_repairs", "unknown"))))
     rows.append(("empty codes", str(int((counts == 0).sum()))))
     median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
     rows.append(
@@ -900,22 +878,27 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
             f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,})",
         )
     )
-    sources = list(codebook.sources)
+    sources = [show(source) for source in codebook.sources]
     shown = sources[:MAX_SOURCES_SHOWN] + (
         [f"... and {len(sources) - MAX_SOURCES_SHOWN:,} more"] if len(sources) > MAX_SOURCES_SHOWN else []
     )
     rows.append(("sources", "\n".join(shown) if shown else "(in memory)"))
-    rows.append(("column", codebook.column or "(in memory)"))
-    rows.append(("data fingerprint", codebook.data_fingerprint or "unknown"))
-    rows.append(("parent", codebook.parent_fingerprint or "none"))
-    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in codebook.versions.items()) or "unknown"))
-    rows.append(("created_at", codebook.created_at or "unknown"))
-    if "fit_seconds" in codebook.timings:
-        rows.append(("fit time", f"{codebook.timings['fit_seconds']:.2f} s"))
+    rows.append(("column", show(codebook.column) or "(in memory)"))
+    rows.append(("data fingerprint", show(codebook.data_fingerprint) or "unknown"))
+    rows.append(("parent", show(codebook.parent_fingerprint) or "none"))
+    versions = codebook.versions
+    versions_text = (
+        ", ".join(f"{show(k)} {show(v)}" for k, v in versions.items()) if isinstance(versions, dict) else show(versions)
+    )
+    rows.append(("versions", versions_text or "unknown"))
+    rows.append(("created_at", show(codebook.created_at) or "unknown"))
+    timings = codebook.timings if isinstance(codebook.timings, dict) else {}
+    if "fit_seconds" in timings:
+        rows.append(("fit time", f"{show(timings['fit_seconds'], '.2f')} s"))
     width = max(len(name) for name, _ in rows) + 2
-    lines = [title]
+    lines = [safe_text(str(title))]
     for name, value in rows:
-        first, *rest = value.split("\n")
+        first, *rest = value.split("\n")  # only the sources row has more lines: one per source
         lines.append(f"  {name:<{width}}{first}")
         lines.extend(f"  {'':<{width}}{more}" for more in rest)
     return "\n".join(lines)
@@ -1014,6 +997,20 @@ def _run(argv: list[str] | None) -> int:
             console.error(f"error: unexpected {type(exc).__name__}: {exc}")
         else:
             console.error(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return 1
+    except BaseException as exc:
+        # A panic inside a Rust library (polars' PanicException) derives from BaseException, not
+        # Exception. The table readers translate the ones they meet; this catches any other.
+        if type(exc).__name__ != "PanicException":
+            raise
+        if debug:
+            console.end_line()
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no message"
+        console.error(
+            f"error: a library failed inside its native code (PanicException: {first}); this usually means a "
+            f"corrupt input file. Fix: run with --debug to see which file, then rewrite or remove it."
+        )
         return 1
 
 

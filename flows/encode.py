@@ -31,8 +31,10 @@ from vq_pipeline.pipeline import (
     EncodeSettings,
     encode_lock,
     encode_source,
+    folder_inventory,
     manifest_path,
     plan_encode,
+    prune_stale,
     remove_temporaries,
     write_manifest,
 )
@@ -125,10 +127,24 @@ def encode_file_task(
     name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient
 )
 def manifest_task(
-    out_dir: str, codebook: str, fingerprint: str, settings: dict[str, Any], records: dict[str, dict[str, Any]]
-) -> str:
-    """Write the folder's manifest for every receipt of the run."""
-    return str(write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records))
+    out_dir: str,
+    codebook: str,
+    fingerprint: str,
+    settings: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    prune: bool = False,
+) -> dict[str, Any]:
+    """Write the folder's manifest (every output in the folder) after removing the stale outputs when
+    ``prune``; returns ``manifest`` and the ``stale``, ``pruned`` and ``unrecorded`` keys."""
+    inventory = folder_inventory(out_dir, records)
+    pruned = prune_stale(out_dir, inventory) if prune else []
+    path = write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records, inventory=inventory)
+    return {
+        "manifest": str(path),
+        "stale": sorted(inventory.stale),
+        "pruned": pruned,
+        "unrecorded": list(inventory.unrecorded),
+    }
 
 
 def _mean_distance(record: dict[str, Any]) -> float | None:
@@ -147,6 +163,7 @@ def encode_embeddings_flow(
     keep: Sequence[str] = (),
     code_dtype: str | None = None,
     overwrite: bool = False,
+    prune: bool = False,
     engine: str = "auto",
     device: str | None = None,
     dask: str | None = None,
@@ -180,7 +197,7 @@ def encode_embeddings_flow(
         code_dtype=code_dtype,
     ).to_dict()
     out = Path(out_dir)
-    with encode_lock(out):
+    with encode_lock(out, inputs=inputs):
         plan = plan_task(list(inputs), codebook, str(out), settings, overwrite=overwrite)
         fingerprint, todo, records = plan["codebook_fingerprint"], plan["todo"], dict(plan["records"])
         n_files = len(todo) + len(plan["done"])
@@ -246,7 +263,8 @@ def encode_embeddings_flow(
             ) from first
         remove_temporaries(out)  # a worker killed mid-write leaves one; its task was rerun elsewhere
         records.update(new)
-        manifest = manifest_task(str(out), codebook, fingerprint, settings, records)
+        folder = manifest_task(str(out), codebook, fingerprint, settings, records, prune)
+        manifest = folder["manifest"]
 
     files = [
         {
@@ -273,6 +291,9 @@ def encode_embeddings_flow(
         "rows_total": sum(r["rows"] for r in records.values()),
         "files": files,
         "new_receipts": new,
+        "stale": folder["stale"],
+        "pruned": folder["pruned"],
+        "unrecorded": folder["unrecorded"],
         "seconds": time.perf_counter() - t0,
         "flow_run_id": flow_run.get_id(),
     }

@@ -6,6 +6,7 @@ returns a small summary dict. Fitting gets no retries: a failure there is a data
 and a rerun would only repeat it.
 """
 
+import contextlib
 import itertools
 import shutil
 import statistics
@@ -22,6 +23,8 @@ from prefect.runtime import flow_run
 
 from vq_pipeline import Codebook, CodebookFileError, IterationStats
 from vq_pipeline import tables
+from vq_pipeline.codebook_file import is_codebook_file
+from vq_pipeline.paths import check_output_file, output_lock
 from vq_pipeline.pipeline import (
     fit_from_tables,
     fit_partitioned,
@@ -342,6 +345,68 @@ def fit_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _held_output(out: str, inputs: Sequence[str]) -> contextlib.AbstractContextManager[None]:
+    """Check the codebook path ``out`` (or template) against the inputs before any work (the library's
+    rule: :func:`vq_pipeline.paths.check_output_file`), and hold a plain path's lock for the fit."""
+    template = _is_template(out)
+    probe = out.format(fingerprint="0" * 64, fp12="0" * 12) if template else out
+    check_output_file("out", probe, inputs, ours=is_codebook_file, what="codebook", suffix=".safetensors")
+    return contextlib.nullcontext() if template else output_lock(out, what="codebook")
+
+
+def _fit(
+    inputs: list[str],
+    column: str,
+    n_codes: int,
+    out: str,
+    *,
+    metric: str,
+    n_iter: int,
+    tol: float,
+    init: str,
+    seed: int,
+    sample: int | None,
+    engine: str,
+    device: str | None,
+    warm_start: str | None,
+    dask: str | None,
+) -> dict[str, Any]:
+    """The fit of :func:`fit_codebook_flow`: on Dask, or in this process."""
+    if dask and sample is None:
+        return fit_on_dask(
+            dask,
+            inputs,
+            column,
+            n_codes,
+            out,
+            metric=metric,
+            n_iter=n_iter,
+            tol=tol,
+            init=init,
+            seed=seed,
+            engine=engine,
+            device=device,
+            warm_start=warm_start,
+        )
+    if dask:
+        get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
+    return fit_task(
+        inputs,
+        column,
+        n_codes,
+        out,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        sample=sample,
+        engine=engine,
+        device=device,
+        warm_start=warm_start,
+    )
+
+
 @flow(name="fit-codebook")
 def fit_codebook_flow(
     inputs: list[str],
@@ -375,26 +440,8 @@ def fit_codebook_flow(
         ``metric``, ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
         ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
     """
-    if dask and sample is None:
-        summary = fit_on_dask(
-            dask,
-            inputs,
-            column,
-            n_codes,
-            out,
-            metric=metric,
-            n_iter=n_iter,
-            tol=tol,
-            init=init,
-            seed=seed,
-            engine=engine,
-            device=device,
-            warm_start=warm_start,
-        )
-    else:
-        if dask:
-            get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
-        summary = fit_task(
+    with _held_output(out, inputs):
+        summary = _fit(
             inputs,
             column,
             n_codes,
@@ -408,6 +455,7 @@ def fit_codebook_flow(
             engine=engine,
             device=device,
             warm_start=warm_start,
+            dask=dask,
         )
     create_markdown_artifact(
         markdown=fit_markdown(summary),

@@ -27,6 +27,7 @@ from vq_flows.encode import encode_embeddings_flow, retry_transient
 from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook, workdir
 from vq_pipeline.errors import InvalidInputError, PipelineStateError  # noqa: F401 - re-exported
+from vq_pipeline.paths import check_output_folder
 from vq_pipeline.pipeline import drift_report
 from vq_pipeline.validate import DEFAULT_METRIC
 from vq_pipeline.workdir import (  # noqa: F401 - the work_dir's names, re-exported for callers
@@ -141,11 +142,7 @@ def vq_pipeline_flow(
     t0 = time.perf_counter()
     logger = get_run_logger()
     work, root = Path(work_dir).absolute(), Path(input_root).absolute()
-    if work == root or root in work.parents:
-        raise InvalidInputError(
-            f"work_dir={work_dir!r} is inside input_root={input_root!r}; expected separate folders, or the codes "
-            f"would be read back as inputs. Fix: put work_dir outside input_root."
-        )
+    check_output_folder("work_dir", work_dir, [input_root])  # resolved: not in, around or equal to the inputs
     check_thresholds(drift_threshold, usage_threshold)
     started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")

@@ -287,7 +287,7 @@ CASES: list[Case] = [
     Case("encode-missing-id-column", "encode", table(lambda: frame(clustered(), ids=None)), InvalidInputError,
          (FILE, "id_column='id'", "--id-column"), id_column="id"),
     Case("encode-null-id", "encode", table(ids_frame([*range(BAD_ROW), None, *range(BAD_ROW + 1, N_ROWS)])), InvalidInputError,
-         (FILE, "id_column='id'", f"null at row {BAD_ROW}"), id_column="id", during_encode=True),
+         (FILE, "id_column='id'", f"null at row {BAD_ROW}"), id_column="id"),
     Case("encode-duplicate-ids", "encode", table(ids_frame([*range(N_ROWS - 1), 5])), InvalidInputError,
          ("id_column='id'", "duplicate ids", "[5]"), id_column="id"),
     Case("encode-codebook-truncated", "encode", GOOD, CodebookFileError, ("truncated.safetensors", "truncated"), codebook="truncated"),

@@ -15,6 +15,7 @@ import torch
 from conftest import assert_codes_match, snapshot
 from vq_pipeline import DimensionMismatchError, InvalidInputError, IterationStats, NonFiniteError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
+from vq_pipeline.fileio import temporary_name
 from vq_pipeline.kmeans import InitProgress
 from vq_pipeline.pipeline import (
     EncodeLockedError,
@@ -120,7 +121,7 @@ def test_rerun_is_a_no_op_and_resume_rebuilds_only_what_is_missing(dataset, tmp_
     (out / "date=2026-11-01/part-1.parquet").unlink()
     (out / "date=2026-11-02/part-0.parquet").write_bytes(b"garbage")  # a damaged output is rebuilt too
     manifest_path(out).unlink()
-    (out / "date=2026-11-01" / ".part-0.parquet.abc.tmp").write_bytes(b"left by a crash")
+    (out / "date=2026-11-01" / temporary_name(out / "date=2026-11-01" / "part-0.parquet")).write_bytes(b"left by a crash")
     resumed = encode_tables([root], cb, out, column="embedding", with_distance=True)
     assert sorted(resumed.encoded) == ["date=2026-11-01/part-1.parquet", "date=2026-11-02/part-0.parquet"]
     assert snapshot(out) == before, "resumed outputs and manifest are byte-identical to the first run's"
@@ -157,7 +158,7 @@ def test_second_concurrent_run_fails_clearly(dataset, tmp_path: Path) -> None:
     root, _ = dataset
     cb = fit_from_tables([root], column="embedding", n_codes=8)
     out = tmp_path / "out"
-    with encode_lock(out):
+    with encode_lock(out, inputs=[root]):
         with pytest.raises(EncodeLockedError, match=r"is locked by another run \(pid .*Fix: wait"):
             encode_tables([root], cb, out, column="embedding")
     assert not manifest_path(out).exists()

@@ -28,6 +28,7 @@ import torch
 
 from vq_pipeline import Codebook, VQError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
+from vq_pipeline.fileio import temporary_name
 from vq_pipeline.pipeline import drift_report
 from vq_pipeline.tables import read_table, write_embeddings
 from vq_pipeline.validate import DEFAULT_METRIC
@@ -301,9 +302,10 @@ def test_codes_current_is_a_relative_symlink_to_the_current_codes(prefect_api, t
 
     # A work_dir whose link went missing (or predates it) gets it back; a crashed switch's temporary is replaced.
     link.unlink()
-    os.symlink("nowhere", link.with_name(".current.tmp"))
+    leftover = link.with_name(temporary_name(link))
+    os.symlink("nowhere", leftover)
     vq_pipeline_flow(**params(root, work))
-    assert os.readlink(link) == fp12 and not link.with_name(".current.tmp").is_symlink()
+    assert os.readlink(link) == fp12 and not leftover.is_symlink()
     assert pl.scan_parquet(link).collect().height == n_rows
 
 

@@ -6,6 +6,7 @@ runs code), written atomically after seeding and after every centroid update.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_temporaries
 from .fit_options import FitOptions
+from .paths import check_output_file, output_lock
 from .kmeans import FitProgress, IterationStats, LloydResult, LloydState
 
 log = logging.getLogger(__name__)
+
+FORMAT_NAME = "vq-pipeline.fit-checkpoint"
+_KEYS = {"key", "restart", "inertias", "best", "lloyd"}
 
 
 class FitCheckpoint:
@@ -41,16 +46,54 @@ class FitCheckpoint:
             h.update(opts.init.cpu().numpy().tobytes())
         return h.hexdigest()
 
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        """The checkpoint's contents, or None for a file that is no checkpoint (or a damaged one).
+
+        ``torch.save`` writes a zip archive: any other file is refused from its first 4 bytes, before
+        ``torch.load`` (``weights_only=True``, which never runs code) reads it.
+        """
+        try:
+            with open(path, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":
+                    return None
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the work it saved
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+            return None
+        if not isinstance(state, dict) or not _KEYS <= set(state) or state.get("format", FORMAT_NAME) != FORMAT_NAME:
+            return None
+        return state
+
+    @classmethod
+    def is_checkpoint(cls, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` is a fit checkpoint (which a fit may replace), not some other file."""
+        return cls._read(Path(path)) is not None
+
+    @classmethod
+    def for_inputs(
+        cls, path: str | os.PathLike[str] | None, inputs: Sequence[str | os.PathLike[str]]
+    ) -> FitCheckpoint | None:
+        """The checkpoint at ``path`` (None for None) of a fit of ``inputs``, refused up front when it
+        is an input, lies inside an input folder, or is an existing file that is no checkpoint
+        (see :func:`vq_pipeline.paths.check_output_file`)."""
+        if path is None:
+            return None
+        check_output_file("checkpoint", path, inputs, ours=cls.is_checkpoint, what="fit checkpoint", suffix=".ckpt")
+        return cls(path)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the checkpoint for one fit: a second fit with the same checkpoint fails at once."""
+        return output_lock(self.path, what="fit checkpoint")
+
     def load(self, data_fingerprint: str, opts: FitOptions) -> FitProgress | None:
         """The progress saved by this very fit (same data fingerprint and settings), else None."""
         if not self.path.is_file():
             return None
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the work it saved
-            log.warning("ignoring unreadable checkpoint %s (%s)", self.path, exc)
+        state = self._read(self.path)
+        if state is None:
             return None
-        if not isinstance(state, dict) or state.get("key") != self._key(data_fingerprint, opts):
+        if state["key"] != self._key(data_fingerprint, opts):
             log.warning("ignoring checkpoint %s: it belongs to another fit", self.path)
             return None
         best = state["best"]
@@ -70,6 +113,7 @@ class FitCheckpoint:
         lloyd: LloydState | None,
     ) -> None:
         state = {
+            "format": FORMAT_NAME,
             "key": self._key(data_fingerprint, opts),
             "restart": restart,
             "inertias": list(inertias),
@@ -81,8 +125,7 @@ class FitCheckpoint:
     def clear(self) -> None:
         """Remove the checkpoint, and temporary files of saves that a crash interrupted."""
         self.path.unlink(missing_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_temporaries(self.path.parent, target=self.path)
 
 
 __all__ = ["FitCheckpoint"]

@@ -24,6 +24,10 @@ device kind, so two identical fits give files that differ only in those two valu
 emits keys in sorted order (the safetensors library orders metadata by hash, differently per
 process), and reading uses the safetensors library after checking the header by hand, so a
 truncated, lying, pickled or random file gets a :class:`CodebookFileError`, never code execution.
+Loading a file reads its first bytes, then its header, and reads the tensor data only when the file
+is exactly as long as the header says: memory follows the codebook's size, never the file's.
+Metadata of the wrong JSON type is refused naming the entry (see
+:func:`vq_pipeline.codebook_file.provenance_fields`).
 """
 
 from __future__ import annotations
@@ -228,8 +232,10 @@ class Codebook(CodebookViews):
             metric: if given, refuse a codebook of another metric.
 
         Raises:
-            CodebookFileError: missing, truncated, corrupt, pickled or random files, lying headers,
-                NaN centroids. UnsupportedFormatError: another format or an unknown major version.
+            CodebookFileError: missing paths, folders, devices and FIFOs; truncated, overlong,
+                corrupt, pickled or random files; lying headers, deeply nested or wrongly typed
+                metadata; NaN centroids. UnsupportedFormatError: another format or an unknown major
+                version.
             InvalidInputError: ``metric`` differs from the file's.
         """
         data, source = read_file(path)

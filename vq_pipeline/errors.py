@@ -13,6 +13,7 @@
     │   └── DaskAddressError         a Dask address that is neither local:N nor a scheduler address
     ├── StateError                   files on disk that contradict what a run needs (also a RuntimeError)
     │   ├── EncodeLockedError        another run holds the output folder's lock
+    │   ├── OutputLockedError        another fit is writing the same codebook or checkpoint file
     │   └── PipelineStateError       a work_dir whose current-codebook pointer is unreadable or wrong
     ├── EncodeFailedError            some files of an encode run failed; the others are done (also a RuntimeError)
     └── EngineUnavailableError       the requested compute engine cannot run here (also a RuntimeError)
@@ -76,6 +77,10 @@ class EncodeLockedError(StateError):
     """Another run is writing into the same folder."""
 
 
+class OutputLockedError(StateError):
+    """Another run is writing the same output file (a fit's codebook or checkpoint)."""
+
+
 class PipelineStateError(StateError):
     """A work_dir's ``codebooks/current.json`` is unreadable or points at a missing or different
     codebook, or ``codes/current`` is not a symlink."""
@@ -96,6 +101,7 @@ __all__ = [
     "EngineUnavailableError",
     "InvalidInputError",
     "NonFiniteError",
+    "OutputLockedError",
     "PipelineStateError",
     "StateError",
     "TooFewPointsError",

@@ -5,16 +5,34 @@ goes through :func:`atomic_write`: a temporary file in the same folder, fsynced,
 place, then the folder fsynced so that the rename itself survives a crash. The file gets the mode
 a plain ``open(path, "w")`` would give under the current umask (``mkstemp`` alone would make it
 private, 0600, unreadable by the other users, containers and jobs that share the outputs).
+
+Temporary files are named ``.vq-<16 hex>.tmp`` (:data:`TEMPORARY_PATTERN`), whatever the final
+name: a final name as long as the filesystem allows still gets a temporary name that fits, and
+cleaning up after a crash (:func:`remove_temporaries`) deletes only files of that exact pattern,
+never another program's ``*.tmp``. The first 8 hex digits are a tag of the final name
+(:func:`temporary_tag`), so the leftovers of the writes to one file can be told apart; the last 8 are
+random. A temporary file is created with ``O_EXCL | O_NOFOLLOW`` and written through the descriptor
+that created it, so a file or symlink planted under its name is never opened, let alone written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
 from collections.abc import Callable
 from typing import BinaryIO
+
+#: Every temporary file or link the package creates is named so: ``.vq-`` + 16 hex digits + ``.tmp``.
+TEMPORARY_PATTERN = re.compile(r"\.vq-[0-9a-f]{16}\.tmp")
+_TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".vq-", ".tmp"
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def current_umask() -> int:
@@ -33,29 +51,54 @@ def current_umask() -> int:
     return mask
 
 
-def temporary_path(path: Path) -> str:
-    """A fresh temporary file next to ``path`` (``.NAME.XXXX.tmp``), with the mode ``open()`` would give."""
+def temporary_tag(name: str) -> str:
+    """The 8 hex digits that start the temporary names of writes to a file called ``name``."""
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def temporary_name(path: str | os.PathLike[str]) -> str:
+    """A fresh temporary name for a write to ``path``: ``.vq-<tag of its name><8 random hex>.tmp``
+    (24 bytes, whatever the length of ``path``'s name)."""
+    return f"{_TEMPORARY_PREFIX}{temporary_tag(Path(path).name)}{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a temporary name this package gives (:data:`TEMPORARY_PATTERN`)."""
+    return TEMPORARY_PATTERN.fullmatch(name) is not None
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """Create a new temporary file next to ``path``, exclusively and without following symlinks;
+    return its open descriptor and its path. Its mode is what ``open()`` gives (0o666 minus the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
-    return tmp
+    for _ in range(100):
+        tmp = path.parent / temporary_name(path)
+        try:
+            return os.open(tmp, _CREATE_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue  # a name taken (by a leftover, or by chance): draw another
+    raise FileExistsError(errno.EEXIST, "no free temporary name after 100 tries", str(path.parent))
+
+
+def temporary_path(path: Path) -> str:
+    """A fresh, empty temporary file next to ``path`` (``.vq-<16 hex>.tmp``), with the mode ``open()`` would give."""
+    fd, tmp = _create_temporary(Path(path))
+    os.close(fd)
+    return str(tmp)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, then make it ``path`` atomically."""
     path = Path(path)
-    tmp = temporary_path(path)
+    fd, tmp = _create_temporary(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
     return path
@@ -64,6 +107,65 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_symlink(target: str, link: str | os.PathLike[str]) -> Path:
+    """Make ``link`` a symlink to ``target``, replacing what is there atomically (a new link under a
+    temporary name in the same folder, then ``os.replace``): a reader sees the old link or the new one."""
+    link = Path(link)
+    for _ in range(100):
+        tmp = link.parent / temporary_name(link)
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name after 100 tries", str(link.parent))
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(link.parent)
+    return link
+
+
+def remove_temporaries(
+    folder: str | os.PathLike[str], *, target: str | os.PathLike[str] | None = None, links: bool = False
+) -> list[Path]:
+    """Delete the temporary files that interrupted writes left directly in ``folder`` (not below it);
+    return what was deleted.
+
+    Only names of :data:`TEMPORARY_PATTERN` are candidates, and of those only regular files (or, with
+    ``links``, symlinks: deleting a link never touches its target); with ``target``, only the
+    leftovers of writes to that file. Call only when no write into ``folder`` is in flight (under the
+    lock of the folder's owner).
+    """
+    tag = None if target is None else temporary_tag(Path(target).name)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        if not is_temporary_name(entry.name) or (tag is not None and entry.name[4:12] != tag):
+            continue
+        try:
+            mode = os.lstat(entry.path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) or (links and stat.S_ISLNK(mode)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def resolves_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path``, every symlink followed, is ``folder`` (also resolved) or lies below it."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def canonical_json(value: object) -> bytes:
@@ -82,4 +184,18 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(dir_fd)
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "canonical_json", "current_umask", "fsync_folder", "temporary_path"]
+__all__ = [
+    "TEMPORARY_PATTERN",
+    "atomic_symlink",
+    "atomic_write",
+    "atomic_write_bytes",
+    "canonical_json",
+    "current_umask",
+    "fsync_folder",
+    "is_temporary_name",
+    "remove_temporaries",
+    "resolves_inside",
+    "temporary_name",
+    "temporary_path",
+    "temporary_tag",
+]

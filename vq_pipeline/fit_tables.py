@@ -67,6 +67,7 @@ def fit_from_tables(
     metric = check_choice("metric", metric, METRICS)
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)
+    ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
     sources, counts, dim, provenance = _fit_inputs(
         inputs, column=column, n_codes=n_codes, storage_options=storage_options
     )
@@ -85,7 +86,6 @@ def fit_from_tables(
         mode = {"mode": "streamed", "rows_total": n_total}
 
     n_rows = x.shape[0] if x is not None else n_total
-    ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
     opts = fit_options(
         n_codes,
         dim=dim,

@@ -20,6 +20,7 @@ pass (:class:`vq_pipeline.data.EStepStats`, float64 sums), ``sample`` the rows t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -43,6 +44,7 @@ from .validate import (
     check_nonzero_rows,
     normalize_rows,
     row_chunks,
+    too_few_rows_fix,
 )
 
 if TYPE_CHECKING:
@@ -131,7 +133,7 @@ def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str) ->
         raise TooFewPointsError(
             f"x has only {n_distinct} distinct rows but n_codes={c.shape[0]}; every row already sits on a "
             f"centroid, so {len(empty)} code(s) cannot be given any data. Expected at least n_codes distinct "
-            f"rows. Fix: lower n_codes to {n_distinct} or less, or deduplicate/enlarge the training data."
+            f"rows. {too_few_rows_fix(c, n_distinct)}"
         )
     for code, row in zip(empty, picked):
         c[code] = row
@@ -313,7 +315,7 @@ def kmeans_plus_plus(
         if total <= 0:
             raise TooFewPointsError(
                 f"x has only {i} distinct rows but n_codes={n_codes}; expected at least n_codes distinct rows. "
-                f"Fix: lower n_codes to {i} or less, or deduplicate/enlarge the training data."
+                f"{too_few_rows_fix(x, i)}"
             )
         cumulative = closest.cumsum(0)  # (n_rows,)
         targets = torch.rand(n_trials, generator=generator, dtype=torch.float64) * total  # (n_trials,)
@@ -471,50 +473,54 @@ def fit_source(
         checkpoint: where to save the state after every update, and to resume from if it holds a
             state of this very fit (same data fingerprint and settings); removed once the fit ends.
     """
-    t_start = time.perf_counter() if t_start is None else t_start
-    eng = get_engine(opts.engine, opts.device, source.dim)
-    seed_rows = _seeding_rows(source, opts)
-    done = checkpoint.load(data_fingerprint, opts) if checkpoint is not None else None
-    if done is not None:
-        log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, done.restart)
-    done = done or FitProgress()
-    init_seconds = 0.0
-    for restart in range(done.restart, opts.n_init):
-        resume = done.lloyd if restart == done.restart else None
-        save = None
-        if checkpoint is not None:
+    # One fit per checkpoint file: a second one fails at once instead of overwriting this one's state.
+    with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
+        t_start = time.perf_counter() if t_start is None else t_start
+        eng = get_engine(opts.engine, opts.device, source.dim)
+        seed_rows = _seeding_rows(source, opts)
+        done = checkpoint.load(data_fingerprint, opts) if checkpoint is not None else None
+        if done is not None:
+            log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, done.restart)
+        done = done or FitProgress()
+        init_seconds = 0.0
+        for restart in range(done.restart, opts.n_init):
+            resume = done.lloyd if restart == done.restart else None
+            save = None
+            if checkpoint is not None:
 
-            def save(state: LloydState, restart: int = restart, done: FitProgress = done) -> None:
+                def save(state: LloydState, restart: int = restart, done: FitProgress = done) -> None:
+                    checkpoint.save(
+                        data_fingerprint, opts, restart=restart, inertias=done.inertias, best=done.best, lloyd=state
+                    )
+
+            t0 = time.perf_counter()
+            c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, progress)
+            init_seconds += time.perf_counter() - t0
+            if resume is None and save is not None:
+                # A checkpoint as soon as the initial centroids exist: a fit stopped before its first
+                # update resumes without seeding again (k-means++ can take longer than an iteration).
+                resume = LloydState.start(c0)
+                save(resume)
+            result = lloyd(
+                source,
+                c0.to(opts.device),
+                metric=opts.metric,
+                n_iter=opts.n_iter,
+                tol=opts.tol,
+                resume=resume,
+                on_event=progress,
+                on_update=save,
+            )
+            best = result if done.best is None or result.inertia < done.best.inertia else done.best
+            done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)
+            if checkpoint is not None:
                 checkpoint.save(
-                    data_fingerprint, opts, restart=restart, inertias=done.inertias, best=done.best, lloyd=state
+                    data_fingerprint, opts, restart=done.restart, inertias=done.inertias, best=best, lloyd=None
                 )
-
-        t0 = time.perf_counter()
-        c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, progress)
-        init_seconds += time.perf_counter() - t0
-        if resume is None and save is not None:
-            # A checkpoint as soon as the initial centroids exist: a fit stopped before its first
-            # update resumes without seeding again (k-means++ can take longer than an iteration).
-            resume = LloydState.start(c0)
-            save(resume)
-        result = lloyd(
-            source,
-            c0.to(opts.device),
-            metric=opts.metric,
-            n_iter=opts.n_iter,
-            tol=opts.tol,
-            resume=resume,
-            on_event=progress,
-            on_update=save,
-        )
-        best = result if done.best is None or result.inertia < done.best.inertia else done.best
-        done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)
+        best, n_rows, inertias = done.best, source.n_rows, list(done.inertias)
+        assert best is not None
         if checkpoint is not None:
-            checkpoint.save(data_fingerprint, opts, restart=done.restart, inertias=done.inertias, best=best, lloyd=None)
-    best, n_rows, inertias = done.best, source.n_rows, list(done.inertias)
-    assert best is not None
-    if checkpoint is not None:
-        checkpoint.clear()
+            checkpoint.clear()
     history = [asdict(h) for h in best.history]
     return Codebook(
         centroids=best.centroids,

@@ -178,6 +178,7 @@ def fit_partitioned(
     t_start = time.perf_counter()
     metric = check_choice("metric", metric, METRICS)
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
+    ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
     sources, counts, dim, provenance = _fit_inputs(
         inputs, column=column, n_codes=n_codes, storage_options=storage_options
     )
@@ -214,5 +215,4 @@ def fit_partitioned(
         engine=opts.engine,
         memory_budget=opts.memory_budget,
     )
-    ckpt = FitCheckpoint(checkpoint) if checkpoint is not None else None
     return fit_source(source, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)

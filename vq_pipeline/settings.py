@@ -17,6 +17,8 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 DEFAULT_BATCH_ROWS = 65_536
 #: Integer types the ``code`` column can be pinned to (``code_dtype``); the names are numpy's.
 CODE_DTYPE_NAMES = ("uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64")
+#: File name endings of the tables vq reads (parquet, Arrow IPC).
+TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
 
 __all__ = [
     "CODE_DTYPE_NAMES",
@@ -26,4 +28,5 @@ __all__ = [
     "ENGINES",
     "INITS",
     "METRICS",
+    "TABLE_SUFFIXES",
 ]

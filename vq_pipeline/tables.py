@@ -3,32 +3,42 @@
 This is the only module that imports polars. Path in, tensor out: no math here.
 
 * Sources: parquet and Arrow IPC files (``.parquet``, ``.arrow``, ``.ipc``, ``.feather``), given as
-  files, globs, folders (searched recursively; hive-partitioned ``key=value/`` folders included), on
-  local disk or object storage (``s3://``, ``gs://``, ``az://`` with polars' ``storage_options``).
+  files, globs, folders (searched recursively, through symlinked folders; hive-partitioned
+  ``key=value/`` folders included), on local disk or object storage (``s3://``, ``gs://``, ``az://``
+  with polars' ``storage_options``).
 * Embeddings: an ``Array(Float32|Float64|Int*, dim)`` column, or a ``List`` of those with one length.
-* Batches are slices of a lazy scan, read one at a time; an ``Array(Float32)`` batch with no nulls
-  reaches torch without a copy (DLPack), and such tensors are never written into.
+* Batches are read one at a time, in memory and time that follow the batch whatever the file's row
+  groups: a batch inside a larger row group of a local parquet file is read page by page (polars
+  alone would read and decode the whole row group again for every batch), other batches as slices
+  of a lazy scan. Files whose pages cannot be located (encrypted, or v1 pages of list columns
+  compressed with zstd, lz4 or brotli and written without a page index) are read by slices only.
+  An ``Array(Float32)`` batch with no nulls reaches torch without a copy (DLPack), and such tensors
+  are never written into.
+* Every failure to read a file, polars' Rust panics included, becomes an :class:`InvalidInputError`
+  naming the file (and the rows, when known).
 """
 
 from __future__ import annotations
 
-import glob as _glob
+import contextlib
+import fnmatch
 import hashlib
 import os
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, VQError
 from .fileio import atomic_write
-from .settings import CODE_DTYPE_NAMES
+from .parquet_pages import ParquetPages
+from .settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, TABLE_SUFFIXES
 
-TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
 _REMOTE_PREFIXES = (
     "s3://",
     "s3a://",
@@ -41,6 +51,7 @@ _REMOTE_PREFIXES = (
     "https://",
     "hf://",
 )
+_WILDCARDS = "*?["
 _NUMERIC_INNER = (
     pl.Float32,
     pl.Float64,
@@ -54,6 +65,9 @@ _NUMERIC_INNER = (
     pl.UInt32,
     pl.UInt64,
 )
+#: Columns every code table has (besides its id column, ``row`` when ids are row positions): a kept
+#: column may not take one of these names.
+OUTPUT_COLUMNS = ("code", "codes", "distance", "distances")
 
 
 @dataclass(frozen=True)
@@ -103,12 +117,24 @@ def _is_remote(path: str) -> bool:
     return str(path).startswith(_REMOTE_PREFIXES)
 
 
+def _has_wildcard(path: str) -> bool:
+    return any(ch in path for ch in _WILDCARDS)
+
+
 def discover(paths: Sequence[str | os.PathLike[str]], *, storage_options: dict[str, Any] | None = None) -> list[Source]:
     """Expand files, globs and folders into a sorted list of table files.
 
+    A path that exists is taken literally (a file named ``emb[1].parquet`` is that file); only a
+    path that does not exist and contains a wildcard (``*``, ``?`` or ``[``) is expanded as a glob,
+    where ``**`` spans folders. Folders are searched recursively, following symbolic links to
+    folders; each folder is read once, so a link cycle ends and a folder reached twice is read
+    under its path in the tree when it has one. Names starting with ``.`` or ``_`` are skipped
+    inside folders and globs. A file's key, which names its output, is its path under the folder
+    (or the glob's folder part) as given, symlinked folders included.
+
     Raises:
         InvalidInputError: no paths, a path that does not exist, a folder or glob with no table
-            files, or two files that would write the same output name.
+            files, a folder that cannot be listed, or two files that would write the same output name.
     """
     if not paths:
         raise InvalidInputError("paths=[] is empty; expected at least one table file, glob or folder.")
@@ -118,21 +144,29 @@ def discover(paths: Sequence[str | os.PathLike[str]], *, storage_options: dict[s
         if _is_remote(path):
             sources.extend(_discover_remote(path, storage_options))
             continue
-        if any(ch in path for ch in "*?["):
-            prefix = path.split("*")[0].split("?")[0].split("[")[0]
-            # The folder part before the first wildcard: "data/*.parquet" and "data/part-*" both root at "data".
-            root = Path(prefix) if prefix.endswith("/") else Path(prefix).parent
-            files = [Path(p) for p in _glob.glob(path, recursive=True) if Path(p).is_file()]
-        elif Path(path).is_dir():
-            root = Path(path)
-            files = [p for p in root.rglob("*") if p.is_file()]
-        elif Path(path).is_file():
-            root, files = Path(path).parent, [Path(path)]
+        named = Path(path)
+        if named.is_dir():
+            root, files = named, _walk(named)
+        elif named.is_file():
+            root, files = named.parent, [named]
+        elif named.exists():
+            raise InvalidInputError(
+                f"path={path!r} is neither a file nor a folder; expected a table file, a glob or a folder. "
+                f"Fix: point at the table files."
+            )
+        elif _has_wildcard(path):
+            parts = named.parts
+            first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+            root = Path(*parts[:first]) if first else Path(".")
+            files = _glob(root, parts[first:])
         else:
             raise InvalidInputError(
                 f"path={path!r} does not exist; expected a table file, a glob or a folder. Fix: check the path."
             )
-        files = sorted(p for p in files if p.suffix in TABLE_SUFFIXES and not _hidden(p.relative_to(root)))
+        # A file named on its own is read whatever its name; inside folders and globs, hidden names are skipped.
+        files = sorted(
+            p for p in files if p.suffix in TABLE_SUFFIXES and (p is named or not _hidden(p.relative_to(root)))
+        )
         if not files:
             raise InvalidInputError(
                 f"path={path!r} holds no table files; expected files ending in {', '.join(TABLE_SUFFIXES)}. "
@@ -154,18 +188,112 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith((".", "_")) for part in rel.parts)
 
 
+def _folder_id(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"folder {str(folder)!r} cannot be listed ({exc.strerror}); expected a readable folder. "
+            f"Fix: make it readable, or leave it out of the inputs."
+        ) from None
+
+
+def _tree(root: Path) -> list[tuple[Path, list[Path]]]:
+    """Every folder under ``root`` (itself first) with the files in it, following symlinked folders
+    and skipping hidden names.
+
+    The folders of the tree itself are read first, then the folders that links lead to (in sorted
+    order), each once by (st_dev, st_ino): a link cycle ends, and a folder both in the tree and
+    linked to is read under its own path.
+    """
+    out: list[tuple[Path, list[Path]]] = []
+    seen: set[tuple[int, int]] = set()
+    folders, links = [root], deque[Path]()
+    while folders or links:
+        folder = folders.pop() if folders else links.popleft()
+        ident = _folder_id(folder)
+        if ident is None or ident in seen:
+            continue
+        seen.add(ident)
+        files, subfolders = [], []
+        for entry in _entries(folder):
+            if entry.name.startswith((".", "_")):
+                continue
+            if entry.is_dir():
+                (links if entry.is_symlink() else subfolders).append(Path(entry.path))
+            elif entry.is_file():
+                files.append(Path(entry.path))
+        out.append((folder, files))
+        folders.extend(reversed(subfolders))
+    return out
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file under ``root`` (see :func:`_tree`)."""
+    return [f for _, files in _tree(root) for f in files]
+
+
+def _glob(root: Path, pattern: Sequence[str]) -> list[Path]:
+    """Files under ``root`` matching ``pattern`` (path components; ``**`` spans the folders of
+    :func:`_tree`, so symlinked folders too, each once)."""
+    files: list[Path] = []
+
+    def match(folder: Path, rest: Sequence[str]) -> None:
+        head = rest[0]
+        if head == "**":
+            for sub, in_sub in _tree(folder):
+                if len(rest) > 1:
+                    match(sub, rest[1:])
+                else:
+                    files.extend(in_sub)
+            return
+        if _has_wildcard(head):
+            names = [e.name for e in _entries(folder) if fnmatch.fnmatchcase(e.name, head)]
+            names = [n for n in names if head.startswith(".") or not n.startswith(".")]
+        else:
+            names = [head]
+        for name in names:
+            path = folder / name
+            if len(rest) > 1:
+                if path.is_dir():
+                    match(path, rest[1:])
+            elif path.is_file():
+                files.append(path)
+
+    if root.is_dir():
+        match(root, pattern)
+    return files
+
+
 def _discover_remote(path: str, storage_options: dict[str, Any] | None) -> list[Source]:
-    if path.endswith(TABLE_SUFFIXES) and not any(ch in path for ch in "*?["):
+    if path.endswith(TABLE_SUFFIXES) and not _has_wildcard(path):
         return [Source(path, path.rsplit("/", 1)[-1])]
-    pattern = path if any(ch in path for ch in "*?[") else path.rstrip("/") + "/**/*.parquet"
+    pattern = path if _has_wildcard(path) else path.rstrip("/") + "/**/*.parquet"
     root = pattern.split("*")[0].rsplit("/", 1)[0]
-    files = (
-        pl.scan_parquet(pattern, storage_options=storage_options, hive_partitioning=False, include_file_paths="__file")
-        .select("__file")
-        .unique()
-        .collect()["__file"]
-        .to_list()
-    )
+    try:
+        files = (
+            pl.scan_parquet(
+                pattern, storage_options=storage_options, hive_partitioning=False, include_file_paths="__file"
+            )
+            .select("__file")
+            .unique()
+            .collect()["__file"]
+            .to_list()
+        )
+    except (Exception, pl.exceptions.PanicException) as exc:
+        raise InvalidInputError(
+            f"path={path!r} cannot be listed ({type(exc).__name__}: {_first_line(exc)}); expected a prefix or glob "
+            f"of parquet files. Fix: check the URI and the storage options (credentials, region)."
+        ) from None
     if not files:
         raise InvalidInputError(f"path={path!r} holds no parquet files. Fix: check the prefix or glob.")
     return [Source(f, f[len(root) + 1 :] if f.startswith(root + "/") else f.rsplit("/", 1)[-1]) for f in sorted(files)]
@@ -173,18 +301,45 @@ def _discover_remote(path: str, storage_options: dict[str, Any] | None) -> list[
 
 def scan(source: Source, *, storage_options: dict[str, Any] | None = None) -> pl.LazyFrame:
     """A lazy scan of one source (hive columns are not added: the key already names the partition)."""
-    try:
+    with _reading(source):
         if source.format == "parquet":
             return pl.scan_parquet(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
         return pl.scan_ipc(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
-    except Exception as exc:  # noqa: BLE001 - polars raises several error types for unreadable files
-        raise _unreadable(source, exc) from None
 
 
-def _unreadable(source: Source, exc: Exception) -> InvalidInputError:
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+@contextlib.contextmanager
+def _reading(source: Source, rows: tuple[int, int] | None = None) -> Iterator[None]:
+    """Turn whatever reading ``source`` raises (polars errors, Rust panics, OS errors) into an
+    :class:`InvalidInputError` that names the file and, when known, the rows [start, stop)."""
+    try:
+        yield
+    except VQError:
+        raise
+    except (Exception, pl.exceptions.PanicException) as exc:
+        raise _unreadable(source, exc, rows) from None
+
+
+def _unreadable(source: Source, exc: BaseException, rows: tuple[int, int] | None = None) -> InvalidInputError:
+    where = f" at rows {rows[0]}..{rows[1] - 1}" if rows else ""
+    cause = f"({type(exc).__name__}: {_first_line(exc)})"
+    if isinstance(exc, (pl.exceptions.ColumnNotFoundError, pl.exceptions.DuplicateError)):
+        return InvalidInputError(  # the query asked for something the file does not have: not the file's fault
+            f"table {source.uri!r} cannot be queried as asked {cause}; expected each requested column once. "
+            f"Fix: check --column, --id-column and --keep against the table's columns."
+        )
+    if isinstance(exc, FileNotFoundError):
+        fix = "check the path (was the file moved or deleted during the run?)"
+    elif isinstance(exc, PermissionError):
+        fix = "make the file readable by this user"
+    else:
+        fix = "rewrite or remove the file (is it truncated or corrupt?)"
     return InvalidInputError(
-        f"table {source.uri!r} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-        f"expected a valid {source.format} file. Fix: rewrite or remove the file (is it truncated?)."
+        f"table {source.uri!r} cannot be read {cause}{where}; expected a valid {source.format} file. Fix: {fix}."
     )
 
 
@@ -193,6 +348,47 @@ class TableInfo:
     n_rows: int
     dim: int | None  # None for a List column: known after reading a row
     id_dtype: Any
+
+
+def check_keep(keep: Sequence[str], *, id_column: str | None = None) -> None:
+    """Refuse kept columns that would collide in the output table: a name given twice, or the name of
+    one of the output's own columns (the id column, ``row`` when ids are row positions,
+    :data:`OUTPUT_COLUMNS`). The embedding column itself may be kept.
+
+    Raises:
+        InvalidInputError: a repeated or clashing name.
+    """
+    seen: set[str] = set()
+    for name in keep:
+        if name in seen:
+            raise InvalidInputError(
+                f"keep={list(keep)!r} names {name!r} twice; expected each kept column once. "
+                f"Fix: pass --keep {name} once."
+            )
+        seen.add(name)
+    own = [id_column or "row", *OUTPUT_COLUMNS]
+    for name in keep:
+        if name in own:
+            what = "the id column" if name == (id_column or "row") else "a column"
+            raise InvalidInputError(
+                f"keep={name!r} clashes with {what} the code table writes itself; expected kept columns other than "
+                f"{', '.join(repr(c) for c in own)}. Fix: drop --keep {name}, or rename that column in the input."
+            )
+
+
+def _check_columns(
+    source: Source, schema: pl.Schema, *, column: str, id_column: str | None = None, keep: Sequence[str] = ()
+) -> None:
+    for name, what in [
+        (column, "column"),
+        *((id_column, "id_column") for _ in [0] if id_column),
+        *((k, "keep") for k in keep),
+    ]:
+        if name not in schema:
+            raise InvalidInputError(
+                f"{what}={name!r} is not a column of {source.uri!r}; expected one of {list(schema.names())}. "
+                f"Fix: pass --{what.replace('_', '-')} with one of those names."
+            )
 
 
 def inspect_source(
@@ -206,25 +402,15 @@ def inspect_source(
     """Check a source's schema and count its rows, reading only metadata.
 
     Raises:
-        InvalidInputError: unreadable file, missing columns, or an embedding column that is not a
-            numeric Array or List.
+        InvalidInputError: kept columns that clash (:func:`check_keep`, before the file is opened),
+            unreadable file, missing columns, or an embedding column that is not a numeric Array or List.
     """
+    check_keep(keep, id_column=id_column)
     lf = scan(source, storage_options=storage_options)
-    try:
+    with _reading(source):
         schema = lf.collect_schema()
         n_rows = int(lf.select(pl.len()).collect().item())
-    except Exception as exc:  # noqa: BLE001
-        raise _unreadable(source, exc) from None
-    for name, what in [
-        (column, "column"),
-        *((id_column, "id_column") for _ in [0] if id_column),
-        *((k, "keep") for k in keep),
-    ]:
-        if name not in schema:
-            raise InvalidInputError(
-                f"{what}={name!r} is not a column of {source.uri!r}; expected one of {list(schema.names())}. "
-                f"Fix: pass --{what.replace('_', '-')} with one of those names."
-            )
+    _check_columns(source, schema, column=column, id_column=id_column, keep=keep)
     dtype = schema[column]
     if isinstance(dtype, pl.Array) and dtype.inner in _NUMERIC_INNER and len(dtype.shape) == 1:
         dim: int | None = int(dtype.size)
@@ -243,6 +429,42 @@ def inspect_source(
     return TableInfo(n_rows=n_rows, dim=dim, id_dtype=schema[id_column] if id_column else pl.UInt64)
 
 
+class _Rows:
+    """Row ranges of some columns of one source: as slices of a lazy scan (one query per range), or,
+    for a range inside a row group larger than itself, page by page when :class:`ParquetPages` knows
+    the file's layout (polars would read and decode the whole row group for each range)."""
+
+    def __init__(self, source: Source, columns: Sequence[str], storage_options: dict[str, Any] | None) -> None:
+        self.source, self.columns = source, list(dict.fromkeys(columns))
+        lf = scan(source, storage_options=storage_options)
+        with _reading(source):
+            schema = lf.collect_schema()
+            self.n_rows = int(lf.select(pl.len()).collect().item())
+        self.schema = schema
+        self._lf = lf.select(self.columns) if all(c in schema for c in self.columns) else lf
+        self._pages: ParquetPages | None = None
+        if source.format == "parquet" and not source.is_remote and all(c in schema for c in self.columns):
+            with _reading(source):
+                self._pages = ParquetPages.open(source.uri, self.columns, schema)
+            if self._pages is not None and self._pages.n_rows != self.n_rows:
+                self.close()
+
+    def read(self, start: int, stop: int) -> pl.DataFrame:
+        """Rows [start, stop) of the columns."""
+        with _reading(self.source, (start, stop)):
+            if self._pages is not None and self._pages.larger_row_group(start, stop):
+                try:
+                    return self._pages.read(start, stop, self.schema)
+                except InvalidInputError as exc:
+                    raise _unreadable(self.source, exc, (start, stop)) from None
+            return self._lf.slice(start, stop - start).collect()
+
+    def close(self) -> None:
+        if self._pages is not None:
+            self._pages.close()
+            self._pages = None
+
+
 def iter_batches(
     source: Source,
     *,
@@ -252,22 +474,24 @@ def iter_batches(
     keep: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[Batch]:
-    """Stream one source in batches of about ``batch_rows`` rows.
+    """Stream one source in batches of ``batch_rows`` rows (the last one shorter).
+
+    Memory and time follow ``batch_rows``, not the file's row groups: a batch inside a larger row
+    group of a local parquet file is read page by page, so a file written as one large row group is
+    neither held whole nor decoded again for every batch. The embedding column may also be kept
+    (``keep``).
 
     Raises:
-        InvalidInputError: null embeddings or ids, null elements, ragged or zero-length vectors, a
-            dim that changes within the table, or a file that fails while being read.
+        InvalidInputError: missing columns, null embeddings or ids, null elements, ragged or
+            zero-length vectors, a dim that changes within the table, or a file that fails while being
+            read (naming the rows of the batch).
     """
-    columns = [column, *([id_column] if id_column else []), *keep]
-    lf = scan(source, storage_options=storage_options).select(columns)
-    offset, dim = 0, None
+    rows = _Rows(source, [column, *([id_column] if id_column else []), *keep], storage_options)
     try:
-        n_rows = int(lf.select(pl.len()).collect().item())
-        # One slice query per batch: polars reads only the row groups the slice touches. Measured on a
-        # 4M x 128 parquet file, this peaked at 227 MiB of RSS against 512 MiB for collect_batches(),
-        # which reads ahead (benchmarks/RESULTS.md), at the same speed.
-        while offset < n_rows:
-            df = lf.slice(offset, batch_rows).collect()
+        _check_columns(source, rows.schema, column=column, id_column=id_column, keep=keep)
+        offset, dim = 0, None
+        while offset < rows.n_rows:
+            df = rows.read(offset, min(rows.n_rows, offset + batch_rows))
             if df.height == 0:
                 break
             x, dim = _to_tensor(df[column], source=source, column=column, offset=offset, dim=dim)
@@ -282,17 +506,25 @@ def iter_batches(
                     )
             yield Batch(offset=offset, x=x, ids=ids, keep=df.select(keep) if keep else None)
             offset += df.height
-    except InvalidInputError:
-        raise
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise _unreadable(source, exc) from None
+    finally:
+        rows.close()
 
 
-def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: int | None) -> tuple[torch.Tensor, int]:
-    """(n, dim) float32 tensor of one batch's embedding column, zero-copy when polars allows it."""
+def _to_tensor(
+    s: pl.Series, *, source: Source, column: str, offset: int | np.ndarray, dim: int | None
+) -> tuple[torch.Tensor, int]:
+    """(n, dim) float32 tensor of one batch's embedding column, zero-copy when polars allows it.
+
+    ``offset``: the row number of the batch's first row, or (n,) row numbers of sampled rows; errors
+    name rows by these numbers.
+    """
     where = f"column={column!r} of {source.uri!r}"
+
+    def row_number(i: int) -> int:
+        return int(offset[i]) if isinstance(offset, np.ndarray) else offset + i
+
     if s.null_count():
-        row = offset + int(s.is_null().arg_true()[0])
+        row = row_number(int(s.is_null().arg_true()[0]))
         raise InvalidInputError(
             f"{where} is null at row {row}; expected an embedding on "
             "every row. Fix: drop or fill rows without embeddings."
@@ -302,25 +534,25 @@ def _to_tensor(s: pl.Series, *, source: Source, column: str, offset: int, dim: i
         want = dim if dim is not None else (int(lengths[0]) if len(lengths) else 0)
         if want == 0 and len(lengths):
             raise InvalidInputError(
-                f"{where} has a zero-length vector at row {offset}; expected vectors of dim >= 1. "
+                f"{where} has a zero-length vector at row {row_number(0)}; expected vectors of dim >= 1. "
                 f"Fix: drop empty vectors, or point --column at the embedding column."
             )
         bad = (lengths != want).arg_true()
         if len(bad):
             row = int(bad[0])
             raise InvalidInputError(
-                f"{where} has a vector of length {int(lengths[row])} at row {offset + row}; expected every vector to "
-                f"have length {want} (ragged or empty vectors). Fix: drop or repair that row."
+                f"{where} has a vector of length {int(lengths[row])} at row {row_number(row)}; expected every "
+                f"vector to have length {want} (ragged or empty vectors). Fix: drop or repair that row."
             )
         s = s.cast(pl.Array(s.dtype.inner, want))
     n_dim = int(s.dtype.size)
     if dim is not None and n_dim != dim:
         raise InvalidInputError(
-            f"{where} changes dim from {dim} to {n_dim} at row {offset}; expected one dim per table."
+            f"{where} changes dim from {dim} to {n_dim} at row {row_number(0)}; expected one dim per table."
         )
     flat = s.explode() if len(s) else s
     if flat.null_count():
-        row = offset + int(flat.is_null().arg_true()[0]) // n_dim
+        row = row_number(int(flat.is_null().arg_true()[0]) // n_dim)
         raise InvalidInputError(
             f"{where} has a null element inside the vector at row {row}; "
             "expected numbers only. Fix: drop or repair that row."
@@ -341,10 +573,55 @@ def row_positions(batch: Batch) -> pl.Series:
 def duplicate_ids(
     sources: Sequence[Source], id_column: str, *, storage_options: dict[str, Any] | None = None, limit: int = 5
 ) -> list[Any]:
-    """Up to ``limit`` ids that occur more than once across ``sources`` (reads only the id column)."""
-    frames = [scan(s, storage_options=storage_options).select(pl.col(id_column)) for s in sources]
-    dup = pl.concat(frames).group_by(id_column).len().filter(pl.col("len") > 1).head(limit)
-    return dup.collect(engine="streaming")[id_column].to_list()
+    """Up to ``limit`` ids that occur more than once across ``sources`` (reads only the id column).
+
+    Raises:
+        InvalidInputError: a missing id column, an id column whose type differs between files (naming
+            both files and types), a null id (naming its file and row: checked before duplicates), or
+            an unreadable file.
+    """
+    frames, first = [], None
+    for s in sources:
+        lf = scan(s, storage_options=storage_options)
+        with _reading(s):
+            schema = lf.collect_schema()
+        _check_columns(s, schema, column=id_column)
+        if first is None:
+            first = (s, schema[id_column])
+        elif schema[id_column] != first[1]:
+            raise InvalidInputError(
+                f"id_column={id_column!r} is {first[1]} in {first[0].uri!r} but {schema[id_column]} in {s.uri!r}; "
+                f"expected one id type across the inputs. Fix: cast the id column to one type in every file "
+                f"(e.g. pl.col({id_column!r}).cast(pl.{first[1]})), or encode the files in separate runs."
+            )
+        frames.append(lf.select(pl.col(id_column)))
+    for s, lf in zip(sources, frames):
+        # The first null's row from a row index: polars' streaming arg_max of a boolean column gives the last one.
+        with _reading(s):
+            nulls, row = (
+                lf.with_row_index("__row")
+                .select(pl.col(id_column).null_count(), pl.col("__row").filter(pl.col(id_column).is_null()).min())
+                .collect(engine="streaming")
+                .row(0)
+            )
+        if nulls:
+            raise InvalidInputError(
+                f"id_column={id_column!r} is null at row {row} of {s.uri!r} ({nulls} null ids in that file); "
+                f"expected an id on every row. Fix: fill or drop rows without ids, or omit --id-column to use "
+                f"row positions."
+            )
+    try:
+        dup = pl.concat(frames).group_by(id_column).len().filter(pl.col("len") > 1).head(limit)
+        return dup.collect(engine="streaming")[id_column].to_list()
+    except (Exception, pl.exceptions.PanicException) as exc:
+        for s, lf in zip(sources, frames):  # name the file that fails on its own
+            with _reading(s):
+                lf.select(pl.col(id_column).n_unique()).collect(engine="streaming")
+        raise InvalidInputError(
+            f"id_column={id_column!r} could not be checked for duplicates across {len(sources)} files "
+            f"({type(exc).__name__}: {_first_line(exc)}); expected id columns that read as one type. "
+            f"Fix: read each file's id column with polars to find the one that differs, and rewrite it."
+        ) from None
 
 
 def sample_rows(
@@ -354,8 +631,12 @@ def sample_rows(
     *,
     column: str,
     storage_options: dict[str, Any] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> list[tuple[Source, np.ndarray, torch.Tensor]]:
     """Read the rows at global ``positions`` (sorted, over the concatenated sources).
+
+    Reads a window of at most ``batch_rows`` rows at a time, only windows that hold a wanted row:
+    memory follows the sample and the window, not the file's row groups.
 
     Returns:
         per source with selected rows: (source, local positions, (k, dim) float32 tensor).
@@ -367,15 +648,26 @@ def sample_rows(
         start += n
         if len(local) == 0:
             continue
-        df = (
-            scan(source, storage_options=storage_options)
-            .select(column)
-            .with_row_index("__row")
-            .filter(pl.col("__row").is_in(pl.Series(local.astype(np.uint32 if n < 2**32 else np.uint64)).implode()))
-            .collect(engine="streaming")
-        )
-        x, _ = _to_tensor(df[column], source=source, column=column, offset=0, dim=None)
-        out.append((source, local, x.clone()))
+        rows = _Rows(source, [column], storage_options)
+        try:
+            _check_columns(source, rows.schema, column=column)
+            parts, dim, i = [], None, 0
+            while i < len(local):
+                lo = int(local[i])
+                hi = min(rows.n_rows, lo + batch_rows)
+                j = int(np.searchsorted(local, hi))
+                if lo >= rows.n_rows:
+                    raise InvalidInputError(
+                        f"row {lo} of {source.uri!r} was asked for but the table has {rows.n_rows} rows; expected "
+                        f"the row count it had when the run started. Fix: rerun (was the file replaced?)."
+                    )
+                picked = rows.read(lo, hi)[column].gather(pl.Series(local[i:j] - lo))
+                x, dim = _to_tensor(picked, source=source, column=column, offset=local[i:j], dim=dim)
+                parts.append(x.clone())
+                i = j
+        finally:
+            rows.close()
+        out.append((source, local, torch.cat(parts)))
     return out
 
 
@@ -387,21 +679,28 @@ def fingerprint(source: Source, *, storage_options: dict[str, Any] | None = None
     count and the schema (no listing API is used). See :func:`file_stat` for a cheap check of
     whether a local file may have changed since it was fingerprinted.
     """
-    if source.is_remote:
-        lf = scan(source, storage_options=storage_options)
-        h = hashlib.sha256(b"vq-source-v1|")
-        h.update(f"{source.uri}|{lf.select(pl.len()).collect().item()}|{lf.collect_schema()}".encode())
-        return h.hexdigest()
-    return "sha256:" + file_sha256(source.uri)
+    with _reading(source):
+        if source.is_remote:
+            lf = scan(source, storage_options=storage_options)
+            h = hashlib.sha256(b"vq-source-v1|")
+            h.update(f"{source.uri}|{lf.select(pl.len()).collect().item()}|{lf.collect_schema()}".encode())
+            return h.hexdigest()
+        return "sha256:" + file_sha256(source.uri)
 
 
 def file_stat(source: Source) -> str | None:
-    """``size|mtime_ns|inode`` of a local source (None for remote ones): while it is unchanged, so is
-    the file's :func:`fingerprint` (short of a deliberate in-place edit that restores the mtime)."""
+    """``size|mtime_ns|inode|device|ctime_ns`` of a local source (None for remote ones).
+
+    While it is unchanged, so is the file's :func:`fingerprint`: any write to the file, and any change
+    of its mtime, sets its ctime to the current time, which a user cannot set back (so an in-place
+    edit that restores the size and the mtime still shows), and a copy elsewhere has another inode
+    or device.
+    """
     if source.is_remote:
         return None
-    st = os.stat(source.uri)
-    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    with _reading(source):
+        st = os.stat(source.uri)
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}|{st.st_ctime_ns}"
 
 
 #: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
@@ -506,4 +805,5 @@ def write_embeddings(
 
 def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     """Read a whole (small) table, e.g. one output of an encode run."""
-    return pl.read_parquet(path)
+    with _reading(Source(str(path), Path(path).name)):
+        return pl.read_parquet(path)

@@ -180,13 +180,34 @@ def check_nonzero_rows(x: torch.Tensor, *, name: str = "x", row_offset: int = 0,
         x: (n_rows, dim) float32 tensor, any device.
     """
     for rows in row_chunks(x.shape[0], _SCAN_ROWS):
-        zero = x[rows].square().sum(dim=1) == 0  # (chunk,) bool
+        zero = ~(x[rows] != 0).any(dim=1)  # (chunk,) bool; exact even for denormals, whose squares underflow
         if bool(zero.any()):
             row = _numbering(row_offset, row_numbers)(rows.start + int(zero.nonzero()[0]))
             raise InvalidInputError(
                 f"{name}[{row}] has norm 0; the cosine metric needs a direction for every row. "
                 f"Fix: drop all-zero embeddings, or use metric='l2'."
             )
+
+
+#: Below this largest absolute value, squared distances between rows underflow float32 (smallest
+#: normal 1.2e-38) or lose most of their bits, so distinct rows look identical to K-means.
+TINY_SCALE = 1e-15
+
+
+def too_few_rows_fix(x: torch.Tensor, n_distinct: int) -> str:
+    """The "Fix: ..." sentence of a "too few distinct rows" message for the rows ``x`` (any shape).
+
+    Usually: fewer codes or more data. But when ``x`` is so close to 0 that float32 cannot tell its
+    rows apart, it says so, and that a common scale fixes it.
+    """
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if 0 < m < TINY_SCALE:
+        return (
+            f"The rows hold no value larger than {m:.3g} in magnitude: their squared distances underflow "
+            f"float32, so distinct rows look identical. Fix: multiply the embeddings by a constant such as "
+            f"{1 / m:.0e} (the codes do not change with a common scale)."
+        )
+    return f"Fix: lower n_codes to {n_distinct} or less, or deduplicate/enlarge the training data."
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,23 @@ Refit rules (:func:`refit_checks`): the schedule is due, the distortion ratio ex
 ``1 + drift_threshold``, or the code-usage divergence exceeds its finite-sample bias by more than
 ``usage_threshold`` bits. A run that fitted the codebook encodes the rows it was fitted on: the
 report calls them the baseline, and no refit rule is evaluated on them.
+
+Nothing found in ``work_dir`` is trusted: :func:`read_current` refuses a pointer that is not one this
+package wrote (a symlink, not JSON, a key missing or of the wrong type, a path that resolves outside
+``work_dir``) with a :class:`PipelineStateError` that names the file, what is wrong and the fix; the
+``codes/current`` link is replaced, never followed, and only inside ``work_dir``; the lock is opened
+without following symlinks (:func:`vq_pipeline.encode_folder.folder_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +41,7 @@ from typing import Any
 from .codebook import Codebook
 from .encode_folder import folder_lock
 from .errors import InvalidInputError, PipelineStateError
-from .fileio import atomic_write_bytes, canonical_json, fsync_folder
+from .fileio import atomic_symlink, atomic_write_bytes, canonical_json, remove_temporaries, resolves_inside
 
 CURRENT_NAME = "codebooks/current.json"
 CURRENT_FORMAT = "vq-pipeline.current-codebook"
@@ -95,13 +104,17 @@ def link_current_codes(work_dir: str | Path, fingerprint: str) -> Path:
             f"codes_link={str(link)!r} is not a symlink; expected the link to the current codes folder. "
             f"Fix: move it away; the next run recreates the link."
         )
+    if not resolves_inside(link.parent, work_dir):
+        raise PipelineStateError(
+            f"codes={str(link.parent)!r} resolves to {os.path.realpath(link.parent)!r}, outside "
+            f"work_dir={str(work_dir)!r}; expected the work_dir's own codes folder. Fix: replace the symlink by a "
+            f"real folder (move the codes into it)."
+        )
     link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)  # a crashed run's leftover: the work_dir lock keeps other runs out
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_folder(link.parent)  # the rename itself survives a crash
-    return link
+    # A crashed switch's temporary link (only ours: its name has the package's pattern and this link's
+    # tag); the work_dir lock keeps other runs out.
+    remove_temporaries(link.parent, target=link, links=True)
+    return atomic_symlink(target, link)
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -205,21 +218,90 @@ def refit_reason(**kwargs: Any) -> str | None:
     return "; ".join(c["reason"] for c in refit_checks(**kwargs) if c["fired"]) or None
 
 
-def read_current(work_dir: str) -> dict[str, Any] | None:
-    """The current codebook's pointer and identity, or None when there is none yet."""
-    pointer = Path(work_dir) / CURRENT_NAME
-    if not pointer.is_file():
-        return None
+#: What a fingerprint looks like (sha256 hex digits); whether it is the codebook's is checked on loading.
+_FINGERPRINT = re.compile(r"[0-9a-f]{12,64}")
+_MAX_POINTER_BYTES = 2**20
+
+
+def _pointer_error(pointer: Path, problem: str) -> PipelineStateError:
+    return PipelineStateError(
+        f"current={str(pointer)!r} {problem}; expected the current-codebook pointer vq-pipeline writes: a JSON "
+        f"object with 'codebook' (a path inside the work_dir, e.g. 'codebooks/<fingerprint[:12]>.safetensors') "
+        f"and 'fingerprint' (the codebook's sha256, in hex). Fix: restore it from a backup, or delete it to start "
+        f"over with a fresh fit (the next run fits a new codebook; the codebooks and codes already there are kept)."
+    )
+
+
+def _read_pointer(pointer: Path) -> dict[str, Any] | None:
+    """The JSON object in ``pointer``, None when there is none; never follows a symlink."""
     try:
-        current = json.loads(pointer.read_text())
-        relative = current["codebook"]
-        recorded = current["fingerprint"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PipelineStateError(
-            f"current={str(pointer)!r} is not a current-codebook pointer ({type(e).__name__}: {e}); expected JSON with "
-            f"'codebook' and 'fingerprint'. Fix: restore it, or delete it to fit a new codebook."
-        ) from None
-    path = Path(work_dir) / relative
+        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _pointer_error(pointer, f"is a symlink (to {os.readlink(pointer)!r})") from None
+        if e.errno == errno.EISDIR:
+            raise _pointer_error(pointer, "is a folder") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_POINTER_BYTES:
+            raise _pointer_error(pointer, f"is not a regular file of at most {_MAX_POINTER_BYTES} bytes")
+        data = f.read()
+    try:
+        current = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise _pointer_error(pointer, f"is not valid JSON ({e})") from None
+    if not isinstance(current, dict):
+        raise _pointer_error(pointer, f"holds a JSON {type(current).__name__}, not an object")
+    return current
+
+
+def _inside_work_dir(work: Path, pointer: Path, name: str, value: Any) -> Path:
+    """The path ``value`` (the pointer's field ``name``), refused unless it is relative and resolves,
+    symlinks followed, inside ``work``."""
+    if not isinstance(value, str) or not value:
+        raise _pointer_error(pointer, f"has {name}={value!r}, not a path")
+    path = work / value
+    if Path(value).is_absolute() or ".." in Path(value).parts or not resolves_inside(path, work):
+        raise _pointer_error(
+            pointer,
+            f"has {name}={value!r}, which resolves to {os.path.realpath(path)!r}, outside work_dir={str(work)!r}",
+        )
+    return path
+
+
+def read_current(work_dir: str | Path) -> dict[str, Any] | None:
+    """The current codebook's pointer and identity, or None when there is none yet.
+
+    Raises:
+        PipelineStateError: ``codebooks/current.json`` is not a pointer this package wrote (not JSON,
+            not an object, a key missing or of the wrong type, a path that leads outside ``work_dir``,
+            a symlink), or the codebook it names is missing or has another fingerprint; the message
+            names the file, what is wrong and the fix.
+        CodebookFileError: the codebook file it names is not a readable codebook.
+    """
+    work = Path(work_dir)
+    pointer = work / CURRENT_NAME
+    current = _read_pointer(pointer)
+    if current is None:
+        return None
+    missing = [k for k in ("codebook", "fingerprint") if k not in current]
+    if missing:
+        raise _pointer_error(pointer, f"has no {' and no '.join(repr(k) for k in missing)}")
+    if current.get("format", CURRENT_FORMAT) != CURRENT_FORMAT:
+        raise _pointer_error(pointer, f"has format={current['format']!r}, not {CURRENT_FORMAT!r}")
+    recorded = current["fingerprint"]
+    if not isinstance(recorded, str) or not _FINGERPRINT.fullmatch(recorded):
+        raise _pointer_error(pointer, f"has fingerprint={recorded!r}, not a string of hex digits")
+    for name in ("since", "last_fit_at", "reason", "codes_link"):
+        if current.get(name) is not None and not isinstance(current[name], str):
+            raise _pointer_error(pointer, f"has {name}={current[name]!r}, not a string")
+    relative = current["codebook"]
+    path = _inside_work_dir(work, pointer, "codebook", relative)
+    if "codes" in current:
+        _inside_work_dir(work, pointer, "codes", current["codes"])
     if not path.is_file():
         raise PipelineStateError(
             f"codebook={relative!r} in {pointer} does not exist; expected the current codebook file. "
