@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vq_flows import cli
-from vq_pipeline import Codebook, InvalidInputError, OutputLockedError, fit_codebook
+from vq_pipeline import Codebook, InvalidInputError, OutputLockedError, StateError, fit_codebook
 from vq_pipeline.checkpoint import FitCheckpoint
 from vq_pipeline.paths import check_output_file, check_output_folder, lock_path, output_lock
 from vq_pipeline.pipeline import encode_tables, fit_from_tables
@@ -234,7 +234,7 @@ def test_the_lock_file_is_never_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     lock_path(tmp_path / "cb.safetensors").symlink_to(victim)
-    with pytest.raises(InvalidInputError, match="is a symlink"):
+    with pytest.raises(StateError, match="is a symlink"):
         with output_lock(tmp_path / "cb.safetensors", what="codebook"):
             pass
     assert victim.read_text() == "keep me\n"

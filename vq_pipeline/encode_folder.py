@@ -319,30 +319,6 @@ def _migrate_state(out: Path) -> None:
             old.rmdir()
 
 
-def _open_lock(path: Path) -> int:
-    """Open (or create) the lock file ``path`` read-write without following a symlink; refuse anything
-    but a regular file with one link (a hard link would make it another file's name)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    fix = "Fix: move it away (vq never follows or writes into a file it did not create); the next run creates the lock."
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StateError(
-                f"lock={str(path)!r} is a symlink (to {os.readlink(path)!r}); expected the lock file that "
-                f"vq-pipeline creates, a regular file. {fix}"
-            ) from None
-        if e.errno == errno.EISDIR:
-            raise StateError(f"lock={str(path)!r} is a folder; expected the lock file of vq-pipeline. {fix}") from None
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        os.close(fd)
-        what = "is not a regular file" if not stat.S_ISREG(info.st_mode) else f"has {info.st_nlink} hard links"
-        raise StateError(f"lock={str(path)!r} {what}; expected the lock file of vq-pipeline. {fix}")
-    return fd
-
-
 @contextlib.contextmanager
 def folder_lock(lock_file: str | os.PathLike[str], *, folder: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the exclusive lock ``lock_file`` for ``folder``, or fail at once if another run holds it.
@@ -354,7 +330,7 @@ def folder_lock(lock_file: str | os.PathLike[str], *, folder: str | os.PathLike[
     path = Path(lock_file)
     _refuse_symlinked_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(_open_lock(path), "r+b") as f:
+    with os.fdopen(fileio.open_lock(path), "r+b") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

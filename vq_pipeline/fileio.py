@@ -29,6 +29,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import BinaryIO
 
+from .errors import StateError
+
 #: Every temporary file or link the package creates is named so: ``.vq-`` + 16 hex digits + ``.tmp``.
 TEMPORARY_PATTERN = re.compile(r"\.vq-[0-9a-f]{16}\.tmp")
 _TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".vq-", ".tmp"
@@ -184,6 +186,30 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(dir_fd)
 
 
+def open_lock(path: Path) -> int:
+    """Open (or create) the lock file ``path`` read-write without following a symlink; refuse anything
+    but a regular file with one link (a hard link would make it another file's name)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fix = "Fix: move it away (vq never follows or writes into a file it did not create); the next run creates the lock."
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateError(
+                f"lock={str(path)!r} is a symlink (to {os.readlink(path)!r}); expected the lock file that "
+                f"vq-pipeline creates, a regular file. {fix}"
+            ) from None
+        if e.errno == errno.EISDIR:
+            raise StateError(f"lock={str(path)!r} is a folder; expected the lock file of vq-pipeline. {fix}") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(info.st_mode) else f"has {info.st_nlink} hard links"
+        raise StateError(f"lock={str(path)!r} {what}; expected the lock file of vq-pipeline. {fix}")
+    return fd
+
+
 __all__ = [
     "TEMPORARY_PATTERN",
     "atomic_symlink",
@@ -193,6 +219,7 @@ __all__ = [
     "current_umask",
     "fsync_folder",
     "is_temporary_name",
+    "open_lock",
     "remove_temporaries",
     "resolves_inside",
     "temporary_name",

@@ -21,17 +21,16 @@ Remote inputs and outputs (``s3://`` …) are not checked: their stores have no 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import glob as _glob
 import hashlib
 import os
-import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInputError, OutputLockedError
+from .fileio import open_lock
 from .settings import TABLE_SUFFIXES
 
 _WILDCARDS = "*?["
@@ -226,7 +225,7 @@ def output_lock(path: str | os.PathLike[str], *, what: str) -> Iterator[None]:
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = _open_lock(lock, path, what)
+        fd = open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -249,26 +248,6 @@ def output_lock(path: str | os.PathLike[str], *, what: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)  # while still locked: no other run holds this file
         os.close(fd)
-
-
-def _open_lock(lock: Path, path: str | os.PathLike[str], what: str) -> int:
-    """Open (or create) the lock file ``lock`` without following a symlink; refuse anything but a file."""
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidInputError(
-                f"lock file {str(lock)!r} of {what} {str(path)!r} is a symlink; expected vq's own lock file. "
-                f"Fix: remove the symlink."
-            ) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InvalidInputError(
-            f"lock file {str(lock)!r} of {what} {str(path)!r} is not a regular file; expected vq's own lock file. "
-            f"Fix: remove it."
-        )
-    return fd
 
 
 __all__ = [
