@@ -7,12 +7,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that `vq --help`, `vq --version` and `vq inspect` load: they must not import torch or polars.
-LIGHT = {"vq_pipeline/settings.py", "vq_pipeline/codebook_file.py", "vq_pipeline/fileio.py", "vq_pipeline/errors.py"}
+LIGHT = {
+    "vq_pipeline/settings.py",
+    "vq_pipeline/codebook_file.py",
+    "vq_pipeline/fileio.py",
+    "vq_pipeline/errors.py",
+    "vq_pipeline/paths.py",
+    "vq_pipeline/display.py",
+}
 # module (top-level import name) -> the only files allowed to import it
 OWNERS = {
     "pykeops": {"vq_pipeline/engines/keops.py"},
     "safetensors": {"vq_pipeline/codebook_file.py"},
-    "polars": {"vq_pipeline/tables.py"},
+    "polars": {"vq_pipeline/tables.py", "vq_pipeline/parquet_pages.py"},  # the table readers
 }
 
 

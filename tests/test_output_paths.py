@@ -289,3 +289,14 @@ def test_denormal_rows_have_a_direction_under_cosine() -> None:
     zero = torch.zeros(3, DIM)
     with pytest.raises(InvalidInputError, match=r"x\[0\] has norm 0"):
         fit_codebook(torch.cat([zero, x]), 4, metric="cosine", engine="torch")
+
+
+def test_encode_out_under_a_regular_file_is_refused_before_any_work(codebook_file: Path, tmp_path: Path) -> None:
+    data = make_data(tmp_path)
+    (tmp_path / "notes").write_text("a file\n")
+    before = tree(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"out_dir=.*lies under .*notes.*which is a file, not a folder"):
+        encode_tables([str(data)], str(codebook_file), str(tmp_path / "notes" / "codes"), column="embedding")
+    with pytest.raises(InvalidInputError, match=r"out_dir=.*notes.* is a file; expected a folder"):
+        encode_tables([str(data)], str(codebook_file), str(tmp_path / "notes"), column="embedding")
+    assert tree(tmp_path) == before

@@ -112,7 +112,13 @@ class KeOpsEngine:
     def nearest(
         self, x: torch.Tensor, c: torch.Tensor, k: int, *, distances: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """See :meth:`vq_pipeline.engines.Engine.nearest` (``min_argmin`` gives the distances for free)."""
+        """See :meth:`vq_pipeline.engines.Engine.nearest` (``min_argmin`` gives the distances for free).
+
+        Exact without further checks: each pair's distance is evaluated in the direct form, so its
+        float32 rounding is relative to that distance itself (at most ``gamma_{dim+2}`` of it), never to
+        ``|x|^2`` or to the codebook's extent as in a matrix-product expansion; codes are told apart
+        whenever their distances differ by more than that.
+        """
         LazyTensor = _lazy_tensor()
         x_i = LazyTensor(x[:, None, :])  # (n, 1, dim) symbolic
         c_j = LazyTensor(c[None, :, :])  # (1, m, dim) symbolic
