@@ -300,3 +300,18 @@ def test_encode_out_under_a_regular_file_is_refused_before_any_work(codebook_fil
     with pytest.raises(InvalidInputError, match=r"out_dir=.*notes.* is a file; expected a folder"):
         encode_tables([str(data)], str(codebook_file), str(tmp_path / "notes"), column="embedding")
     assert tree(tmp_path) == before
+
+
+def test_encode_out_inside_a_symlinked_input_folder_is_refused(codebook_file: Path, tmp_path: Path) -> None:
+    """Discovery follows symlinked folders, so a folder they lead to is an input folder too."""
+    data = make_data(tmp_path)
+    rng = np.random.default_rng(1)
+    outside = tmp_path / "elsewhere" / "part"
+    write_embeddings(outside / "c.parquet", np.arange(100, 110), rng.normal(size=(10, DIM)).astype(np.float32))
+    (data / "part").symlink_to(outside)
+    before = tree(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"out_dir=.*a folder the inputs reach.*symlinked folder"):
+        encode_tables([str(data)], str(codebook_file), str(outside / "codes"), column="embedding", engine="torch")
+    assert tree(tmp_path) == before and not (outside / "codes").exists()
+    result = encode_tables([str(data)], str(codebook_file), str(tmp_path / "codes"), column="embedding", engine="torch")
+    assert sorted(result.encoded) == ["a.parquet", "part/c.parquet", "sub/b.parquet"]

@@ -55,7 +55,7 @@ from .codebook import Codebook
 from . import fileio
 from .fileio import atomic_write_bytes, canonical_json
 from .errors import DimensionMismatchError, EncodeLockedError, InvalidInputError, StateError
-from .paths import check_output_folder
+from .paths import check_output_folder, check_output_folder_against_tables
 from .settings import DEFAULT_BATCH_ROWS
 from .tables import Source
 from .validate import check_int
@@ -438,6 +438,7 @@ def plan_encode(
     )
     tables.code_dtype(codebook.n_codes, settings.code_dtype)  # refuses an unknown or too narrow type up front
     sources = tables.discover(inputs, storage_options=storage_options)
+    check_output_folder_against_tables("out_dir", out, inputs, [s.uri for s in sources])
     _check_outputs(out, sources)
     for s in sources:
         info = tables.inspect_source(

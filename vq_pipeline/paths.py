@@ -2,7 +2,7 @@
 never touches an input or a file that vq did not write, and the lock that gives one writer per output.
 
 Every path is resolved first, following symlinks (``os.path.realpath``), so that ``data``,
-``./data/``, a symlink to it and an empty ``--out ""`` run inside it are one and the same folder.
+``./data/`` and a symlink to it are one and the same folder (an empty ``--out ""`` is refused).
 
 The rule (:func:`check_output_folder`, :func:`check_output_file`):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob as _glob
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -75,9 +74,6 @@ def input_places(inputs: Sequence[str | os.PathLike[str]]) -> list[InputPlace]:
             first = min(i for i, ch in enumerate(given) if ch in _WILDCARDS)
             root = given[:first].rpartition(os.sep)[0] or ("/" if given.startswith("/") else ".")
             places.append(InputPlace(resolved(root), True, given))
-            # A glob may also match files through symlinks that leave its root.
-            for match in _glob.glob(given, recursive=True):
-                places.append(InputPlace(resolved(match), os.path.isdir(match), given))
     return places
 
 
@@ -129,6 +125,29 @@ def check_output_folder(name: str, out: str | os.PathLike[str], inputs: Sequence
             f"Fix: pass a {name} outside {str(base)!r}, such as {name} {fixed}."
         )
     return folder
+
+
+def check_output_folder_against_tables(
+    name: str, out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], tables: Sequence[str]
+) -> None:
+    """Refuse an output folder inside a folder that the search of ``inputs`` reached: the folder of
+    any discovered table ``tables`` that was not named on its own (a folder search follows symlinked
+    folders, which may lead anywhere, so :func:`check_output_folder` cannot see them all)."""
+    if not is_local(out):
+        return
+    folder = resolved(out)
+    named = {resolved(raw) for raw in inputs if is_local(raw) and os.path.isfile(raw)}
+    for table in tables:
+        if not is_local(table) or resolved(table) in named:
+            continue
+        searched = resolved(table).parent
+        if _inside(folder, searched):
+            raise InvalidInputError(
+                f"{name}={os.fspath(out)!r} lies in {str(searched)!r}, a folder the inputs reach (it holds the input "
+                f"{table!r}, found through a symlinked folder); expected an output folder outside every input "
+                f"folder, or the next run would read the outputs as inputs. Fix: pass a {name} outside it, such as "
+                f"{name} {searched.parent / (searched.name + '-codes')}."
+            )
 
 
 def check_output_file(
@@ -255,6 +274,7 @@ __all__ = [
     "check_name_length",
     "check_output_file",
     "check_output_folder",
+    "check_output_folder_against_tables",
     "input_places",
     "is_local",
     "lock_path",
