@@ -588,8 +588,7 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     if args.dask:
         _check_fit_outputs(args.data, out, None)
         _warn_if_small_for_dask(args, console)
-        with output_lock(out, what="codebook"):
-            return _fit_on_dask(args, console, out, t0)
+        return _fit_on_dask(args, console, out, t0)  # the fit-codebook flow locks ``out`` itself
     if args.checkpoint == "none":
         checkpoint = None
     elif args.checkpoint:

@@ -113,6 +113,20 @@ def test_vq_encode_dask_local_cluster(cluster, tmp_path: Path, capsys: pytest.Ca
     assert snapshot(tmp_path / "dask") == expected
 
 
+def test_vq_fit_dask_writes_the_codebook_and_leaves_no_lock(cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vq fit --dask ADDRESS` checks and locks its --out once (in the flow), saves, and cleans up."""
+    from vq_flows.cli import main
+    from vq_pipeline.paths import lock_path
+
+    address, _ = cluster
+    make_parts(tmp_path / "in", n_parts=2, n_rows=400)
+    out = tmp_path / "cb.safetensors"
+    rc = main(["fit", str(tmp_path / "in"), "--column", "embedding", "--codes", str(N_CODES), "--iters", "3",
+               "--out", str(out), "--dask", address, "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert Codebook.load(out).n_codes == N_CODES and not lock_path(out).exists()
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_fit_on_dask_matches_a_local_fit_from_the_same_init(cluster, tmp_path: Path, metric: str) -> None:
     address, _ = cluster
