@@ -2,7 +2,7 @@
 
 Run by ``benchmarks/gpu_check.sh`` (which sets up the environment); directly::
 
-    OUT=/some/dir python benchmarks/gpu_bench.py [--quick]
+    OUT=/some/dir python benchmarks/gpu_bench.py [--quick] [--dry-run]
 
 Shapes (the tutorial's): 10k x 2 with K=50 and 1M x 100 with K=1000; metrics 'l2' and 'cosine';
 10 Lloyd iterations from the same initial centroids (the first K rows, L2-normalized for cosine).
@@ -25,6 +25,10 @@ oracle on the GPU (tie-aware: decisive rows, second-best minus best > 1e-5 x sec
 
 Writes ``$OUT/gpu_bench.json`` and ``$OUT/gpu_bench.md`` and prints the markdown table. Exits with
 status 2 and the message "no CUDA GPU" on a machine without one.
+
+``--dry-run`` (used by ``GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh``): the same rows and files
+on the CPU with tiny shapes (2k x 2 K=16, 5k x 16 K=32), 2 iterations, 1 timed run, wall-clock timing;
+peak GPU memory is null. It checks that the script runs, not how fast anything is.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = [(10_000, 2, 50), (1_000_000, 100, 1000)]
+DRY_SHAPES = [(2_000, 2, 16), (5_000, 16, 32)]
 N_ITER = 10
+DRY_N_ITER = 2
+DEVICE = "cuda"  # "cpu" with --dry-run
 TIE_RTOL = 1e-5
 TUTORIAL_MS = {("l2", 1_000_000): 56.8, ("cosine", 1_000_000): 30.2}  # the tutorial's published GPU numbers
 
@@ -65,6 +72,13 @@ def log(msg: str) -> None:
 def cuda_time(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
     """Seconds of ``repeats`` runs of ``fn`` (CUDA events), after one warm-up run; and the last result."""
     out = fn()  # warm-up (KeOps compiles here)
+    if DEVICE == "cpu":  # dry run: wall clock
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return times, out
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -137,14 +151,15 @@ def floor_fit(x: torch.Tensor, init: torch.Tensor, metric: str) -> torch.Tensor:
 def ours_fit(engine: str, x: torch.Tensor, init: torch.Tensor, metric: str, store: dict) -> torch.Tensor:
     from vq_pipeline import fit_codebook
 
-    cb = fit_codebook(x, init.shape[0], metric=metric, init=init.clone(), n_iter=N_ITER, tol=0.0, engine=engine, device="cuda")
+    k = init.shape[0]
+    cb = fit_codebook(x, k, metric=metric, init=init.clone(), n_iter=N_ITER, tol=0.0, engine=engine, device=DEVICE)
     store.setdefault("iteration_seconds", []).extend(cb.timings["iteration_seconds"])
     store["codebook"] = cb
     return cb.centroids
 
 
 def oracle_top2(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c64 = c.double().cuda()
+    c64 = c.double().to(DEVICE)
     shift = c64.mean(0)
     cs = c64 - shift
     cn = cs.square().sum(1)
@@ -171,6 +186,17 @@ def mismatches(codes: torch.Tensor, orc: tuple[torch.Tensor, torch.Tensor, torch
 # ------------------------------------------------------------------------------------- driver
 
 
+def _mem_reset() -> int:
+    if DEVICE == "cpu":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _mem_peak_mib(base: int) -> float | None:
+    return None if DEVICE == "cpu" else (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from vq_pipeline.engines import auto_engine_name, keops as keops_mod
 
@@ -179,34 +205,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keops_ok = keops_mod.available()
     res: dict[str, Any] = {
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": "cpu (dry run)" if DEVICE == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
         "keops_available": keops_ok, "keops_reason": None if keops_ok else keops_mod.unavailable_reason(),
-        "n_iter": N_ITER, "repeats": args.repeats, "rows": [],
+        "n_iter": N_ITER, "repeats": args.repeats, "dry_run": DEVICE == "cpu", "rows": [],
     }
     shapes = [(n // 10 if args.quick and n > 10_000 else n, d, k) for n, d, k in SHAPES]
+    if DEVICE == "cpu":
+        shapes = DRY_SHAPES
     for n, dim, k in shapes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x_l2 = torch.randn(n, dim, device="cuda", generator=g)  # the tutorial's data: randn(N, D)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x_l2 = torch.randn(n, dim, device=DEVICE, generator=g)  # (n, dim): the tutorial's data, randn(N, D)
         for metric in ("l2", "cosine"):
             x = torch.nn.functional.normalize(x_l2, dim=1) if metric == "cosine" else x_l2
             init = x[:k].clone()
             orc = oracle_top2(x, init, metric)  # assignment step checked on the initial centroids
-            auto = auto_engine_name(torch.device("cuda"), dim)
+            auto = auto_engine_name(torch.device(DEVICE), dim)
             methods: list[tuple[str, Callable[[], Any], Callable[[], torch.Tensor]]] = []
             stores: dict[str, dict] = {"ours keops": {}, "ours torch": {}}
             if keops_ok:
                 methods.append(("keops-tutorial", lambda: tutorial_fit(x, init, metric), lambda: tutorial_assign(x, init, metric)))
                 methods.append(("ours keops", lambda: ours_fit("keops", x, init, metric, stores["ours keops"]),
-                                lambda: stores["ours keops"]["codebook"].encode(x, engine="keops", device="cuda")))
+                                lambda: stores["ours keops"]["codebook"].encode(x, engine="keops", device=DEVICE)))
             methods.append(("ours torch", lambda: ours_fit("torch", x, init, metric, stores["ours torch"]),
-                            lambda: stores["ours torch"]["codebook"].encode(x, engine="torch", device="cuda")))
+                            lambda: stores["ours torch"]["codebook"].encode(x, engine="torch", device=DEVICE)))
             methods.append(("cuBLAS floor", lambda: floor_fit(x, init, metric), lambda: floor_assign(x, init, metric)))
             methods.append(("cuBLAS floor, TF32", lambda: _tf32(lambda: floor_fit(x, init, metric)), lambda: _tf32(lambda: floor_assign(x, init, metric))))
             for name, fit, assign in methods:
                 row: dict[str, Any] = {"shape": f"{n:,} × {dim}, K={k}", "n": n, "dim": dim, "k": k, "metric": metric, "method": name, "auto": auto}
                 try:
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
+                    base = _mem_reset()
                     t0 = time.perf_counter()
                     times, _ = cuda_time(fit, args.repeats)
                     row["warmup_plus_runs_s"] = time.perf_counter() - t0
@@ -215,11 +243,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if name.startswith("ours"):
                         its = stores[name]["iteration_seconds"]
                         row["ms_per_iter_median_iteration"] = 1000 * statistics.median(its)
-                    row["peak_gpu_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    row["peak_gpu_mib"] = _mem_peak_mib(base)
                     if name.startswith("ours"):  # encode uses the fitted codebook: check it on its own centroids
                         cb = stores[name]["codebook"]
                         enc_times, codes = cuda_time(assign, 3)
-                        row["encode_mismatch"] = mismatches(codes, oracle_top2(x, cb.centroids.cuda(), metric))
+                        row["encode_mismatch"] = mismatches(codes, oracle_top2(x, cb.centroids.to(DEVICE), metric))
                     else:
                         enc_times, codes = cuda_time(assign, 3)
                         row["encode_mismatch"] = mismatches(codes, orc)
@@ -231,7 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"  {row['shape']} {metric:6s} {name:20s} " + (f"{row['ms_per_iter']:.2f} ms/iter" if "ms_per_iter" in row else row.get("error", "")))
             del x
         del x_l2
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return res
 
 
@@ -251,8 +280,9 @@ def _tf32(fn: Callable[[], Any]) -> Any:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = [f"GPU: {res['device']} · torch {res['torch']} (CUDA {res['cuda']}) · KeOps available: {res['keops_available']} · {res['started']}",
-             f"{res['n_iter']} iterations, same init (first K rows), CUDA events, 1 warm-up + median of {res['repeats']} runs", "",
+    dry = "DRY RUN (CPU, tiny shapes; times mean nothing) · " if res.get("dry_run") else ""
+    lines = [f"{dry}GPU: {res['device']} · torch {res['torch']} (CUDA {res['cuda']}) · KeOps available: {res['keops_available']} · {res['started']}",
+             f"{res['n_iter']} iterations, same init (first K rows), {'wall clock' if res.get('dry_run') else 'CUDA events'}, 1 warm-up + median of {res['repeats']} runs", "",
              "| shape | metric | method | ms / iteration | ours: median iteration ms | tutorial's published ms | encode rows/s | peak GPU MiB | oracle mismatches (decisive) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -264,7 +294,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['shape']} | {r['metric']} | {r['method']}{' (auto)' if r['method'] == 'ours ' + r['auto'] else ''} | {r['ms_per_iter']:.2f} | "
             f"{r.get('ms_per_iter_median_iteration', float('nan')):.2f} | {pub if pub else ''} | {r.get('encode_rows_per_s', float('nan')):.3g} | "
-            f"{r['peak_gpu_mib']:.0f} | {mm.get('wrong', '?')}/{mm.get('decisive', '?')} |"
+            f"{'-' if r['peak_gpu_mib'] is None else format(r['peak_gpu_mib'], '.0f')} | {mm.get('wrong', '?')}/{mm.get('decisive', '?')} |"
         )
     return "\n".join(lines)
 
@@ -273,8 +303,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="KeOps tutorial table vs vq-pipeline on one CUDA GPU")
     ap.add_argument("--quick", action="store_true", help="1M rows -> 100k (smoke run)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, 2 iterations: checks the script only")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE, N_ITER
+    if args.dry_run:
+        DEVICE, N_ITER, args.repeats = "cpu", DRY_N_ITER, 1
+    elif not torch.cuda.is_available():
         print("no CUDA GPU: torch.cuda.is_available() is False; nothing to measure", file=sys.stderr)
         return 2
     out = Path(os.environ.get("OUT") or REPO / "benchmarks" / "results" / "gpu")

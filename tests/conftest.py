@@ -19,7 +19,12 @@ from vq_pipeline.engines import keops  # noqa: E402
 
 ENGINES = ["torch", pytest.param("keops", marks=pytest.mark.skipif(not keops.available(), reason="pykeops unavailable"))]
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The device of the CUDA tests: "cuda", or "cpu" to run the same bodies on the CPU (the dry run of
+# benchmarks/gpu_check.sh sets VQ_TEST_DEVICE=cpu, so those tests are exercised without a GPU).
+GPU_DEVICE = os.environ.get("VQ_TEST_DEVICE") or "cuda"
+if GPU_DEVICE not in ("cuda", "cpu"):
+    raise ValueError(f"VQ_TEST_DEVICE={GPU_DEVICE!r}: expected 'cuda' or 'cpu'. Fix: unset it, or set it to cpu for a dry run.")
+cuda = pytest.mark.skipif(GPU_DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ENGINES, assert_codes_match, cuda, oracle
+from conftest import ENGINES, GPU_DEVICE, assert_codes_match, cuda, oracle
 from vq_pipeline import Codebook
 from vq_pipeline.engines import get_engine
 from vq_pipeline.validate import normalize_rows
@@ -220,7 +220,7 @@ def test_cuda_scalar_quantizer_and_grid_are_exact(engine: str) -> None:
     g = torch.Generator().manual_seed(4)
     x2 = torch.cat([rows_in_cells(cells, 256, 1000.0, 2000, g), (torch.rand((1000, 2), generator=g) + 1000.0)])
     for rows, codes in ((x, c), (x2, c2)):
-        eng = get_engine(engine, torch.device("cuda"), rows.shape[1])
+        eng = get_engine(engine, torch.device(GPU_DEVICE), rows.shape[1])
         for k in (1, 3):
-            _, idx = eng.nearest(rows.cuda(), codes.cuda(), k)
+            _, idx = eng.nearest(rows.to(GPU_DEVICE), codes.to(GPU_DEVICE), k)
             assert check_codes(idx.cpu(), rows, codes) > 0.4 * rows.shape[0]
