@@ -354,59 +354,6 @@ def _held_output(out: str, inputs: Sequence[str]) -> contextlib.AbstractContextM
     return contextlib.nullcontext() if template else output_lock(out, what="codebook")
 
 
-def _fit(
-    inputs: list[str],
-    column: str,
-    n_codes: int,
-    out: str,
-    *,
-    metric: str,
-    n_iter: int,
-    tol: float,
-    init: str,
-    seed: int,
-    sample: int | None,
-    engine: str,
-    device: str | None,
-    warm_start: str | None,
-    dask: str | None,
-) -> dict[str, Any]:
-    """The fit of :func:`fit_codebook_flow`: on Dask, or in this process."""
-    if dask and sample is None:
-        return fit_on_dask(
-            dask,
-            inputs,
-            column,
-            n_codes,
-            out,
-            metric=metric,
-            n_iter=n_iter,
-            tol=tol,
-            init=init,
-            seed=seed,
-            engine=engine,
-            device=device,
-            warm_start=warm_start,
-        )
-    if dask:
-        get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
-    return fit_task(
-        inputs,
-        column,
-        n_codes,
-        out,
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        sample=sample,
-        engine=engine,
-        device=device,
-        warm_start=warm_start,
-    )
-
-
 @flow(name="fit-codebook")
 def fit_codebook_flow(
     inputs: list[str],
@@ -441,22 +388,40 @@ def fit_codebook_flow(
         ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
     """
     with _held_output(out, inputs):
-        summary = _fit(
-            inputs,
-            column,
-            n_codes,
-            out,
-            metric=metric,
-            n_iter=n_iter,
-            tol=tol,
-            init=init,
-            seed=seed,
-            sample=sample,
-            engine=engine,
-            device=device,
-            warm_start=warm_start,
-            dask=dask,
-        )
+        if dask and sample is None:
+            summary = fit_on_dask(
+                dask,
+                inputs,
+                column,
+                n_codes,
+                out,
+                metric=metric,
+                n_iter=n_iter,
+                tol=tol,
+                init=init,
+                seed=seed,
+                engine=engine,
+                device=device,
+                warm_start=warm_start,
+            )
+        else:
+            if dask:
+                get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
+            summary = fit_task(
+                inputs,
+                column,
+                n_codes,
+                out,
+                metric=metric,
+                n_iter=n_iter,
+                tol=tol,
+                init=init,
+                seed=seed,
+                sample=sample,
+                engine=engine,
+                device=device,
+                warm_start=warm_start,
+            )
     create_markdown_artifact(
         markdown=fit_markdown(summary),
         key=FIT_ARTIFACT_KEY,
