@@ -56,7 +56,7 @@ from . import fileio
 from .fileio import atomic_write_bytes, canonical_json
 from .errors import DimensionMismatchError, EncodeLockedError, InvalidInputError, StateError
 from .paths import check_output_folder, check_output_folder_against_tables
-from .settings import DEFAULT_BATCH_ROWS
+from .settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
 from .tables import Source
 from .validate import check_int
 
@@ -76,36 +76,6 @@ log = logging.getLogger(__name__)
 RowProgress = Callable[[str, int, int], None]
 #: Called once as on_plan(rows_to_encode_by_key, skipped_keys) before any file is encoded.
 PlanCallback = Callable[[dict[str, int], list[str]], None]
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    """What an encode run writes; a folder's outputs all share one codebook and one of these."""
-
-    column: str
-    id_column: str | None = None
-    top_k: int = 1
-    with_distance: bool = False
-    keep: tuple[str, ...] = ()
-    #: The ``code`` column's integer type (a ``tables.CODE_DTYPES`` name); None: the smallest that fits.
-    code_dtype: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {**asdict(self), "keep": list(self.keep)}
-        if self.code_dtype is None:  # folders written before the option existed keep matching
-            del d["code_dtype"]
-        return d
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    """How an encode run computes (does not change the codes away from near-ties)."""
-
-    engine: str = "auto"
-    device: str | None = None
-    batch_rows: int = DEFAULT_BATCH_ROWS
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
-    storage_options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -572,7 +542,7 @@ def encode_source(
     codebook: Codebook,
     out_dir: str | os.PathLike[str],
     settings: EncodeSettings,
-    options: EncodeOptions = EncodeOptions(),
+    options: EncodeOptions | None = None,
     *,
     progress: RowProgress | None = None,
 ) -> dict[str, Any]:
@@ -580,6 +550,7 @@ def encode_source(
 
     Safe to run concurrently for different sources of one folder (each writes its own files).
     """
+    options = EncodeOptions() if options is None else options
     out = Path(out_dir)
     input_stat = tables.file_stat(source)
     fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
