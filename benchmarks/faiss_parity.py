@@ -334,7 +334,7 @@ def check_ours(cb: Codebook, x: np.ndarray, orc: Oracle, engines: list[str]) -> 
     mism: dict[str, Any] = {"n_rows": int(len(decisive)), "near_ties": int((~decisive).sum())}
     for eng in engines:
         t0 = time.perf_counter()
-        codes = cb.encode(x, engine=eng, device="cpu").numpy()
+        codes = cb.encode(x, engine=eng, device="cpu")
         wrong = codes != orc.best
         mism[eng] = {
             "raw": int(wrong.sum()),

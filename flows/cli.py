@@ -4,7 +4,7 @@
 
     vq fit DATA... --column COL --codes K --out CODEBOOK.safetensors [--metric cosine] [--json]
     vq encode DATA... --codebook CODEBOOK.safetensors --column COL --out OUT_DIR [--json]
-    vq inspect CODEBOOK.safetensors [--json]
+    vq inspect CODEBOOK.safetensors [--json] [--plot OUT.png]
     vq --version
 
 stdout carries only the result (one summary line, or one JSON object with ``--json``) so that a
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -39,13 +40,14 @@ from vq_pipeline import __version__
 from vq_pipeline.display import safe_text
 from vq_pipeline.errors import InvalidInputError, VQError
 from vq_pipeline.paths import check_output_file, check_output_folder, is_local, output_lock
-from vq_pipeline.settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, DEFAULT_METRIC, ENGINES, INITS, METRICS
+from vq_pipeline.settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, ENGINES, INITS, METRICS, FitSettings
 
 if TYPE_CHECKING:
     from vq_pipeline.codebook import Codebook
     from vq_pipeline.codebook_file import CodebookInfo
     from vq_pipeline.kmeans import InitProgress, IterationStats
     from vq_pipeline.pipeline import EncodeResult
+    from rich.progress import Progress, ProgressColumn, TaskID
 
 #: Exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -117,7 +119,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
 
 
 def _add_compute_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=ENGINES, default="auto", help="compute engine (default: auto)")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default=FitSettings.engine, help="compute engine (default: %(default)s)"
+    )
     parser.add_argument(
         "--device",
         default=None,
@@ -147,21 +151,36 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("data", nargs="+", metavar="DATA", help="table files, globs or folders (local or object storage)")
     fit.add_argument("--column", required=True, help="the embedding column")
     fit.add_argument("--codes", required=True, type=_int_at_least(1), metavar="K", help="number of codes (centroids)")
-    fit.add_argument("--metric", choices=METRICS, default=DEFAULT_METRIC, help=f"distance (default: {DEFAULT_METRIC})")
+    # Defaults: vq_pipeline.FitSettings, the one source of the fit's defaults.
+    fit.add_argument("--metric", choices=METRICS, default=FitSettings.metric, help="distance (default: %(default)s)")
     fit.add_argument(
-        "--iters", type=_int_at_least(0), default=50, metavar="N", help="at most N Lloyd updates (default: 50)"
+        "--iters",
+        type=_int_at_least(0),
+        default=FitSettings.n_iter,
+        metavar="N",
+        help="at most N Lloyd updates (default: %(default)s)",
     )
     fit.add_argument(
         "--tol",
         type=_non_negative_float,
-        default=1e-4,
+        default=FitSettings.tol,
         metavar="T",
-        help="stop when the objective's relative decrease is <= T (default: 1e-4)",
+        help="stop when the objective's relative decrease is <= T (default: %(default)s)",
     )
-    fit.add_argument("--init", choices=INITS, default="k-means++", help="initialization (default: k-means++)")
-    fit.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random choice (default: 0)")
+    fit.add_argument("--init", choices=INITS, default=FitSettings.init, help="initialization (default: %(default)s)")
     fit.add_argument(
-        "--n-init", type=_int_at_least(1), default=1, metavar="R", help="seeded restarts; the best is kept (default: 1)"
+        "--seed",
+        type=int,
+        default=FitSettings.seed,
+        metavar="S",
+        help="seed of every random choice (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--n-init",
+        type=_int_at_least(1),
+        default=FitSettings.n_init,
+        metavar="R",
+        help="seeded restarts; the best is kept (default: %(default)s)",
     )
     fit.add_argument(
         "--sample", type=_int_at_least(1), default=None, metavar="N", help="fit on a seeded sample of N rows"
@@ -228,7 +247,7 @@ def _add_encode_options(enc: argparse.ArgumentParser) -> None:
 class _CommandParser(argparse.ArgumentParser):
     """A subcommand's parser that adds its options when first used: to parse, or to print help or usage.
 
-    ``vq fit`` and ``vq encode`` take their choices and defaults from the library (DEFAULT_METRIC,
+    ``vq fit`` and ``vq encode`` take their choices and defaults from the library (FitSettings,
     DEFAULT_BATCH_ROWS...), whose modules import torch and polars; ``vq --help``, ``vq --version``
     and ``vq inspect`` never build those options, so they never pay for those imports.
     """
@@ -288,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", help="describe a codebook file", description="Describe a codebook file.")
     ins.add_argument("codebook", metavar="CODEBOOK.safetensors")
     ins.add_argument("--json", action="store_true", help="print Codebook.summary() as JSON")
+    ins.add_argument(
+        "--plot",
+        default=None,
+        metavar="OUT.png",
+        help="also draw the cluster sizes and the objective per iteration into OUT.png "
+        "(needs matplotlib: pip install 'vq-pipeline[plot]')",
+    )
     _add_global_options(ins, in_subcommand=True)
     ins.set_defaults(handler=cmd_inspect)
     return parser
@@ -297,57 +323,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Console:
-    """Where the command writes: results to stdout, progress, warnings and errors to stderr.
+    """Where the command writes: results to stdout; progress, warnings and errors to stderr.
 
-    Remembers whether a progress bar left the cursor mid-line, so that whatever is written to
-    stderr next (an error, a warning) starts on a fresh line.
+    On a terminal, progress is a rich.progress display on stderr, redrawn in place (:meth:`live`);
+    a line written to stderr while it shows goes above it, and a result or an error ends it (so the
+    cursor is back and nothing is left mid-line). Every line on stderr goes through ``safe_text``,
+    and rich receives it as plain text, never as markup: a file name or a quoted file value can
+    neither drive the terminal nor style it.
     """
 
     def __init__(self, *, quiet: bool, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
         self.quiet = quiet
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        self._open_line = False
+        self._bars: Progress | None = None
 
     def result(self, text: str) -> None:
+        self.stop_live()
         print(text, file=self.stdout, flush=True)
 
     def progress(self, text: str) -> None:
         if not self.quiet:
-            self.end_line()
-            print(safe_text(text), file=self.stderr, flush=True)
-
-    def draw(self, text: str) -> None:
-        """Redraw the current terminal line (the caller checked that stderr is a TTY)."""
-        if not self.quiet:
-            text, columns = safe_text(text), self._columns()  # file names may hold control characters
-            if columns:
-                text = text[: columns - 1]  # a wrapped line could not be redrawn in place
-            self.stderr.write("\r\x1b[2K" + text)  # carriage return, then erase the old, longer line
-            self.stderr.flush()
-            self._open_line = True
-
-    def end_line(self) -> None:
-        if self._open_line:
-            self.stderr.write("\n")
-            self.stderr.flush()
-            self._open_line = False
+            self.line(text)
 
     def warning(self, text: str) -> None:
         """A ``warning: ...`` line; shown with ``--quiet`` too (it is not progress)."""
-        self.error(f"warning: {text}")
+        self.line(f"warning: {text}")
 
     def error(self, text: str) -> None:
-        """One line on stderr; control characters in it (from file names or file contents quoted by a
-        message) are shown as escapes, so they cannot drive the terminal."""
-        self.end_line()
-        print(safe_text(text), file=self.stderr, flush=True)
+        """One line on stderr, after the progress display ends; control characters in it (from file
+        names or file contents quoted by a message) are shown as escapes."""
+        self.stop_live()
+        self.line(text)
 
-    def _columns(self) -> int | None:
-        try:
-            return os.get_terminal_size(self.stderr.fileno()).columns
-        except (AttributeError, OSError, ValueError):  # not a terminal (a StringIO has no fileno)
-            return None
+    def line(self, text: str) -> None:
+        """One line on stderr, with ``--quiet`` too; above the progress display while one shows."""
+        text = safe_text(text)
+        if self._bars is None:
+            print(text, file=self.stderr, flush=True)
+            return
+        from rich.text import Text
+
+        self._bars.refresh()  # the display drawn again below the line shows the latest state
+        self._bars.console.print(Text(text), soft_wrap=True)  # printed above the live display
+
+    def live(self, *columns: ProgressColumn, clock: Callable[[], float]) -> Progress:
+        """Start a rich progress display with ``columns`` on stderr (the caller checked that it is a
+        terminal and that the command is not quiet) and return it; it ends at :meth:`stop_live`."""
+        from rich.console import Console as RichConsole
+        from rich.progress import Progress
+
+        self.stop_live()
+        terminal = RichConsole(file=self.stderr, force_terminal=True, highlight=False, markup=False, emoji=False)
+        self._bars = Progress(
+            *columns,
+            console=terminal,
+            transient=True,  # the lines printed above it say what was done
+            get_time=clock,
+            refresh_per_second=1 / TTY_PROGRESS_INTERVAL,
+            redirect_stdout=False,  # stdout holds the result only
+        )
+        self._bars.start()
+        return self._bars
+
+    def stop_live(self) -> None:
+        """End the progress display, if one shows: it is erased and the cursor shown again."""
+        bars, self._bars = self._bars, None
+        if bars is not None:
+            bars.stop()
 
 
 def _dumps(value: Any) -> str:
@@ -362,34 +405,39 @@ def _percent(done: int, total: int) -> str:
     return f"{100.0 * done / total if total else 100.0:.0f}%"
 
 
-def _duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+def _text_column(text_format: str) -> ProgressColumn:
+    from rich.progress import TextColumn
+
+    return TextColumn(text_format, markup=False)
 
 
 class FitProgress:
-    """Lines for ``fit_from_tables(progress=...)``: seeding, then one line per Lloyd iteration.
+    """Progress of ``fit_from_tables(progress=...)``: k-means++ seeding, then one line per Lloyd iteration.
 
-    Seeding (:class:`~vq_pipeline.kmeans.InitProgress`, every few percent of the centroids) is
-    throttled by its own clock: on a terminal one line redrawn in place, in a log a line at most
-    every ``LOG_PROGRESS_INTERVAL`` seconds of seeding and one when it ends. With ``n_init > 1``
-    each restart begins with its seeding events, or with iteration 1 when its init reports none.
+    Seeding (:class:`~vq_pipeline.kmeans.InitProgress`, every few percent of the centroids) leaves
+    one line when it ends; before that a terminal shows a bar of the centroids chosen, and a log
+    (stderr not a TTY) a line at most every ``LOG_PROGRESS_INTERVAL`` seconds of seeding. Each
+    iteration leaves a line; between them a terminal shows the time the fit has taken. With
+    ``n_init > 1`` each restart begins with its seeding events, or with iteration 1 when its init
+    reports none, and every line names the restart.
     """
 
-    def __init__(self, console: Console, n_init: int, *, tty: bool | None = None) -> None:
+    def __init__(
+        self, console: Console, n_init: int, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.console, self.n_init, self.restart = console, n_init, 0
         self.tty = console.stderr.isatty() if tty is None else tty
+        self.clock = clock
         self.seeding = False  # between a restart's first seeding event and its first iteration
         self.shown = 0.0  # InitProgress.seconds of the last seeding line shown
+        self.bars: Progress | None = None
+        self.task: Any = None  # the bar's rich TaskID
 
     def __call__(self, event: IterationStats | InitProgress) -> None:
         from vq_pipeline.kmeans import InitProgress  # already loaded by the fit that calls this
 
+        if self.console.quiet:
+            return
         if isinstance(event, InitProgress):
             self._seeding(event)
             return
@@ -397,24 +445,33 @@ class FitProgress:
             self.restart += 1  # (restart 0: a fit resumed from its checkpoint past iteration 1)
         self.seeding = False
         extra = f", {_plural(event.n_repairs, 'empty code')} repaired" if event.n_repairs else ""
-        objective = f"objective {event.objective:.4g}{extra} ({event.seconds:.2f} s)"
-        self.console.progress(f"{self._prefix()}iteration {event.iteration}: {objective}")
+        objective = f"objective {event.objective:.4g}{extra}"
+        self._draw(f"{self._prefix()}iteration {event.iteration} done, {objective}", done=0, total=None)
+        self.console.progress(f"{self._prefix()}iteration {event.iteration}: {objective} ({event.seconds:.2f} s)")
 
     def _seeding(self, event: InitProgress) -> None:
         if not self.seeding:
             self.seeding, self.restart, self.shown = True, self.restart + 1, 0.0
         finished = event.chosen >= event.n_codes
-        interval = TTY_PROGRESS_INTERVAL if self.tty else LOG_PROGRESS_INTERVAL
-        if not finished and event.seconds - self.shown < interval:
-            return
-        self.shown = event.seconds
-        text = f"{self._prefix()}seeding: {event.chosen:,}/{event.n_codes:,} initial centroids ({event.seconds:.1f} s)"
+        text = f"{self._prefix()}seeding: {event.chosen:,}/{event.n_codes:,}"
+        self._draw(text, done=event.chosen, total=event.n_codes)
+        if finished or (not self.tty and event.seconds - self.shown >= LOG_PROGRESS_INTERVAL):
+            self.shown = event.seconds
+            self.console.progress(f"{text} initial centroids ({event.seconds:.1f} s)")
+
+    def _draw(self, description: str, *, done: int, total: int | None) -> None:
+        """On a terminal: one bar (pulsing while iterating), with the fit's elapsed time."""
         if not self.tty:
-            self.console.progress(text)
             return
-        self.console.draw(text)
-        if finished:
-            self.console.end_line()
+        if self.bars is None:
+            from rich.progress import BarColumn, TimeElapsedColumn
+
+            self.bars = self.console.live(
+                _text_column("{task.description}"), BarColumn(), TimeElapsedColumn(), clock=self.clock
+            )
+            self.task = self.bars.add_task(safe_text(description), total=total, completed=done)
+        else:
+            self.bars.update(self.task, description=safe_text(description), total=total, completed=done)
 
     def _prefix(self) -> str:
         return f"restart {self.restart}/{self.n_init}, " if self.n_init > 1 else ""
@@ -424,14 +481,12 @@ class EncodeProgress:
     """Progress of ``encode_tables(on_plan=progress.plan, progress=progress)``: the run and the current file.
 
     :meth:`plan` learns the rows of every file to encode; each batch then moves the run's totals:
-    files done, rows done, rate (rows/s since the plan) and ETA. On a terminal, a bar of the whole
-    run redrawn in place (at most every ``TTY_PROGRESS_INTERVAL`` seconds) and a line left for each
-    finished file; in a log (stderr not a TTY), a line at most every ``LOG_PROGRESS_INTERVAL``
-    seconds and one when each file ends, so that logs stay short. Without a plan, only the current
-    file is shown.
+    files done, rows done, rate (rows/s since the plan) and ETA. Each finished file leaves a line
+    with the run's totals. Before that, a terminal shows two bars, the run and the current file
+    (rows, rate, time left); a log (stderr not a TTY) gets a line at each file's first batch and
+    then at most every ``LOG_PROGRESS_INTERVAL`` seconds, so that logs stay short. Without a plan,
+    only the current file is shown.
     """
-
-    BAR_WIDTH = 24
 
     def __init__(
         self, console: Console, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
@@ -449,16 +504,19 @@ class EncodeProgress:
         self.run_started = self.started
         self.files_done = self.rows_done = 0  # over the run: finished files, and every row encoded
         self.file_done = 0  # rows of the current file encoded
+        self.bars: Progress | None = None  # on a terminal: the run's task, then the current file's
+        self.tasks: dict[str, TaskID] = {}
 
     def plan(self, todo: dict[str, int], skipped: list[str]) -> None:
         """The ``on_plan`` callback: ``{key: rows}`` of the files to encode, and the keys skipped."""
         self.n_files, self.rows_total = len(todo), sum(todo.values())
         self.run_started = self.previous = self.clock()
+        if todo:
+            self._draw("run", f"0/{self.n_files} files", 0, self.rows_total, rate="")
 
     def __call__(self, key: str, done: int, total: int) -> None:
         now = self.clock()
         if key != self.key:
-            self.console.end_line()
             self.key, self.started, self.last = key, self.previous, float("-inf")
             self.file_done = 0
         self.rows_done += done - self.file_done
@@ -466,36 +524,44 @@ class EncodeProgress:
         finished = done >= total
         if finished:
             self.files_done += 1
-        interval = TTY_PROGRESS_INTERVAL if self.tty else LOG_PROGRESS_INTERVAL
-        if not finished and now - self.last < interval:
-            return
-        self.last = now
         elapsed = now - self.started
-        counts = f"{done:,}/{total:,} rows ({_percent(done, total)}"
-        if self.n_files is None:  # the current file alone, with its rate
-            counts += f", {done / elapsed:,.0f} rows/s)" if elapsed > 0 else ")"
-            if self.tty:
-                self.console.draw(f"{key} {self._bar(done, total)} {counts}")
-            else:
-                self.console.progress(f"{key}: {counts}{f' in {elapsed:.1f} s' if finished else ''}")
-        elif self.tty and not finished:
-            bar = self._bar(self.rows_done, self.rows_total)
-            self.console.draw(f"{bar} {self._run(now)} | {key} {done:,}/{total:,}")
-        else:  # a log line, or the line a finished file leaves on a terminal
-            text = f"{key}: {counts}){f' in {elapsed:.1f} s' if finished else ''}; overall {self._run(now)}"
-            if self.tty:
-                self.console.draw(text)
-            else:
-                self.console.progress(text)
-        if finished:
-            self.console.end_line()
+        self._draw("file", key, done, total, rate=f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else "")
+        if self.n_files is not None:
+            rate = self.rows_done / (now - self.run_started) if now > self.run_started else 0.0
+            files = f"{self.files_done}/{self.n_files} files"
+            self._draw("run", files, self.rows_done, self.rows_total, rate=f"{rate:,.0f} rows/s" if rate else "")
+        if not finished and (self.bars is not None or now - self.last < LOG_PROGRESS_INTERVAL):
+            return  # a terminal shows it in the bars; a log waits for its interval
+        self.last = now
+        text = f"{key}: {done:,}/{total:,} rows ({_percent(done, total)}){f' in {elapsed:.1f} s' if finished else ''}"
+        self.console.progress(text if self.n_files is None else f"{text}; overall {self._run(now)}")
+        if finished and self.bars is not None:
+            self.bars.remove_task(self.tasks.pop("file"))
 
-    def _bar(self, done: int, total: int) -> str:
-        filled = int(self.BAR_WIDTH * min(done, total) / total) if total else self.BAR_WIDTH
-        return f"[{'#' * filled}{'-' * (self.BAR_WIDTH - filled)}]"
+    def _draw(self, name: str, description: str, done: int, total: int, *, rate: str) -> None:
+        """Move the bar ``name`` ("run" or "file") on a terminal; start the display on first use."""
+        if not self.tty or self.console.quiet:
+            return
+        if self.bars is None:
+            from rich.progress import BarColumn, TaskProgressColumn, TimeRemainingColumn
+
+            self.bars = self.console.live(
+                _text_column("{task.description}"),
+                BarColumn(),
+                _text_column("{task.completed:,.0f}/{task.total:,.0f} rows"),
+                TaskProgressColumn(),
+                _text_column("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                clock=self.clock,
+            )
+        description = safe_text(description)
+        if name not in self.tasks:
+            self.tasks[name] = self.bars.add_task(description, total=total, completed=done, rate=rate)
+        else:
+            self.bars.update(self.tasks[name], description=description, total=total, completed=done, rate=rate)
 
     def _run(self, now: float) -> str:
-        """The run so far: ``1/2 files, 1,600/3,000 rows (53%), 800 rows/s, ETA 2 s``."""
+        """The run so far: ``1/2 files, 1,600/3,000 rows (53%), 800 rows/s, ETA 0:00:02``."""
         rows_total, rows_done = self.rows_total, self.rows_done
         elapsed = now - self.run_started
         rows = f"{rows_done:,}/{rows_total:,} rows ({_percent(rows_done, rows_total)})"
@@ -505,7 +571,8 @@ class EncodeProgress:
         rate = rows_done / elapsed
         if rows_done >= rows_total:
             return f"{text} in {elapsed:.1f} s, {rate:,.0f} rows/s"
-        return f"{text}, {rate:,.0f} rows/s, ETA {_duration((rows_total - rows_done) / rate)}"
+        # H:MM:SS, as the terminal's time-left column shows it
+        return f"{text}, {rate:,.0f} rows/s, ETA {datetime.timedelta(seconds=round((rows_total - rows_done) / rate))}"
 
 
 # ----------------------------------------------------------------------------- checks of paths
@@ -805,7 +872,7 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
         progress=progress,
         on_plan=progress.plan,
     )
-    console.end_line()
+    console.stop_live()
     return result
 
 
@@ -813,11 +880,21 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     """``vq inspect``: describe a codebook file, validated as ``Codebook.load`` does, without loading torch."""
     from vq_pipeline.codebook_file import load_info
 
+    plot = getattr(args, "plot", None)  # a Namespace built by a caller may lack the option
+    if plot is not None:
+        from vq_pipeline.plots import check_picture_path, plot_codebook
+
+        check_picture_path("--plot", plot, [args.codebook])  # before reading: the message names the flag
     codebook = load_info(args.codebook)
+    if plot is not None:
+        plot = str(plot_codebook(codebook, plot))  # drawn before anything is printed: an error leaves stdout empty
     if args.json:
-        console.result(_dumps(codebook.summary()))  # JSON escapes every control character
+        summary = codebook.summary() if plot is None else {**codebook.summary(), "plot": plot}
+        console.result(_dumps(summary))  # JSON escapes every control character
     else:
         console.result(describe(codebook, title=args.codebook))
+        if plot is not None:
+            console.result(f"picture -> {safe_text(plot)}")
     return 0
 
 
@@ -835,7 +912,7 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
     from vq_pipeline.display import is_number, safe_text, show
 
     s = codebook.stats if isinstance(codebook.stats, dict) else {}
-    fit = codebook.fit
+    fit = codebook.settings
     if isinstance(fit, dict):
         fit_text = " ".join(f"{show(k)}={show(v)}" for k, v in fit.items() if k not in ("n_codes", "metric"))
     else:
@@ -941,13 +1018,35 @@ def _interrupts_once() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _log_to_stderr() -> None:
-    """``--debug``: the library logs each iteration and OOM retries under "vq_pipeline"; show them all."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("vq_pipeline")
+class _ConsoleLog(logging.Handler):
+    """Log records as lines on the console's stderr (above the progress display while one shows)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.DEBUG)
+        self.console = console
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            for line in self.format(record).splitlines():
+                self.console.line(line)
+        except Exception:  # noqa: BLE001 - logging's own report of a failed record
+            self.handleError(record)
+
+
+def _log_to_stderr(console: Console) -> Callable[[], None]:
+    """``--debug``: the library logs each iteration and OOM retries under "vq_pipeline"; show them all.
+    Returns what undoes it, so that a run in-process leaves the logger as it found it."""
+    logger, handler = logging.getLogger("vq_pipeline"), _ConsoleLog(console)
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    return undo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -964,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     console = Console(quiet=False)
-    debug = False
+    debug, undo_log = False, None
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -972,7 +1071,7 @@ def _run(argv: list[str] | None) -> int:
             return exc.code if isinstance(exc.code, int) else 2
         console.quiet, debug = args.quiet, args.debug
         if debug:
-            _log_to_stderr()
+            undo_log = _log_to_stderr(console)
         handler_fn: Handler = args.handler
         return handler_fn(args, console)
     except KeyboardInterrupt:
@@ -980,7 +1079,7 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_INTERRUPTED
     except VQError as exc:
         if debug:
-            console.end_line()
+            console.stop_live()
             traceback.print_exc()
         console.error(f"error: {exc}")
         return 1
@@ -991,7 +1090,7 @@ def _run(argv: list[str] | None) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one readable line, not a traceback
         if debug:
-            console.end_line()
+            console.stop_live()
             traceback.print_exc()
             console.error(f"error: unexpected {type(exc).__name__}: {exc}")
         else:
@@ -1003,7 +1102,7 @@ def _run(argv: list[str] | None) -> int:
         if type(exc).__name__ != "PanicException":
             raise
         if debug:
-            console.end_line()
+            console.stop_live()
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no message"
         console.error(
@@ -1011,6 +1110,10 @@ def _run(argv: list[str] | None) -> int:
             f"corrupt input file. Fix: run with --debug to see which file, then rewrite or remove it."
         )
         return 1
+    finally:
+        console.stop_live()  # on every way out: the terminal gets its cursor back
+        if undo_log is not None:
+            undo_log()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ from typing import Any
 
 from prefect.types.entrypoint import EntrypointType
 
-from vq_flows.pipeline import DEFAULT_DRIFT_THRESHOLD, DEFAULT_USAGE_THRESHOLD, vq_pipeline_flow
+from vq_flows.pipeline import (
+    DEFAULT_DRIFT_THRESHOLD,
+    DEFAULT_REFIT_EVERY_HOURS,
+    DEFAULT_USAGE_THRESHOLD,
+    vq_pipeline_flow,
+)
 from vq_pipeline.settings import CODE_DTYPE_NAMES
-from vq_pipeline.validate import DEFAULT_METRIC
+from vq_pipeline.settings import ENGINES, METRICS, FitSettings
 
 DEFAULT_NAME = "scheduled"
 
@@ -75,12 +80,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
     p.add_argument("--codes", type=int, required=True, help="number of codes (K)")
     p.add_argument(
         "--metric",
-        default=DEFAULT_METRIC,
-        choices=["l2", "cosine"],
-        help="distance metric (default: %(default)s, vq_pipeline.validate.DEFAULT_METRIC, as everywhere)",
+        default=FitSettings.metric,
+        choices=METRICS,
+        help="distance metric (default: %(default)s, vq_pipeline.FitSettings.metric, as everywhere)",
     )
     p.add_argument("--id-column", default=None)
-    p.add_argument("--refit-every-hours", type=float, default=24 * 7, help="0 or less: never refit on schedule")
+    p.add_argument(
+        "--refit-every-hours",
+        type=float,
+        default=DEFAULT_REFIT_EVERY_HOURS,
+        help="0 or less: never refit on schedule (default: %(default)s)",
+    )
     p.add_argument(
         "--drift-threshold",
         type=float,
@@ -95,8 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
         "(evaluated from max(100, 5 x codes) new rows on; 'off': never; default: %(default)s)",
     )
     p.add_argument("--sample", type=int, default=None, help="fit on a seeded sample of this many rows")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "keops"])
+    p.add_argument("--seed", type=int, default=FitSettings.seed)
+    p.add_argument("--engine", default=FitSettings.engine, choices=ENGINES)
     p.add_argument(
         "--code-dtype",
         default=None,

@@ -112,8 +112,8 @@ def encode_file_task(
     fingerprint: str,
     out_dir: str,
     settings: dict[str, Any],
-    engine: str = "auto",
-    device: str | None = None,
+    engine: str = EncodeOptions.engine,
+    device: str | None = EncodeOptions.device,
 ) -> dict[str, Any]:
     """Encode one input file and return its receipt. Safe to retry: the output and the receipt are
     each written atomically, and a re-encoded output is byte-identical."""
@@ -157,15 +157,15 @@ def encode_embeddings_flow(
     codebook: str,
     out_dir: str,
     column: str,
-    id_column: str | None = None,
-    top_k: int = 1,
-    with_distance: bool = False,
-    keep: Sequence[str] = (),
-    code_dtype: str | None = None,
+    id_column: str | None = EncodeSettings.id_column,
+    top_k: int = EncodeSettings.top_k,
+    with_distance: bool = EncodeSettings.with_distance,
+    keep: Sequence[str] = EncodeSettings.keep,
+    code_dtype: str | None = EncodeSettings.code_dtype,
     overwrite: bool = False,
     prune: bool = False,
-    engine: str = "auto",
-    device: str | None = None,
+    engine: str = EncodeOptions.engine,
+    device: str | None = EncodeOptions.device,
     dask: str | None = None,
 ) -> dict[str, Any]:
     """Encode every input table into ``out_dir`` with the codebook file ``codebook``, exactly once.
@@ -196,6 +196,7 @@ def encode_embeddings_flow(
         keep=tuple(keep),
         code_dtype=code_dtype,
     ).to_dict()
+    EncodeOptions(engine=engine, device=device)  # bad settings are refused before any work
     out = Path(out_dir)
     with encode_lock(out, inputs=inputs):
         plan = plan_task(list(inputs), codebook, str(out), settings, overwrite=overwrite)

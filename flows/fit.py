@@ -7,11 +7,10 @@ and a rerun would only repeat it.
 """
 
 import contextlib
+import dataclasses
 import itertools
-import shutil
 import statistics
 import time
-import uuid
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,15 +24,10 @@ from vq_pipeline import Codebook, CodebookFileError, IterationStats
 from vq_pipeline import tables
 from vq_pipeline.codebook_file import is_codebook_file
 from vq_pipeline.paths import check_output_file, output_lock
-from vq_pipeline.pipeline import (
-    fit_from_tables,
-    fit_partitioned,
-    load_partition_stats,
-    partition_stats_file,
-    save_centroids,
-)
+from vq_pipeline.partitioned import Exchange
+from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, partition_stats_file
 from vq_pipeline.tables import Source
-from vq_pipeline.validate import DEFAULT_METRIC
+from vq_pipeline.settings import FitSettings
 
 from vq_flows.encode import retry_transient  # noqa: I001 - flows after the library
 
@@ -98,14 +92,8 @@ def fit_task(
     column: str,
     n_codes: int,
     out: str,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str = "k-means++",
-    seed: int = 0,
+    settings: FitSettings,
     sample: int | None = None,
-    engine: str = "auto",
-    device: str | None = None,
     warm_start: str | None = None,
 ) -> dict[str, Any]:
     """Fit, save and summarize a codebook; returns plain data (no tensors).
@@ -119,22 +107,22 @@ def fit_task(
     sample_used = _clamped_sample(inputs, column, sample)
     if sample_used != sample:
         logger.info("sample=%s exceeds the tables' rows; fitting on all %s rows", sample, sample_used)
-    start = Codebook.load(warm_start, metric=metric) if warm_start else init
     codebook = fit_from_tables(
         inputs,
         column=column,
         n_codes=n_codes,
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=start,
-        seed=seed,
         sample=sample_used,
-        engine=engine,
-        device=device,
         progress=log_progress(logger),
+        **_started(settings, warm_start).keywords(),
     )
-    return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
+    return save_and_summarize(codebook, out, init="warm start" if warm_start else settings.init, t0=t0)
+
+
+def _started(settings: FitSettings, warm_start: str | None) -> FitSettings:
+    """``settings`` starting from the codebook file ``warm_start``, when given."""
+    if not warm_start:
+        return settings
+    return dataclasses.replace(settings, init=Codebook.load(warm_start, metric=settings.metric))
 
 
 def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) -> dict[str, Any]:
@@ -158,7 +146,7 @@ def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) ->
         "n_codes": codebook.n_codes,
         "dim": codebook.dim,
         "metric": codebook.metric,
-        "engine": codebook.fit.get("engine"),
+        "engine": codebook.settings.get("engine"),
         "init": init,
         "rows": stats.get("n_rows"),
         "rows_total": stats.get("rows_total"),
@@ -192,8 +180,8 @@ def partition_stats_task(
     stats: str,
     column: str,
     metric: str,
-    engine: str = "auto",
-    device: str | None = None,
+    engine: str = FitSettings.engine,
+    device: str | None = FitSettings.device,
 ) -> dict[str, Any]:
     """One partition's E-step statistics against the centroids in file ``centroids``, written to file
     ``stats``; returns the path, rows and objective. Safe to retry (the file is written atomically)."""
@@ -208,78 +196,55 @@ def fit_on_dask(
     column: str,
     n_codes: int,
     out: str,
-    *,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str = "k-means++",
-    seed: int = 0,
-    engine: str = "auto",
-    device: str | None = None,
+    settings: FitSettings,
     warm_start: str | None = None,
 ) -> dict[str, Any]:
     """Exact Lloyd on a Dask cluster, from inside a flow; returns :func:`fit_task`'s summary.
 
-    Each iteration writes the centroids to a file and runs one ``partition-stats`` task per input
-    file on the workers, which read their files themselves and write their sums (K x D float64),
-    counts, objective and far rows to a ``.npz`` file; only paths and a few numbers pass through
-    the scheduler. The files live in a ``.vq-fit-*`` folder next to ``out`` (so that folder must be
-    shared with the workers) and are removed as soon as they are read.
+    Each iteration runs one ``partition-stats`` task per input file on the workers, which read
+    their files themselves; centroids and statistics travel as files in the partitioned fit's
+    scratch folder next to ``out`` (:class:`vq_pipeline.partitioned.Exchange`; that folder must be
+    shared with the workers), and only paths and a few numbers pass through the scheduler.
     """
     from vq_flows.dask import dask_task_runner
 
     logger = get_run_logger()
     t0 = time.perf_counter()
-    scratch = Path(out).parent / f".vq-fit-{uuid.uuid4().hex[:12]}"
     calls = itertools.count()
-    start = Codebook.load(warm_start, metric=metric) if warm_start else init
-    try:
-        with dask_task_runner(dask) as runner:
-            logger.info("fitting on the Dask cluster %s", runner.client.scheduler.address)
+    with Exchange(out) as exchange, dask_task_runner(dask) as runner:
+        logger.info("fitting on the Dask cluster %s", runner.client.scheduler.address)
 
-            def map_e_step(c: Any, sources: Sequence[Source]) -> list[Any]:
-                i = next(calls)
-                cfile = save_centroids(scratch / f"centroids-{i:05d}.npy", c)
-                futures = [
-                    runner.submit(
-                        partition_stats_task,
-                        parameters=dict(
-                            uri=s.uri,
-                            key=s.key,
-                            centroids=str(cfile),
-                            stats=str(scratch / f"stats-{i:05d}-{j:06d}.npz"),
-                            column=column,
-                            metric=metric,
-                            engine=engine,
-                            device=device,
-                        ),
-                    )
-                    for j, s in enumerate(sources)
-                ]
-                results = [f.result() for f in futures]  # in source order: the reduction is deterministic
-                parts = [load_partition_stats(r["stats"]) for r in results]
-                for r in results:
-                    Path(r["stats"]).unlink(missing_ok=True)
-                cfile.unlink(missing_ok=True)
-                return parts
+        def map_e_step(c: Any, sources: Sequence[Source]) -> list[Any]:
+            i = next(calls)
+            cfile = exchange.publish(i, c)
+            futures = [
+                runner.submit(
+                    partition_stats_task,
+                    parameters=dict(
+                        uri=s.uri,
+                        key=s.key,
+                        centroids=str(cfile),
+                        stats=str(exchange.stats_file(i, j)),
+                        column=column,
+                        metric=settings.metric,
+                        engine=settings.engine,
+                        device=settings.device,
+                    ),
+                )
+                for j, s in enumerate(sources)
+            ]
+            # in source order: the reduction is deterministic
+            return exchange.collect(cfile, [f.result()["stats"] for f in futures])
 
-            codebook = fit_partitioned(
-                inputs,
-                map_e_step,
-                column=column,
-                n_codes=n_codes,
-                metric=metric,
-                n_iter=n_iter,
-                tol=tol,
-                init=start,
-                seed=seed,
-                engine=engine,
-                device=device,
-                progress=log_progress(logger),
-            )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return save_and_summarize(codebook, out, init="warm start" if warm_start else init, t0=t0)
+        codebook = fit_partitioned(
+            inputs,
+            map_e_step,
+            column=column,
+            n_codes=n_codes,
+            progress=log_progress(logger),
+            **_started(settings, warm_start).keywords(),
+        )
+    return save_and_summarize(codebook, out, init="warm start" if warm_start else settings.init, t0=t0)
 
 
 def _fmt(value: Any) -> str:
@@ -360,14 +325,14 @@ def fit_codebook_flow(
     column: str,
     n_codes: int,
     out: str,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str = "k-means++",
-    seed: int = 0,
+    metric: str = FitSettings.metric,
+    n_iter: int = FitSettings.n_iter,
+    tol: float = FitSettings.tol,
+    init: str = FitSettings.init,
+    seed: int = FitSettings.seed,
     sample: int | None = None,
-    engine: str = "auto",
-    device: str | None = None,
+    engine: str = FitSettings.engine,
+    device: str | None = FitSettings.device,
     warm_start: str | None = None,
     dask: str | None = None,
 ) -> dict[str, Any]:
@@ -387,41 +352,14 @@ def fit_codebook_flow(
         ``metric``, ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
         ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
     """
+    settings = FitSettings(metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed, engine=engine, device=device)
     with _held_output(out, inputs):
         if dask and sample is None:
-            summary = fit_on_dask(
-                dask,
-                inputs,
-                column,
-                n_codes,
-                out,
-                metric=metric,
-                n_iter=n_iter,
-                tol=tol,
-                init=init,
-                seed=seed,
-                engine=engine,
-                device=device,
-                warm_start=warm_start,
-            )
+            summary = fit_on_dask(dask, inputs, column, n_codes, out, settings, warm_start)
         else:
             if dask:
                 get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
-            summary = fit_task(
-                inputs,
-                column,
-                n_codes,
-                out,
-                metric=metric,
-                n_iter=n_iter,
-                tol=tol,
-                init=init,
-                seed=seed,
-                sample=sample,
-                engine=engine,
-                device=device,
-                warm_start=warm_start,
-            )
+            summary = fit_task(inputs, column, n_codes, out, settings, sample, warm_start)
     create_markdown_artifact(
         markdown=fit_markdown(summary),
         key=FIT_ARTIFACT_KEY,

@@ -7,8 +7,9 @@ per work_dir (:func:`report_artifact_key`).
 Each run, holding the work_dir's lock: fit when there is no current codebook (or the requested
 metric / n_codes changed); encode every input file not yet encoded with the current codebook;
 measure drift on the newly encoded rows; refit, warm-started from the current codebook, when a
-refit rule fires; after a refit, make the new codebook current and encode everything into its own
-folder (the old folder is left as is).
+refit rule fires; renumber a new codebook's codes to agree with the codebook it replaces
+(:func:`vq_pipeline.workdir.align_refit`); after a refit, make the new codebook current and encode
+everything into its own folder (the old folder is left as is).
 """
 
 import contextlib
@@ -29,11 +30,13 @@ from vq_pipeline import Codebook, workdir
 from vq_pipeline.errors import InvalidInputError, PipelineStateError  # noqa: F401 - re-exported
 from vq_pipeline.paths import check_output_folder
 from vq_pipeline.pipeline import drift_report
-from vq_pipeline.validate import DEFAULT_METRIC
+from vq_pipeline.run_report import draw_drift_chart
+from vq_pipeline.settings import FitSettings
 from vq_pipeline.workdir import (  # noqa: F401 - the work_dir's names, re-exported for callers
     CODES_LINK,
     CURRENT_NAME,
     DEFAULT_DRIFT_THRESHOLD,
+    DEFAULT_REFIT_EVERY_HOURS,
     DEFAULT_USAGE_THRESHOLD,
     TOP_K,
     WITH_DISTANCE,
@@ -89,6 +92,18 @@ def drift_task(codebook: str, receipts: dict[str, dict[str, Any]], baseline: boo
     return drift_report(Codebook.load(codebook), [receipts[k] for k in sorted(receipts)], baseline=baseline)
 
 
+@task(name="align-codes", cache_policy=NO_CACHE)
+def align_task(
+    work_dir: str, fit: dict[str, Any], reference: str, inputs: list[str], column: str, seed: int, engine: str
+) -> dict[str, Any]:
+    """Renumber a new codebook's codes to agree with the codebook it replaces
+    (:func:`vq_pipeline.workdir.align_refit`); returns where the aligned codebook is and the churn."""
+    fresh = not fit["kept_existing"]  # this run wrote the file: the aligned codebook replaces it
+    return workdir.align_refit(
+        work_dir, fit["path"], reference, inputs=inputs, column=column, fresh=fresh, seed=seed, engine=engine
+    )
+
+
 @task(name="write-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def write_report_task(path: str, markdown: str, summary: dict[str, Any]) -> str:
     """Write the run's report and its JSON summary (:func:`vq_pipeline.workdir.write_report`)."""
@@ -101,14 +116,14 @@ def vq_pipeline_flow(
     work_dir: str,
     column: str,
     n_codes: int,
-    metric: str = DEFAULT_METRIC,
+    metric: str = FitSettings.metric,
     id_column: str | None = None,
-    refit_every_hours: float | None = 24 * 7,
+    refit_every_hours: float | None = DEFAULT_REFIT_EVERY_HOURS,
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
     usage_threshold: float | None = DEFAULT_USAGE_THRESHOLD,
     sample: int | None = None,
-    seed: int = 0,
-    engine: str = "auto",
+    seed: int = FitSettings.seed,
+    engine: str = FitSettings.engine,
     code_dtype: str | None = None,
     dask: str | None = None,
 ) -> dict[str, Any]:
@@ -118,7 +133,7 @@ def vq_pipeline_flow(
         input_root: folder of embedding tables (hive partitions welcome); every table file below it
             is an input. work_dir: where codebooks, codes and reports go (not inside input_root).
         column, id_column: the embedding and id columns. n_codes, metric, sample, seed, engine: fit
-            settings (metric defaults to ``vq_pipeline.validate.DEFAULT_METRIC``, "l2").
+            settings (defaults: :class:`vq_pipeline.FitSettings`; metric "l2", as everywhere).
         refit_every_hours: refit when the codebook is older (None: never on schedule).
         drift_threshold: refit when new rows' mean distance exceeds the training one by this fraction.
         usage_threshold: refit when new rows' code-usage Jensen-Shannon divergence from the training
@@ -137,13 +152,16 @@ def vq_pipeline_flow(
         none), ``reason``, ``encode`` (one summary per encode run), ``drift`` (and
         ``drift_after_refit``; ``baseline`` true when the rows are the codebook's own training rows),
         ``refit_rules`` (:func:`refit_checks`), ``fired`` (the rules that fired),
-        ``previous_codebook`` after a refit, ``seconds``, ``flow_run_id``.
+        ``previous_codebook`` after a refit, ``alignment`` when a codebook replaced another (how its
+        codes were renumbered and the churn: :func:`vq_pipeline.workdir.align_refit`), ``seconds``,
+        ``flow_run_id``.
     """
     t0 = time.perf_counter()
     logger = get_run_logger()
     work, root = Path(work_dir).absolute(), Path(input_root).absolute()
     check_output_folder("work_dir", work_dir, [input_root])  # resolved: not in, around or equal to the inputs
     check_thresholds(drift_threshold, usage_threshold)
+    FitSettings(metric=metric, seed=seed, engine=engine)  # bad settings are refused before any work
     started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")
     fit_settings = dict(
@@ -200,7 +218,7 @@ def vq_pipeline_flow(
         current = read_current_task(str(work))
         if current is not None:
             link_current_codes(work, current["fingerprint"])  # a work_dir from before the link, or a crash
-        action, reason, previous = "none", None, None
+        action, reason, previous, alignment = "none", None, None, None
         changed = current is not None and (current["metric"], current["n_codes"]) != (metric, n_codes)
         if current is None or changed:
             action = "fit"
@@ -211,6 +229,9 @@ def vq_pipeline_flow(
             )
             previous = current
             fit = fit_codebook_flow(out=template, **fit_settings)
+            if previous is not None:  # keep the replaced codebook's code numbers where the cells allow
+                alignment = align_task(str(work), fit, previous["path"], [str(root)], column, seed, engine)
+                fit = {**fit, "path": alignment["path"], "fingerprint": alignment["fingerprint"]}
             set_current_task(str(work), fit["path"], fit["fingerprint"], reason, now)
             current = read_current_task(str(work))
         encoded = [encode(current)]
@@ -229,6 +250,8 @@ def vq_pipeline_flow(
             if reason:
                 logger.info("refitting: %s", reason)
                 fit = fit_codebook_flow(out=template, warm_start=current["path"], **fit_settings)
+                alignment = align_task(str(work), fit, current["path"], [str(root)], column, seed, engine)
+                fit = {**fit, "path": alignment["path"], "fingerprint": alignment["fingerprint"]}
                 if fit["fingerprint"] == current["fingerprint"]:
                     action = "refit-unchanged"
                     set_current_task(
@@ -265,6 +288,7 @@ def vq_pipeline_flow(
             "encode": [brief(e) for e in encoded],
             "drift": drift,
             "drift_after_refit": drift_after,
+            "alignment": alignment,
             "refit_rules": checks,
             "fired": [c["rule"] for c in checks if c["fired"]],
             "previous_codebook": previous["path"] if previous else None,
@@ -272,6 +296,7 @@ def vq_pipeline_flow(
             "params": dict(fit_settings, id_column=id_column, **rule_settings),
             "flow_run_id": flow_run.get_id(),
         }
+        summary["drift_chart"] = draw_drift_chart(report, summary)
         markdown = report_markdown(summary)
         write_report_task(str(report), markdown, summary)
     create_markdown_artifact(

@@ -12,6 +12,7 @@ os.environ.setdefault("VQ_KEOPS_CACHE_DIR", str(_ROOT / ".cache" / "keops"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="vq-prefect-home-"))
 
+import vq_pipeline  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -34,6 +35,34 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def write_parts(
+    root: Path,
+    parts: dict[str, int],
+    *,
+    dim: int,
+    n_topics: int = 10,
+    seed: int = 0,
+    id_base: int = 0,
+    scale: float = 1.0,
+    offset: float = 0.0,
+):
+    """Partition files of clustered embeddings under ``root``: file ``i`` (in key order) holds
+    ``generate_embeddings(n, dim, n_topics, seed=seed + i) * scale + offset`` with ids
+    ``id_base + 100_000 * i + arange(n)``. Returns each file's rows by key."""
+    from vq_pipeline.demo import generate_embeddings
+    from vq_pipeline.tables import write_embeddings
+    import numpy as np
+
+    out = {}
+    for i, (key, n) in enumerate(sorted(parts.items())):
+        x = generate_embeddings(n, dim, n_topics, seed=seed + i)
+        if scale != 1.0 or offset != 0.0:
+            x = x * scale + offset
+        write_embeddings(root / key, np.arange(n) + id_base + 100_000 * i, x)
+        out[key] = x
+    return out
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

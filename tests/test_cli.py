@@ -104,7 +104,7 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert summary["rows"] == sum(PARTS.values()) == cb.stats["n_rows"]
     assert summary["iterations"] == cb.stats["iterations"] and summary["converged"] == cb.stats["converged"]
     assert summary["inertia"] == pytest.approx(cb.stats["inertia"]) and summary["seconds"] > 0
-    assert cb.column == "embedding" and len(cb.sources) == len(PARTS) and cb.fit["seed"] == 3
+    assert cb.column == "embedding" and len(cb.sources) == len(PARTS) and cb.settings["seed"] == 3
     # Progress on stderr, in the documented shapes: what is read, the end of seeding (fast seeding shows
     # no intermediate line), then one line per E step.
     reading, seeding, *lines = fit.stderr.strip().splitlines()
@@ -112,6 +112,7 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert re.fullmatch(rf"seeding: {N_CODES}/{N_CODES} initial centroids \(\d+\.\d s\)", seeding), seeding
     assert len(lines) == cb.stats["iterations"] + 1
     assert all(re.fullmatch(r"iteration \d+: objective \S+ \(\d+\.\d\d s\)", line) for line in lines), lines
+    assert "\r" not in fit.stderr and "\x1b" not in fit.stderr  # stderr is a log here: plain lines, no redraws
     assert list(work["codebook"].parent.iterdir()) == [work["codebook"]]  # no temporary files left
 
 
@@ -132,6 +133,45 @@ def test_inspect_json_and_text(work: dict[str, Any]) -> None:
     ]:
         assert fragment in out, (fragment, out)
     assert ("not converged" in out) != cb.stats["converged"]
+
+
+def read_png(path: Path, size: tuple[int, int]) -> None:
+    """A PNG file of ``size`` (height, width) pixels that is not one flat colour."""
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)  # (height, width, 4) float32
+    assert image.shape[:2] == size and len(np.unique((image * 255).astype(np.uint8).view(np.uint32))) > 50
+
+
+def test_inspect_plot_writes_the_codebook_picture(work: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "pictures" / "cb.png"  # its folder is created
+    proc = vq("inspect", work["codebook"], "--plot", png, "--json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert json.loads(proc.stdout)["plot"] == str(png.resolve())
+    read_png(png, (480, 1200))
+    png.write_bytes(b"")  # an empty file under the name is not a picture vq wrote
+    assert cli.main(["inspect", str(work["codebook"]), "--plot", str(png)]) == 1
+    assert "--plot=" in capsys.readouterr().err and png.read_bytes() == b""
+    png.unlink()
+    assert cli.main(["inspect", str(work["codebook"]), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(str(work["codebook"])) and out.endswith(f"\npicture -> {png.resolve()}\n")
+    read_png(png, (480, 1200))
+    assert sorted(p.name for p in png.parent.iterdir()) == ["cb.png"]
+
+
+def test_inspect_plot_refuses_the_codebook_itself_and_other_names(work: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    named = tmp_path / "cb.png"  # a codebook whose name looks like a picture
+    named.write_bytes(work["codebook"].read_bytes())
+    for argv, fragment in [
+        (["inspect", str(named), "--plot", str(named)], "is the input"),
+        (["inspect", str(work["codebook"]), "--plot", str(tmp_path / "cb.jpg")], "expected a .png file"),
+    ]:
+        assert cli.main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("error: --plot=") and fragment in captured.err, captured
+    assert named.read_bytes() == work["codebook"].read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["cb.png"]
 
 
 def test_encode_matches_library_and_rerun_is_a_noop(work: dict[str, Any], tmp_path: Path) -> None:
@@ -198,7 +238,7 @@ def test_encode_refuses_another_codebooks_codes_unless_overwrite(work: dict[str,
     ids, x = work["rows"]["a.parquet"]
     table = pl.read_parquet(out / "a.parquet")
     assert table.columns == ["row", "code"]  # no --id-column: row positions
-    assert np.array_equal(table["code"].to_numpy().astype(np.int64), Codebook.load(other).encode(x, engine="torch").numpy())
+    assert np.array_equal(table["code"].to_numpy().astype(np.int64), Codebook.load(other).encode(x, engine="torch"))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -342,6 +382,15 @@ class _Clock:
         return self.now
 
 
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def screen_lines(text: str) -> list[str]:
+    """What a terminal shows of ``text``, piece by piece: escape sequences removed, cut at each line end
+    and carriage return."""
+    return [part for part in re.split(r"[\r\n]", ESCAPES.sub("", text)) if part]
+
+
 def test_encode_progress_without_a_plan_in_a_log_is_throttled() -> None:
     err, clock = io.StringIO(), _Clock()
     progress = cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=False, clock=clock)
@@ -354,27 +403,27 @@ def test_encode_progress_without_a_plan_in_a_log_is_throttled() -> None:
     assert lines[-1].endswith("in 10.0 s")
 
 
-def test_encode_progress_without_a_plan_on_a_terminal_redraws_one_line_per_file() -> None:
-    err, clock = io.StringIO(), _Clock()
-    console = cli.Console(quiet=False, stderr=err)
-    progress = cli.EncodeProgress(console, tty=True, clock=clock)
-    for key in ["a.parquet", "b.parquet"]:
-        for done in (500, 1000):
-            clock.now += 1.0
-            progress(key, done, 1000)
-    text = err.getvalue()
-    assert text.count("\n") == 2 and text.count("\r") == 4
-    assert "a.parquet [############------------] 500/1,000 rows (50%" in text
-    assert "b.parquet [########################] 1,000/1,000 rows (100%" in text
-    console.error("error: x")  # an error after a finished bar starts on its own line
-    assert err.getvalue().endswith("rows/s)\nerror: x\n")
-
-
-def test_quiet_hides_progress() -> None:
+def test_quiet_hides_progress_and_starts_no_display() -> None:
     err = io.StringIO()
-    progress = cli.EncodeProgress(cli.Console(quiet=True, stderr=err), tty=True)
-    progress("a.parquet", 10, 10)
-    assert err.getvalue() == ""
+    console = cli.Console(quiet=True, stderr=err)
+    encode = cli.EncodeProgress(console, tty=True)
+    encode.plan({"a.parquet": 10}, [])
+    encode("a.parquet", 10, 10)
+    fit = cli.FitProgress(console, n_init=2, tty=True)
+    fit(InitProgress(chosen=64, n_codes=64, seconds=0.1))
+    fit(_iteration(1))
+    assert err.getvalue() == "" and encode.bars is None and fit.bars is None
+
+
+def test_quiet_commands_print_their_result_and_nothing_on_stderr(work: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    codebook = tmp_path / "cb.safetensors"
+    common = ["--column", "embedding", "--engine", "torch", "--quiet"]
+    assert cli.main(["fit", str(work["root"] / "in"), "--codes", "4", "--out", str(codebook), *common]) == 0
+    fit = capsys.readouterr()
+    assert fit.err == "" and fit.out.startswith("fitted 4 codes (dim 16, l2) on 3,000 rows"), fit
+    assert cli.main(["encode", str(work["root"] / "in"), "--codebook", str(codebook), "--out", str(tmp_path / "codes"), *common]) == 0
+    encode = capsys.readouterr()
+    assert encode.err == "" and encode.out.startswith("encoded 2 files (3,000 rows) -> "), encode
 
 
 def test_encode_progress_in_a_log_shows_the_run() -> None:
@@ -385,13 +434,14 @@ def test_encode_progress_in_a_log_shows_the_run() -> None:
         for done in range(500, total + 1, 500):  # 500 rows a second
             clock.now += 1.0
             progress(key, done, total)
-    # Each file's first batch, one line per 5 s, and each file's end; the run's files, rows, rate and ETA.
+    # Each file's first batch, one line per 5 s, and each file's end; the run's files, rows, rate and
+    # ETA (H:MM:SS, as the time-left column of the terminal's bars shows it).
     assert err.getvalue().splitlines() == [
-        "a.parquet: 500/1,000 rows (50%); overall 0/2 files, 500/7,000 rows (7%), 500 rows/s, ETA 13 s",
-        "a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/7,000 rows (14%), 500 rows/s, ETA 12 s",
-        "b.parquet: 500/6,000 rows (8%); overall 1/2 files, 1,500/7,000 rows (21%), 500 rows/s, ETA 11 s",
-        "b.parquet: 3,000/6,000 rows (50%); overall 1/2 files, 4,000/7,000 rows (57%), 500 rows/s, ETA 6 s",
-        "b.parquet: 5,500/6,000 rows (92%); overall 1/2 files, 6,500/7,000 rows (93%), 500 rows/s, ETA 1 s",
+        "a.parquet: 500/1,000 rows (50%); overall 0/2 files, 500/7,000 rows (7%), 500 rows/s, ETA 0:00:13",
+        "a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/7,000 rows (14%), 500 rows/s, ETA 0:00:12",
+        "b.parquet: 500/6,000 rows (8%); overall 1/2 files, 1,500/7,000 rows (21%), 500 rows/s, ETA 0:00:11",
+        "b.parquet: 3,000/6,000 rows (50%); overall 1/2 files, 4,000/7,000 rows (57%), 500 rows/s, ETA 0:00:06",
+        "b.parquet: 5,500/6,000 rows (92%); overall 1/2 files, 6,500/7,000 rows (93%), 500 rows/s, ETA 0:00:01",
         (
             "b.parquet: 6,000/6,000 rows (100%) in 12.0 s; "
             "overall 2/2 files, 7,000/7,000 rows (100%) in 14.0 s, 500 rows/s"
@@ -399,31 +449,36 @@ def test_encode_progress_in_a_log_shows_the_run() -> None:
     ]
 
 
-def test_encode_progress_on_a_terminal_draws_the_run_and_leaves_a_line_per_file() -> None:
+def test_encode_progress_on_a_terminal_draws_bars_and_leaves_a_line_per_file() -> None:
     err, clock = io.StringIO(), _Clock()
     console = cli.Console(quiet=False, stderr=err)
     progress = cli.EncodeProgress(console, tty=True, clock=clock)
-    progress.plan({"a.parquet": 1000, "b.parquet": 1000}, [])
-    for key in ["a.parquet", "b.parquet"]:
+    hostile = "b\x1b[2J[bold]x.parquet"  # a file name with a terminal command and rich markup in it
+    progress.plan({"a.parquet": 1000, hostile: 1000}, [])
+    for key in ["a.parquet", hostile]:
         for done in (500, 1000):
             clock.now += 1.0
             progress(key, done, 1000)
-    redraw = "\r\x1b[2K"
-    assert err.getvalue().split(redraw) == [
-        "",
-        "[######------------------] 0/2 files, 500/2,000 rows (25%), 500 rows/s, ETA 3 s | a.parquet 500/1,000",
-        "a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/2,000 rows (50%), 500 rows/s, ETA 2 s\n",
-        "[##################------] 1/2 files, 1,500/2,000 rows (75%), 500 rows/s, ETA 1 s | b.parquet 500/1,000",
-        (
-            "b.parquet: 1,000/1,000 rows (100%) in 2.0 s; "
-            "overall 2/2 files, 2,000/2,000 rows (100%) in 4.0 s, 500 rows/s\n"
-        ),
-    ]
+    console.stop_live()
+    console.error("error: x")
+    text, shown = err.getvalue(), "b\\x1b[2J[bold]x.parquet"
+    lines = screen_lines(text)
+    # Each finished file leaves one line, the log's, printed above the bars.
+    assert lines.count("a.parquet: 1,000/1,000 rows (100%) in 2.0 s; overall 1/2 files, 1,000/2,000 rows (50%), 500 rows/s, ETA 0:00:02") == 1
+    assert lines.count(f"{shown}: 1,000/1,000 rows (100%) in 2.0 s; overall 2/2 files, 2,000/2,000 rows (100%) in 4.0 s, 500 rows/s") == 1
+    # The bars: the run (files, rows, rate, time left) and the current file; the name escaped, not styled.
+    bars = [line for line in lines if "━" in line]
+    assert any(re.fullmatch(r"1/2 files +[━╸╺]+ 1,000/2,000 rows +50% 500 rows/s 0:00:02", line) for line in bars), bars
+    assert any(re.fullmatch(rf"{re.escape(shown)} [━╸╺]+ 500/1,000 rows +50% 500 rows/s \S+", line) for line in bars), bars
+    assert "\x1b[2J" not in text and "\x1b[1m" not in text  # no screen clear, no bold
+    # At the end the bars are erased and the cursor shown again; the error line starts on an erased line.
+    assert re.search(r"\x1b\[\?25h[^\n]*\x1b\[2Kerror: x\n$", text), text[-80:]
+    assert lines[-1] == "error: x"
 
 
 def test_encode_progress_plan_without_files_shows_nothing() -> None:
     err = io.StringIO()
-    cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=False).plan({}, ["a.parquet"])
+    cli.EncodeProgress(cli.Console(quiet=False, stderr=err), tty=True).plan({}, ["a.parquet"])
     assert err.getvalue() == ""
 
 
@@ -458,16 +513,26 @@ def test_fit_progress_counts_restarts_whose_init_reports_nothing() -> None:
     assert [line.split(",")[0] for line in err.getvalue().splitlines()] == ["restart 1/2", "restart 1/2", "restart 2/2"]
 
 
-def test_fit_progress_on_a_terminal_redraws_seeding_in_place() -> None:
-    err = io.StringIO()
-    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=1, tty=True)
+def test_fit_progress_on_a_terminal_draws_a_bar_and_leaves_a_line_per_step() -> None:
+    err, out = io.StringIO(), io.StringIO()
+    console = cli.Console(quiet=False, stdout=out, stderr=err)
+    progress = cli.FitProgress(console, n_init=1, tty=True)
     for chosen, seconds in [(16, 0.05), (32, 0.2), (48, 0.25), (64, 0.4)]:
         progress(InitProgress(chosen=chosen, n_codes=64, seconds=seconds))
     progress(_iteration(1))
-    assert err.getvalue() == (
-        "\r\x1b[2Kseeding: 32/64 initial centroids (0.2 s)\r\x1b[2Kseeding: 64/64 initial centroids (0.4 s)\n"
-        "iteration 1: objective 12 (0.25 s)\n"
-    )
+    progress(_iteration(2))
+    console.result("fitted")  # the result ends the display
+    lines = screen_lines(err.getvalue())
+    # The lines a log gets at the end of seeding and of each iteration; nothing between them but the bar.
+    assert [line for line in lines if "━" not in line] == [
+        "seeding: 64/64 initial centroids (0.4 s)",
+        "iteration 1: objective 12 (0.25 s)",
+        "iteration 2: objective 6, 1 empty code repaired (0.25 s)",
+    ]
+    bars = [line for line in lines if "━" in line]
+    assert re.fullmatch(r"seeding: 16/64 [━╸╺]+ \d:\d\d:\d\d", bars[0]), bars
+    assert re.fullmatch(r"iteration 2 done, objective 6, 1 empty code repaired [━╸╺]+ \d:\d\d:\d\d", bars[-1]), bars
+    assert err.getvalue().endswith("\x1b[2K") and "\x1b[?25h" in err.getvalue() and out.getvalue() == "fitted\n"
 
 
 def test_metric_default_and_its_help_come_from_the_library(capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,11 +76,22 @@ def test_import_loads_nothing_heavy_and_keeps_the_omp_policy() -> None:
 
 
 def test_public_names_resolve_on_first_use() -> None:
-    from vq_pipeline import errors
+    from vq_pipeline import errors, settings
 
-    assert set(vq_pipeline.__all__) == {"Codebook", "InitProgress", "IterationStats", "fit_codebook", *errors.__all__}
+    assert set(vq_pipeline.__all__) == {
+        "Codebook",
+        "EncodeSettings",
+        "FitSettings",
+        "InitProgress",
+        "IterationStats",
+        "MiniBatchState",
+        "fit_codebook",
+        "fit_minibatch",
+        *errors.__all__,
+    }
     assert all(getattr(vq_pipeline, name) is not None for name in vq_pipeline.__all__)
     assert vq_pipeline.InitProgress is kmeans.InitProgress and vq_pipeline.fit_codebook is kmeans.fit_codebook
+    assert vq_pipeline.FitSettings is settings.FitSettings and vq_pipeline.EncodeSettings is settings.EncodeSettings
     assert set(vq_pipeline.__all__) <= set(dir(vq_pipeline))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vq_pipeline.nope  # noqa: B018

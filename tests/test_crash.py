@@ -157,4 +157,4 @@ def test_interrupted_fit_resumes_from_its_checkpoint_in_process(tmp_path: Path) 
     with pytest.raises(KeyboardInterrupt):
         fit_from_tables([data], checkpoint=ckpt, progress=stop_in_second_restart, **kwargs)
     other = fit_from_tables([data], checkpoint=ckpt, **{**kwargs, "seed": 5})
-    assert other.fit["seed"] == 5 and not ckpt.exists()
+    assert other.settings["seed"] == 5 and not ckpt.exists()

@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import snapshot
+from conftest import snapshot, write_parts
 from vq_pipeline import Codebook
-from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.pipeline import encode_tables, fit_from_tables
-from vq_pipeline.tables import write_embeddings
 
 pytest.importorskip("prefect_dask")
 
@@ -54,12 +52,7 @@ def cluster():
 
 
 def make_parts(root: Path, n_parts: int = 4, n_rows: int = 1500) -> dict[str, np.ndarray]:
-    parts = {}
-    for i in range(n_parts):
-        key = f"date=2026-11-{i + 1:02d}/part-0.parquet"
-        parts[key] = generate_embeddings(n_rows, DIM, 10, seed=i)
-        write_embeddings(root / key, np.arange(n_rows) + 100_000 * i, parts[key])
-    return parts
+    return write_parts(root, {f"date=2026-11-{i + 1:02d}/part-0.parquet": n_rows for i in range(n_parts)}, dim=DIM)
 
 
 def local_codes(tmp_path: Path, cb: Codebook) -> dict[str, bytes]:

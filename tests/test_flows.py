@@ -15,7 +15,7 @@ from uuid import UUID
 import numpy as np
 import torch
 
-from conftest import snapshot
+from conftest import snapshot, write_parts
 from vq_pipeline import Codebook, InvalidInputError
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.pipeline import fit_from_tables
@@ -28,7 +28,7 @@ from vq_flows.fit import FIT_ARTIFACT_KEY, fit_codebook_flow, fit_task
 from vq_flows.pipeline import (
     CURRENT_NAME, codebook_path, codes_dir, refit_reason, report_artifact_key, vq_pipeline_flow,
 )
-from vq_pipeline.validate import DEFAULT_METRIC
+from vq_pipeline.settings import DEFAULT_METRIC
 
 DIM = 12
 N_CODES = 8
@@ -46,7 +46,7 @@ def write_part(root: Path, key: str, n_rows: int, *, seed: int, id_base: int, dr
 
 
 def make_parts(root: Path, parts: dict[str, int] = PARTS) -> dict[str, np.ndarray]:
-    return {key: write_part(root, key, n, seed=i, id_base=100_000 * i) for i, (key, n) in enumerate(sorted(parts.items()))}
+    return write_parts(root, parts, dim=DIM)
 
 
 def artifacts(flow_run_id: str) -> dict[str, Any]:

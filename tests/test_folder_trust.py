@@ -20,11 +20,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vq_pipeline import Codebook, EncodeLockedError, InvalidInputError, PipelineStateError, StateError, fit_codebook
+from vq_pipeline import (
+    Codebook,
+    EncodeLockedError,
+    InvalidInputError,
+    OutputLockedError,
+    PipelineStateError,
+    StateError,
+    fit_codebook,
+)
 from vq_pipeline import workdir
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.fileio import atomic_write, atomic_write_bytes, canonical_json
-from vq_pipeline.pipeline import encode_lock, encode_tables, manifest_path, state_dir
+from vq_pipeline.paths import lock_path, output_lock
+from vq_pipeline.pipeline import LOCK_NAME, encode_lock, encode_tables, manifest_path, state_dir
 from vq_pipeline.tables import write_embeddings
 
 DIM = 4
@@ -145,14 +154,13 @@ def test_a_symlinked_output_subfolder_is_refused_before_anything_is_written(code
 
 # ----------------------------------------------------------------------------- 2. locks and temporaries
 
+LOCK_PLANTS = ["symlink", "dangling", "hardlink", "foreign", "fifo"]
 
-@FEW
-@given(which=st.sampled_from(["encode", "workdir"]), kind=st.sampled_from(["symlink", "dangling", "hardlink", "foreign", "fifo"]))
-def test_a_lock_that_is_not_ours_is_refused_and_never_written(fresh, which: str, kind: str) -> None:
-    case = fresh()
-    out = case / "out"
-    lock = state_dir(out) / "lock" if which == "encode" else out / workdir.LOCK_FILE
-    lock.parent.mkdir(parents=True)
+
+def plant_lock(kind: str, lock: Path, case: Path) -> Path:
+    """Put what is not a lock file of ours under the name ``lock``: a symlink to ``case/victim.txt`` (made
+    here, returned), a dangling symlink to ``case/created-by-nobody``, a hard link to the victim, a
+    file of someone else's, or a FIFO."""
     victim = case / "victim.txt"
     victim.write_text("precious\n")
     if kind == "symlink":
@@ -165,6 +173,17 @@ def test_a_lock_that_is_not_ours_is_refused_and_never_written(fresh, which: str,
         lock.write_text("precious\n")
     else:
         os.mkfifo(lock)
+    return victim
+
+
+@FEW
+@given(which=st.sampled_from(["encode", "workdir"]), kind=st.sampled_from(LOCK_PLANTS))
+def test_a_lock_that_is_not_ours_is_refused_and_never_written(fresh, which: str, kind: str) -> None:
+    case = fresh()
+    out = case / "out"
+    lock = state_dir(out) / "lock" if which == "encode" else out / workdir.LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    victim = plant_lock(kind, lock, case)
     holder = encode_lock(out, inputs=[]) if which == "encode" else workdir.lock(out)
     with pytest.raises(StateError) as info:
         with holder:
@@ -181,6 +200,66 @@ def test_a_lock_that_is_not_ours_is_refused_and_never_written(fresh, which: str,
         with encode_lock(out, inputs=[]) if which == "encode" else workdir.lock(out):
             assert lock.read_text().startswith(f"pid {os.getpid()} on ")
         assert lock.read_text() == ""
+
+
+#: The two kinds of lock: an output file's (hidden, beside it, removed after the run) and an encode
+#: folder's (``<out>.vq/lock``, kept between runs), as (lock file, lock holder, error of a second run).
+LOCKS = {
+    "output": (
+        lambda root: lock_path(root / "cb.safetensors"),
+        lambda root: output_lock(root / "cb.safetensors", what="codebook"),
+        OutputLockedError,
+    ),
+    "folder": (
+        lambda root: state_dir(root / "codes") / LOCK_NAME,
+        lambda root: encode_lock(root / "codes", inputs=[]),
+        EncodeLockedError,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", LOCK_PLANTS)
+def test_output_and_folder_locks_refuse_a_planted_lock_file_alike(tmp_path: Path, kind: str) -> None:
+    """Both locks are one primitive: a lock path that is a symlink (followed nowhere), a hard link, a
+    FIFO or a file that is not a lock file is refused with the same message and left as it was."""
+    messages = {}
+    for which, (lock_of, hold, _) in LOCKS.items():
+        root = tmp_path / which
+        lock = lock_of(root)
+        lock.parent.mkdir(parents=True)
+        victim = plant_lock(kind, lock, root)
+        planted = os.lstat(lock)
+        with pytest.raises(StateError) as info:
+            with hold(root):
+                pass
+        messages[which] = str(info.value).replace(str(lock), "LOCK").replace(str(root), "ROOT")
+        assert messages[which].startswith("lock='LOCK' ") and "Fix: move it away" in messages[which]
+        assert victim.read_text() == "precious\n" and not (root / "created-by-nobody").exists()
+        now = os.lstat(lock)  # neither removed nor written
+        assert (now.st_ino, now.st_mode, now.st_size, now.st_mtime_ns) == (
+            planted.st_ino,
+            planted.st_mode,
+            planted.st_size,
+            planted.st_mtime_ns,
+        )
+    assert messages["output"] == messages["folder"], messages
+
+
+@pytest.mark.parametrize("which", sorted(LOCKS))
+def test_a_held_lock_names_its_holder(tmp_path: Path, which: str) -> None:
+    lock_of, hold, busy = LOCKS[which]
+    lock = lock_of(tmp_path)
+    note = f"pid {os.getpid()} on {os.uname().nodename}"
+    with hold(tmp_path):
+        assert lock.read_text() == note
+        with pytest.raises(busy, match=rf"by another run \({re.escape(note)}\); expected one run per"):
+            with hold(tmp_path):
+                pass
+        assert lock.read_text() == note  # the refused run left the holder's lock alone
+    if which == "output":
+        assert not lock.exists()  # a finished fit leaves nothing but its output
+    else:
+        assert lock.read_text() == ""  # kept for the next run, empty
 
 
 def test_a_symlinked_bookkeeping_folder_is_refused(codebooks, tmp_path: Path) -> None:

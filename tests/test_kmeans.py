@@ -157,7 +157,7 @@ def test_warm_start_from_codebook_records_parent() -> None:
     x = torch.randn(1000, 5, generator=torch.Generator().manual_seed(14))
     parent = fit_codebook(x, 8, n_iter=2, tol=0.0, device="cpu")
     child = fit_codebook(x, 8, init=parent, device="cpu")
-    assert child.parent_fingerprint == parent.fingerprint and child.fit["init"] == "tensor"
+    assert child.parent_fingerprint == parent.fingerprint and child.settings["init"] == "tensor"
     assert child.stats["inertia"] <= parent.stats["inertia"] * (1 + 1e-6)
     assert child.stats["history"][0]["objective"] == pytest.approx(parent.stats["inertia"], rel=1e-6)
 

@@ -19,7 +19,15 @@ LIGHT = {
 OWNERS = {
     "pykeops": {"vq_pipeline/engines/keops.py"},
     "safetensors": {"vq_pipeline/codebook_file.py"},
-    "polars": {"vq_pipeline/tables.py", "vq_pipeline/parquet_pages.py"},  # the table readers
+    "sklearn": {"vq_pipeline/sklearn.py"},  # the optional estimator; nothing else needs scikit-learn
+    "matplotlib": {"vq_pipeline/plots.py"},  # the optional pictures
+    "polars": {  # the table modules: find, read (whole, or page by page), write
+        "vq_pipeline/discovery.py",
+        "vq_pipeline/tables.py",
+        "vq_pipeline/parquet_pages.py",
+        "vq_pipeline/table_writer.py",
+        "vq_pipeline/arrays.py",  # the caller's polars Series in and out at the public edge
+    },
 }
 
 

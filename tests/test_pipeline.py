@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import assert_codes_match, snapshot
+from conftest import assert_codes_match, snapshot, write_parts
 from vq_pipeline import DimensionMismatchError, InvalidInputError, IterationStats, NonFiniteError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.fileio import temporary_name
@@ -32,13 +32,8 @@ DIM = 12
 
 
 def make_dataset(root: Path, parts: dict[str, int], *, seed: int = 0, id_base: int = 0) -> dict[str, np.ndarray]:
-    """Hive-style partitions of clustered embeddings; returns each file's rows."""
-    out = {}
-    for i, (rel, n) in enumerate(sorted(parts.items())):
-        x = generate_embeddings(n, DIM, 10, seed=seed + i) * 3 + 1  # off-centre, not unit norm
-        write_embeddings(root / rel, np.arange(n) + id_base + 100_000 * i, x)
-        out[rel] = x
-    return out
+    """Hive-style partitions of clustered embeddings, off-centre and not unit norm; returns each file's rows."""
+    return write_parts(root, parts, dim=DIM, seed=seed, id_base=id_base, scale=3, offset=1)
 
 
 @pytest.fixture()
@@ -95,7 +90,7 @@ def test_encode_outputs_equal_in_memory_encode_row_for_row(dataset, tmp_path: Pa
         table = pl.read_parquet(out / rel)
         assert table.columns == ["id", "code", "codes", "distance", "distances"]
         assert table["code"].dtype == pl.UInt8
-        want_codes, want_dist = cb.encode(x, top_k=3, return_distances=True)
+        want_codes, want_dist = cb.encode(torch.from_numpy(x), top_k=3, return_distances=True)
         codes = torch.from_numpy(table["codes"].to_numpy().astype(np.int64))
         assert torch.equal(codes, want_codes)
         assert torch.equal(torch.from_numpy(table["distances"].to_numpy().copy()), want_dist)
@@ -310,8 +305,9 @@ def test_written_files_get_the_mode_a_plain_open_gives(dataset, tmp_path: Path, 
         encode_tables([root], cb, tmp_path / "out", column="embedding")
         from vq_pipeline.checkpoint import FitCheckpoint
         from vq_pipeline.kmeans import fit_options
+        from vq_pipeline.settings import FitSettings
 
-        opts = fit_options(n_codes=8, dim=DIM, n_rows=100, metric="l2")
+        opts = fit_options(8, FitSettings(), dim=DIM, n_rows=100)
         FitCheckpoint(tmp_path / "kept.ckpt").save("fp", opts, restart=0, inertias=[], best=None, lloyd=None)
         with open(tmp_path / "plain", "w"):
             pass

@@ -26,6 +26,7 @@ import polars as pl
 import pytest
 import torch
 
+from conftest import write_parts
 from vq_pipeline import Codebook, VQError, fit_codebook
 from vq_pipeline.demo import generate_embeddings
 from vq_pipeline.fileio import temporary_name
@@ -59,8 +60,7 @@ BASELINE = "baseline: the codebook was fitted on these rows"
 
 
 def make_parts(root: Path) -> int:
-    for i, (key, n) in enumerate(sorted(PARTS.items())):
-        write_embeddings(root / key, np.arange(n) + 100_000 * i, generate_embeddings(n, DIM, N_TOPICS, seed=i))
+    write_parts(root, PARTS, dim=DIM, n_topics=N_TOPICS)
     return sum(PARTS.values())
 
 
@@ -154,6 +154,16 @@ def test_usage_rule_refits_on_a_topic_shift_that_distortion_misses(prefect_api, 
         "baseline_rows"
     ] == n_train + 500 + len(shifted)
     assert "| distortion ratio (new / training) | " in report and " | baseline |" in report
+
+    # The drift chart is redrawn by every run, from every run's summary so far, and linked from the report.
+    chart = Path(third["drift_chart"])
+    assert chart == work / "reports" / "drift.png" and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"drift over time (distortion, code usage, churn per run): `{chart}`" in report
+    assert first["drift_chart"] == second["drift_chart"] == str(chart)
+    from matplotlib.image import imread
+
+    pixels = imread(chart)  # (h, w, channels): drawn, not a blank canvas
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.05
 
     # codes/current follows the refit.
     link = work / CODES_LINK
@@ -364,7 +374,7 @@ def test_deploy_help_names_the_default_metric(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "default: l2, vq_pipeline.validate.DEFAULT_METRIC" in text and "--usage-threshold" in text
+    assert "default: l2, vq_pipeline.FitSettings.metric" in text and "--usage-threshold" in text
 
 
 # ----------------------------------------------------------------------------- 6. state errors are not retried
@@ -419,6 +429,69 @@ def test_pinned_code_dtype_reaches_the_codes_and_the_deployment(prefect_api, tmp
         ["--cron", "0 * * * *", "--input-root", "in", "--work-dir", "work", "--column", "e", "--codes", "8", "--code-dtype", "uint32"]
     )
     assert deployed["code_dtype"] == "uint32"
+
+
+# ----------------------------------------------------------------------------- 7. stable code numbers
+
+
+def blob_parts(root: Path) -> np.ndarray:
+    """12 well-separated blobs in dim 12 (centres 6 e_k, noise 0.5), 2,400 rows in 3 partitions;
+    returns each row's blob, indexed by id."""
+    rng = np.random.default_rng(0)
+    blob = rng.integers(12, size=2400)
+    x = (6 * np.eye(12)[blob] + 0.5 * rng.standard_normal((2400, 12))).astype(np.float32)
+    for i in range(3):
+        write_embeddings(root / f"date=2026-12-0{i + 1}/part-0.parquet", np.arange(800 * i, 800 * (i + 1)), x[800 * i : 800 * (i + 1)])
+    return blob
+
+
+def codes_by_id(folder: Path) -> np.ndarray:
+    return pl.scan_parquet(folder).collect().sort("id")["code"].to_numpy().astype(np.int64)
+
+
+def test_a_refit_keeps_the_codes_of_unchanged_rows(prefect_api, tmp_path: Path) -> None:
+    """12 codes on 12 blobs, then a cold fit of 13 codes (another seed): it splits one blob and,
+    numbered as fitted, would give most rows another code. Renumbered to agree with the codebook it
+    replaces, every row of the 11 blobs that kept their cell keeps its code; only half of the split
+    blob (the rows beyond the boundary that moved) changes."""
+    root, work = tmp_path / "in", tmp_path / "work"
+    blob = blob_parts(root)
+    first = vq_pipeline_flow(**{**params(root, work), "n_codes": 12})
+    assert first["alignment"] is None
+    second = vq_pipeline_flow(**{**params(root, work), "n_codes": 13, "seed": 1})
+    assert second["action"] == "fit" and second["reason"].startswith("settings changed")
+    a = second["alignment"]
+    assert a["aligned"] and a["method"] == "cooccurrence" and a["rows"] == 2400 and a["reference"] == first["fingerprint"]
+    assert a["kept_unaligned"] < 0.25, a  # a cold refit renumbers: without the alignment most codes change
+    assert a["fingerprint"] == second["fingerprint"] and a["path"] == second["codebook"]
+    cb = Codebook.load(second["codebook"])
+    assert cb.stats["alignment"]["reference"] == first["fingerprint"] and cb.n_codes == 13
+
+    before, after = codes_by_id(codes_dir(work, first["fingerprint"])), codes_by_id(codes_dir(work, second["fingerprint"]))
+    changed = before != after
+    per_blob = np.bincount(blob[changed], minlength=12)
+    assert (per_blob == 0).sum() == 11, per_blob  # 11 blobs keep every code
+    split = int(np.argmax(per_blob))
+    assert 0 < per_blob[split] < (blob == split).sum() and len(set(before[blob == split])) == 1
+    assert a["kept"] == pytest.approx(1 - changed.mean()) and a["churn"] == pytest.approx(changed.mean()) and a["kept"] > 0.9
+    # Only the aligned codebook stays: the refit as numbered by its fit never became current.
+    assert sorted(p.name for p in (work / "codebooks").glob("*.safetensors")) == sorted(
+        Path(r["codebook"]).name for r in (first, second)
+    )
+    report = report_of(second)
+    section = report.split("## Code churn")[1].split("##")[0]
+    assert f"(`{first['fingerprint'][:12]}`)" in section and f"to `{second['fingerprint'][:12]}`" in section
+    assert f"| rows that keep their code | {100 * a['kept']:.2f}% |" in section
+    assert f"| churn (rows whose code changed) | {100 * a['churn']:.2f}% |" in section
+    assert f"| codes renumbered | {a['renumbered']} of 13 (previous codebook: 12) |" in section
+
+    # A warm refit (the schedule is due) starts from these centroids: the same cells in the same order,
+    # nothing to renumber, and the file records that it was checked.
+    third = vq_pipeline_flow(**{**params(root, work), "n_codes": 13, "seed": 1, "refit_every_hours": 0})
+    assert third["action"] == "refit" and third["fired"] == ["schedule"]
+    assert third["alignment"]["aligned"] and third["alignment"]["renumbered"] == 0 and third["alignment"]["kept"] == 1.0
+    assert Codebook.load(third["codebook"]).stats["alignment"]["reference"] == second["fingerprint"]
+    assert np.array_equal(codes_by_id(codes_dir(work, third["fingerprint"])), after)
 
 
 def _topic_rows(n: int, dim: int, n_topics: int, seed: int, topics: list[int] | None) -> np.ndarray:

@@ -36,3 +36,56 @@ def test_current_pointer_link_and_lock_without_prefect(tmp_path: Path) -> None:
     other.save(path)  # a codebook file that changed under the pointer
     with pytest.raises(PipelineStateError, match=r"has fingerprint .* but .* records .*Fix"):
         workdir.read_current(work)
+
+
+def test_a_cold_refit_is_renumbered_to_keep_the_codes_of_unchanged_rows(tmp_path: Path) -> None:
+    """Two cold fits of the same rows (other seeds) number their codes differently: without the
+    alignment fewer than 1 row in 5 keeps its code. Aligned on the tables (all 2,000 rows: fewer than
+    the sample bound), every row keeps its code but where the cells differ, which is the best any
+    renumbering can do (Hungarian on all rows, checked against brute force in tests/test_align.py)."""
+    import numpy as np
+
+    from vq_pipeline import Codebook
+    from vq_pipeline.align import cooccurrence, kept_rows, match_by_cooccurrence
+    from vq_pipeline.demo import generate_embeddings
+    from vq_pipeline.pipeline import fit_from_tables
+    from vq_pipeline.tables import write_embeddings
+
+    root, work = tmp_path / "in", tmp_path / "work"
+    x = generate_embeddings(2000, 12, 10, seed=0)
+    write_embeddings(root / "part-0.parquet", np.arange(1000), x[:1000])
+    write_embeddings(root / "part-1.parquet", np.arange(1000, 2000), x[1000:])
+    ref = fit_from_tables([str(root)], column="embedding", n_codes=10, seed=0, engine="torch")
+    new = fit_from_tables([str(root)], column="embedding", n_codes=10, seed=1, engine="torch")
+    ref_path = ref.save(workdir.codebook_path(work, ref.fingerprint))
+    new_path = new.save(workdir.codebook_path(work, new.fingerprint))
+
+    out = workdir.align_refit(work, new_path, ref_path, inputs=[str(root)], column="embedding", fresh=True, engine="torch")
+    aligned = Codebook.load(out["path"])
+    assert out["aligned"] and out["fingerprint"] == aligned.fingerprint != new.fingerprint
+    assert Path(out["path"]) == workdir.codebook_path(work, aligned.fingerprint)
+    assert not new_path.exists() and ref_path.exists()  # the unaligned refit never became current: removed
+    assert aligned.stats["alignment"]["reference"] == ref.fingerprint == out["reference"] and out["rows"] == 2000
+    assert torch.equal(aligned.centroids[torch.tensor(aligned.stats["alignment"]["mapping"])], new.centroids)
+
+    ref_codes, new_codes = ref.encode(x), new.encode(x)
+    kept = kept_rows(aligned.encode(x), ref_codes)
+    best = kept_rows(new_codes, ref_codes, match_by_cooccurrence(cooccurrence(new_codes, ref_codes, 10, 10)))
+    assert kept == best and out["kept"] == kept / 2000 and out["churn"] == 1 - kept / 2000
+    assert kept / 2000 > 0.8 and kept_rows(new_codes, ref_codes) / 2000 == out["kept_unaligned"] < 0.2, out
+
+    # A bounded sample estimates the same share; aligning again reproduces the same file, kept as it is.
+    before = Path(out["path"]).read_bytes()
+    again = workdir.align_refit(
+        work, out["path"], ref_path, inputs=[str(root)], column="embedding", fresh=False, max_rows=500, engine="torch"
+    )
+    assert again["rows"] == 500 and again["fingerprint"] == out["fingerprint"] and again["renumbered"] == 0
+    assert abs(again["kept"] - out["kept"]) < 0.1 and Path(out["path"]).read_bytes() == before
+    assert sorted(p.name for p in (work / "codebooks").iterdir()) == sorted([ref_path.name, Path(out["path"]).name])
+
+    # Another metric partitions another space: left as fitted, and the report says why.
+    other = fit_from_tables([str(root)], column="embedding", n_codes=10, metric="cosine", engine="torch")
+    other_path = other.save(workdir.codebook_path(work, other.fingerprint))
+    skipped = workdir.align_refit(work, other_path, ref_path, inputs=[str(root)], column="embedding", fresh=True)
+    assert not skipped["aligned"] and skipped["path"] == str(other_path) and other_path.exists()
+    assert skipped["reason"] == "the metric changed (l2 → cosine): its codes are other cells"

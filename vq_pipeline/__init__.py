@@ -31,6 +31,10 @@ _EXPORTS = {
     "InitProgress": "kmeans",
     "IterationStats": "kmeans",
     "fit_codebook": "kmeans",
+    "EncodeSettings": "settings",
+    "FitSettings": "settings",
+    "MiniBatchState": "minibatch",
+    "fit_minibatch": "minibatch",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
@@ -53,6 +57,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         VQError,
     )
     from .kmeans import InitProgress, IterationStats, fit_codebook
+    from .minibatch import MiniBatchState, fit_minibatch
+    from .settings import EncodeSettings, FitSettings
 
 
 def __getattr__(name: str) -> Any:
@@ -76,10 +82,13 @@ __all__ = [
     "DimensionMismatchError",
     "EncodeFailedError",
     "EncodeLockedError",
+    "EncodeSettings",
     "EngineUnavailableError",
+    "FitSettings",
     "InitProgress",
     "InvalidInputError",
     "IterationStats",
+    "MiniBatchState",
     "NonFiniteError",
     "OutputLockedError",
     "PipelineStateError",
@@ -88,4 +97,5 @@ __all__ = [
     "UnsupportedFormatError",
     "VQError",
     "fit_codebook",
+    "fit_minibatch",
 ]

@@ -56,6 +56,9 @@ def nearest_in_chunks(
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Yield ``(rows, x_chunk, sqdist, idx)`` for consecutive chunks of ``x``.
 
+    Inside the package, distances come before indices as :meth:`Engine.nearest` returns them (FAISS's
+    ``(D, I)`` order); the public results of :func:`encode` are ``(codes, distances)``.
+
     Args:
         x: (n_rows, dim) float32 on any device; finite (validated by the caller).
         c: (n_codes, dim) float32 on the compute device.
@@ -105,13 +108,16 @@ def encode(
     Args:
         centroids: (n_codes, dim) float32 CPU tensor, validated (unit rows for cosine).
         metric: 'l2' or 'cosine'.
-        x: (n_rows, dim) embeddings, torch tensor or numpy array; validated here.
+        x: (n_rows, dim) embeddings, anything :func:`~vq_pipeline.validate.as_embeddings` accepts
+            (torch tensor, numpy array, polars Series); validated here.
         name, row_offset: how error messages name ``x`` and number its rows (for table batches).
 
     Returns:
         codes: int64 CPU tensor, (n_rows,) when ``top_k == 1`` else (n_rows, top_k), nearest first.
-        distances (when ``return_distances``): float32 CPU tensor of the same shape: squared L2
-        for 'l2', ``1 - cos`` for 'cosine' (smaller is better in both).
+        With ``return_distances``, the pair ``(codes, distances)`` (codes first, the reverse of FAISS's
+        ``(D, I)``; the same order as :meth:`Codebook.encode`), distances a float32 CPU tensor of the
+        same shape: squared L2 for 'l2', ``1 - cos`` for 'cosine' (smaller is better in both). Always
+        tensors: :meth:`Codebook.encode` gives them back in the caller's array type.
     """
     x = as_embeddings(x, name=name, row_offset=row_offset)
     n_codes, dim = centroids.shape

@@ -88,13 +88,14 @@ class Codebook(CodebookViews):
         centroids: (n_codes, dim) float32 CPU tensor; rows have unit norm under 'cosine'.
         counts: (n_codes,) int64 CPU tensor of training assignments.
         metric: 'l2' or 'cosine'.
-        fit: fit settings. stats: training statistics. The other fields are provenance.
+        settings: the fit's settings (stored under the file's ``fit`` metadata key). stats: training
+            statistics. The other fields are provenance.
     """
 
     centroids: torch.Tensor
     counts: torch.Tensor
     metric: str
-    fit: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     sources: tuple[str, ...] = ()
@@ -134,24 +135,32 @@ class Codebook(CodebookViews):
         engine: str = "auto",
         device: str | torch.device | None = None,
         memory_budget: int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Assign every row of ``x`` its nearest code(s).
+    ) -> Any:
+        """Assign every row of ``x`` its nearest code(s); results come back in ``x``'s array type.
 
         Args:
-            x: (n_rows, dim) embeddings, torch tensor (any device) or numpy array; float16/bfloat16/
-                float64/integer inputs are converted to float32.
+            x: (n_rows, dim) embeddings: a torch tensor (any device), a numpy array (read-only ones
+                too), or a polars Series (or one-column DataFrame) of ``Array`` or same-length ``List``
+                rows; float16/bfloat16/float64/integer values are converted to float32.
             top_k: number of nearest codes per row, nearest first.
             return_distances: also return distances: squared L2 for 'l2', ``1 - cos`` for 'cosine'.
             engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu', 'cuda'.
             memory_budget: bytes of temporaries one chunk may use (default 256 MiB).
 
         Returns:
-            codes as an int64 CPU tensor, shape (n_rows,) for ``top_k=1`` else (n_rows, top_k);
-            with ``return_distances``, ``(codes, distances)`` with float32 distances of the same shape.
+            codes, shape (n_rows,) for ``top_k=1`` else (n_rows, top_k), nearest first; with
+            ``return_distances``, the pair ``(codes, distances)`` (codes first: the reverse of FAISS's
+            ``(D, I)``), distances float32 of the same shape. In the type of ``x``: torch: int64 and
+            float32 CPU tensors; numpy: int64 and float32 arrays; polars: Series ``code`` (Int64) and
+            ``distance`` (Float32), named ``codes`` and ``distances`` of ``Array(Int64|Float32, top_k)``
+            when ``top_k > 1``. Int64 whatever ``n_codes``, as numpy and torch codes are (code tables
+            written by ``vq encode`` use the smallest unsigned type instead).
         """
+        from .arrays import array_kind, like
         from .assign import DEFAULT_MEMORY_BUDGET, encode
 
-        return encode(
+        kind = array_kind(x)
+        out = encode(
             self.centroids,
             self.metric,
             x,
@@ -160,6 +169,55 @@ class Codebook(CodebookViews):
             engine=engine,
             device=device,
             memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+        )
+        codes, dists = out if return_distances else (out, None)
+        many = "s" if codes.ndim == 2 else ""
+        codes = like(kind, codes, name=f"code{many}")
+        return (codes, like(kind, dists, name=f"distance{many}")) if dists is not None else codes
+
+    def decode(self, codes: Any) -> Any:
+        """Codes back to vectors: the centroid of every code, in the array type of ``codes``.
+
+        Args:
+            codes: (n_rows,) integer codes ``0..n_codes-1``, as :meth:`encode` returns them: numpy
+                array, torch tensor (any device) or polars integer Series (or one-column DataFrame).
+
+        Returns:
+            (n_rows, dim) float32 reconstructions (unit rows under 'cosine'), a copy: a numpy array, a
+            CPU torch tensor, or a polars Series ``embedding`` of ``Array(Float32, dim)``.
+
+        Raises:
+            InvalidInputError: another type or shape, non-integer codes, nulls, or codes out of range.
+        """
+        from .arrays import array_kind, as_codes, like
+
+        idx = as_codes(codes, n_codes=self.n_codes, name="codes")  # (n_rows,) int64
+        return like(array_kind(codes), self.centroids[idx], name="embedding")  # (n_rows, dim) float32
+
+    def aligned_to(
+        self,
+        reference: Codebook,
+        x: Any = None,
+        *,
+        method: str = "auto",
+        engine: str = "auto",
+        device: str | torch.device | None = None,
+        memory_budget: int | None = None,
+    ) -> Codebook:
+        """This codebook with its codes renumbered to agree with ``reference``'s (the codebook it
+        replaces): the same cells, so rows keep their code wherever the cells allow.
+
+        With rows ``x`` ((n_rows, dim), torch or numpy; e.g. a sample of the training rows) the
+        numbering keeps the most rows of ``x`` in their reference code; without, it pairs the
+        closest centroids. What was done is recorded in ``stats["alignment"]`` (reference
+        fingerprint, mapping, kept share and churn, method), and saved with the codebook. The
+        centroids change order, so the fingerprint changes too. See
+        :func:`vq_pipeline.align.align_codebook` for the options and errors.
+        """
+        from .align import align_codebook
+
+        return align_codebook(
+            self, reference, x, method=method, engine=engine, device=device, memory_budget=memory_budget
         )
 
     # ----------------------------------------------------------------- file format
@@ -177,7 +235,7 @@ class Codebook(CodebookViews):
             "n_codes": str(self.n_codes),
             "dim": str(self.dim),
             "dtype": "float32",
-            "fit": js(self.fit),
+            "fit": js(self.settings),
             "stats": js(self.stats),
             "data_fingerprint": self.data_fingerprint,
             "sources": js(list(self.sources)),

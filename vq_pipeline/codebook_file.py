@@ -110,6 +110,7 @@ _ENTRY_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "mode": _STRING,
         "restart_inertias": _ARRAY,
         "history": _ARRAY,
+        "alignment": (lambda v: isinstance(v, dict), "an object"),
     },
     "timings": {"fit_seconds": _NUMBER, "init_seconds": _NUMBER, "iteration_seconds": _ARRAY},
 }
@@ -371,7 +372,7 @@ def provenance_fields(meta: dict[str, str], source: str) -> dict[str, Any]:
             )
     return dict(
         metric=meta["metric"],
-        fit=json_field(meta, "fit", source, dict),
+        settings=json_field(meta, "fit", source, dict),
         stats=_typed_entries(meta, "stats", source),
         data_fingerprint=meta.get("data_fingerprint", ""),
         sources=tuple(sources),
@@ -497,7 +498,7 @@ def summarize(codebook: Any) -> dict[str, Any]:
         "metric": codebook.metric,
         "n_codes": codebook.n_codes,
         "dim": codebook.dim,
-        "fit": codebook.fit,
+        "fit": codebook.settings,
         "stats": codebook.stats,
         "data_fingerprint": codebook.data_fingerprint,
         "sources": list(codebook.sources),
@@ -543,7 +544,7 @@ class CodebookInfo(CodebookViews):
     centroids: np.ndarray  # (n_codes, dim) float32
     counts: np.ndarray  # (n_codes,) int64
     metric: str
-    fit: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     sources: tuple[str, ...] = ()

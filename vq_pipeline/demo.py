@@ -67,7 +67,7 @@ def main(
         "n_codes": codebook.n_codes,
         "dim": codebook.dim,
         "metric": codebook.metric,
-        "engine": codebook.fit["engine"],
+        "engine": codebook.settings["engine"],
         "train_rows": n_train,
         "iterations": codebook.stats["iterations"],
         "converged": codebook.stats["converged"],

@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either absent (or its old version) or complete, never partial.
+"""Atomic file writes and lock files: a file is either absent (or its old version) or complete, never
+partial, and a lock file is never a way to reach another file.
 
 Every file the package writes (codebooks, code tables, receipts, manifests, checkpoints, reports)
 goes through :func:`atomic_write`: a temporary file in the same folder, fsynced, renamed into
@@ -13,12 +14,17 @@ never another program's ``*.tmp``. The first 8 hex digits are a tag of the final
 (:func:`temporary_tag`), so the leftovers of the writes to one file can be told apart; the last 8 are
 random. A temporary file is created with ``O_EXCL | O_NOFOLLOW`` and written through the descriptor
 that created it, so a file or symlink planted under its name is never opened, let alone written.
+
+Every lock the package takes (an output file's, an encode folder's, a work_dir's) is one
+:func:`hold_lock`: an exclusive ``flock`` on a lock file that is opened without following a
+symlink and that is written, and removed, only when it is a lock file of this package.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +32,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from .errors import StateError
@@ -34,6 +40,10 @@ from .errors import StateError
 #: Every temporary file or link the package creates is named so: ``.vq-`` + 16 hex digits + ``.tmp``.
 TEMPORARY_PATTERN = re.compile(r"\.vq-[0-9a-f]{16}\.tmp")
 _TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".vq-", ".tmp"
+#: What a lock file holds while a run holds it (empty between runs): ``pid 123 on host``.
+LOCK_NOTE = re.compile(r"pid \d+ on [^\n]*")
+#: A lock file larger than this was not written by this package.
+_MAX_LOCK_FILE = 4096
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -210,7 +220,84 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+def _lock_note(fd: int) -> str:
+    """What the lock file open at ``fd`` holds (at most one byte more than a lock file of this package may)."""
+    return os.pread(fd, _MAX_LOCK_FILE + 1, 0).decode(errors="replace").strip()
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (a finishing run may have removed it meanwhile)."""
+    held = os.fstat(fd)
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+@contextlib.contextmanager
+def hold_lock(
+    path: str | os.PathLike[str], *, busy: Callable[[str], BaseException], remove: bool = False
+) -> Iterator[None]:
+    """Hold the exclusive lock file ``path`` for a run, or raise ``busy(holder)`` at once if another run
+    holds it (``holder``: the note of the run that holds it, ``pid N on HOST``, or ``unknown``).
+
+    The one lock of the package, with these guarantees:
+
+    - the file is opened without following a symlink, and refused unless it is a regular file with
+      one link (:func:`open_lock`), so a symlink, hard link or FIFO planted under its name never
+      leads to another file;
+    - it is written, and removed, only when it is a lock file of this package: empty, or holding a
+      holder note (:data:`LOCK_NOTE`); anything else is refused with a :class:`StateError` and left
+      as it is;
+    - while held, it holds the note ``pid N on HOST``, which ``busy`` quotes; it is emptied on release,
+      and with ``remove`` deleted (while still locked), so that nothing is left behind;
+    - a run that locked the file checks that ``path`` still names the file it locked, and starts
+      over if a finishing run removed it in between, so removing it is safe.
+
+    Not the ``filelock`` package: its 3.x ``UnixFileLock`` opens the lock with ``O_TRUNC`` (and
+    before ``O_NOFOLLOW`` was added followed a symlink), so a hard link planted under the lock's name
+    empties another file, and 4.3 refuses a symlink but still locks a hard-linked file or a FIFO and
+    records no holder.
+    """
+    path = Path(path)
+    while True:
+        fd = open_lock(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_note(fd) or "unknown"
+            os.close(fd)
+            raise busy(holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _still_named(fd, path):
+            break
+        os.close(fd)  # removed (and maybe recreated) by the run that just finished: lock the new one
+    try:
+        found = _lock_note(fd)
+        if os.fstat(fd).st_size > _MAX_LOCK_FILE or (found and not LOCK_NOTE.fullmatch(found)):
+            raise StateError(
+                f"lock={str(path)!r} holds {found[:80]!r}; expected the lock file of vq-pipeline (empty, or "
+                f"'pid N on HOST'). Fix: move it away (vq never writes into a file it did not create); the next "
+                f"run creates the lock."
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # while still locked: no other run holds this file
+    finally:
+        os.close(fd)
+
+
 __all__ = [
+    "LOCK_NOTE",
     "TEMPORARY_PATTERN",
     "atomic_symlink",
     "atomic_write",
@@ -218,6 +305,7 @@ __all__ = [
     "canonical_json",
     "current_umask",
     "fsync_folder",
+    "hold_lock",
     "is_temporary_name",
     "open_lock",
     "remove_temporaries",

@@ -1,5 +1,6 @@
-"""Fit settings: validate what a fit was asked for once, at the public edge, into a frozen
-:class:`FitOptions`; and where the training rows live (device placement).
+"""A fit's plan: :class:`~vq_pipeline.settings.FitSettings` resolved against the training rows
+(n_codes against the row count, the init's shape, the device) into a frozen :class:`FitOptions`;
+and where the training rows live (device placement).
 """
 
 from __future__ import annotations
@@ -9,14 +10,11 @@ from typing import Any
 
 import torch
 
-from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook
 from .errors import InvalidInputError, TooFewPointsError
-from .settings import DEFAULT_METRIC, ENGINES, INITS, METRICS
+from .settings import FitSettings
 from .validate import (
     as_embeddings,
-    check_choice,
-    check_float,
     check_int,
     check_nonzero_rows,
     normalize_rows,
@@ -26,7 +24,7 @@ from .validate import (
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Validated fit settings (see :func:`fit_codebook` for their meaning)."""
+    """Fit settings resolved against the data (see :func:`fit_codebook` for their meaning)."""
 
     n_codes: int
     metric: str
@@ -61,63 +59,36 @@ class FitOptions:
 
 def fit_options(
     n_codes: Any,
+    settings: FitSettings,
     *,
     dim: int,
     n_rows: int,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str | torch.Tensor | Codebook = "k-means++",
-    seed: int = 0,
-    n_init: int = 1,
-    engine: str = "auto",
-    device: str | torch.device | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     x_device: torch.Tensor | None = None,
 ) -> FitOptions:
-    """Validate fit settings for data of ``n_rows`` rows of width ``dim``; raise clear errors."""
-    metric = check_choice("metric", metric, METRICS)
+    """Resolve validated ``settings`` against data of ``n_rows`` rows of width ``dim``; raise clear errors."""
     n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
     if n_codes > n_rows:
         raise TooFewPointsError(
             f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
             f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
         )
-    n_iter = check_int("n_iter", n_iter, minimum=0)
-    tol = check_float("tol", tol)
-    seed = check_int("seed", seed, minimum=0)
-    n_init = check_int("n_init", n_init, minimum=1)
-    budget = check_int("memory_budget", memory_budget, minimum=1)
-    check_choice("engine", engine, ENGINES)
-    parent = ""
+    init, parent = settings.init, ""
     if isinstance(init, Codebook):
-        if init.metric != metric:
-            raise InvalidInputError(
-                f"init codebook metric={init.metric!r} but metric={metric!r}; expected the same metric. "
-                f"Fix: pass metric={init.metric!r}, or start from a k-means++ init."
-            )
         parent, init = init.fingerprint, init.centroids
-    if isinstance(init, torch.Tensor):
-        init = _check_init_tensor(init, n_codes, dim, metric)
-        if n_init != 1:
-            raise InvalidInputError(
-                f"n_init={n_init} with a given init tensor would repeat the same run; expected n_init=1. "
-                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
-            )
-    else:
-        check_choice("init", init, INITS)
+    if not isinstance(init, str):  # starting centroids: a tensor or an array
+        init = _check_init_tensor(init, n_codes, dim, settings.metric)
     return FitOptions(
         n_codes=n_codes,
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
+        metric=settings.metric,
+        n_iter=settings.n_iter,
+        tol=settings.tol,
         init=init,
         parent_fingerprint=parent,
-        seed=seed,
-        n_init=n_init,
-        engine=engine,
-        device=resolve_device(device, x_device),
-        memory_budget=budget,
+        seed=settings.seed,
+        n_init=settings.n_init,
+        engine=settings.engine,
+        device=resolve_device(settings.device, x_device),
+        memory_budget=settings.memory_budget,
     )
 
 

@@ -17,15 +17,14 @@ import numpy as np
 import torch
 
 from . import tables
-from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook
 from .data import SEED_ROWS_PER_CODE, DataSource, InMemoryRows, StreamedTables, validated_batches, validated_sample
 from .errors import DimensionMismatchError, InvalidInputError
 from .checkpoint import FitCheckpoint
 from .kmeans import FitOptions, ProgressCallback, fit_options, fit_source
-from .settings import DEFAULT_BATCH_ROWS
+from .settings import DEFAULT_BATCH_ROWS, FitSettings
 from .tables import Source
-from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, normalize_rows
+from .validate import check_int, normalize_rows
 
 #: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
 DEFAULT_DATA_BUDGET = 2 * 2**30
@@ -36,16 +35,16 @@ def fit_from_tables(
     *,
     column: str,
     n_codes: int,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str | torch.Tensor | Codebook = "k-means++",
-    seed: int = 0,
-    n_init: int = 1,
-    engine: str = "auto",
-    device: str | torch.device | None = None,
+    metric: str = FitSettings.metric,
+    n_iter: int = FitSettings.n_iter,
+    tol: float = FitSettings.tol,
+    init: str | torch.Tensor | Codebook = FitSettings.init,
+    seed: int = FitSettings.seed,
+    n_init: int = FitSettings.n_init,
+    engine: str = FitSettings.engine,
+    device: str | torch.device | None = FitSettings.device,
     sample: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = FitSettings.memory_budget,
     data_budget: int = DEFAULT_DATA_BUDGET,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
@@ -64,7 +63,17 @@ def fit_from_tables(
     Other arguments: see :func:`vq_pipeline.fit_codebook`.
     """
     t_start = time.perf_counter()
-    metric = check_choice("metric", metric, METRICS)
+    settings = FitSettings(
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        n_init=n_init,
+        engine=engine,
+        device=device,
+        memory_budget=memory_budget,
+    )  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)
     ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
@@ -86,20 +95,7 @@ def fit_from_tables(
         mode = {"mode": "streamed", "rows_total": n_total}
 
     n_rows = x.shape[0] if x is not None else n_total
-    opts = fit_options(
-        n_codes,
-        dim=dim,
-        n_rows=n_rows,
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        n_init=n_init,
-        engine=engine,
-        device=device,
-        memory_budget=memory_budget,
-    )
+    opts = fit_options(n_codes, settings, dim=dim, n_rows=n_rows)
     if x is not None:
         if opts.metric == "cosine":
             x = normalize_rows(x)  # zero rows were refused per file, with their row numbers

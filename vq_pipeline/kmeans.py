@@ -4,7 +4,7 @@ The loop follows the KeOps K-means tutorial (an argmin over symbolic squared dis
 centroid means) and adds what it leaves out:
 
 * k-means++ initialization (greedy, as in scikit-learn: ``2 + ln(n_codes)`` candidates per step),
-  computed through the same engine in bounded chunks, never with an (n_rows, n_codes) matrix;
+  exact and pruned by the triangle inequality, in bounded chunks (:mod:`vq_pipeline.seeding`);
 * empty clusters are repaired by moving them to the points farthest from their centroids
   (scikit-learn's rule), falling back to splitting the largest cluster (FAISS splits a cluster
   drawn at random, weighted by size; the largest keeps the fit deterministic); every repair
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import time
 from dataclasses import asdict, dataclass
@@ -32,18 +31,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .assign import DEFAULT_MEMORY_BUDGET, plan_chunk_rows
 from .codebook import Codebook, tensor_fingerprint
+from .settings import FitSettings
 from .fit_options import FitOptions, _check_init_tensor, fit_options, maybe_to_device  # noqa: F401 - fit_options re-exported
 from .data import SEED_ROWS_PER_CODE, DataSource, EStepStats, InMemoryRows
 from .engines import Engine, get_engine
 from .errors import TooFewPointsError
+from .seeding import InitProgress, _report_init, kmeans_parallel, kmeans_plus_plus  # noqa: F401 - re-exported
 from .validate import (
-    DEFAULT_METRIC,
     as_embeddings,
     check_nonzero_rows,
     normalize_rows,
-    row_chunks,
     too_few_rows_fix,
 )
 
@@ -67,16 +65,6 @@ class IterationStats:
     n_repairs: int
     n_empty: int
     imbalance: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class InitProgress:
-    """Seeding progress, reported before the first iteration: ``chosen`` of ``n_codes`` initial
-    centroids picked so far (k-means++ reports every few percent; other inits once, when done)."""
-
-    chosen: int
-    n_codes: int
     seconds: float
 
 
@@ -275,93 +263,6 @@ def _iteration_stats(
     return stats
 
 
-def kmeans_plus_plus(
-    x: torch.Tensor,
-    n_codes: int,
-    *,
-    generator: torch.Generator,
-    engine: Engine,
-    memory_budget: int,
-    device: torch.device,
-    progress: ProgressCallback | None = None,
-) -> torch.Tensor:
-    """Greedy k-means++ seeding through ``engine`` in bounded chunks.
-
-    Each step draws ``2 + ln(n_codes)`` candidates with probability proportional to the squared
-    distance to the nearest chosen centroid, and keeps the one that lowers the total the most: one
-    pass over ``x`` ranks the candidates through the engine, a second updates the distances with
-    the winner's, in the direct (exact) form.
-
-    Args:
-        x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
-        generator: CPU generator; all randomness comes from it.
-        progress: called with an :class:`InitProgress` about every 5% of the centroids (and at the end).
-
-    Returns:
-        (n_codes, dim) float32 centroids on ``device``, each a row of ``x``.
-    """
-    n_rows, dim = x.shape
-    n_trials = 2 + int(math.log(n_codes))
-    chunk = plan_chunk_rows(n_rows, n_trials, dim, k=n_trials, engine=engine, memory_budget=memory_budget // 2)
-    chosen = [int(torch.randint(n_rows, (1,), generator=generator))]
-    first = x[chosen[0] : chosen[0] + 1].to(device)  # (1, dim)
-    closest = _direct_sqdist(x, first[0], chunk)  # (n_rows,) float64
-    t0 = time.perf_counter()
-    report_every = max(1, n_codes // 20)
-    for i in range(1, n_codes):
-        if i % report_every == 0:
-            _report_init(progress, i, n_codes, t0)
-        total = float(closest.sum())
-        if total <= 0:
-            raise TooFewPointsError(
-                f"x has only {i} distinct rows but n_codes={n_codes}; expected at least n_codes distinct rows. "
-                f"{too_few_rows_fix(x, i)}"
-            )
-        cumulative = closest.cumsum(0)  # (n_rows,)
-        targets = torch.rand(n_trials, generator=generator, dtype=torch.float64) * total  # (n_trials,)
-        # right=True lands on a row whose own weight is > 0, so a row already chosen is never drawn.
-        candidates = torch.searchsorted(cumulative, targets.to(cumulative.device), right=True).clamp_(max=n_rows - 1)
-        cand_x = x[candidates.to(x.device)].to(device).contiguous()  # (n_trials, dim)
-        potential = _potentials(x, cand_x, engine, chunk, closest=closest)  # (n_trials,)
-        best = int(potential.argmin())
-        chosen.append(int(candidates[best]))
-        # The winner's distances in the direct form: exact zeros for copies of chosen rows, so they are
-        # never drawn and running out of distinct rows is detected (the GEMM form leaves ~1e-7 there).
-        closest = torch.minimum(closest, _direct_sqdist(x, cand_x[best], chunk))
-    _report_init(progress, n_codes, n_codes, t0)
-    return x[torch.tensor(chosen, device=x.device)].to(device, torch.float32).contiguous()
-
-
-def _report_init(progress: ProgressCallback | None, chosen: int, n_codes: int, t0: float) -> None:
-    event = InitProgress(chosen=chosen, n_codes=n_codes, seconds=time.perf_counter() - t0)
-    log.info("initial centroids: %d of %d chosen (%.1f s)", chosen, n_codes, event.seconds)
-    if progress is not None:
-        progress(event)
-
-
-def _direct_sqdist(x: torch.Tensor, c: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """(n_rows,) float64 squared distances ``sum((x - c)**2)`` of every row to one point c (dim,)."""
-    out = torch.empty(x.shape[0], dtype=torch.float64, device=c.device)
-    for rows in row_chunks(x.shape[0], chunk_rows):
-        out[rows] = (x[rows].to(c.device) - c).square().sum(dim=1).double()
-    return out
-
-
-def _potentials(
-    x: torch.Tensor, cand: torch.Tensor, engine: Engine, chunk_rows: int, *, closest: torch.Tensor
-) -> torch.Tensor:
-    """(m,) float64: each candidate's potential ``sum(min(closest, d(x, cand)))``, in one pass.
-
-    Args:
-        cand: (m, dim) float32 on the compute device. closest: (n_rows,) float64.
-    """
-    potential = torch.zeros(cand.shape[0], dtype=torch.float64, device=cand.device)  # (m,)
-    for rows in row_chunks(x.shape[0], chunk_rows):
-        d = engine.sqdist(x[rows].to(cand.device).contiguous(), cand).double()  # (n, m)
-        potential += torch.minimum(closest[rows, None], d).sum(dim=0)
-    return potential
-
-
 def _restart_seed(seed: int, restart: int) -> int:
     return (seed * 1_000_003 + restart) % (2**63)
 
@@ -381,15 +282,15 @@ def fit_codebook(
     x: Any,
     n_codes: int,
     *,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str | torch.Tensor | Codebook = "k-means++",
-    seed: int = 0,
-    n_init: int = 1,
-    engine: str = "auto",
-    device: str | torch.device | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    metric: str = FitSettings.metric,
+    n_iter: int = FitSettings.n_iter,
+    tol: float = FitSettings.tol,
+    init: str | torch.Tensor | Codebook = FitSettings.init,
+    seed: int = FitSettings.seed,
+    n_init: int = FitSettings.n_init,
+    engine: str = FitSettings.engine,
+    device: str | torch.device | None = FitSettings.device,
+    memory_budget: int = FitSettings.memory_budget,
     progress: ProgressCallback | None = None,
     sources: tuple[str, ...] = (),
     column: str = "",
@@ -397,16 +298,20 @@ def fit_codebook(
     """Fit a K-means codebook with Lloyd's algorithm.
 
     Args:
-        x: (n_rows, dim) embeddings: torch tensor (any device) or numpy array. float16, bfloat16,
-            float64 and integer inputs are converted to float32; NaN/Inf are refused.
+        x: (n_rows, dim) embeddings: torch tensor (any device), numpy array (read-only ones too,
+            without a copy), or a polars Series (or one-column DataFrame) of Array or same-length
+            List rows. float16, bfloat16, float64 and integer inputs are converted to float32;
+            NaN/Inf are refused.
         n_codes: number of centroids, ``1 <= n_codes <= n_rows``.
         metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized; centroids
             re-normalized after every update).
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
         tol: stop when the objective's relative decrease is ``<= tol``.
-        init: 'k-means++' (default), 'random' (distinct random rows), 'first' (the first n_codes
-            rows, as in the KeOps tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from
-            (its fingerprint is recorded as the parent).
+        init: 'k-means++' (default; exact greedy k-means++), 'k-means||' (approximate k-means||:
+            5 rounds of oversampling, then weighted k-means++ on the candidates; faster), 'random'
+            (distinct random rows), 'first' (the first n_codes rows, as in the KeOps tutorial), a
+            (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint is recorded as
+            the parent).
         seed: seed of every random choice; with the same data, settings and device kind the
             codebook is the same.
         n_init: restarts from different seeded inits; the lowest objective wins.
@@ -420,12 +325,7 @@ def fit_codebook(
         A :class:`Codebook` whose counts and inertia belong to its centroids.
     """
     t_start = time.perf_counter()
-    x = as_embeddings(x)
-    n_rows, dim = x.shape
-    opts = fit_options(
-        n_codes,
-        dim=dim,
-        n_rows=n_rows,
+    settings = FitSettings(
         metric=metric,
         n_iter=n_iter,
         tol=tol,
@@ -435,8 +335,10 @@ def fit_codebook(
         engine=engine,
         device=device,
         memory_budget=memory_budget,
-        x_device=x,
     )
+    x = as_embeddings(x)
+    n_rows, dim = x.shape
+    opts = fit_options(n_codes, settings, dim=dim, n_rows=n_rows, x_device=x)
     data_fingerprint = tensor_fingerprint(x)
     if opts.metric == "cosine":
         check_nonzero_rows(x)
@@ -526,7 +428,7 @@ def fit_source(
         centroids=best.centroids,
         counts=best.counts,
         metric=opts.metric,
-        fit=opts.settings(eng.name),
+        settings=opts.settings(eng.name),
         stats={
             "n_rows": n_rows,
             "inertia": best.inertia,
@@ -575,7 +477,8 @@ def _initial_centroids(
         pick = torch.randperm(seed_rows.shape[0], generator=generator)[:n_codes]
         c0 = seed_rows[pick.to(seed_rows.device)].to(dev).contiguous()
     else:
-        return kmeans_plus_plus(
+        seeding = kmeans_parallel if opts.init == "k-means||" else kmeans_plus_plus
+        return seeding(
             seed_rows,
             n_codes,
             generator=generator,

@@ -6,8 +6,8 @@ and decompresses that whole group again for every slice. To keep memory and time
 rows asked for, :class:`ParquetPages` reads a local parquet file in page ranges instead: its footer and
 page tables (the offset index when the file has one, else the page headers) say where each page starts
 and which rows it holds, and the pages covering the wanted rows are handed to polars as a small parquet
-file of their own (the same column chunk bytes and schema, a footer of one row group). Only the thrift
-compact protocol of the footer and page headers is parsed here; polars does all decoding of data.
+file of their own (the same column chunk bytes and schema, a footer of one row group). Only the footer
+and page headers are parsed here (:mod:`vq_pipeline.parquet_thrift`); polars does all decoding of data.
 :mod:`vq_pipeline.tables` uses it for batches inside a row group larger than themselves.
 """
 
@@ -24,161 +24,9 @@ from typing import Any
 
 import polars as pl
 
-from .errors import InvalidInputError
+from .parquet_thrift import I32, I64, LIST, STRUCT, ThriftReader, field, layout_error, thrift_bytes
 
-
-_STOP, _TRUE, _FALSE, _I8, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(13)
-_MAX_DEPTH = 32
 _DICTIONARY_PAGE, _DATA_PAGE, _DATA_PAGE_V2 = 2, 0, 3
-
-
-def _layout_error(what: str) -> InvalidInputError:
-    """A parquet layout the page reader cannot follow: :meth:`ParquetPages.open` then leaves the file
-    to polars alone; met while reading rows, the file is named as unreadable there."""
-    return InvalidInputError(f"parquet layout: {what}")
-
-
-class _ThriftReader:
-    """Thrift compact protocol, read into plain values: a struct is ``{field id: (type, value)}``."""
-
-    def __init__(self, buf: bytes, pos: int = 0) -> None:
-        self.buf, self.pos = buf, pos
-
-    def _byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise _layout_error("truncated thrift data")
-        self.pos += 1
-        return self.buf[self.pos - 1]
-
-    def _varint(self) -> int:
-        result = shift = 0
-        while True:
-            b = self._byte()
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-            if shift > 63:
-                raise _layout_error("thrift varint too long")
-
-    def _zigzag(self) -> int:
-        n = self._varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def _value(self, t: int, depth: int) -> Any:
-        if depth > _MAX_DEPTH:
-            raise _layout_error("thrift data nested too deep")
-        if t in (_TRUE, _FALSE):  # inside a container, a bool is a byte of its own
-            return self._byte() == 1
-        if t == _I8:
-            return self._byte()
-        if t in (_I16, _I32, _I64):
-            return self._zigzag()
-        if t == _DOUBLE:
-            self.pos += 8
-            if self.pos > len(self.buf):
-                raise _layout_error("truncated thrift data")
-            return struct.unpack_from("<d", self.buf, self.pos - 8)[0]
-        if t == _BINARY:
-            n = self._varint()
-            if n > len(self.buf) - self.pos:
-                raise _layout_error("truncated thrift data")
-            self.pos += n
-            return bytes(self.buf[self.pos - n : self.pos])
-        if t in (_LIST, _SET):
-            head = self._byte()
-            n, et = head >> 4, head & 15
-            if n == 15:
-                n = self._varint()
-            if n > len(self.buf) - self.pos:  # every element takes at least a byte
-                raise _layout_error("thrift list longer than its data")
-            return et, [self._value(et, depth + 1) for _ in range(n)]
-        if t == _MAP:
-            n = self._varint()
-            if n == 0:
-                return 0, 0, []
-            if 2 * n > len(self.buf) - self.pos:
-                raise _layout_error("thrift map longer than its data")
-            head = self._byte()
-            kt, vt = head >> 4, head & 15
-            return kt, vt, [(self._value(kt, depth + 1), self._value(vt, depth + 1)) for _ in range(n)]
-        if t == _STRUCT:
-            return self.struct(depth + 1)
-        raise _layout_error(f"unknown thrift type {t}")
-
-    def struct(self, depth: int = 0) -> dict[int, tuple[int, Any]]:
-        fields: dict[int, tuple[int, Any]] = {}
-        last = 0
-        while True:
-            head = self._byte()
-            if head == _STOP:
-                return fields
-            delta, t = head >> 4, head & 15
-            last = last + delta if delta else self._zigzag()
-            fields[last] = (_TRUE, t == _TRUE) if t in (_TRUE, _FALSE) else (t, self._value(t, depth))
-
-
-def _thrift_bytes(fields: dict[int, tuple[int, Any]]) -> bytes:
-    """The thrift compact encoding of a struct read by :class:`_ThriftReader` (or built like one)."""
-    out = bytearray()
-
-    def varint(n: int) -> None:
-        while n > 0x7F:
-            out.append(n & 0x7F | 0x80)
-            n >>= 7
-        out.append(n)
-
-    def value(t: int, v: Any) -> None:
-        if t in (_TRUE, _FALSE):
-            out.append(1 if v else 2)
-        elif t == _I8:
-            out.append(v & 0xFF)
-        elif t in (_I16, _I32, _I64):
-            varint((v << 1) ^ (v >> 63))
-        elif t == _DOUBLE:
-            out.extend(struct.pack("<d", v))
-        elif t == _BINARY:
-            varint(len(v))
-            out.extend(v)
-        elif t in (_LIST, _SET):
-            et, items = v
-            out.append(len(items) << 4 | et if len(items) < 15 else 0xF0 | et)
-            if len(items) >= 15:
-                varint(len(items))
-            for item in items:
-                value(et, item)
-        elif t == _MAP:
-            kt, vt, items = v
-            varint(len(items))
-            if items:
-                out.append(kt << 4 | vt)
-            for k, item in items:
-                value(kt, k)
-                value(vt, item)
-        else:
-            struct_(v)
-
-    def struct_(f: dict[int, tuple[int, Any]]) -> None:
-        last = 0
-        for fid in sorted(f):
-            t, v = f[fid]
-            wire = (_TRUE if v else _FALSE) if t in (_TRUE, _FALSE) else t
-            if 0 < fid - last <= 15:
-                out.append((fid - last) << 4 | wire)
-            else:
-                out.append(wire)
-                varint((fid << 1) ^ (fid >> 63))
-            if t not in (_TRUE, _FALSE):
-                value(t, v)
-            last = fid
-        out.append(_STOP)
-
-    struct_(fields)
-    return bytes(out)
-
-
-def _field(fields: dict[int, tuple[int, Any]], fid: int, default: Any = None) -> Any:
-    return fields[fid][1] if fid in fields else default
 
 
 def _snappy_prefix(buf: bytes, want: Callable[[bytearray], int]) -> bytearray:
@@ -190,7 +38,7 @@ def _snappy_prefix(buf: bytes, want: Callable[[bytearray], int]) -> bytearray:
     out = bytearray()
     while len(out) < want(out):
         if pos >= len(buf):
-            raise _layout_error("truncated snappy data")
+            raise layout_error("truncated snappy data")
         tag = buf[pos]
         pos += 1
         kind = tag & 3
@@ -209,7 +57,7 @@ def _snappy_prefix(buf: bytes, want: Callable[[bytearray], int]) -> bytearray:
             n, off = (tag >> 2) + 1, int.from_bytes(buf[pos : pos + width], "little")
             pos += width
         if not 0 < off <= len(out):
-            raise _layout_error("bad snappy copy offset")
+            raise layout_error("bad snappy copy offset")
         start = len(out) - off
         piece = out[start : start + n] if off >= n else (out[start:] * (n // off + 1))[:n]
         out.extend(piece)
@@ -222,7 +70,7 @@ def _page_levels_prefix(body: bytes, codec: int, uncompressed_size: int) -> byte
     def want(out: bytearray) -> int:
         n = 4 + int.from_bytes(out[:4], "little") if len(out) >= 4 else 4
         if n > uncompressed_size:
-            raise _layout_error("repetition levels longer than their page")
+            raise layout_error("repetition levels longer than their page")
         return n
 
     if codec == 0:  # UNCOMPRESSED
@@ -234,7 +82,7 @@ def _page_levels_prefix(body: bytes, codec: int, uncompressed_size: int) -> byte
         out = bytearray(d.decompress(body, 4))
         out.extend(d.decompress(d.unconsumed_tail, max(1, want(out) - len(out))))
         return bytes(out)
-    raise _layout_error(f"codec {codec} is not read page by page")
+    raise layout_error(f"codec {codec} is not read page by page")
 
 
 def _count_records(levels: bytes, n_values: int, width: int) -> tuple[int, bool]:
@@ -245,7 +93,7 @@ def _count_records(levels: bytes, n_values: int, width: int) -> tuple[int, bool]
         header = shift = 0
         while True:
             if pos >= len(data):
-                raise _layout_error("truncated repetition levels")
+                raise layout_error("truncated repetition levels")
             b = data[pos]
             pos += 1
             header |= (b & 0x7F) << shift
@@ -269,7 +117,7 @@ def _count_records(levels: bytes, n_values: int, width: int) -> tuple[int, bool]
             take = min(n, n_values - seen)
             zeros += take if value == 0 else 0
         if take <= 0:
-            raise _layout_error("empty run in repetition levels")
+            raise layout_error("empty run in repetition levels")
         if first is None:
             first = value
         seen += take
@@ -321,28 +169,28 @@ class ParquetPages:
         }
         # Room for the small file's footer: less than the whole file's (one row group, fewer columns).
         self._footer_reserve = footer_size + 4096
-        self.schema = _field(meta, 2)[1]
+        self.schema = field(meta, 2)[1]
         self.max_rep = self._max_repetition()
         # per row group: (first row, n_rows, {top-level name: [its leaf column chunks]})
         self.row_groups: list[tuple[int, int, dict[str, list[_ColumnChunk]]]] = []
         start = 0
-        for rg in _field(meta, 4, (0, []))[1]:
-            n = _field(rg, 3)
+        for rg in field(meta, 4, (0, []))[1]:
+            n = field(rg, 3)
             chunks: dict[str, list[_ColumnChunk]] = {name: [] for name in self.names}
-            for cc in _field(rg, 1)[1]:
-                if _field(cc, 8) is not None or _field(cc, 9) is not None or _field(cc, 1) is not None:
-                    raise _layout_error("encrypted column or column in another file")
-                cmeta = _field(cc, 3)
-                path = tuple(p.decode() for p in _field(cmeta, 3)[1])
+            for cc in field(rg, 1)[1]:
+                if field(cc, 8) is not None or field(cc, 9) is not None or field(cc, 1) is not None:
+                    raise layout_error("encrypted column or column in another file")
+                cmeta = field(cc, 3)
+                path = tuple(p.decode() for p in field(cmeta, 3)[1])
                 if path[0] in chunks:
                     chunks[path[0]].append(self._chunk(cc, cmeta, n, self.max_rep[path], self._fixed.get(path[0])))
             if not isinstance(n, int) or n < 0 or any(not c for c in chunks.values()):
-                raise _layout_error("row group without the wanted columns")
+                raise layout_error("row group without the wanted columns")
             self.row_groups.append((start, n, chunks))
             start += n
         self.n_rows = start
         self.firsts = [rg[0] for rg in self.row_groups]
-        self._cache: dict[str, tuple[int, int, int, pl.Series]] = {}
+        self._cache: dict[str, tuple[int, int, pl.Series]] = {}  # name -> (first row, end row, its rows)
 
     @classmethod
     def open(cls, path: str, names: Sequence[str], schema: pl.Schema) -> ParquetPages | None:
@@ -351,13 +199,13 @@ class ParquetPages:
             size = os.fstat(fd).st_size
             tail = os.pread(fd, 8, size - 8) if size >= 12 else b""
             if len(tail) != 8 or tail[4:] != b"PAR1":
-                raise _layout_error("not a plain parquet file (encrypted footer?)")
+                raise layout_error("not a plain parquet file (encrypted footer?)")
             n = int.from_bytes(tail[:4], "little")
             if not 0 < n <= size - 12:
-                raise _layout_error("bad footer length")
-            meta = _ThriftReader(os.pread(fd, n, size - 8 - n)).struct()
-            if _field(meta, 8) is not None:
-                raise _layout_error("encrypted file")
+                raise layout_error("bad footer length")
+            meta = ThriftReader(os.pread(fd, n, size - 8 - n)).struct()
+            if field(meta, 8) is not None:
+                raise layout_error("encrypted file")
             return cls(fd, size, meta, schema, names, n)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error, OverflowError):
             os.close(fd)
@@ -375,9 +223,9 @@ class ParquetPages:
 
         def walk(i: int, path: tuple[str, ...], rep: int) -> int:
             el = self.schema[i]
-            here = path + (_field(el, 4).decode(),)
-            rep += _field(el, 3) == 2  # REPEATED
-            n = _field(el, 5, 0)
+            here = path + (field(el, 4).decode(),)
+            rep += field(el, 3) == 2  # REPEATED
+            n = field(el, 5, 0)
             if n == 0:
                 out[here] = rep
             j = i + 1
@@ -386,16 +234,16 @@ class ParquetPages:
             return j
 
         j = 1
-        for _ in range(_field(self.schema[0], 5, 0)):
+        for _ in range(field(self.schema[0], 5, 0)):
             j = walk(j, (), 0)
         return out
 
     def _pread(self, offset: int, n: int) -> bytes:
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise _layout_error("page outside the file")
+            raise layout_error("page outside the file")
         data = os.pread(self.fd, n, offset)
         if len(data) != n:
-            raise _layout_error("short read")
+            raise layout_error("short read")
         return data
 
     def _levels(self, offset: int, size: int, codec: int, uncompressed_size: int) -> bytes:
@@ -412,12 +260,12 @@ class ParquetPages:
 
     def _pread_into(self, view: memoryview, offset: int) -> None:
         if offset < 0 or offset + len(view) > self.size:
-            raise _layout_error("page outside the file")
+            raise layout_error("page outside the file")
         done = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise _layout_error("short read")
+                raise layout_error("short read")
             done += n
 
     def _header(self, offset: int, end: int) -> tuple[dict[int, tuple[int, Any]], int]:
@@ -425,7 +273,7 @@ class ParquetPages:
         n = self._HEADER_READ
         while True:
             buf = self._pread(offset, min(n, end - offset))
-            reader = _ThriftReader(buf)
+            reader = ThriftReader(buf)
             try:
                 return reader.struct(), reader.pos
             except ValueError:
@@ -434,28 +282,28 @@ class ParquetPages:
                 n *= 4
 
     def _chunk(self, cc: dict, cmeta: dict, n_rows: int, max_rep: int, fixed: int | None) -> _ColumnChunk:
-        data_offset, dict_offset = _field(cmeta, 9), _field(cmeta, 11)
+        data_offset, dict_offset = field(cmeta, 9), field(cmeta, 11)
         start = min(data_offset, dict_offset) if dict_offset else data_offset
-        end = start + _field(cmeta, 7)
+        end = start + field(cmeta, 7)
         if not 4 <= start <= end <= self.size:
-            raise _layout_error("column chunk outside the file")
+            raise layout_error("column chunk outside the file")
         index = self._offset_index(cc, start, end, n_rows)
         if index is not None:
             offsets, sizes, first_rows = index
         else:
-            if fixed and max_rep == 1 and _field(cmeta, 5) != n_rows * fixed:
+            if fixed and max_rep == 1 and field(cmeta, 5) != n_rows * fixed:
                 fixed = None  # null rows: each is one value, not `fixed`
             offsets, sizes, first_rows = self._walk_pages(cmeta, start, end, n_rows, max_rep, fixed)
         return _ColumnChunk(cmeta, (start, offsets[0] - start), offsets, sizes, first_rows)
 
     def _offset_index(self, cc: dict, start: int, end: int, n_rows: int) -> tuple[list, list, list] | None:
-        at, length = _field(cc, 4), _field(cc, 5)
+        at, length = field(cc, 4), field(cc, 5)
         if at is None or length is None:
             return None
-        pages = _field(_ThriftReader(self._pread(at, length)).struct(), 1)[1]
-        offsets = [_field(p, 1) for p in pages]
-        sizes = [_field(p, 2) for p in pages]
-        first_rows = [_field(p, 3) for p in pages]
+        pages = field(ThriftReader(self._pread(at, length)).struct(), 1)[1]
+        offsets = [field(p, 1) for p in pages]
+        sizes = [field(p, 2) for p in pages]
+        first_rows = [field(p, 3) for p in pages]
         contiguous = all(o + s == nxt for o, s, nxt in zip(offsets, sizes, offsets[1:]))
         if (
             not pages
@@ -478,28 +326,28 @@ class ParquetPages:
         rows, pos = 0, start
         while pos < end:
             header, header_len = self._header(pos, end)
-            kind, size = _field(header, 1), header_len + _field(header, 3)
+            kind, size = field(header, 1), header_len + field(header, 3)
             if size < header_len or pos + size > end:  # an empty dictionary page has no body
-                raise _layout_error("bad page size")
+                raise layout_error("bad page size")
             if kind == _DICTIONARY_PAGE and not offsets:
                 pos += size
                 continue
             if kind == _DATA_PAGE_V2:
-                n, starts = _field(_field(header, 8), 3), True
+                n, starts = field(field(header, 8), 3), True
             elif kind == _DATA_PAGE:
-                page = _field(header, 5)
-                n_values = _field(page, 1)
+                page = field(header, 5)
+                n_values = field(page, 1)
                 if max_rep == 0:
                     n, starts = n_values, True
                 elif fixed and max_rep == 1 and n_values % fixed == 0:
                     n, starts = n_values // fixed, True
-                elif _field(page, 4) == 3:  # RLE repetition levels
-                    levels = self._levels(pos + header_len, size - header_len, _field(cmeta, 4), _field(header, 2))
+                elif field(page, 4) == 3:  # RLE repetition levels
+                    levels = self._levels(pos + header_len, size - header_len, field(cmeta, 4), field(header, 2))
                     n, starts = _count_records(levels, n_values, max_rep.bit_length())
                 else:
-                    raise _layout_error("repetition levels not RLE")
+                    raise layout_error("repetition levels not RLE")
             else:
-                raise _layout_error(f"page type {kind} among data pages")
+                raise layout_error(f"page type {kind} among data pages")
             if starts and n:
                 offsets.append(pos)
                 sizes.append(size)
@@ -507,11 +355,11 @@ class ParquetPages:
             elif offsets:
                 sizes[-1] += size
             else:
-                raise _layout_error("first data page continues a row")
+                raise layout_error("first data page continues a row")
             rows += n
             pos += size
         if rows != n_rows or not offsets:
-            raise _layout_error("pages do not hold the row group's rows")
+            raise layout_error("pages do not hold the row group's rows")
         return offsets, sizes, first_rows
 
     def larger_row_group(self, lo: int, hi: int) -> bool:
@@ -557,7 +405,7 @@ class ParquetPages:
             end = first + b
             pieces.append((leaves, [sp[:2] for sp in spans], b - a))
         if start is None or end is None:
-            raise _layout_error(f"no row group holds rows {lo}..{hi - 1}")
+            raise layout_error(f"no row group holds rows {lo}..{hi - 1}")
         # The small file is built in one buffer that the pages are read straight into, and polars reads
         # that buffer without a copy: the pages' bytes are in memory once while they are decoded.
         ranges = []  # (file offset, length, buffer offset): each leaf's dictionary page, then its data pages
@@ -582,14 +430,14 @@ class ParquetPages:
                     n_values, uncompressed = _pages_stats(view[pages_at : pages_at + pages_len])
                     uncompressed += _pages_stats(view[prefix_at : prefix_at + prefix_len])[1]
                     meta = {k: v for k, v in leaf.meta.items() if k in (1, 2, 3, 4, 8)}
-                    meta[5], meta[6] = (_I64, n_values), (_I64, uncompressed)
-                    meta[7], meta[9] = (_I64, prefix_len + pages_len), (_I64, pages_at)
+                    meta[5], meta[6] = (I64, n_values), (I64, uncompressed)
+                    meta[7], meta[9] = (I64, prefix_len + pages_len), (I64, pages_at)
                     if prefix_len:
-                        meta[11] = (_I64, prefix_at)
-                    column_chunks.append({2: (_I64, pages_at), 3: (_STRUCT, meta)})
-                size = sum(_field(_field(c, 3), 6) for c in column_chunks)
-                row_groups.append({1: (_LIST, (_STRUCT, column_chunks)), 2: (_I64, size), 3: (_I64, n_rows)})
-        footer = _thrift_bytes(self._footer(name, row_groups, end - start))
+                        meta[11] = (I64, prefix_at)
+                    column_chunks.append({2: (I64, pages_at), 3: (STRUCT, meta)})
+                size = sum(field(field(c, 3), 6) for c in column_chunks)
+                row_groups.append({1: (LIST, (STRUCT, column_chunks)), 2: (I64, size), 3: (I64, n_rows)})
+        footer = thrift_bytes(self._footer(name, row_groups, end - start))
         buf.seek(pos)
         buf.write(footer + len(footer).to_bytes(4, "little") + b"PAR1")
         buf.truncate()
@@ -597,7 +445,7 @@ class ParquetPages:
         s = pl.read_parquet(buf).to_series()  # its one column
         del buf
         if len(s) != end - start:
-            raise _layout_error(f"pages of rows {start}..{end - 1} decode to {len(s)} rows")
+            raise layout_error(f"pages of rows {start}..{end - 1} decode to {len(s)} rows")
         if end > hi:  # the next rows may be in these pages too
             self._cache[name] = (start, end, s)
         return s.slice(lo - start, hi - lo)
@@ -608,26 +456,26 @@ class ParquetPages:
         while i < len(self.schema):  # the elements of top-level column `name`: it and its descendants
             j, todo = i, 1
             while todo:
-                todo += _field(self.schema[j], 5, 0) - 1
+                todo += field(self.schema[j], 5, 0) - 1
                 j += 1
-            if _field(self.schema[i], 4).decode() == name:
+            if field(self.schema[i], 4).decode() == name:
                 top = self.schema[i:j]
             i = j
-        root = {**self.schema[0], 5: (_I32, 1)}
+        root = {**self.schema[0], 5: (I32, 1)}
         meta = {k: v for k, v in self.meta.items() if k in (1, 5, 6)}  # version, key-value metadata, created_by
-        return {**meta, 2: (_LIST, (_STRUCT, [root, *top])), 3: (_I64, n_rows), 4: (_LIST, (_STRUCT, row_groups))}
+        return {**meta, 2: (LIST, (STRUCT, [root, *top])), 3: (I64, n_rows), 4: (LIST, (STRUCT, row_groups))}
 
 
 def _pages_stats(buf: bytes) -> tuple[int, int]:
     """(values in the data pages, uncompressed bytes with headers) of consecutive pages."""
     n_values = uncompressed = at = 0
     while at < len(buf):
-        reader = _ThriftReader(buf, at)
+        reader = ThriftReader(buf, at)
         header = reader.struct()
-        page = _field(header, 5) or _field(header, 8)
-        n_values += _field(page, 1) if page else 0
-        uncompressed += reader.pos - at + _field(header, 2)
-        at = reader.pos + _field(header, 3)
+        page = field(header, 5) or field(header, 8)
+        n_values += field(page, 1) if page else 0
+        uncompressed += reader.pos - at + field(header, 2)
+        at = reader.pos + field(header, 3)
     return n_values, uncompressed
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -22,10 +24,10 @@ from .codebook import Codebook, atomic_write_bytes
 from .data import EStepStats, MapEStep, PartitionedTables, StreamedTables
 from .checkpoint import FitCheckpoint
 from .kmeans import ProgressCallback, fit_options, fit_source
-from .settings import DEFAULT_BATCH_ROWS
+from .settings import DEFAULT_BATCH_ROWS, FitSettings
 from .tables import Source
 from .fit_tables import _fit_inputs, init_sample_stats
-from .validate import DEFAULT_METRIC, METRICS, check_choice, check_int, resolve_device
+from .validate import METRICS, check_choice, check_int, resolve_device
 
 
 #
@@ -132,6 +134,39 @@ def save_centroids(path: str | os.PathLike[str], centroids: torch.Tensor) -> Pat
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
+class Exchange:
+    """The files a partitioned fit exchanges with its workers (its wire protocol), in one scratch
+    folder ``.vq-fit-<12 hex>`` beside ``out``, which the workers must see too.
+
+    Each iteration ``i`` publishes the centroids as ``centroids-<i>.npy`` (:meth:`publish`); the
+    worker of partition ``j`` writes its statistics to ``stats-<i>-<j>.npz`` (:meth:`stats_file`,
+    :func:`partition_stats_file`); :meth:`collect` reads them in partition order and removes the
+    iteration's files. Leaving the ``with`` block removes the folder.
+    """
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.folder = Path(out).parent / f".vq-fit-{uuid.uuid4().hex[:12]}"
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def publish(self, iteration: int, centroids: torch.Tensor) -> Path:
+        return save_centroids(self.folder / f"centroids-{iteration:05d}.npy", centroids)
+
+    def stats_file(self, iteration: int, partition: int) -> Path:
+        return self.folder / f"stats-{iteration:05d}-{partition:06d}.npz"
+
+    def collect(self, centroids_file: Path, stats_files: Sequence[str | os.PathLike[str]]) -> list[EStepStats]:
+        """The partitions' statistics, in the order given; the iteration's files are removed."""
+        parts = [load_partition_stats(f) for f in stats_files]
+        for f in (*stats_files, centroids_file):
+            Path(f).unlink(missing_ok=True)
+        return parts
+
+
 def partition_stats_file(
     source: Source, centroids_file: str | os.PathLike[str], stats_file: str | os.PathLike[str], **options: Any
 ) -> dict[str, Any]:
@@ -150,15 +185,15 @@ def fit_partitioned(
     *,
     column: str,
     n_codes: int,
-    metric: str = DEFAULT_METRIC,
-    n_iter: int = 50,
-    tol: float = 1e-4,
-    init: str | torch.Tensor | Codebook = "k-means++",
-    seed: int = 0,
-    n_init: int = 1,
-    engine: str = "auto",
-    device: str | torch.device | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    metric: str = FitSettings.metric,
+    n_iter: int = FitSettings.n_iter,
+    tol: float = FitSettings.tol,
+    init: str | torch.Tensor | Codebook = FitSettings.init,
+    seed: int = FitSettings.seed,
+    n_init: int = FitSettings.n_init,
+    engine: str = FitSettings.engine,
+    device: str | torch.device | None = FitSettings.device,
+    memory_budget: int = FitSettings.memory_budget,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
@@ -176,17 +211,7 @@ def fit_partitioned(
     :func:`fit_from_tables`; ``device`` is where this process seeds and updates the centroids.
     """
     t_start = time.perf_counter()
-    metric = check_choice("metric", metric, METRICS)
-    batch_rows = check_int("batch_rows", batch_rows, minimum=1)
-    ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
-    sources, counts, dim, provenance = _fit_inputs(
-        inputs, column=column, n_codes=n_codes, storage_options=storage_options
-    )
-    n_total = sum(counts)
-    opts = fit_options(
-        n_codes,
-        dim=dim,
-        n_rows=n_total,
+    settings = FitSettings(
         metric=metric,
         n_iter=n_iter,
         tol=tol,
@@ -196,7 +221,14 @@ def fit_partitioned(
         engine=engine,
         device=device,
         memory_budget=memory_budget,
+    )  # refused before any work
+    batch_rows = check_int("batch_rows", batch_rows, minimum=1)
+    ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
+    sources, counts, dim, provenance = _fit_inputs(
+        inputs, column=column, n_codes=n_codes, storage_options=storage_options
     )
+    n_total = sum(counts)
+    opts = fit_options(n_codes, settings, dim=dim, n_rows=n_total)
     mode: dict[str, Any] = {
         "mode": "partitioned",
         "rows_total": n_total,

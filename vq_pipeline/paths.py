@@ -1,5 +1,5 @@
 """Where outputs may go: the one check, shared by the library, the CLI and the flows, that an output
-never touches an input or a file that vq did not write, and the lock that gives one writer per output.
+never touches an input or a file that vq did not write, and the locks that give one writer per output.
 
 Every path is resolved first, following symlinks (``os.path.realpath``), so that ``data``,
 ``./data/`` and a symlink to it are one and the same folder (an empty ``--out ""`` is refused).
@@ -21,15 +21,14 @@ Remote inputs and outputs (``s3://`` …) are not checked: their stores have no 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidInputError, OutputLockedError
-from .fileio import open_lock
+from .errors import EncodeLockedError, InvalidInputError, OutputLockedError, StateError
+from .fileio import hold_lock
 from .settings import TABLE_SUFFIXES
 
 _WILDCARDS = "*?["
@@ -236,37 +235,56 @@ def output_lock(path: str | os.PathLike[str], *, what: str) -> Iterator[None]:
     """Hold an exclusive lock on the output file ``path`` for a whole run, or fail at once if another
     run holds it.
 
-    The lock is the hidden file :func:`lock_path` beside ``path``, opened without following a symlink
-    and removed when the run ends, so a finished fit leaves nothing but its output. Removing it is
-    safe: a run that locked the file checks that the name still leads to the file it locked, and
-    starts over if a finishing run removed it in between.
+    The lock is the hidden file :func:`lock_path` beside ``path`` (:func:`vq_pipeline.fileio.hold_lock`:
+    never followed, written only when it is a lock file of vq), removed when the run ends, so a finished
+    fit leaves nothing but its output.
     """
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = open_lock(lock)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"{what} {str(path)!r} is being written by another run; expected one run per output at a time. "
-                f"Fix: wait for it to finish, or write to another path."
-            ) from None
-        held = os.fstat(fd)
-        try:
-            now = os.lstat(lock)
-        except FileNotFoundError:
-            now = None
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            break
-        os.close(fd)  # removed (and maybe recreated) by the run that just finished: lock the new one
-    try:
+
+    def busy(holder: str) -> OutputLockedError:
+        return OutputLockedError(
+            f"{what} {str(path)!r} is being written by another run ({holder}); expected one run per output at a "
+            f"time. Fix: wait for it to finish, or write to another path."
+        )
+
+    with hold_lock(lock, busy=busy, remove=True):
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)  # while still locked: no other run holds this file
-        os.close(fd)
+
+
+def refuse_symlinked_folder(folder: str | os.PathLike[str]) -> None:
+    """Refuse a symlink where vq keeps a folder of its own (a lock's, an output folder's bookkeeping):
+    it is never followed."""
+    if os.path.islink(folder):
+        raise StateError(
+            f"folder={str(folder)!r} is a symlink (to {os.readlink(folder)!r}); expected the folder vq-pipeline "
+            f"creates for its lock and bookkeeping (never followed). Fix: remove the symlink; the next run "
+            f"creates the folder."
+        )
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: str | os.PathLike[str], *, folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the exclusive lock ``lock_file`` for ``folder`` (an encode output folder, a work_dir), or
+    fail at once if another run holds it.
+
+    The lock file stays between runs, empty; while a run holds it, it notes the run (pid and host),
+    which the error message of a second run quotes (:func:`vq_pipeline.fileio.hold_lock`: never
+    followed, written only when it is a lock file of vq). The folder of the lock is created, unless
+    it is a symlink, which is refused.
+    """
+    path = Path(lock_file)
+    refuse_symlinked_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def busy(holder: str) -> EncodeLockedError:
+        return EncodeLockedError(
+            f"folder={str(folder)!r} is locked by another run ({holder}); expected one run per "
+            f"folder at a time. Fix: wait for it to finish, or write to another folder."
+        )
+
+    with hold_lock(path, busy=busy):
+        yield
 
 
 __all__ = [
@@ -275,9 +293,11 @@ __all__ = [
     "check_output_file",
     "check_output_folder",
     "check_output_folder_against_tables",
+    "folder_lock",
     "input_places",
     "is_local",
     "lock_path",
     "output_lock",
+    "refuse_symlinked_folder",
     "resolved",
 ]

@@ -5,31 +5,24 @@ The one place that joins table I/O (:mod:`vq_pipeline.tables`) with compute. No 
 
 * :mod:`vq_pipeline.fit_tables`: :func:`fit_from_tables`;
 * :mod:`vq_pipeline.partitioned`: the distributed fit's wire protocol and :func:`fit_partitioned`;
-* :mod:`vq_pipeline.encode_folder`: :func:`encode_tables` and the output folder's protocol (plan,
-  lock, receipts, manifest);
+* :mod:`vq_pipeline.encode_folder`: :func:`encode_tables` and the steps of an encode run (plan,
+  lock, per-file encode);
+* :mod:`vq_pipeline.encode_state`: the output folder's bookkeeping (receipts, manifest, inventory);
 * :mod:`vq_pipeline.drift`: :func:`drift_report`.
 """
 
 from __future__ import annotations
 
 from .drift import drift_report
-from .encode_folder import (
+from .encode_folder import EncodeResult, encode_lock, encode_source, encode_tables, plan_encode, remove_temporaries
+from .encode_state import (
     LOCK_NAME,
     MANIFEST_NAME,
-    EncodeOptions,
-    EncodeResult,
-    EncodeSettings,
     FolderInventory,
-    encode_lock,
-    encode_source,
-    encode_tables,
     folder_inventory,
-    folder_lock,
     manifest_path,
     output_path,
-    plan_encode,
     prune_stale,
-    remove_temporaries,
     state_dir,
     write_manifest,
 )
@@ -44,7 +37,8 @@ from .partitioned import (
     save_centroids,
     save_partition_stats,
 )
-from .settings import DEFAULT_BATCH_ROWS
+from .paths import folder_lock
+from .settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
 
 __all__ = [
     "DEFAULT_BATCH_ROWS",

@@ -13,7 +13,8 @@ METRICS = ("l2", "cosine")
 #: FAISS and scikit-learn). Pass metric="cosine" for direction-only embeddings.
 DEFAULT_METRIC = "l2"
 ENGINES = ("auto", "keops", "torch")
-INITS = ("k-means++", "random", "first")
+#: "k-means||": approximate seeding (Bahmani et al. 2012), faster than the exact greedy "k-means++".
+INITS = ("k-means++", "random", "first", "k-means||")
 #: Bytes of temporaries one chunk of a distance computation may use.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per streamed table batch.
@@ -22,6 +23,61 @@ DEFAULT_BATCH_ROWS = 65_536
 CODE_DTYPE_NAMES = ("uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64")
 #: File name endings of the tables vq reads (parquet, Arrow IPC).
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a codebook is fitted: the one source of the fit's defaults, validated at construction.
+
+    The library's fit functions, the `vq fit` options, the flows' parameters and the deployment take
+    their defaults from here (``FitSettings.n_iter`` is the default ``n_iter`` everywhere). The
+    meaning of each field: see :func:`vq_pipeline.fit_codebook`. What depends on the data (``n_codes``
+    against the row count, an init tensor's shape, the device) is checked when a fit resolves these
+    against its rows (:func:`vq_pipeline.fit_options.fit_options`).
+    """
+
+    metric: str = DEFAULT_METRIC
+    n_iter: int = 50
+    tol: float = 1e-4
+    #: A name from INITS, a (n_codes, dim) tensor of starting centroids, or a Codebook to warm-start from.
+    init: Any = "k-means++"
+    seed: int = 0
+    n_init: int = 1
+    engine: str = "auto"
+    #: None: CUDA when available; 'cpu', 'cuda', 'cuda:N' or a torch.device.
+    device: Any = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidInputError
+        from .validate import check_choice, check_float, check_int
+
+        check_choice("metric", self.metric, METRICS)
+        object.__setattr__(self, "n_iter", check_int("n_iter", self.n_iter, minimum=0))
+        object.__setattr__(self, "tol", check_float("tol", self.tol))
+        object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
+        object.__setattr__(self, "n_init", check_int("n_init", self.n_init, minimum=1))
+        object.__setattr__(self, "memory_budget", check_int("memory_budget", self.memory_budget, minimum=1))
+        check_choice("engine", self.engine, ENGINES)
+        init = self.init
+        if isinstance(init, str):
+            check_choice("init", init, INITS)
+            return
+        init_metric = getattr(init, "metric", None)  # a Codebook to warm-start from
+        if init_metric is not None and init_metric != self.metric:
+            raise InvalidInputError(
+                f"init codebook metric={init_metric!r} but metric={self.metric!r}; expected the same metric. "
+                f"Fix: pass metric={init_metric!r}, or start from a k-means++ init."
+            )
+        if self.n_init != 1:
+            raise InvalidInputError(
+                f"n_init={self.n_init} with a given init tensor would repeat the same run; expected n_init=1. "
+                f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
+            )
+
+    def keywords(self) -> dict[str, Any]:
+        """These settings as the keyword arguments of the fit functions."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -35,6 +91,13 @@ class EncodeSettings:
     keep: tuple[str, ...] = ()
     #: The ``code`` column's integer type (a ``tables.CODE_DTYPES`` name); None: the smallest that fits.
     code_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        from .validate import check_int
+
+        # code_dtype is checked against the codebook's n_codes when a run plans (tables.code_dtype).
+        object.__setattr__(self, "keep", tuple(self.keep))
+        object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=1))
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "keep": list(self.keep)}
@@ -53,11 +116,19 @@ class EncodeOptions:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     storage_options: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        from .validate import check_choice, check_int
+
+        check_choice("engine", self.engine, ENGINES)
+        object.__setattr__(self, "batch_rows", check_int("batch_rows", self.batch_rows, minimum=1))
+        object.__setattr__(self, "memory_budget", check_int("memory_budget", self.memory_budget, minimum=1))
+
 
 __all__ = [
     "CODE_DTYPE_NAMES",
     "EncodeOptions",
     "EncodeSettings",
+    "FitSettings",
     "DEFAULT_BATCH_ROWS",
     "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_METRIC",

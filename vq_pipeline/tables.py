@@ -1,11 +1,8 @@
-"""Table I/O with polars: find embedding tables, stream them as tensors, write code tables.
+"""Read embedding tables with polars: check their schema, stream them in batches as tensors, sample rows.
 
-This is the only module that imports polars. Path in, tensor out: no math here.
+Path in, tensor out: no math here. Finding the tables is :mod:`vq_pipeline.discovery`'s job, writing
+code tables :mod:`vq_pipeline.table_writer`'s; their public names are importable from here too.
 
-* Sources: parquet and Arrow IPC files (``.parquet``, ``.arrow``, ``.ipc``, ``.feather``), given as
-  files, globs, folders (searched recursively, through symlinked folders; hive-partitioned
-  ``key=value/`` folders included), on local disk or object storage (``s3://``, ``gs://``, ``az://``
-  with polars' ``storage_options``).
 * Embeddings: an ``Array(Float32|Float64|Int*, dim)`` column, or a ``List`` of those with one length.
 * Batches are read one at a time, in memory and time that follow the batch whatever the file's row
   groups: a batch inside a larger row group of a local parquet file is read page by page (polars
@@ -21,10 +18,8 @@ This is the only module that imports polars. Path in, tensor out: no math here.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,24 +29,21 @@ import numpy as np
 import polars as pl
 import torch
 
+from .discovery import Source, _first_line, discover
 from .errors import InvalidInputError, VQError
-from .fileio import atomic_write
 from .parquet_pages import ParquetPages
-from .settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, TABLE_SUFFIXES
-
-_REMOTE_PREFIXES = (
-    "s3://",
-    "s3a://",
-    "gs://",
-    "gcs://",
-    "az://",
-    "abfs://",
-    "abfss://",
-    "http://",
-    "https://",
-    "hf://",
+from .settings import DEFAULT_BATCH_ROWS
+from .table_writer import (
+    CODE_DTYPES,
+    OUTPUT_COLUMNS,
+    code_dtype,
+    codes_frame,
+    concat_frames,
+    file_sha256,
+    write_embeddings,
+    write_parquet_atomic,
 )
-_WILDCARDS = "*?["
+
 _NUMERIC_INNER = (
     pl.Float32,
     pl.Float64,
@@ -65,31 +57,6 @@ _NUMERIC_INNER = (
     pl.UInt32,
     pl.UInt64,
 )
-#: Columns every code table has (besides its id column, ``row`` when ids are row positions): a kept
-#: column may not take one of these names.
-OUTPUT_COLUMNS = ("code", "codes", "distance", "distances")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input table file.
-
-    Attributes:
-        uri: local path or object-storage URI of the file.
-        key: its path relative to the root it was found under (``date=2026-11-01/part-0.parquet``);
-            names its output, so partitions keep their layout.
-    """
-
-    uri: str
-    key: str
-
-    @property
-    def is_remote(self) -> bool:
-        return self.uri.startswith(_REMOTE_PREFIXES)
-
-    @property
-    def format(self) -> str:
-        return "parquet" if self.uri.endswith(".parquet") else "ipc"
 
 
 @dataclass(frozen=True)
@@ -113,203 +80,12 @@ class Batch:
         return int(self.x.shape[0])
 
 
-def _is_remote(path: str) -> bool:
-    return str(path).startswith(_REMOTE_PREFIXES)
-
-
-def _has_wildcard(path: str) -> bool:
-    return any(ch in path for ch in _WILDCARDS)
-
-
-def discover(paths: Sequence[str | os.PathLike[str]], *, storage_options: dict[str, Any] | None = None) -> list[Source]:
-    """Expand files, globs and folders into a sorted list of table files.
-
-    A path that exists is taken literally (a file named ``emb[1].parquet`` is that file); only a
-    path that does not exist and contains a wildcard (``*``, ``?`` or ``[``) is expanded as a glob,
-    where ``**`` spans folders. Folders are searched recursively, following symbolic links to
-    folders; each folder is read once, so a link cycle ends and a folder reached twice is read
-    under its path in the tree when it has one. Names starting with ``.`` or ``_`` are skipped
-    inside folders and globs. A file's key, which names its output, is its path under the folder
-    (or the glob's folder part) as given, symlinked folders included.
-
-    Raises:
-        InvalidInputError: no paths, a path that does not exist, a folder or glob with no table
-            files, a folder that cannot be listed, or two files that would write the same output name.
-    """
-    if not paths:
-        raise InvalidInputError("paths=[] is empty; expected at least one table file, glob or folder.")
-    sources: list[Source] = []
-    for raw in paths:
-        path = str(raw)
-        if _is_remote(path):
-            sources.extend(_discover_remote(path, storage_options))
-            continue
-        named = Path(path)
-        if named.is_dir():
-            root, files = named, _walk(named)
-        elif named.is_file():
-            root, files = named.parent, [named]
-        elif named.exists():
-            raise InvalidInputError(
-                f"path={path!r} is neither a file nor a folder; expected a table file, a glob or a folder. "
-                f"Fix: point at the table files."
-            )
-        elif _has_wildcard(path):
-            parts = named.parts
-            first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
-            root = Path(*parts[:first]) if first else Path(".")
-            files = _glob(root, parts[first:])
-        else:
-            raise InvalidInputError(
-                f"path={path!r} does not exist; expected a table file, a glob or a folder. Fix: check the path."
-            )
-        # A file named on its own is read whatever its name; inside folders and globs, hidden names are skipped.
-        files = sorted(
-            p for p in files if p.suffix in TABLE_SUFFIXES and (p is named or not _hidden(p.relative_to(root)))
-        )
-        if not files:
-            raise InvalidInputError(
-                f"path={path!r} holds no table files; expected files ending in {', '.join(TABLE_SUFFIXES)}. "
-                f"Fix: point at the folder or files that hold the embeddings."
-            )
-        sources.extend(Source(str(p), p.relative_to(root).as_posix()) for p in files)
-    seen: dict[str, str] = {}
-    for s in sources:
-        if s.key in seen and seen[s.key] != s.uri:
-            raise InvalidInputError(
-                f"{s.uri!r} and {seen[s.key]!r} would both write output {s.key!r}; expected distinct names. "
-                f"Fix: encode them in separate runs, or give their common parent folder instead."
-            )
-        seen[s.key] = s.uri
-    return sorted({s.uri: s for s in sources}.values(), key=lambda s: s.key)
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.parts)
-
-
-def _folder_id(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = folder.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _entries(folder: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        raise InvalidInputError(
-            f"folder {str(folder)!r} cannot be listed ({exc.strerror}); expected a readable folder. "
-            f"Fix: make it readable, or leave it out of the inputs."
-        ) from None
-
-
-def _tree(root: Path) -> list[tuple[Path, list[Path]]]:
-    """Every folder under ``root`` (itself first) with the files in it, following symlinked folders
-    and skipping hidden names.
-
-    The folders of the tree itself are read first, then the folders that links lead to (in sorted
-    order), each once by (st_dev, st_ino): a link cycle ends, and a folder both in the tree and
-    linked to is read under its own path.
-    """
-    out: list[tuple[Path, list[Path]]] = []
-    seen: set[tuple[int, int]] = set()
-    folders, links = [root], deque[Path]()
-    while folders or links:
-        folder = folders.pop() if folders else links.popleft()
-        ident = _folder_id(folder)
-        if ident is None or ident in seen:
-            continue
-        seen.add(ident)
-        files, subfolders = [], []
-        for entry in _entries(folder):
-            if entry.name.startswith((".", "_")):
-                continue
-            if entry.is_dir():
-                (links if entry.is_symlink() else subfolders).append(Path(entry.path))
-            elif entry.is_file():
-                files.append(Path(entry.path))
-        out.append((folder, files))
-        folders.extend(reversed(subfolders))
-    return out
-
-
-def _walk(root: Path) -> list[Path]:
-    """Every file under ``root`` (see :func:`_tree`)."""
-    return [f for _, files in _tree(root) for f in files]
-
-
-def _glob(root: Path, pattern: Sequence[str]) -> list[Path]:
-    """Files under ``root`` matching ``pattern`` (path components; ``**`` spans the folders of
-    :func:`_tree`, so symlinked folders too, each once)."""
-    files: list[Path] = []
-
-    def match(folder: Path, rest: Sequence[str]) -> None:
-        head = rest[0]
-        if head == "**":
-            for sub, in_sub in _tree(folder):
-                if len(rest) > 1:
-                    match(sub, rest[1:])
-                else:
-                    files.extend(in_sub)
-            return
-        if _has_wildcard(head):
-            names = [e.name for e in _entries(folder) if fnmatch.fnmatchcase(e.name, head)]
-            names = [n for n in names if head.startswith(".") or not n.startswith(".")]
-        else:
-            names = [head]
-        for name in names:
-            path = folder / name
-            if len(rest) > 1:
-                if path.is_dir():
-                    match(path, rest[1:])
-            elif path.is_file():
-                files.append(path)
-
-    if root.is_dir():
-        match(root, pattern)
-    return files
-
-
-def _discover_remote(path: str, storage_options: dict[str, Any] | None) -> list[Source]:
-    if path.endswith(TABLE_SUFFIXES) and not _has_wildcard(path):
-        return [Source(path, path.rsplit("/", 1)[-1])]
-    pattern = path if _has_wildcard(path) else path.rstrip("/") + "/**/*.parquet"
-    root = pattern.split("*")[0].rsplit("/", 1)[0]
-    try:
-        files = (
-            pl.scan_parquet(
-                pattern, storage_options=storage_options, hive_partitioning=False, include_file_paths="__file"
-            )
-            .select("__file")
-            .unique()
-            .collect()["__file"]
-            .to_list()
-        )
-    except (Exception, pl.exceptions.PanicException) as exc:
-        raise InvalidInputError(
-            f"path={path!r} cannot be listed ({type(exc).__name__}: {_first_line(exc)}); expected a prefix or glob "
-            f"of parquet files. Fix: check the URI and the storage options (credentials, region)."
-        ) from None
-    if not files:
-        raise InvalidInputError(f"path={path!r} holds no parquet files. Fix: check the prefix or glob.")
-    return [Source(f, f[len(root) + 1 :] if f.startswith(root + "/") else f.rsplit("/", 1)[-1]) for f in sorted(files)]
-
-
 def scan(source: Source, *, storage_options: dict[str, Any] | None = None) -> pl.LazyFrame:
     """A lazy scan of one source (hive columns are not added: the key already names the partition)."""
     with _reading(source):
         if source.format == "parquet":
             return pl.scan_parquet(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
         return pl.scan_ipc(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
 
 
 @contextlib.contextmanager
@@ -703,107 +479,33 @@ def file_stat(source: Source) -> str | None:
     return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}|{st.st_ctime_ns}"
 
 
-#: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
-CODE_DTYPES = {name: getattr(pl, name.replace("uint", "UInt").replace("int", "Int")) for name in CODE_DTYPE_NAMES}
-
-
-def code_dtype(n_codes: int, pinned: str | None = None) -> pl.DataType:
-    """The ``code`` column's type: ``pinned`` (a :data:`CODE_DTYPES` name) when given, else the
-    smallest unsigned integer type holding codes ``0..n_codes-1``."""
-    if pinned is not None:
-        dtype = CODE_DTYPES.get(pinned)
-        if dtype is None:
-            raise InvalidInputError(
-                f"code_dtype={pinned!r} is not a supported code type; expected one of {', '.join(CODE_DTYPES)}. "
-                f"Fix: pick one of those (uint32 or int64 suit most warehouse schemas)."
-            )
-        top = int(np.iinfo(pinned).max) + 1  # the names are numpy's too
-        if n_codes > top:
-            raise InvalidInputError(
-                f"code_dtype={pinned!r} holds codes up to {top - 1} but "
-                f"the codebook has n_codes={n_codes}; expected a type "
-                f"wide enough for code {n_codes - 1}. Fix: pin a wider type such as 'uint32' or 'int64'."
-            )
-        return dtype
-    for dtype, top in ((pl.UInt8, 2**8), (pl.UInt16, 2**16), (pl.UInt32, 2**32)):
-        if n_codes <= top:
-            return dtype
-    return pl.UInt64
-
-
-def codes_frame(
-    ids: Any,
-    codes: torch.Tensor,
-    *,
-    n_codes: int,
-    id_column: str = "id",
-    distances: torch.Tensor | None = None,
-    keep: Any = None,
-    pinned_dtype: str | None = None,
-) -> pl.DataFrame:
-    """Build the output table of one batch or file.
-
-    Args:
-        ids: a polars Series of ids (or row positions).
-        codes: (n,) or (n, k) int64 tensor, nearest first.
-        distances: optional float32 tensor of the same shape.
-        keep: optional DataFrame of pass-through columns.
-        pinned_dtype: the codes' integer type (see :func:`code_dtype`; default: the smallest fit).
-
-    Columns: ``id_column``, ``code`` (nearest), ``codes`` (Array of k, when k > 1), ``distance``
-    (nearest), ``distances`` (Array of k, when k > 1), then the kept columns.
-    """
-    dtype = code_dtype(n_codes, pinned_dtype)
-    c = codes.numpy()
-    cols: list[pl.Series] = [ids.rename(id_column), pl.Series("code", c if c.ndim == 1 else c[:, 0]).cast(dtype)]
-    if c.ndim == 2:
-        cols.append(pl.Series("codes", c).cast(pl.Array(dtype, c.shape[1])))
-    if distances is not None:
-        d = distances.numpy()
-        cols.append(pl.Series("distance", d if d.ndim == 1 else d[:, 0]))
-        if d.ndim == 2:
-            cols.append(pl.Series("distances", d))
-    frame = pl.DataFrame(cols)
-    return frame.hstack(keep) if keep is not None else frame
-
-
-def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    return pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> str:
-    """Write ``frame`` to ``path`` atomically (:func:`vq_pipeline.fileio.atomic_write`).
-
-    Returns the sha256 of the written bytes.
-    """
-    return file_sha256(atomic_write(path, lambda f: frame.write_parquet(f, statistics=True)))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------- small helpers for the demo and tests
-
-
-def write_embeddings(
-    path: str | os.PathLike[str], ids: np.ndarray, x: np.ndarray, *, column: str = "embedding"
-) -> Path:
-    """Write a parquet table with an ``id`` column and an ``Array(Float32, dim)`` embedding column.
-
-    Args:
-        ids: (n_rows,) ids. x: (n_rows, dim) embeddings, converted to float32.
-    """
-    frame = pl.DataFrame({"id": ids, column: np.ascontiguousarray(x, dtype=np.float32)})
-    write_parquet_atomic(frame, path)
-    return Path(path)
-
-
 def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     """Read a whole (small) table, e.g. one output of an encode run."""
     with _reading(Source(str(path), Path(path).name)):
         return pl.read_parquet(path)
+
+
+__all__ = [
+    "CODE_DTYPES",
+    "OUTPUT_COLUMNS",
+    "Batch",
+    "Source",
+    "TableInfo",
+    "check_keep",
+    "code_dtype",
+    "codes_frame",
+    "concat_frames",
+    "discover",
+    "duplicate_ids",
+    "file_sha256",
+    "file_stat",
+    "fingerprint",
+    "inspect_source",
+    "iter_batches",
+    "read_table",
+    "row_positions",
+    "sample_rows",
+    "scan",
+    "write_embeddings",
+    "write_parquet_atomic",
+]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .arrays import is_polars, polars_embeddings
 from .errors import InvalidInputError, NonFiniteError
 from .settings import DEFAULT_METRIC, ENGINES, METRICS  # noqa: F401 - re-exported for callers
 
@@ -70,7 +71,9 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0, row_numbers: 
     """Validate embeddings and return them as a contiguous float32 tensor on x's device.
 
     Args:
-        x: array-like of shape (n_rows, dim): a torch tensor (any device) or a numpy array.
+        x: array-like of shape (n_rows, dim): a torch tensor (any device), a numpy array (read-only
+            ones too, without a copy), or a polars Series (or one-column DataFrame) of ``Array`` or
+            same-length ``List`` rows (see :func:`vq_pipeline.arrays.polars_embeddings`).
             Floating dtypes (float16, bfloat16, float32, float64) and integer dtypes are accepted
             and converted to float32; bool, complex and object dtypes are refused.
 
@@ -85,17 +88,19 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0, row_numbers: 
         NonFiniteError: NaN or ±Inf anywhere, values beyond float32's range, or a squared row norm
             above ``MAX_SQUARED_NORM``.
     """
+    if is_polars(x):
+        x = polars_embeddings(x, name=name)  # (n_rows, dim) numpy, often a read-only view
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiu":
             raise InvalidInputError(
                 f"{name}.dtype={x.dtype} is not numeric; expected floating point or integer embeddings. "
                 f"Fix: convert {name} with x.astype(np.float32)."
             )
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = _from_numpy(x)
     elif not isinstance(x, torch.Tensor):
         raise InvalidInputError(
-            f"{name} has type {type(x).__name__}; expected a torch.Tensor or numpy.ndarray of shape (n_rows, dim). "
-            f"Fix: wrap it with numpy.asarray(...) first."
+            f"{name} has type {type(x).__name__}; expected a torch.Tensor or numpy.ndarray of shape (n_rows, dim), or "
+            f"a polars Series of vectors. Fix: wrap it with numpy.asarray(...) first."
         )
     if x.dtype == torch.bool or x.dtype.is_complex or not (x.dtype.is_floating_point or _is_integer(x.dtype)):
         raise InvalidInputError(
@@ -118,8 +123,32 @@ def as_embeddings(x: Any, *, name: str = "x", row_offset: int = 0, row_numbers: 
     return x32
 
 
+def _from_numpy(x: np.ndarray) -> torch.Tensor:
+    """A tensor of ``x``'s values, sharing its memory when it is C-contiguous in native byte order.
+
+    A read-only array goes through DLPack, which torch takes without the "NumPy array is not
+    writable" warning of ``torch.from_numpy``; that is safe because nothing here writes into
+    embeddings (the tensors returned by :func:`as_embeddings` are only read).
+    """
+    x = np.ascontiguousarray(x)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))  # a writable native copy; torch refuses other byte orders
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    return torch.from_dlpack(x) if x.size else torch.from_numpy(x.copy())
+
+
 def _is_integer(dtype: torch.dtype) -> bool:
-    return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    return dtype in (
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+    )
 
 
 def _numbering(row_offset: int, row_numbers: Any) -> Any:

@@ -1,0 +1,136 @@
+"""FitSettings / EncodeSettings / EncodeOptions are the one source of defaults: every entry point
+(library functions, flows, `vq`, the deployment) takes its defaults from them, and they refuse bad
+values at construction with the same messages as the functions."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from vq_pipeline import EncodeSettings, FitSettings, InvalidInputError, fit_codebook
+from vq_pipeline.errors import TooFewPointsError
+from vq_pipeline.fit_tables import fit_from_tables
+from vq_pipeline.encode_folder import encode_tables
+from vq_pipeline.partitioned import fit_partitioned
+from vq_pipeline.settings import EncodeOptions
+
+FIT_FIELDS = [f for f in FitSettings.__dataclass_fields__]
+
+
+def _defaults(fn) -> dict:
+    fn = getattr(fn, "fn", fn)  # a Prefect flow wraps the function
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("fn", [fit_codebook, fit_from_tables, fit_partitioned], ids=lambda f: f.__name__)
+def test_library_fit_functions_default_to_fit_settings(fn) -> None:
+    d, s = _defaults(fn), FitSettings()
+    assert {f: d[f] for f in FIT_FIELDS} == {f: getattr(s, f) for f in FIT_FIELDS}
+
+
+def test_flows_cli_and_deployment_default_to_fit_settings() -> None:
+    from vq_flows.cli import build_parser
+    from vq_flows.deploy import parse_args
+    from vq_flows.fit import fit_codebook_flow
+    from vq_flows.pipeline import vq_pipeline_flow
+
+    s = FitSettings()
+    flow = _defaults(fit_codebook_flow)
+    assert {f: flow[f] for f in ("metric", "n_iter", "tol", "init", "seed", "engine", "device")} == {
+        f: getattr(s, f) for f in ("metric", "n_iter", "tol", "init", "seed", "engine", "device")
+    }
+    pipe = _defaults(vq_pipeline_flow)
+    assert (pipe["metric"], pipe["seed"], pipe["engine"]) == (s.metric, s.seed, s.engine)
+
+    args = build_parser().parse_args(["fit", "data.parquet", "--column", "e", "--codes", "4", "--out", "cb.safetensors"])
+    assert (args.metric, args.iters, args.tol, args.init, args.seed, args.n_init, args.engine) == (
+        s.metric,
+        s.n_iter,
+        s.tol,
+        s.init,
+        s.seed,
+        s.n_init,
+        s.engine,
+    )
+    _, _, params = parse_args(["--cron", "0 * * * *", "--input-root", "in", "--work-dir", "w", "--column", "e", "--codes", "4"])
+    assert (params["metric"], params["seed"], params["engine"]) == (s.metric, s.seed, s.engine)
+
+
+def test_encode_entry_points_default_to_encode_settings_and_options() -> None:
+    from vq_flows.encode import encode_embeddings_flow
+
+    s, o = EncodeSettings(column="e"), EncodeOptions()
+    for fn in (encode_tables, encode_embeddings_flow):
+        d = _defaults(fn)
+        assert (d["id_column"], d["top_k"], d["with_distance"], tuple(d["keep"]), d["code_dtype"]) == (
+            s.id_column,
+            s.top_k,
+            s.with_distance,
+            s.keep,
+            s.code_dtype,
+        ), fn
+        assert (d["engine"], d["device"]) == (o.engine, o.device), fn
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(metric="manhattan"), r"metric='manhattan' is not supported; expected one of 'l2', 'cosine'"),
+        (dict(n_iter=-1), r"n_iter=-1 is out of range"),
+        (dict(tol=-0.5), r"tol=-0.5"),
+        (dict(seed=-3), r"seed=-3 is out of range"),
+        (dict(n_init=0), r"n_init=0 is out of range"),
+        (dict(engine="gpu"), r"engine='gpu' is not supported"),
+        (dict(init="kmeans++"), r"init='kmeans\+\+' is not supported; expected one of 'k-means\+\+'"),
+        (dict(memory_budget=0), r"memory_budget=0 is out of range"),
+        (dict(init=torch.zeros(4, 3), n_init=2), r"n_init=2 with a given init tensor would repeat the same run"),
+    ],
+)
+def test_fit_settings_refuse_bad_values_with_the_functions_messages(bad: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        FitSettings(**bad)
+    x = torch.randn(64, 3)
+    with pytest.raises(InvalidInputError, match=message):  # the library function says the same
+        fit_codebook(x, 4, **bad)
+
+
+def test_fit_settings_are_checked_before_the_data() -> None:
+    # Bad settings and too few rows: the settings error comes first, before any look at the rows.
+    with pytest.raises(InvalidInputError, match="metric='bogus'"):
+        fit_codebook(torch.randn(2, 3), 8, metric="bogus")
+    with pytest.raises(TooFewPointsError, match="n_codes=8 exceeds the n_rows=2 rows"):
+        fit_codebook(torch.randn(2, 3), 8)
+
+
+def test_a_warm_start_codebook_of_another_metric_is_refused_by_the_settings() -> None:
+    cb = fit_codebook(torch.randn(64, 3), 4, n_iter=2)
+    with pytest.raises(InvalidInputError, match=r"init codebook metric='l2' but metric='cosine'.*Fix"):
+        FitSettings(metric="cosine", init=cb)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(engine="gpu"), r"engine='gpu' is not supported"),
+        (dict(batch_rows=0), r"batch_rows=0 is out of range"),
+        (dict(memory_budget=-1), r"memory_budget=-1 is out of range"),
+    ],
+)
+def test_encode_options_refuse_bad_values(bad: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        EncodeOptions(**bad)
+
+
+def test_encode_settings_refuse_a_bad_top_k_and_keep_a_tuple() -> None:
+    with pytest.raises(InvalidInputError, match=r"top_k=0 is out of range"):
+        EncodeSettings(column="e", top_k=0)
+    assert EncodeSettings(column="e", keep=["a", "b"]).keep == ("a", "b")
+
+
+def test_settings_are_frozen_and_keywords_round_trip() -> None:
+    s = FitSettings(metric="cosine", n_iter=7)
+    with pytest.raises(AttributeError):
+        s.n_iter = 3  # type: ignore[misc]
+    assert FitSettings(**s.keywords()) == s

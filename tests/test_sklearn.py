@@ -1,0 +1,159 @@
+"""The scikit-learn estimator (vq_pipeline.sklearn.VectorQuantizer): scikit-learn's own checks, float64
+oracles for predict/transform/score, decode, the codebook-file round trip, partial_fit, and that
+``import vq_pipeline`` never loads scikit-learn."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from conftest import assert_codes_match, oracle  # noqa: E402
+from vq_pipeline import Codebook, TooFewPointsError, fit_codebook  # noqa: E402
+from vq_pipeline.minibatch import fit_minibatch  # noqa: E402
+from vq_pipeline.sklearn import VectorQuantizer  # noqa: E402
+
+
+def _expected_failures(estimator: VectorQuantizer) -> dict[str, str]:
+    if estimator.metric == "cosine":
+        return {"check_estimators_dtypes": "its integer data holds all-zero rows, which have no direction under cosine"}
+    return {}
+
+
+@parametrize_with_checks(
+    [VectorQuantizer(engine="torch", device="cpu"), VectorQuantizer(metric="cosine", engine="torch", device="cpu")],
+    expected_failed_checks=_expected_failures,
+)
+def test_scikit_learn_checks(estimator, check) -> None:
+    check(estimator)
+
+
+def _data(seed: int = 0, n: int = 600, dim: int = 6, n_blobs: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=4.0, size=(n_blobs, dim))
+    return (centers[rng.integers(n_blobs, size=n)] + rng.normal(size=(n, dim)) + 50.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_predict_transform_score_against_a_float64_oracle(metric: str) -> None:
+    x_train, x_new = _data(0), _data(1)
+    vq = VectorQuantizer(7, metric=metric, random_state=0, engine="torch", device="cpu").fit(x_train)
+    c = torch.from_numpy(vq.cluster_centers_.copy())
+    d = oracle(torch.from_numpy(x_new), c, metric)  # (n, K) float64
+    codes = vq.predict(x_new)
+    assert codes.dtype == np.int64 and codes.shape == (len(x_new),)
+    assert assert_codes_match(torch.from_numpy(codes), torch.from_numpy(x_new), c, metric) > len(x_new) // 2
+    t = vq.transform(x_new)
+    assert t.dtype == np.float32 and t.shape == (len(x_new), 7)
+    # Squared L2 (not KMeans' Euclidean distance) or 1 - cos, exact to float32 rounding.
+    np.testing.assert_allclose(t, d.numpy(), rtol=1e-6, atol=1e-6 * float(d.max()))
+    assert vq.score(x_new) == pytest.approx(-float(d.min(dim=1).values.sum()), rel=1e-5)
+    # fit's inertia_ and labels_ belong to the returned centroids.
+    d_train = oracle(torch.from_numpy(x_train), c, metric)
+    assert vq.inertia_ == pytest.approx(float(d_train.min(dim=1).values.sum()), rel=1e-5)
+    assert vq.inertia_ == pytest.approx(-vq.score(x_train), rel=1e-6)
+    np.testing.assert_array_equal(vq.labels_, vq.predict(x_train))
+    np.testing.assert_array_equal(vq.fit_predict(x_train), vq.labels_)
+
+
+def test_defaults_are_the_librarys() -> None:
+    library = inspect.signature(fit_codebook).parameters
+    params = VectorQuantizer().get_params()
+    assert params["n_codes"] == 8 and params["random_state"] == library["seed"].default
+    for name in ("metric", "n_iter", "tol", "init", "n_init", "engine", "device", "memory_budget"):
+        assert params[name] == library[name].default, name
+
+
+def test_random_state_is_the_library_seed() -> None:
+    x = _data()
+    vq = VectorQuantizer(6, random_state=4, engine="torch", device="cpu").fit(x)
+    cb = fit_codebook(x, 6, seed=4, engine="torch", device="cpu")
+    assert vq.cluster_centers_.tobytes() == cb.centroids.numpy().tobytes()
+    assert vq.n_iter_ == cb.stats["iterations"] and vq.counts_.tolist() == cb.counts.tolist()
+
+
+def test_inverse_transform_decodes_codes_and_distances() -> None:
+    x = _data()
+    vq = VectorQuantizer(5, random_state=0, engine="torch", device="cpu").fit(x)
+    labels = vq.predict(x)
+    np.testing.assert_array_equal(vq.inverse_transform(labels), vq.cluster_centers_[labels])
+    np.testing.assert_array_equal(vq.inverse_transform(vq.transform(x)), vq.cluster_centers_[labels])
+    with pytest.raises(ValueError, match=r"codes\[0\]=5 is out of range; expected codes between 0 and 4"):
+        vq.inverse_transform(np.array([5, 0]))
+
+
+def test_codebook_file_round_trip(tmp_path) -> None:
+    x, x_new = _data(0), _data(2)
+    vq = VectorQuantizer(6, metric="cosine", n_iter=20, random_state=3, engine="torch", device="cpu").fit(x)
+    path = vq.to_codebook().save(tmp_path / "vq.safetensors")
+    back = VectorQuantizer.from_codebook(Codebook.load(path), engine="torch", device="cpu")
+    assert back.get_params() == vq.get_params()
+    assert back.cluster_centers_.tobytes() == vq.cluster_centers_.tobytes()
+    np.testing.assert_array_equal(back.predict(x_new), vq.predict(x_new))
+    np.testing.assert_array_equal(back.transform(x_new), vq.transform(x_new))
+    assert back.inertia_ == vq.inertia_ and back.n_features_in_ == 6 and not hasattr(back, "labels_")
+    # The loaded estimator keeps streaming: partial_fit weighs its centroids by the saved counts.
+    batch = _data(3, n=50)
+    back.partial_fit(batch)
+    unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
+    codes = vq.predict(batch)
+    k = int(np.bincount(codes).argmax())
+    c = vq.cluster_centers_[k].astype(np.float64)
+    step = c + (unit[codes == k].sum(axis=0) - (codes == k).sum() * c) / (vq.counts_[k] + (codes == k).sum())
+    np.testing.assert_allclose(back.cluster_centers_[k], step / np.linalg.norm(step), atol=1e-6)
+
+
+def test_partial_fit_is_the_minibatch_stream() -> None:
+    batches = np.array_split(_data(0, n=800), 4)
+    vq = VectorQuantizer(6, random_state=2, engine="torch", device="cpu")
+    for b in batches:
+        vq.partial_fit(b)
+    cb = fit_minibatch(batches, 6, seed=2, engine="torch", device="cpu")
+    assert vq.cluster_centers_.tobytes() == cb.centroids.numpy().tobytes()
+    assert vq.counts_.tolist() == cb.counts.tolist() and vq.n_steps_ == 4 and vq.n_iter_ == 0
+    # labels_ and inertia_ describe the last batch against the updated codes, as in MiniBatchKMeans.
+    np.testing.assert_array_equal(vq.labels_, vq.predict(batches[-1]))
+    assert vq.inertia_ == pytest.approx(-vq.score(batches[-1]))
+    assert vq.to_codebook().stats["mode"] == "minibatch"
+    with pytest.raises(TooFewPointsError, match=r"n_rows=3 rows but n_codes=6.*Fix:"):
+        VectorQuantizer(6).partial_fit(batches[0][:3])
+
+
+def test_read_only_and_polars_inputs_without_warnings() -> None:
+    pl = pytest.importorskip("polars")
+    x = _data()
+    x.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vq = VectorQuantizer(5, random_state=0, engine="torch", device="cpu").fit(x)
+        vq.predict(x), vq.transform(x), vq.score(x), vq.partial_fit(x)
+        VectorQuantizer(5, engine="torch", device="cpu").partial_fit(x)
+    df = pl.DataFrame({f"f{i}": x[:, i] for i in range(x.shape[1])})
+    vq = VectorQuantizer(5, random_state=0, engine="torch", device="cpu").fit(df)
+    assert vq.feature_names_in_.tolist() == list(df.columns)
+    np.testing.assert_array_equal(vq.predict(df), VectorQuantizer(5, random_state=0, engine="torch", device="cpu").fit(x).predict(x))
+
+
+def test_fewer_rows_than_codes_is_explained() -> None:
+    with pytest.raises(TooFewPointsError, match=r"n_samples=4 rows but n_codes=8.*Fix: lower n_codes to at most 4"):
+        VectorQuantizer().fit(_data(n=4))
+
+
+def test_import_vq_pipeline_never_loads_scikit_learn() -> None:
+    code = (
+        "import sys, vq_pipeline, vq_pipeline.minibatch\n"
+        "[getattr(vq_pipeline, name) for name in vq_pipeline.__all__]\n"
+        "assert 'sklearn' not in sys.modules, 'sklearn imported'\n"
+        "assert 'vq_pipeline.sklearn' not in sys.modules, 'vq_pipeline.sklearn imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

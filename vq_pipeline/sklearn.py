@@ -1,0 +1,319 @@
+"""A scikit-learn estimator over the library: :class:`VectorQuantizer` (fit, predict, transform, partial_fit).
+
+Optional: it needs scikit-learn (the ``sklearn`` extra), and ``import vq_pipeline`` never imports it.
+
+    from vq_pipeline.sklearn import VectorQuantizer
+    vq = VectorQuantizer(n_codes=256, metric="cosine", random_state=0).fit(x)
+    codes = vq.predict(x_new)                       # int64 (n_rows,)
+    vq.to_codebook().save("codebook.safetensors")   # the documented way to keep a fitted estimator
+    vq = VectorQuantizer.from_codebook(Codebook.load("codebook.safetensors"))
+
+``fit`` is :func:`vq_pipeline.fit_codebook` (Lloyd, exact assignment), ``predict`` is
+:meth:`Codebook.encode`, ``partial_fit`` is :mod:`vq_pipeline.minibatch` (mini-batch K-means).
+
+Distances follow the library, not ``KMeans.transform``: ``transform`` gives squared L2 distances
+under ``metric='l2'`` (``KMeans.transform`` gives their square roots: take ``np.sqrt``), and
+``1 - cos`` under ``'cosine'``. So the smallest entry of a row of ``transform(X)`` is that row's
+distance to the code ``predict`` gives, and ``score(X) == -transform(X).min(axis=1).sum()`` up to
+float32 rounding (as ``KMeans.score`` is its negative inertia). Outputs are numpy arrays: codes
+int64, centroids and distances float32 (the library computes in float32).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from .codebook import Codebook
+from .errors import InvalidInputError, TooFewPointsError
+from .kmeans import fit_codebook
+from .minibatch import FIT_DEFAULTS as _DEFAULTS
+from .minibatch import MiniBatchState, start_minibatch, update_minibatch
+from .settings import INITS
+from .validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
+
+
+class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
+    """K-means vector quantizer with scikit-learn's interface, over :func:`vq_pipeline.fit_codebook`.
+
+    Parameters:
+        n_codes: number of codes (``n_clusters`` of ``KMeans``).
+        metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized).
+        n_iter, tol: Lloyd's iteration limit and relative tolerance (``max_iter``/``tol`` of ``KMeans``).
+        init: 'k-means++', another named init of :func:`vq_pipeline.fit_codebook`, or a (n_codes,
+            n_features) array of starting centroids.
+        random_state: int seed (the library's ``seed``: ``random_state=s`` fits the codebook
+            ``fit_codebook(X, n_codes, seed=s)`` fits), None or a ``RandomState`` (a seed is drawn from it).
+        n_init: seeded restarts of ``fit``; the lowest objective wins. Unused by ``partial_fit``.
+        engine, device, memory_budget: where and how the library computes (see ``fit_codebook``).
+
+    Attributes:
+        cluster_centers_: (n_codes, n_features) float32, read-only (unit rows under cosine).
+        counts_: (n_codes,) int64, rows assigned to each code (by the last E step of ``fit``; over
+            every batch for ``partial_fit``).
+        labels_: (n_rows,) int64 codes of the rows of the last ``fit`` (of the last batch after
+            ``partial_fit``, against the updated codes). Absent after :meth:`from_codebook`.
+        inertia_: the objective of those rows: the sum of squared L2 distances, or of ``1 - cos``.
+        n_iter_: Lloyd's centroid updates in the last ``fit`` (0 after ``partial_fit`` alone).
+        n_steps_: batches absorbed by ``partial_fit`` (0 after ``fit``).
+        n_features_in_, feature_names_in_: as every scikit-learn estimator sets them.
+    """
+
+    def __init__(
+        self,
+        n_codes: int = 8,
+        *,
+        metric: str = _DEFAULTS["metric"],
+        n_iter: int = _DEFAULTS["n_iter"],
+        tol: float = _DEFAULTS["tol"],
+        init: Any = _DEFAULTS["init"],
+        random_state: Any = _DEFAULTS["seed"],
+        n_init: int = _DEFAULTS["n_init"],
+        engine: str = _DEFAULTS["engine"],
+        device: Any = _DEFAULTS["device"],
+        memory_budget: int = _DEFAULTS["memory_budget"],
+    ) -> None:
+        self.n_codes = n_codes
+        self.metric = metric
+        self.n_iter = n_iter
+        self.tol = tol
+        self.init = init
+        self.random_state = random_state
+        self.n_init = n_init
+        self.engine = engine
+        self.device = device
+        self.memory_budget = memory_budget
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, X: Any, y: Any = None) -> VectorQuantizer:
+        """Fit the codes with Lloyd's algorithm (:func:`vq_pipeline.fit_codebook`).
+
+        Args:
+            X: (n_rows, n_features) array-like, ``n_rows >= n_codes``. y: ignored.
+        """
+        X = self._validate(X, reset=True)
+        n_codes = self._check_shape(X)
+        if X.shape[0] < n_codes:
+            raise TooFewPointsError(
+                f"X has n_samples={X.shape[0]} rows but n_codes={n_codes}; expected at least n_codes rows. "
+                f"Fix: lower n_codes to at most {X.shape[0]}, or fit on more rows."
+            )
+        codebook = fit_codebook(
+            X,
+            n_codes,
+            metric=self.metric,
+            n_iter=self.n_iter,
+            tol=self.tol,
+            init=self._init_value(),
+            seed=self._seed(),
+            n_init=self.n_init,
+            **self._compute(),
+        )
+        self._set_codebook(codebook)
+        self._stream = None
+        self.labels_, self.inertia_ = self._labels_inertia(X)
+        self.n_iter_ = int(codebook.stats["iterations"])
+        self.n_steps_ = 0
+        return self
+
+    def partial_fit(self, X: Any, y: Any = None) -> VectorQuantizer:
+        """Absorb one batch with mini-batch K-means (:mod:`vq_pipeline.minibatch`).
+
+        The first call (on an estimator neither fitted nor loaded) seeds the codes from its batch,
+        which needs at least ``n_codes`` rows; later calls assign each row its exact nearest code and
+        move the codes to the running means of their rows. After ``fit`` or :meth:`from_codebook`, the
+        codebook's counts weigh its centroids.
+
+        Args:
+            X: (n_rows, n_features) array-like batch. y: ignored.
+        """
+        first = not hasattr(self, "cluster_centers_")
+        X = self._validate(X, reset=first)
+        if first:
+            n_codes = self._check_shape(X)
+            init, seed = self._init_value(), self._seed()
+            state = start_minibatch(X, n_codes, metric=self.metric, init=init, seed=seed, **self._compute())
+            self.n_iter_ = 0
+        else:
+            state = self._stream if self._stream is not None else MiniBatchState.from_codebook(self._codebook)
+            state = update_minibatch(state, X, **self._compute())
+        self._stream = state
+        self._set_codebook(state.to_codebook())
+        self.labels_, self.inertia_ = self._labels_inertia(X)
+        self.n_steps_ = getattr(self, "n_steps_", 0) + 1
+        return self
+
+    # ------------------------------------------------------------------ using the codes
+
+    def predict(self, X: Any) -> np.ndarray:
+        """(n_rows,) int64: the nearest code of every row (:meth:`Codebook.encode`, exact)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        return _numpy(self._codebook.encode(X, **self._compute()))
+
+    def transform(self, X: Any) -> np.ndarray:
+        """(n_rows, n_codes) float32 distances to every code: squared L2 under 'l2' (not the
+        Euclidean distance ``KMeans.transform`` gives), ``1 - cos`` under 'cosine'.
+
+        Computed in float64 on the compute device (exact to float32 rounding), ``memory_budget``
+        bytes of temporaries at a time.
+        """
+        check_is_fitted(self)
+        return self._distances(self._validate(X, reset=False))
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Negative inertia of ``X``: minus the sum over rows of the distance to the nearest code
+        (squared L2, or ``1 - cos``), as ``KMeans.score``. y: ignored."""
+        check_is_fitted(self)
+        return -self._labels_inertia(self._validate(X, reset=False))[1]
+
+    def inverse_transform(self, X: Any) -> np.ndarray:
+        """Decode: (n_rows, n_features) float32, the centroid of each row's code.
+
+        Args:
+            X: (n_rows,) integer codes (what :meth:`predict` returns), or the (n_rows, n_codes)
+                distances :meth:`transform` returns (each row decodes to its nearest code).
+        """
+        check_is_fitted(self)
+        n_codes = self.cluster_centers_.shape[0]
+        a = check_array(X, ensure_2d=False, dtype=None)
+        if a.ndim == 2 and a.shape[1] == n_codes and a.dtype.kind in "fiu":
+            codes = a.argmin(axis=1)
+        elif a.ndim == 1 and a.dtype.kind in "iu":
+            codes = a.astype(np.int64)
+            bad = (codes < 0) | (codes >= n_codes)
+            if bad.any():
+                i = int(bad.nonzero()[0][0])
+                raise InvalidInputError(
+                    f"codes[{i}]={codes[i]} is out of range; expected codes between 0 and {n_codes - 1}. "
+                    f"Fix: decode codes this estimator's predict gave."
+                )
+        else:
+            raise InvalidInputError(
+                f"X.shape={a.shape}, dtype={a.dtype}; expected (n_rows,) integer codes or (n_rows, {n_codes}) "
+                f"distances. Fix: pass what predict or transform returned."
+            )
+        return self.cluster_centers_[codes]
+
+    # ------------------------------------------------------------------ the codebook file
+
+    def to_codebook(self) -> Codebook:
+        """The fitted :class:`Codebook` (save it with ``.save(path)``: the estimator's file format)."""
+        check_is_fitted(self)
+        return self._codebook
+
+    @classmethod
+    def from_codebook(cls, codebook: Codebook, **params: Any) -> VectorQuantizer:
+        """A fitted estimator that encodes with ``codebook``; its parameters come from the codebook's
+        settings, overridden by ``params``. ``partial_fit`` continues from it; ``labels_`` is unset."""
+        settings = codebook.settings
+        found: dict[str, Any] = {"n_codes": codebook.n_codes, "metric": codebook.metric}
+        for ours, key in (("n_iter", "n_iter"), ("tol", "tol"), ("random_state", "seed"), ("n_init", "n_init")):
+            if key in settings:
+                found[ours] = settings[key]
+        if settings.get("init") in INITS:
+            found["init"] = settings["init"]
+        est = cls(**{**found, **params})
+        est._set_codebook(codebook)
+        est._stream = None
+        est.n_features_in_ = codebook.dim
+        est.n_iter_ = int(codebook.stats.get("iterations", 0))
+        est.n_steps_ = 0
+        if isinstance(codebook.stats.get("inertia"), numbers.Real):
+            est.inertia_ = float(codebook.stats["inertia"])
+        return est
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.cluster_centers_.shape[0]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]  # the library computes in float32
+        return tags
+
+    def _validate(self, X: Any, *, reset: bool) -> np.ndarray:
+        """(n_rows, n_features) float32 C-ordered numpy rows; sets or checks n_features_in_."""
+        return validate_data(self, X, reset=reset, dtype=np.float32, order="C")
+
+    def _check_shape(self, X: np.ndarray) -> int:
+        """n_codes, validated, when the first rows ``X`` can seed it (the row count is the fit's to check)."""
+        n_codes = check_int("n_codes", self.n_codes, minimum=1, hint="n_codes is the number of codes to fit.")
+        if self.metric == "cosine" and X.shape[1] == 1 and n_codes > 2:
+            raise TooFewPointsError(
+                f"X has n_features=1 and metric='cosine': every row's direction is -1 or +1, so at most 2 codes "
+                f"can differ, but n_codes={n_codes}. Fix: use metric='l2' for one feature, or n_codes <= 2."
+            )
+        return n_codes
+
+    def _compute(self) -> dict[str, Any]:
+        return {"engine": self.engine, "device": self.device, "memory_budget": self.memory_budget}
+
+    def _seed(self) -> Any:
+        """The library's seed: an int random_state as is (validated there), else one drawn from it."""
+        if isinstance(self.random_state, numbers.Integral):
+            return self.random_state
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _init_value(self) -> Any:
+        """``init`` for the library: a name, or a private float32 copy of the given centroids."""
+        if isinstance(self.init, str | Codebook):
+            return self.init
+        return np.array(self.init, dtype=np.float32, copy=True)
+
+    def _set_codebook(self, codebook: Codebook) -> None:
+        self._codebook = codebook
+        centers = codebook.centroids.numpy().copy()  # (n_codes, dim) float32
+        centers.flags.writeable = False  # the codebook encodes; editing a copy of it would change nothing
+        self.cluster_centers_ = centers
+        self.counts_ = codebook.counts.numpy().copy()
+
+    def _labels_inertia(self, X: np.ndarray) -> tuple[np.ndarray, float]:
+        codes, dist = self._codebook.encode(X, return_distances=True, **self._compute())
+        return _numpy(codes), float(_numpy(dist).sum(dtype=np.float64))
+
+    def _distances(self, X: np.ndarray) -> np.ndarray:
+        """(n_rows, n_codes) float32 distances of validated rows ``X`` to every code, in chunks."""
+        cb = self._codebook
+        x = as_embeddings(X)  # (n_rows, dim) float32, refuses what the library refuses
+        cosine = cb.metric == "cosine"
+        if cosine:
+            check_nonzero_rows(x)
+        dev = resolve_device(self.device, x)
+        c = cb.centroids.to(dev, torch.float64)  # (n_codes, dim)
+        # Shifting both sides by the centroids' mean leaves distances unchanged and keeps the
+        # expansion |x|^2 + |c|^2 - 2 x.c well conditioned for data far from the origin.
+        shift = torch.zeros_like(c[0]) if cosine else c.mean(dim=0)  # (dim,)
+        c = c - shift
+        c_sq = c.square().sum(dim=1)  # (n_codes,)
+        n_codes, dim = c.shape
+        budget = check_int("memory_budget", self.memory_budget, minimum=1)
+        rows = max(1, budget // (8 * 3 * (n_codes + dim)))  # float64 chunk, products, distances
+        out = np.empty((x.shape[0], n_codes), dtype=np.float32)
+        for start in range(0, x.shape[0], rows):
+            xb = x[start : start + rows].to(dev, torch.float64)  # (b, dim)
+            if cosine:
+                xb = xb / torch.linalg.vector_norm(xb, dim=1, keepdim=True)
+                d = (1.0 - xb @ c.T).clamp_(0.0, 2.0)  # (b, n_codes)
+            else:
+                xb = xb - shift
+                d = (xb.square().sum(dim=1, keepdim=True) + c_sq - 2.0 * (xb @ c.T)).clamp_(min=0.0)
+            out[start : start + rows] = d.to("cpu", torch.float32).numpy()
+        return out
+
+
+def _numpy(a: Any) -> np.ndarray:
+    """A CPU tensor or array as a numpy array (encode answers numpy input with either, by version)."""
+    return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+__all__ = ["VectorQuantizer"]
