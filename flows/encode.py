@@ -25,7 +25,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from vq_flows.artifacts import scoped_key
 from vq_pipeline import Codebook, VQError
-from vq_pipeline.errors import EncodeFailedError
+from vq_pipeline.encode_folder import encode_failure
+from vq_pipeline.encode_state import encode_summary, summary_rows
+from vq_pipeline.errors import EncodeFailedError  # noqa: F401 - re-exported
 from vq_pipeline.pipeline import (
     EncodeOptions,
     EncodeSettings,
@@ -147,8 +149,48 @@ def manifest_task(
     }
 
 
-def _mean_distance(record: dict[str, Any]) -> float | None:
-    return record["distance_sum"] / record["rows"] if record.get("rows") else None
+def _submit(todo: list[dict[str, str]], dask: str | None, stack: contextlib.ExitStack, **params: Any) -> list[Any]:
+    """One ``encode-file`` task per file of ``todo``: on the Dask cluster ``dask`` (its task runner
+    entered on ``stack``), else on the flow's thread pool. ``params``: the task's other arguments."""
+    if todo and dask:
+        from vq_flows.dask import dask_task_runner
+
+        runner = stack.enter_context(dask_task_runner(dask))
+        get_run_logger().info("encoding %d files on the Dask cluster %s", len(todo), runner.client.scheduler.address)
+        return [runner.submit(encode_file_task, parameters=dict(uri=s["uri"], key=s["key"], **params)) for s in todo]
+    if todo:
+        settings = params.pop("settings")
+        return list(
+            encode_file_task.map(
+                [s["uri"] for s in todo],
+                [s["key"] for s in todo],
+                params.pop("codebook"),
+                params.pop("fingerprint"),
+                params.pop("out_dir"),
+                unmapped(settings),
+                **params,
+            )
+        )
+    return []
+
+
+def _gather(
+    futures: list[Any], todo: list[dict[str, str]], progress_id: Any, n_done: int, n_files: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, BaseException]]:
+    """The receipts of the finished ``encode-file`` tasks and the errors of the failed ones, by key,
+    moving the progress artifact on as each task finishes."""
+    new: dict[str, dict[str, Any]] = {}
+    failed: dict[str, BaseException] = {}
+    key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
+    for finished, future in enumerate(as_completed(futures), start=1):
+        key = key_of[id(future)]
+        try:
+            new[key] = future.result()
+        except BaseException as exc:  # noqa: BLE001 - collected, reported and raised by the flow
+            failed[key] = exc
+            get_run_logger().error("encoding %s failed: %s", key, exc)
+        update_progress_artifact(progress_id, 100.0 * (n_done + finished) / n_files)
+    return new, failed
 
 
 @flow(name="encode-embeddings", task_runner=ThreadPoolTaskRunner(max_workers=MAX_WORKERS))
@@ -201,103 +243,51 @@ def encode_embeddings_flow(
     with encode_lock(out, inputs=inputs):
         plan = plan_task(list(inputs), codebook, str(out), settings, overwrite=overwrite)
         fingerprint, todo, records = plan["codebook_fingerprint"], plan["todo"], dict(plan["records"])
-        n_files = len(todo) + len(plan["done"])
-        logger.info("%d files: %d to encode, %d already encoded", n_files, len(todo), len(plan["done"]))
+        n_done, n_files = len(plan["done"]), len(todo) + len(plan["done"])
+        logger.info("%d files: %d to encode, %d already encoded", n_files, len(todo), n_done)
         progress_id = create_progress_artifact(
-            progress=100.0 * len(plan["done"]) / n_files,
+            progress=100.0 * n_done / n_files,
             key=scoped_key(PROGRESS_ARTIFACT_KEY, out),
             description=f"files encoded into {out} ({len(todo)} to do)",
         )
-        new: dict[str, dict[str, Any]] = {}
-        failed: dict[str, BaseException] = {}
         with contextlib.ExitStack() as stack:
-            if todo and dask:
-                from vq_flows.dask import dask_task_runner
-
-                runner = stack.enter_context(dask_task_runner(dask))
-                logger.info("encoding %d files on the Dask cluster %s", len(todo), runner.client.scheduler.address)
-                futures = [
-                    runner.submit(
-                        encode_file_task,
-                        parameters=dict(
-                            uri=s["uri"],
-                            key=s["key"],
-                            codebook=codebook,
-                            fingerprint=fingerprint,
-                            out_dir=str(out),
-                            settings=settings,
-                            engine=engine,
-                            device=device,
-                        ),
-                    )
-                    for s in todo
-                ]
-            elif todo:
-                futures = list(
-                    encode_file_task.map(
-                        [s["uri"] for s in todo],
-                        [s["key"] for s in todo],
-                        codebook,
-                        fingerprint,
-                        str(out),
-                        unmapped(settings),
-                        engine=engine,
-                        device=device,
-                    )
-                )
-            else:
-                futures = []
-            key_of = {id(f): s["key"] for f, s in zip(futures, todo)}
-            for finished, future in enumerate(as_completed(futures), start=1):
-                key = key_of[id(future)]
-                try:
-                    new[key] = future.result()
-                except BaseException as exc:  # noqa: BLE001 - collected, reported and raised below
-                    failed[key] = exc
-                    logger.error("encoding %s failed: %s", key, exc)
-                update_progress_artifact(progress_id, 100.0 * (len(plan["done"]) + finished) / n_files)
+            futures = _submit(
+                todo,
+                dask,
+                stack,
+                codebook=codebook,
+                fingerprint=fingerprint,
+                out_dir=str(out),
+                settings=settings,
+                engine=engine,
+                device=device,
+            )
+            new, failed = _gather(futures, todo, progress_id, n_done, n_files)
         if failed:
-            first = next(iter(failed.values()))
-            raise EncodeFailedError(
-                f"{len(failed)} of {len(todo)} files could not be encoded ({', '.join(sorted(failed))}); first error: "
-                f"{type(first).__name__}: {first}. The other files are encoded; a rerun retries only these."
-            ) from first
+            raise encode_failure(failed, len(todo)) from next(iter(failed.values()))
         remove_temporaries(out)  # a worker killed mid-write leaves one; its task was rerun elsewhere
         records.update(new)
         folder = manifest_task(str(out), codebook, fingerprint, settings, records, prune)
         manifest = folder["manifest"]
 
-    files = [
-        {
-            "key": k,
-            "rows": r["rows"],
-            "status": "encoded" if k in new else "skipped",
-            "mean_distance": _mean_distance(r),
-        }
-        for k, r in sorted(records.items())
-    ]
+    files = summary_rows(records, new)
     create_table_artifact(
         table=files,
         key=scoped_key(SUMMARY_ARTIFACT_KEY, out),
         description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}",
     )
-    summary = {
-        "out_dir": str(out),
-        "manifest": manifest,
-        "codebook": codebook,
-        "codebook_fingerprint": fingerprint,
-        "encoded": sorted(new),
-        "skipped": sorted(k for k in records if k not in new),
-        "rows_encoded": sum(r["rows"] for r in new.values()),
-        "rows_total": sum(r["rows"] for r in records.values()),
-        "files": files,
-        "new_receipts": new,
-        "stale": folder["stale"],
-        "pruned": folder["pruned"],
-        "unrecorded": folder["unrecorded"],
-        "seconds": time.perf_counter() - t0,
-        "flow_run_id": flow_run.get_id(),
-    }
+    summary = encode_summary(
+        out,
+        manifest=manifest,
+        codebook=codebook,
+        fingerprint=fingerprint,
+        records=records,
+        new=new,
+        folder=folder,
+        files=files,
+        seconds=time.perf_counter() - t0,
+        run_id=flow_run.get_id(),
+    )
     logger.info(
         "encoded %d files (%d rows), skipped %d; manifest %s",
         len(new),

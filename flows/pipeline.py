@@ -28,8 +28,18 @@ from vq_flows.encode import encode_embeddings_flow, retry_transient
 from vq_flows.fit import fit_codebook_flow
 from vq_pipeline import Codebook, workdir
 from vq_pipeline.errors import InvalidInputError, PipelineStateError  # noqa: F401 - re-exported
-from vq_pipeline.paths import check_output_folder
 from vq_pipeline.pipeline import drift_report
+from vq_pipeline.run_plan import (
+    check_run,
+    codebook_template,
+    current_checks,
+    encode_arguments,
+    fired_reason,
+    first_action,
+    refit_decision,
+    run_summary,
+    with_alignment,
+)
 from vq_pipeline.run_report import draw_drift_chart
 from vq_pipeline.settings import FitSettings
 from vq_pipeline.workdir import (  # noqa: F401 - the work_dir's names, re-exported for callers
@@ -159,143 +169,81 @@ def vq_pipeline_flow(
     t0 = time.perf_counter()
     logger = get_run_logger()
     work, root = Path(work_dir).absolute(), Path(input_root).absolute()
-    check_output_folder("work_dir", work_dir, [input_root])  # resolved: not in, around or equal to the inputs
-    check_thresholds(drift_threshold, usage_threshold)
-    FitSettings(metric=metric, seed=seed, engine=engine)  # bad settings are refused before any work
+    rules = dict(refit_every_hours=refit_every_hours, drift_threshold=drift_threshold, usage_threshold=usage_threshold)
+    check_run(
+        input_root,
+        work_dir,
+        metric=metric,
+        seed=seed,
+        engine=engine,
+        drift_threshold=drift_threshold,
+        usage_threshold=usage_threshold,
+    )  # bad arguments are refused before any work
     started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")
     fit_settings = dict(
-        inputs=[str(root)],
-        column=column,
-        n_codes=n_codes,
-        metric=metric,
-        sample=sample,
-        seed=seed,
-        engine=engine,
+        inputs=[str(root)], column=column, n_codes=n_codes, metric=metric, sample=sample, seed=seed, engine=engine
     )
-    template = str(work / "codebooks" / "{fp12}.safetensors")
-    rule_settings = dict(
-        refit_every_hours=refit_every_hours,
-        drift_threshold=drift_threshold,
-        usage_threshold=usage_threshold,
-    )
-
+    template = codebook_template(work)
     cluster = contextlib.ExitStack()
     if dask:
         from vq_flows.dask import dask_cluster
 
         # One cluster for every fit and encode of the run (local:N starts here, stops at the end).
         fit_settings["dask"] = dask = cluster.enter_context(dask_cluster(dask))
+    encode_args = dict(column=column, id_column=id_column, code_dtype=code_dtype, engine=engine, dask=dask)
 
-    def encode(current: dict[str, Any]) -> dict[str, Any]:
-        return encode_embeddings_flow(
-            inputs=[str(root)],
-            codebook=current["path"],
-            out_dir=str(codes_dir(work, current["fingerprint"])),
-            column=column,
-            id_column=id_column,
-            top_k=TOP_K,
-            with_distance=WITH_DISTANCE,
-            code_dtype=code_dtype,
-            engine=engine,
-            dask=dask,
-        )
-
-    def brief(e: dict[str, Any]) -> dict[str, Any]:
-        keys = (
-            "codebook_fingerprint",
-            "out_dir",
-            "manifest",
-            "encoded",
-            "skipped",
-            "rows_encoded",
-            "rows_total",
-            "flow_run_id",
-        )
-        return {k: e[k] for k in keys}
+    def align(fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+        return align_task(str(work), fit, reference["path"], [str(root)], column, seed, engine)
 
     with cluster, workdir.lock(work):
         current = read_current_task(str(work))
         if current is not None:
             link_current_codes(work, current["fingerprint"])  # a work_dir from before the link, or a crash
-        action, reason, previous, alignment = "none", None, None, None
-        changed = current is not None and (current["metric"], current["n_codes"]) != (metric, n_codes)
-        if current is None or changed:
-            action = "fit"
-            reason = (
-                f"settings changed (metric {current['metric']} → {metric}, n_codes {current['n_codes']} → {n_codes})"
-                if changed
-                else "no current codebook"
-            )
-            previous = current
-            fit = fit_codebook_flow(out=template, **fit_settings)
+        action, reason = first_action(current, metric=metric, n_codes=n_codes)
+        previous, alignment, drift_after = None, None, None
+        if action == "fit":
+            previous, fit = current, fit_codebook_flow(out=template, **fit_settings)
             if previous is not None:  # keep the replaced codebook's code numbers where the cells allow
-                alignment = align_task(str(work), fit, previous["path"], [str(root)], column, seed, engine)
-                fit = {**fit, "path": alignment["path"], "fingerprint": alignment["fingerprint"]}
+                alignment = align(fit, previous)
+                fit = with_alignment(fit, alignment)
             set_current_task(str(work), fit["path"], fit["fingerprint"], reason, now)
             current = read_current_task(str(work))
-        encoded = [encode(current)]
+        encoded = [encode_embeddings_flow(**encode_arguments(work, root, current, **encode_args))]
         # The codebook this run fitted was fitted on the rows it just encoded: a baseline, not drift.
         drift = drift_task(current["path"], encoded[0]["new_receipts"], baseline=action == "fit")
-        checks = refit_checks(
-            created_at=current["created_at"],
-            last_fit_at=current.get("last_fit_at"),
-            now=started,
-            drift=drift,
-            **rule_settings,
-        )
-        drift_after = None
-        if action == "none":
-            reason = "; ".join(c["reason"] for c in checks if c["fired"]) or None
-            if reason:
-                logger.info("refitting: %s", reason)
-                fit = fit_codebook_flow(out=template, warm_start=current["path"], **fit_settings)
-                alignment = align_task(str(work), fit, current["path"], [str(root)], column, seed, engine)
-                fit = {**fit, "path": alignment["path"], "fingerprint": alignment["fingerprint"]}
-                if fit["fingerprint"] == current["fingerprint"]:
-                    action = "refit-unchanged"
-                    set_current_task(
-                        str(work),
-                        current["path"],
-                        current["fingerprint"],
-                        current.get("reason") or reason,
-                        now,
-                        since=current.get("since"),
-                    )
-                else:
-                    action, previous = "refit", current
-                    set_current_task(str(work), fit["path"], fit["fingerprint"], reason, now)
-                    current = read_current_task(str(work))
-                    encoded.append(encode(current))
-                    # The refit was fitted on every row, these included: its baseline.
-                    drift_after = drift_task(current["path"], encoded[-1]["new_receipts"], baseline=True)
+        checks = current_checks(current, now=started, drift=drift, **rules)
+        if action == "none" and (reason := fired_reason(checks)):
+            logger.info("refitting: %s", reason)
+            fit = fit_codebook_flow(out=template, warm_start=current["path"], **fit_settings)
+            alignment = align(fit, current)
+            action, pointer = refit_decision(current, with_alignment(fit, alignment), reason)
+            set_current_task(str(work), now=now, **pointer)
+            if action == "refit":
+                previous, current = current, read_current_task(str(work))
+                encoded.append(encode_embeddings_flow(**encode_arguments(work, root, current, **encode_args)))
+                # The refit was fitted on every row, these included: its baseline.
+                drift_after = drift_task(current["path"], encoded[-1]["new_receipts"], baseline=True)
 
         report = workdir.report_path(work, started, flow_run.get_id())
-        summary: dict[str, Any] = {
-            "started_at": now,
-            "work_dir": str(work),
-            "input_root": str(root),
-            "codebook": current["path"],
-            "fingerprint": current["fingerprint"],
-            "parent_fingerprint": current["parent_fingerprint"],
-            "codes_dir": encoded[-1]["out_dir"],
-            "codes_link": str(work / CODES_LINK),
-            "manifest": encoded[-1]["manifest"],
-            "report": str(report),
-            "artifact_key": report_artifact_key(work),
-            "action": action,
-            "reason": reason,
-            "encode": [brief(e) for e in encoded],
-            "drift": drift,
-            "drift_after_refit": drift_after,
-            "alignment": alignment,
-            "refit_rules": checks,
-            "fired": [c["rule"] for c in checks if c["fired"]],
-            "previous_codebook": previous["path"] if previous else None,
-            "previous_codes_dir": str(codes_dir(work, previous["fingerprint"])) if previous else None,
-            "params": dict(fit_settings, id_column=id_column, **rule_settings),
-            "flow_run_id": flow_run.get_id(),
-        }
+        summary = run_summary(
+            started_at=now,
+            work_dir=work,
+            input_root=root,
+            current=current,
+            encoded=encoded,
+            report=report,
+            artifact_key=report_artifact_key(work),
+            action=action,
+            reason=reason,
+            drift=drift,
+            drift_after_refit=drift_after,
+            alignment=alignment,
+            checks=checks,
+            previous=previous,
+            params=dict(fit_settings, id_column=id_column, **rules),
+            flow_run_id=flow_run.get_id(),
+        )
         summary["drift_chart"] = draw_drift_chart(report, summary)
         markdown = report_markdown(summary)
         write_report_task(str(report), markdown, summary)

@@ -39,7 +39,9 @@ def proven_oracle(block: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.
 def check_proven_best_rows(block: np.ndarray, bound: np.ndarray) -> None:
     n, m = block.shape
     want_proven, want_idx = proven_oracle(block, bound)
-    idx, unproven = te._proven_best_rows(torch.from_numpy(block.copy()), torch.from_numpy(bound), te._marks(m, torch.device("cpu")))
+    idx, unproven = te._proven_best_rows(
+        torch.from_numpy(block.copy()), torch.from_numpy(bound), te._marks(m, torch.device("cpu"))
+    )
     proven = np.ones(n, dtype=bool)
     proven[unproven] = False
     assert np.array_equal(proven, want_proven)
@@ -79,10 +81,16 @@ def test_proven_best_rows_matches_numpy_on_ties_and_near_ties(m: int) -> None:
 @given(
     st.integers(1, 12),
     st.integers(1, 40),
-    st.lists(st.sampled_from([0.0, -0.0, 1.0, 1.5, 2.0, -3.0, 1e30, 3e38, -3e38, np.inf, -np.inf, np.nan]), min_size=480, max_size=480),
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, 1.5, 2.0, -3.0, 1e30, 3e38, -3e38, np.inf, -np.inf, np.nan]),
+        min_size=480,
+        max_size=480,
+    ),
     st.lists(st.sampled_from([0.0, 1e-7, 0.25, 1.0, 1e38, np.inf]), min_size=12, max_size=12),
 )
-def test_proven_best_rows_matches_numpy_on_any_entries(n: int, m: int, values: list[float], bounds: list[float]) -> None:
+def test_proven_best_rows_matches_numpy_on_any_entries(
+    n: int, m: int, values: list[float], bounds: list[float]
+) -> None:
     block = np.array(values[: n * m], dtype=np.float32).reshape(n, m)
     check_proven_best_rows(block, np.array(bounds[:n], dtype=np.float32))
 

@@ -58,7 +58,7 @@ from .encode_state import (
     write_manifest,
     write_receipt,
 )
-from .errors import DimensionMismatchError, EncodeLockedError, InvalidInputError, StateError
+from .errors import DimensionMismatchError, EncodeFailedError, EncodeLockedError, InvalidInputError, StateError
 from .paths import check_output_folder, check_output_folder_against_tables, folder_lock, refuse_symlinked_folder
 from .settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
 from .tables import Source
@@ -482,6 +482,16 @@ def encode_tables(
     return result
 
 
+def encode_failure(failed: dict[str, BaseException], n_todo: int) -> EncodeFailedError:
+    """The error of an encode run whose files ``failed`` (key: exception) out of ``n_todo``; raise it
+    ``from`` the first exception. The other files are encoded and receipted."""
+    first = next(iter(failed.values()))
+    return EncodeFailedError(
+        f"{len(failed)} of {n_todo} files could not be encoded ({', '.join(sorted(failed))}); first error: "
+        f"{type(first).__name__}: {first}. The other files are encoded; a rerun retries only these."
+    )
+
+
 __all__ = [
     "DEFAULT_BATCH_ROWS",
     "DEFAULT_MEMORY_BUDGET",
@@ -496,6 +506,7 @@ __all__ = [
     "FolderInventory",
     "PlanCallback",
     "RowProgress",
+    "encode_failure",
     "encode_lock",
     "encode_source",
     "encode_tables",

@@ -371,6 +371,57 @@ def write_manifest(
     return atomic_write_bytes(manifest_path(out), canonical_json(manifest))
 
 
+def mean_distance(record: dict[str, Any]) -> float | None:
+    """A receipt's mean distance per row (None for a file without rows)."""
+    return record["distance_sum"] / record["rows"] if record.get("rows") else None
+
+
+def summary_rows(records: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per receipt in ``records``, sorted by key: ``key``, ``rows``, ``status`` (``encoded``
+    when the key is in ``new``, the receipts of this run's files, else ``skipped``) and ``mean_distance``."""
+    return [
+        {"key": k, "rows": r["rows"], "status": "encoded" if k in new else "skipped", "mean_distance": mean_distance(r)}
+        for k, r in sorted(records.items())
+    ]
+
+
+def encode_summary(
+    out_dir: str | os.PathLike[str],
+    *,
+    manifest: str,
+    codebook: str,
+    fingerprint: str,
+    records: dict[str, dict[str, Any]],
+    new: dict[str, dict[str, Any]],
+    folder: dict[str, Any],
+    files: list[dict[str, Any]],
+    seconds: float,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """An encode run's summary: ``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``,
+    ``encoded`` and ``skipped`` keys, ``rows_encoded``, ``rows_total``, ``files``
+    (:func:`summary_rows`), ``new_receipts`` (``new``), the ``stale``, ``pruned`` and ``unrecorded``
+    keys of ``folder``, ``seconds`` and ``flow_run_id`` (``run_id``). ``records``: every receipt of
+    the run's inputs; ``new``: those of the files this run encoded."""
+    return {
+        "out_dir": str(out_dir),
+        "manifest": manifest,
+        "codebook": codebook,
+        "codebook_fingerprint": fingerprint,
+        "encoded": sorted(new),
+        "skipped": sorted(k for k in records if k not in new),
+        "rows_encoded": sum(r["rows"] for r in new.values()),
+        "rows_total": sum(r["rows"] for r in records.values()),
+        "files": files,
+        "new_receipts": new,
+        "stale": folder["stale"],
+        "pruned": folder["pruned"],
+        "unrecorded": folder["unrecorded"],
+        "seconds": seconds,
+        "flow_run_id": run_id,
+    }
+
+
 __all__ = [
     "LOCK_NAME",
     "MANIFEST_FORMAT",
@@ -378,11 +429,13 @@ __all__ = [
     "STATE_SUFFIX",
     "FolderInventory",
     "checked_output",
+    "encode_summary",
     "folder_inventory",
     "folder_records",
     "is_real_dir",
     "is_regular",
     "manifest_path",
+    "mean_distance",
     "migrate_state",
     "output_path",
     "prune_stale",
@@ -393,6 +446,7 @@ __all__ = [
     "receipt_path",
     "remove_recorded",
     "state_dir",
+    "summary_rows",
     "write_manifest",
     "write_receipt",
 ]

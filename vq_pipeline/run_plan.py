@@ -1,0 +1,196 @@
+"""What one run of the scheduled pipeline does, as plain data: the checks before any work, whether
+it fits, refits or leaves the codebook, and the summary it reports. No Prefect here; the flow
+(or another orchestrator) runs the steps, :mod:`vq_pipeline.workdir` owns the folder they write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from .paths import check_output_folder
+from .settings import FitSettings
+from .workdir import CODES_LINK, TOP_K, WITH_DISTANCE, check_thresholds, codes_dir, refit_checks
+
+#: The keys of an encode run's summary that the pipeline's summary keeps, one dict per encode run.
+ENCODE_BRIEF_KEYS = (
+    "codebook_fingerprint",
+    "out_dir",
+    "manifest",
+    "encoded",
+    "skipped",
+    "rows_encoded",
+    "rows_total",
+    "flow_run_id",
+)
+
+
+def check_run(
+    input_root: str,
+    work_dir: str,
+    *,
+    metric: str,
+    seed: int,
+    engine: str,
+    drift_threshold: float,
+    usage_threshold: float | None,
+) -> None:
+    """Refuse a run's arguments before any work: a work_dir in, around or equal to ``input_root``
+    (resolved), bad thresholds (:func:`vq_pipeline.workdir.check_thresholds`), bad fit settings."""
+    check_output_folder("work_dir", work_dir, [input_root])
+    check_thresholds(drift_threshold, usage_threshold)
+    FitSettings(metric=metric, seed=seed, engine=engine)
+
+
+def codebook_template(work_dir: str | Path) -> str:
+    """The ``out`` template of the pipeline's fits: ``<work_dir>/codebooks/{fp12}.safetensors``."""
+    return str(Path(work_dir) / "codebooks" / "{fp12}.safetensors")
+
+
+def encode_arguments(
+    work_dir: Path,
+    input_root: Path,
+    current: dict[str, Any],
+    *,
+    column: str,
+    id_column: str | None,
+    code_dtype: str | None,
+    engine: str,
+    dask: str | None,
+) -> dict[str, Any]:
+    """The encode flow's arguments that encode everything under ``input_root`` with the codebook
+    ``current`` (:func:`vq_pipeline.workdir.read_current`) into its own codes folder, with the
+    pipeline's encode settings (:data:`~vq_pipeline.workdir.TOP_K`, :data:`~vq_pipeline.workdir.WITH_DISTANCE`)."""
+    return dict(
+        inputs=[str(input_root)],
+        codebook=current["path"],
+        out_dir=str(codes_dir(work_dir, current["fingerprint"])),
+        column=column,
+        id_column=id_column,
+        top_k=TOP_K,
+        with_distance=WITH_DISTANCE,
+        code_dtype=code_dtype,
+        engine=engine,
+        dask=dask,
+    )
+
+
+def first_action(current: dict[str, Any] | None, *, metric: str, n_codes: int) -> tuple[str, str | None]:
+    """What the run does before it encodes: ``("fit", reason)`` when there is no current codebook or
+    the requested metric or n_codes differ from the current one's, else ``("none", None)`` (a refit
+    rule may still fire once the new rows are encoded: :func:`refit_decision`)."""
+    if current is None:
+        return "fit", "no current codebook"
+    if (current["metric"], current["n_codes"]) != (metric, n_codes):
+        return "fit", (
+            f"settings changed (metric {current['metric']} → {metric}, n_codes {current['n_codes']} → {n_codes})"
+        )
+    return "none", None
+
+
+def current_checks(
+    current: dict[str, Any], *, now: dt.datetime, drift: dict[str, Any] | None, **rules: Any
+) -> list[dict[str, Any]]:
+    """:func:`vq_pipeline.workdir.refit_checks` for the codebook ``current`` (its ``created_at`` and
+    ``last_fit_at``); ``rules``: ``refit_every_hours``, ``drift_threshold``, ``usage_threshold``."""
+    return refit_checks(
+        created_at=current["created_at"], last_fit_at=current.get("last_fit_at"), now=now, drift=drift, **rules
+    )
+
+
+def fired_reason(checks: list[dict[str, Any]]) -> str | None:
+    """The reasons of the rules that fired, joined with ``; ``, or None when none fired."""
+    return "; ".join(c["reason"] for c in checks if c["fired"]) or None
+
+
+def with_alignment(fit: dict[str, Any], alignment: dict[str, Any]) -> dict[str, Any]:
+    """The fit's dict with the aligned codebook's ``path`` and ``fingerprint``
+    (:func:`vq_pipeline.workdir.align_refit`)."""
+    return {**fit, "path": alignment["path"], "fingerprint": alignment["fingerprint"]}
+
+
+def refit_decision(current: dict[str, Any], refit: dict[str, Any], reason: str) -> tuple[str, dict[str, Any]]:
+    """The action of a refit (``refit``: a new codebook; ``refit-unchanged``: the aligned refit has
+    the current codebook's fingerprint) and the arguments of
+    :func:`vq_pipeline.workdir.set_current` (less ``work_dir`` and ``now``) that record it: a
+    ``refit-unchanged`` keeps the current codebook, its reason and its ``since``, and only moves
+    ``last_fit_at`` on (so the schedule does not fire again at once)."""
+    if refit["fingerprint"] == current["fingerprint"]:
+        pointer = dict(
+            path=current["path"],
+            fingerprint=current["fingerprint"],
+            reason=current.get("reason") or reason,
+            since=current.get("since"),
+        )
+        return "refit-unchanged", pointer
+    return "refit", dict(path=refit["path"], fingerprint=refit["fingerprint"], reason=reason)
+
+
+def encode_brief(encode: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`ENCODE_BRIEF_KEYS` of an encode flow's summary."""
+    return {k: encode[k] for k in ENCODE_BRIEF_KEYS}
+
+
+def run_summary(
+    *,
+    started_at: str,
+    work_dir: Path,
+    input_root: Path,
+    current: dict[str, Any],
+    encoded: list[dict[str, Any]],
+    report: Path,
+    artifact_key: str,
+    action: str,
+    reason: str | None,
+    drift: dict[str, Any],
+    drift_after_refit: dict[str, Any] | None,
+    alignment: dict[str, Any] | None,
+    checks: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+    params: dict[str, Any],
+    flow_run_id: str | None,
+) -> dict[str, Any]:
+    """The run's summary (the report's JSON and the flow's result, less ``drift_chart`` and
+    ``seconds``): the current codebook and its codes (the last encode run's), what the run did and
+    why, the drift, the refit rules and the replaced codebook."""
+    return {
+        "started_at": started_at,
+        "work_dir": str(work_dir),
+        "input_root": str(input_root),
+        "codebook": current["path"],
+        "fingerprint": current["fingerprint"],
+        "parent_fingerprint": current["parent_fingerprint"],
+        "codes_dir": encoded[-1]["out_dir"],
+        "codes_link": str(work_dir / CODES_LINK),
+        "manifest": encoded[-1]["manifest"],
+        "report": str(report),
+        "artifact_key": artifact_key,
+        "action": action,
+        "reason": reason,
+        "encode": [encode_brief(e) for e in encoded],
+        "drift": drift,
+        "drift_after_refit": drift_after_refit,
+        "alignment": alignment,
+        "refit_rules": checks,
+        "fired": [c["rule"] for c in checks if c["fired"]],
+        "previous_codebook": previous["path"] if previous else None,
+        "previous_codes_dir": str(codes_dir(work_dir, previous["fingerprint"])) if previous else None,
+        "params": params,
+        "flow_run_id": flow_run_id,
+    }
+
+
+__all__ = [
+    "ENCODE_BRIEF_KEYS",
+    "check_run",
+    "codebook_template",
+    "current_checks",
+    "encode_arguments",
+    "encode_brief",
+    "fired_reason",
+    "first_action",
+    "refit_decision",
+    "run_summary",
+    "with_alignment",
+]
