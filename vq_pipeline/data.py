@@ -125,6 +125,14 @@ def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> ESte
         sums.index_add_(0, code, xb.double())
         counts += torch.bincount(code, minlength=n_codes)
         objective += d.double().sum()
+        # Once n_far rows are kept, only rows farther than the nearest of them can enter: the kept
+        # distances are those of merging every chunk's top rows, at a fraction of the cost (which of
+        # several rows at exactly the same distance is kept is no more defined than topk's order).
+        if far_d.shape[0] == n_far:
+            enter = (d > far_d[-1]).nonzero()[:, 0]  # (e,)
+            if enter.shape[0] == 0:
+                continue
+            d, xb = d[enter], xb[enter]  # (e,), (e, dim)
         top = d.topk(min(n_far, d.shape[0]), sorted=True)  # the chunk's farthest rows
         far_d, far_x = farthest(torch.cat([far_d, top.values]), torch.cat([far_x, xb[top.indices]]), n_codes)
     return EStepStats(sums, counts, float(objective), far_d, far_x)
