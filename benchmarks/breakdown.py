@@ -189,7 +189,9 @@ def estep_breakdown(p: Profile) -> list[tuple[str, float]]:
     gemm_path = p.edge(_fn(torch_engine, "TorchEngine._nearest_by_gemm"), [eng.nearest])
     ranking = p.edge(_fn(torch_engine, "TorchEngine._ranking"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
     mm = p.edge(MM, [_fn(torch_engine, "TorchEngine._ranking")])
-    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
+    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]) + p.edge(
+        _fn(torch_engine, "_proven_best_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
+    )
     rerank = p.edge(_fn(torch_engine, "_exact_nearest"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
     exact_terms = p.edge(
         _fn(torch_engine, "TorchEngine._exact_terms"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
@@ -207,7 +209,7 @@ def estep_breakdown(p: Profile) -> list[tuple[str, float]]:
         ("chunk slicing and copy (nearest_in_chunks)", chunk),
         ("centring x - shift (in _ranking)", ranking - mm),
         ("GEMM (torch.mm in _ranking)", mm),
-        ("best and second-best per row (_best_two_rows, numpy argmin)", best2),
+        ("best code and its proof per row (_proven_best_rows below K=384, else _best_two_rows)", best2),
         (
             "rounding bound and proof test (rest of _nearest_by_gemm)",
             gemm_path - ranking - best2 - rerank - exact_terms,
@@ -231,7 +233,9 @@ def encode_breakdown(p: Profile, whole: float) -> list[tuple[str, float]]:
     gemm_path = p.edge(_fn(torch_engine, "TorchEngine._nearest_by_gemm"), [eng.nearest])
     ranking = p.edge(_fn(torch_engine, "TorchEngine._ranking"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
     mm = p.edge(MM, [_fn(torch_engine, "TorchEngine._ranking")])
-    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
+    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]) + p.edge(
+        _fn(torch_engine, "_proven_best_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
+    )
     rerank = p.edge(_fn(torch_engine, "_exact_nearest"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
     exact_terms = p.edge(
         _fn(torch_engine, "TorchEngine._exact_terms"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
@@ -249,7 +253,7 @@ def encode_breakdown(p: Profile, whole: float) -> list[tuple[str, float]]:
         ("chunk slicing and copy (nearest_in_chunks)", p.ct(nic) - nearest),
         ("centring x - shift (in _ranking)", ranking - mm),
         ("GEMM (torch.mm in _ranking)", mm),
-        ("best and second-best per row (_best_two_rows, numpy argmin)", best2),
+        ("best code and its proof per row (_proven_best_rows below K=384, else _best_two_rows)", best2),
         (
             "rounding bound and proof test (rest of _nearest_by_gemm)",
             gemm_path - ranking - best2 - rerank - exact_terms,
