@@ -85,8 +85,12 @@ def test_public_names_resolve_on_first_use() -> None:
         "InitProgress",
         "IterationStats",
         "MiniBatchState",
+        "collision_stats",
+        "collision_stats_table",
         "fit_codebook",
         "fit_minibatch",
+        "suffix_table",
+        "unique_suffix",
         *errors.__all__,
     }
     assert all(getattr(vq_pipeline, name) is not None for name in vq_pipeline.__all__)

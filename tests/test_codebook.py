@@ -186,8 +186,13 @@ FUZZ_EXAMPLES = 400
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_files_load_or_raise_codebook_file_error(data: st.DataObject) -> None:
+    # Flat (format 1.0) and multi-level (format 1.1: codec, levels, 3-d centroids) layouts alike.
+    codec = data.draw(st.sampled_from(["flat", "residual", "product"]))
     x = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    blob = bytearray(Codebook(centroids=x, counts=torch.ones(4, dtype=torch.int64), metric="l2").to_bytes())
+    n = torch.ones(4, dtype=torch.int64)
+    if codec != "flat":
+        x, n = torch.stack([x, x / 7]), torch.stack([n, n])  # (2, 4, 3), (2, 4)
+    blob = bytearray(Codebook(centroids=x, counts=n, metric="l2", codec=codec).to_bytes())
     (n,) = struct.unpack("<Q", blob[:8])
     for _ in range(data.draw(st.integers(1, 4))):
         kind = data.draw(st.sampled_from(["flip", "header_flip", "truncate", "length", "insert"]))
@@ -209,4 +214,6 @@ def test_fuzzed_files_load_or_raise_codebook_file_error(data: st.DataObject) -> 
     except CodebookFileError:
         return
     # Whatever loads is a valid codebook.
-    assert torch.isfinite(cb.centroids).all() and cb.centroids.shape == (cb.n_codes, cb.dim)
+    expected = (cb.n_codes, cb.dim) if cb.codec == "flat" else (cb.levels, cb.n_codes, cb.centroids.shape[2])
+    assert torch.isfinite(cb.centroids).all() and cb.centroids.shape == expected
+    assert cb.codec != "product" or cb.dim == cb.levels * cb.centroids.shape[2]

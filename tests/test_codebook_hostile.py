@@ -32,10 +32,21 @@ UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 LOADERS: dict[str, Callable[[Path], Any]] = {"Codebook.load": Codebook.load, "load_info": load_info}
 
 
-@pytest.fixture(scope="module")
-def codebook() -> Codebook:
+@pytest.fixture(scope="module", params=["flat", "residual"])
+def codebook(request: pytest.FixtureRequest) -> Codebook:
+    """A flat codebook (format 1.0) and a multi-level one (format 1.1): every hostile case covers both."""
     x = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
-    return fit_codebook(x, 6, engine="torch", device="cpu", sources=("s3://b/p0.parquet",), column="embedding")
+    levels = 1 if request.param == "flat" else 2
+    return fit_codebook(
+        x,
+        6,
+        codec=request.param,
+        levels=levels,
+        engine="torch",
+        device="cpu",
+        sources=("s3://b/p0.parquet",),
+        column="embedding",
+    )
 
 
 def rewrite(data: bytes, mutate: Callable[[dict], None], *, tail: bytes | None = None) -> bytes:
@@ -133,7 +144,7 @@ def test_valid_codebook_reads_no_more_than_it_is(codebook: Codebook, tmp_path: P
 @pytest.mark.parametrize("loader", LOADERS)
 def test_trailing_junk_gaps_and_overlaps_are_refused(codebook: Codebook, tmp_path: Path, loader: str) -> None:
     data = codebook.to_bytes()
-    n_centroids = codebook.n_codes * codebook.dim * 4
+    n_centroids, n_counts = codebook.centroids.numel() * 4, codebook.counts.numel() * 8
     cases = {
         "junk": (data + b"junk", r"is \d+ bytes long but its header describes \d+ bytes .*4 bytes follow the tensor data"),
         "one-byte": (data + b"\0", r"1 bytes follow the tensor data.*Fix:"),
@@ -141,8 +152,8 @@ def test_trailing_junk_gaps_and_overlaps_are_refused(codebook: Codebook, tmp_pat
         "gap": (
             rewrite(
                 data,
-                lambda h: h["counts"].update(data_offsets=[n_centroids + 8, n_centroids + 8 + codebook.n_codes * 8]),
-                tail=data[-(n_centroids + codebook.n_codes * 8) :][:n_centroids] + b"\0" * 8 + data[-codebook.n_codes * 8 :],
+                lambda h: h["counts"].update(data_offsets=[n_centroids + 8, n_centroids + 8 + n_counts]),
+                tail=data[-(n_centroids + n_counts) :][:n_centroids] + b"\0" * 8 + data[-n_counts:],
             ),
             "no gap or overlap",
         ),
@@ -426,6 +437,7 @@ def test_vq_inspect_escapes_the_file_name_and_every_file_string(codebook: Codebo
         centroids=codebook.centroids,
         counts=codebook.counts,
         metric="l2",
+        codec=codebook.codec,
         settings={"init\x1b]0;title\x07": "k-means++\r\u202e"},
         stats={"n_rows": 300, "mode": hostile},
         sources=(f"s3://b/{hostile}",),

@@ -27,6 +27,7 @@ OWNERS = {
         "vq_pipeline/parquet_pages.py",
         "vq_pipeline/table_writer.py",
         "vq_pipeline/arrays.py",  # the caller's polars Series in and out at the public edge
+        "vq_pipeline/semantic_ids.py",  # semantic-id suffixes and collision stats of code tables
     },
 }
 

@@ -35,6 +35,10 @@ _EXPORTS = {
     "FitSettings": "settings",
     "MiniBatchState": "minibatch",
     "fit_minibatch": "minibatch",
+    "collision_stats": "semantic_ids",
+    "collision_stats_table": "semantic_ids",
+    "suffix_table": "semantic_ids",
+    "unique_suffix": "semantic_ids",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
@@ -58,6 +62,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     )
     from .kmeans import InitProgress, IterationStats, fit_codebook
     from .minibatch import MiniBatchState, fit_minibatch
+    from .semantic_ids import collision_stats, collision_stats_table, suffix_table, unique_suffix
     from .settings import EncodeSettings, FitSettings
 
 
@@ -96,6 +101,10 @@ __all__ = [
     "TooFewPointsError",
     "UnsupportedFormatError",
     "VQError",
+    "collision_stats",
+    "collision_stats_table",
     "fit_codebook",
     "fit_minibatch",
+    "suffix_table",
+    "unique_suffix",
 ]

@@ -132,13 +132,14 @@ def polars_embeddings(x: Any, *, name: str = "x") -> np.ndarray:
     return s.rechunk().to_numpy()  # (n_rows, dim), read-only when it is a view of polars' buffer
 
 
-def as_codes(codes: Any, *, n_codes: int, name: str = "codes") -> torch.Tensor:
-    """Validate codes of a flat codebook and return them as a (n_rows,) int64 CPU tensor.
+def as_codes(codes: Any, *, n_codes: int, name: str = "codes", levels: int | None = None) -> torch.Tensor:
+    """Validate codes and return them as a (n_rows,) int64 CPU tensor ((n_rows, levels) with ``levels``).
 
     Args:
         codes: (n_rows,) integers in ``0..n_codes-1``: a numpy array, a torch tensor (any device) or a
-            polars integer Series (or one-column DataFrame) without nulls.
-        n_codes: the codebook's number of codes.
+            polars integer Series (or one-column DataFrame) without nulls. With ``levels`` (a
+            multi-level codebook): (n_rows, levels), polars rows of ``Array`` or ``List`` type.
+        n_codes: the codebook's number of codes (per level).
 
     Raises:
         InvalidInputError: another type, a non-integer dtype, another shape, nulls, or a code out of
@@ -148,6 +149,8 @@ def as_codes(codes: Any, *, n_codes: int, name: str = "codes") -> torch.Tensor:
     fix_dtype = f"Fix: pass the integer codes that encode returned, or convert them, e.g. {name}.astype(np.int64)."
     if kind == "polars":
         s = _one_series(codes, name, "code")
+        if levels is not None:
+            return _checked(_nested_codes(s, name, levels), n_codes, name, levels)
         if not s.dtype.is_integer():
             raise InvalidInputError(
                 f"{name} (polars Series {s.name!r}) has dtype={s.dtype}; expected integer codes, one per row. "
@@ -177,20 +180,64 @@ def as_codes(codes: Any, *, n_codes: int, name: str = "codes") -> torch.Tensor:
             f"{name} has type {type(codes).__name__}; expected a numpy array, torch tensor or polars Series of "
             f"integer codes. Fix: wrap it with numpy.asarray(...) first."
         )
-    if arr.ndim != 1:
+    return _checked(arr, n_codes, name, levels)
+
+
+def _checked(arr: np.ndarray, n_codes: int, name: str, levels: int | None) -> torch.Tensor:
+    """Shape and range checks of integer codes; a writable int64 copy."""
+    if levels is not None:
+        if arr.ndim != 2 or arr.shape[1] != levels:
+            raise InvalidInputError(
+                f"{name}.shape={tuple(arr.shape)}; expected (n_rows, {levels}) codes, one per level. "
+                f"Fix: pass the codes that this codebook's encode returned."
+            )
+    elif arr.ndim != 1:
         raise InvalidInputError(
             f"{name}.shape={tuple(arr.shape)}; expected (n_rows,) codes, one per row. "
             f"Fix: for top-k codes of shape (n_rows, k), decode the nearest ones, {name}[:, 0]."
         )
-    bad = (arr < 0) | (arr >= n_codes)  # (n_rows,) bool
+    bad = (arr < 0) | (arr >= n_codes)  # (n_rows,) or (n_rows, levels)
     if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = ", ".join(map(str, first))
         raise InvalidInputError(
-            f"{name}[{row}]={int(arr[row])} is out of range ({int(bad.sum())} code(s) are); expected codes "
+            f"{name}[{where}]={int(arr[first])} is out of range ({int(bad.sum())} code(s) are); expected codes "
             f"0..{n_codes - 1} of this codebook (n_codes={n_codes}). Fix: decode with the codebook that "
             f"produced these codes."
         )
-    return torch.from_numpy(arr.astype(np.int64))  # a writable copy: (n_rows,) int64
+    return torch.from_numpy(arr.astype(np.int64))  # a writable copy: (n_rows,) or (n_rows, levels) int64
+
+
+def _nested_codes(s: Any, name: str, levels: int) -> Any:
+    """The (n_rows, levels) numpy codes of a polars Series of ``Array``/``List`` integer rows."""
+    import polars as pl
+
+    if not isinstance(s.dtype, (pl.Array, pl.List)):
+        raise InvalidInputError(
+            f"{name} (polars Series {s.name!r}) has dtype={s.dtype}; expected Array or List rows of {levels} "
+            f"codes. Fix: pass the 'codes' column that vq encode or encode returned."
+        )
+    if s.null_count():
+        row = int(s.is_null().arg_true()[0])
+        raise InvalidInputError(
+            f"{name} (polars Series {s.name!r}) is null at row {row}; expected codes on every row. "
+            f"Fix: drop or fill rows without codes."
+        )
+    lengths = s.list.len() if isinstance(s.dtype, pl.List) else None
+    if lengths is not None and (lengths != levels).any():
+        row = int((lengths != levels).arg_true()[0])
+        raise InvalidInputError(
+            f"{name}[{row}] holds {int(lengths[row])} codes; expected {levels}, one per level. "
+            f"Fix: pass the codes that this codebook's encode returned."
+        )
+    flat = s.explode() if lengths is not None else s.arr.explode()  # (n_rows * levels,)
+    if not flat.dtype.is_integer() or flat.null_count():
+        raise InvalidInputError(
+            f"{name} (polars Series {s.name!r}) holds {flat.dtype} values"
+            f"{' with nulls' if flat.null_count() else ''}; expected integer codes. "
+            f"Fix: pass the 'codes' column that vq encode or encode returned."
+        )
+    return flat.to_numpy().reshape(len(s), levels)
 
 
 def like(kind: str, t: torch.Tensor, *, name: str) -> Any:

@@ -14,10 +14,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .fileio import atomic_write, remove_temporaries
+from .codebook import Codebook
 from .fit_options import FitOptions
 from .paths import check_output_file, output_lock
 from .kmeans import FitProgress, IterationStats, LloydResult, LloydState
@@ -96,6 +98,10 @@ class FitCheckpoint:
         if state["key"] != self._key(data_fingerprint, opts):
             log.warning("ignoring checkpoint %s: it belongs to another fit", self.path)
             return None
+        return self._progress(state)
+
+    @staticmethod
+    def _progress(state: dict) -> FitProgress:
         best = state["best"]
         if best is not None:
             best = LloydResult(**{**best, "history": [IterationStats(**h) for h in best["history"]]})
@@ -112,15 +118,28 @@ class FitCheckpoint:
         best: LloydResult | None,
         lloyd: LloydState | None,
     ) -> None:
-        state = {
+        state = self._state(data_fingerprint, opts, restart=restart, inertias=inertias, best=best, lloyd=lloyd)
+        atomic_write(self.path, lambda f: torch.save(state, f))
+
+    @classmethod
+    def _state(
+        cls,
+        data_fingerprint: str,
+        opts: FitOptions,
+        *,
+        restart: int,
+        inertias: Sequence[float],
+        best: LloydResult | None,
+        lloyd: LloydState | None,
+    ) -> dict:
+        return {
             "format": FORMAT_NAME,
-            "key": self._key(data_fingerprint, opts),
+            "key": cls._key(data_fingerprint, opts),
             "restart": restart,
             "inertias": list(inertias),
             "best": None if best is None else {**asdict(best), "history": [asdict(h) for h in best.history]},
             "lloyd": None if lloyd is None else lloyd.to_dict(),
         }
-        atomic_write(self.path, lambda f: torch.save(state, f))
 
     def clear(self) -> None:
         """Remove the checkpoint, and temporary files of saves that a crash interrupted."""
@@ -128,4 +147,76 @@ class FitCheckpoint:
         remove_temporaries(self.path.parent, target=self.path)
 
 
-__all__ = ["FitCheckpoint"]
+class LevelCheckpoints:
+    """The checkpoint of a multi-level fit, in the one checkpoint file: the finished levels (as
+    codebook bytes) and the progress of each running level, rewritten after every update of any
+    level. A file of another multi-level fit (``key``: its data and settings) is ignored."""
+
+    def __init__(self, checkpoint: FitCheckpoint, key: str) -> None:
+        self.checkpoint, self.key = checkpoint, key
+        state = FitCheckpoint._read(checkpoint.path) if checkpoint.path.is_file() else None
+        if state is not None and state.get("levels_key") == key:
+            self.done = {int(k): bytes(v.numpy().tobytes()) for k, v in state["done"].items()}
+            self.running = {int(k): v for k, v in state["running"].items()}
+        else:
+            if state is not None:
+                log.warning("ignoring checkpoint %s: it belongs to another fit", checkpoint.path)
+            self.done, self.running = {}, {}
+
+    def finished(self, level: int) -> Codebook | None:
+        """Level ``level`` as fitted before a stop, or None."""
+        if level not in self.done:
+            return None
+        return Codebook.from_bytes(self.done[level], source=f"{self.checkpoint.path} (level {level})")
+
+    def finish(self, level: int, codebook: Codebook) -> None:
+        self.done[level] = codebook.to_bytes()
+        self.running.pop(level, None)
+        self._write()
+
+    def view(self, level: int) -> _LevelCheckpoint:
+        """What :func:`vq_pipeline.kmeans.fit_steps` of level ``level`` saves to and resumes from."""
+        return _LevelCheckpoint(self, level)
+
+    def clear(self) -> None:
+        self.checkpoint.clear()
+
+    def _write(self) -> None:
+        state = {
+            "format": FORMAT_NAME,
+            "key": "",
+            "restart": 0,
+            "inertias": [],
+            "best": None,
+            "lloyd": None,
+            "levels_key": self.key,
+            "done": {str(k): torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in self.done.items()},
+            "running": {str(k): v for k, v in self.running.items()},
+        }
+        atomic_write(self.checkpoint.path, lambda f: torch.save(state, f))
+
+
+class _LevelCheckpoint:
+    """One level's part of a :class:`LevelCheckpoints`, with the methods a flat fit calls."""
+
+    def __init__(self, store: LevelCheckpoints, level: int) -> None:
+        self.store, self.level, self.path = store, level, store.checkpoint.path
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the multi-level fit holds the file's lock
+
+    def load(self, data_fingerprint: str, opts: FitOptions) -> FitProgress | None:
+        state = self.store.running.get(self.level)
+        if state is None or state["key"] != FitCheckpoint._key(data_fingerprint, opts):
+            return None
+        return FitCheckpoint._progress(state)
+
+    def save(self, data_fingerprint: str, opts: FitOptions, **progress: Any) -> None:
+        self.store.running[self.level] = FitCheckpoint._state(data_fingerprint, opts, **progress)
+        self.store._write()
+
+    def clear(self) -> None:
+        self.store.running.pop(self.level, None)
+
+
+__all__ = ["FitCheckpoint", "LevelCheckpoints"]

@@ -3,11 +3,15 @@
 File layout (safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes)::
 
     centroids   F32 (n_codes, dim)    the codes' vectors; unit rows under the cosine metric
+                    (levels, n_codes, sub_dim) for a multi-level codebook (see vq_pipeline.levels)
     counts      I64 (n_codes,)        training rows assigned to each code by the final E step
+                    (levels, n_codes) for a multi-level codebook
     __metadata__ (str -> str; nested values are JSON):
         format              "vq-pipeline.codebook"
-        format_version      "1.0" (a reader refuses a major version it does not know)
+        format_version      "1.0" for flat codebooks, "1.1" for multi-level ones (a reader refuses a
+                            major version it does not know; 1.1 readers read every 1.0 file)
         metric, n_codes, dim, dtype
+        codec, levels       multi-level codebooks only: "residual" or "product", and codes per row
         fit                 JSON: the settings (n_codes, metric, init, seed, n_iter, tol, n_init,
                             engine, device, ...)
         stats               JSON: rows used, inertia, iterations, converged, empty-cluster repairs,
@@ -47,6 +51,7 @@ import numpy as np
 import torch
 
 from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
+    FLAT_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
     CodebookViews,
@@ -57,7 +62,7 @@ from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
 )
 from .errors import CodebookFileError, InvalidInputError
 from .fileio import atomic_write_bytes
-from .settings import METRICS
+from .settings import CODECS, METRICS
 
 # Metadata that changes from run to run; everything else is reproducible.
 RUN_KEYS = ("created_at", "timings")
@@ -85,9 +90,12 @@ class Codebook(CodebookViews):
     """A fitted codebook: centroids, their training counts, the metric and provenance.
 
     Attributes:
-        centroids: (n_codes, dim) float32 CPU tensor; rows have unit norm under 'cosine'.
-        counts: (n_codes,) int64 CPU tensor of training assignments.
+        centroids: (n_codes, dim) float32 CPU tensor; rows have unit norm under 'cosine'. A
+            multi-level codebook (``codec`` 'residual' or 'product') holds (levels, n_codes, sub_dim).
+        counts: (n_codes,) int64 CPU tensor of training assignments; (levels, n_codes) multi-level.
         metric: 'l2' or 'cosine'.
+        codec: 'flat' (one code per row), 'residual' or 'product' (``levels`` codes per row; see
+            :mod:`vq_pipeline.levels`).
         settings: the fit's settings (stored under the file's ``fit`` metadata key). stats: training
             statistics. The other fields are provenance.
     """
@@ -95,6 +103,7 @@ class Codebook(CodebookViews):
     centroids: torch.Tensor
     counts: torch.Tensor
     metric: str
+    codec: str = "flat"
     settings: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
@@ -108,19 +117,23 @@ class Codebook(CodebookViews):
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise InvalidInputError(f"metric={self.metric!r} is not supported; expected one of {METRICS}.")
+        if self.codec not in CODECS:
+            raise InvalidInputError(f"codec={self.codec!r} is not supported; expected one of {CODECS}.")
         c, n = self.centroids, self.counts
-        if not isinstance(c, torch.Tensor) or c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+        ndim, what = (2, "(n_codes, dim)") if self.codec == "flat" else (3, "(levels, n_codes, sub_dim)")
+        if not isinstance(c, torch.Tensor) or c.ndim != ndim or min(c.shape) < 1:
             raise InvalidInputError(
-                f"centroids.shape={tuple(getattr(c, 'shape', ()))}; expected a non-empty (n_codes, dim) tensor."
+                f"centroids.shape={tuple(getattr(c, 'shape', ()))}; expected a non-empty {what} tensor "
+                f"for codec={self.codec!r}."
             )
         if c.dtype != torch.float32:
             raise InvalidInputError(f"centroids.dtype={c.dtype}; expected torch.float32.")
-        if not isinstance(n, torch.Tensor) or n.dtype != torch.int64 or tuple(n.shape) != (c.shape[0],):
+        if not isinstance(n, torch.Tensor) or n.dtype != torch.int64 or tuple(n.shape) != tuple(c.shape[:-1]):
             raise InvalidInputError(
                 f"counts (shape={tuple(getattr(n, 'shape', ()))}, dtype={getattr(n, 'dtype', None)}) must be an "
-                f"int64 tensor of shape ({c.shape[0]},), one count per code."
+                f"int64 tensor of shape {tuple(c.shape[:-1])}, one count per code."
             )
-        check_values(c.detach().cpu().numpy(), n.detach().cpu().numpy(), self.metric)
+        check_values(c.detach().cpu().numpy(), n.detach().cpu().numpy(), self.metric, self.codec)
         # Private copies: a caller mutating its tensors must not change a codebook.
         object.__setattr__(self, "centroids", c.detach().to("cpu").contiguous().clone())
         object.__setattr__(self, "counts", n.detach().to("cpu").contiguous().clone())
@@ -132,6 +145,7 @@ class Codebook(CodebookViews):
         *,
         top_k: int = 1,
         return_distances: bool = False,
+        beam: int = 1,
         engine: str = "auto",
         device: str | torch.device | None = None,
         memory_budget: int | None = None,
@@ -142,8 +156,11 @@ class Codebook(CodebookViews):
             x: (n_rows, dim) embeddings: a torch tensor (any device), a numpy array (read-only ones
                 too), or a polars Series (or one-column DataFrame) of ``Array`` or same-length ``List``
                 rows; float16/bfloat16/float64/integer values are converted to float32.
-            top_k: number of nearest codes per row, nearest first.
-            return_distances: also return distances: squared L2 for 'l2', ``1 - cos`` for 'cosine'.
+            top_k: number of nearest codes per row, nearest first (flat codebooks only).
+            return_distances: also return distances: squared L2 for 'l2', ``1 - cos`` for 'cosine'
+                (for a multi-level codebook, to the row's reconstruction ``decode(codes)``).
+            beam: residual codebooks: keep this many best partial tuples per row at every level (1:
+                greedy, the default); never worse than greedy on any row. Other codecs: must be 1.
             engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu', 'cuda'.
             memory_budget: bytes of temporaries one chunk may use (default 256 MiB).
 
@@ -154,12 +171,35 @@ class Codebook(CodebookViews):
             float32 CPU tensors; numpy: int64 and float32 arrays; polars: Series ``code`` (Int64) and
             ``distance`` (Float32), named ``codes`` and ``distances`` of ``Array(Int64|Float32, top_k)``
             when ``top_k > 1``. Int64 whatever ``n_codes``, as numpy and torch codes are (code tables
-            written by ``vq encode`` use the smallest unsigned type instead).
+            written by ``vq encode`` use the smallest unsigned type instead). A multi-level codebook
+            gives (n_rows, levels) codes, one per level (polars: ``codes`` of ``Array(Int64, levels)``).
         """
         from .arrays import array_kind, like
         from .assign import DEFAULT_MEMORY_BUDGET, encode
 
         kind = array_kind(x)
+        if self.codec != "flat":
+            from .multilevel import encode_multilevel
+
+            codes, dists = encode_multilevel(
+                self,
+                x,
+                top_k=top_k,
+                beam=beam,
+                return_distances=return_distances,
+                engine=engine,
+                device=device,
+                memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+            )
+            codes = like(kind, codes, name="codes")
+            return (codes, like(kind, dists, name="distance")) if dists is not None else codes
+        if beam != 1:
+            from .validate import check_int
+
+            check_int("beam", beam, minimum=1)
+            raise InvalidInputError(
+                f"beam={beam} with a {self.codec} codebook; beam search is for residual codebooks. Fix: pass beam=1."
+            )
         out = encode(
             self.centroids,
             self.metric,
@@ -180,17 +220,26 @@ class Codebook(CodebookViews):
 
         Args:
             codes: (n_rows,) integer codes ``0..n_codes-1``, as :meth:`encode` returns them: numpy
-                array, torch tensor (any device) or polars integer Series (or one-column DataFrame).
+                array, torch tensor (any device) or polars integer Series (or one-column DataFrame);
+                (n_rows, levels) for a multi-level codebook (polars: ``Array`` or ``List`` rows).
 
         Returns:
             (n_rows, dim) float32 reconstructions (unit rows under 'cosine'), a copy: a numpy array, a
-            CPU torch tensor, or a polars Series ``embedding`` of ``Array(Float32, dim)``.
+            CPU torch tensor, or a polars Series ``embedding`` of ``Array(Float32, dim)``. Flat: the
+            centroid of every code; residual: the sum of the levels' centroids; product: their
+            concatenation.
 
         Raises:
             InvalidInputError: another type or shape, non-integer codes, nulls, or codes out of range.
         """
         from .arrays import array_kind, as_codes, like
 
+        if self.codec != "flat":
+            from .levels import decode
+
+            idx = as_codes(codes, n_codes=self.n_codes, name="codes", levels=self.levels)  # (n_rows, levels)
+            out = decode(self.centroids, self.codec, idx, metric=self.metric)  # (n_rows, dim) float32
+            return like(array_kind(codes), out, name="embedding")
         idx = as_codes(codes, n_codes=self.n_codes, name="codes")  # (n_rows,) int64
         return like(array_kind(codes), self.centroids[idx], name="embedding")  # (n_rows, dim) float32
 
@@ -216,9 +265,40 @@ class Codebook(CodebookViews):
         """
         from .align import align_codebook
 
+        self._flat_only("aligned_to")
         return align_codebook(
             self, reference, x, method=method, engine=engine, device=device, memory_budget=memory_budget
         )
+
+    def level(self, level: int) -> Codebook:
+        """Level ``level`` of a multi-level codebook as a flat codebook (its centroids and counts; the
+        metric it was fitted with: the codebook's for residual level 0, else 'l2'); ``level(0)`` of a
+        flat codebook is the codebook itself."""
+        from .validate import check_int
+
+        level = check_int("level", level, minimum=0, maximum=self.levels - 1, hint=f"the codebook has {self.levels}.")
+        if self.codec == "flat":
+            return self
+        metric = self.metric if (self.codec == "residual" and level == 0) else "l2"
+        return Codebook(
+            centroids=self.centroids[level],
+            counts=self.counts[level],
+            metric=metric,
+            settings=self.settings,
+            stats=dict(self.stats.get("levels", [{}] * self.levels)[level]),
+            data_fingerprint=self.data_fingerprint,
+            sources=self.sources,
+            column=self.column,
+            versions=self.versions,
+            created_at=self.created_at,
+        )
+
+    def _flat_only(self, what: str) -> None:
+        if self.codec != "flat":
+            raise InvalidInputError(
+                f"{what} needs a flat codebook but this one has codec={self.codec!r}, levels={self.levels}. "
+                f"Fix: use codebook.level(l) for one level, or a flat codebook."
+            )
 
     # ----------------------------------------------------------------- file format
 
@@ -228,9 +308,11 @@ class Codebook(CodebookViews):
         def js(value: Any) -> str:
             return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
+        multi = {} if self.codec == "flat" else {"codec": self.codec, "levels": str(self.levels)}
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if multi else FLAT_FORMAT_VERSION,
+            **multi,
             "metric": self.metric,
             "n_codes": str(self.n_codes),
             "dim": str(self.dim),

@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 
 from .errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
-from .settings import METRICS
+from .settings import CODECS, METRICS
 
 FORMAT_NAME = "vq-pipeline.codebook"
-FORMAT_VERSION = "1.0"
+#: 1.1 adds multi-level codebooks (metadata ``codec`` and ``levels``; (levels, n_codes, sub_dim)
+#: centroids and (levels, n_codes) counts). Flat codebooks are still written as 1.0, byte for byte as
+#: before; a file without ``codec`` is flat.
+FORMAT_VERSION = "1.1"
+FLAT_FORMAT_VERSION = "1.0"
 # What bounds a hostile file's cost before it is parsed: the header is read only when its declared
 # length is at most _MAX_HEADER_BYTES (a real header holds metadata: a few KiB, more with many
 # sources); its JSON, and then the JSON inside its metadata strings, is parsed only when it holds at
@@ -42,24 +46,38 @@ _FIX = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit 
 _PATH_FIX = "Fix: pass the .safetensors file written by `vq fit` or Codebook.save."
 
 
-def fingerprint_of(metric: str, centroids: np.ndarray) -> str:
-    """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
-    n_codes, dim = centroids.shape
-    h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{n_codes}|{dim}|".encode())
+def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat") -> str:
+    """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses.
+
+    Args:
+        centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
+    """
+    if codec == "flat":  # the identity of flat codebooks is unchanged since format 1.0
+        n_codes, dim = centroids.shape
+        h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{n_codes}|{dim}|".encode())
+    else:
+        levels, n_codes, sub_dim = centroids.shape
+        h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{codec}|{levels}|{n_codes}|{sub_dim}|".encode())
     h.update(np.ascontiguousarray(centroids, dtype="<f4").tobytes())
     return h.hexdigest()
 
 
-def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str) -> None:
-    """Refuse non-finite centroids, negative counts and (under cosine) centroids that are not unit rows.
+def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: str = "flat") -> None:
+    """Refuse non-finite centroids, negative counts and (under cosine) centroids that are not unit rows
+    (for a residual codebook, those of level 0; product slices and later residual levels are free).
 
     Args:
-        centroids: (n_codes, dim) float32. counts: (n_codes,) int64.
+        centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
+        counts: (n_codes,) or (levels, n_codes) int64.
     """
     if not np.isfinite(centroids).all():
         raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
     if (counts < 0).any():
         raise InvalidInputError("counts hold negative values; expected counts >= 0.")
+    if codec != "flat":
+        if codec == "product" or metric != "cosine":
+            return
+        centroids = centroids[0]  # (n_codes, dim): residual level 0
     if metric == "cosine":
         norms = np.linalg.norm(centroids.astype(np.float64), axis=1)  # (n_codes,)
         worst = float(np.abs(norms - 1).max())
@@ -250,18 +268,24 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
             f"{source}: n_codes={meta.get('n_codes')!r}, dim={meta.get('dim')!r}; expected positive integers. {_FIX}"
         )
     n_codes, dim = int(sizes[0]), int(sizes[1])
+    codec, levels = _codec_and_levels(meta, dim, source)
     if set(header) != set(_EXPECTED_TENSORS):
         raise CodebookFileError(
             f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {_FIX}"
         )
-    expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
+    if codec == "flat":
+        expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
+    else:
+        sub_dim = dim // levels if codec == "product" else dim
+        expected_shapes = {"centroids": [levels, n_codes, sub_dim], "counts": [levels, n_codes]}
     spans = []
     for name, (dtype, _) in _EXPECTED_TENSORS.items():
         info = header[name]
         if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != expected_shapes[name]:
             raise CodebookFileError(
                 f"{source}: tensor {name!r} is {_short(info)}; expected dtype {dtype} and shape "
-                f"{expected_shapes[name]} (from metadata n_codes={n_codes}, dim={dim}). The header is inconsistent. "
+                f"{expected_shapes[name]} (from metadata codec={codec!r}, levels={levels}, n_codes={n_codes}, "
+                f"dim={dim}). The header is inconsistent. "
                 f"{_FIX}"
             )
         offsets = info.get("data_offsets")
@@ -274,7 +298,7 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
                 f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_after} data bytes follow the "
                 f"header; the file is truncated. {_FIX}"
             )
-        n_bytes = _ITEM_BYTES[dtype] * n_codes * (dim if name == "centroids" else 1)
+        n_bytes = _ITEM_BYTES[dtype] * int(np.prod(expected_shapes[name]))
         if offsets[1] - offsets[0] != n_bytes:
             raise CodebookFileError(
                 f"{source}: tensor {name!r} has data_offsets={offsets} ({offsets[1] - offsets[0]} bytes); expected "
@@ -289,6 +313,23 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
             f"of the data; expected them to fill it from byte 0 with no gap or overlap. The header is corrupt. {_FIX}"
         )
     return meta, spans[1][1]
+
+
+def _codec_and_levels(meta: dict[str, str], dim: int, source: str) -> tuple[str, int]:
+    """The codec and levels a header declares (a file without them is flat, as every 1.0 file is)."""
+    codec, levels_text = meta.get("codec", "flat"), meta.get("levels", "1")
+    if codec not in CODECS:
+        raise CodebookFileError(f"{source}: codec={codec!r}; expected one of {CODECS}. {_FIX}")
+    if not (levels_text.isascii() and levels_text.isdigit() and len(levels_text) <= 6 and int(levels_text) > 0):
+        raise CodebookFileError(f"{source}: levels={levels_text!r}; expected a positive integer. {_FIX}")
+    levels = int(levels_text)
+    if codec == "flat" and levels != 1:
+        raise CodebookFileError(f"{source}: levels={levels} with codec='flat'; expected levels=1. {_FIX}")
+    if codec == "product" and dim % levels:
+        raise CodebookFileError(
+            f"{source}: dim={dim} is not a multiple of levels={levels}, as a product codebook's is. {_FIX}"
+        )
+    return codec, levels
 
 
 def _check_size(size: int, n_header: int, n_data: int, source: str) -> None:
@@ -372,6 +413,7 @@ def provenance_fields(meta: dict[str, str], source: str) -> dict[str, Any]:
             )
     return dict(
         metric=meta["metric"],
+        codec=meta.get("codec", "flat"),
         settings=json_field(meta, "fit", source, dict),
         stats=_typed_entries(meta, "stats", source),
         data_fingerprint=meta.get("data_fingerprint", ""),
@@ -498,6 +540,8 @@ def summarize(codebook: Any) -> dict[str, Any]:
         "metric": codebook.metric,
         "n_codes": codebook.n_codes,
         "dim": codebook.dim,
+        "codec": codebook.codec,
+        "levels": codebook.levels,
         "fit": codebook.settings,
         "stats": codebook.stats,
         "data_fingerprint": codebook.data_fingerprint,
@@ -511,6 +555,15 @@ def summarize(codebook: Any) -> dict[str, Any]:
     }
 
 
+def level_dims(codec: str, centroids_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(levels, n_codes, dim) of centroids of this shape: (n_codes, dim) for 'flat', else
+    (levels, n_codes, sub_dim) with dim = sub_dim (residual) or levels * sub_dim (product)."""
+    if codec == "flat":
+        return 1, int(centroids_shape[0]), int(centroids_shape[1])
+    levels, n_codes, sub_dim = (int(v) for v in centroids_shape)
+    return levels, n_codes, sub_dim * levels if codec == "product" else sub_dim
+
+
 class CodebookViews:
     """What a Codebook and a CodebookInfo derive alike from ``centroids``, ``counts`` and ``metric``
     (CPU tensors or numpy arrays)."""
@@ -518,19 +571,27 @@ class CodebookViews:
     centroids: Any
     counts: Any
     metric: str
+    codec: str
 
     @property
     def n_codes(self) -> int:
-        return int(self.centroids.shape[0])
+        """Codes per level."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[1]
 
     @property
     def dim(self) -> int:
-        return int(self.centroids.shape[1])
+        """The width of the embeddings encoded (and of decoded vectors)."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[2]
+
+    @property
+    def levels(self) -> int:
+        """Codes per row: 1 for a flat codebook."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[0]
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the metric, shape and centroid bytes: the identity of what encoding uses."""
-        return fingerprint_of(self.metric, np.asarray(self.centroids))
+        """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses."""
+        return fingerprint_of(self.metric, np.asarray(self.centroids), self.codec)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (no tensors or arrays) for people and artifacts."""
@@ -541,9 +602,10 @@ class CodebookViews:
 class CodebookInfo(CodebookViews):
     """A codebook file read with numpy: the same attributes as a Codebook, arrays instead of tensors."""
 
-    centroids: np.ndarray  # (n_codes, dim) float32
-    counts: np.ndarray  # (n_codes,) int64
+    centroids: np.ndarray  # (n_codes, dim) float32; (levels, n_codes, sub_dim) multi-level
+    counts: np.ndarray  # (n_codes,) int64; (levels, n_codes) multi-level
     metric: str
+    codec: str = "flat"
     settings: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
@@ -561,7 +623,7 @@ def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
     meta, arrays = read_codebook_bytes(data, source)
     fields = provenance_fields(meta, source)
     try:
-        check_values(arrays["centroids"], arrays["counts"], fields["metric"])
+        check_values(arrays["centroids"], arrays["counts"], fields["metric"], fields["codec"])
     except InvalidInputError as exc:
         raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
     return CodebookInfo(centroids=arrays["centroids"], counts=arrays["counts"], **fields)
@@ -574,6 +636,7 @@ __all__ = [
     "CodebookViews",
     "check_values",
     "fingerprint_of",
+    "level_dims",
     "is_codebook_file",
     "json_field",
     "load_info",

@@ -2,7 +2,10 @@
 
 In the spirit of FAISS ``contrib/clustering.py``'s ``DatasetAssign``: Lloyd's loop only ever asks a
 :class:`DataSource` for its size, for one E step against given centroids (:class:`EStepStats`) and
-for the rows that seeding draws from. Three sources:
+for the rows that seeding draws from. A multi-level fit asks a source for ``mapped(row_map)``: the
+same rows as one level sees them (a slice of the columns, or what earlier levels leave, computed per
+batch: see :mod:`vq_pipeline.levels`), and :func:`e_steps` runs the E steps of several levels of one
+streamed source in one pass over its tables. Three sources:
 
 * :class:`InMemoryRows`: a tensor (any device), the E step through an engine in chunks;
 * :class:`StreamedTables`: table files re-read on every E step (exact streamed Lloyd), each batch
@@ -155,6 +158,22 @@ class DataSource(Protocol):
         draws from every row)."""
         ...
 
+    def mapped(self, row_map: RowMap) -> DataSource:
+        """The same rows as ``row_map`` turns them (one level of a multi-level codebook)."""
+        ...
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Every row once, in order, as (n, dim) float32 batches (a final statistics pass)."""
+        ...
+
+
+class RowMap(Protocol):
+    """(n, dim) float32 rows -> (n, out_dim) float32 rows (see :class:`vq_pipeline.levels.RowMap`)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def out_dim(self, dim: int) -> int: ...
+
 
 class _ChunkPlan:
     """The engine and rows per chunk of an E step computed in this process, per device and n_codes."""
@@ -189,6 +208,16 @@ class InMemoryRows:
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         return self.x
 
+    def mapped(self, row_map: RowMap) -> InMemoryRows:
+        # In memory, a level's rows are computed once, not on every E step.
+        parts = [row_map(self.x[a : a + 65_536]) for a in range(0, self.n_rows, 65_536)]
+        x = torch.cat(parts) if parts else row_map(self.x)
+        return InMemoryRows(x, engine=self._plan._engine, memory_budget=self._plan._memory_budget)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for a in range(0, self.n_rows, 65_536):
+            yield self.x[a : a + 65_536]
+
 
 class StreamedTables:
     """The rows of table files (one embedding column), read again on every E step (exact streamed
@@ -211,6 +240,7 @@ class StreamedTables:
         self.sources, self.counts, self.column, self.metric = list(sources), list(counts), column, metric
         self.batch_rows, self.storage_options = batch_rows, storage_options
         self.n_rows, self.dim = sum(self.counts), dim
+        self._last_sample: tuple[Any, torch.Tensor] | None = None
 
     def e_step(self, centroids: torch.Tensor) -> EStepStats:
         return e_step(self._rows(), centroids, **self._plan(centroids, self.n_rows))
@@ -226,7 +256,20 @@ class StreamedTables:
             storage_options=self.storage_options,
         )
 
+    def mapped(self, row_map: RowMap) -> MappedTables:
+        return MappedTables(self, row_map)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        return self._rows().batches()
+
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
+        # The levels of a multi-level fit draw the same sample: it is read once.
+        key = (n, None if generator is None else repr(generator.bit_generator.state))
+        if self._last_sample is None or self._last_sample[0] != key:
+            self._last_sample = (key, self._read_sample(n, generator))
+        return self._last_sample[1]
+
+    def _read_sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         if generator is None:
             return self._rows()[0:n].clone()
         positions = np.sort(generator.choice(self.n_rows, size=min(self.n_rows, n), replace=False))
@@ -254,8 +297,12 @@ class PartitionedTables(StreamedTables):
         super().__init__(sources, counts, **options)
         self.map_e_step = map_e_step
 
-    def e_step(self, centroids: torch.Tensor) -> EStepStats:
-        parts = list(self.map_e_step(centroids.to("cpu", torch.float32), self.sources))
+    def mapped(self, row_map: RowMap) -> MappedTables:
+        return MappedTables(self, row_map, partitioned=True)
+
+    def e_step(self, centroids: torch.Tensor, row_map: RowMap | None = None) -> EStepStats:
+        c = centroids.to("cpu", torch.float32)
+        parts = list(self.map_e_step(c, self.sources) if row_map is None else self.map_e_step(c, self.sources, row_map))
         if len(parts) != len(self.sources):
             raise InvalidInputError(
                 f"map_e_step returned {len(parts)} results for {len(self.sources)} sources; expected one per "
@@ -305,6 +352,70 @@ def validated_sample(
     return torch.cat([validated(x, s, column, dim, metric, row_numbers=local) for s, local, x in parts])
 
 
+class MappedTables:
+    """One level's view of streamed (or partitioned) tables: every batch read is turned by ``row_map``
+    (never written out). The E step of partitioned tables sends ``row_map`` to the workers."""
+
+    def __init__(self, base: StreamedTables, row_map: RowMap, *, partitioned: bool = False) -> None:
+        self.base, self.row_map, self.partitioned = base, row_map, partitioned
+        self.n_rows, self.dim = base.n_rows, row_map.out_dim(base.dim)
+        self._plan = base._plan
+
+    def e_step(self, centroids: torch.Tensor) -> EStepStats:
+        if self.partitioned:
+            return self.base.e_step(centroids, self.row_map)  # type: ignore[call-arg]
+        return e_step(
+            _MappedRows(self.base._rows(), self.row_map, self.dim), centroids, **self._plan(centroids, self.n_rows)
+        )
+
+    def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
+        return self.row_map(self.base.sample(n, generator))
+
+    def mapped(self, row_map: RowMap) -> DataSource:
+        raise InvalidInputError("a level's rows cannot be mapped again; map the base source.")
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        return (self.row_map(x) for x in self.base.batches())
+
+
+class _MappedRows:
+    """Row slices of ``rows`` turned by ``row_map``."""
+
+    def __init__(self, rows: Rows, row_map: RowMap, dim: int) -> None:
+        self._rows, self._map = rows, row_map
+        self.shape = (rows.shape[0], dim)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self._map(self._rows[rows])
+
+
+def e_steps(levels: Sequence[tuple[DataSource, torch.Tensor]]) -> list[EStepStats]:
+    """One E step of each (source, centroids) pair. The levels of one streamed table source (not
+    partitioned) share one pass over its tables: every batch is read once and turned by each level's
+    map; other sources run their own E step."""
+    out: list[EStepStats | None] = [None] * len(levels)
+    shared: dict[int, list[int]] = {}
+    for i, (src, _) in enumerate(levels):
+        if isinstance(src, MappedTables) and not src.partitioned:
+            shared.setdefault(id(src.base), []).append(i)
+        else:
+            out[i] = src.e_step(levels[i][1])
+    for group in shared.values():
+        if len(group) == 1:
+            out[group[0]] = levels[group[0]][0].e_step(levels[group[0]][1])
+            continue
+        srcs = [levels[i][0] for i in group]
+        acc: list[EStepStats | None] = [None] * len(group)
+        for xb in srcs[0].base.batches():  # type: ignore[attr-defined]
+            for j, i in enumerate(group):
+                src, c = srcs[j], levels[i][1]
+                part = e_step(src.row_map(xb), c, **src._plan(c, xb.shape[0]))  # type: ignore[attr-defined]
+                acc[j] = part if acc[j] is None else EStepStats.merge([acc[j], part])
+        for j, i in enumerate(group):
+            out[i] = acc[j] if acc[j] is not None else srcs[j].e_step(levels[i][1])
+    return out  # type: ignore[return-value]
+
+
 class _StreamedRows:
     """The concatenated sources as row slices, for one pass (exact streamed Lloyd).
 
@@ -337,6 +448,10 @@ class _StreamedRows:
             ):
                 x = validated(batch.x, s, self._column, self.shape[1], self._metric, row_offset=batch.offset)
                 yield normalize_rows(x) if self._metric == "cosine" else x
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Every row once, as validated batches (unit rows under cosine)."""
+        return self._batches()
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         a, b = rows.start, min(rows.stop, self.shape[0])

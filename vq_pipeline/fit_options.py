@@ -37,6 +37,8 @@ class FitOptions:
     engine: str
     device: torch.device
     memory_budget: int
+    codec: str = "flat"
+    levels: int = 1
 
     @property
     def init_name(self) -> str:
@@ -54,6 +56,8 @@ class FitOptions:
             "n_init": self.n_init,
             "engine": engine_name,
             "device": self.device.type,
+            # Flat codebooks record exactly what they recorded before multi-level codecs existed.
+            **({} if self.codec == "flat" else {"codec": self.codec, "levels": self.levels}),
         }
 
 
@@ -72,6 +76,10 @@ def fit_options(
             f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
             f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
         )
+    if settings.codec == "product":
+        from .levels import check_product_dim
+
+        check_product_dim(dim, settings.levels)
     init, parent = settings.init, ""
     if isinstance(init, Codebook):
         parent, init = init.fingerprint, init.centroids
@@ -89,6 +97,8 @@ def fit_options(
         engine=settings.engine,
         device=resolve_device(settings.device, x_device),
         memory_budget=settings.memory_budget,
+        codec=settings.codec,
+        levels=settings.levels,
     )
 
 

@@ -24,6 +24,7 @@ from .checkpoint import FitCheckpoint
 from .kmeans import FitOptions, ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS, FitSettings
 from .tables import Source
+from .levels import check_product_dim
 from .validate import check_int, normalize_rows
 
 #: Fit on all rows in memory when they take at most this many bytes; stream them otherwise.
@@ -45,6 +46,8 @@ def fit_from_tables(
     device: str | torch.device | None = FitSettings.device,
     sample: int | None = None,
     memory_budget: int = FitSettings.memory_budget,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
     data_budget: int = DEFAULT_DATA_BUDGET,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
@@ -73,6 +76,8 @@ def fit_from_tables(
         engine=engine,
         device=device,
         memory_budget=memory_budget,
+        codec=codec,
+        levels=levels,
     )  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)
@@ -80,6 +85,8 @@ def fit_from_tables(
     sources, counts, dim, provenance = _fit_inputs(
         inputs, column=column, n_codes=n_codes, storage_options=storage_options
     )
+    if settings.codec == "product":
+        check_product_dim(dim, settings.levels)  # before any row is read
     n_total = sum(counts)
 
     if sample is not None:

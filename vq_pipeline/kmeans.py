@@ -25,7 +25,7 @@ import logging
 
 import time
 from dataclasses import asdict, dataclass
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -197,15 +197,56 @@ def lloyd(
     by more than ``tol`` and fewer than ``n_iter`` updates are done. The last E step, on the returned
     centroids, gives the returned counts and inertia.
     """
+    steps = lloyd_steps(
+        source.n_rows,
+        init,
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        resume=resume,
+        on_event=on_event,
+        on_update=on_update,
+    )
+    return run_steps(steps, source.e_step)
+
+
+#: A fit written as a generator: it yields the centroids it needs an E step on and is sent back the
+#: :class:`EStepStats`; it returns its result. :func:`run_steps` runs one against a source;
+#: :func:`vq_pipeline.multilevel` runs several in lockstep (one pass over the data per iteration).
+Steps = Generator[torch.Tensor, EStepStats, Any]
+
+
+def run_steps(steps: Steps, e_step: Callable[[torch.Tensor], EStepStats]) -> Any:
+    """Run a fit written as :data:`Steps`, answering every request with ``e_step``; its result."""
+    try:
+        c = next(steps)
+        while True:
+            c = steps.send(e_step(c))
+    except StopIteration as stop:
+        return stop.value
+
+
+def lloyd_steps(
+    n_rows: int,
+    init: torch.Tensor,
+    *,
+    metric: str,
+    n_iter: int,
+    tol: float,
+    resume: LloydState | None = None,
+    on_event: ProgressCallback | None = None,
+    on_update: Callable[[LloydState], None] | None = None,
+) -> Generator[torch.Tensor, EStepStats, LloydResult]:
+    """:func:`lloyd` as :data:`Steps` over ``n_rows`` rows."""
     state = resume if resume is not None else LloydState.start(init)
     c = state.centroids.to(init.device)  # (n_codes, dim)
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
     t0 = time.perf_counter()
-    p = source.e_step(c)
+    p = yield c
     objective = p.objective * scale
     while not _converged(state.prev_objective, objective, tol) and state.iteration <= n_iter:
         c, repairs = m_step(p, c, metric=metric)
-        stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, source.n_rows, on_event)
+        stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, n_rows, on_event)
         state = LloydState(
             c.to("cpu", torch.float32),
             state.iteration + 1,
@@ -216,10 +257,10 @@ def lloyd(
         if on_update is not None:
             on_update(state)
         t0 = time.perf_counter()
-        p = source.e_step(c)
+        p = yield c
         objective = p.objective * scale
     # The last E step evaluated the returned centroids: its stats close the history, with no update.
-    stats = _iteration_stats(state.iteration, objective, 0, p, c, t0, source.n_rows, on_event)
+    stats = _iteration_stats(state.iteration, objective, 0, p, c, t0, n_rows, on_event)
     return LloydResult(
         centroids=c.to("cpu", torch.float32),
         counts=p.counts.cpu(),
@@ -291,6 +332,8 @@ def fit_codebook(
     engine: str = FitSettings.engine,
     device: str | torch.device | None = FitSettings.device,
     memory_budget: int = FitSettings.memory_budget,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
     progress: ProgressCallback | None = None,
     sources: tuple[str, ...] = (),
     column: str = "",
@@ -317,8 +360,16 @@ def fit_codebook(
         n_init: restarts from different seeded inits; the lowest objective wins.
         engine: 'auto', 'keops' or 'torch'. device: None (CUDA if available), 'cpu' or 'cuda'.
         memory_budget: bytes of temporaries one chunk may use.
+        codec: 'flat' (default: one code per row), 'residual' (``levels`` codes per row, each level
+            fitted by exact Lloyd on what the levels before it leave: coarse-to-fine semantic ids) or
+            'product' (the dimensions split into ``levels`` contiguous slices, one K-means each,
+            advanced together in one pass over the data per iteration). ``n_codes`` is per level.
+            See :mod:`vq_pipeline.levels`.
+        levels: codes per row for 'residual' and 'product' (1 for 'flat'); 'product' needs
+            ``dim % levels == 0``.
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
-            (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration.
+            (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration
+            (of every level, for a multi-level codec).
         sources, column: provenance recorded in the codebook.
 
     Returns:
@@ -335,6 +386,8 @@ def fit_codebook(
         engine=engine,
         device=device,
         memory_budget=memory_budget,
+        codec=codec,
+        levels=levels,
     )
     x = as_embeddings(x)
     n_rows, dim = x.shape
@@ -374,7 +427,40 @@ def fit_source(
         source: the training rows: validated, unit rows under cosine.
         checkpoint: where to save the state after every update, and to resume from if it holds a
             state of this very fit (same data fingerprint and settings); removed once the fit ends.
+
+    A multi-level codec (``opts.codec``) fits its levels through :func:`fit_steps` each
+    (:func:`vq_pipeline.multilevel.fit_levels`).
     """
+    kwargs = dict(
+        data_fingerprint=data_fingerprint,
+        sources=sources,
+        column=column,
+        extra_stats=extra_stats,
+        progress=progress,
+        t_start=t_start,
+        checkpoint=checkpoint,
+    )
+    if opts.codec != "flat":
+        from .multilevel import fit_levels
+
+        return fit_levels(source, opts, **kwargs)
+    return run_steps(fit_steps(source, opts, **kwargs), source.e_step)
+
+
+def fit_steps(
+    source: DataSource,
+    opts: FitOptions,
+    *,
+    data_fingerprint: str,
+    sources: Sequence[str] = (),
+    column: str = "",
+    extra_stats: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    t_start: float | None = None,
+    checkpoint: FitCheckpoint | None = None,
+) -> Generator[torch.Tensor, EStepStats, Codebook]:
+    """A flat :func:`fit_source` as :data:`Steps`: seeding reads ``source.sample``, and every E step
+    is asked of the caller."""
     # One fit per checkpoint file: a second one fails at once instead of overwriting this one's state.
     with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
         t_start = time.perf_counter() if t_start is None else t_start
@@ -403,8 +489,8 @@ def fit_source(
                 # update resumes without seeding again (k-means++ can take longer than an iteration).
                 resume = LloydState.start(c0)
                 save(resume)
-            result = lloyd(
-                source,
+            result = yield from lloyd_steps(
+                source.n_rows,
                 c0.to(opts.device),
                 metric=opts.metric,
                 n_iter=opts.n_iter,

@@ -27,6 +27,8 @@ from .kmeans import ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS, FitSettings
 from .tables import Source
 from .fit_tables import _fit_inputs, init_sample_stats
+from .levels import RowMap
+from .levels import check_product_dim
 from .validate import METRICS, check_choice, check_int, resolve_device
 
 
@@ -61,6 +63,7 @@ def partition_e_step(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage_options: dict[str, Any] | None = None,
+    row_map: RowMap | None = None,
 ) -> EStepStats:
     """One partition's E-step statistics against ``centroids``, reading the partition itself.
 
@@ -68,6 +71,8 @@ def partition_e_step(
         source: the partition (one table file).
         centroids: (n_codes, dim) float32, any device; unit rows under cosine.
         device: where to compute (None: CUDA if this machine has it, else CPU).
+        row_map: one level of a multi-level fit: the statistics of the rows as this map turns them
+            (a slice of the columns, or what the earlier residual levels leave).
 
     Returns:
         An :class:`~vq_pipeline.data.EStepStats` on the CPU: ``sums`` (n_codes, dim) float64 of the
@@ -80,10 +85,10 @@ def partition_e_step(
     dev = resolve_device(device)
     c = centroids.to(dev, torch.float32).contiguous()  # (n_codes, dim)
     n_rows = tables.inspect_source(source, column=column, storage_options=storage_options).n_rows
-    rows = StreamedTables(
+    rows: Any = StreamedTables(
         [source],
         [n_rows],
-        dim=c.shape[1],
+        dim=row_map.in_dim if row_map is not None else c.shape[1],
         column=column,
         metric=metric,
         batch_rows=batch_rows,
@@ -91,6 +96,8 @@ def partition_e_step(
         engine=engine,
         memory_budget=memory_budget,
     )
+    if row_map is not None:
+        rows = rows.mapped(row_map)
     return rows.e_step(c).to("cpu")
 
 
@@ -156,24 +163,42 @@ class Exchange:
     def publish(self, iteration: int, centroids: torch.Tensor) -> Path:
         return save_centroids(self.folder / f"centroids-{iteration:05d}.npy", centroids)
 
+    def publish_map(self, iteration: int, row_map: RowMap | None) -> str | None:
+        """The level's row map as ``map-<i>.npz`` (None for a flat fit), for workers to read."""
+        if row_map is None:
+            return None
+        buf = io.BytesIO()
+        np.savez(buf, **row_map.to_arrays())
+        return str(atomic_write_bytes(self.folder / f"map-{iteration:05d}.npz", buf.getvalue()))
+
     def stats_file(self, iteration: int, partition: int) -> Path:
         return self.folder / f"stats-{iteration:05d}-{partition:06d}.npz"
 
-    def collect(self, centroids_file: Path, stats_files: Sequence[str | os.PathLike[str]]) -> list[EStepStats]:
+    def collect(
+        self, centroids_file: Path, stats_files: Sequence[str | os.PathLike[str]], map_file: str | None = None
+    ) -> list[EStepStats]:
         """The partitions' statistics, in the order given; the iteration's files are removed."""
         parts = [load_partition_stats(f) for f in stats_files]
-        for f in (*stats_files, centroids_file):
+        for f in (*stats_files, centroids_file, *([map_file] if map_file else [])):
             Path(f).unlink(missing_ok=True)
         return parts
 
 
 def partition_stats_file(
-    source: Source, centroids_file: str | os.PathLike[str], stats_file: str | os.PathLike[str], **options: Any
+    source: Source,
+    centroids_file: str | os.PathLike[str],
+    stats_file: str | os.PathLike[str],
+    map_file: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """:func:`partition_e_step` from and to files (what a worker runs): read the centroids written by
-    :func:`save_centroids`, write the statistics with :func:`save_partition_stats`, return a small
-    summary (``stats`` path, ``rows``, ``objective``). ``options``: those of :func:`partition_e_step`."""
+    :func:`save_centroids` (and a multi-level fit's row map from ``map_file``, written by
+    :meth:`Exchange.publish_map`), write the statistics with :func:`save_partition_stats`, return a
+    small summary (``stats`` path, ``rows``, ``objective``). ``options``: those of :func:`partition_e_step`."""
     c = torch.from_numpy(np.load(centroids_file, allow_pickle=False))  # (n_codes, dim) float32
+    if map_file is not None:
+        with np.load(map_file, allow_pickle=False) as z:
+            options["row_map"] = RowMap.from_arrays(dict(z))
     p = partition_e_step(source, c, **options)
     save_partition_stats(stats_file, p)
     return {"stats": str(stats_file), "rows": int(p.counts.sum()), "objective": p.objective}
@@ -194,6 +219,8 @@ def fit_partitioned(
     engine: str = FitSettings.engine,
     device: str | torch.device | None = FitSettings.device,
     memory_budget: int = FitSettings.memory_budget,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
@@ -204,8 +231,10 @@ def fit_partitioned(
 
     Every iteration calls ``map_e_step(centroids, sources)``, which must return
     :func:`partition_e_step` of each source against ``centroids`` (computed anywhere: threads, Dask
-    workers), in source order; this process reduces them and runs the M step, repairs and the
-    stopping rule of :func:`vq_pipeline.kmeans.lloyd`. Init (k-means++ at scale): greedy k-means++
+    workers), in source order (a multi-level ``codec`` calls ``map_e_step(centroids, sources, row_map)``,
+    one level's E step at a time, and ``row_map`` must be passed on to :func:`partition_e_step`); this
+    process reduces them and runs the M step, repairs and the stopping rule of
+    :func:`vq_pipeline.kmeans.lloyd`. Init (k-means++ at scale): greedy k-means++
     on a seeded uniform sample of ``min(n_rows, 256 * n_codes)`` rows read here, as a streamed fit
     does ('first': the first rows; or a tensor / Codebook to warm-start from). Other arguments: see
     :func:`fit_from_tables`; ``device`` is where this process seeds and updates the centroids.
@@ -221,12 +250,16 @@ def fit_partitioned(
         engine=engine,
         device=device,
         memory_budget=memory_budget,
+        codec=codec,
+        levels=levels,
     )  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
     sources, counts, dim, provenance = _fit_inputs(
         inputs, column=column, n_codes=n_codes, storage_options=storage_options
     )
+    if settings.codec == "product":
+        check_product_dim(dim, settings.levels)  # before any row is read
     n_total = sum(counts)
     opts = fit_options(n_codes, settings, dim=dim, n_rows=n_total)
     mode: dict[str, Any] = {

@@ -23,6 +23,10 @@ DEFAULT_BATCH_ROWS = 65_536
 CODE_DTYPE_NAMES = ("uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64")
 #: File name endings of the tables vq reads (parquet, Arrow IPC).
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
+#: How a codebook turns a row into codes: "flat" (one K-means, one code per row), "residual" (level
+#: ``l`` quantizes what levels ``0..l-1`` leave: coarse-to-fine semantic ids) or "product" (level
+#: ``l`` quantizes its own contiguous slice of the dimensions: compression).
+CODECS = ("flat", "residual", "product")
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,23 @@ class FitSettings:
     #: None: CUDA when available; 'cpu', 'cuda', 'cuda:N' or a torch.device.
     device: Any = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    #: A name from CODECS; "flat" is one K-means codebook.
+    codec: str = "flat"
+    #: Codes per row: 1 for "flat"; for "residual" and "product", the number of levels.
+    levels: int = 1
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError
         from .validate import check_choice, check_float, check_int
 
         check_choice("metric", self.metric, METRICS)
+        check_choice("codec", self.codec, CODECS)
+        object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
+        if self.codec == "flat" and self.levels != 1:
+            raise InvalidInputError(
+                f"levels={self.levels} with codec='flat'; a flat codebook has one level. "
+                f"Fix: pass codec='residual' or codec='product' for {self.levels} levels, or levels=1."
+            )
         object.__setattr__(self, "n_iter", check_int("n_iter", self.n_iter, minimum=0))
         object.__setattr__(self, "tol", check_float("tol", self.tol))
         object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
@@ -68,6 +83,11 @@ class FitSettings:
             raise InvalidInputError(
                 f"init codebook metric={init_metric!r} but metric={self.metric!r}; expected the same metric. "
                 f"Fix: pass metric={init_metric!r}, or start from a k-means++ init."
+            )
+        if self.codec != "flat":
+            raise InvalidInputError(
+                f"init={type(init).__name__} with codec={self.codec!r}; a given init is supported for flat "
+                f"codebooks only. Fix: use init='k-means++' (or another name from {INITS}), or codec='flat'."
             )
         if self.n_init != 1:
             raise InvalidInputError(
@@ -91,6 +111,10 @@ class EncodeSettings:
     keep: tuple[str, ...] = ()
     #: The ``code`` column's integer type (a ``tables.CODE_DTYPES`` name); None: the smallest that fits.
     code_dtype: str | None = None
+    #: Residual codebooks: partial tuples kept per row by the beam search (1: greedy).
+    beam: int = 1
+    #: Multi-level codebooks: add a ``suffix`` that makes every row's tuple unique in the folder.
+    unique: bool = False
 
     def __post_init__(self) -> None:
         from .validate import check_int
@@ -98,11 +122,18 @@ class EncodeSettings:
         # code_dtype is checked against the codebook's n_codes when a run plans (tables.code_dtype).
         object.__setattr__(self, "keep", tuple(self.keep))
         object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=1))
+        object.__setattr__(self, "beam", check_int("beam", self.beam, minimum=1))
+        if not isinstance(self.unique, bool):
+            from .errors import InvalidInputError
+
+            raise InvalidInputError(f"unique={self.unique!r}; expected True or False.")
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "keep": list(self.keep)}
-        if self.code_dtype is None:  # folders written before the option existed keep matching
-            del d["code_dtype"]
+        # Folders written before these options existed keep matching while they are at their defaults.
+        for key, default in (("code_dtype", None), ("beam", 1), ("unique", False)):
+            if d[key] == default:
+                del d[key]
         return d
 
 
@@ -125,6 +156,7 @@ class EncodeOptions:
 
 
 __all__ = [
+    "CODECS",
     "CODE_DTYPE_NAMES",
     "EncodeOptions",
     "EncodeSettings",

@@ -1,0 +1,259 @@
+"""Multi-level codes: what each level quantizes, and encoding and decoding through all levels.
+
+A multi-level codebook holds ``levels`` flat codebooks of ``n_codes`` centroids each, stacked as one
+(levels, n_codes, sub_dim) tensor:
+
+* ``residual``: every level has the full width (``sub_dim == dim``); level ``l`` quantizes what
+  levels ``0..l-1`` leave, ``x - (c_0[k_0] + ... + c_{l-1}[k_{l-1}])``. A row's codes are a
+  coarse-to-fine tuple (semantic ids). Level 0 uses the codebook's metric (unit centroids under
+  cosine); later levels quantize residuals in squared L2.
+* ``product``: level ``l`` quantizes the contiguous slice ``[l * sub_dim, (l + 1) * sub_dim)`` of the
+  dimensions (``dim == levels * sub_dim``), in squared L2.
+
+Under cosine, rows are L2-normalized first and :func:`decode` returns unit vectors.
+
+:class:`RowMap` turns a row into what one level quantizes, so that every level is fitted by the same
+Lloyd over the same data sources as a flat codebook: residuals and slices are computed per batch and
+never written out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .assign import nearest_in_chunks, plan_chunk_rows
+from .engines import Engine, get_engine
+from .errors import InvalidInputError
+
+#: The multi-level codecs (``flat`` is one level, no map).
+MULTI_LEVEL_CODECS = ("residual", "product")
+
+
+@dataclass(frozen=True, eq=False)
+class RowMap:
+    """What one level of a multi-level codebook sees of a row.
+
+    ``kind='slice'``: the columns ``[start, stop)`` of rows of width ``in_dim``. ``kind='residual'``:
+    the row minus its greedy reconstruction by ``prefix``, the (n_prefix, n_codes, in_dim) float32
+    centroids of the levels before.
+    """
+
+    kind: str
+    in_dim: int
+    start: int = 0
+    stop: int = 0
+    prefix: torch.Tensor | None = None
+    engine: str = "auto"
+    memory_budget: int = 256 * 2**20
+
+    @classmethod
+    def columns(cls, start: int, stop: int, in_dim: int) -> RowMap:
+        return cls("slice", in_dim, start=start, stop=stop)
+
+    @classmethod
+    def residual(cls, prefix: torch.Tensor, *, engine: str = "auto", memory_budget: int = 256 * 2**20) -> RowMap:
+        p = prefix.detach().to("cpu", torch.float32)
+        return cls("residual", int(p.shape[2]), prefix=p, engine=engine, memory_budget=memory_budget)
+
+    def out_dim(self, dim: int) -> int:
+        return self.stop - self.start if self.kind == "slice" else dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, dim) float32 rows -> (n, out_dim) float32 on the same device."""
+        if self.kind == "slice":
+            return x[:, self.start : self.stop].contiguous()
+        assert self.prefix is not None
+        _, residual = greedy_residual(x, self.prefix, engine=self.engine, memory_budget=self.memory_budget)
+        return residual
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for a worker (``np.savez``; no pickles)."""
+        prefix = np.zeros((0, 0, 0), np.float32) if self.prefix is None else self.prefix.numpy()
+        return {
+            "kind": np.array(self.kind),
+            "bounds": np.array([self.in_dim, self.start, self.stop], np.int64),
+            "prefix": prefix,
+            "engine": np.array(self.engine),
+            "memory_budget": np.array(self.memory_budget, np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> RowMap:
+        kind = str(a["kind"])
+        if kind not in ("slice", "residual"):
+            raise InvalidInputError(f"row map kind={kind!r}; expected 'slice' or 'residual'.")
+        in_dim, start, stop = (int(v) for v in a["bounds"])
+        prefix = torch.from_numpy(np.array(a["prefix"], np.float32)) if kind == "residual" else None
+        return cls(kind, in_dim, start, stop, prefix, str(a["engine"]), int(a["memory_budget"]))
+
+
+def _engine_for(x: torch.Tensor, n_codes: int, dim: int, k: int, engine: str, memory_budget: int) -> tuple[Engine, int]:
+    eng = get_engine(engine, x.device, dim)
+    return eng, plan_chunk_rows(x.shape[0], n_codes, dim, k=k, engine=eng, memory_budget=memory_budget)
+
+
+def greedy_residual(
+    x: torch.Tensor, centroids: torch.Tensor, *, engine: str = "auto", memory_budget: int = 256 * 2**20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual encoding: at each level the nearest code of what the levels before left.
+
+    Args:
+        x: (n, dim) float32 rows (unit rows under cosine), any device.
+        centroids: (levels, n_codes, dim) float32.
+
+    Returns:
+        codes (n, levels) int64 and the final residual (n, dim) float32, on ``x``'s device.
+    """
+    n_levels, n_codes, dim = centroids.shape
+    residual = x.to(torch.float32).clone()  # (n, dim)
+    codes = torch.empty((x.shape[0], n_levels), dtype=torch.int64, device=x.device)  # (n, levels)
+    if x.shape[0] == 0:
+        return codes, residual
+    c_all = centroids.to(x.device, torch.float32)
+    eng, chunk = _engine_for(x, n_codes, dim, 1, engine, memory_budget)
+    for level in range(n_levels):
+        c = c_all[level].contiguous()  # (n_codes, dim)
+        for rows, _, _, idx in nearest_in_chunks(residual, c, k=1, engine=eng, chunk_rows=chunk, distances=False):
+            codes[rows, level] = idx[:, 0].to(x.device)
+        residual -= c[codes[:, level]]
+    return codes, residual
+
+
+def beam_residual(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    beam: int,
+    *,
+    engine: str = "auto",
+    memory_budget: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Residual encoding by beam search: keep the ``beam`` best partial tuples per row at every level
+    (by the squared norm of what they leave), then the best full tuple; never worse than greedy on
+    any row (the greedy tuple is kept when it is better).
+
+    Args:
+        x: (n, dim) float32 rows. centroids: (levels, n_codes, dim) float32.
+
+    Returns:
+        (n, levels) int64 codes on ``x``'s device.
+    """
+    n_levels, n_codes, dim = centroids.shape
+    greedy, g_res = greedy_residual(x, centroids, engine=engine, memory_budget=memory_budget)
+    beam = min(beam, n_codes)
+    if beam <= 1 or x.shape[0] == 0:
+        return greedy
+    c_all = centroids.to(x.device, torch.float32)
+    # One row's temporaries: beam residuals, beam^2 candidates, the engine's own per search row.
+    eng, per_search = _engine_for(x, n_codes, dim, beam, engine, memory_budget)
+    rows_per_chunk = max(1, min(per_search // beam, memory_budget // max(1, 4 * beam * (2 * dim + beam))))
+    out = greedy.clone()
+    for a in range(0, x.shape[0], rows_per_chunk):
+        xb = x[a : a + rows_per_chunk].to(torch.float32)  # (n, dim)
+        n = xb.shape[0]
+        res = xb[:, None, :].clone()  # (n, b, dim): the partial tuples' residuals
+        err = torch.zeros((n, 1), dtype=torch.float32, device=x.device)  # (n, b)
+        tuples = torch.zeros((n, 1, 0), dtype=torch.int64, device=x.device)  # (n, b, level)
+        for level in range(n_levels):
+            c = c_all[level].contiguous()  # (n_codes, dim)
+            b = res.shape[1]
+            k = min(beam, n_codes)
+            flat = res.reshape(n * b, dim).contiguous()
+            sq, idx = eng.nearest(flat, c, k)  # (n*b, k) each: the best next codes of every partial
+            cand_err = sq.reshape(n, b * k)  # (n, b*k): |residual - c|^2 of every extension
+            keep = cand_err.topk(min(beam, b * k), dim=1, largest=False, sorted=True).indices  # (n, beam')
+            parent, child = keep // k, idx.reshape(n, b * k).gather(1, keep)  # (n, beam'), (n, beam')
+            tuples = torch.cat(
+                [tuples.gather(1, parent[:, :, None].expand(-1, -1, tuples.shape[2])), child[:, :, None]], dim=2
+            )
+            res = res.gather(1, parent[:, :, None].expand(-1, -1, dim)) - c[child]  # (n, beam', dim)
+            err = cand_err.gather(1, keep)
+        # Rank the finished tuples by their exact residual norm, and keep greedy where it is as good.
+        final = res.square().sum(dim=2)  # (n, beam')
+        best = final.argmin(dim=1)  # (n,)
+        best_err = final.gather(1, best[:, None])[:, 0]
+        greedy_err = g_res[a : a + n].square().sum(dim=1)
+        better = best_err < greedy_err  # (n,)
+        chosen = tuples[torch.arange(n, device=x.device), best]  # (n, levels)
+        out[a : a + n][better] = chosen[better]
+        del err
+    return out
+
+
+def decode(centroids: torch.Tensor, codec: str, codes: torch.Tensor, *, metric: str) -> torch.Tensor:
+    """Codes back to vectors.
+
+    Args:
+        centroids: (levels, n_codes, sub_dim) float32. codes: (n, levels) int64, in range.
+
+    Returns:
+        (n, dim) float32: the sum of the levels' centroids (residual) or their concatenation
+        (product); L2-normalized under cosine (a zero sum stays zero).
+    """
+    n_levels = centroids.shape[0]
+    parts = [centroids[level][codes[:, level]] for level in range(n_levels)]  # levels x (n, sub_dim)
+    if codec == "product":
+        out = torch.cat(parts, dim=1) if parts else torch.empty(0)
+    else:
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+    if metric == "cosine":
+        norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)  # (n, 1)
+        out = out / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return out
+
+
+def encode_levels(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    codec: str,
+    *,
+    beam: int = 1,
+    engine: str = "auto",
+    memory_budget: int = 256 * 2**20,
+) -> torch.Tensor:
+    """(n, levels) int64 codes of (n, dim) float32 rows (unit rows under cosine), on ``x``'s device:
+    greedy or beam search for residual, exact per slice for product."""
+    n_levels, n_codes, sub = centroids.shape
+    if codec == "residual":
+        if beam > 1:
+            return beam_residual(x, centroids, beam, engine=engine, memory_budget=memory_budget)
+        return greedy_residual(x, centroids, engine=engine, memory_budget=memory_budget)[0]
+    codes = torch.empty((x.shape[0], n_levels), dtype=torch.int64, device=x.device)
+    if x.shape[0] == 0:
+        return codes
+    c_all = centroids.to(x.device, torch.float32)
+    eng, chunk = _engine_for(x, n_codes, sub, 1, engine, memory_budget)
+    for level in range(n_levels):
+        xs = x[:, level * sub : (level + 1) * sub]  # (n, sub) view; chunks are made contiguous
+        for rows, _, _, idx in nearest_in_chunks(
+            xs, c_all[level].contiguous(), k=1, engine=eng, chunk_rows=chunk, distances=False
+        ):
+            codes[rows, level] = idx[:, 0].to(x.device)
+    return codes
+
+
+def check_product_dim(dim: int, levels: int) -> int:
+    """The slice width of a product codebook; a clear error when ``dim`` does not split evenly."""
+    if dim % levels:
+        divisors = [d for d in range(1, min(dim, 64) + 1) if dim % d == 0]
+        raise InvalidInputError(
+            f"levels={levels} does not divide dim={dim}; the product codec splits the dimensions into "
+            f"levels equal contiguous slices. Fix: pick levels from the divisors of {dim} "
+            f"({', '.join(map(str, divisors))}), or use codec='residual'."
+        )
+    return dim // levels
+
+
+__all__ = [
+    "MULTI_LEVEL_CODECS",
+    "RowMap",
+    "beam_residual",
+    "check_product_dim",
+    "decode",
+    "encode_levels",
+    "greedy_residual",
+]

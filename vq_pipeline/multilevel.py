@@ -1,0 +1,296 @@
+"""Fitting and encoding multi-level codebooks (codec 'residual' or 'product'; see :mod:`vq_pipeline.levels`).
+
+Every level is an ordinary flat fit (:func:`vq_pipeline.kmeans.fit_steps`: seeding, restarts, exact
+Lloyd, repairs, checkpoints) over the level's view of the rows (:meth:`DataSource.mapped`):
+
+* residual: levels one after the other; level ``l`` sees what the fitted levels ``0..l-1`` leave
+  (greedy), computed per batch and never written out. Level 0 is the flat codebook of the same
+  settings.
+* product: all levels in lockstep; each iteration is one pass over the data that serves every level
+  still running (:func:`vq_pipeline.data.e_steps`). Each level stops at its own tolerance, so level
+  ``l`` is the flat codebook of slice ``l`` with the same settings.
+
+A final pass encodes the training rows once for the statistics: reconstruction error (in total and
+per level), code usage per level and the collision rate (the share of rows whose whole tuple of
+codes another row shares).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codebook import Codebook
+from .data import DataSource, e_steps
+from .errors import DimensionMismatchError, InvalidInputError
+from .fit_options import FitOptions
+from .kmeans import ProgressCallback, fit_steps, run_steps
+from .levels import RowMap, decode, encode_levels
+from .validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: Rows per batch of the multi-level encode and the statistics pass.
+_BATCH_ROWS = 65_536
+
+
+def level_metric(codec: str, metric: str, level: int) -> str:
+    """The metric level ``level`` is fitted with: the codebook's for residual level 0, else 'l2'."""
+    return metric if codec == "residual" and level == 0 else "l2"
+
+
+def fit_levels(
+    source: DataSource,
+    opts: FitOptions,
+    *,
+    data_fingerprint: str,
+    sources: Any = (),
+    column: str = "",
+    extra_stats: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    t_start: float | None = None,
+    checkpoint: Any = None,
+) -> Codebook:
+    """Fit a residual or product codebook over ``source`` (validated rows, unit rows under cosine).
+
+    ``checkpoint`` (a :class:`vq_pipeline.checkpoint.FitCheckpoint`) holds the finished levels and the
+    running ones' progress: a killed fit resumes where it stopped and gives the same codebook.
+    """
+    from .checkpoint import LevelCheckpoints
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    n_levels = opts.levels
+    with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
+        store = LevelCheckpoints(checkpoint, _fit_key(data_fingerprint, opts)) if checkpoint is not None else None
+        books: list[Codebook | None] = [store.finished(level) if store else None for level in range(n_levels)]
+        resumed = sum(b is not None for b in books)
+        if resumed:
+            log.info("resuming a %s fit: %d of %d levels already fitted", opts.codec, resumed, n_levels)
+
+        def steps(level: int, src: DataSource, prefix: str) -> Any:
+            level_opts = replace(opts, codec="flat", levels=1, metric=level_metric(opts.codec, opts.metric, level))
+            return fit_steps(
+                src,
+                level_opts,
+                data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
+                progress=progress,
+                checkpoint=store.view(level) if store else None,
+            )
+
+        if opts.codec == "residual":
+            for level in range(n_levels):
+                if books[level] is not None:
+                    continue
+                prefix = torch.stack([b.centroids for b in books[:level]]) if level else None
+                src = source if prefix is None else source.mapped(_residual_map(prefix, opts))
+                log.info("fitting residual level %d of %d", level + 1, n_levels)
+                books[level] = run_steps(steps(level, src, _tensor_hash(prefix)), src.e_step)
+                if store:
+                    store.finish(level, books[level])
+        else:
+            sub = source.dim // n_levels
+            srcs = {lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim)) for lv in range(n_levels)}
+            todo = {lv: steps(lv, srcs[lv], "") for lv in range(n_levels) if books[lv] is None}
+            for level, book in _run_together(todo, srcs).items():
+                books[level] = book
+                if store:
+                    store.finish(level, book)
+        done = [b for b in books if b is not None]
+        centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
+        counts = torch.stack([b.counts for b in done])  # (levels, n_codes)
+        t_stats = time.perf_counter()
+        pass_stats = training_stats(source, centroids, opts)
+        codebook = Codebook(
+            centroids=centroids,
+            counts=counts,
+            metric=opts.metric,
+            codec=opts.codec,
+            settings=opts.settings(done[0].settings.get("engine", opts.engine)),
+            stats=_codebook_stats(done, pass_stats, source.n_rows, extra_stats),
+            data_fingerprint=data_fingerprint,
+            sources=tuple(sources),
+            column=column,
+            parent_fingerprint=opts.parent_fingerprint,
+            timings={
+                "fit_seconds": time.perf_counter() - t_start,
+                "init_seconds": sum(b.timings.get("init_seconds", 0.0) for b in done),
+                "iteration_seconds": [s for b in done for s in b.timings.get("iteration_seconds", [])],
+                "level_seconds": [b.timings.get("fit_seconds", 0.0) for b in done],
+                "stats_seconds": time.perf_counter() - t_stats,
+            },
+        )
+        if store:
+            store.clear()
+    return codebook
+
+
+def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
+    return RowMap.residual(prefix, engine=opts.engine, memory_budget=opts.memory_budget)
+
+
+def _run_together(steps: dict[int, Any], srcs: dict[int, DataSource]) -> dict[int, Codebook]:
+    """Run level fits written as :data:`vq_pipeline.kmeans.Steps` in lockstep: every round, one
+    :func:`~vq_pipeline.data.e_steps` call answers all levels still running."""
+    results: dict[int, Codebook] = {}
+    pending: dict[int, torch.Tensor] = {}
+    for level, gen in steps.items():
+        try:
+            pending[level] = next(gen)
+        except StopIteration as stop:
+            results[level] = stop.value
+    while pending:
+        order = sorted(pending)
+        stats = e_steps([(srcs[lv], pending[lv]) for lv in order])
+        for level, p in zip(order, stats):
+            try:
+                pending[level] = steps[level].send(p)
+            except StopIteration as stop:
+                results[level] = stop.value
+                del pending[level]
+    return results
+
+
+def _tensor_hash(t: torch.Tensor | None) -> str:
+    if t is None:
+        return ""
+    return hashlib.sha256(np.ascontiguousarray(t.cpu().numpy(), dtype="<f4").tobytes()).hexdigest()[:16]
+
+
+def _fit_key(data_fingerprint: str, opts: FitOptions) -> str:
+    init = opts.init_name
+    return hashlib.sha256(f"{data_fingerprint}|{opts.settings(opts.engine)}|{init}".encode()).hexdigest()
+
+
+def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions) -> dict[str, Any]:
+    """One pass over the training rows with the final codebook: error per level and in total, code
+    usage per level, and collisions of whole tuples."""
+    from .semantic_ids import collision_stats
+
+    n_levels, n_codes, sub = centroids.shape
+    dev = opts.device
+    c = centroids.to(dev)
+    used = torch.zeros((n_levels, n_codes), dtype=torch.int64)
+    level_err = torch.zeros(n_levels, dtype=torch.float64)  # residual: after each level; product: each slice
+    total_err = 0.0
+    code_parts: list[np.ndarray] = []
+    dtype = np.uint8 if n_codes <= 256 else np.uint16 if n_codes <= 65_536 else np.int64
+    for xb in source.batches():
+        xb = xb.to(dev, torch.float32)
+        codes = encode_levels(xb, c, opts.codec, engine=opts.engine, memory_budget=opts.memory_budget)
+        code_parts.append(codes.cpu().numpy().astype(dtype))
+        for level in range(n_levels):
+            used[level] += torch.bincount(codes[:, level].cpu(), minlength=n_codes)
+        if opts.codec == "residual":
+            r = xb.clone()
+            for level in range(n_levels):
+                r -= c[level][codes[:, level]]
+                level_err[level] += float(r.double().square().sum())
+        else:
+            for level in range(n_levels):
+                diff = xb[:, level * sub : (level + 1) * sub] - c[level][codes[:, level]]
+                level_err[level] += float(diff.double().square().sum())
+        total_err += float((xb - decode(c, opts.codec, codes, metric=opts.metric)).double().square().sum())
+    n_rows = max(1, source.n_rows)
+    all_codes = np.concatenate(code_parts) if code_parts else np.zeros((0, n_levels), dtype)
+    return {
+        "mse": total_err / n_rows,
+        "level_mse": (level_err / n_rows).tolist(),
+        "used_codes": (used > 0).sum(dim=1).tolist(),
+        **collision_stats(all_codes),
+    }
+
+
+def _codebook_stats(
+    books: list[Codebook], pass_stats: dict[str, Any], n_rows: int, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The multi-level codebook's ``stats``: totals, and each level's fit statistics."""
+    levels = []
+    for level, b in enumerate(books):
+        s = b.stats
+        levels.append(
+            {
+                "inertia": s["inertia"],
+                "iterations": s["iterations"],
+                "converged": s["converged"],
+                "n_repairs": s["n_repairs"],
+                "empty_codes": s["empty_codes"],
+                "used_codes": pass_stats["used_codes"][level],
+                "mse": pass_stats["level_mse"][level],
+                "restart_inertias": s.get("restart_inertias", []),
+                "history": s.get("history", []),
+            }
+        )
+    collisions = {
+        k: pass_stats[k] for k in ("n_unique", "collision_rate", "largest_group", "max_suffix") if k in pass_stats
+    }
+    return {
+        "n_rows": n_rows,
+        "inertia": pass_stats["mse"] * n_rows,
+        "mse": pass_stats["mse"],
+        "iterations": sum(lv["iterations"] for lv in levels),
+        "converged": all(lv["converged"] for lv in levels),
+        "n_repairs": sum(lv["n_repairs"] for lv in levels),
+        "empty_codes": sum(lv["empty_codes"] for lv in levels),
+        **collisions,
+        "levels": levels,
+        **(extra or {}),
+    }
+
+
+def encode_multilevel(
+    codebook: Codebook,
+    x: Any,
+    *,
+    top_k: int = 1,
+    beam: int = 1,
+    return_distances: bool = False,
+    engine: str = "auto",
+    device: Any = None,
+    memory_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (n_rows, levels) int64 codes of ``x`` (CPU), and with ``return_distances`` the (n_rows,)
+    float32 distance of each row to its reconstruction (squared L2; ``1 - cos`` under cosine)."""
+    if top_k != 1:
+        raise InvalidInputError(
+            f"top_k={top_k} with a {codebook.codec} codebook; expected top_k=1 (one tuple of codes per row). "
+            f"Fix: pass top_k=1, or search one level with codebook.level(l).encode(x, top_k={top_k})."
+        )
+    beam = check_int("beam", beam, minimum=1)
+    if beam > 1 and codebook.codec != "residual":
+        raise InvalidInputError(
+            f"beam={beam} with a {codebook.codec} codebook; beam search is for residual codebooks (each product "
+            f"level is already exact). Fix: pass beam=1."
+        )
+    check_int("memory_budget", memory_budget, minimum=1)
+    x = as_embeddings(x)
+    if x.shape[1] != codebook.dim:
+        raise DimensionMismatchError(
+            f"x.shape[1]={x.shape[1]} but the codebook has dim={codebook.dim}; expected embeddings of width "
+            f"{codebook.dim}. Fix: encode with the codebook fitted on this embedding model, or refit."
+        )
+    if codebook.metric == "cosine":
+        check_nonzero_rows(x)
+    dev = resolve_device(device, x)
+    c = codebook.centroids.to(dev)
+    codes = torch.empty((x.shape[0], codebook.levels), dtype=torch.int64)
+    dists = torch.empty(x.shape[0], dtype=torch.float32) if return_distances else None
+    for a in range(0, x.shape[0], _BATCH_ROWS):
+        xb = x[a : a + _BATCH_ROWS].to(dev, torch.float32)
+        if codebook.metric == "cosine":
+            xb = normalize_rows(xb)
+        cb = encode_levels(xb, c, codebook.codec, beam=beam, engine=engine, memory_budget=memory_budget)
+        codes[a : a + xb.shape[0]] = cb.cpu()
+        if dists is not None:
+            d = (xb - decode(c, codebook.codec, cb, metric=codebook.metric)).square().sum(dim=1)
+            dists[a : a + xb.shape[0]] = (d * 0.5 if codebook.metric == "cosine" else d).cpu()
+    return codes, dists
+
+
+__all__ = ["encode_multilevel", "fit_levels", "level_metric", "training_stats"]
