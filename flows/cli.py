@@ -2,8 +2,9 @@
 
 ::
 
-    vq fit DATA... --column COL --codes K --out CODEBOOK.safetensors [--metric cosine] [--json]
-    vq encode DATA... --codebook CODEBOOK.safetensors --column COL --out OUT_DIR [--json]
+    vq fit DATA... --column COL --codes K --out CODEBOOK.safetensors [--metric cosine]
+           [--codec flat|residual|product --levels L] [--json]
+    vq encode DATA... --codebook CODEBOOK.safetensors --column COL --out OUT_DIR [--beam B] [--unique] [--json]
     vq inspect CODEBOOK.safetensors [--json] [--plot OUT.png]
     vq --version
 
@@ -40,7 +41,16 @@ from vq_pipeline import __version__
 from vq_pipeline.display import safe_text
 from vq_pipeline.errors import InvalidInputError, VQError
 from vq_pipeline.paths import check_output_file, check_output_folder, is_local, output_lock
-from vq_pipeline.settings import CODE_DTYPE_NAMES, DEFAULT_BATCH_ROWS, ENGINES, INITS, METRICS, FitSettings
+from vq_pipeline.settings import (
+    CODE_DTYPE_NAMES,
+    CODECS,
+    DEFAULT_BATCH_ROWS,
+    ENGINES,
+    INITS,
+    METRICS,
+    EncodeSettings,
+    FitSettings,
+)
 
 if TYPE_CHECKING:
     from vq_pipeline.codebook import Codebook
@@ -154,6 +164,30 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
     # Defaults: vq_pipeline.FitSettings, the one source of the fit's defaults.
     fit.add_argument("--metric", choices=METRICS, default=FitSettings.metric, help="distance (default: %(default)s)")
     fit.add_argument(
+        "--codec",
+        choices=CODECS,
+        default=FitSettings.codec,
+        help="flat: one code per row; residual: each level quantizes what the levels before it left "
+        "(coarse-to-fine semantic ids); product: each level quantizes its own slice of the dimensions "
+        "(default: %(default)s)",
+    )
+    fit.add_argument(
+        "--levels",
+        type=_int_at_least(1),
+        default=FitSettings.levels,
+        metavar="L",
+        help="codes per row for --codec residual or product (--codes is per level; product: L divides the "
+        "embedding dim) (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--train-beam",
+        type=_int_at_least(1),
+        default=FitSettings.train_beam,
+        metavar="B",
+        help="--codec residual: fit each level after the first on what the B best partial code tuples of the "
+        "levels before leave of every row; encode with --beam B to match (1: greedy) (default: %(default)s)",
+    )
+    fit.add_argument(
         "--iters",
         type=_int_at_least(0),
         default=FitSettings.n_iter,
@@ -213,6 +247,21 @@ def _add_encode_options(enc: argparse.ArgumentParser) -> None:
         "--top-k", type=_int_at_least(1), default=1, metavar="K", help="codes per row, nearest first (default: 1)"
     )
     enc.add_argument("--with-distance", action="store_true", help="also write the distance(s) to the code(s)")
+    enc.add_argument(
+        "--beam",
+        type=_int_at_least(1),
+        default=EncodeSettings.beam,
+        metavar="B",
+        help="residual codebooks: partial code tuples kept per row by the beam search; 1 is greedy "
+        "(default: %(default)s)",
+    )
+    enc.add_argument(
+        "--unique",
+        action="store_true",
+        default=EncodeSettings.unique,
+        help="multi-level codebooks: also write a suffix column that makes every row's code tuple unique "
+        "in OUT_DIR (semantic ids)",
+    )
     enc.add_argument(
         "--keep",
         nargs="+",
@@ -684,6 +733,9 @@ def _fit_here(args: argparse.Namespace, console: Console, out: Path, checkpoint:
         n_init=args.n_init,
         engine=args.engine,
         device=args.device,
+        codec=args.codec,
+        levels=args.levels,
+        train_beam=args.train_beam,
         sample=args.sample,
         batch_rows=args.batch_rows,
         storage_options=_storage_options(args),
@@ -703,6 +755,7 @@ def _fit_here(args: argparse.Namespace, console: Console, out: Path, checkpoint:
         "iterations": stats["iterations"],
         "converged": stats["converged"],
         "inertia": stats["inertia"],
+        **_multilevel_summary(codebook),
         "seconds": round(seconds, 3),
     }
     _print_fit_summary(args, console, summary)
@@ -742,19 +795,41 @@ def _run_flow_on_dask(args: argparse.Namespace, flow_name: str, **params: Any) -
         return flow_fn(dask=args.dask, engine=args.engine, device=args.device, **params)
 
 
+def _multilevel_summary(codebook: Codebook | CodebookInfo) -> dict[str, Any]:
+    """``codec`` and ``levels``, and for a multi-level codebook its reconstruction ``mse``, ``collision_rate``
+    and the per-level ``level_mse``, for the fit's summary (a flat codebook adds only codec and levels)."""
+    summary: dict[str, Any] = {"codec": codebook.codec, "levels": codebook.levels}
+    if codebook.codec != "flat":
+        stats = codebook.stats if isinstance(codebook.stats, dict) else {}
+        per_level = stats.get("levels") if isinstance(stats.get("levels"), list) else []
+        summary["mse"] = stats.get("mse")
+        summary["collision_rate"] = stats.get("collision_rate")
+        summary["level_mse"] = [level.get("mse") if isinstance(level, dict) else None for level in per_level]
+    return summary
+
+
 def _print_fit_summary(args: argparse.Namespace, console: Console, summary: dict[str, Any], where: str = "") -> None:
     """The result of ``vq fit``: the summary as JSON, or one sentence (``where``: e.g. " on Dask ...")."""
     if args.json:
         console.result(_dumps(summary))
         return
     state = "converged" if summary["converged"] else f"not converged (stopped at --iters {args.iters})"
+    codes = _plural(summary["n_codes"], "code")
+    extra = ""
+    if summary.get("codec", "flat") != "flat":
+        codes = f"{summary['codec']} {summary['levels']} levels x {codes}"
+        extra = f", mse {_number(summary.get('mse'))}, collision rate {_number(summary.get('collision_rate'))}"
     console.result(
         safe_text(
-            f"fitted {_plural(summary['n_codes'], 'code')} (dim {summary['dim']}, {summary['metric']}) on "
+            f"fitted {codes} (dim {summary['dim']}, {summary['metric']}) on "
             f"{_plural(summary['rows'], 'row')} in {_plural(summary['iterations'], 'iteration')}{where}, {state}; "
-            f"inertia {summary['inertia']:.4g} -> {summary['path']}"
+            f"inertia {summary['inertia']:.4g}{extra} -> {summary['path']}"
         )
     )
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else "unknown"
 
 
 def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: float) -> int:
@@ -776,11 +851,13 @@ def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: floa
         init=args.init,
         seed=args.seed,
         sample=args.sample,
+        codec=args.codec,
+        levels=args.levels,
+        train_beam=args.train_beam,
     )
-    summary = {
-        k: s[k]
-        for k in ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")
-    }
+    keys = ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")
+    multilevel = ("codec", "levels") + (("mse", "collision_rate", "level_mse") if s.get("codec") != "flat" else ())
+    summary = {k: s.get(k) for k in keys + multilevel}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     _print_fit_summary(args, console, summary, where=f" on Dask {args.dask}")
     return 0
@@ -807,6 +884,7 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             code_dtype=args.code_dtype,
             overwrite=args.overwrite,
             prune=args.prune,
+            **_multilevel_encode_options(args),
         )
         keys = (
             "out_dir",
@@ -821,7 +899,8 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             "pruned",
             "unrecorded",
         )
-        result = EncodeResult(**{k: s[k] for k in keys})
+        optional = ("codec", "levels", "semantic_ids")  # what a flow summary of a multi-level run adds
+        result = EncodeResult(**{k: s[k] for k in keys}, **{k: s[k] for k in optional if k in s})
     else:
         result = _encode_here(args, console)
     if args.json:
@@ -849,6 +928,17 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _multilevel_encode_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``beam`` and ``unique`` for the encode flow, given only when set away from their defaults
+    (EncodeSettings), so that a run without them calls the flow with its parameters of old."""
+    options: dict[str, Any] = {}
+    if args.beam != EncodeSettings.beam:
+        options["beam"] = args.beam
+    if args.unique != EncodeSettings.unique:
+        options["unique"] = args.unique
+    return options
+
+
 def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
     from vq_pipeline.pipeline import encode_tables
 
@@ -865,6 +955,8 @@ def _encode_here(args: argparse.Namespace, console: Console) -> EncodeResult:
         code_dtype=args.code_dtype,
         overwrite=args.overwrite,
         prune=args.prune,
+        beam=args.beam,
+        unique=args.unique,
         engine=args.engine,
         device=args.device,
         batch_rows=args.batch_rows,
@@ -924,6 +1016,10 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
         ("codes", f"{codebook.n_codes:,} x dim {codebook.dim}"),
         ("fit", fit_text or "unknown"),
     ]
+    multilevel = codebook.codec != "flat"
+    if multilevel:
+        rows[2] = ("codes", f"{codebook.n_codes:,} per level x {codebook.levels} levels, dim {codebook.dim}")
+        rows.insert(2, ("codec", f"{show(codebook.codec)}, {codebook.levels} levels"))
     n_rows = s.get("n_rows")
     if n_rows is not None:
         how = s.get("mode")
@@ -947,11 +1043,14 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
         rows.append(("iterations", f"{show(s['iterations'])}, {converged}"))
     rows.append(("repairs", show(s.get("n_repairs", "unknown"))))
     rows.append(("empty codes", str(int((counts == 0).sum()))))
+    if multilevel:
+        rows.extend(_multilevel_rows(s, codebook.n_codes))
     median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
     rows.append(
         (
             "cluster sizes",
-            f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,})",
+            f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,}"
+            + (f" over {codebook.levels} levels)" if multilevel else ")"),
         )
     )
     sources = [show(source) for source in codebook.sources]
@@ -974,10 +1073,46 @@ def describe(codebook: Codebook | CodebookInfo, *, title: str = "codebook") -> s
     width = max(len(name) for name, _ in rows) + 2
     lines = [safe_text(str(title))]
     for name, value in rows:
-        first, *rest = value.split("\n")  # only the sources row has more lines: one per source
+        first, *rest = value.split("\n")  # the sources (one per line) and the per-level table
         lines.append(f"  {name:<{width}}{first}")
         lines.extend(f"  {'':<{width}}{more}" for more in rest)
     return "\n".join(lines)
+
+
+def _multilevel_rows(stats: dict[str, Any], n_codes: int) -> list[tuple[str, str]]:
+    """``describe``'s rows for a residual or product codebook: the reconstruction error, the semantic ids'
+    collisions, and one line per level (its error, used codes, iterations, convergence)."""
+    from vq_pipeline.display import show
+
+    rows = [("error (mse)", show(stats.get("mse", "unknown"), ".6g"))]
+    if "collision_rate" in stats:
+        rows.append(
+            (
+                "semantic ids",
+                f"{show(stats.get('n_unique'), ',')} unique tuples, collision rate "
+                f"{show(stats.get('collision_rate'), '.4g')}, largest group {show(stats.get('largest_group'), ',')}, "
+                f"max suffix {show(stats.get('max_suffix'), ',')}",
+            )
+        )
+    per_level = stats.get("levels")
+    if not isinstance(per_level, list) or not per_level:
+        return [*rows, ("per level", "unknown")]
+    table = [("level", "error (mse)", "used codes", "iterations", "converged")]
+    for i, level in enumerate(per_level):
+        level = level if isinstance(level, dict) else {}
+        converged = level.get("converged")
+        table.append(
+            (
+                str(i),
+                show(level.get("mse", "unknown"), ".6g"),
+                f"{show(level.get('used_codes', '?'), ',')}/{n_codes:,}",
+                show(level.get("iterations", "unknown")),
+                "yes" if converged is True else "no" if converged is False else "unknown",
+            )
+        )
+    widths = [max(len(cells[c]) for cells in table) for c in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in table]
+    return [*rows, ("per level", "\n".join(lines))]
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,7 +1,8 @@
 """Serve the vq-pipeline flow on a cron schedule.
 
     python -m vq_flows.deploy --cron "0 * * * *" --input-root data/embeddings --work-dir vq_work \\
-        --column embedding --codes 1024 [--metric l2|cosine] [--id-column id] [--refit-every-hours 168] \\
+        --column embedding --codes 1024 [--metric l2|cosine] [--codec flat|residual|product --levels L] \\
+        [--id-column id] [--refit-every-hours 168] \\
         [--drift-threshold 0.25] [--usage-threshold 0.1|off]
 
 This registers a deployment with the Prefect API (set ``PREFECT_API_URL`` to a running
@@ -24,8 +25,8 @@ from vq_flows.pipeline import (
     DEFAULT_USAGE_THRESHOLD,
     vq_pipeline_flow,
 )
-from vq_pipeline.settings import CODE_DTYPE_NAMES
-from vq_pipeline.settings import ENGINES, METRICS, FitSettings
+from vq_pipeline.errors import VQError
+from vq_pipeline.settings import CODE_DTYPE_NAMES, CODECS, ENGINES, METRICS, FitSettings
 
 DEFAULT_NAME = "scheduled"
 
@@ -84,6 +85,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
         choices=METRICS,
         help="distance metric (default: %(default)s, vq_pipeline.FitSettings.metric, as everywhere)",
     )
+    p.add_argument(
+        "--codec",
+        default=FitSettings.codec,
+        choices=CODECS,
+        help="flat, or residual/product multi-level codes (default: %(default)s, vq_pipeline.FitSettings.codec)",
+    )
+    p.add_argument(
+        "--levels",
+        type=int,
+        default=FitSettings.levels,
+        help="codes per row for --codec residual or product; --codes is per level (default: %(default)s)",
+    )
     p.add_argument("--id-column", default=None)
     p.add_argument(
         "--refit-every-hours",
@@ -114,6 +127,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
         help="integer type of the code column (default: the smallest unsigned type for --codes)",
     )
     a = p.parse_args(argv)
+    try:  # a codec and levels that do not go together are refused now, not at the first scheduled run
+        FitSettings(metric=a.metric, codec=a.codec, levels=a.levels)
+    except VQError as exc:
+        p.error(str(exc))
     params = dict(
         # Absolute: scheduled runs may start in another working folder.
         input_root=os.path.abspath(a.input_root),
@@ -121,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, str, dict[str, A
         column=a.column,
         n_codes=a.codes,
         metric=a.metric,
+        codec=a.codec,
+        levels=a.levels,
         id_column=a.id_column,
         refit_every_hours=a.refit_every_hours if a.refit_every_hours > 0 else None,
         drift_threshold=a.drift_threshold,

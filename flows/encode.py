@@ -4,7 +4,9 @@ The flow process holds :func:`vq_pipeline.pipeline.encode_lock` on the output fo
 run; the tasks run in its threads. :func:`plan_encode` (a task) says which files still need codes;
 one ``encode-file`` task per such file calls :func:`encode_source`, which writes the output
 atomically and then its receipt, so a Prefect retry, or a rerun after a crash, redoes at most the
-files whose receipt is missing and never duplicates rows. The manifest (``<out_dir>.vq/manifest.json``)
+files whose receipt is missing and never duplicates rows. With ``unique`` (multi-level codebooks),
+the ``write-manifest`` task first gives every row of the folder its semantic-id suffix
+(:func:`vq_pipeline.encode_folder.assign_suffixes`). The manifest (``<out_dir>.vq/manifest.json``)
 is written last.
 Tasks exchange paths, fingerprints and receipts (small dicts), never tensors or frames.
 """
@@ -25,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from vq_flows.artifacts import scoped_key
 from vq_pipeline import Codebook, VQError
-from vq_pipeline.encode_folder import encode_failure
+from vq_pipeline.encode_folder import assign_suffixes, check_codec_settings, encode_failure
 from vq_pipeline.encode_state import encode_summary, summary_rows
 from vq_pipeline.errors import EncodeFailedError  # noqa: F401 - re-exported
 from vq_pipeline.pipeline import (
@@ -93,6 +95,8 @@ def plan_task(
     todo, done, records = plan_encode(inputs, cb, out_dir, _settings(settings), overwrite=overwrite)
     return {
         "codebook_fingerprint": cb.fingerprint,
+        "codec": cb.codec,
+        "levels": cb.levels,
         "todo": [{"uri": s.uri, "key": s.key} for s in todo],
         "done": [{"uri": s.uri, "key": s.key} for s in done],
         "records": records,
@@ -137,15 +141,32 @@ def manifest_task(
     prune: bool = False,
 ) -> dict[str, Any]:
     """Write the folder's manifest (every output in the folder) after removing the stale outputs when
-    ``prune``; returns ``manifest`` and the ``stale``, ``pruned`` and ``unrecorded`` keys."""
+    ``prune`` and, with ``unique`` settings, giving every row its semantic-id suffix; returns
+    ``manifest``, the ``stale``, ``pruned`` and ``unrecorded`` keys, ``records`` (the receipts, updated
+    where a suffix rewrote an output) and ``semantic_ids`` (the suffix step's statistics, or None)."""
     inventory = folder_inventory(out_dir, records)
     pruned = prune_stale(out_dir, inventory) if prune else []
-    path = write_manifest(out_dir, _load(codebook, fingerprint), _settings(settings), records, inventory=inventory)
+    records = dict(records)
+    semantic_ids = None
+    encode_settings = _settings(settings)
+    if encode_settings.unique:
+        semantic_ids, rewritten = assign_suffixes(out_dir, encode_settings, records, inventory)
+        get_run_logger().info("semantic-id suffixes: %d outputs rewritten", len(rewritten))
+    path = write_manifest(
+        out_dir,
+        _load(codebook, fingerprint),
+        encode_settings,
+        records,
+        inventory=inventory,
+        semantic_ids=semantic_ids,
+    )
     return {
         "manifest": str(path),
         "stale": sorted(inventory.stale),
         "pruned": pruned,
         "unrecorded": list(inventory.unrecorded),
+        "records": records,
+        "semantic_ids": semantic_ids,
     }
 
 
@@ -204,6 +225,8 @@ def encode_embeddings_flow(
     with_distance: bool = EncodeSettings.with_distance,
     keep: Sequence[str] = EncodeSettings.keep,
     code_dtype: str | None = EncodeSettings.code_dtype,
+    beam: int = EncodeSettings.beam,
+    unique: bool = EncodeSettings.unique,
     overwrite: bool = False,
     prune: bool = False,
     engine: str = EncodeOptions.engine,
@@ -216,13 +239,17 @@ def encode_embeddings_flow(
     are skipped; the others get one ``encode-file`` task each (2 retries on non-data errors).
     ``dask``: run the ``encode-file`` tasks on a Dask cluster, ``local:N`` or a scheduler address
     (see :mod:`vq_flows.dask`); planning, the lock and the manifest stay in the flow's process. The
-    outputs, receipts and manifest are the same bytes as a local run's.
+    outputs, receipts and manifest are the same bytes as a local run's. ``beam`` (residual codebooks)
+    and ``unique`` (multi-level codebooks: a ``suffix`` making each row's codes unique in the folder)
+    are :func:`vq_pipeline.encode_folder.encode_tables`'s.
 
     Returns:
         ``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``, ``encoded`` and
         ``skipped`` keys, ``rows_encoded``, ``rows_total``, ``files`` (per file: key, rows, status,
         mean_distance), ``new_receipts`` (receipts of the files encoded by this run: rows, distance
-        sum and code counts, for drift reports), ``seconds`` and ``flow_run_id``.
+        sum and code counts, for drift reports), ``seconds`` and ``flow_run_id``; for a multi-level
+        codebook also ``codec``, ``levels`` and ``semantic_ids`` (``unique``: the collision rate before
+        suffixes, ``max_suffix``, ``rows_with_suffix``; else None).
 
     Raises:
         EncodeFailedError: some files failed; every other file is encoded and receipted (a rerun
@@ -237,7 +264,11 @@ def encode_embeddings_flow(
         with_distance=with_distance,
         keep=tuple(keep),
         code_dtype=code_dtype,
-    ).to_dict()
+        beam=beam,
+        unique=unique,
+    )
+    check_codec_settings(_load(codebook), settings)  # settings the codec cannot honour are refused before any work
+    settings = settings.to_dict()
     EncodeOptions(engine=engine, device=device)  # bad settings are refused before any work
     out = Path(out_dir)
     with encode_lock(out, inputs=inputs):
@@ -269,13 +300,21 @@ def encode_embeddings_flow(
         records.update(new)
         folder = manifest_task(str(out), codebook, fingerprint, settings, records, prune)
         manifest = folder["manifest"]
+        records = folder["records"]  # a suffix rewrote outputs: their receipts record the new bytes
+        new = {k: records[k] for k in new}
 
     files = summary_rows(records, new)
-    create_table_artifact(
-        table=files,
-        key=scoped_key(SUMMARY_ARTIFACT_KEY, out),
-        description=f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}",
-    )
+    levels = None
+    description = f"{len(new)} encoded, {len(records) - len(new)} skipped → {manifest_path(out)}"
+    if plan["codec"] != "flat":
+        levels = {"codec": plan["codec"], "levels": plan["levels"], "semantic_ids": folder["semantic_ids"]}
+        description += f"; {plan['codec']} codes, {plan['levels']} levels"
+        if folder["semantic_ids"] is not None:
+            ids = folder["semantic_ids"]
+            description += (
+                f"; collision rate before suffixes {100 * ids['collision_rate']:.2f}%, max suffix {ids['max_suffix']}"
+            )
+    create_table_artifact(table=files, key=scoped_key(SUMMARY_ARTIFACT_KEY, out), description=description)
     summary = encode_summary(
         out,
         manifest=manifest,
@@ -287,6 +326,7 @@ def encode_embeddings_flow(
         files=files,
         seconds=time.perf_counter() - t0,
         run_id=flow_run.get_id(),
+        levels=levels,
     )
     logger.info(
         "encoded %d files (%d rows), skipped %d; manifest %s",

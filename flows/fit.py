@@ -125,6 +125,26 @@ def _started(settings: FitSettings, warm_start: str | None) -> FitSettings:
     return dataclasses.replace(settings, init=Codebook.load(warm_start, metric=settings.metric))
 
 
+def _levels_summary(codebook: Codebook) -> dict[str, Any]:
+    """``codec`` and ``levels``; for a residual or product codebook also its reconstruction ``mse``,
+    ``collision_rate``, ``n_unique`` and ``level_stats`` (per level: mse, used codes, iterations, converged)."""
+    summary: dict[str, Any] = {"codec": codebook.codec, "levels": codebook.levels}
+    if codebook.codec == "flat":
+        return summary
+    stats = codebook.stats
+    summary.update(
+        mse=stats.get("mse"),
+        collision_rate=stats.get("collision_rate"),
+        n_unique=stats.get("n_unique"),
+        level_mse=[level.get("mse") for level in stats.get("levels", [])],
+        level_stats=[
+            {k: level.get(k) for k in ("mse", "used_codes", "iterations", "converged", "n_repairs")}
+            for level in stats.get("levels", [])
+        ],
+    )
+    return summary
+
+
 def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) -> dict[str, Any]:
     """Save the codebook to ``out`` (a path or template, see :func:`fit_task`) and summarize it."""
     fp = codebook.fingerprint
@@ -139,6 +159,7 @@ def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) ->
         codebook.save(path)
     stats = codebook.stats
     return {
+        **_levels_summary(codebook),
         "path": str(path),
         "fingerprint": fp,
         "parent_fingerprint": codebook.parent_fingerprint,
@@ -156,8 +177,10 @@ def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) ->
         "inertia": stats.get("inertia"),
         "mean_distance": stats.get("inertia", 0.0) / max(int(stats.get("n_rows") or 1), 1),
         "n_repairs": stats.get("n_repairs"),
-        "history": stats.get("history", []),
-        "cluster_sizes": _size_summary(codebook.counts.tolist()),
+        # a multi-level fit: each level's iterations in turn, marked with their level
+        "history": stats.get("history")
+        or [{**h, "level": i} for i, level in enumerate(stats.get("levels", [])) for h in level.get("history", [])],
+        "cluster_sizes": _size_summary(codebook.counts.flatten().tolist()),
         "fit_seconds": codebook.timings.get("fit_seconds"),
         "init_seconds": codebook.timings.get("init_seconds"),
         "task_seconds": time.perf_counter() - t0,
@@ -182,11 +205,13 @@ def partition_stats_task(
     metric: str,
     engine: str = FitSettings.engine,
     device: str | None = FitSettings.device,
+    row_map: str | None = None,
 ) -> dict[str, Any]:
-    """One partition's E-step statistics against the centroids in file ``centroids``, written to file
+    """One partition's E-step statistics against the centroids in file ``centroids`` (for one level
+    of a multi-level fit, of the rows as the map in file ``row_map`` turns them), written to file
     ``stats``; returns the path, rows and objective. Safe to retry (the file is written atomically)."""
     return partition_stats_file(
-        Source(uri=uri, key=key), centroids, stats, column=column, metric=metric, engine=engine, device=device
+        Source(uri=uri, key=key), centroids, stats, row_map, column=column, metric=metric, engine=engine, device=device
     )
 
 
@@ -214,9 +239,10 @@ def fit_on_dask(
     with Exchange(out) as exchange, dask_task_runner(dask) as runner:
         logger.info("fitting on the Dask cluster %s", runner.client.scheduler.address)
 
-        def map_e_step(c: Any, sources: Sequence[Source]) -> list[Any]:
+        def map_e_step(c: Any, sources: Sequence[Source], row_map: Any = None) -> list[Any]:
             i = next(calls)
             cfile = exchange.publish(i, c)
+            mfile = exchange.publish_map(i, row_map)
             futures = [
                 runner.submit(
                     partition_stats_task,
@@ -229,12 +255,13 @@ def fit_on_dask(
                         metric=settings.metric,
                         engine=settings.engine,
                         device=settings.device,
+                        row_map=mfile,
                     ),
                 )
                 for j, s in enumerate(sources)
             ]
             # in source order: the reduction is deterministic
-            return exchange.collect(cfile, [f.result()["stats"] for f in futures])
+            return exchange.collect(cfile, [f.result()["stats"] for f in futures], mfile)
 
         codebook = fit_partitioned(
             inputs,
@@ -253,9 +280,30 @@ def _fmt(value: Any) -> str:
     return "—" if value is None or value == "" else str(value)
 
 
+def _level_lines(s: dict[str, Any]) -> list[str]:
+    """The fit report's per-level table of a residual or product codebook (none for a flat one)."""
+    if s.get("codec", "flat") == "flat":
+        return []
+    what = "error left after the level" if s["codec"] == "residual" else "error of the level's slice"
+    lines = [
+        "## Levels",
+        "",
+        f"| level | mse ({what}) | used codes | iterations | repairs |",
+        "|---|---|---|---|---|",
+    ]
+    for i, level in enumerate(s.get("level_stats") or []):
+        state = "converged" if level.get("converged") else "not converged"
+        lines.append(
+            f"| {i} | {_fmt(level.get('mse'))} | {_fmt(level.get('used_codes'))} of {s['n_codes']} "
+            f"| {_fmt(level.get('iterations'))} ({state}) | {_fmt(level.get('n_repairs'))} |"
+        )
+    return [*lines, ""]
+
+
 def fit_markdown(summary: dict[str, Any]) -> str:
     """The fit report as markdown (pure formatting of :func:`fit_task`'s summary)."""
     s = summary
+    multilevel = s.get("codec", "flat") != "flat"
     sizes = s["cluster_sizes"]
     rows = (
         f"{s['rows']} ({s['mode']}"
@@ -272,7 +320,8 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| parent (warm start) | `{s['parent_fingerprint']}` |"
         if s["parent_fingerprint"]
         else "| parent (warm start) | none |",
-        f"| n_codes | {s['n_codes']} |",
+        f"| n_codes | {s['n_codes']}{' per level' if multilevel else ''} |",
+        *([f"| codec | {s['codec']}, {s['levels']} levels |"] if multilevel else []),
         f"| dim | {s['dim']} |",
         f"| metric | {s['metric']} |",
         f"| engine | {_fmt(s['engine'])} |",
@@ -281,6 +330,15 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| iterations | {s['iterations']} ({'converged' if s['converged'] else 'not converged'}) |",
         f"| final objective | {_fmt(s['inertia'])} (mean distance {_fmt(s['mean_distance'])}) |",
         f"| empty-cluster repairs | {s['n_repairs']} |",
+        *(
+            [
+                f"| reconstruction error (mse) | {_fmt(s.get('mse'))} |",
+                f"| semantic ids | {_fmt(s.get('n_unique'))} unique tuples, collision rate "
+                f"{_fmt(s.get('collision_rate'))} |",
+            ]
+            if multilevel
+            else []
+        ),
         f"| time | fit {_fmt(s['fit_seconds'])} s (init {_fmt(s['init_seconds'])} s); "
         f"task {_fmt(s['task_seconds'])} s |",
         "",
@@ -291,6 +349,7 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| {sizes['min']} | {_fmt(sizes['q1'])} | {_fmt(sizes['median'])} | {_fmt(sizes['q3'])} "
         f"| {sizes['max']} | {sizes['empty']} |",
         "",
+        *_level_lines(s),
         "## Objective per iteration",
         "",
         "| iteration | objective | repairs | empty codes | imbalance |",
@@ -303,9 +362,9 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         if h is None:
             lines.append(f"| … | ({len(history) - 2 * half} more) | | | |")
         else:
+            iteration = f"level {h['level']}, {h['iteration']}" if "level" in h else h["iteration"]
             lines.append(
-                f"| {h['iteration']} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} "
-                f"| {_fmt(h['imbalance'])} |"
+                f"| {iteration} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} | {_fmt(h['imbalance'])} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -335,13 +394,20 @@ def fit_codebook_flow(
     device: str | None = FitSettings.device,
     warm_start: str | None = None,
     dask: str | None = None,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
+    train_beam: int = FitSettings.train_beam,
 ) -> dict[str, Any]:
     """Fit a K-means codebook on the ``column`` embeddings of ``inputs`` and save it to ``out``.
 
     Args:
         inputs: table files, globs or folders. out: the codebook file (``{fingerprint}``/``{fp12}``
             placeholders allowed). warm_start: a codebook file to start from; its fingerprint is
-            recorded as the new codebook's parent. Other arguments: see ``fit_from_tables``.
+            recorded as the new codebook's parent (flat codebooks only: a residual or product fit
+            starts from its own seeding and records no parent). codec, levels: "flat", or
+            "residual"/"product" with ``levels`` codes per row (``n_codes`` per level); train_beam:
+            residual levels are fitted on the beam's residuals (see ``fit_codebook``). Other
+            arguments: see ``fit_from_tables``.
         dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`vq_flows.dask`):
             exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration;
             this process reduces, updates and saves (see :func:`fit_on_dask`). With ``sample``
@@ -349,10 +415,29 @@ def fit_codebook_flow(
 
     Returns:
         A summary: ``path``, ``fingerprint``, ``parent_fingerprint``, ``n_codes``, ``dim``,
-        ``metric``, ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
+        ``metric``, ``codec``, ``levels`` (multi-level: ``mse``, ``collision_rate``, ``n_unique``,
+        ``level_mse``, ``level_stats``), ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
         ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
     """
-    settings = FitSettings(metric=metric, n_iter=n_iter, tol=tol, init=init, seed=seed, engine=engine, device=device)
+    settings = FitSettings(
+        metric=metric,
+        n_iter=n_iter,
+        tol=tol,
+        init=init,
+        seed=seed,
+        engine=engine,
+        device=device,
+        codec=codec,
+        levels=levels,
+        train_beam=train_beam,
+    )
+    if warm_start and codec != "flat":
+        get_run_logger().info(
+            "warm_start=%s not used: a %s codebook is fitted from its own seeding (warm starts are for flat codebooks)",
+            warm_start,
+            codec,
+        )
+        warm_start = None
     with _held_output(out, inputs):
         if dask and sample is None:
             summary = fit_on_dask(dask, inputs, column, n_codes, out, settings, warm_start)

@@ -30,6 +30,7 @@ from vq_pipeline import Codebook, workdir
 from vq_pipeline.errors import InvalidInputError, PipelineStateError  # noqa: F401 - re-exported
 from vq_pipeline.pipeline import drift_report
 from vq_pipeline.run_plan import (
+    alignment_unavailable,
     check_run,
     codebook_template,
     current_checks,
@@ -39,6 +40,7 @@ from vq_pipeline.run_plan import (
     refit_decision,
     run_summary,
     with_alignment,
+    with_codec,
 )
 from vq_pipeline.run_report import draw_drift_chart
 from vq_pipeline.settings import FitSettings
@@ -78,8 +80,10 @@ def report_artifact_key(work_dir: str | Path) -> str:
     retry_condition_fn=retry_transient,
 )
 def read_current_task(work_dir: str) -> dict[str, Any] | None:
-    """The current codebook's pointer and identity (:func:`vq_pipeline.workdir.read_current`)."""
-    return workdir.read_current(work_dir)
+    """The current codebook's pointer and identity (:func:`vq_pipeline.workdir.read_current`), with its
+    codec and levels (:func:`vq_pipeline.run_plan.with_codec`)."""
+    current = workdir.read_current(work_dir)
+    return None if current is None else with_codec(current)
 
 
 @task(name="set-current-codebook", cache_policy=NO_CACHE)
@@ -136,6 +140,8 @@ def vq_pipeline_flow(
     engine: str = FitSettings.engine,
     code_dtype: str | None = None,
     dask: str | None = None,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
 ) -> dict[str, Any]:
     """Fit or refit the codebook as needed and encode every new partition under ``input_root``.
 
@@ -155,6 +161,9 @@ def vq_pipeline_flow(
             with another ``n_codes``. Codes folders written with another value are refused.
         dask: run the fits and encodes on a Dask cluster: ``local:N`` (started once for the whole
             run) or a scheduler address; see :mod:`vq_flows.dask`.
+        codec, levels: "flat" (default), or "residual"/"product" codebooks of ``levels`` levels of
+            ``n_codes`` codes each; a change refits. Their refits start from their own seeding, and
+            their codes are not renumbered after the codebook they replace (the report says so).
 
     Returns:
         ``codebook``, ``fingerprint``, ``codes_dir``, ``codes_link`` (the stable ``codes/current``
@@ -178,11 +187,21 @@ def vq_pipeline_flow(
         engine=engine,
         drift_threshold=drift_threshold,
         usage_threshold=usage_threshold,
+        codec=codec,
+        levels=levels,
     )  # bad arguments are refused before any work
     started = dt.datetime.now(dt.UTC)
     now = started.isoformat(timespec="seconds")
     fit_settings = dict(
-        inputs=[str(root)], column=column, n_codes=n_codes, metric=metric, sample=sample, seed=seed, engine=engine
+        inputs=[str(root)],
+        column=column,
+        n_codes=n_codes,
+        metric=metric,
+        sample=sample,
+        seed=seed,
+        engine=engine,
+        codec=codec,
+        levels=levels,
     )
     template = codebook_template(work)
     cluster = contextlib.ExitStack()
@@ -194,13 +213,17 @@ def vq_pipeline_flow(
     encode_args = dict(column=column, id_column=id_column, code_dtype=code_dtype, engine=engine, dask=dask)
 
     def align(fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+        skipped = alignment_unavailable(fit, reference)
+        if skipped is not None:  # renumbering matches one level of codes only
+            logger.info("codes not renumbered: %s", skipped["reason"])
+            return skipped
         return align_task(str(work), fit, reference["path"], [str(root)], column, seed, engine)
 
     with cluster, workdir.lock(work):
         current = read_current_task(str(work))
         if current is not None:
             link_current_codes(work, current["fingerprint"])  # a work_dir from before the link, or a crash
-        action, reason = first_action(current, metric=metric, n_codes=n_codes)
+        action, reason = first_action(current, metric=metric, n_codes=n_codes, codec=codec, levels=levels)
         previous, alignment, drift_after = None, None, None
         if action == "fit":
             previous, fit = current, fit_codebook_flow(out=template, **fit_settings)

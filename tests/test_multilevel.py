@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from vq_pipeline import Codebook, CodebookFileError, InvalidInputError, collision_stats, fit_codebook
 from vq_pipeline.fit_tables import fit_from_tables
+from vq_pipeline.levels import beam_residuals, beam_width
 from vq_pipeline.partitioned import fit_partitioned, partition_e_step
 from vq_pipeline.validate import normalize_rows
 
@@ -71,8 +72,10 @@ def test_residual_encode_and_decode_match_a_float64_oracle(digits: np.ndarray, r
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_residual_level_0_is_the_flat_codebook_of_the_same_settings(digits: np.ndarray, metric: str) -> None:
-    flat = fit_codebook(digits, 16, metric=metric, **KW)
+    # init="auto" starts residual codebooks (level 0 too) from init="progressive"
+    flat = fit_codebook(digits, 16, metric=metric, init="progressive", **KW)
     res = fit_codebook(digits, 16, metric=metric, codec="residual", levels=2, **KW)
+    assert res.settings["init"] == "progressive"
     assert torch.equal(res.centroids[0], flat.centroids) and torch.equal(res.counts[0], flat.counts)
     assert torch.equal(res.level(0).centroids, flat.centroids) and res.level(0).metric == metric
     if metric == "cosine":  # decode reconstructs unit vectors
@@ -222,3 +225,33 @@ def test_bad_multi_level_settings_are_refused_before_any_work(digits: np.ndarray
     out = residual.decode(s)  # polars List rows in, polars Array out
     assert isinstance(out, pl.Series) and out.dtype == pl.Array(pl.Float32, 64)
     assert np.allclose(out.to_numpy(), residual.decode(residual.encode(digits[:4])))
+
+
+def test_beam_residuals_keep_the_best_partial_tuples_of_a_brute_force_search() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, generator=g)
+    prefix = torch.randn(2, 5, 3, generator=g)  # two levels of five codes: 25 tuples per row
+    got = beam_residuals(x, prefix, 4, memory_budget=2**20).reshape(40, 4, 3)
+    for row in range(40):
+        # every (k0, k1) tuple's residual, exactly; a beam of 4 over 2 levels keeps the best 4 of
+        # the extensions of level 0's best 4, which here (5 codes) is every tuple with k0 in the top 4
+        r0 = x[row].double() - prefix[0].double()  # (5, 3)
+        top0 = r0.square().sum(1).argsort()[:4]
+        cands = [(float((r0[a] - prefix[1, b].double()).square().sum()), a, b) for a in top0.tolist() for b in range(5)]
+        want = sorted(cands)[:4]
+        norms = got[row].double().square().sum(1)
+        assert torch.allclose(norms, torch.tensor([w[0] for w in want], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert beam_width(4, 5, 2) == 4 and beam_width(8, 2, 1) == 2 and beam_width(3, 5, 0) == 1
+
+
+def test_residual_levels_are_fitted_on_the_beams_residuals(digits: np.ndarray) -> None:
+    cb = fit_codebook(digits, 8, codec="residual", levels=2, train_beam=3, **KW)
+    assert cb.settings["train_beam"] == 3
+    rows = beam_residuals(torch.from_numpy(digits), cb.centroids[:1], 3, memory_budget=2**28)  # (3n, 64)
+    assert rows.shape == (3 * 1797, 64)
+    level1 = fit_codebook(rows, 8, init="progressive", **KW)
+    assert torch.equal(cb.centroids[1], level1.centroids)
+    # counts are the training rows' codes as encode gives them (greedy), one row each
+    assert torch.equal(cb.counts[1], torch.bincount(torch.from_numpy(cb.encode(digits)[:, 1]), minlength=8))
+    greedy = fit_codebook(digits, 8, codec="residual", levels=2, train_beam=1, **KW)
+    assert torch.equal(greedy.centroids[0], cb.centroids[0]) and not torch.equal(greedy.centroids[1], cb.centroids[1])

@@ -38,11 +38,16 @@ def test_flows_cli_and_deployment_default_to_fit_settings() -> None:
 
     s = FitSettings()
     flow = _defaults(fit_codebook_flow)
-    assert {f: flow[f] for f in ("metric", "n_iter", "tol", "init", "seed", "engine", "device")} == {
-        f: getattr(s, f) for f in ("metric", "n_iter", "tol", "init", "seed", "engine", "device")
-    }
+    fields = ("metric", "n_iter", "tol", "init", "seed", "engine", "device", "codec", "levels")
+    assert {f: flow[f] for f in fields} == {f: getattr(s, f) for f in fields}
     pipe = _defaults(vq_pipeline_flow)
-    assert (pipe["metric"], pipe["seed"], pipe["engine"]) == (s.metric, s.seed, s.engine)
+    assert (pipe["metric"], pipe["seed"], pipe["engine"], pipe["codec"], pipe["levels"]) == (
+        s.metric,
+        s.seed,
+        s.engine,
+        s.codec,
+        s.levels,
+    )
 
     args = build_parser().parse_args(["fit", "data.parquet", "--column", "e", "--codes", "4", "--out", "cb.safetensors"])
     assert (args.metric, args.iters, args.tol, args.init, args.seed, args.n_init, args.engine) == (
@@ -54,8 +59,26 @@ def test_flows_cli_and_deployment_default_to_fit_settings() -> None:
         s.n_init,
         s.engine,
     )
+    assert (args.codec, args.levels) == (s.codec, s.levels)
     _, _, params = parse_args(["--cron", "0 * * * *", "--input-root", "in", "--work-dir", "w", "--column", "e", "--codes", "4"])
     assert (params["metric"], params["seed"], params["engine"]) == (s.metric, s.seed, s.engine)
+    assert (params["codec"], params["levels"]) == (s.codec, s.levels)
+
+
+def test_cli_choices_and_encode_defaults_come_from_the_settings() -> None:
+    from vq_flows.cli import build_parser
+    from vq_pipeline.settings import CODECS
+
+    parser = build_parser()
+    fit = parser.parse_args(["fit", "d.parquet", "--column", "e", "--codes", "4", "--out", "cb.safetensors"])
+    assert fit.codec == FitSettings.codec
+    for codec in CODECS:  # every codec the library knows is a choice
+        levels = "1" if codec == "flat" else "2"
+        argv = ["fit", "d.parquet", "--column", "e", "--codes", "4", "--out", "c.safetensors"]
+        assert parser.parse_args([*argv, "--codec", codec, "--levels", levels]).codec == codec
+    enc = parser.parse_args(["encode", "d.parquet", "--codebook", "c.safetensors", "--column", "e", "--out", "o"])
+    s = EncodeSettings(column="e")
+    assert (enc.beam, enc.unique) == (s.beam, s.unique)
 
 
 def test_encode_entry_points_default_to_encode_settings_and_options() -> None:

@@ -168,7 +168,10 @@ class DataSource(Protocol):
 
 
 class RowMap(Protocol):
-    """(n, dim) float32 rows -> (n, out_dim) float32 rows (see :class:`vq_pipeline.levels.RowMap`)."""
+    """(n, dim) float32 rows -> (n * expansion, out_dim) float32 rows, each row's ``expansion`` rows in
+    a block (see :class:`vq_pipeline.levels.RowMap`)."""
+
+    expansion: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -358,15 +361,16 @@ class MappedTables:
 
     def __init__(self, base: StreamedTables, row_map: RowMap, *, partitioned: bool = False) -> None:
         self.base, self.row_map, self.partitioned = base, row_map, partitioned
-        self.n_rows, self.dim = base.n_rows, row_map.out_dim(base.dim)
+        self.n_rows, self.dim = base.n_rows * row_map.expansion, row_map.out_dim(base.dim)
         self._plan = base._plan
 
     def e_step(self, centroids: torch.Tensor) -> EStepStats:
         if self.partitioned:
             return self.base.e_step(centroids, self.row_map)  # type: ignore[call-arg]
-        return e_step(
-            _MappedRows(self.base._rows(), self.row_map, self.dim), centroids, **self._plan(centroids, self.n_rows)
-        )
+        plan, k = self._plan(centroids, self.n_rows), self.row_map.expansion
+        # Chunks of whole blocks: each reads on from the last (the tables are read once per pass).
+        plan = {**plan, "chunk_rows": max(k, plan["chunk_rows"] - plan["chunk_rows"] % k)}
+        return e_step(_MappedRows(self.base._rows(), self.row_map, self.dim), centroids, **plan)
 
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         return self.row_map(self.base.sample(n, generator))
@@ -379,14 +383,17 @@ class MappedTables:
 
 
 class _MappedRows:
-    """Row slices of ``rows`` turned by ``row_map``."""
+    """Row slices of ``rows`` turned by ``row_map`` (row ``i`` of the result comes from row
+    ``i // expansion`` of ``rows``)."""
 
     def __init__(self, rows: Rows, row_map: RowMap, dim: int) -> None:
-        self._rows, self._map = rows, row_map
-        self.shape = (rows.shape[0], dim)
+        self._rows, self._map, self._k = rows, row_map, row_map.expansion
+        self.shape = (rows.shape[0] * self._k, dim)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self._map(self._rows[rows])
+        a, b, k = rows.start, min(rows.stop, self.shape[0]), self._k
+        first, last = a // k, -(-b // k)  # the source rows that rows [a, b) come from
+        return self._map(self._rows[first:last])[a - first * k : b - first * k]
 
 
 def e_steps(levels: Sequence[tuple[DataSource, torch.Tensor]]) -> list[EStepStats]:

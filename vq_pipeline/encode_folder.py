@@ -12,6 +12,11 @@ deterministic, so a re-encoded output is byte-identical.
 A folder that holds another codebook's (or other settings') codes is refused unless ``overwrite``.
 One exclusive lock per ``out_dir`` keeps two runs from writing into it at once.
 
+A multi-level codebook (codec ``residual`` or ``product``) writes a ``codes`` column (``Array(integer,
+levels)``) instead of ``code``; its receipts record ``codec``, ``levels`` and code counts per level.
+With ``unique``, a finishing step (:func:`assign_suffixes`) then gives every row of the folder a
+``suffix`` that makes its ``(codes, suffix)`` unique in the folder.
+
 Nothing found in the folder is trusted (:mod:`vq_pipeline.encode_state`); the lock is opened without
 following symlinks and only a lock file of this package is ever written
 (:func:`vq_pipeline.fileio.hold_lock`); temporary files have the package's own name pattern
@@ -22,6 +27,7 @@ to, are cleaned up; ``overwrite`` and ``prune`` delete only outputs that a recei
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +44,7 @@ from .assign import DEFAULT_MEMORY_BUDGET, encode as encode_tensor
 from .codebook import Codebook
 from .encode_state import (
     LOCK_NAME,
+    intact_receipt,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     STATE_SUFFIX,
@@ -45,7 +52,6 @@ from .encode_state import (
     folder_inventory,
     folder_records,
     is_real_dir,
-    is_regular,
     manifest_path,
     migrate_state,
     output_path,
@@ -58,6 +64,7 @@ from .encode_state import (
     write_manifest,
     write_receipt,
 )
+from .multilevel import encode_multilevel
 from .errors import DimensionMismatchError, EncodeFailedError, EncodeLockedError, InvalidInputError, StateError
 from .paths import check_output_folder, check_output_folder_against_tables, folder_lock, refuse_symlinked_folder
 from .settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
@@ -89,10 +96,18 @@ class EncodeResult:
     pruned: list[str] = field(default_factory=list)
     #: Parquet files in the folder (relative paths) that no receipt records: left alone.
     unrecorded: list[str] = field(default_factory=list)
+    #: The codebook's codec and levels (``flat`` and 1: one ``code`` per row).
+    codec: str = "flat"
+    levels: int = 1
+    #: ``unique`` runs: the suffix step's statistics (:func:`assign_suffixes`), else None.
+    semantic_ids: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("records")
+        if self.codec == "flat":  # a flat run's summary keeps its keys
+            for key in ("codec", "levels", "semantic_ids"):
+                d.pop(key)
         return d
 
 
@@ -150,6 +165,35 @@ def _check_outputs(out: Path, sources: Sequence[Source]) -> None:
             )
 
 
+def check_codec_settings(codebook: Codebook, settings: EncodeSettings) -> None:
+    """Refuse, before any work, settings the codebook's codec cannot honour: ``top_k > 1`` with a
+    multi-level codebook, ``beam > 1`` with a codebook that is not residual, ``unique`` with a flat one,
+    and (with ``unique``) an id or kept column named ``suffix``."""
+    if codebook.codec != "flat" and settings.top_k != 1:
+        raise InvalidInputError(
+            f"top_k={settings.top_k} with a {codebook.codec} codebook; expected top_k=1 (one tuple of codes per "
+            f"row). Fix: pass top_k=1, or encode with a flat codebook for the k nearest codes."
+        )
+    if settings.beam > 1 and codebook.codec != "residual":
+        raise InvalidInputError(
+            f"beam={settings.beam} with a {codebook.codec} codebook; expected beam=1 (beam search is for residual "
+            f"codebooks: a flat or product level is already searched exactly). Fix: pass beam=1."
+        )
+    if settings.unique and codebook.codec == "flat":
+        raise InvalidInputError(
+            "unique=True with a flat codebook; expected a multi-level (residual or product) codebook, whose "
+            "tuples of codes are semantic ids. Fix: drop unique, or encode with a multi-level codebook."
+        )
+    if settings.unique:
+        clash = [name for name in (settings.id_column, *settings.keep) if name == tables.SUFFIX_COLUMN]
+        if clash:
+            raise InvalidInputError(
+                f"unique=True writes a {tables.SUFFIX_COLUMN!r} column, but id_column={settings.id_column!r} "
+                f"keep={list(settings.keep)!r} names one too; expected distinct column names. Fix: rename that "
+                f"column in the input, or drop it from keep."
+            )
+
+
 def plan_encode(
     inputs: Sequence[str | os.PathLike[str]],
     codebook: Codebook,
@@ -171,6 +215,7 @@ def plan_encode(
         (todo sources, done sources, records of the done ones keyed by source key).
     """
     out = Path(out_dir)
+    check_codec_settings(codebook, settings)
     check_int(
         "top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes."
     )
@@ -282,8 +327,8 @@ def _completed_record(
     if input_stat is None or input_stat != receipt.get("input_stat"):
         if receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options):
             return None
-    output = out / receipt["output"]
-    if not is_regular(output) or tables.file_sha256(output) != receipt["sha256"]:
+    receipt = intact_receipt(out, receipt, out / receipt["output"])
+    if receipt is None:
         return None
     if input_stat != receipt.get("input_stat"):
         receipt = {**receipt, "input_stat": input_stat}
@@ -316,7 +361,10 @@ def encode_source(
         storage_options=options.storage_options,
     )
     frames = []
-    code_counts = torch.zeros(codebook.n_codes, dtype=torch.int64)  # (n_codes,)
+    multi = codebook.codec != "flat"
+    code_counts = torch.zeros(
+        (codebook.levels, codebook.n_codes) if multi else codebook.n_codes, dtype=torch.int64
+    )  # (levels, n_codes) or (n_codes,)
     distance_sum = 0.0
     done = 0
     for batch in tables.iter_batches(
@@ -327,6 +375,28 @@ def encode_source(
         keep=settings.keep,
         storage_options=options.storage_options,
     ):
+        ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
+        if multi:
+            codes, distances = _encode_levels(source, batch, codebook, settings, options)  # (n, levels), (n,)
+            for level in range(codebook.levels):
+                code_counts[level] += torch.bincount(codes[:, level], minlength=codebook.n_codes)
+            distance_sum += float(distances.double().sum())
+            frames.append(
+                tables.level_codes_frame(
+                    ids,
+                    codes,
+                    n_codes=codebook.n_codes,
+                    id_column=settings.id_column or "row",
+                    distances=distances if settings.with_distance else None,
+                    keep=batch.keep,
+                    pinned_dtype=settings.code_dtype,
+                    suffix=settings.unique,
+                )
+            )
+            done += len(batch)
+            if progress is not None:
+                progress(source.key, done, info.n_rows)
+            continue
         try:
             codes, distances = encode_tensor(
                 codebook.centroids,
@@ -345,7 +415,6 @@ def encode_source(
         nearest = codes if codes.ndim == 1 else codes[:, 0]  # (n,)
         code_counts += torch.bincount(nearest, minlength=codebook.n_codes)
         distance_sum += float((distances if distances.ndim == 1 else distances[:, 0]).double().sum())
-        ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
         frames.append(
             tables.codes_frame(
                 ids,
@@ -376,9 +445,84 @@ def encode_source(
         "settings": settings.to_dict(),
         "distance_sum": distance_sum,
         "code_counts": code_counts.tolist(),
+        **({"codec": codebook.codec, "levels": codebook.levels} if multi else {}),
     }
     write_receipt(out, receipt)
     return receipt
+
+
+def _encode_levels(
+    source: Source, batch: tables.Batch, codebook: Codebook, settings: EncodeSettings, options: EncodeOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (n, levels) int64 codes and (n,) float32 distances to the reconstruction (CPU)."""
+    try:
+        codes, distances = encode_multilevel(
+            codebook,
+            batch.x,
+            beam=settings.beam,
+            return_distances=True,
+            engine=options.engine,
+            device=options.device,
+            memory_budget=options.memory_budget,
+        )
+    except InvalidInputError as exc:
+        raise type(exc)(f"{source.uri} (rows from {batch.offset}): {exc}") from None
+    assert distances is not None  # asked for
+    return codes, distances
+
+
+def assign_suffixes(
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    records: dict[str, dict[str, Any]],
+    inventory: FolderInventory,
+) -> tuple[dict[str, Any], list[str]]:
+    """The finishing step of a ``unique`` run: give every row of the folder a semantic-id suffix.
+
+    Every output the folder holds (this run's, ``records``, and the stale ones of earlier runs that
+    ``inventory`` keeps) gets a ``suffix`` (UInt32): the row's rank among the rows of the folder that
+    share its tuple of codes, ordered by id (:func:`vq_pipeline.tables.folder_suffixes`). The id is the
+    ``id_column`` value, which must then be unique over the whole folder (a stale output sharing an id
+    with this run's is refused: prune it, or write to another folder); without an id column it is the
+    pair (input key, ``row``): outputs in the order of their input keys, then row positions. So
+    ``(codes, suffix)`` is unique over the folder, and the suffixes depend only on what the folder holds.
+    When a later run adds files, the suffixes are computed again over the folder's current outputs,
+    and every output whose suffixes change is rewritten (an earlier output may thus change).
+
+    Each rewrite is atomic and resumable: its receipt first records the new bytes as
+    ``pending_sha256``, then the output is replaced (temporary name, fsync, rename), then the receipt
+    records them as ``sha256`` (:func:`vq_pipeline.encode_state.intact_receipt` accepts either in
+    between). A rerun after a crash computes the same suffixes and ends with the same bytes; an output
+    whose suffixes are already right is not written. ``records`` and ``inventory.stale`` are updated in
+    place. Call under :func:`encode_lock`, after every input is encoded (and stale outputs pruned).
+
+    Returns:
+        (statistics: :func:`vq_pipeline.semantic_ids.collision_stats` of the folder's codes before
+        suffixes, plus ``rows_with_suffix``, the rows whose suffix is above 0; keys of the outputs rewritten).
+    """
+    out = Path(out_dir)
+    owned = {**inventory.stale, **records}
+    keys = sorted(owned)
+    paths = [out / owned[k]["output"] for k in keys]
+    parts, stats = tables.folder_suffixes(paths, id_column=settings.id_column)
+    rewritten = []
+    for key, path, suffix in zip(keys, paths, parts):
+        frame = tables.read_table(path)
+        found = frame.get_column(tables.SUFFIX_COLUMN)
+        if found.null_count() == 0 and bool((found == suffix).all()):
+            continue
+        data = tables.parquet_bytes(tables.with_suffix(frame, suffix))
+        digest = hashlib.sha256(data).hexdigest()
+        receipt = owned[key]
+        write_receipt(out, {**receipt, "pending_sha256": digest})
+        fileio.atomic_write_bytes(path, data)
+        receipt = {**receipt, "sha256": digest}
+        write_receipt(out, receipt)
+        (records if key in records else inventory.stale)[key] = receipt
+        rewritten.append(key)
+    stats = {k: stats[k] for k in ("n_rows", "n_unique", "collision_rate", "largest_group", "max_suffix", "usage")}
+    stats["rows_with_suffix"] = stats["n_rows"] - stats["n_unique"]
+    return stats, rewritten
 
 
 def encode_tables(
@@ -392,6 +536,8 @@ def encode_tables(
     with_distance: bool = False,
     keep: Sequence[str] = (),
     code_dtype: str | None = None,
+    beam: int = EncodeSettings.beam,
+    unique: bool = EncodeSettings.unique,
     overwrite: bool = False,
     prune: bool = False,
     engine: str = "auto",
@@ -414,10 +560,20 @@ def encode_tables(
         prune: once every input is encoded, delete the stale outputs (see below) and their receipts;
             ``result.pruned`` names them.
         code_dtype: the ``code`` column's type, e.g. ``"uint32"`` or ``"int64"`` (default: the smallest
-            unsigned type that holds ``n_codes``, which can change with a refit's ``n_codes``).
+            unsigned type that holds ``n_codes``, which can change with a refit's ``n_codes``); with a
+            multi-level codebook, the type of each code in ``codes``.
+        beam: residual codebooks: partial tuples kept per row by the beam search (1: greedy).
+        unique: multi-level codebooks: once every input is encoded, give every row of the folder a
+            ``suffix`` making its ``(codes, suffix)`` unique in the folder (:func:`assign_suffixes`);
+            ``result.semantic_ids`` and the manifest's ``semantic_ids`` give the collision rate
+            before suffixes, ``max_suffix`` and ``rows_with_suffix``.
         progress: called as ``progress(key, rows_done, rows_in_file)`` after every batch.
         on_plan: called once, before encoding, as ``on_plan({key: rows} of the files to encode,
             [keys of the files skipped as already complete])``.
+
+    A multi-level codebook (codec residual or product) writes, per row, ``codes``: an ``Array(UInt8 |
+    UInt16 | ..., levels)`` of one code per level (``top_k`` must be 1), and with ``with_distance`` one
+    ``distance`` (float32, to the reconstruction). A flat codebook writes ``code`` as before.
 
     What the folder keeps: the outputs of this run's inputs, and the outputs of earlier runs whose
     input is not part of this run (a renamed or removed input, or simply another day's files: encoding
@@ -444,7 +600,10 @@ def encode_tables(
         with_distance=with_distance,
         keep=tuple(keep),
         code_dtype=code_dtype,
+        beam=beam,
+        unique=unique,
     )
+    check_codec_settings(codebook, settings)
     options = EncodeOptions(
         engine=engine,
         device=device,
@@ -458,7 +617,11 @@ def encode_tables(
             inputs, codebook, out, settings, overwrite=overwrite, storage_options=storage_options
         )
         result = EncodeResult(
-            out_dir=str(out), manifest=str(manifest_path(out)), codebook_fingerprint=codebook.fingerprint
+            out_dir=str(out),
+            manifest=str(manifest_path(out)),
+            codebook_fingerprint=codebook.fingerprint,
+            codec=codebook.codec,
+            levels=codebook.levels,
         )
         result.skipped = [s.key for s in done]
         if on_plan is not None:
@@ -473,7 +636,9 @@ def encode_tables(
         inventory = folder_inventory(out, records)
         if prune:
             result.pruned = prune_stale(out, inventory)
-        write_manifest(out, codebook, settings, records, inventory=inventory)
+        if settings.unique:
+            result.semantic_ids, _ = assign_suffixes(out, settings, records, inventory)
+        write_manifest(out, codebook, settings, records, inventory=inventory, semantic_ids=result.semantic_ids)
     result.stale = sorted(inventory.stale)
     result.unrecorded = list(inventory.unrecorded)
     result.records = records
@@ -506,6 +671,8 @@ __all__ = [
     "FolderInventory",
     "PlanCallback",
     "RowProgress",
+    "assign_suffixes",
+    "check_codec_settings",
     "encode_failure",
     "encode_lock",
     "encode_source",

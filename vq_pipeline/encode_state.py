@@ -10,7 +10,8 @@ bookkeeping beside it in ``<out_dir>.vq/`` (:func:`state_dir`):
   fsync, rename);
 * a receipt per output in ``<out_dir>.vq/receipts/`` once its output is in place (:func:`write_receipt`):
   input, input fingerprint (sha256 of its content), codebook fingerprint, settings, row count, sha256
-  of the output, distance sum and code counts;
+  of the output, distance sum and code counts (a multi-level codebook's receipt also records ``codec``
+  and ``levels``, and its ``code_counts`` hold one list per level);
 * ``<out_dir>.vq/manifest.json`` last: every output file in the folder with its input and rows, and
   whether its input was part of the run (:func:`write_manifest`);
 * ``<out_dir>.vq/lock`` (:data:`LOCK_NAME`), held while a run writes.
@@ -277,6 +278,26 @@ def _parquet_files(out: Path) -> list[str]:
     return sorted(found)
 
 
+def intact_receipt(out: Path, receipt: dict[str, Any], output: Path) -> dict[str, Any] | None:
+    """``receipt`` when ``output`` (the file it records) still holds the bytes it records, else None.
+
+    A receipt with ``pending_sha256`` was written just before its output was replaced by new bytes
+    (the suffix step, :func:`vq_pipeline.encode_folder.assign_suffixes`): either the old bytes or the
+    new ones are then the output's, and the receipt is rewritten to record the bytes found.
+    """
+    if not is_regular(output):
+        return None
+    digest = tables.file_sha256(output)
+    pending = receipt.get("pending_sha256")
+    if digest != receipt["sha256"] and (pending is None or digest != pending):
+        return None
+    if pending is not None:
+        receipt = {k: v for k, v in receipt.items() if k != "pending_sha256"}
+        receipt["sha256"] = digest
+        write_receipt(out, receipt)
+    return receipt
+
+
 def folder_inventory(out_dir: str | os.PathLike[str], records: dict[str, dict[str, Any]]) -> FolderInventory:
     """Sort what ``out_dir`` holds besides the run's outputs (``records``, keyed by input key) into
     stale outputs and unrecorded files. Call under :func:`vq_pipeline.encode_folder.encode_lock`, after
@@ -293,12 +314,11 @@ def folder_inventory(out_dir: str | os.PathLike[str], records: dict[str, dict[st
         if receipt is None or receipt["key"] in records:
             continue
         output = out / receipt["output"]
-        if (
-            receipt["output"] in run_outputs
-            or receipt["output"] in {r["output"] for r in inventory.stale.values()}
-            or not is_regular(output)
-            or tables.file_sha256(output) != receipt["sha256"]
-        ):
+        if receipt["output"] in run_outputs or receipt["output"] in {r["output"] for r in inventory.stale.values()}:
+            p.unlink(missing_ok=True)
+            continue
+        receipt = intact_receipt(out, receipt, output)
+        if receipt is None:
             p.unlink(missing_ok=True)
             continue
         inventory.stale[receipt["key"]] = receipt
@@ -334,6 +354,7 @@ def write_manifest(
     records: dict[str, dict[str, Any]],
     *,
     inventory: FolderInventory | None = None,
+    semantic_ids: dict[str, Any] | None = None,
 ) -> Path:
     """Write the manifest (:func:`manifest_path`; atomically, after the outputs it lists): what the folder holds.
 
@@ -341,7 +362,9 @@ def write_manifest(
     and ``in_this_run`` (false for a stale output, whose input was not part of this run, ``records``);
     ``rows`` counts them all, ``rows_in_this_run`` the run's, ``n_stale`` the stale outputs, and
     ``unrecorded`` names the parquet files no receipt records. ``inventory``: the run's
-    :func:`folder_inventory`, taken here when not given. Call under :func:`vq_pipeline.encode_folder.encode_lock`.
+    :func:`folder_inventory`, taken here when not given. A multi-level codebook's manifest also records
+    ``codec`` and ``levels``; ``semantic_ids`` (the suffix step's statistics, ``unique`` runs) is recorded
+    under that name. Call under :func:`vq_pipeline.encode_folder.encode_lock`.
     """
     out = Path(out_dir)
     if inventory is None:
@@ -361,6 +384,8 @@ def write_manifest(
         "format_version": "1.1",
         "codebook_fingerprint": codebook.fingerprint,
         "settings": settings.to_dict(),
+        **({"codec": codebook.codec, "levels": codebook.levels} if codebook.codec != "flat" else {}),
+        **({"semantic_ids": semantic_ids} if semantic_ids is not None else {}),
         "rows": sum(e["rows"] for e in outputs.values()),
         "rows_in_this_run": sum(r["rows"] for r in records.values()),
         "n_outputs": len(outputs),
@@ -397,12 +422,14 @@ def encode_summary(
     files: list[dict[str, Any]],
     seconds: float,
     run_id: str | None,
+    levels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An encode run's summary: ``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``,
     ``encoded`` and ``skipped`` keys, ``rows_encoded``, ``rows_total``, ``files``
     (:func:`summary_rows`), ``new_receipts`` (``new``), the ``stale``, ``pruned`` and ``unrecorded``
     keys of ``folder``, ``seconds`` and ``flow_run_id`` (``run_id``). ``records``: every receipt of
-    the run's inputs; ``new``: those of the files this run encoded."""
+    the run's inputs; ``new``: those of the files this run encoded. ``levels``: for a multi-level
+    codebook, ``codec``, ``levels`` and ``semantic_ids`` (the suffix step's statistics or None), added as is."""
     return {
         "out_dir": str(out_dir),
         "manifest": manifest,
@@ -419,6 +446,7 @@ def encode_summary(
         "unrecorded": folder["unrecorded"],
         "seconds": seconds,
         "flow_run_id": run_id,
+        **(levels or {}),
     }
 
 
@@ -432,6 +460,7 @@ __all__ = [
     "encode_summary",
     "folder_inventory",
     "folder_records",
+    "intact_receipt",
     "is_real_dir",
     "is_regular",
     "manifest_path",

@@ -39,6 +39,7 @@ class FitOptions:
     memory_budget: int
     codec: str = "flat"
     levels: int = 1
+    train_beam: int = 1
 
     @property
     def init_name(self) -> str:
@@ -58,6 +59,7 @@ class FitOptions:
             "device": self.device.type,
             # Flat codebooks record exactly what they recorded before multi-level codecs existed.
             **({} if self.codec == "flat" else {"codec": self.codec, "levels": self.levels}),
+            **({"train_beam": self.train_beam} if self.codec == "residual" else {}),
         }
 
 
@@ -80,7 +82,7 @@ def fit_options(
         from .levels import check_product_dim
 
         check_product_dim(dim, settings.levels)
-    init, parent = settings.init, ""
+    init, parent = resolve_init(settings.init, settings.codec), ""
     if isinstance(init, Codebook):
         parent, init = init.fingerprint, init.centroids
     if not isinstance(init, str):  # starting centroids: a tensor or an array
@@ -99,7 +101,15 @@ def fit_options(
         memory_budget=settings.memory_budget,
         codec=settings.codec,
         levels=settings.levels,
+        train_beam=settings.train_beam if settings.codec == "residual" else 1,
     )
+
+
+def resolve_init(init: Any, codec: str) -> Any:
+    """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means++"."""
+    if isinstance(init, str) and init == "auto":
+        return "progressive" if codec == "residual" else "k-means++"
+    return init
 
 
 def _check_init_tensor(init: torch.Tensor, n_codes: int, dim: int, metric: str) -> torch.Tensor:

@@ -48,6 +48,7 @@ def fit_from_tables(
     memory_budget: int = FitSettings.memory_budget,
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
+    train_beam: int = FitSettings.train_beam,
     data_budget: int = DEFAULT_DATA_BUDGET,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
@@ -78,6 +79,7 @@ def fit_from_tables(
         memory_budget=memory_budget,
         codec=codec,
         levels=levels,
+        train_beam=train_beam,
     )  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     data_budget = check_int("data_budget", data_budget, minimum=0)

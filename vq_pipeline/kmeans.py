@@ -334,6 +334,7 @@ def fit_codebook(
     memory_budget: int = FitSettings.memory_budget,
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
+    train_beam: int = FitSettings.train_beam,
     progress: ProgressCallback | None = None,
     sources: tuple[str, ...] = (),
     column: str = "",
@@ -350,11 +351,13 @@ def fit_codebook(
             re-normalized after every update).
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
         tol: stop when the objective's relative decrease is ``<= tol``.
-        init: 'k-means++' (default; exact greedy k-means++), 'k-means||' (approximate k-means||:
-            5 rounds of oversampling, then weighted k-means++ on the candidates; faster), 'random'
-            (distinct random rows), 'first' (the first n_codes rows, as in the KeOps tutorial), a
-            (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint is recorded as
-            the parent).
+        init: 'auto' (default: 'progressive' for residual codebooks, else 'k-means++'),
+            'k-means++' (exact greedy k-means++), 'k-means||' (approximate k-means||: 5 rounds of
+            oversampling, then weighted k-means++ on the candidates; faster), 'progressive'
+            (K-means over more and more principal directions, see :mod:`vq_pipeline.progressive`),
+            'random' (distinct random rows), 'first' (the first n_codes rows, as in the KeOps
+            tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint is
+            recorded as the parent). The file records the init used ('k-means++' for 'auto' flat).
         seed: seed of every random choice; with the same data, settings and device kind the
             codebook is the same.
         n_init: restarts from different seeded inits; the lowest objective wins.
@@ -367,6 +370,9 @@ def fit_codebook(
             See :mod:`vq_pipeline.levels`.
         levels: codes per row for 'residual' and 'product' (1 for 'flat'); 'product' needs
             ``dim % levels == 0``.
+        train_beam: 'residual': every level after the first is fitted on what the ``train_beam``
+            best partial tuples of the levels before leave of each row (so ``train_beam`` times as
+            many rows; 1: the greedy residuals). Encode with ``beam=train_beam`` to match.
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
             (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration
             (of every level, for a multi-level codec).
@@ -388,6 +394,7 @@ def fit_codebook(
         memory_budget=memory_budget,
         codec=codec,
         levels=levels,
+        train_beam=train_beam,
     )
     x = as_embeddings(x)
     n_rows, dim = x.shape
@@ -562,6 +569,19 @@ def _initial_centroids(
     elif opts.init == "random":
         pick = torch.randperm(seed_rows.shape[0], generator=generator)[:n_codes]
         c0 = seed_rows[pick.to(seed_rows.device)].to(dev).contiguous()
+    elif opts.init == "progressive":
+        from .progressive import progressive_dims
+
+        return progressive_dims(
+            seed_rows,
+            n_codes,
+            generator=generator,
+            engine=eng,
+            memory_budget=opts.memory_budget,
+            device=dev,
+            metric=opts.metric,
+            progress=progress,
+        )
     else:
         seeding = kmeans_parallel if opts.init == "k-means||" else kmeans_plus_plus
         return seeding(

@@ -48,24 +48,37 @@ class RowMap:
     prefix: torch.Tensor | None = None
     engine: str = "auto"
     memory_budget: int = 256 * 2**20
+    #: residual: the rows of the ``beam`` best partial tuples of the prefix (1: the greedy one)
+    beam: int = 1
 
     @classmethod
     def columns(cls, start: int, stop: int, in_dim: int) -> RowMap:
         return cls("slice", in_dim, start=start, stop=stop)
 
     @classmethod
-    def residual(cls, prefix: torch.Tensor, *, engine: str = "auto", memory_budget: int = 256 * 2**20) -> RowMap:
+    def residual(
+        cls, prefix: torch.Tensor, *, beam: int = 1, engine: str = "auto", memory_budget: int = 256 * 2**20
+    ) -> RowMap:
         p = prefix.detach().to("cpu", torch.float32)
-        return cls("residual", int(p.shape[2]), prefix=p, engine=engine, memory_budget=memory_budget)
+        return cls("residual", int(p.shape[2]), prefix=p, engine=engine, memory_budget=memory_budget, beam=beam)
 
     def out_dim(self, dim: int) -> int:
         return self.stop - self.start if self.kind == "slice" else dim
+
+    @property
+    def expansion(self) -> int:
+        """Rows out per row in: the beam's width (1 for slices and greedy residuals)."""
+        if self.kind != "residual" or self.beam <= 1 or self.prefix is None:
+            return 1
+        return beam_width(self.beam, int(self.prefix.shape[1]), int(self.prefix.shape[0]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(n, dim) float32 rows -> (n, out_dim) float32 on the same device."""
         if self.kind == "slice":
             return x[:, self.start : self.stop].contiguous()
         assert self.prefix is not None
+        if self.expansion > 1:
+            return beam_residuals(x, self.prefix, self.beam, memory_budget=self.memory_budget)
         _, residual = greedy_residual(x, self.prefix, engine=self.engine, memory_budget=self.memory_budget)
         return residual
 
@@ -78,6 +91,7 @@ class RowMap:
             "prefix": prefix,
             "engine": np.array(self.engine),
             "memory_budget": np.array(self.memory_budget, np.int64),
+            "beam": np.array(self.beam, np.int64),
         }
 
     @classmethod
@@ -87,7 +101,8 @@ class RowMap:
             raise InvalidInputError(f"row map kind={kind!r}; expected 'slice' or 'residual'.")
         in_dim, start, stop = (int(v) for v in a["bounds"])
         prefix = torch.from_numpy(np.array(a["prefix"], np.float32)) if kind == "residual" else None
-        return cls(kind, in_dim, start, stop, prefix, str(a["engine"]), int(a["memory_budget"]))
+        beam = int(a["beam"]) if "beam" in a else 1
+        return cls(kind, in_dim, start, stop, prefix, str(a["engine"]), int(a["memory_budget"]), beam)
 
 
 def _engine_for(x: torch.Tensor, n_codes: int, dim: int, k: int, engine: str, memory_budget: int) -> tuple[Engine, int]:
@@ -122,6 +137,39 @@ def greedy_residual(
     return codes, residual
 
 
+def _beam_rows(memory_budget: int, beam: int, n_codes: int, dim: int) -> int:
+    """Rows per chunk of a beam search: each holds ``beam`` residuals, ``beam * n_codes`` scores and
+    ``beam**2`` candidates."""
+    per_row = 4 * beam * (2 * dim + n_codes + 2 * beam) + 64
+    return max(1, memory_budget // per_row)
+
+
+def _beam_chunk(xb: torch.Tensor, c_all: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over the levels ``c_all`` (levels, n_codes, dim) for the rows ``xb`` (n, dim).
+
+    Returns:
+        tuples (n, b, levels) int64 and their residuals (n, b, dim) float32, ``b = min(beam, ...)``
+        partial tuples per row, best first by the squared norm of what they leave. Candidates are
+        ranked by ``|r|^2 + |c|^2 - 2 r.c`` (a product: a heuristic search, so no exactness proof).
+    """
+    n, dim = xb.shape
+    res = xb[:, None, :].clone()  # (n, b, dim)
+    tuples = torch.zeros((n, 1, 0), dtype=torch.int64, device=xb.device)  # (n, b, level)
+    for c in c_all:  # c: (n_codes, dim)
+        b = res.shape[1]
+        flat = res.reshape(n * b, dim)  # (n*b, dim)
+        scores = torch.addmm((c * c).sum(dim=1)[None, :], flat, c.T, alpha=-2.0)  # (n*b, n_codes)
+        scores += flat.square().sum(dim=1, keepdim=True)
+        k = min(beam, c.shape[0])
+        top = scores.topk(k, dim=1, largest=False, sorted=True)  # (n*b, k) each
+        cand = top.values.reshape(n, b * k)  # (n, b*k) every extension's error
+        keep = cand.topk(min(beam, b * k), dim=1, largest=False, sorted=True).indices  # (n, b')
+        parent, child = keep // k, top.indices.reshape(n, b * k).gather(1, keep)  # (n, b'), (n, b')
+        tuples = torch.cat([tuples.gather(1, parent[:, :, None].expand(-1, -1, tuples.shape[2])), child[:, :, None]], 2)
+        res = res.gather(1, parent[:, :, None].expand(-1, -1, dim)) - c[child]  # (n, b', dim)
+    return tuples, res
+
+
 def beam_residual(
     x: torch.Tensor,
     centroids: torch.Tensor,
@@ -131,8 +179,8 @@ def beam_residual(
     memory_budget: int = 256 * 2**20,
 ) -> torch.Tensor:
     """Residual encoding by beam search: keep the ``beam`` best partial tuples per row at every level
-    (by the squared norm of what they leave), then the best full tuple; never worse than greedy on
-    any row (the greedy tuple is kept when it is better).
+    (by the squared norm of what they leave), then the best full tuple by its exact residual norm;
+    never worse than greedy on any row (the greedy tuple is kept unless another is strictly better).
 
     Args:
         x: (n, dim) float32 rows. centroids: (levels, n_codes, dim) float32.
@@ -142,44 +190,43 @@ def beam_residual(
     """
     n_levels, n_codes, dim = centroids.shape
     greedy, g_res = greedy_residual(x, centroids, engine=engine, memory_budget=memory_budget)
-    beam = min(beam, n_codes)
-    if beam <= 1 or x.shape[0] == 0:
+    if min(beam, n_codes) <= 1 or x.shape[0] == 0:
         return greedy
     c_all = centroids.to(x.device, torch.float32)
-    # One row's temporaries: beam residuals, beam^2 candidates, the engine's own per search row.
-    eng, per_search = _engine_for(x, n_codes, dim, beam, engine, memory_budget)
-    rows_per_chunk = max(1, min(per_search // beam, memory_budget // max(1, 4 * beam * (2 * dim + beam))))
+    step = _beam_rows(memory_budget, beam, n_codes, dim)
     out = greedy.clone()
-    for a in range(0, x.shape[0], rows_per_chunk):
-        xb = x[a : a + rows_per_chunk].to(torch.float32)  # (n, dim)
-        n = xb.shape[0]
-        res = xb[:, None, :].clone()  # (n, b, dim): the partial tuples' residuals
-        err = torch.zeros((n, 1), dtype=torch.float32, device=x.device)  # (n, b)
-        tuples = torch.zeros((n, 1, 0), dtype=torch.int64, device=x.device)  # (n, b, level)
-        for level in range(n_levels):
-            c = c_all[level].contiguous()  # (n_codes, dim)
-            b = res.shape[1]
-            k = min(beam, n_codes)
-            flat = res.reshape(n * b, dim).contiguous()
-            sq, idx = eng.nearest(flat, c, k)  # (n*b, k) each: the best next codes of every partial
-            cand_err = sq.reshape(n, b * k)  # (n, b*k): |residual - c|^2 of every extension
-            keep = cand_err.topk(min(beam, b * k), dim=1, largest=False, sorted=True).indices  # (n, beam')
-            parent, child = keep // k, idx.reshape(n, b * k).gather(1, keep)  # (n, beam'), (n, beam')
-            tuples = torch.cat(
-                [tuples.gather(1, parent[:, :, None].expand(-1, -1, tuples.shape[2])), child[:, :, None]], dim=2
-            )
-            res = res.gather(1, parent[:, :, None].expand(-1, -1, dim)) - c[child]  # (n, beam', dim)
-            err = cand_err.gather(1, keep)
-        # Rank the finished tuples by their exact residual norm, and keep greedy where it is as good.
-        final = res.square().sum(dim=2)  # (n, beam')
+    for a in range(0, x.shape[0], step):
+        xb = x[a : a + step].to(torch.float32)  # (n, dim)
+        tuples, res = _beam_chunk(xb, c_all, beam)  # (n, b, levels), (n, b, dim)
+        final = res.square().sum(dim=2)  # (n, b)
         best = final.argmin(dim=1)  # (n,)
-        best_err = final.gather(1, best[:, None])[:, 0]
-        greedy_err = g_res[a : a + n].square().sum(dim=1)
-        better = best_err < greedy_err  # (n,)
-        chosen = tuples[torch.arange(n, device=x.device), best]  # (n, levels)
-        out[a : a + n][better] = chosen[better]
-        del err
+        better = final.gather(1, best[:, None])[:, 0] < g_res[a : a + step].square().sum(dim=1)  # (n,)
+        chosen = tuples[torch.arange(xb.shape[0], device=x.device), best]  # (n, levels)
+        out[a : a + step][better] = chosen[better]
     return out
+
+
+def beam_residuals(x: torch.Tensor, prefix: torch.Tensor, beam: int, *, memory_budget: int) -> torch.Tensor:
+    """What the ``beam`` best partial tuples of ``prefix`` (n_prefix, n_codes, dim) leave of each row
+    of ``x`` (n, dim): (n * b, dim) float32, each row's ``b = beam_width(beam, n_codes, n_prefix)``
+    residuals in a block, best first. Training a residual level on these (as FAISS's residual
+    quantizer does with its beam) makes it serve beam-search encoding, and gives it more rows."""
+    n_prefix, n_codes, dim = prefix.shape
+    c_all = prefix.to(x.device, torch.float32)
+    b = beam_width(beam, n_codes, n_prefix)
+    out = torch.empty((x.shape[0], b, dim), dtype=torch.float32, device=x.device)
+    step = _beam_rows(memory_budget, beam, n_codes, dim)
+    for a in range(0, x.shape[0], step):
+        out[a : a + step] = _beam_chunk(x[a : a + step].to(torch.float32), c_all, beam)[1]
+    return out.reshape(x.shape[0] * b, dim)
+
+
+def beam_width(beam: int, n_codes: int, n_prefix: int) -> int:
+    """Partial tuples a beam search keeps after ``n_prefix`` levels of ``n_codes`` codes."""
+    width = 1
+    for _ in range(n_prefix):
+        width = min(beam, width * n_codes)
+    return width
 
 
 def decode(centroids: torch.Tensor, codec: str, codes: torch.Tensor, *, metric: str) -> torch.Tensor:
@@ -252,6 +299,8 @@ __all__ = [
     "MULTI_LEVEL_CODECS",
     "RowMap",
     "beam_residual",
+    "beam_residuals",
+    "beam_width",
     "check_product_dim",
     "decode",
     "encode_levels",

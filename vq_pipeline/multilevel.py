@@ -3,16 +3,17 @@
 Every level is an ordinary flat fit (:func:`vq_pipeline.kmeans.fit_steps`: seeding, restarts, exact
 Lloyd, repairs, checkpoints) over the level's view of the rows (:meth:`DataSource.mapped`):
 
-* residual: levels one after the other; level ``l`` sees what the fitted levels ``0..l-1`` leave
-  (greedy), computed per batch and never written out. Level 0 is the flat codebook of the same
-  settings.
+* residual: levels one after the other; level ``l`` sees what the fitted levels ``0..l-1`` leave,
+  computed per batch and never written out: for each row, the residuals of the ``train_beam`` best
+  partial tuples of a beam search (:func:`vq_pipeline.levels.beam_residuals`; the greedy residual
+  when ``train_beam=1``). Level 0 is the flat codebook of the same settings.
 * product: all levels in lockstep; each iteration is one pass over the data that serves every level
   still running (:func:`vq_pipeline.data.e_steps`). Each level stops at its own tolerance, so level
   ``l`` is the flat codebook of slice ``l`` with the same settings.
 
-A final pass encodes the training rows once for the statistics: reconstruction error (in total and
-per level), code usage per level and the collision rate (the share of rows whose whole tuple of
-codes another row shares).
+A final pass encodes the training rows once (greedy, as encode does by default) for the counts and
+the statistics: reconstruction error (in total and per level), code usage per level and the
+collision rate (the share of rows whose whole tuple of codes another row shares).
 """
 
 from __future__ import annotations
@@ -104,12 +105,11 @@ def fit_levels(
                     store.finish(level, book)
         done = [b for b in books if b is not None]
         centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
-        counts = torch.stack([b.counts for b in done])  # (levels, n_codes)
         t_stats = time.perf_counter()
         pass_stats = training_stats(source, centroids, opts)
         codebook = Codebook(
             centroids=centroids,
-            counts=counts,
+            counts=pass_stats.pop("counts"),  # (levels, n_codes): the training rows' codes, as encode gives them
             metric=opts.metric,
             codec=opts.codec,
             settings=opts.settings(done[0].settings.get("engine", opts.engine)),
@@ -132,7 +132,7 @@ def fit_levels(
 
 
 def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
-    return RowMap.residual(prefix, engine=opts.engine, memory_budget=opts.memory_budget)
+    return RowMap.residual(prefix, beam=opts.train_beam, engine=opts.engine, memory_budget=opts.memory_budget)
 
 
 def _run_together(steps: dict[int, Any], srcs: dict[int, DataSource]) -> dict[int, Codebook]:
@@ -169,8 +169,9 @@ def _fit_key(data_fingerprint: str, opts: FitOptions) -> str:
 
 
 def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions) -> dict[str, Any]:
-    """One pass over the training rows with the final codebook: error per level and in total, code
-    usage per level, and collisions of whole tuples."""
+    """One pass over the training rows with the final codebook, encoding them as :meth:`Codebook.encode`
+    does by default (greedy): the (levels, n_codes) ``counts`` of every code, error per level and in
+    total, code usage per level, and collisions of whole tuples."""
     from .semantic_ids import collision_stats
 
     n_levels, n_codes, sub = centroids.shape
@@ -200,6 +201,7 @@ def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions
     n_rows = max(1, source.n_rows)
     all_codes = np.concatenate(code_parts) if code_parts else np.zeros((0, n_levels), dtype)
     return {
+        "counts": used,
         "mse": total_err / n_rows,
         "level_mse": (level_err / n_rows).tolist(),
         "used_codes": (used > 0).sum(dim=1).tolist(),

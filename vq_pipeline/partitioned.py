@@ -221,6 +221,7 @@ def fit_partitioned(
     memory_budget: int = FitSettings.memory_budget,
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
+    train_beam: int = FitSettings.train_beam,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,
@@ -252,6 +253,7 @@ def fit_partitioned(
         memory_budget=memory_budget,
         codec=codec,
         levels=levels,
+        train_beam=train_beam,
     )  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work

@@ -115,7 +115,8 @@ def plot_codebook(codebook: Codebook | CodebookInfo | str | os.PathLike[str], pa
         path: the ``.png`` file to write (atomically).
 
     Left, the training rows per code, largest first (one bar per code up to :data:`MAX_BARS` codes,
-    a line above), with the largest code, the mean and the empty codes marked. Right, the objective
+    a line above; one line per level for a residual or product codebook), with the largest code, the
+    mean and the empty codes marked. Right (multi-level: one line per level), the objective
     before each Lloyd update from ``stats["history"]`` (what :mod:`vq_pipeline.kmeans` records: the
     best restart's iterations; each restart's final objective from ``stats["restart_inertias"]`` is
     marked beside it), with the iterations that repaired empty codes marked. A codebook without a
@@ -141,17 +142,69 @@ def plot_codebook(codebook: Codebook | CodebookInfo | str | os.PathLike[str], pa
     fig = _figure(figsize=(12, 4.8))
     sizes_ax, objective_ax = fig.subplots(1, 2)
     _cluster_sizes(sizes_ax, counts)
-    _objective(objective_ax, stats)
+    codec = getattr(codebook, "codec", "flat")
+    if codec == "flat":
+        _objective(objective_ax, stats)
+    else:
+        _level_objectives(objective_ax, stats)
     rows = stats.get("n_rows")
     trained = f", trained on {rows:,} rows" if isinstance(rows, int) and not isinstance(rows, bool) else ""
+    codes = f"{codebook.n_codes:,} codes"
+    if codec != "flat":
+        codes = f"{safe_text(str(codec))}, {codebook.levels} levels x {codes}"
     fig.suptitle(
         safe_text(
-            f"codebook {codebook.fingerprint[:12]}: {codebook.n_codes:,} codes, dim {codebook.dim}, "
-            f"metric {codebook.metric}{trained}"
+            f"codebook {codebook.fingerprint[:12]}: {codes}, dim {codebook.dim}, metric {codebook.metric}{trained}"
         ),
         parse_math=False,
     )
     return _save(fig, target)
+
+
+def _level_objectives(ax: Axes, stats: dict[str, Any]) -> None:
+    """A multi-level codebook's objective per Lloyd iteration, one line per level (each level is its own
+    K-means: residual levels fit what the levels before them left, product levels their own slice)."""
+    from matplotlib.ticker import MaxNLocator
+
+    raw = stats.get("levels")
+    per_level = [level if isinstance(level, dict) else {} for level in raw] if isinstance(raw, list) else []
+    ax.set_xlabel("Lloyd iteration (of each level)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("objective (sum of distances)")
+    drawn, lowest, highest = 0, math.inf, 0.0
+    for i, level in enumerate(per_level):
+        history = level.get("history") if isinstance(level.get("history"), list) else []
+        points = [
+            (float(h["iteration"]), float(h["objective"]))
+            for h in history
+            if isinstance(h, dict)
+            and is_number(h.get("iteration"))
+            and is_number(h.get("objective"))
+            and math.isfinite(h["objective"])
+        ]
+        if not points:
+            continue
+        xy = np.array(points, dtype=np.float64)  # (n_points, 2): iteration, objective
+        state = {True: "converged", False: "not converged"}.get(level.get("converged"), "convergence unknown")
+        ax.plot(xy[:, 0], xy[:, 1], marker="o", markersize=3, label=f"level {i} ({state})")
+        drawn += 1
+        lowest, highest = min(lowest, float(xy[:, 1].min())), max(highest, float(xy[:, 1].max()))
+    if not drawn:
+        _text(
+            ax,
+            0.5,
+            0.5,
+            "no objective per iteration:\nstats['levels'] holds no history",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_title("objective per iteration, per level")
+        return
+    if lowest > 0 and highest / lowest > 20:
+        ax.set_yscale("log")
+    ax.set_title(f"objective per iteration, per level ({drawn} of {len(per_level)} levels)")
+    ax.legend(loc="upper right")
 
 
 def _cluster_sizes(ax: Axes, counts: np.ndarray) -> None:
@@ -173,7 +226,7 @@ def _cluster_sizes(ax: Axes, counts: np.ndarray) -> None:
         top = int(order[0])
         share = sizes[0] / sizes.sum() if sizes.sum() else 0.0
         ax.annotate(
-            f"largest: code {top} ({int(sizes[0]):,} rows, {share:.1%})",
+            f"{f'level {level} ' if len(levels) > 1 else ''}largest: code {top} ({int(sizes[0]):,} rows, {share:.1%})",
             xy=(1, sizes[0]),
             xytext=(0.25, 0.93 - 0.07 * level),
             textcoords="axes fraction",

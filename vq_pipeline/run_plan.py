@@ -35,12 +35,14 @@ def check_run(
     engine: str,
     drift_threshold: float,
     usage_threshold: float | None,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
 ) -> None:
     """Refuse a run's arguments before any work: a work_dir in, around or equal to ``input_root``
     (resolved), bad thresholds (:func:`vq_pipeline.workdir.check_thresholds`), bad fit settings."""
     check_output_folder("work_dir", work_dir, [input_root])
     check_thresholds(drift_threshold, usage_threshold)
-    FitSettings(metric=metric, seed=seed, engine=engine)
+    FitSettings(metric=metric, seed=seed, engine=engine, codec=codec, levels=levels)
 
 
 def codebook_template(work_dir: str | Path) -> str:
@@ -76,17 +78,71 @@ def encode_arguments(
     )
 
 
-def first_action(current: dict[str, Any] | None, *, metric: str, n_codes: int) -> tuple[str, str | None]:
+def with_codec(current: dict[str, Any]) -> dict[str, Any]:
+    """The codebook pointer ``current`` (:func:`vq_pipeline.workdir.read_current`) with the ``codec``
+    and ``levels`` of its file, read from the file's metadata when the pointer lacks them."""
+    if "codec" in current and "levels" in current:
+        return current
+    from .codebook_file import load_info
+
+    info = load_info(current["path"])
+    return {**current, "codec": info.codec, "levels": info.levels}
+
+
+def codec_of(current: dict[str, Any]) -> tuple[str, int]:
+    """(codec, levels) of a codebook pointer; one without them (see :func:`with_codec`) is flat."""
+    return current.get("codec", "flat"), int(current.get("levels", 1))
+
+
+def first_action(
+    current: dict[str, Any] | None,
+    *,
+    metric: str,
+    n_codes: int,
+    codec: str = FitSettings.codec,
+    levels: int = FitSettings.levels,
+) -> tuple[str, str | None]:
     """What the run does before it encodes: ``("fit", reason)`` when there is no current codebook or
-    the requested metric or n_codes differ from the current one's, else ``("none", None)`` (a refit
-    rule may still fire once the new rows are encoded: :func:`refit_decision`)."""
+    the requested metric, n_codes, codec or levels differ from the current one's (its ``codec`` and
+    ``levels``: :func:`with_codec`), else ``("none", None)`` (a refit rule may still fire once the new
+    rows are encoded: :func:`refit_decision`)."""
     if current is None:
         return "fit", "no current codebook"
-    if (current["metric"], current["n_codes"]) != (metric, n_codes):
-        return "fit", (
-            f"settings changed (metric {current['metric']} → {metric}, n_codes {current['n_codes']} → {n_codes})"
-        )
+    old_codec, old_levels = codec_of(current)
+    if (current["metric"], current["n_codes"], old_codec, old_levels) != (metric, n_codes, codec, levels):
+        changed = f"metric {current['metric']} → {metric}, n_codes {current['n_codes']} → {n_codes}"
+        if (old_codec, old_levels) != (codec, levels):
+            changed += f", codec {old_codec} × {old_levels} levels → {codec} × {levels} levels"
+        return "fit", f"settings changed ({changed})"
     return "none", None
+
+
+#: The reason :func:`alignment_unavailable` gives (shown in the run's report).
+MULTILEVEL_ALIGNMENT = "alignment: not available for residual/product codebooks"
+
+
+def alignment_unavailable(fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any] | None:
+    """The alignment record of a fit that cannot be renumbered after ``reference`` because either is a
+    residual or product codebook (``aligned`` False, the fit's own ``path`` and ``fingerprint``, the shape
+    of :func:`vq_pipeline.workdir.align_refit`'s record), or None when both are flat and alignment runs.
+
+    Args:
+        fit: the fit flow's summary (``path``, ``fingerprint``, ``n_codes``, ``codec``).
+        reference: the codebook it replaces (:func:`vq_pipeline.workdir.read_current`, :func:`with_codec`).
+    """
+    codecs = (fit.get("codec", "flat"), codec_of(reference)[0])
+    if codecs == ("flat", "flat"):
+        return None
+    return {
+        "aligned": False,
+        "reason": f"{MULTILEVEL_ALIGNMENT} (codec {codecs[1]} → {codecs[0]})",
+        "path": fit["path"],
+        "fingerprint": fit["fingerprint"],
+        "reference": reference["fingerprint"],
+        "reference_path": reference["path"],
+        "n_codes": fit["n_codes"],
+        "reference_n_codes": reference["n_codes"],
+    }
 
 
 def current_checks(
@@ -183,7 +239,10 @@ def run_summary(
 
 __all__ = [
     "ENCODE_BRIEF_KEYS",
+    "MULTILEVEL_ALIGNMENT",
+    "alignment_unavailable",
     "check_run",
+    "codec_of",
     "codebook_template",
     "current_checks",
     "encode_arguments",
@@ -193,4 +252,5 @@ __all__ = [
     "refit_decision",
     "run_summary",
     "with_alignment",
+    "with_codec",
 ]

@@ -55,12 +55,14 @@ _RULE_NAMES = {"schedule": "schedule", "distortion": "distortion", "usage": "cod
 def _drift_lines(s: dict[str, Any]) -> list[str]:
     d = s["drift"]
     if d.get("baseline"):
+        n_codes = d["n_codes"] * d.get("levels", 1)
+        over = f" over {d['levels']} {d['codec']} levels" if d.get("per_level") is not None else ""
         return [
             "## Baseline",
             "",
             (
                 f"{d['note'][0].upper()}{d['note'][1:]} ({_fmt(d.get('baseline_rows'))} rows, mean distance "
-                f"{_fmt(d.get('baseline_mean_distance'))}, {d['codes_used']} of {d['n_codes']} codes used): they are "
+                f"{_fmt(d.get('baseline_mean_distance'))}, {d['codes_used']} of {n_codes} codes used{over}): they are "
                 f"not drift. Drift is measured on the rows that later runs encode."
             ),
         ]
@@ -88,8 +90,24 @@ def _drift_lines(s: dict[str, Any]) -> list[str]:
             else:
                 cells.append(_fmt(c.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _level_lines(columns)
     if any(c.get("baseline") for _, c in columns):
         lines += ["", "Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
+    return lines
+
+
+def _level_lines(columns: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Rows of the drift table for each level of a multi-level codebook: codes used and usage divergence
+    (the rows above give the levels' mean divergence)."""
+    rows = max((len(c.get("per_level") or []) for _, c in columns), default=0)
+    lines = []
+    for level in range(rows):
+        for key, label in [("codes_used", "codes used"), ("usage_divergence", "code-usage divergence (JS, bits)")]:
+            cells = []
+            for _, c in columns:
+                per = c.get("per_level") or []
+                cells.append(_fmt(per[level].get(key)) if level < len(per) and not c.get("baseline") else "—")
+            lines.append(f"| level {level}: {label} | " + " | ".join(cells) + " |")
     return lines
 
 

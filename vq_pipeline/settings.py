@@ -14,7 +14,9 @@ METRICS = ("l2", "cosine")
 DEFAULT_METRIC = "l2"
 ENGINES = ("auto", "keops", "torch")
 #: "k-means||": approximate seeding (Bahmani et al. 2012), faster than the exact greedy "k-means++".
-INITS = ("k-means++", "random", "first", "k-means||")
+#: "progressive": K-means grown over more and more principal directions (vq_pipeline.progressive).
+#: "auto": "progressive" for residual codebooks, else "k-means++".
+INITS = ("auto", "k-means++", "random", "first", "k-means||", "progressive")
 #: Bytes of temporaries one chunk of a distance computation may use.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per streamed table batch.
@@ -44,7 +46,7 @@ class FitSettings:
     n_iter: int = 50
     tol: float = 1e-4
     #: A name from INITS, a (n_codes, dim) tensor of starting centroids, or a Codebook to warm-start from.
-    init: Any = "k-means++"
+    init: Any = "auto"
     seed: int = 0
     n_init: int = 1
     engine: str = "auto"
@@ -55,6 +57,10 @@ class FitSettings:
     codec: str = "flat"
     #: Codes per row: 1 for "flat"; for "residual" and "product", the number of levels.
     levels: int = 1
+    #: "residual": each level from the second on is fitted on what the ``train_beam`` best partial
+    #: tuples of the levels before leave of every row (a beam search, as FAISS's residual quantizer
+    #: trains); 1: on the greedy residuals only. Unused by other codecs.
+    train_beam: int = 5
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError
@@ -63,6 +69,7 @@ class FitSettings:
         check_choice("metric", self.metric, METRICS)
         check_choice("codec", self.codec, CODECS)
         object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
+        object.__setattr__(self, "train_beam", check_int("train_beam", self.train_beam, minimum=1))
         if self.codec == "flat" and self.levels != 1:
             raise InvalidInputError(
                 f"levels={self.levels} with codec='flat'; a flat codebook has one level. "

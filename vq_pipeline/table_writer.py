@@ -1,5 +1,10 @@
 """Write tables with polars: code tables (the ``code`` column's type, a batch's frame, atomic parquet writes).
 
+A flat codebook's table has ``code`` (and ``codes``/``distances`` for top-k); a multi-level codebook's
+(codec residual or product) has ``codes``, an ``Array(integer, levels)`` of one code per level, and,
+when semantic-id suffixes are asked for, ``suffix`` (UInt32, null until the folder's finishing step
+fills it; :func:`vq_pipeline.encode_folder.assign_suffixes`).
+
 Tensor in, file out: no math here. For the demo and the tests, also embedding tables
 (:func:`write_embeddings`). :mod:`vq_pipeline.tables` reads tables and re-exports these names.
 """
@@ -7,6 +12,7 @@ Tensor in, file out: no math here. For the demo and the tests, also embedding ta
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +29,9 @@ from .settings import CODE_DTYPE_NAMES
 #: Columns every code table has (besides its id column, ``row`` when ids are row positions): a kept
 #: column may not take one of these names.
 OUTPUT_COLUMNS = ("code", "codes", "distance", "distances")
+#: The semantic-id suffix column of a multi-level code table written with ``unique``.
+SUFFIX_COLUMN = "suffix"
+SUFFIX_DTYPE = pl.UInt32
 
 #: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
 CODE_DTYPES = {name: getattr(pl, name.replace("uint", "UInt").replace("int", "Int")) for name in CODE_DTYPE_NAMES}
@@ -88,6 +97,53 @@ def codes_frame(
     return frame.hstack(keep) if keep is not None else frame
 
 
+def level_codes_frame(
+    ids: Any,
+    codes: torch.Tensor,
+    *,
+    n_codes: int,
+    id_column: str = "id",
+    distances: torch.Tensor | None = None,
+    keep: Any = None,
+    pinned_dtype: str | None = None,
+    suffix: bool = False,
+) -> pl.DataFrame:
+    """Build the output table of one batch or file of a multi-level codebook.
+
+    Args:
+        ids: a polars Series of ids (or row positions).
+        codes: (n, levels) int64 CPU tensor, one code per level.
+        distances: optional (n,) float32 CPU tensor (distance to the reconstruction).
+        keep: optional DataFrame of pass-through columns.
+        pinned_dtype: the codes' integer type (see :func:`code_dtype`; default: the smallest fit).
+        suffix: add a ``suffix`` column (UInt32), all null: the finishing step fills it.
+
+    Columns: ``id_column``, ``codes`` (Array of levels), ``suffix``, ``distance``, then the kept columns.
+    """
+    dtype = code_dtype(n_codes, pinned_dtype)
+    c = codes.numpy()  # (n, levels)
+    cols: list[pl.Series] = [ids.rename(id_column), pl.Series("codes", c).cast(pl.Array(dtype, c.shape[1]))]
+    if suffix:
+        cols.append(pl.Series(SUFFIX_COLUMN, [None] * c.shape[0], dtype=SUFFIX_DTYPE))
+    if distances is not None:
+        cols.append(pl.Series("distance", distances.numpy()))
+    frame = pl.DataFrame(cols)
+    return frame.hstack(keep) if keep is not None else frame
+
+
+def with_suffix(frame: pl.DataFrame, suffix: pl.Series) -> pl.DataFrame:
+    """``frame`` (a multi-level code table with a ``suffix`` column) with that column replaced by
+    ``suffix`` ((n,) UInt32, in row order), as one chunk so that its parquet bytes depend only on its values."""
+    return frame.with_columns(suffix.cast(SUFFIX_DTYPE).alias(SUFFIX_COLUMN)).rechunk()
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    """The bytes :func:`write_parquet_atomic` writes for ``frame``."""
+    buf = io.BytesIO()
+    frame.write_parquet(buf, statistics=True)
+    return buf.getvalue()
+
+
 def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
 
@@ -127,10 +183,15 @@ def write_embeddings(
 __all__ = [
     "CODE_DTYPES",
     "OUTPUT_COLUMNS",
+    "SUFFIX_COLUMN",
+    "SUFFIX_DTYPE",
     "code_dtype",
     "codes_frame",
     "concat_frames",
     "file_sha256",
+    "level_codes_frame",
+    "parquet_bytes",
+    "with_suffix",
     "write_embeddings",
     "write_parquet_atomic",
 ]

@@ -36,10 +36,15 @@ from .settings import DEFAULT_BATCH_ROWS
 from .table_writer import (
     CODE_DTYPES,
     OUTPUT_COLUMNS,
+    SUFFIX_COLUMN,
+    SUFFIX_DTYPE,
     code_dtype,
     codes_frame,
     concat_frames,
     file_sha256,
+    level_codes_frame,
+    parquet_bytes,
+    with_suffix,
     write_embeddings,
     write_parquet_atomic,
 )
@@ -485,9 +490,53 @@ def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
         return pl.read_parquet(path)
 
 
+def folder_suffixes(
+    paths: Sequence[str | os.PathLike[str]], *, id_column: str | None
+) -> tuple[list[pl.Series], dict[str, Any]]:
+    """Semantic-id suffixes over multi-level code tables (``codes`` column), and their collision statistics.
+
+    Every row gets its rank among the rows of all ``paths`` that share its tuple of codes, ordered by
+    its id: the ``id_column`` values (unique over all files; :func:`vq_pipeline.semantic_ids.suffix_table`),
+    or, when ``id_column`` is None, the pair (position of its file in ``paths``, its ``row``), i.e.
+    the files' order first, then row positions within a file.
+
+    Args:
+        paths: the code tables, in the order that breaks ties when there is no id column.
+
+    Returns:
+        (one (n_rows_of_file,) UInt32 Series per file, in row order; :func:`vq_pipeline.semantic_ids.collision_stats`
+        of the codes of all files, before suffixes).
+
+    Raises:
+        InvalidInputError: unreadable files, or an id that occurs twice among the files.
+    """
+    from .semantic_ids import collision_stats_table, suffix_table
+
+    files = [os.fspath(p) for p in paths]
+    counts = [pl.scan_parquet(f).select(pl.len()).collect().item() for f in files]
+    if id_column is not None:
+        found = suffix_table(files, id_column=id_column, codes_column="codes")  # rows in the order files are read
+        suffix = found[SUFFIX_COLUMN]
+    else:
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # (n_files,) first global row
+        order = pl.concat(
+            [
+                pl.scan_parquet(f).select("codes", (pl.col("row").cast(pl.Int64) + int(o)).alias("__order"))
+                for f, o in zip(files, offsets)
+            ]
+        )
+        rank = (pl.col("__order").rank("ordinal").over("codes") - 1).cast(SUFFIX_DTYPE).alias(SUFFIX_COLUMN)
+        suffix = order.select(rank).collect()[SUFFIX_COLUMN]
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (n_files + 1,)
+    parts = [suffix.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return parts, collision_stats_table(files, codes_column="codes")
+
+
 __all__ = [
     "CODE_DTYPES",
     "OUTPUT_COLUMNS",
+    "SUFFIX_COLUMN",
+    "SUFFIX_DTYPE",
     "Batch",
     "Source",
     "TableInfo",
@@ -500,12 +549,16 @@ __all__ = [
     "file_sha256",
     "file_stat",
     "fingerprint",
+    "folder_suffixes",
     "inspect_source",
     "iter_batches",
+    "level_codes_frame",
+    "parquet_bytes",
     "read_table",
     "row_positions",
     "sample_rows",
     "scan",
+    "with_suffix",
     "write_embeddings",
     "write_parquet_atomic",
 ]

@@ -1,0 +1,545 @@
+"""Multi-level codes (residual and product quantization) against FAISS on real token embeddings, in fresh processes.
+
+Setup: the ``.venv-bench`` of ``benchmarks/README.md`` (faiss-cpu, scikit-learn, editable vq_pipeline). Command,
+from the repository root::
+
+    .venv-bench/bin/python benchmarks/codecs.py [--quick] [--repeats R] [--beams 1,5,8] [--methods LIST] [--json PATH]
+
+Data: the ``wordllama`` token-embedding matrix, 32,000 x 256 float32 (``benchmarks/wordllama_data.py`` fetches
+the wheel once into ``benchmarks/.cache/wordllama/``). A seeded permutation splits it into 25,600 training rows
+and 6,400 new rows (``--quick``: the first 8,000 rows of the permutation, 6,400 / 1,600, and one repeat).
+
+Methods, one fresh process each that imports only what it measures (like ``fair.py``), K = 256 codes per level
+(8 bits), every library at its defaults except where named:
+
+* ``ours-rq4``: ``fit_codebook(x, 256, codec="residual", levels=4, seed=0, device="cpu")`` (32-bit codes); the
+  one fit is encoded greedily (``encode(x)``) and with ``encode(x, beam=b)`` for every other ``--beams`` value,
+  each its own row (train seconds are the one fit's);
+* ``faiss-rq4``: ``faiss.ResidualQuantizer(d, 4, 8)`` at its defaults (``max_beam_size`` 5, used by train and
+  encode alike; 10 k-means iterations per level); ``train``, ``compute_codes``, ``decode``;
+* ``faiss-rq4-beam1``: the same with ``max_beam_size = 1`` set before ``train`` (greedy train and encode);
+* ``ours-pq16`` / ``faiss-pq16``: ``codec="product", levels=16`` (16-d slices, 128-bit codes) against
+  ``faiss.ProductQuantizer(d, 16, 8)`` (25 k-means iterations per slice);
+* ``ours-pq4`` / ``faiss-pq4``: the same at 4 levels (64-d slices, 32-bit codes, the residual runs' code size);
+* ``ours-rq4-progressive`` (only when named in ``--methods``): ``ours-rq4`` with ``init="progressive"``.
+
+Both libraries train on every row (FAISS samples only above 256 x K = 65,536 rows). Before the measured calls
+each worker makes one untimed warm-up fit and encode on the first 1,024 rows (lazy imports, thread pools),
+as ``fair.py`` does. Threads: 2 for everybody (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
+``OPENBLAS_NUM_THREADS``; ``torch.set_num_threads``, ``faiss.omp_set_num_threads``).
+
+Figures, per row: train seconds (one whole fit / train call), encode rows per second (one whole encode /
+``compute_codes`` call on the new rows), new-row and train-row MSE (mean over rows of the sum over dimensions of
+``(x - decode(encode(x)))^2``, in float64, each row's own encode variant), the worker's peak RSS (``VmHWM`` at
+its end: the whole process's peak, imports and data included; ``ru_maxrss`` is kept in the JSON, but Linux may
+carry it across ``exec`` from the parent), and the load it ran under (``/proc/pressure/cpu`` "some" share over
+the worker's life, ``os.getloadavg()``). Ratios pair each of our rows with the FAISS row of the same code size and
+search width: greedy with ``max_beam_size=1``, beams with FAISS's default (beam 5). The data's mean squared norm
+and its mean squared distance to its mean are printed, so that an MSE can be read relatively.
+
+Runs are interleaved (every method in turn per repeat, the order rotated), medians of R (3) repeats. A method
+that fails (an exception, a missing keyword) is recorded with its error in its row; the harness goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata as _md
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+THREADS = 2
+N_CODES = 256  # 8 bits per level
+SEED = 0
+WARM_ROWS = 1024
+QUICK_ROWS = 8000
+WORKER_TIMEOUT_S = 3600
+# method -> (library, codec, levels, FAISS max_beam_size or None for its default)
+METHODS: dict[str, tuple[str, str, int, int | None]] = {
+    "ours-rq4": ("ours", "residual", 4, None),
+    "ours-rq4-progressive": ("ours", "residual", 4, None),
+    "faiss-rq4": ("faiss", "residual", 4, None),
+    "faiss-rq4-beam1": ("faiss", "residual", 4, 1),
+    "ours-pq16": ("ours", "product", 16, None),
+    "faiss-pq16": ("faiss", "product", 16, None),
+    "ours-pq4": ("ours", "product", 4, None),
+    "faiss-pq4": ("faiss", "product", 4, None),
+}
+OUR_INIT = {"ours-rq4-progressive": "progressive"}  # fit keyword init=; the others use the default
+DEFAULT_METHODS = [m for m in METHODS if m not in OUR_INIT]
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def _psi_total_us() -> int | None:
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def _mse(x: np.ndarray, xr: Any) -> float:
+    """Mean over rows of the sum over dimensions of (x - xr)^2, float64."""
+    xr = np.asarray(xr)
+    if xr.shape != x.shape:
+        raise ValueError(f"decode returned shape {xr.shape}; expected {x.shape}")
+    total = 0.0
+    for s in range(0, x.shape[0], 8192):
+        total += float(np.square(x[s : s + 8192].astype(np.float64) - xr[s : s + 8192].astype(np.float64)).sum())
+    return total / x.shape[0]
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
+
+
+def _timed(call: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - t0
+
+
+def _check_codes(codes: Any, n: int, levels: int, notes: list[str]) -> np.ndarray:
+    """Our codes as numpy (n, levels) int64; anything else is noted as an API mismatch and converted."""
+    if not isinstance(codes, np.ndarray):
+        notes.append(f"encode returned {type(codes).__module__}.{type(codes).__name__}, expected numpy.ndarray")
+        codes = codes.numpy() if hasattr(codes, "numpy") else np.asarray(codes)
+    if codes.shape != (n, levels) or codes.dtype != np.int64:
+        notes.append(f"encode returned {codes.dtype} {codes.shape}, expected int64 {(n, levels)}")
+    return codes
+
+
+def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[str, Any]) -> None:
+    import vq_pipeline  # before torch: it sets its OpenMP wait policy for itself, as for users
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    _, codec, levels, _ = METHODS[spec["method"]]
+    fit_codebook = vq_pipeline.fit_codebook
+    notes: list[str] = rec["api_notes"]
+
+    kw0 = {"init": OUR_INIT[spec["method"]]} if spec["method"] in OUR_INIT else {}
+
+    def fit(x: np.ndarray, **kw: Any) -> Any:
+        kw = {**kw0, **kw}
+        return fit_codebook(x, N_CODES, codec=codec, levels=levels, seed=SEED, device="cpu", **kw)
+
+    def encode(cb: Any, x: np.ndarray, beam: int) -> Any:
+        return cb.encode(x) if beam == 1 else cb.encode(x, beam=beam)
+
+    beams = spec["beams"] if codec == "residual" else [1]
+    warm = fit(train[:WARM_ROWS], n_iter=1)
+    encode(warm, new[:WARM_ROWS], 1)
+    cb, rec["train_s"] = _timed(lambda: fit(train))
+    for name in ("codec", "levels", "n_codes", "dim"):
+        rec.setdefault("codebook", {})[name] = _jsonable(getattr(cb, name, "<missing>"))
+    expect = {"codec": codec, "levels": levels, "n_codes": N_CODES, "dim": train.shape[1]}
+    for name, want in expect.items():
+        if rec["codebook"][name] != want:
+            notes.append(f"cb.{name}={rec['codebook'][name]!r}, expected {want!r}")
+    rec["stats"] = json.loads(json.dumps(getattr(cb, "stats", None), default=_jsonable))
+    rec["settings"] = json.loads(json.dumps(getattr(cb, "settings", None), default=_jsonable))
+    for beam in beams:
+        variant: dict[str, Any] = {"variant": "greedy" if beam == 1 else f"beam={beam}", "beam": beam}
+        rec["variants"].append(variant)
+        try:
+            encode(cb, new[:WARM_ROWS], beam)
+            codes, variant["encode_s"] = _timed(lambda: encode(cb, new, beam))
+            codes = _check_codes(codes, new.shape[0], levels, notes)
+            xr, variant["decode_s"] = _timed(lambda: cb.decode(codes))
+            if not isinstance(xr, np.ndarray):
+                notes.append(f"decode returned {type(xr).__module__}.{type(xr).__name__}, expected numpy.ndarray")
+                xr = xr.numpy() if hasattr(xr, "numpy") else np.asarray(xr)
+            variant["new_mse"] = _mse(new, xr)
+            train_codes = _check_codes(encode(cb, train, beam), train.shape[0], levels, [])
+            variant["train_mse"] = _mse(train, np.asarray(cb.decode(train_codes)))
+        except Exception as e:  # one variant's failure (say, no beam= keyword) must not hide the others
+            variant["error"] = f"{type(e).__name__}: {e}"
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+
+
+def _faiss(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[str, Any]) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(spec["threads"])
+    _, codec, levels, beam = METHODS[spec["method"]]
+    d = train.shape[1]
+
+    def make() -> Any:
+        if codec == "product":
+            return faiss.ProductQuantizer(d, levels, 8)
+        q = faiss.ResidualQuantizer(d, levels, 8)
+        if beam is not None:
+            q.max_beam_size = beam  # train and encode alike
+        return q
+
+    def fit(x: np.ndarray) -> Any:
+        q = make()
+        q.train(x)
+        return q
+
+    warm = fit(train[:WARM_ROWS])
+    warm.compute_codes(new[:WARM_ROWS])
+    q, rec["train_s"] = _timed(lambda: fit(train))
+    settings = {"niter": q.cp.niter, "seed": q.cp.seed, "max_points_per_centroid": q.cp.max_points_per_centroid}
+    if codec == "residual":
+        settings.update(max_beam_size=q.max_beam_size, train_type=q.train_type, use_beam_lut=q.use_beam_LUT)
+    rec["settings"] = settings
+    variant: dict[str, Any] = {"variant": "default" if beam is None else f"max_beam_size={beam}", "beam": beam}
+    rec["variants"].append(variant)
+    q.compute_codes(new[:WARM_ROWS])
+    codes, variant["encode_s"] = _timed(lambda: q.compute_codes(new))
+    xr, variant["decode_s"] = _timed(lambda: q.decode(codes))
+    variant["new_mse"] = _mse(new, xr)
+    variant["train_mse"] = _mse(train, q.decode(q.compute_codes(train)))
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One method in this (fresh) process; imports only the measured library."""
+    psi0, t0 = _psi_total_us(), time.perf_counter()
+    folder = Path(spec["dir"])
+    train, new = np.load(folder / "train.npy"), np.load(folder / "new.npy")
+    rec: dict[str, Any] = {"method": spec["method"], "variants": [], "api_notes": []}
+    try:
+        (_ours if METHODS[spec["method"]][0] == "ours" else _faiss)(spec, train, new, rec)
+    except Exception as e:  # recorded in the row, the harness goes on
+        rec["error"] = f"{type(e).__name__}: {e}"
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    psi1 = _psi_total_us()
+    rec["peak_rss_mib"] = _status_mib("VmHWM")
+    rec["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec["cpu_stall"] = None if psi0 is None or psi1 is None else (psi1 - psi0) / 1e6 / max(wall, 1e-9)
+    rec["load1"] = os.getloadavg()[0]
+    rec["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    return rec
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return _md.version(dist)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def run_worker(spec: dict[str, Any], log_file: Any) -> dict[str, Any]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(spec["threads"])
+    if _version("vq-pipeline") is None:  # not installed: the checkout's own package
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    out = Path(spec["result"])
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+            timeout=WORKER_TIMEOUT_S,
+            cwd=str(REPO),
+        )
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timeout after {WORKER_TIMEOUT_S} s"
+    process_s = time.perf_counter() - t0
+    if rc != 0 or not out.exists():
+        return {"method": spec["method"], "variants": [], "error": f"worker exited {rc} (see the log)"}
+    rec = json.loads(out.read_text())
+    out.unlink()
+    rec["process_s"] = process_s
+    return rec
+
+
+def data_stats(x: np.ndarray) -> dict[str, float]:
+    x64 = x.astype(np.float64)
+    return {
+        "rows": int(x.shape[0]),
+        "mean_sq_norm": float(np.square(x64).sum(1).mean()),
+        "mean_sq_dist_to_mean": float(np.square(x64 - x64.mean(0)).sum(1).mean()),
+    }
+
+
+# A table row: (label, method, variant name, code bits, paired FAISS (method, variant) or None)
+def plan_rows(methods: list[str], beams: list[int]) -> list[tuple[str, str, str, int, tuple[str, str] | None]]:
+    rows: list[tuple[str, str, str, int, tuple[str, str] | None]] = []
+    for b in beams:
+        v = "greedy" if b == 1 else f"beam={b}"
+        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
+        rows.append((f"ours residual 4×8, {v}", "ours-rq4", v, 32, pair))
+    for b in beams:
+        v = "greedy" if b == 1 else f"beam={b}"
+        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
+        rows.append((f"ours residual 4×8, init=progressive, {v}", "ours-rq4-progressive", v, 32, pair))
+    rows += [
+        ("FAISS RQ 4×8, default (beam 5)", "faiss-rq4", "default", 32, None),
+        ("FAISS RQ 4×8, max_beam_size=1", "faiss-rq4-beam1", "max_beam_size=1", 32, None),
+        ("ours product 16×8", "ours-pq16", "greedy", 128, ("faiss-pq16", "default")),
+        ("FAISS PQ 16×8", "faiss-pq16", "default", 128, None),
+        ("ours product 4×8", "ours-pq4", "greedy", 32, ("faiss-pq4", "default")),
+        ("FAISS PQ 4×8", "faiss-pq4", "default", 32, None),
+    ]
+    return [r for r in rows if r[1] in methods]
+
+
+def summarize(
+    runs: dict[str, list[dict[str, Any]]], methods: list[str], beams: list[int], n_new: int
+) -> list[dict[str, Any]]:
+    """One record per table row: medians over the repeats, errors, and ratios to the paired FAISS row."""
+
+    def med(vals: list[Any]) -> float | None:
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    rows = []
+    for label, method, vname, bits, pair in plan_rows(methods, beams):
+        recs = runs.get(method, [])
+        vs = [v for r in recs for v in r.get("variants", []) if v["variant"] == vname and "error" not in v]
+        ok = [r for r in recs if "error" not in r]
+        errors = sorted({r["error"] for r in recs if "error" in r})
+        errors += sorted(
+            {v["error"] for r in recs for v in r.get("variants", []) if v["variant"] == vname and "error" in v}
+        )
+        row = {
+            "label": label,
+            "method": method,
+            "variant": vname,
+            "code_bits": bits,
+            "paired_with": pair,
+            "repeats_ok": len(vs),
+            "train_s": med([r.get("train_s") for r in ok]) if vs else None,
+            "encode_s": med([v["encode_s"] for v in vs]),
+            "decode_s": med([v["decode_s"] for v in vs]),
+            "new_mse": med([v["new_mse"] for v in vs]),
+            "train_mse": med([v["train_mse"] for v in vs]),
+            "new_mse_spread": (max(v["new_mse"] for v in vs) - min(v["new_mse"] for v in vs)) if vs else None,
+            "peak_rss_mib": med([r.get("peak_rss_mib") for r in recs]),
+            "cpu_stall": med([r.get("cpu_stall") for r in recs]),
+            "load1": med([r.get("load1") for r in recs]),
+            "errors": errors,
+            "api_notes": sorted({n for r in recs for n in r.get("api_notes", [])}),
+        }
+        row["encode_rows_per_s"] = None if row["encode_s"] is None or not n_new else n_new / row["encode_s"]
+        out[(method, vname)] = row
+        rows.append(row)
+    for row in rows:
+        peer = out.get(tuple(row["paired_with"])) if row["paired_with"] else None
+        for key, name in (("train_s", "train_time"), ("encode_s", "encode_time"), ("new_mse", "new_mse")):
+            ok = peer is not None and row[key] is not None and peer[key]
+            row[f"ratio_{name}"] = row[key] / peer[key] if ok else None
+    return rows
+
+
+def _num(v: Any, fmt: str = ".4g") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | code bits | train s | encode rows/s | new-row MSE | train-row MSE | ours/FAISS train time "
+        "| ours/FAISS encode time | ours/FAISS new-row MSE | peak RSS MiB | CPU stall | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratios = [_num(r[f"ratio_{k}"], ".2f") if r["paired_with"] else "—" for k in ("train_time", "encode_time")]
+        mse_ratio = _num(r["ratio_new_mse"], ".3f") if r["paired_with"] else "—"
+        label = r["label"] + (" (failed)" if r["repeats_ok"] == 0 else "")
+        lines.append(
+            f"| {label} | {r['code_bits']} | {_num(r['train_s'], '.3g')} | {_num(r['encode_rows_per_s'], '.3g')} "
+            f"| {_num(r['new_mse'])} | {_num(r['train_mse'])} | {ratios[0]} | {ratios[1]} | {mse_ratio} "
+            f"| {_num(r['peak_rss_mib'], '.0f')} | {_num(r['cpu_stall'], '.2f')} | {_num(r['load1'], '.1f')} |"
+        )
+    notes = [f"{r['label']}: {e}" for r in rows for e in r["errors"]]
+    notes += [f"{r['label']}: API: {n}" for r in rows for n in r["api_notes"]]
+    if notes:
+        lines += ["", "Errors and API notes (details in the log):", *[f"- {n}" for n in notes]]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    try:
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "vq_pipeline"], capture_output=True, text=True)
+        modified = bool(dirty.stdout.strip())
+    except OSError:
+        commit, modified = "unknown", False
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "threads": THREADS,
+        "python": platform.python_version(),
+        "commit": commit,
+        "vq_pipeline_modified_since_commit": modified,
+        "load_at_start": os.getloadavg(),
+        "versions": {d: _version(d) for d in ("vq-pipeline", "torch", "faiss-cpu", "numpy")},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help=f"a {QUICK_ROWS}-row subset and 1 repeat: a smoke check")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick: 1)")
+    ap.add_argument("--beams", default="1,5,8", help="our residual encode widths, one row each (1 = greedy)")
+    ap.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all but {','.join(OUR_INIT)})",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write every raw number here")
+    ap.add_argument(
+        "--log", type=Path, default=None, help="the workers' output (default: beside --json, or a temp file)"
+    )
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        Path(spec["result"]).write_text(json.dumps(worker(spec)))
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods={args.methods!r}: unknown {unknown}; expected a subset of {','.join(METHODS)}")
+    try:
+        beams = sorted({int(b) for b in args.beams.split(",") if b})
+    except ValueError:
+        ap.error(f"--beams={args.beams!r}: expected comma-separated positive integers, e.g. 1,5,8")
+    if not beams or beams[0] < 1:
+        ap.error(f"--beams={args.beams!r}: expected comma-separated positive integers, e.g. 1,5,8")
+    repeats = args.repeats or (1 if args.quick else 3)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import wordllama_data
+
+    x = wordllama_data.load()
+    train, new = wordllama_data.split(x, n_rows=QUICK_ROWS if args.quick else None)
+    log_path = args.log or (
+        args.json.with_suffix(".log") if args.json else Path(tempfile.gettempdir()) / "vq-codecs.log"
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    started = _dt.datetime.now(_dt.UTC)
+    res: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick,
+        "repeats": repeats,
+        "beams": beams,
+        "methods": methods,
+        "data": {
+            "source": "wordllama l2_supercat_256 token embeddings",
+            "split_seed": wordllama_data.SPLIT_SEED,
+            "all": data_stats(x),
+            "train": data_stats(train),
+            "new": data_stats(new),
+        },
+    }
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="vq-codecs-"))
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    try:
+        np.save(tmp / "train.npy", train)
+        np.save(tmp / "new.npy", new)
+        with open(log_path, "w") as log_file:
+            for r in range(repeats):
+                order = methods[r % len(methods) :] + methods[: r % len(methods)]  # nobody always goes first
+                for m in order:
+                    spec = {
+                        "method": m,
+                        "dir": str(tmp),
+                        "threads": THREADS,
+                        "beams": beams,
+                        "result": str(tmp / f"result-{m}.json"),
+                    }
+                    print(f"--- r{r} {m}", file=log_file, flush=True)
+                    rec = run_worker(spec, log_file)
+                    rec["repeat"] = r
+                    runs[m].append(rec)
+                    vs = ", ".join(
+                        f"{v['variant']}: enc {_num(v.get('encode_s'), '.3g')} s mse {_num(v.get('new_mse'))}"
+                        + (f" ERROR {v['error']}" if "error" in v else "")
+                        for v in rec.get("variants", [])
+                    )
+                    print(
+                        f"r{r} {m:16s} train {_num(rec.get('train_s'), '.3g')} s; {vs}"
+                        + (f"  ERROR {rec['error']}" if "error" in rec else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["seconds"] = time.perf_counter() - t_start
+    res["rows"] = summarize(runs, methods, beams, int(new.shape[0]))
+    res["runs"] = runs
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+    v, dt = machine["versions"], res["data"]
+    print(
+        f"## Multi-level codes vs FAISS on wordllama token embeddings ({THREADS} threads each, fresh processes)\n\n"
+        f"{started:%Y-%m-%d %H:%M} UTC, {machine['cpu']}, nproc {machine['nproc']}, load at start "
+        f"{machine['load_at_start'][0]:.1f}; commit `{machine['commit']}`"
+        f"{' (vq_pipeline/ modified since)' if machine['vq_pipeline_modified_since_commit'] else ''}; "
+        f"{res['seconds']:.0f} s. Command: `{res['command']}`. vq-pipeline {v['vq-pipeline']}, torch {v['torch']}, "
+        f"faiss-cpu {v['faiss-cpu']}, numpy {v['numpy']}, Python {machine['python']}.\n\n"
+        f"Data: {dt['train']['rows']} train / {dt['new']['rows']} new rows × {x.shape[1]} (split seed "
+        f"{wordllama_data.SPLIT_SEED}); mean squared norm {dt['new']['mean_sq_norm']:.4g} (new rows), "
+        f"{dt['train']['mean_sq_norm']:.4g} (train); mean squared distance to the mean "
+        f"{dt['new']['mean_sq_dist_to_mean']:.4g} (new), {dt['train']['mean_sq_dist_to_mean']:.4g} (train). "
+        f"K = {N_CODES} per level, {repeats} interleaved repeat(s), medians. Ratios: greedy against FAISS "
+        f"`max_beam_size=1`, beams against FAISS's default (beam 5), product against the PQ of equal size.\n"
+    )
+    print(table(res["rows"]))
+    if args.json:
+        print(f"\nJSON: {args.json}; workers' output: {log_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
