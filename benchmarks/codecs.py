@@ -21,7 +21,10 @@ Methods, one fresh process each that imports only what it measures (like ``fair.
 * ``ours-pq16`` / ``faiss-pq16``: ``codec="product", levels=16`` (16-d slices, 128-bit codes) against
   ``faiss.ProductQuantizer(d, 16, 8)`` (25 k-means iterations per slice);
 * ``ours-pq4`` / ``faiss-pq4``: the same at 4 levels (64-d slices, 32-bit codes, the residual runs' code size);
-* ``ours-rq4-progressive`` (only when named in ``--methods``): ``ours-rq4`` with ``init="progressive"``.
+* ``ours-rq4-tb5``: ``ours-rq4`` with ``train_beam=5`` (levels 1-3 fitted on the residuals of a 5-wide beam,
+  as FAISS trains), encoded the same ways;
+* ``ours-rq4-kpp`` (only when named in ``--methods``): ``ours-rq4`` with ``init="k-means++"`` (the default
+  for residual codebooks is ``init="auto"``, which is ``"progressive"``).
 
 Both libraries train on every row (FAISS samples only above 256 x K = 65,536 rows). Before the measured calls
 each worker makes one untimed warm-up fit and encode on the first 1,024 rows (lazy imports, thread pools),
@@ -73,7 +76,8 @@ WORKER_TIMEOUT_S = 3600
 # method -> (library, codec, levels, FAISS max_beam_size or None for its default)
 METHODS: dict[str, tuple[str, str, int, int | None]] = {
     "ours-rq4": ("ours", "residual", 4, None),
-    "ours-rq4-progressive": ("ours", "residual", 4, None),
+    "ours-rq4-tb5": ("ours", "residual", 4, None),
+    "ours-rq4-kpp": ("ours", "residual", 4, None),
     "faiss-rq4": ("faiss", "residual", 4, None),
     "faiss-rq4-beam1": ("faiss", "residual", 4, 1),
     "ours-pq16": ("ours", "product", 16, None),
@@ -81,8 +85,9 @@ METHODS: dict[str, tuple[str, str, int, int | None]] = {
     "ours-pq4": ("ours", "product", 4, None),
     "faiss-pq4": ("faiss", "product", 4, None),
 }
-OUR_INIT = {"ours-rq4-progressive": "progressive"}  # fit keyword init=; the others use the default
-DEFAULT_METHODS = [m for m in METHODS if m not in OUR_INIT]
+# fit keywords of our variants; the others use the defaults
+OUR_KW: dict[str, dict[str, Any]] = {"ours-rq4-tb5": {"train_beam": 5}, "ours-rq4-kpp": {"init": "k-means++"}}
+DEFAULT_METHODS = [m for m in METHODS if m != "ours-rq4-kpp"]
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -150,7 +155,7 @@ def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[st
     fit_codebook = vq_pipeline.fit_codebook
     notes: list[str] = rec["api_notes"]
 
-    kw0 = {"init": OUR_INIT[spec["method"]]} if spec["method"] in OUR_INIT else {}
+    kw0 = OUR_KW.get(spec["method"], {})
 
     def fit(x: np.ndarray, **kw: Any) -> Any:
         kw = {**kw0, **kw}
@@ -306,7 +311,11 @@ def plan_rows(methods: list[str], beams: list[int]) -> list[tuple[str, str, str,
     for b in beams:
         v = "greedy" if b == 1 else f"beam={b}"
         pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
-        rows.append((f"ours residual 4×8, init=progressive, {v}", "ours-rq4-progressive", v, 32, pair))
+        rows.append((f"ours residual 4×8, train_beam=5, {v}", "ours-rq4-tb5", v, 32, pair))
+    for b in beams:
+        v = "greedy" if b == 1 else f"beam={b}"
+        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
+        rows.append((f"ours residual 4×8, init=k-means++, {v}", "ours-rq4-kpp", v, 32, pair))
     rows += [
         ("FAISS RQ 4×8, default (beam 5)", "faiss-rq4", "default", 32, None),
         ("FAISS RQ 4×8, max_beam_size=1", "faiss-rq4-beam1", "max_beam_size=1", 32, None),
@@ -431,7 +440,7 @@ def main() -> int:
     ap.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all but {','.join(OUR_INIT)})",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all but ours-rq4-kpp)",
     )
     ap.add_argument("--json", type=Path, default=None, help="write every raw number here")
     ap.add_argument(

@@ -347,14 +347,18 @@ def test_safe_text_leaves_no_unsafe_character_and_changes_nothing_safe(s: str) -
 
 
 LABELS = [
-    "fingerprint", "metric", "codes", "fit", "training rows", "inertia", "iterations", "repairs", "empty codes",
-    "cluster sizes", "sources", "column", "data fingerprint", "parent", "versions", "created_at", "fit time",
+    "fingerprint", "metric", "codec", "codes", "fit", "training rows", "inertia", "iterations", "repairs",
+    "empty codes", "error (mse)", "semantic ids", "per level", "cluster sizes", "sources", "column",
+    "data fingerprint", "parent", "versions", "created_at", "fit time",
 ]  # fmt: skip
+MULTI_LEVEL_LABELS = ("codec", "error (mse)", "semantic ids", "per level")  # residual and product only
+CONTINUED = ("sources", "per level")  # labels whose value may go on over unlabelled lines
 
 
 def check_report(text: str, title: str) -> None:
     """No control character but the report's own newlines; the title, then one labelled line per row,
-    with unlabelled lines only as continuations of ``sources``."""
+    with unlabelled lines only as continuations of ``sources`` (and of a multi-level codebook's
+    ``per level`` table)."""
     assert not any(unicodedata.category(ch) in UNSAFE for ch in text.replace("\n", "")), ascii(text)
     first, *lines = text.split("\n")
     assert first == safe_text(title)
@@ -362,11 +366,12 @@ def check_report(text: str, title: str) -> None:
     seen, previous = [], None
     for line in lines:
         label = line[2 : 2 + width].rstrip()
-        assert line.startswith("  ") and (label in LABELS or (label == "" and previous == "sources")), ascii(line)
+        assert line.startswith("  ") and (label in LABELS or (label == "" and previous in CONTINUED)), ascii(line)
         if label:
             seen.append(label)
             previous = label
-    assert len(seen) == len(set(seen)) and seen[:4] == ["fingerprint", "metric", "codes", "fit"], seen
+    core = [label for label in seen if label != "codec"]  # multi-level codebooks add their codec
+    assert len(seen) == len(set(seen)) and core[:4] == ["fingerprint", "metric", "codes", "fit"], seen
 
 
 text_st = st.text(max_size=20)
@@ -401,7 +406,8 @@ def test_describe_of_a_file_with_arbitrary_strings_is_one_labelled_line_per_row(
     info = load_info(path)
     text = cli.describe(info, title=title)
     check_report(text, title)
-    assert text.count("\n") == len(LABELS) + max(0, min(len(sources), cli.MAX_SOURCES_SHOWN + 1) - 1)
+    flat_rows = len(LABELS) - len(MULTI_LEVEL_LABELS)
+    assert text.count("\n") == flat_rows + max(0, min(len(sources), cli.MAX_SOURCES_SHOWN + 1) - 1)
     assert f"  training rows     3 ({safe_text(mode)})" in text or mode == ""
     for s in sources[: cli.MAX_SOURCES_SHOWN]:
         assert safe_text(s) in text

@@ -106,7 +106,7 @@ def test_encode_entry_points_default_to_encode_settings_and_options() -> None:
         (dict(seed=-3), r"seed=-3 is out of range"),
         (dict(n_init=0), r"n_init=0 is out of range"),
         (dict(engine="gpu"), r"engine='gpu' is not supported"),
-        (dict(init="kmeans++"), r"init='kmeans\+\+' is not supported; expected one of 'k-means\+\+'"),
+        (dict(init="kmeans++"), r"init='kmeans\+\+' is not supported; expected one of 'auto', 'k-means\+\+'"),
         (dict(memory_budget=0), r"memory_budget=0 is out of range"),
         (dict(init=torch.zeros(4, 3), n_init=2), r"n_init=2 with a given init tensor would repeat the same run"),
     ],

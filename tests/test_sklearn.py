@@ -18,7 +18,7 @@ pytest.importorskip("sklearn")
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from conftest import assert_codes_match, oracle  # noqa: E402
-from vq_pipeline import Codebook, TooFewPointsError, fit_codebook  # noqa: E402
+from vq_pipeline import Codebook, InvalidInputError, TooFewPointsError, fit_codebook  # noqa: E402
 from vq_pipeline.minibatch import fit_minibatch  # noqa: E402
 from vq_pipeline.sklearn import VectorQuantizer  # noqa: E402
 
@@ -157,3 +157,24 @@ def test_import_vq_pipeline_never_loads_scikit_learn() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_multi_level_codecs_predict_tuples_and_inverse_transform_decodes(tmp_path) -> None:
+    x, x_new = _data(0), _data(2)
+    vq = VectorQuantizer(6, codec="residual", levels=2, random_state=1, engine="torch", device="cpu").fit(x)
+    cb = vq.to_codebook()
+    assert cb.codec == "residual" and vq.cluster_centers_.shape == (2, 6, 6)
+    codes = vq.predict(x_new)
+    assert codes.shape == (len(x_new), 2)
+    np.testing.assert_array_equal(codes, cb.encode(x_new))
+    np.testing.assert_array_equal(vq.labels_, cb.encode(x))
+    np.testing.assert_array_equal(vq.inverse_transform(codes), cb.decode(codes))
+    err = ((x - cb.decode(cb.encode(x))).astype(np.float64) ** 2).sum()
+    assert vq.inertia_ == pytest.approx(err, rel=1e-5) and vq.score(x) == pytest.approx(-err, rel=1e-5)
+    with pytest.raises(InvalidInputError, match="transform needs a flat codebook"):
+        vq.transform(x_new)
+    with pytest.raises(InvalidInputError, match="partial_fit needs a flat codebook"):
+        vq.partial_fit(x_new)
+    back = VectorQuantizer.from_codebook(Codebook.load(cb.save(tmp_path / "rq.safetensors")), engine="torch", device="cpu")
+    assert back.get_params() == vq.get_params()
+    np.testing.assert_array_equal(back.predict(x_new), codes)

@@ -59,8 +59,10 @@ class FitSettings:
     levels: int = 1
     #: "residual": each level from the second on is fitted on what the ``train_beam`` best partial
     #: tuples of the levels before leave of every row (a beam search, as FAISS's residual quantizer
-    #: trains); 1: on the greedy residuals only. Unused by other codecs.
-    train_beam: int = 5
+    #: trains); 1 (default): on the greedy residuals, which greedy encoding then matches. Larger
+    #: beams pay off with many codes per level and beam-search encoding (benchmarks/RESULTS.md)
+    #: and cost with few. Unused by other codecs.
+    train_beam: int = 1
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError

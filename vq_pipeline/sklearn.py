@@ -35,6 +35,7 @@ from .errors import InvalidInputError, TooFewPointsError
 from .kmeans import fit_codebook
 from .minibatch import FIT_DEFAULTS as _DEFAULTS
 from .minibatch import MiniBatchState, start_minibatch, update_minibatch
+from .fit_options import resolve_init
 from .settings import INITS
 from .validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
 
@@ -52,9 +53,13 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             ``fit_codebook(X, n_codes, seed=s)`` fits), None or a ``RandomState`` (a seed is drawn from it).
         n_init: seeded restarts of ``fit``; the lowest objective wins. Unused by ``partial_fit``.
         engine, device, memory_budget: where and how the library computes (see ``fit_codebook``).
+        codec, levels: 'flat' (default), or 'residual' / 'product' codes of ``levels`` codes per row
+            (see ``fit_codebook``): ``predict`` and ``labels_`` then give (n_rows, levels) codes and
+            ``inverse_transform`` decodes them; ``transform`` and ``partial_fit`` are for flat codes.
 
     Attributes:
-        cluster_centers_: (n_codes, n_features) float32, read-only (unit rows under cosine).
+        cluster_centers_: (n_codes, n_features) float32, read-only (unit rows under cosine);
+            (levels, n_codes, sub_dim) for a residual or product codebook.
         counts_: (n_codes,) int64, rows assigned to each code (by the last E step of ``fit``; over
             every batch for ``partial_fit``).
         labels_: (n_rows,) int64 codes of the rows of the last ``fit`` (of the last batch after
@@ -78,6 +83,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         engine: str = _DEFAULTS["engine"],
         device: Any = _DEFAULTS["device"],
         memory_budget: int = _DEFAULTS["memory_budget"],
+        codec: str = _DEFAULTS["codec"],
+        levels: int = _DEFAULTS["levels"],
     ) -> None:
         self.n_codes = n_codes
         self.metric = metric
@@ -89,6 +96,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         self.engine = engine
         self.device = device
         self.memory_budget = memory_budget
+        self.codec = codec
+        self.levels = levels
 
     # ------------------------------------------------------------------ fitting
 
@@ -114,6 +123,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             init=self._init_value(),
             seed=self._seed(),
             n_init=self.n_init,
+            codec=self.codec,
+            levels=self.levels,
             **self._compute(),
         )
         self._set_codebook(codebook)
@@ -135,6 +146,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             X: (n_rows, n_features) array-like batch. y: ignored.
         """
         first = not hasattr(self, "cluster_centers_")
+        self._flat_only("partial_fit", self.codec if first else self._codebook.codec)
         X = self._validate(X, reset=first)
         if first:
             n_codes = self._check_shape(X)
@@ -153,7 +165,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
     # ------------------------------------------------------------------ using the codes
 
     def predict(self, X: Any) -> np.ndarray:
-        """(n_rows,) int64: the nearest code of every row (:meth:`Codebook.encode`, exact)."""
+        """(n_rows,) int64: the nearest code of every row (:meth:`Codebook.encode`, exact); (n_rows,
+        levels) for a residual or product codebook."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         return _numpy(self._codebook.encode(X, **self._compute()))
@@ -166,6 +179,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         bytes of temporaries at a time.
         """
         check_is_fitted(self)
+        self._flat_only("transform", self._codebook.codec)
         return self._distances(self._validate(X, reset=False))
 
     def score(self, X: Any, y: Any = None) -> float:
@@ -179,9 +193,12 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
         Args:
             X: (n_rows,) integer codes (what :meth:`predict` returns), or the (n_rows, n_codes)
-                distances :meth:`transform` returns (each row decodes to its nearest code).
+                distances :meth:`transform` returns (each row decodes to its nearest code); for a
+                residual or product codebook, the (n_rows, levels) codes :meth:`predict` returns.
         """
         check_is_fitted(self)
+        if self._codebook.codec != "flat":
+            return _numpy(self._codebook.decode(check_array(X, dtype=None)))
         n_codes = self.cluster_centers_.shape[0]
         a = check_array(X, ensure_2d=False, dtype=None)
         if a.ndim == 2 and a.shape[1] == n_codes and a.dtype.kind in "fiu":
@@ -214,12 +231,19 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """A fitted estimator that encodes with ``codebook``; its parameters come from the codebook's
         settings, overridden by ``params``. ``partial_fit`` continues from it; ``labels_`` is unset."""
         settings = codebook.settings
-        found: dict[str, Any] = {"n_codes": codebook.n_codes, "metric": codebook.metric}
+        found: dict[str, Any] = {
+            "n_codes": codebook.n_codes,
+            "metric": codebook.metric,
+            "codec": codebook.codec,
+            "levels": codebook.levels,
+        }
         for ours, key in (("n_iter", "n_iter"), ("tol", "tol"), ("random_state", "seed"), ("n_init", "n_init")):
             if key in settings:
                 found[ours] = settings[key]
         if settings.get("init") in INITS:
-            found["init"] = settings["init"]
+            # A file records the init used; "auto" is what resolves to it for this codec.
+            auto = resolve_init("auto", codebook.codec) == settings["init"]
+            found["init"] = "auto" if auto else settings["init"]
         est = cls(**{**found, **params})
         est._set_codebook(codebook)
         est._stream = None
@@ -254,6 +278,14 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 f"can differ, but n_codes={n_codes}. Fix: use metric='l2' for one feature, or n_codes <= 2."
             )
         return n_codes
+
+    @staticmethod
+    def _flat_only(what: str, codec: str) -> None:
+        if codec != "flat":
+            raise InvalidInputError(
+                f"{what} needs a flat codebook but this estimator has codec={codec!r}; expected codec='flat'. "
+                f"Fix: use predict and inverse_transform with {codec} codes, or fit with codec='flat'."
+            )
 
     def _compute(self) -> dict[str, Any]:
         return {"engine": self.engine, "device": self.device, "memory_budget": self.memory_budget}
