@@ -214,7 +214,7 @@ def vq_pipeline_flow(
 
     def align(fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
         skipped = alignment_unavailable(fit, reference)
-        if skipped is not None:  # renumbering matches one level of codes only
+        if skipped is not None:  # levels are renumbered within one codec only
             logger.info("codes not renumbered: %s", skipped["reason"])
             return skipped
         return align_task(str(work), fit, reference["path"], [str(root)], column, seed, engine)

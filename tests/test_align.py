@@ -69,12 +69,20 @@ def test_rectangular_tables_hand_computed() -> None:
     table = np.array([[5, 0], [0, 0], [1, 4]])
     assert match_by_cooccurrence(table).tolist() == [0, 2, 1]
     # Two unmatched codes take the unused numbers in the order of their own index.
-    assert match_codes(np.array([[0.0, 0.0], [0.0, 9.0], [0.0, 0.0], [7.0, 0.0]]), maximize=True).tolist() == [2, 1, 3, 0]
+    assert match_codes(np.array([[0.0, 0.0], [0.0, 9.0], [0.0, 0.0], [7.0, 0.0]]), maximize=True).tolist() == [
+        2,
+        1,
+        3,
+        0,
+    ]
     # Fewer new codes: reference number 2 does not exist in the new codebook, whatever it holds.
     table = np.array([[0, 0, 9], [3, 1, 0]])
     assert match_by_cooccurrence(table).tolist() == [1, 0]
     # Ties in the rows are broken by centroid distance: code 1 is nearer reference number 0.
-    assert match_by_cooccurrence(np.zeros((2, 2), dtype=np.int64), np.array([[5.0, 1.0], [1.0, 5.0]])).tolist() == [1, 0]
+    assert match_by_cooccurrence(np.zeros((2, 2), dtype=np.int64), np.array([[5.0, 1.0], [1.0, 5.0]])).tolist() == [
+        1,
+        0,
+    ]
 
 
 # ----------------------------------------------------------------------------- codebooks
@@ -110,7 +118,9 @@ def test_cooccurrence_and_centroid_matching_disagree_hand_computed() -> None:
     assert by_centroids.stats["alignment"]["mapping"] == [0, 1] and by_centroids.stats["alignment"]["kept"] == 0.3
     assert by_rows.stats["alignment"]["mapping"] == [1, 0] and by_rows.stats["alignment"]["kept"] == 0.7
     assert by_rows.centroids.tolist() == [[30.0], [6.0]] and by_rows.counts.tolist() == [1, 9]
-    assert by_rows.stats["alignment"]["kept_unaligned"] == 0.3 and by_rows.stats["alignment"]["churn"] == pytest.approx(0.3)
+    assert by_rows.stats["alignment"]["kept_unaligned"] == 0.3 and by_rows.stats["alignment"]["churn"] == pytest.approx(
+        0.3
+    )
     codes, ref_codes = new.encode(x).numpy(), ref.encode(x).numpy()
     assert round(0.7 * len(x)) == best_kept(codes, ref_codes, 2)
 
@@ -185,3 +195,27 @@ def test_what_cannot_be_aligned_is_refused_with_a_fix() -> None:
         big = Codebook(centroids=torch.randn(8200, 8), counts=torch.zeros(8200, dtype=torch.int64), metric="l2")
         big.aligned_to(big)
     assert align_codebook(l2, l2, x).stats["alignment"]["renumbered"] == 0
+
+
+@pytest.mark.parametrize("codec", ["residual", "product"])
+def test_multi_level_codebooks_are_renumbered_level_by_level(codec: str) -> None:
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().data.astype("float32"))
+    ref = fit_codebook(x, 8, codec=codec, levels=2, seed=0, engine="torch", device="cpu")
+    perms = [torch.randperm(8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    shuffled = Codebook(
+        centroids=torch.stack([ref.centroids[lv][p] for lv, p in enumerate(perms)]),
+        counts=torch.stack([ref.counts[lv][p] for lv, p in enumerate(perms)]),
+        metric=ref.metric,
+        codec=codec,
+    )
+    assert np.array_equal(shuffled.decode(shuffled.encode(x)), ref.decode(ref.encode(x)))  # same cells
+    for aligned in (shuffled.aligned_to(ref, x, engine="torch"), shuffled.aligned_to(ref)):
+        # a pure renumbering is undone exactly, level by level
+        assert torch.equal(aligned.centroids, ref.centroids) and torch.equal(aligned.counts, ref.counts)
+    record = shuffled.aligned_to(ref, x, engine="torch").stats["alignment"]
+    assert record["kept"] == 1.0 and record["kept_per_level"] == [1.0, 1.0] and record["kept_unaligned"] < 1.0
+    assert [sorted(m) for m in record["mapping"]] == [list(range(8))] * 2
+    with pytest.raises(InvalidInputError, match="expected the same codec and levels"):
+        shuffled.aligned_to(fit_codebook(x, 8, seed=0, engine="torch", device="cpu"))

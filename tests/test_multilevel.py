@@ -177,7 +177,8 @@ def test_an_interrupted_multi_level_fit_resumes_to_the_same_codebook(
     want = fit_from_tables([data], progress=lambda e: fresh.append(e), **kwargs)
     n_fresh = sum(hasattr(e, "objective") for e in fresh)  # iterations of all levels
     ckpt = tmp_path / "fit.ckpt"
-    for stop_at in (3, 11):  # early (level 0 of residual; first rounds of product) and later
+    assert n_fresh >= 6
+    for stop_at in (2, n_fresh - 2):  # early (level 0 of residual; first rounds of product) and late
         events = []
 
         def stop(event, events=events, stop_at=stop_at) -> None:
@@ -193,7 +194,7 @@ def test_an_interrupted_multi_level_fit_resumes_to_the_same_codebook(
         got = fit_from_tables([data], checkpoint=ckpt, progress=lambda e: after.append(e), **kwargs)
         assert not ckpt.exists()
         # the rerun resumed: it did only the iterations the first run had not done
-        assert sum(hasattr(e, "objective") for e in after) < n_fresh - stop_at // 2
+        assert sum(hasattr(e, "objective") for e in after) <= n_fresh - stop_at + 1
         assert torch.equal(got.centroids, want.centroids) and torch.equal(got.counts, want.counts)
         strip = {"created_at": "", "timings": {}}
         assert {**got.summary(), **strip} == {**want.summary(), **strip}
@@ -219,8 +220,8 @@ def test_bad_multi_level_settings_are_refused_before_any_work(digits: np.ndarray
         residual.decode(np.zeros(5, np.int64))
     with pytest.raises(InvalidInputError, match=r"codes\[1, 2\]=16 is out of range"):
         residual.decode(np.array([[0, 0, 0], [0, 0, 16]]))
-    with pytest.raises(InvalidInputError, match=r"aligned_to needs a flat codebook"):
-        residual.aligned_to(residual)
+    with pytest.raises(InvalidInputError, match=r"expected the same codec and levels"):
+        residual.aligned_to(prod)
     s = pl.Series("codes", residual.encode(digits[:4]).tolist(), dtype=pl.List(pl.Int64))
     out = residual.decode(s)  # polars List rows in, polars Array out
     assert isinstance(out, pl.Series) and out.dtype == pl.Array(pl.Float32, 64)

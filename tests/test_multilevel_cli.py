@@ -157,7 +157,7 @@ def test_vq_encode_beam_and_unique(
     assert json.loads(stdout)["semantic_ids"]["n_rows"] == len(keyed)
 
 
-def test_pipeline_plan_refits_on_a_codec_change_and_skips_alignment(residual: Path) -> None:
+def test_pipeline_plan_refits_on_a_codec_change_and_aligns_only_within_a_codec(residual: Path) -> None:
     from vq_pipeline.run_plan import MULTILEVEL_ALIGNMENT, alignment_unavailable, first_action, with_codec
 
     cb = Codebook.load(residual)
@@ -174,6 +174,7 @@ def test_pipeline_plan_refits_on_a_codec_change_and_skips_alignment(residual: Pa
     assert (skipped["path"], skipped["fingerprint"], skipped["reference"]) == (fit["path"], fit["fingerprint"], cb.fingerprint)
     flat_ref = {**current, "codec": "flat", "levels": 1}
     assert alignment_unavailable(fit, flat_ref) is None
+    assert alignment_unavailable({**fit, "codec": "residual", "levels": 3}, current) is None  # level by level
 
 
 def test_deployment_takes_codec_and_levels() -> None:

@@ -89,3 +89,32 @@ def test_a_cold_refit_is_renumbered_to_keep_the_codes_of_unchanged_rows(tmp_path
     skipped = workdir.align_refit(work, other_path, ref_path, inputs=[str(root)], column="embedding", fresh=True)
     assert not skipped["aligned"] and skipped["path"] == str(other_path) and other_path.exists()
     assert skipped["reason"] == "the metric changed (l2 → cosine): its codes are other cells"
+
+
+def test_a_residual_refit_is_renumbered_level_by_level_and_a_codec_change_is_not(tmp_path: Path) -> None:
+    import numpy as np
+
+    from vq_pipeline import Codebook
+    from vq_pipeline.demo import generate_embeddings
+    from vq_pipeline.pipeline import fit_from_tables
+    from vq_pipeline.tables import write_embeddings
+
+    root, work = tmp_path / "in", tmp_path / "work"
+    x = generate_embeddings(2000, 12, 10, seed=0)
+    write_embeddings(root / "part-0.parquet", np.arange(2000), x)
+    kw = dict(column="embedding", n_codes=8, codec="residual", levels=2, engine="torch")
+    ref = fit_from_tables([str(root)], seed=0, **kw)
+    new = fit_from_tables([str(root)], seed=1, **kw)
+    ref_path = ref.save(workdir.codebook_path(work, ref.fingerprint))
+    new_path = new.save(workdir.codebook_path(work, new.fingerprint))
+    out = workdir.align_refit(work, new_path, ref_path, inputs=[str(root)], column="embedding", fresh=True, engine="torch")
+    aligned = Codebook.load(out["path"])
+    assert out["aligned"] and aligned.codec == "residual" and out["kept"] >= out["kept_unaligned"]
+    # the same cells: every row decodes to the same vector, only the numbers changed
+    assert np.array_equal(aligned.decode(aligned.encode(x)), new.decode(new.encode(x)))
+    whole = (np.asarray(aligned.encode(x)) == np.asarray(ref.encode(x))).all(axis=1).mean()
+    assert out["kept"] == pytest.approx(whole) and len(out["kept_per_level"]) == 2
+    flat = fit_from_tables([str(root)], column="embedding", n_codes=8, engine="torch")
+    flat_path = flat.save(workdir.codebook_path(work, flat.fingerprint))
+    skipped = workdir.align_refit(work, flat_path, out["path"], inputs=[str(root)], column="embedding", fresh=True)
+    assert not skipped["aligned"] and "the codec changed (residual, 2 levels → flat, 1 levels)" in skipped["reason"]

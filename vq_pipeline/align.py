@@ -14,6 +14,10 @@ numbers of its cells.
   L2, or ``1 - cos`` under cosine). Cheaper, and blind to where the rows are: a centroid that moved
   a little can still cover other rows.
 
+Residual and product codebooks are renumbered level by level, each level on its own codes (the
+renumbering of one level never changes what another level's codes mean, nor any decoded vector);
+``kept`` is then the share of rows whose whole tuple of codes keeps its numbers.
+
 Different code counts: only the first ``min(n_codes, n_ref)`` reference numbers can be kept (the new
 codebook's numbers are ``0..n_codes-1``); new codes left unmatched take the unused numbers in
 increasing order of their own index. The aligned codebook records what was done in
@@ -120,7 +124,15 @@ def kept_rows(codes: Any, ref_codes: Any, mapping: np.ndarray | None = None) -> 
 
 
 def check_alignable(codebook: Codebook, reference: Codebook) -> None:
-    """Refuse a reference of another metric or dim: its codes partition another space."""
+    """Refuse a reference of another metric, dim, codec or number of levels: its codes partition
+    another space."""
+    if (reference.codec, reference.levels) != (codebook.codec, codebook.levels):
+        raise InvalidInputError(
+            f"reference codec={reference.codec!r} with levels={reference.levels} but this codebook has "
+            f"codec={codebook.codec!r} with levels={codebook.levels}; expected the same codec and levels (levels "
+            f"are renumbered one by one). Fix: align to a codebook of the same codec, or do not align across "
+            f"a codec change."
+        )
     if reference.metric != codebook.metric:
         raise InvalidInputError(
             f"reference metric={reference.metric!r} but this codebook has metric={codebook.metric!r}; expected "
@@ -165,7 +177,8 @@ def align_codebook(
         A Codebook with the same cells: centroids and counts permuted, every other field kept, and
         ``stats["alignment"]``: ``reference`` (its fingerprint), ``method``, ``mapping`` (list: code
         ``i`` of ``codebook`` is code ``mapping[i]`` of the result, a reference number where
-        matched), ``unaligned_fingerprint``,
+        matched; one such list per level for a residual or product codebook, which also records
+        ``kept_per_level``), ``unaligned_fingerprint``,
         ``renumbered`` (codes whose number changed), ``rows`` (rows of ``x``; 0 without), ``kept``
         (share of those rows whose code equals their reference code), ``kept_unaligned`` (the same
         before renumbering), ``churn`` (``1 - kept``); the shares are None without rows. The
@@ -185,40 +198,51 @@ def align_codebook(
             "method='cooccurrence' with x=None; expected rows to count which codes share them. Fix: pass x "
             "(e.g. a sample of the training rows), or method='centroids'."
         )
-    n_codes, n_ref = codebook.n_codes, reference.n_codes
-    costs = centroid_costs(codebook.centroids, reference.centroids, codebook.metric)  # (n_codes, n_ref)
+    n_codes, n_ref, multi = codebook.n_codes, reference.n_codes, codebook.codec != "flat"
     codes = ref_codes = None
     if x is not None:
         opts = dict(engine=engine, device=device, memory_budget=memory_budget)
         # np.asarray: encode answers numpy rows in numpy and tensors in CPU tensors.
-        codes = np.asarray(codebook.encode(x, **opts), dtype=np.int64)  # (n_rows,)
-        ref_codes = np.asarray(reference.encode(x, **opts), dtype=np.int64)  # (n_rows,)
-    if method == "cooccurrence":
-        mapping = match_by_cooccurrence(cooccurrence(codes, ref_codes, n_codes, n_ref), costs)
-    else:
-        mapping = match_codes(costs, maximize=False)
+        codes = np.asarray(codebook.encode(x, **opts), dtype=np.int64).reshape(-1, codebook.levels)  # (n_rows, L)
+        ref_codes = np.asarray(reference.encode(x, **opts), dtype=np.int64).reshape(-1, codebook.levels)
+    mappings = []
+    for level in range(codebook.levels):
+        new_c, ref_c = (codebook.level(level), reference.level(level)) if multi else (codebook, reference)
+        costs = centroid_costs(new_c.centroids, ref_c.centroids, new_c.metric)  # (n_codes, n_ref)
+        if method == "cooccurrence":
+            table = cooccurrence(codes[:, level], ref_codes[:, level], n_codes, n_ref)
+            mappings.append(match_by_cooccurrence(table, costs))
+        else:
+            mappings.append(match_codes(costs, maximize=False))
     n_rows = 0 if codes is None else len(codes)
     kept = unaligned = None
     if n_rows:
-        kept = kept_rows(codes, ref_codes, mapping) / n_rows
-        unaligned = kept_rows(codes, ref_codes) / n_rows
+        renumbered = np.stack([m[codes[:, lv]] for lv, m in enumerate(mappings)], axis=1)  # (n_rows, L)
+        kept = float((renumbered == ref_codes).all(axis=1).mean())  # the whole tuple keeps its numbers
+        unaligned = float((codes == ref_codes).all(axis=1).mean())
     record = {
         "reference": reference.fingerprint,
         "method": method,
-        "mapping": mapping.tolist(),
+        "mapping": [m.tolist() for m in mappings] if multi else mappings[0].tolist(),
         "unaligned_fingerprint": codebook.fingerprint,
-        "renumbered": int(np.count_nonzero(mapping != np.arange(n_codes))),
+        "renumbered": int(sum(np.count_nonzero(m != np.arange(n_codes)) for m in mappings)),
         "rows": n_rows,
         "kept": kept,
         "kept_unaligned": unaligned,
         "churn": None if kept is None else 1.0 - kept,
     }
-    order = torch.from_numpy(np.argsort(mapping))  # (n_codes,): number -> code of ``codebook``
+    if multi and n_rows:
+        record["kept_per_level"] = [
+            float((m[codes[:, lv]] == ref_codes[:, lv]).mean()) for lv, m in enumerate(mappings)
+        ]
+    orders = [torch.from_numpy(np.argsort(m)) for m in mappings]  # number -> code of ``codebook``, per level
+    if multi:
+        centroids = torch.stack([codebook.centroids[lv][o] for lv, o in enumerate(orders)])  # (L, n_codes, sub)
+        counts = torch.stack([codebook.counts[lv][o] for lv, o in enumerate(orders)])  # (L, n_codes)
+    else:
+        centroids, counts = codebook.centroids[orders[0]], codebook.counts[orders[0]]  # (n_codes, dim), (n_codes,)
     return dataclasses.replace(
-        codebook,
-        centroids=codebook.centroids[order],  # (n_codes, dim)
-        counts=codebook.counts[order],  # (n_codes,)
-        stats={**codebook.stats, "alignment": record},
+        codebook, centroids=centroids, counts=counts, stats={**codebook.stats, "alignment": record}
     )
 
 

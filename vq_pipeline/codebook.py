@@ -265,7 +265,6 @@ class Codebook(CodebookViews):
         """
         from .align import align_codebook
 
-        self._flat_only("aligned_to")
         return align_codebook(
             self, reference, x, method=method, engine=engine, device=device, memory_budget=memory_budget
         )
@@ -292,13 +291,6 @@ class Codebook(CodebookViews):
             versions=self.versions,
             created_at=self.created_at,
         )
-
-    def _flat_only(self, what: str) -> None:
-        if self.codec != "flat":
-            raise InvalidInputError(
-                f"{what} needs a flat codebook but this one has codec={self.codec!r}, levels={self.levels}. "
-                f"Fix: use codebook.level(l) for one level, or a flat codebook."
-            )
 
     # ----------------------------------------------------------------- file format
 

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -99,10 +100,12 @@ def fit_levels(
             sub = source.dim // n_levels
             srcs = {lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim)) for lv in range(n_levels)}
             todo = {lv: steps(lv, srcs[lv], "") for lv in range(n_levels) if books[lv] is None}
-            for level, book in _run_together(todo, srcs).items():
+            def finished(level: int, book: Codebook) -> None:
                 books[level] = book
-                if store:
+                if store:  # saved at once: a stop later in the lockstep must not lose this level
                     store.finish(level, book)
+
+            _run_together(todo, srcs, finished)
         done = [b for b in books if b is not None]
         centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
         t_stats = time.perf_counter()
@@ -135,16 +138,18 @@ def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
     return RowMap.residual(prefix, beam=opts.train_beam, engine=opts.engine, memory_budget=opts.memory_budget)
 
 
-def _run_together(steps: dict[int, Any], srcs: dict[int, DataSource]) -> dict[int, Codebook]:
+def _run_together(
+    steps: dict[int, Any], srcs: dict[int, DataSource], finished: Callable[[int, Codebook], None]
+) -> None:
     """Run level fits written as :data:`vq_pipeline.kmeans.Steps` in lockstep: every round, one
-    :func:`~vq_pipeline.data.e_steps` call answers all levels still running."""
-    results: dict[int, Codebook] = {}
+    :func:`~vq_pipeline.data.e_steps` call answers all levels still running; ``finished(level,
+    codebook)`` is called as each level ends."""
     pending: dict[int, torch.Tensor] = {}
     for level, gen in steps.items():
         try:
             pending[level] = next(gen)
         except StopIteration as stop:
-            results[level] = stop.value
+            finished(level, stop.value)
     while pending:
         order = sorted(pending)
         stats = e_steps([(srcs[lv], pending[lv]) for lv in order])
@@ -152,9 +157,8 @@ def _run_together(steps: dict[int, Any], srcs: dict[int, DataSource]) -> dict[in
             try:
                 pending[level] = steps[level].send(p)
             except StopIteration as stop:
-                results[level] = stop.value
+                finished(level, stop.value)
                 del pending[level]
-    return results
 
 
 def _tensor_hash(t: torch.Tensor | None) -> str:

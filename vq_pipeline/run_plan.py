@@ -118,24 +118,25 @@ def first_action(
 
 
 #: The reason :func:`alignment_unavailable` gives (shown in the run's report).
-MULTILEVEL_ALIGNMENT = "alignment: not available for residual/product codebooks"
+MULTILEVEL_ALIGNMENT = "alignment: not available across a codec change"
 
 
 def alignment_unavailable(fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any] | None:
-    """The alignment record of a fit that cannot be renumbered after ``reference`` because either is a
-    residual or product codebook (``aligned`` False, the fit's own ``path`` and ``fingerprint``, the shape
-    of :func:`vq_pipeline.workdir.align_refit`'s record), or None when both are flat and alignment runs.
+    """The alignment record of a fit that cannot be renumbered after ``reference`` because their codec
+    or number of levels differ (``aligned`` False, the fit's own ``path`` and ``fingerprint``, the shape
+    of :func:`vq_pipeline.workdir.align_refit`'s record), or None when they agree and alignment runs
+    (level by level for residual and product codebooks).
 
     Args:
-        fit: the fit flow's summary (``path``, ``fingerprint``, ``n_codes``, ``codec``).
+        fit: the fit flow's summary (``path``, ``fingerprint``, ``n_codes``, ``codec``, ``levels``).
         reference: the codebook it replaces (:func:`vq_pipeline.workdir.read_current`, :func:`with_codec`).
     """
-    codecs = (fit.get("codec", "flat"), codec_of(reference)[0])
-    if codecs == ("flat", "flat"):
+    new, old = (fit.get("codec", "flat"), int(fit.get("levels", 1))), codec_of(reference)
+    if new == old:
         return None
     return {
         "aligned": False,
-        "reason": f"{MULTILEVEL_ALIGNMENT} (codec {codecs[1]} → {codecs[0]})",
+        "reason": f"{MULTILEVEL_ALIGNMENT} (codec {old[0]} × {old[1]} → {new[0]} × {new[1]})",
         "path": fit["path"],
         "fingerprint": fit["fingerprint"],
         "reference": reference["fingerprint"],

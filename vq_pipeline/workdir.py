@@ -158,6 +158,11 @@ def _unalignable(new: Codebook, reference: Codebook) -> str | None:
     """Why ``new`` cannot be renumbered after ``reference`` (see :func:`vq_pipeline.align.check_alignable`)."""
     if new.metric != reference.metric:
         return f"the metric changed ({reference.metric} → {new.metric}): its codes are other cells"
+    if (new.codec, new.levels) != (reference.codec, reference.levels):
+        return (
+            f"the codec changed ({reference.codec}, {reference.levels} levels → {new.codec}, {new.levels} levels): "
+            f"levels are renumbered one by one"
+        )
     if new.dim != reference.dim:
         return f"the embedding dim changed ({reference.dim} → {new.dim})"
     if new.n_codes * reference.n_codes > MAX_ALIGN_PAIRS:
