@@ -100,6 +100,7 @@ def fit_levels(
             sub = source.dim // n_levels
             srcs = {lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim)) for lv in range(n_levels)}
             todo = {lv: steps(lv, srcs[lv], "") for lv in range(n_levels) if books[lv] is None}
+
             def finished(level: int, book: Codebook) -> None:
                 books[level] = book
                 if store:  # saved at once: a stop later in the lockstep must not lose this level
