@@ -382,20 +382,7 @@ def fit_codebook(
         A :class:`Codebook` whose counts and inertia belong to its centroids.
     """
     t_start = time.perf_counter()
-    settings = FitSettings(
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        n_init=n_init,
-        engine=engine,
-        device=device,
-        memory_budget=memory_budget,
-        codec=codec,
-        levels=levels,
-        train_beam=train_beam,
-    )
+    settings = FitSettings.from_keywords(locals())
     x = as_embeddings(x)
     n_rows, dim = x.shape
     opts = fit_options(n_codes, settings, dim=dim, n_rows=n_rows, x_device=x)

@@ -241,20 +241,7 @@ def fit_partitioned(
     :func:`fit_from_tables`; ``device`` is where this process seeds and updates the centroids.
     """
     t_start = time.perf_counter()
-    settings = FitSettings(
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        n_init=n_init,
-        engine=engine,
-        device=device,
-        memory_budget=memory_budget,
-        codec=codec,
-        levels=levels,
-        train_beam=train_beam,
-    )  # refused before any work
+    settings = FitSettings.from_keywords(locals())  # refused before any work
     batch_rows = check_int("batch_rows", batch_rows, minimum=1)
     ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
     sources, counts, dim, provenance = _fit_inputs(

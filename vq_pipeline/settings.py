@@ -104,6 +104,12 @@ class FitSettings:
                 f"Fix: pass n_init=1, or use init='k-means++' for seeded restarts."
             )
 
+    @classmethod
+    def from_keywords(cls, values: dict[str, Any]) -> FitSettings:
+        """The settings among ``values`` (a fit function's ``locals()``: its keyword arguments of the
+        same names as the fields), validated; other entries are ignored."""
+        return cls(**{f: values[f] for f in cls.__dataclass_fields__})
+
     def keywords(self) -> dict[str, Any]:
         """These settings as the keyword arguments of the fit functions."""
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
