@@ -106,10 +106,16 @@ SHAPES_L2 = [(200_000, 128, 1024), (100_000, 64, 256), (50_000, 384, 256), (1_00
 SHAPES_COSINE = [(100_000, 64, 256), (50_000, 384, 256)]
 QUICK_L2 = [(6_000, 16, 32)]
 QUICK_COSINE = [(6_000, 16, 32)]
-METHODS = ("ours", "faiss", "sklearn", "tutorial")
+METHODS = ("ours", "ours-noprune", "faiss", "sklearn", "tutorial")
 PEERS = ("faiss", "sklearn", "tutorial")
-COSINE_METHODS = ("ours", "faiss")
-NAMES = {"ours": "ours", "faiss": "FAISS", "sklearn": "scikit-learn", "tutorial": "KeOps tutorial"}
+COSINE_METHODS = ("ours", "ours-noprune", "faiss")
+NAMES = {
+    "ours": "ours",
+    "ours-noprune": "ours, prune=False",
+    "faiss": "FAISS",
+    "sklearn": "scikit-learn",
+    "tutorial": "KeOps tutorial",
+}
 # The compiler flags vq-pipeline gives KeOps (vq_pipeline.engines.keops.NATIVE_CXXFLAGS), for the tutorial.
 KEOPS_CXXFLAGS = "-march=native -fno-trapping-math -fno-signed-zeros -fassociative-math"
 WORKER_TIMEOUT_S = 3600
@@ -227,7 +233,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # One untimed warm-up call on the first rows (imports, thread pools, kernels), then the measured call.
     warm = min(n, 4 * (init.shape[0] if task == "fit" else codebook.shape[0]))
 
-    if method == "ours":
+    if method in ("ours", "ours-noprune"):
         import vq_pipeline  # before torch: it sets OMP_WAIT_POLICY=PASSIVE for itself, as for users
         import torch
 
@@ -236,11 +242,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         fit_codebook, Codebook = vq_pipeline.fit_codebook, vq_pipeline.Codebook  # lazy imports, before the clock
         if task == "fit":
             init_t = torch.from_numpy(init)
-            fit_codebook(x[:warm], init.shape[0], metric=metric, init=init_t, n_iter=1, tol=0.0, device="cpu")
+            kw = {} if method == "ours" else {"prune": False}  # ours: at its defaults
+            fit_codebook(x[:warm], init.shape[0], metric=metric, init=init_t, n_iter=1, tol=0.0, device="cpu", **kw)
             cb, m = _measure(
-                lambda: fit_codebook(x, init.shape[0], metric=metric, init=init_t, n_iter=n_iter, tol=0.0, device="cpu")
+                lambda: fit_codebook(
+                    x, init.shape[0], metric=metric, init=init_t, n_iter=n_iter, tol=0.0, device="cpu", **kw
+                )
             )
             rec["iterations"] = int(cb.stats["iterations"])
+            rec["pruned_share"] = [p / n for p in cb.timings.get("iteration_pruned", [])]
             rec["pure_iter_s"] = statistics.median(cb.timings["iteration_seconds"])
             rec["engine"] = cb.settings.get("engine")
         else:
@@ -507,6 +517,7 @@ def run_shape(
         out["methods"][m] = {
             "fit_whole_iter_s": med(ok_f, "whole_iter_s"),
             "fit_pure_iter_s": med(ok_f, "pure_iter_s"),
+            "pruned_share": ok_f[0].get("pruned_share") if ok_f else None,
             "fit_wall_s": med(ok_f, "wall_s"),
             "iterations": sorted({q["iterations"] for q in ok_f}),
             "encode_rows_per_s": med(ok_e, "rows_per_s"),
@@ -644,6 +655,25 @@ def tables(res: dict[str, Any]) -> str:
                 f"{_num(None if er is None else max(er, 0), '.0f')}"
             )
         lines.append(f"| {_label(row)} | {row['metric']} | {' | '.join(cells)} |")
+    pruned = [row for row in res["rows"] if row["methods"].get("ours", {}).get("pruned_share")]
+    if pruned:
+        n_it = max(len(row["methods"]["ours"]["pruned_share"]) for row in pruned)
+        marks = sorted({1, 2, 3, 5, 8, 10, 15, n_it} & set(range(1, n_it + 1)))
+        lines += [
+            "",
+            "#### ours: share of rows whose search the bounds skipped, per E step (first repeat), and the time "
+            "of the whole fit against prune=False",
+            "",
+            f"| shape | metric | {' | '.join(f'E step {i}' for i in marks)} | prune=False / pruned, whole fit |",
+            f"|---|---|{'---|' * len(marks)}---|",
+        ]
+        for row in pruned:
+            ms = row["methods"]
+            share = ms["ours"]["pruned_share"]
+            cells = [f"{share[i - 1]:.2f}" if i <= len(share) else "" for i in marks]
+            base = ms.get("ours-noprune", {}).get("fit_whole_iter_s")
+            speed = f"{base / ms['ours']['fit_whole_iter_s']:.2f}" if base and ms["ours"]["fit_whole_iter_s"] else "n/a"
+            lines.append(f"| {_label(row)} | {row['metric']} | {' | '.join(cells)} | {speed} |")
     errors = [
         f"{_label(row)} {row['metric']} {m}: {e}"
         for row in res["rows"]

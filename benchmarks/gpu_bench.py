@@ -11,7 +11,8 @@ Rows:
 * ``keops-tutorial``: the tutorial's own loop (``D_ij = ((x_i - c_j)**2).sum(-1)``, ``argmin``,
   ``scatter_add_``, divide by counts; cosine: ``(x_i | c_j).argmax`` and re-normalized centroids);
 * ``ours keops`` / ``ours torch``: ``fit_codebook(x, K, init=<tensor>, n_iter=10, tol=0,
-  engine=..., device='cuda')`` (its last pass is an extra E step that scores the final centroids);
+  engine=..., device='cuda')`` (its last pass is an extra E step that scores the final centroids),
+  with pruning (the default; the rows it skipped per iteration are recorded) and with ``prune=False``;
 * ``cuBLAS floor``: one fp32 GEMM ``|c|^2 - 2 x.c`` over all rows (TF32 off), ``argmin``
   (cosine: ``argmax`` of ``x.c``), ``index_add_`` + ``bincount`` update: the practical floor;
 * ``cuBLAS floor, TF32``: the same with TF32 GEMMs (not exact; for reference only).
@@ -148,12 +149,15 @@ def floor_fit(x: torch.Tensor, init: torch.Tensor, metric: str) -> torch.Tensor:
     return c
 
 
-def ours_fit(engine: str, x: torch.Tensor, init: torch.Tensor, metric: str, store: dict) -> torch.Tensor:
+def ours_fit(engine: str, x: torch.Tensor, init: torch.Tensor, metric: str, store: dict, prune: bool = True) -> torch.Tensor:
     from vq_pipeline import fit_codebook
 
     k = init.shape[0]
-    cb = fit_codebook(x, k, metric=metric, init=init.clone(), n_iter=N_ITER, tol=0.0, engine=engine, device=DEVICE)
+    cb = fit_codebook(
+        x, k, metric=metric, init=init.clone(), n_iter=N_ITER, tol=0.0, engine=engine, device=DEVICE, prune=prune
+    )
     store.setdefault("iteration_seconds", []).extend(cb.timings["iteration_seconds"])
+    store["iteration_pruned"] = cb.timings.get("iteration_pruned")
     store["codebook"] = cb
     return cb.centroids
 
@@ -222,13 +226,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             orc = oracle_top2(x, init, metric)  # assignment step checked on the initial centroids
             auto = auto_engine_name(torch.device(DEVICE), dim)
             methods: list[tuple[str, Callable[[], Any], Callable[[], torch.Tensor]]] = []
-            stores: dict[str, dict] = {"ours keops": {}, "ours torch": {}}
+            stores: dict[str, dict] = {f"ours {e}{p}": {} for e in ("keops", "torch") for p in ("", ", prune=False")}
+            engines = (["keops"] if keops_ok else []) + ["torch"]
             if keops_ok:
                 methods.append(("keops-tutorial", lambda: tutorial_fit(x, init, metric), lambda: tutorial_assign(x, init, metric)))
-                methods.append(("ours keops", lambda: ours_fit("keops", x, init, metric, stores["ours keops"]),
-                                lambda: stores["ours keops"]["codebook"].encode(x, engine="keops", device=DEVICE)))
-            methods.append(("ours torch", lambda: ours_fit("torch", x, init, metric, stores["ours torch"]),
-                            lambda: stores["ours torch"]["codebook"].encode(x, engine="torch", device=DEVICE)))
+            for eng in engines:
+                for suffix, prune in (("", True), (", prune=False", False)):
+                    name = f"ours {eng}{suffix}"
+                    methods.append((name, lambda e=eng, s=stores[name], p=prune: ours_fit(e, x, init, metric, s, p),
+                                    lambda e=eng, s=stores[name]: s["codebook"].encode(x, engine=e, device=DEVICE)))
             methods.append(("cuBLAS floor", lambda: floor_fit(x, init, metric), lambda: floor_assign(x, init, metric)))
             methods.append(("cuBLAS floor, TF32", lambda: _tf32(lambda: floor_fit(x, init, metric)), lambda: _tf32(lambda: floor_assign(x, init, metric))))
             for name, fit, assign in methods:
@@ -243,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if name.startswith("ours"):
                         its = stores[name]["iteration_seconds"]
                         row["ms_per_iter_median_iteration"] = 1000 * statistics.median(its)
+                        row["iteration_pruned"] = stores[name]["iteration_pruned"]
                     row["peak_gpu_mib"] = _mem_peak_mib(base)
                     if name.startswith("ours"):  # encode uses the fitted codebook: check it on its own centroids
                         cb = stores[name]["codebook"]

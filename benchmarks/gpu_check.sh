@@ -11,7 +11,7 @@
 # 2. KeOps CUDA self-check, then `pytest -m gpu tests/test_gpu.py` (CUDA fits and encodes of both
 #    engines checked against the float64 oracle).
 # 3. benchmarks/gpu_bench.py: the KeOps tutorial's table (10k x 2 K=50, 1M x 100 K=1000; l2 and
-#    cosine; 10 iterations) with the tutorial's code, our keops and torch engines and a cuBLAS floor.
+#    cosine; 10 iterations) with the tutorial's code, our keops and torch engines (pruned and not) and a cuBLAS floor.
 # Everything lands in $OUT (default benchmarks/results/gpu): gpu_check.log, nvidia-smi.txt, pytest.txt,
 # gpu_bench.md/json, summary.txt. Exit status: 0 all passed, 1 some step failed, 2 no CUDA GPU.
 #

@@ -188,6 +188,13 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
         "levels before leave of every row; encode with --beam B to match (1: greedy) (default: %(default)s)",
     )
     fit.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="search every row in every Lloyd iteration instead of skipping the rows whose code the triangle "
+        "inequality proves unchanged (the codebook is the same either way; pruning keeps 8 bytes a row)",
+    )
+    fit.add_argument(
         "--iters",
         type=_int_at_least(0),
         default=FitSettings.n_iter,
@@ -495,8 +502,11 @@ class FitProgress:
         self.seeding = False
         extra = f", {_plural(event.n_repairs, 'empty code')} repaired" if event.n_repairs else ""
         objective = f"objective {event.objective:.4g}{extra}"
+        skipped = f", {event.pruned:,} rows proven unchanged" if event.pruned else ""
         self._draw(f"{self._prefix()}iteration {event.iteration} done, {objective}", done=0, total=None)
-        self.console.progress(f"{self._prefix()}iteration {event.iteration}: {objective} ({event.seconds:.2f} s)")
+        self.console.progress(
+            f"{self._prefix()}iteration {event.iteration}: {objective}{skipped} ({event.seconds:.2f} s)"
+        )
 
     def _seeding(self, event: InitProgress) -> None:
         if not self.seeding:
@@ -736,6 +746,7 @@ def _fit_here(args: argparse.Namespace, console: Console, out: Path, checkpoint:
         codec=args.codec,
         levels=args.levels,
         train_beam=args.train_beam,
+        prune=args.prune,
         sample=args.sample,
         batch_rows=args.batch_rows,
         storage_options=_storage_options(args),
@@ -854,6 +865,7 @@ def _fit_on_dask(args: argparse.Namespace, console: Console, out: Path, t0: floa
         codec=args.codec,
         levels=args.levels,
         train_beam=args.train_beam,
+        prune=args.prune,
     )
     keys = ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")
     multilevel = ("codec", "levels") + (("mse", "collision_rate", "level_mse") if s.get("codec") != "flat" else ())

@@ -71,10 +71,11 @@ def log_progress(logger: Any) -> Callable[[Any], None]:
     def log(event: Any) -> None:
         if isinstance(event, IterationStats):
             logger.info(
-                "iteration %d: objective %.6g, repairs %d (%.2f s)",
+                "iteration %d: objective %.6g, repairs %d, %d rows proven unchanged (%.2f s)",
                 event.iteration,
                 event.objective,
                 event.n_repairs,
+                event.pruned,
                 event.seconds,
             )
         else:
@@ -206,12 +207,23 @@ def partition_stats_task(
     engine: str = FitSettings.engine,
     device: str | None = FitSettings.device,
     row_map: str | None = None,
+    bounds: str | None = None,
 ) -> dict[str, Any]:
     """One partition's E-step statistics against the centroids in file ``centroids`` (for one level
     of a multi-level fit, of the rows as the map in file ``row_map`` turns them), written to file
-    ``stats``; returns the path, rows and objective. Safe to retry (the file is written atomically)."""
+    ``stats``; returns the path, rows, objective and pruned rows. ``bounds``: the partition's pruning
+    state file, read and rewritten (see ``partition_stats_file``). Safe to retry (files are written
+    atomically, and a state records the centroids it holds for)."""
     return partition_stats_file(
-        Source(uri=uri, key=key), centroids, stats, row_map, column=column, metric=metric, engine=engine, device=device
+        Source(uri=uri, key=key),
+        centroids,
+        stats,
+        row_map,
+        bounds,
+        column=column,
+        metric=metric,
+        engine=engine,
+        device=device,
     )
 
 
@@ -256,6 +268,7 @@ def fit_on_dask(
                         engine=settings.engine,
                         device=settings.device,
                         row_map=mfile,
+                        bounds=str(exchange.bounds_file(j, row_map)) if settings.prune else None,
                     ),
                 )
                 for j, s in enumerate(sources)
@@ -397,6 +410,7 @@ def fit_codebook_flow(
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
     train_beam: int = FitSettings.train_beam,
+    prune: bool = FitSettings.prune,
 ) -> dict[str, Any]:
     """Fit a K-means codebook on the ``column`` embeddings of ``inputs`` and save it to ``out``.
 
@@ -406,8 +420,10 @@ def fit_codebook_flow(
             recorded as the new codebook's parent (flat codebooks only: a residual or product fit
             starts from its own seeding and records no parent). codec, levels: "flat", or
             "residual"/"product" with ``levels`` codes per row (``n_codes`` per level); train_beam:
-            residual levels are fitted on the beam's residuals (see ``fit_codebook``). Other
-            arguments: see ``fit_from_tables``.
+            residual levels are fitted on the beam's residuals (see ``fit_codebook``). prune: skip
+            the search of rows whose code the triangle inequality proves (the same codebook either
+            way; on Dask each partition keeps its state in the scratch folder). Other arguments: see
+            ``fit_from_tables``.
         dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`vq_flows.dask`):
             exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration;
             this process reduces, updates and saves (see :func:`fit_on_dask`). With ``sample``
@@ -430,6 +446,7 @@ def fit_codebook_flow(
         codec=codec,
         levels=levels,
         train_beam=train_beam,
+        prune=prune,
     )
     if warm_start and codec != "flat":
         get_run_logger().info(

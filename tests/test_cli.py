@@ -111,7 +111,8 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert reading == f"reading 3,000 rows (dim {DIM}) from 2 tables"
     assert re.fullmatch(rf"seeding: {N_CODES}/{N_CODES} initial centroids \(\d+\.\d s\)", seeding), seeding
     assert len(lines) == cb.stats["iterations"] + 1
-    assert all(re.fullmatch(r"iteration \d+: objective \S+ \(\d+\.\d\d s\)", line) for line in lines), lines
+    assert all(re.fullmatch(r"iteration \d+: objective \S+(, [\d,]+ rows proven unchanged)? \(\d+\.\d\d s\)", line) for line in lines), lines
+    assert any("rows proven unchanged" in line for line in lines), lines
     assert "\r" not in fit.stderr and "\x1b" not in fit.stderr  # stderr is a log here: plain lines, no redraws
     assert list(work["codebook"].parent.iterdir()) == [work["codebook"]]  # no temporary files left
 

@@ -135,6 +135,9 @@ def test_fit_on_dask_matches_a_local_fit_from_the_same_init(cluster, tmp_path: P
     torch.testing.assert_close(dist.centroids, local.centroids, rtol=0, atol=FIT_ATOL)
     assert torch.equal(dist.counts, local.counts)
     assert dist.stats["inertia"] == pytest.approx(local.stats["inertia"], rel=1e-9)
+    # Pruning ran on the workers, each partition with its own state file, and skipped rows.
+    assert dist.timings["prune_state_bytes"] >= 8 * sum(local.counts.tolist())
+    assert sum(dist.timings["iteration_pruned"]) > 0
     assert not list(tmp_path.glob(".vq-fit-*"))  # per-iteration files are cleaned up
 
 

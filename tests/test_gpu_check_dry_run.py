@@ -21,7 +21,15 @@ from vq_pipeline.engines import keops
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 DRY_SHAPES = [(2_000, 2, 16), (5_000, 16, 32)]  # gpu_bench.DRY_SHAPES
-METHODS = ["keops-tutorial", "ours keops", "ours torch", "cuBLAS floor", "cuBLAS floor, TF32"]
+METHODS = [
+    "keops-tutorial",
+    "ours keops",
+    "ours keops, prune=False",
+    "ours torch",
+    "ours torch, prune=False",
+    "cuBLAS floor",
+    "cuBLAS floor, TF32",
+]
 
 pytestmark = pytest.mark.skipif(not keops.available(), reason="pykeops unavailable (the dry run compiles for the CPU)")
 
@@ -76,6 +84,9 @@ def test_dry_run_bench_json_has_every_row_exact(dry_run: tuple[subprocess.Comple
         assert all(math.isfinite(t) and t > 0 for t in times), r
         mm = r["encode_mismatch"]  # against the float64 oracle, tie-aware
         assert mm["wrong"] == 0 and mm["decisive"] > 0.9 * r["n"], r
+        if r["method"].startswith("ours"):  # rows skipped per pass: recorded with pruning only
+            pruned = r["iteration_pruned"]
+            assert (pruned is None) == r["method"].endswith("prune=False"), r
     assert (out / "gpu_bench.md").read_text().count("\n| ") == len(want) + 1  # the header and one line per row
 
 

@@ -9,7 +9,7 @@ of memory (a KeOps CUDA out-of-memory error arrives as a plain ``RuntimeError``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,6 +53,7 @@ def nearest_in_chunks(
     engine: Engine,
     chunk_rows: int,
     distances: bool = True,
+    search: Callable[[slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Yield ``(rows, x_chunk, sqdist, idx)`` for consecutive chunks of ``x``.
 
@@ -65,6 +66,8 @@ def nearest_in_chunks(
         k: neighbours per row, ``1 <= k <= n_codes``.
         chunk_rows: rows per chunk to start with; halved (down to 1) on out-of-memory.
         distances: passed to :meth:`Engine.nearest`; when False, ``sqdist`` may be ``None``.
+        search: called as ``search(rows, x_chunk)`` instead of the engine (``k == 1``): the pruned
+            E step (:class:`vq_pipeline.prune.PrunedSearch`).
 
     Yields:
         rows: the slice of ``x`` covered. x_chunk: (n, dim) float32 on the compute device.
@@ -77,7 +80,10 @@ def nearest_in_chunks(
         rows = slice(start, min(start + chunk_rows, n_rows))
         try:
             xb = x[rows].to(device, non_blocking=True).contiguous()  # (n, dim)
-            sqdist, idx = engine.nearest(xb, c, k, distances=distances)  # (n, k) or None, (n, k)
+            if search is not None:
+                sqdist, idx = search(rows, xb)  # (n, 1), (n, 1)
+            else:
+                sqdist, idx = engine.nearest(xb, c, k, distances=distances)  # (n, k) or None, (n, k)
         except (RuntimeError, MemoryError) as exc:
             if not (_is_out_of_memory(exc) or isinstance(exc, MemoryError)) or chunk_rows == 1:
                 raise

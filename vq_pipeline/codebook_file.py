@@ -130,7 +130,13 @@ _ENTRY_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "history": _ARRAY,
         "alignment": (lambda v: isinstance(v, dict), "an object"),
     },
-    "timings": {"fit_seconds": _NUMBER, "init_seconds": _NUMBER, "iteration_seconds": _ARRAY},
+    "timings": {
+        "fit_seconds": _NUMBER,
+        "init_seconds": _NUMBER,
+        "iteration_seconds": _ARRAY,
+        "iteration_pruned": _ARRAY,
+        "prune_state_bytes": _COUNT,
+    },
 }
 
 

@@ -16,6 +16,7 @@ streamed source in one pass over its tables. Three sources:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
 from .engines import Engine, get_engine
 from .errors import DimensionMismatchError, InvalidInputError
+from .prune import Bounds, PrunedSearch
 from .tables import Source
 from .validate import as_embeddings, check_nonzero_rows, normalize_rows
 
@@ -47,6 +49,8 @@ class EStepStats:
         far_sqdist: (n_far,) float32, descending: the largest of those distances, ``n_far <=
             min(n_codes, MAX_FAR_CANDIDATES)``.
         far_rows: (n_far, dim) float32, the rows they belong to (where empty codes are moved).
+        n_pruned: rows whose search the bounds of the pruned E step skipped (:mod:`vq_pipeline.prune`).
+        bound_bytes: memory the pruning state of these rows holds (0 without pruning).
 
     All tensors on one device (the compute device, or the CPU on the wire).
     """
@@ -56,6 +60,8 @@ class EStepStats:
     objective: float
     far_sqdist: torch.Tensor
     far_rows: torch.Tensor
+    n_pruned: int = 0
+    bound_bytes: int = 0
 
     def to(self, device: torch.device | str) -> EStepStats:
         return EStepStats(
@@ -64,6 +70,8 @@ class EStepStats:
             float(self.objective),
             self.far_sqdist.to(device),
             self.far_rows.to(device),
+            self.n_pruned,
+            self.bound_bytes,
         )
 
     @classmethod
@@ -85,7 +93,8 @@ class EStepStats:
         far_d, far_x = farthest(
             torch.cat([p.far_sqdist for p in parts]), torch.cat([p.far_rows for p in parts]), sums.shape[0]
         )
-        return cls(sums, counts, objective, far_d, far_x)
+        pruned, state = sum(p.n_pruned for p in parts), sum(p.bound_bytes for p in parts)
+        return cls(sums, counts, objective, far_d, far_x, pruned, state)
 
 
 def farthest(sqdist: torch.Tensor, rows: torch.Tensor, n_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +118,32 @@ class Rows(Protocol):
     def __getitem__(self, rows: slice) -> torch.Tensor: ...
 
 
-def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> EStepStats:
+def e_step(
+    x: Rows,
+    c: torch.Tensor,
+    *,
+    engine: Engine,
+    chunk_rows: int,
+    bounds: Bounds | None = None,
+    part_of: tuple[PrunedSearch, int] | None = None,
+) -> EStepStats:
     """Assign every row of ``x`` to its nearest centroid and accumulate sums, counts, objective.
 
     Args:
         x: (n_rows, dim) float32 rows (unit rows under cosine), any device.
         c: (n_codes, dim) float32 centroids on the compute device.
+        bounds: the pruning state of these rows (:mod:`vq_pipeline.prune`), used and updated: rows
+            whose bounds prove their code skip the search. The statistics are the same either way.
+        part_of: ``(search, offset)``: ``x`` is the rows from ``offset`` on of a longer pass whose
+            pruned search is ``search`` (the caller finishes it, and counts its pruned rows).
     """
+    search: Any = bounds.step(c, x.shape[0], engine) if bounds is not None else None
+    if part_of is not None:
+        whole, offset = part_of
+
+        def search(rows: slice, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return whole(slice(rows.start + offset, rows.stop + offset), xb)
+
     n_codes, dim = c.shape
     n_far = min(n_codes, MAX_FAR_CANDIDATES)
     sums = torch.zeros((n_codes, dim), dtype=torch.float64, device=c.device)  # (n_codes, dim)
@@ -123,7 +151,7 @@ def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> ESte
     objective = torch.zeros((), dtype=torch.float64, device=c.device)
     far_d = torch.empty(0, dtype=torch.float32, device=c.device)  # (<= n_far,)
     far_x = torch.empty((0, dim), dtype=torch.float32, device=c.device)  # (<= n_far, dim)
-    for _, xb, sqdist, idx in nearest_in_chunks(x, c, k=1, engine=engine, chunk_rows=chunk_rows):
+    for _, xb, sqdist, idx in nearest_in_chunks(x, c, k=1, engine=engine, chunk_rows=chunk_rows, search=search):
         d, code = sqdist[:, 0], idx[:, 0]  # (n,), (n,)
         sums.index_add_(0, code, xb.double())
         counts += torch.bincount(code, minlength=n_codes)
@@ -138,7 +166,10 @@ def e_step(x: Rows, c: torch.Tensor, *, engine: Engine, chunk_rows: int) -> ESte
             d, xb = d[enter], xb[enter]  # (e,), (e, dim)
         top = d.topk(min(n_far, d.shape[0]), sorted=True)  # the chunk's farthest rows
         far_d, far_x = farthest(torch.cat([far_d, top.values]), torch.cat([far_x, xb[top.indices]]), n_codes)
-    return EStepStats(sums, counts, float(objective), far_d, far_x)
+    if bounds is None:
+        return EStepStats(sums, counts, float(objective), far_d, far_x)
+    search.finish()
+    return EStepStats(sums, counts, float(objective), far_d, far_x, search.n_pruned, bounds.nbytes)
 
 
 class DataSource(Protocol):
@@ -198,15 +229,20 @@ class _ChunkPlan:
 
 class InMemoryRows:
     """A (n_rows, dim) float32 tensor on any device (validated; unit rows under cosine); E steps
-    through ``engine`` in chunks that fit ``memory_budget``."""
+    through ``engine`` in chunks that fit ``memory_budget``, pruned by the triangle inequality
+    (:mod:`vq_pipeline.prune`, the state kept here) when ``prune``."""
 
-    def __init__(self, x: torch.Tensor, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+    def __init__(
+        self, x: torch.Tensor, *, engine: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET, prune: bool = False
+    ) -> None:
         self.x = x
         self.n_rows, self.dim = x.shape
         self._plan = _ChunkPlan(engine, memory_budget)
+        self.prune = prune
+        self._bounds = Bounds() if prune else None
 
     def e_step(self, centroids: torch.Tensor) -> EStepStats:
-        return e_step(self.x, centroids, **self._plan(centroids, self.n_rows))
+        return e_step(self.x, centroids, bounds=self._bounds, **self._plan(centroids, self.n_rows))
 
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         return self.x
@@ -215,7 +251,7 @@ class InMemoryRows:
         # In memory, a level's rows are computed once, not on every E step.
         parts = [row_map(self.x[a : a + 65_536]) for a in range(0, self.n_rows, 65_536)]
         x = torch.cat(parts) if parts else row_map(self.x)
-        return InMemoryRows(x, engine=self._plan._engine, memory_budget=self._plan._memory_budget)
+        return InMemoryRows(x, engine=self._plan._engine, memory_budget=self._plan._memory_budget, prune=self.prune)
 
     def batches(self) -> Iterator[torch.Tensor]:
         for a in range(0, self.n_rows, 65_536):
@@ -238,15 +274,20 @@ class StreamedTables:
         storage_options: Any = None,
         engine: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        prune: bool = False,
+        bounds: Bounds | None = None,
     ) -> None:
         self._plan = _ChunkPlan(engine, memory_budget)
         self.sources, self.counts, self.column, self.metric = list(sources), list(counts), column, metric
         self.batch_rows, self.storage_options = batch_rows, storage_options
         self.n_rows, self.dim = sum(self.counts), dim
         self._last_sample: tuple[Any, torch.Tensor] | None = None
+        # The pruning state of the rows, in the order every pass reads them (8 bytes a row).
+        self.prune = prune
+        self.bounds = (bounds or Bounds()) if prune else None
 
     def e_step(self, centroids: torch.Tensor) -> EStepStats:
-        return e_step(self._rows(), centroids, **self._plan(centroids, self.n_rows))
+        return e_step(self._rows(), centroids, bounds=self.bounds, **self._plan(centroids, self.n_rows))
 
     def _rows(self) -> _StreamedRows:
         return _StreamedRows(
@@ -363,6 +404,7 @@ class MappedTables:
         self.base, self.row_map, self.partitioned = base, row_map, partitioned
         self.n_rows, self.dim = base.n_rows * row_map.expansion, row_map.out_dim(base.dim)
         self._plan = base._plan
+        self._bounds = Bounds() if base.prune and not partitioned else None
 
     def e_step(self, centroids: torch.Tensor) -> EStepStats:
         if self.partitioned:
@@ -370,7 +412,7 @@ class MappedTables:
         plan, k = self._plan(centroids, self.n_rows), self.row_map.expansion
         # Chunks of whole blocks: each reads on from the last (the tables are read once per pass).
         plan = {**plan, "chunk_rows": max(k, plan["chunk_rows"] - plan["chunk_rows"] % k)}
-        return e_step(_MappedRows(self.base._rows(), self.row_map, self.dim), centroids, **plan)
+        return e_step(_MappedRows(self.base._rows(), self.row_map, self.dim), centroids, bounds=self._bounds, **plan)
 
     def sample(self, n: int, generator: np.random.Generator | None) -> torch.Tensor:
         return self.row_map(self.base.sample(n, generator))
@@ -413,13 +455,31 @@ def e_steps(levels: Sequence[tuple[DataSource, torch.Tensor]]) -> list[EStepStat
             continue
         srcs = [levels[i][0] for i in group]
         acc: list[EStepStats | None] = [None] * len(group)
+        # Each level's pruned search spans the whole pass; every batch is a part of it.
+        searches = [
+            src._bounds.step(levels[i][1], src.n_rows, src._plan(levels[i][1], src.n_rows)["engine"])  # type: ignore[attr-defined]
+            if src._bounds is not None  # type: ignore[attr-defined]
+            else None
+            for src, i in zip(srcs, group)
+        ]
+        offset = 0
         for xb in srcs[0].base.batches():  # type: ignore[attr-defined]
             for j, i in enumerate(group):
-                src, c = srcs[j], levels[i][1]
-                part = e_step(src.row_map(xb), c, **src._plan(c, xb.shape[0]))  # type: ignore[attr-defined]
+                src, c, s = srcs[j], levels[i][1], searches[j]
+                rows = src.row_map(xb)  # type: ignore[attr-defined]
+                part_of = (s, offset * src.row_map.expansion) if s is not None else None  # type: ignore[attr-defined]
+                part = e_step(rows, c, part_of=part_of, **src._plan(c, xb.shape[0]))  # type: ignore[attr-defined]
                 acc[j] = part if acc[j] is None else EStepStats.merge([acc[j], part])
+            offset += xb.shape[0]
         for j, i in enumerate(group):
-            out[i] = acc[j] if acc[j] is not None else srcs[j].e_step(levels[i][1])
+            s = searches[j]
+            if acc[j] is None:
+                out[i] = srcs[j].e_step(levels[i][1])
+            elif s is not None:
+                s.finish()
+                out[i] = dataclasses.replace(acc[j], n_pruned=s.n_pruned, bound_bytes=s.bounds.nbytes)
+            else:
+                out[i] = acc[j]
     return out  # type: ignore[return-value]
 
 

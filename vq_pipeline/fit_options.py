@@ -40,6 +40,7 @@ class FitOptions:
     codec: str = "flat"
     levels: int = 1
     train_beam: int = 1
+    prune: bool = True
 
     @property
     def init_name(self) -> str:
@@ -102,6 +103,7 @@ def fit_options(
         codec=settings.codec,
         levels=settings.levels,
         train_beam=settings.train_beam if settings.codec == "residual" else 1,
+        prune=settings.prune,
     )
 
 

@@ -49,6 +49,7 @@ def fit_from_tables(
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
     train_beam: int = FitSettings.train_beam,
+    prune: bool = FitSettings.prune,
     data_budget: int = DEFAULT_DATA_BUDGET,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
@@ -95,7 +96,7 @@ def fit_from_tables(
     if x is not None:
         if opts.metric == "cosine":
             x = normalize_rows(x)  # zero rows were refused per file, with their row numbers
-        source: DataSource = InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget)
+        source: DataSource = InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune)
     else:
         source = StreamedTables(
             sources,
@@ -107,6 +108,7 @@ def fit_from_tables(
             storage_options=storage_options,
             engine=opts.engine,
             memory_budget=opts.memory_budget,
+            prune=opts.prune,
         )
         mode.update(init_sample_stats(opts, n_total))
     return fit_source(source, opts, extra_stats=mode, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)

@@ -66,7 +66,14 @@ class IterationStats:
     n_empty: int
     imbalance: float
     seconds: float
+    #: Rows whose search the pruned E step skipped (their code proven unchanged; 0 without pruning).
+    pruned: int = 0
 
+
+#: Fields of :class:`IterationStats` that describe the run rather than the result: a codebook keeps
+#: them in ``timings`` (``iteration_seconds``, ``iteration_pruned``), not in ``stats['history']``, so
+#: that the same fit gives the same file whether it was pruned, resumed or slow.
+RUN_ONLY = ("seconds", "pruned")
 
 #: Called with an :class:`InitProgress` while the initial centroids are chosen, then with an
 #: :class:`IterationStats` after every iteration.
@@ -84,6 +91,7 @@ class LloydResult:
     converged: bool
     n_repairs: int
     history: list[IterationStats]
+    bound_bytes: int = 0  # memory of the pruning state (:mod:`vq_pipeline.prune`) at the last E step
 
 
 def m_step(p: EStepStats, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int]:
@@ -269,6 +277,7 @@ def lloyd_steps(
         converged=_converged(state.prev_objective, objective, tol),
         n_repairs=state.n_repairs,
         history=[*state.history, stats],
+        bound_bytes=p.bound_bytes,
     )
 
 
@@ -297,6 +306,7 @@ def _iteration_stats(
         n_empty=int((p.counts == 0).sum()),
         imbalance=float(c.shape[0] * counts.square().sum() / n_rows**2),
         seconds=time.perf_counter() - t0,
+        pruned=int(p.n_pruned),
     )
     log.info("iteration %d: objective=%.6g repairs=%d imbalance=%.3f", it, objective, repairs, stats.imbalance)
     if on_event is not None:
@@ -335,6 +345,7 @@ def fit_codebook(
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
     train_beam: int = FitSettings.train_beam,
+    prune: bool = FitSettings.prune,
     progress: ProgressCallback | None = None,
     sources: tuple[str, ...] = (),
     column: str = "",
@@ -373,6 +384,9 @@ def fit_codebook(
         train_beam: 'residual': every level after the first is fitted on what the ``train_beam``
             best partial tuples of the levels before leave of each row (so ``train_beam`` times as
             many rows; 1: the greedy residuals). Encode with ``beam=train_beam`` to match.
+        prune: skip the search of the rows whose code the triangle inequality proves unchanged
+            (Hamerly's bounds, 8 bytes of state per row; :mod:`vq_pipeline.prune`). The codebook is
+            the same as without; ``stats['history']`` gives each iteration's ``pruned`` rows.
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
             (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration
             (of every level, for a multi-level codec).
@@ -390,7 +404,9 @@ def fit_codebook(
     if opts.metric == "cosine":
         check_nonzero_rows(x)
         x = normalize_rows(x)
-    source = InMemoryRows(maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget)
+    source = InMemoryRows(
+        maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune
+    )
     return fit_source(
         source,
         opts,
@@ -517,7 +533,7 @@ def fit_steps(
             "n_repairs": best.n_repairs,
             "empty_codes": int((best.counts == 0).sum()),
             "restart_inertias": inertias,
-            "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
+            "history": [{k: v for k, v in h.items() if k not in RUN_ONLY} for h in history],
             **(extra_stats or {}),
         },
         data_fingerprint=data_fingerprint,
@@ -528,6 +544,11 @@ def fit_steps(
             "fit_seconds": time.perf_counter() - t_start,
             "init_seconds": init_seconds,
             "iteration_seconds": [h["seconds"] for h in history],
+            **(
+                {"iteration_pruned": [h["pruned"] for h in history], "prune_state_bytes": best.bound_bytes}
+                if opts.prune
+                else {}
+            ),
         },
     )
 

@@ -126,6 +126,11 @@ def fit_levels(
                 "fit_seconds": time.perf_counter() - t_start,
                 "init_seconds": sum(b.timings.get("init_seconds", 0.0) for b in done),
                 "iteration_seconds": [s for b in done for s in b.timings.get("iteration_seconds", [])],
+                **(
+                    {"iteration_pruned": [p for b in done for p in b.timings.get("iteration_pruned", [])]}
+                    if opts.prune
+                    else {}
+                ),
                 "level_seconds": [b.timings.get("fit_seconds", 0.0) for b in done],
                 "stats_seconds": time.perf_counter() - t_stats,
             },

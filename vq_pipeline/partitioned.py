@@ -6,8 +6,10 @@ Only paths and a few numbers cross a scheduler: workers read their partitions th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import zipfile
 import shutil
 import time
 import uuid
@@ -21,7 +23,8 @@ import torch
 from . import tables
 from .assign import DEFAULT_MEMORY_BUDGET
 from .codebook import Codebook, atomic_write_bytes
-from .data import EStepStats, MapEStep, PartitionedTables, StreamedTables
+from .data import EStepStats, MapEStep, MappedTables, PartitionedTables, StreamedTables
+from .prune import Bounds
 from .checkpoint import FitCheckpoint
 from .kmeans import ProgressCallback, fit_options, fit_source
 from .settings import DEFAULT_BATCH_ROWS, FitSettings
@@ -43,6 +46,7 @@ from .validate import METRICS, check_choice, check_int, resolve_device
 __all__ = [
     "MapEStep",
     "fit_partitioned",
+    "load_bounds",
     "load_partition_stats",
     "partition_e_step",
     "partition_stats_file",
@@ -64,6 +68,7 @@ def partition_e_step(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     storage_options: dict[str, Any] | None = None,
     row_map: RowMap | None = None,
+    bounds: Bounds | None = None,
 ) -> EStepStats:
     """One partition's E-step statistics against ``centroids``, reading the partition itself.
 
@@ -73,6 +78,8 @@ def partition_e_step(
         device: where to compute (None: CUDA if this machine has it, else CPU).
         row_map: one level of a multi-level fit: the statistics of the rows as this map turns them
             (a slice of the columns, or what the earlier residual levels leave).
+        bounds: the partition's pruning state (:mod:`vq_pipeline.prune`), used and updated: rows
+            whose code it proves skip the search. The statistics are the same with or without.
 
     Returns:
         An :class:`~vq_pipeline.data.EStepStats` on the CPU: ``sums`` (n_codes, dim) float64 of the
@@ -95,10 +102,20 @@ def partition_e_step(
         storage_options=storage_options,
         engine=engine,
         memory_budget=memory_budget,
+        prune=bounds is not None,
+        bounds=bounds,
     )
     if row_map is not None:
-        rows = rows.mapped(row_map)
+        rows = _MappedPartition(rows, row_map)
     return rows.e_step(c).to("cpu")
+
+
+class _MappedPartition(MappedTables):
+    """One level of one partition: the partition's own pruning state serves the level's rows."""
+
+    def __init__(self, base: StreamedTables, row_map: RowMap) -> None:
+        super().__init__(base, row_map)
+        self._bounds = base.bounds
 
 
 def reduce_partition_stats(parts: Sequence[EStepStats]) -> EStepStats:
@@ -118,6 +135,8 @@ def save_partition_stats(path: str | os.PathLike[str], p: EStepStats) -> Path:
         objective=np.float64(p.objective),
         far_sqdist=p.far_sqdist.numpy(),
         far_rows=p.far_rows.numpy(),
+        n_pruned=np.int64(p.n_pruned),
+        bound_bytes=np.int64(p.bound_bytes),
     )
     return atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -131,6 +150,8 @@ def load_partition_stats(path: str | os.PathLike[str]) -> EStepStats:
             float(z["objective"]),
             torch.from_numpy(z["far_sqdist"].copy()),
             torch.from_numpy(z["far_rows"].copy()),
+            int(z["n_pruned"]) if "n_pruned" in z.files else 0,
+            int(z["bound_bytes"]) if "bound_bytes" in z.files else 0,
         )
 
 
@@ -174,6 +195,17 @@ class Exchange:
     def stats_file(self, iteration: int, partition: int) -> Path:
         return self.folder / f"stats-{iteration:05d}-{partition:06d}.npz"
 
+    def bounds_file(self, partition: int, row_map: RowMap | None = None) -> Path:
+        """Where partition ``partition`` keeps its pruning state between iterations (one file per level
+        of a multi-level fit, named by a digest of the level's map); the worker reads and rewrites it."""
+        level = "flat"
+        if row_map is not None:
+            digest = hashlib.sha256()
+            for k, v in sorted(row_map.to_arrays().items()):
+                digest.update(k.encode() + np.ascontiguousarray(v).tobytes())
+            level = digest.hexdigest()[:16]
+        return self.folder / f"bounds-{level}-{partition:06d}.npz"
+
     def collect(
         self, centroids_file: Path, stats_files: Sequence[str | os.PathLike[str]], map_file: str | None = None
     ) -> list[EStepStats]:
@@ -189,19 +221,42 @@ def partition_stats_file(
     centroids_file: str | os.PathLike[str],
     stats_file: str | os.PathLike[str],
     map_file: str | os.PathLike[str] | None = None,
+    bounds_file: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`partition_e_step` from and to files (what a worker runs): read the centroids written by
     :func:`save_centroids` (and a multi-level fit's row map from ``map_file``, written by
     :meth:`Exchange.publish_map`), write the statistics with :func:`save_partition_stats`, return a
-    small summary (``stats`` path, ``rows``, ``objective``). ``options``: those of :func:`partition_e_step`."""
+    small summary (``stats`` path, ``rows``, ``objective``, ``pruned`` rows). ``options``: those of
+    :func:`partition_e_step`.
+
+    ``bounds_file``: the partition's pruning state (:meth:`Exchange.bounds_file`), read when it
+    exists and rewritten after the statistics, atomically. The state records the centroids it holds
+    for, so a retried task, or one that finds no file or a stale one, is never wrong: at worst it
+    searches every row."""
     c = torch.from_numpy(np.load(centroids_file, allow_pickle=False))  # (n_codes, dim) float32
     if map_file is not None:
         with np.load(map_file, allow_pickle=False) as z:
             options["row_map"] = RowMap.from_arrays(dict(z))
+    if bounds_file is not None:
+        options["bounds"] = load_bounds(bounds_file)
     p = partition_e_step(source, c, **options)
     save_partition_stats(stats_file, p)
-    return {"stats": str(stats_file), "rows": int(p.counts.sum()), "objective": p.objective}
+    if bounds_file is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **options["bounds"].to_arrays())
+        atomic_write_bytes(Path(bounds_file), buf.getvalue())
+    return {"stats": str(stats_file), "rows": int(p.counts.sum()), "objective": p.objective, "pruned": p.n_pruned}
+
+
+def load_bounds(path: str | os.PathLike[str]) -> Bounds:
+    """A partition's pruning state from ``path``; none (a full search) when the file is missing or
+    not a state this package wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Bounds.from_arrays({k: z[k] for k in z.files})
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return Bounds()
 
 
 def fit_partitioned(
@@ -222,6 +277,7 @@ def fit_partitioned(
     codec: str = FitSettings.codec,
     levels: int = FitSettings.levels,
     train_beam: int = FitSettings.train_beam,
+    prune: bool = FitSettings.prune,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressCallback | None = None,

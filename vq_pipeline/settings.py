@@ -63,6 +63,9 @@ class FitSettings:
     #: beams pay off with many codes per level and beam-search encoding (benchmarks/RESULTS.md)
     #: and cost with few. Unused by other codecs.
     train_beam: int = 1
+    #: Skip the search of rows whose code the triangle inequality proves (Hamerly's bounds, see
+    #: :mod:`vq_pipeline.prune`); the codebook is the same either way, only the time differs.
+    prune: bool = True
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError
@@ -72,6 +75,10 @@ class FitSettings:
         check_choice("codec", self.codec, CODECS)
         object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
         object.__setattr__(self, "train_beam", check_int("train_beam", self.train_beam, minimum=1))
+        if not isinstance(self.prune, bool):
+            raise InvalidInputError(
+                f"prune={self.prune!r}; expected True or False. Fix: pass prune=True (the default) or prune=False."
+            )
         if self.codec == "flat" and self.levels != 1:
             raise InvalidInputError(
                 f"levels={self.levels} with codec='flat'; a flat codebook has one level. "

@@ -21,6 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -514,6 +515,45 @@ class TorchEngine:
             idx = idx.contiguous()
             idx[rows] = _exact_nearest(x.index_select(0, rows), k, self._exact_terms(c))  # (r, k)
         return idx
+
+    def nearest_runner_up(
+        self, x: torch.Tensor, c: torch.Tensor, arranged: torch.Tensor, grouping: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx, low2)`` for the pruned E step (:func:`vq_pipeline.prune.runner_up`): (n,) int64 the
+        exact nearest code of each row of ``x`` (n, dim), dim > 1, among the centroids ``c`` (m, dim),
+        and (n, t) float32 lower bounds on its squared distance to the other centroids of each group
+        of ``grouping`` (:class:`vq_pipeline.prune.Grouping`; ``arranged`` is ``c`` in its order).
+
+        One GEMM against ``arranged`` gives both: the best code as in :meth:`_nearest_by_gemm`
+        (proven by the gap test, else ranked again in float64 among ``c``, so that ties go to the
+        lowest code), and, with that code's entry set to ``inf``, each group's smallest ranking value
+        ``p_g``. A centroid's squared distance is ``T_j + |x - s|^2`` with ``T_j >= partial_j - E``
+        (:func:`_rounding_bound`), so ``p_g - E + |x - s|^2`` bounds the group's other centroids from
+        below; ``|x - s|^2 >= |xs|^2 (1 - (dim + 8) u)`` (``xs`` is within relative ``u`` of ``x - s``
+        per coordinate, its float32 sum of squares within ``gamma_dim``), and the float32 evaluation
+        loses at most a few ``u`` of its operands, which the last term takes off four times over.
+        """
+        partial, xs, cs_norm_max = self._ranking(x, arranged)  # (n, m) columns in group order, (n, dim)
+        n, dim = x.shape
+        xsq = xs.square().sum(dim=1).mul_(1.0 - (dim + 8) * _ROUNDOFF["ieee"])  # (n,) before the buffers change
+        j, best, gap = _best_two_rows(partial)  # (n, 1), (n,), (n,) in group order
+        bound = _rounding_bound(xs, cs_norm_max, _gamma(dim + 5, _matmul_roundoff(x.device)))  # (n,)
+        order = grouping.order.to(x.device)
+        idx = order[j[:, 0]]  # (n,)
+        if x.device.type == "cpu":
+            g, b, v = gap.numpy(), bound.numpy(), best.numpy()
+            rows = torch.from_numpy(np.flatnonzero(~(g > 2.0 * b) | ~np.isfinite(v)))  # (r,)
+        else:
+            rows = (~(gap > 2.0 * bound) | ~best.isfinite()).nonzero()[:, 0]  # (r,)
+        if rows.numel():
+            idx[rows] = _exact_nearest(x.index_select(0, rows), 1, self._exact_terms(c))[:, 0]  # (r,)
+        if grouping.t == 1:  # the second-smallest value: at most fl(best + gap) (1 + u), one rounding
+            least = best.add(gap).mul_(1.0 - 2.0 * _ROUNDOFF["ieee"])[:, None]  # (n, 1)
+        else:
+            partial[torch.arange(n, device=x.device), grouping.position.to(x.device)[idx]] = math.inf
+            least = grouping.minima(partial)  # (n, t)
+        room = (least.abs() + (bound + xsq)[:, None]).mul_(2.0**-20).nan_to_num_(posinf=0.0)  # (n, t)
+        return idx, least.sub_(bound[:, None]).add_(xsq[:, None]).sub_(room)
 
     def sqdist(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """See :meth:`vq_pipeline.engines.Engine.sqdist`: the centred GEMM form, clamped at 0.
