@@ -7,17 +7,20 @@ Command, from the repository root (the project venv has scikit-learn through the
 Data (float32):
 
 * ``digits``: scikit-learn's bundled digits, 1797 x 64, K = 16.
-* ``wordllama``: the 32,000 x 256 token-embedding matrix of the ``wordllama`` wheel (a float16
-  ``.safetensors`` file inside it), K = 256. The wheel is fetched once with
-  ``pip download wordllama --no-deps`` into ``--cache`` (default ``.cache/bench``); wordllama is never
-  installed or imported.
+* ``wordllama``: the 32,000 x 256 token-embedding matrix of the ``wordllama`` wheel, K = 256, through
+  ``benchmarks/wordllama_data.py`` (the wheel is fetched once with ``pip download wordllama --no-deps``
+  into ``--cache``, default ``benchmarks/.cache/wordllama``, and the matrix cached there as ``.npy``;
+  wordllama is never installed or imported).
 
-For every seed, the rows are shuffled with that seed and split into 8 equal batches; the two mini-batch
+For every seed, the rows are shuffled with that seed and split into 8 equal batches; the mini-batch
 methods see the same batches in the same order, once:
 
 * ``vq full Lloyd``: ``fit_codebook(x, K, seed=seed)`` at its defaults (the reference of the ratios);
-* ``vq minibatch``: ``vq_pipeline.minibatch.fit_minibatch(batches, K, seed=seed)`` (k-means++ on the
-  first batch, then one exact assignment and a running-mean update per batch);
+* ``vq minibatch``: ``vq_pipeline.minibatch.fit_minibatch(batches, K, seed=seed)`` at its defaults
+  (k-means++ and 5 Lloyd iterations on the first batch; per batch two exact assignments with the
+  running-mean update, then under-used codes moved to split crowded codes where that pays);
+* ``vq minibatch plain``: the same with ``init_iter=0, batch_iter=1, split_ratio=0`` (plain Sculley:
+  k-means++ on the first batch, one assignment and running mean per batch), for comparison;
 * ``sklearn MiniBatchKMeans.partial_fit``: ``MiniBatchKMeans(K, random_state=seed)`` at its defaults,
   ``partial_fit`` on each batch.
 
@@ -32,7 +35,6 @@ follows in brackets). The target: the minibatch ratio within 1.05 and at most sc
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -40,15 +42,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
+import wordllama_data
 
-REPO = Path(__file__).resolve().parent.parent
 N_BATCHES = 8
 DATASETS = {"digits": 16, "wordllama": 256}
-METHODS = ("vq full Lloyd", "vq minibatch", "sklearn MiniBatchKMeans.partial_fit")
+METHODS = ("vq full Lloyd", "vq minibatch", "vq minibatch plain", "sklearn MiniBatchKMeans.partial_fit")
+PLAIN = {"init_iter": 0, "batch_iter": 1, "split_ratio": 0.0}
 
 
 def load(name: str, cache: Path) -> np.ndarray:
@@ -57,23 +59,7 @@ def load(name: str, cache: Path) -> np.ndarray:
         from sklearn.datasets import load_digits
 
         return load_digits().data.astype(np.float32)
-    npy = cache / "wordllama_embedding.npy"
-    if not npy.exists():
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        wheels = glob.glob(str(cache / "wordllama-*.whl"))
-        if not wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "wordllama", "--no-deps", "-d", str(cache)]
-            subprocess.run(cmd, check=True)
-            wheels = glob.glob(str(cache / "wordllama-*.whl"))
-        from safetensors.numpy import load as st_load
-
-        with zipfile.ZipFile(sorted(wheels)[-1]) as wheel:
-            found = [n for n in wheel.namelist() if n.endswith(".safetensors")]
-            tensors = {f"{f}:{k}": v for f in found for k, v in st_load(wheel.read(f)).items() if v.ndim == 2}
-        key = max(tensors, key=lambda k: tensors[k].shape[0])  # the token-embedding matrix
-        print(f"wordllama: {key} {tensors[key].shape} {tensors[key].dtype}", file=sys.stderr)
-        np.save(npy, tensors[key].astype(np.float32))
-    return np.load(npy)
+    return wordllama_data.load(cache)
 
 
 def batches(x: np.ndarray, seed: int) -> list[np.ndarray]:
@@ -122,6 +108,8 @@ def worker(method: str, data: str, seed: int, cache: Path, threads: int, out: Pa
         t0 = time.perf_counter()
         if method == "vq full Lloyd":
             codebook = fit_codebook(x, k, seed=seed, device="cpu")
+        elif method == "vq minibatch plain":
+            codebook = fit_minibatch(parts, k, seed=seed, device="cpu", **PLAIN)
         else:
             codebook = fit_minibatch(parts, k, seed=seed, device="cpu")
         seconds = time.perf_counter() - t0
@@ -134,7 +122,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=",".join(DATASETS))
-    ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
+    ap.add_argument("--cache", type=Path, default=wordllama_data.CACHE)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "DATA", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -158,8 +146,14 @@ def main() -> None:
                     cmd += ["--out", str(out), "--cache", str(args.cache), "--threads", str(args.threads)]
                     subprocess.run(cmd, check=True, env=env)
                     r = np.load(out)
-                    rows.append({"method": method, "seed": seed, "inertia": inertia(x, r["centroids"]),
-                                 "seconds": float(r["seconds"])})
+                    rows.append(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "inertia": inertia(x, r["centroids"]),
+                            "seconds": float(r["seconds"]),
+                        }
+                    )
         full = {r["seed"]: r["inertia"] for r in rows if r["method"] == METHODS[0]}
         for r in rows:
             r["ratio"] = r["inertia"] / full[r["seed"]]

@@ -101,15 +101,25 @@ def test_codebook_file_round_trip(tmp_path) -> None:
     np.testing.assert_array_equal(back.predict(x_new), vq.predict(x_new))
     np.testing.assert_array_equal(back.transform(x_new), vq.transform(x_new))
     assert back.inertia_ == vq.inertia_ and back.n_features_in_ == 6 and not hasattr(back, "labels_")
-    # The loaded estimator keeps streaming: partial_fit weighs its centroids by the saved counts.
+    # The loaded estimator keeps streaming: partial_fit weighs its centroids by the saved counts. The
+    # batch is assigned twice (the stream's default batch_iter=2): to the loaded codes, then to the
+    # codes those rows move them to; the update is from the loaded codes with the second assignment.
     batch = _data(3, n=50)
     back.partial_fit(batch)
     unit = batch / np.linalg.norm(batch, axis=1, keepdims=True)
-    codes = vq.predict(batch)
-    k = int(np.bincount(codes).argmax())
-    c = vq.cluster_centers_[k].astype(np.float64)
-    step = c + (unit[codes == k].sum(axis=0) - (codes == k).sum() * c) / (vq.counts_[k] + (codes == k).sum())
-    np.testing.assert_allclose(back.cluster_centers_[k], step / np.linalg.norm(step), atol=1e-6)
+    c = vq.cluster_centers_.astype(np.float64)  # (6, dim), unit rows
+
+    def step(codes: np.ndarray) -> np.ndarray:
+        out = c.copy()
+        for k in np.unique(codes):
+            n_k = (codes == k).sum()
+            moved = c[k] + (unit[codes == k].sum(axis=0) - n_k * c[k]) / (vq.counts_[k] + n_k)
+            out[k] = moved / np.linalg.norm(moved)
+        return out
+
+    expected = step((unit @ step((unit @ c.T).argmax(axis=1)).T).argmax(axis=1))
+    np.testing.assert_allclose(back.cluster_centers_, expected, atol=1e-6)
+    assert back.to_codebook().stats["n_splits"] == 0
 
 
 def test_partial_fit_is_the_minibatch_stream() -> None:
