@@ -12,7 +12,7 @@ Rows:
   ``scatter_add_``, divide by counts; cosine: ``(x_i | c_j).argmax`` and re-normalized centroids);
 * ``ours keops`` / ``ours torch``: ``fit_codebook(x, K, init=<tensor>, n_iter=10, tol=0,
   engine=..., device='cuda')`` (its last pass is an extra E step that scores the final centroids),
-  with pruning (the default; the rows it skipped per iteration are recorded) and with ``prune=False``;
+  at the defaults (``prune=False``) and with ``prune=True`` (the rows it skipped per iteration are recorded);
 * ``cuBLAS floor``: one fp32 GEMM ``|c|^2 - 2 x.c`` over all rows (TF32 off), ``argmin``
   (cosine: ``argmax`` of ``x.c``), ``index_add_`` + ``bincount`` update: the practical floor;
 * ``cuBLAS floor, TF32``: the same with TF32 GEMMs (not exact; for reference only).
@@ -149,7 +149,7 @@ def floor_fit(x: torch.Tensor, init: torch.Tensor, metric: str) -> torch.Tensor:
     return c
 
 
-def ours_fit(engine: str, x: torch.Tensor, init: torch.Tensor, metric: str, store: dict, prune: bool = True) -> torch.Tensor:
+def ours_fit(engine: str, x: torch.Tensor, init: torch.Tensor, metric: str, store: dict, prune: bool = False) -> torch.Tensor:
     from vq_pipeline import fit_codebook
 
     k = init.shape[0]
@@ -226,12 +226,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             orc = oracle_top2(x, init, metric)  # assignment step checked on the initial centroids
             auto = auto_engine_name(torch.device(DEVICE), dim)
             methods: list[tuple[str, Callable[[], Any], Callable[[], torch.Tensor]]] = []
-            stores: dict[str, dict] = {f"ours {e}{p}": {} for e in ("keops", "torch") for p in ("", ", prune=False")}
+            stores: dict[str, dict] = {f"ours {e}{p}": {} for e in ("keops", "torch") for p in ("", ", prune=True")}
             engines = (["keops"] if keops_ok else []) + ["torch"]
             if keops_ok:
                 methods.append(("keops-tutorial", lambda: tutorial_fit(x, init, metric), lambda: tutorial_assign(x, init, metric)))
             for eng in engines:
-                for suffix, prune in (("", True), (", prune=False", False)):
+                for suffix, prune in (("", False), (", prune=True", True)):
                     name = f"ours {eng}{suffix}"
                     methods.append((name, lambda e=eng, s=stores[name], p=prune: ours_fit(e, x, init, metric, s, p),
                                     lambda e=eng, s=stores[name]: s["codebook"].encode(x, engine=e, device=DEVICE)))

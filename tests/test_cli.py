@@ -86,7 +86,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     codebook = root / "models" / "codebook.safetensors"
     fit = vq("fit", root / "in", "--column", "embedding", "--codes", N_CODES, "--metric", "cosine", "--engine", "torch",
-             "--seed", 3, "--out", codebook, "--json")
+             "--seed", 3, "--out", codebook, "--json", "--prune-search")
     assert fit.returncode == 0, fit.stderr
     return {"root": root, "rows": rows, "garbage": garbage, "codebook": codebook, "fit": fit}
 
@@ -112,7 +112,8 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert re.fullmatch(rf"seeding: {N_CODES}/{N_CODES} initial centroids \(\d+\.\d s\)", seeding), seeding
     assert len(lines) == cb.stats["iterations"] + 1
     assert all(re.fullmatch(r"iteration \d+: objective \S+(, [\d,]+ rows proven unchanged)? \(\d+\.\d\d s\)", line) for line in lines), lines
-    assert any("rows proven unchanged" in line for line in lines), lines
+    assert any("rows proven unchanged" in line for line in lines), lines  # --prune-search
+    assert len(cb.timings["iteration_pruned"]) == len(lines)
     assert "\r" not in fit.stderr and "\x1b" not in fit.stderr  # stderr is a log here: plain lines, no redraws
     assert list(work["codebook"].parent.iterdir()) == [work["codebook"]]  # no temporary files left
 

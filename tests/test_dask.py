@@ -127,7 +127,9 @@ def test_fit_on_dask_matches_a_local_fit_from_the_same_init(cluster, tmp_path: P
     settings = dict(column="embedding", n_codes=N_CODES, metric=metric, seed=3, n_iter=8)
     # The same init: k-means++ on the same seeded sample of 256 x n_codes rows (a streamed local fit).
     local = fit_from_tables([tmp_path / "in"], **settings, data_budget=0)
-    summary = fit_codebook_flow(inputs=[str(tmp_path / "in")], out=str(tmp_path / "cb.safetensors"), **settings, dask=address)
+    summary = fit_codebook_flow(
+        inputs=[str(tmp_path / "in")], out=str(tmp_path / "cb.safetensors"), **settings, dask=address, prune=True
+    )
     dist = Codebook.load(summary["path"])
     assert dist.stats["mode"] == "partitioned" and dist.stats["partitions"] == 4
     assert dist.stats["init_sample"] == local.stats["init_sample"]

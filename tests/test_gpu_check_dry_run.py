@@ -24,9 +24,9 @@ DRY_SHAPES = [(2_000, 2, 16), (5_000, 16, 32)]  # gpu_bench.DRY_SHAPES
 METHODS = [
     "keops-tutorial",
     "ours keops",
-    "ours keops, prune=False",
+    "ours keops, prune=True",
     "ours torch",
-    "ours torch, prune=False",
+    "ours torch, prune=True",
     "cuBLAS floor",
     "cuBLAS floor, TF32",
 ]
@@ -86,7 +86,7 @@ def test_dry_run_bench_json_has_every_row_exact(dry_run: tuple[subprocess.Comple
         assert mm["wrong"] == 0 and mm["decisive"] > 0.9 * r["n"], r
         if r["method"].startswith("ours"):  # rows skipped per pass: recorded with pruning only
             pruned = r["iteration_pruned"]
-            assert (pruned is None) == r["method"].endswith("prune=False"), r
+            assert (pruned is None) != r["method"].endswith("prune=True"), r
     assert (out / "gpu_bench.md").read_text().count("\n| ") == len(want) + 1  # the header and one line per row
 
 

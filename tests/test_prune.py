@@ -177,7 +177,7 @@ def test_streamed_and_partitioned_fits_prune_to_the_same_codebook(tables, tmp_pa
                 out.append(info["stats"])
             return exchange.collect(cfile, out)
 
-        parted = fit_partitioned(paths, map_e_step, **kw)
+        parted = fit_partitioned(paths, map_e_step, prune=True, **kw)
         states = sorted(p.name for p in exchange.folder.glob("bounds-*"))
         assert states == [f"bounds-flat-{j:06d}.npz" for j in range(3)]
         assert load_bounds(exchange.folder / states[0]).codes.shape == (1500,)
@@ -220,9 +220,9 @@ def test_resumed_pruned_fit_equals_the_uninterrupted_one(tables, tmp_path: Path)
 
     ckpt = tmp_path / "fit.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        fit_from_tables(paths, checkpoint=ckpt, progress=stop, **kw)
+        fit_from_tables(paths, checkpoint=ckpt, progress=stop, prune=True, **kw)
     assert ckpt.exists() and max(calls) > 0
-    got = fit_from_tables(paths, checkpoint=ckpt, **kw)
+    got = fit_from_tables(paths, checkpoint=ckpt, prune=True, **kw)
     assert comparable(got) == comparable(want) and got.timings["iteration_pruned"][0] == 0
 
 

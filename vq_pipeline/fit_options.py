@@ -40,7 +40,7 @@ class FitOptions:
     codec: str = "flat"
     levels: int = 1
     train_beam: int = 1
-    prune: bool = True
+    prune: bool = False
 
     @property
     def init_name(self) -> str:

@@ -81,7 +81,7 @@ def progressive_dims(
         else:
             c0 = torch.zeros((n_codes, width), dtype=torch.float32, device=device)
             c0[:, : min(width, c.shape[1])] = c[:, :width]
-        source = InMemoryRows(rows, engine=engine.name, memory_budget=memory_budget, prune=True)
+        source = InMemoryRows(rows, engine=engine.name, memory_budget=memory_budget)
         c = lloyd(source, c0, metric="l2", n_iter=N_ITER, tol=0.0).centroids.to(device)
         _report_init(progress, round(n_codes * step / STEPS), n_codes, t0)
     if c.shape[1] < dim:

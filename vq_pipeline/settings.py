@@ -64,8 +64,11 @@ class FitSettings:
     #: and cost with few. Unused by other codecs.
     train_beam: int = 1
     #: Skip the search of rows whose code the triangle inequality proves (Hamerly's bounds, see
-    #: :mod:`vq_pipeline.prune`); the codebook is the same either way, only the time differs.
-    prune: bool = True
+    #: :mod:`vq_pipeline.prune`); the codebook is the same either way, only the time differs. Off by
+    #: default: on 2 threads it made 20-iteration fits 0.87-1.22x as long (benchmarks/fair.py) and
+    #: fits at the defaults on real embeddings 1.2-1.4x as long (benchmarks/RESULTS.md); it pays
+    #: on one thread and on long runs over well-clustered rows.
+    prune: bool = False
 
     def __post_init__(self) -> None:
         from .errors import InvalidInputError
@@ -77,7 +80,7 @@ class FitSettings:
         object.__setattr__(self, "train_beam", check_int("train_beam", self.train_beam, minimum=1))
         if not isinstance(self.prune, bool):
             raise InvalidInputError(
-                f"prune={self.prune!r}; expected True or False. Fix: pass prune=True (the default) or prune=False."
+                f"prune={self.prune!r}; expected True or False. Fix: pass prune=True or prune=False (the default)."
             )
         if self.codec == "flat" and self.levels != 1:
             raise InvalidInputError(

@@ -138,8 +138,10 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """Absorb one batch with mini-batch K-means (:mod:`vq_pipeline.minibatch`).
 
         The first call (on an estimator neither fitted nor loaded) seeds the codes from its batch,
-        which needs at least ``n_codes`` rows; later calls assign each row its exact nearest code and
-        move the codes to the running means of their rows. After ``fit`` or :meth:`from_codebook`, the
+        which needs at least ``n_codes`` rows, and runs a few Lloyd iterations on it; later calls
+        assign each row its exact nearest code, move the codes to the running means of their rows,
+        assign again, and split crowded codes with under-used ones where that pays (the defaults of
+        :data:`vq_pipeline.minibatch.STREAM_DEFAULTS`). After ``fit`` or :meth:`from_codebook`, the
         codebook's counts weigh its centroids.
 
         Args:
