@@ -192,7 +192,7 @@ def _add_fit_options(fit: argparse.ArgumentParser) -> None:
         dest="prune",
         action="store_true",
         help="skip the search of the rows whose code the triangle inequality proves unchanged (exact pruned "
-        "Lloyd: the same codebook, 8 bytes of state a row; pays on one thread and long runs, see the README)",
+        "Lloyd: the same codebook, 8 bytes of state a row; see the README for when it pays)",
     )
     fit.add_argument(
         "--iters",

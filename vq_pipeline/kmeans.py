@@ -387,8 +387,7 @@ def fit_codebook(
         prune: skip the search of the rows whose code the triangle inequality proves unchanged
             (Hamerly's bounds, 8 bytes of state per row; :mod:`vq_pipeline.prune`). The codebook is
             the same as without; ``timings['iteration_pruned']`` gives each pass's skipped rows. Off
-            by default: it pays on one thread and in long runs over well-clustered rows, and cost
-            time on 2 threads in the benchmarks (README, "Engines").
+            by default: it did not save time in the benchmarks (README, "Engines").
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
             (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration
             (of every level, for a multi-level codec).

@@ -65,9 +65,9 @@ class FitSettings:
     train_beam: int = 1
     #: Skip the search of rows whose code the triangle inequality proves (Hamerly's bounds, see
     #: :mod:`vq_pipeline.prune`); the codebook is the same either way, only the time differs. Off by
-    #: default: on 2 threads it made 20-iteration fits 0.87-1.22x as long (benchmarks/fair.py) and
-    #: fits at the defaults on real embeddings 1.2-1.4x as long (benchmarks/RESULTS.md); it pays
-    #: on one thread and on long runs over well-clustered rows.
+    #: default: measured on 2 threads (benchmarks/RESULTS.md), 20-iteration fits took 0.70-1.22x the
+    #: unpruned time (benchmarks/fair.py) and fits at the defaults 1.03-1.09x (benchmarks/prune.py):
+    #: the bounds prove little until the centroids settle, and a searched row costs more than before.
     prune: bool = False
 
     def __post_init__(self) -> None:
