@@ -727,6 +727,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick: 1)")
     ap.add_argument("--n-iter", type=int, default=20, help="Lloyd iterations for every method (default 20)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated subset of the shapes as NxDxK[:cosine], e.g. 1000000x32x100,100000x64x256:cosine "
+        "(default: all)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write every raw number here")
     ap.add_argument(
         "--log", type=Path, default=None, help="the workers' output (default: beside --json, or a temp file)"
@@ -744,6 +750,15 @@ def main() -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     plan = [(s, "l2") for s in (QUICK_L2 if args.quick else SHAPES_L2)]
     plan += [(s, "cosine") for s in (QUICK_COSINE if args.quick else SHAPES_COSINE)]
+    if args.shapes:
+        names = {
+            f"{n}x{d}x{k}" + ("" if metric == "l2" else ":cosine"): ((n, d, k), metric) for (n, d, k), metric in plan
+        }
+        wanted = [w.strip() for w in args.shapes.split(",") if w.strip()]
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            ap.error(f"--shapes={args.shapes!r}: unknown {missing}; expected a subset of {','.join(names)}")
+        plan = [names[w] for w in wanted]
     log_path = args.log or (args.json.with_suffix(".log") if args.json else Path(tempfile.gettempdir()) / "vq-fair.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     machine = machine_info()

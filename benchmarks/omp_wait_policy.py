@@ -1,4 +1,5 @@
-"""OpenMP wait policy under CPU contention: PASSIVE (what vq_pipeline sets) against ACTIVE (spinning).
+"""OpenMP waits on a quiet and on a contended CPU: PASSIVE, a bounded spin and ACTIVE (vq_pipeline picks PASSIVE or
+the bounded spin on import, by the CPU's pressure: ``vq_pipeline._omp_wait_settings``).
 
 Command, from the repository root::
 
@@ -57,16 +58,28 @@ for _ in range(rounds):
     seeds.append(cb.timings["init_seconds"])
 wall = time.perf_counter() - t0
 p1 = psi()
-print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "lloyd_s_per_iter": statistics.median(its),
+print(json.dumps({"policy": os.environ.get("OMP_WAIT_POLICY"), "spincount": os.environ.get("GOMP_SPINCOUNT"), "lloyd_s_per_iter": statistics.median(its),
                   "lloyd_all": its, "kmeanspp_s": statistics.median(seeds), "kmeanspp_all": seeds,
                   "cpu_stall": None if p0 is None or p1 is None else (p1 - p0) / 1e6 / wall,
                   "load1": os.getloadavg()[0], "wall_s": wall}))
 """
 
 
-def run_child(policy: str, rounds: int) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY=policy, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", CHILD, str(rounds)], env=env, capture_output=True, text=True, timeout=600)
+# What each row sets: PASSIVE and ACTIVE as named; "bounded spin" leaves OMP_WAIT_POLICY unset and sets only
+# GOMP_SPINCOUNT (what vq_pipeline does on import when neither is set: vq_pipeline._OMP_SPIN_COUNT spins).
+POLICIES = {
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "bounded spin": {"GOMP_SPINCOUNT": None},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
+
+
+def run_child(policy: str, rounds: int, spin: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update({k: v if v is not None else str(spin) for k, v in POLICIES[policy].items()}, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(rounds)], env=env, capture_output=True, text=True, timeout=600
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,8 +89,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="OpenMP wait policy under contention")
     ap.add_argument("--hogs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--spin", type=int, default=None, help="GOMP_SPINCOUNT of the bounded-spin row (default: vq_pipeline's)"
+    )
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "omp_wait_policy.json")
     args = ap.parse_args()
+    spin = args.spin
+    if spin is None:
+        sys.path.insert(0, str(REPO))
+        import vq_pipeline
+
+        spin = vq_pipeline._OMP_SPIN_COUNT
     rows = []
     for condition in ("quiet", "loaded"):
         hogs: list[subprocess.Popen] = []
@@ -85,23 +107,36 @@ def main() -> int:
             hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
             time.sleep(2)
         try:
-            for policy in ("PASSIVE", "ACTIVE"):
-                r = run_child(policy, args.rounds)
+            for policy in POLICIES:
+                r = run_child(policy, args.rounds, spin)
+                r["policy"] = policy if policy != "bounded spin" else f"unset, GOMP_SPINCOUNT={spin}"
                 r["condition"] = condition if condition == "quiet" else f"{args.hogs} busy processes"
                 rows.append(r)
-                print(f"  {condition:6s} {policy:8s} lloyd {r['lloyd_s_per_iter']:.3f} s/iter  k-means++ {r['kmeanspp_s']:.3f} s  "
-                      f"stall {r['cpu_stall']:.2f} load {r['load1']:.1f}", file=sys.stderr, flush=True)
+                print(
+                    f"  {condition:6s} {policy:8s} lloyd {r['lloyd_s_per_iter']:.3f} s/iter  k-means++ {r['kmeanspp_s']:.3f} s  "
+                    f"stall {r['cpu_stall']:.2f} load {r['load1']:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             for h in hogs:
                 h.kill()
                 h.wait()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count(),
-                                     "rows": rows}, indent=1))
-    print("| condition | OMP_WAIT_POLICY | Lloyd s/iter (100k×64, K=256) | k-means++ s (8192×16, K=32) | CPU stall | load (1 min) |")
+    args.json.write_text(
+        json.dumps(
+            {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count(), "rows": rows},
+            indent=1,
+        )
+    )
+    print(
+        "| condition | OpenMP waits | Lloyd s/iter (100k×64, K=256) | k-means++ s (8192×16, K=32) | CPU stall | load (1 min) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['condition']} | {r['policy']} | {r['lloyd_s_per_iter']:.3f} | {r['kmeanspp_s']:.3f} | {r['cpu_stall']:.2f} | {r['load1']:.1f} |")
+        print(
+            f"| {r['condition']} | {r['policy']} | {r['lloyd_s_per_iter']:.3f} | {r['kmeanspp_s']:.3f} | {r['cpu_stall']:.2f} | {r['load1']:.1f} |"
+        )
     return 0
 
 

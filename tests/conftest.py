@@ -12,7 +12,7 @@ os.environ.setdefault("VQ_KEOPS_CACHE_DIR", str(_ROOT / ".cache" / "keops"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="vq-prefect-home-"))
 
-import vq_pipeline  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
+import vq_pipeline  # noqa: E402, F401 - first: it sets the OpenMP waits before torch loads OpenMP
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -14,13 +14,71 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-# OpenMP threads that spin while they wait turn every small torch op into a stall when the CPU is
-# shared (a scheduler's workers, a busy node): measured 15-140x slower Lloyd iterations and k-means++
-# under load with spinning, against passive waits (benchmarks/RESULTS.md). It must be set before torch
-# loads its OpenMP runtime, so it is set here, unless the user chose a policy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from . import errors as _errors  # light: the exception tree imports nothing (nor torch)
 
-from . import errors as _errors  # light: the exception tree imports nothing
+#: Spins an idle OpenMP thread of torch's runtime (GNU libgomp) makes before it sleeps, on a CPU that
+#: nothing else is using (see :func:`_omp_wait_settings`).
+_OMP_SPIN_COUNT = 100_000
+#: CPU pressure (``/proc/pressure/cpu``, "some" over the last 10 s, in percent) from which the CPU counts
+#: as shared.
+_CONTENDED_PRESSURE = 10.0
+
+
+def _omp_wait_settings(environ: Any, pressure: float | None, running: int | None, cpus: int) -> dict[str, str]:
+    """The OpenMP wait settings to add to ``environ`` before torch loads its OpenMP runtime.
+
+    Idle OpenMP threads either spin or sleep, and neither is right everywhere (measured with
+    ``benchmarks/omp_wait_policy.py``, ``benchmarks/RESULTS.md``): threads that spin without end
+    (``OMP_WAIT_POLICY=ACTIVE``) made Lloyd iterations and k-means++ 4-19x slower on a CPU shared with
+    busy processes, and even a bounded spin 1.5-3.7x slower; threads that sleep at once (``PASSIVE``)
+    pay a wake-up on every torch op, which made Lloyd 1.3-1.5x and k-means++ 1.6-1.7x slower on a
+    quiet CPU. So: nothing when the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set);
+    ``PASSIVE`` when the CPU is shared at import, by its pressure (PSI) from ``_CONTENDED_PRESSURE`` on
+    or, without PSI, by at least ``cpus`` other runnable tasks; else a bounded spin of
+    ``_OMP_SPIN_COUNT``.
+
+    Args:
+        environ: the environment (a mapping). pressure: PSI "some avg10", or None when unknown.
+        running: runnable tasks other than this one (``/proc/loadavg``), or None. cpus: CPUs this
+            process may run on.
+    """
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    if pressure is not None:
+        shared = pressure >= _CONTENDED_PRESSURE
+    else:
+        shared = running is None or running >= cpus
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if shared else {"GOMP_SPINCOUNT": str(_OMP_SPIN_COUNT)}
+
+
+def _cpu_pressure() -> float | None:
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return float(line.split("avg10=", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _other_runnable() -> int | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+os.environ.update(_omp_wait_settings(os.environ, _cpu_pressure(), _other_runnable(), _cpus()))
+
 
 __version__ = "0.1.0"
 

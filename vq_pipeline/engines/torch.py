@@ -125,7 +125,7 @@ def _proven_best_rows(
     marked entry sums exactly to its ``marks[j]`` in ``[1, 2)``, which gives ``j``; two or more sum
     to at least 2 in any order of addition (every partial sum of nonnegative floats with one term
     ``>= 1`` is ``>= 1``), none to 0. At m = 100 this took 0.3-0.4x the time of the two argmins of
-    :func:`_best_two_rows` on one thread; wider rows favour those (``_WIDE_ROWS``).
+    :func:`_best_two_rows` on one thread, and 0.6x at m = 1024 (``_WIDE_ROWS``).
     """
     m = partial.shape[1]
     scale = float(1 << max(0, (m - 1).bit_length()))  # M
@@ -137,11 +137,13 @@ def _proven_best_rows(
 
 
 # Rows at least this wide go through numpy's argmin twice (:func:`_best_two_rows`), narrower ones
-# through :func:`_proven_best_rows`. Time of a whole ``nearest`` call (GEMM included, 4 chunks, 2 threads),
-# new over old: 0.57 at m = 16 and 100, 0.90-0.94 at 256, 1.02 at 384, 1.06-1.15 at 512-1024, 1.13 at
-# 4096 (2-core EPYC, measured 2026-11-30): wider rows make numpy's per-row argmin efficient, and the
-# four passes then cost more than its two.
-_WIDE_ROWS = 384
+# through :func:`_proven_best_rows`, whose marks ``1 + j / M`` stay exact in float32 up to M = 2^23.
+# Measured in a loop of GEMM plus the proof over 400k x 128 rows (2-core EPYC, 2026-11-30): the four
+# passes took 0.10 s against 0.15-0.17 s for the two argmins at m = 1024, 0.04 s against 0.09 s at
+# m = 512, and a whole encode of 400k rows at K=1024 0.72-0.80 s against 0.72-1.03 s. (An earlier
+# measurement, 2026-11-30 with passive OpenMP waits, had favoured the argmins from m = 384 on: the
+# numpy helper threads then ran beside sleeping OpenMP threads; see ``vq_pipeline._omp_wait_settings``.)
+_WIDE_ROWS = 1 << 22
 
 
 def _marks(m: int, device: torch.device) -> torch.Tensor:
