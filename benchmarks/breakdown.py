@@ -43,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 try:
-    import vq_pipeline  # before torch: it sets OMP_WAIT_POLICY=PASSIVE, as for users
+    import vq_pipeline  # before torch: it chooses the OpenMP waits, as for users
 except ImportError:
     sys.path.insert(0, str(REPO))
     import vq_pipeline

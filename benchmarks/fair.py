@@ -44,7 +44,8 @@ common codebook for all: the mixture's centres (+3; normalized for cosine).
 Threads: 2 for everybody (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` in the
 child's environment; ``torch.set_num_threads``, ``faiss.omp_set_num_threads``,
 ``threadpoolctl.threadpool_limits``). Nothing else is set: ``OMP_WAIT_POLICY`` is whatever each library
-does by default (vq_pipeline sets PASSIVE for itself on import).
+does by default (vq_pipeline chooses a short spin or PASSIVE on import, by the CPU's pressure; each worker
+records what it chose).
 
 Cosine (ours vs FAISS): both get the raw rows. Ours normalizes inside its call; FAISS's call normalizes a
 copy with ``faiss.normalize_L2`` first (what a user must do), and that is timed with it.
@@ -235,11 +236,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     warm = min(n, 4 * (init.shape[0] if task == "fit" else codebook.shape[0]))
 
     if method in ("ours", "ours-prune"):
-        import vq_pipeline  # before torch: it sets OMP_WAIT_POLICY=PASSIVE for itself, as for users
+        import vq_pipeline  # before torch: it chooses its OpenMP waits, as for users
         import torch
 
         torch.set_num_threads(threads)
         rec["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+        rec["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
         fit_codebook, Codebook = vq_pipeline.fit_codebook, vq_pipeline.Codebook  # lazy imports, before the clock
         if task == "fit":
             init_t = torch.from_numpy(init)
@@ -552,6 +554,26 @@ def run_shape(
     return out
 
 
+def _ours_waits(res: dict[str, Any]) -> str:
+    """What ours' workers chose for their OpenMP waits, e.g. 'GOMP_SPINCOUNT=100000 in 12 of 12 calls'."""
+    seen: dict[str, int] = {}
+    for row in res["rows"]:
+        for m in ("ours", "ours-prune"):
+            for run in row["methods"].get(m, {}).get("runs", []):
+                for task in ("fit", "encode"):
+                    rec = run.get(task, {})
+                    if "omp_wait_policy" not in rec and "gomp_spincount" not in rec:
+                        continue
+                    key = (
+                        f"OMP_WAIT_POLICY={rec['omp_wait_policy']}"
+                        if rec.get("omp_wait_policy")
+                        else f"GOMP_SPINCOUNT={rec.get('gomp_spincount')}"
+                    )
+                    seen[key] = seen.get(key, 0) + 1
+    total = sum(seen.values())
+    return ", ".join(f"{k} in {v} of {total} calls" for k, v in seen.items()) or "not recorded"
+
+
 def _num(v: Any, fmt: str = ".4g") -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -801,7 +823,7 @@ def main() -> int:
         f"Python {machine['python']}. {args.n_iter} iterations, tol=0, same data and initial centroids for all, "
         f"{repeats} interleaved repeat(s), medians. FAISS's `max_points_per_centroid` is raised so it trains on "
         f"every row (its default samples 256 × K rows). OMP_WAIT_POLICY in the environment: "
-        f"{machine['omp_wait_policy_env'] or 'unset'} (vq_pipeline sets PASSIVE for itself).\n"
+        f"{machine['omp_wait_policy_env'] or 'unset'} (vq_pipeline chooses its own on import: {_ours_waits(res)}).\n"
     )
     print(tables(res))
     if args.json:

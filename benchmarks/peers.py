@@ -77,7 +77,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VQ_KEOPS_CACHE_DIR", str(REPO / ".cache" / "keops"))
-try:  # vq_pipeline before torch: it sets OMP_WAIT_POLICY=PASSIVE as it does for users
+try:  # vq_pipeline before torch: it chooses the OpenMP waits as it does for users
     import vq_pipeline  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(REPO))

@@ -13,7 +13,7 @@ it is a benchmark input only, not a dependency. The other data sets are the gaus
 Every measurement runs in its own fresh process (``--worker``) that imports only what it measures, with
 2 threads (``OMP_NUM_THREADS`` etc. in its environment, ``torch.set_num_threads(2)``,
 ``threadpoolctl.threadpool_limits(2)`` for scikit-learn), after an untimed warm-up call on the first
-4,096 rows; ``OMP_WAIT_POLICY`` is each library's default (vq_pipeline sets PASSIVE for itself on
+4,096 rows; ``OMP_WAIT_POLICY`` is each library's default (vq_pipeline chooses its own on
 import). The methods run interleaved, ``--repeats`` times; the table gives medians and the load average.
 
 Methods:
@@ -90,7 +90,7 @@ def worker(spec: dict) -> dict:
         out["seconds"] = time.perf_counter() - t0
         seeds = seeds.astype(np.float32)
     else:
-        import vq_pipeline  # noqa: F401 - before torch: it sets OMP_WAIT_POLICY=PASSIVE, as for users
+        import vq_pipeline  # noqa: F401 - before torch: it chooses the OpenMP waits, as for users
         import torch
 
         from vq_pipeline import fit_codebook
