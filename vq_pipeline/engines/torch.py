@@ -107,12 +107,12 @@ def _best_two_rows(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def _proven_best_rows(
-    partial: torch.Tensor, bound: torch.Tensor, marks: torch.Tensor
+    partial: torch.Tensor, bound: torch.Tensor, marks: torch.Tensor, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``(idx, unproven)``: (n, 1) int64 index of each row's smallest entry of ``partial`` (n, m) on the
     CPU where the rounding bound ``bound`` (n,) proves it, and a (r,) int64 numpy array of the rows
-    where it does not. Overwrites ``partial``; the indices of unproven rows are meaningless (the
-    caller ranks them again).
+    where it does not. Overwrites ``out`` (n, m) float32, ``partial`` itself when None; the indices
+    of unproven rows are meaningless (the caller ranks them again).
 
     A row is proven when exactly one of its entries is at most ``t = fl(best + 2 E)``, with ``best`` its
     smallest entry and ``E`` its ``bound``: every other entry ``p_j > t`` then has ``p_j - best > 2 E``
@@ -130,7 +130,7 @@ def _proven_best_rows(
     m = partial.shape[1]
     scale = float(1 << max(0, (m - 1).bit_length()))  # M
     thr = partial.amin(dim=1).add_(bound, alpha=2.0)  # (n,) fl(best + 2E)
-    s = torch.le(partial, thr[:, None], out=partial).mul_(marks).sum(dim=1)  # (n,)
+    s = torch.le(partial, thr[:, None], out=partial if out is None else out).mul_(marks).sum(dim=1)  # (n,)
     sv, tv = s.numpy(), thr.numpy()
     unproven = np.flatnonzero(~((sv >= 1.0) & (sv < 2.0)) | ~np.isfinite(tv))  # (r,)
     return s.sub_(1.0).mul_(scale).to(torch.int64)[:, None], unproven
@@ -370,6 +370,7 @@ class TorchEngine:
         self._line: tuple[torch.Tensor, int, tuple] | None = None  # see _line_of
         self._exact: tuple[torch.Tensor, int, tuple] | None = None  # see _exact_terms
         self._marks: torch.Tensor | None = None  # see _marks_of
+        self._scratch: torch.Tensor | None = None  # see _scratch_of
 
     def preferred_chunk_rows(self, n_codes: int, dim: int) -> int:
         """Rows per chunk that keep the distance block near cache size (see ``_BLOCK_BYTES``).
@@ -430,6 +431,13 @@ class TorchEngine:
         aug, partial = w[0][:n], w[1][:n]  # (n, dim + 1), (n, m); leading rows are contiguous
         xs = torch.sub(x, shift, out=aug[:, :dim])  # (n, dim) view of aug
         return torch.mm(aug, weights, out=partial), xs, cs_norm_max
+
+    def _scratch_of(self, partial: torch.Tensor) -> torch.Tensor:
+        """A (n, m) float32 block shaped like ``partial``, kept between calls (CPU)."""
+        s = self._scratch
+        if s is None or s.shape[1] != partial.shape[1] or s.shape[0] < partial.shape[0]:
+            s = self._scratch = torch.empty_like(partial)
+        return s[: partial.shape[0]]
 
     def _marks_of(self, m: int) -> torch.Tensor:
         """:func:`_marks` (m,) on the CPU, kept for the last ``m``."""
@@ -527,31 +535,42 @@ class TorchEngine:
         of ``grouping`` (:class:`vq_pipeline.prune.Grouping`; ``arranged`` is ``c`` in its order).
 
         One GEMM against ``arranged`` gives both: the best code as in :meth:`_nearest_by_gemm`
-        (proven by the gap test, else ranked again in float64 among ``c``, so that ties go to the
-        lowest code), and, with that code's entry set to ``inf``, each group's smallest ranking value
-        ``p_g``. A centroid's squared distance is ``T_j + |x - s|^2`` with ``T_j >= partial_j - E``
-        (:func:`_rounding_bound`), so ``p_g - E + |x - s|^2`` bounds the group's other centroids from
-        below; ``|x - s|^2 >= |xs|^2 (1 - (dim + 8) u)`` (``xs`` is within relative ``u`` of ``x - s``
-        per coordinate, its float32 sum of squares within ``gamma_dim``), and the float32 evaluation
+        (proven by the marks of :func:`_proven_best_rows` on the CPU, by the gap test elsewhere, else
+        ranked again in float64 among ``c``, so that ties go to the lowest code), and, with that
+        code's entry set to ``inf``, each group's smallest ranking value ``p_g`` (the second-smallest
+        value of the gap test when there is one group, off the CPU). A centroid's squared distance
+        is ``T_j + |x - s|^2`` with ``T_j >= partial_j - E`` (:func:`_rounding_bound`), so
+        ``p_g - E + |x - s|^2`` bounds the group's other centroids from below;
+        ``|x - s|^2 >= |xs|^2 (1 - (dim + 8) u)`` (``xs`` is within relative ``u`` of ``x - s`` per
+        coordinate, its float32 sum of squares within ``gamma_dim``), and the float32 evaluation
         loses at most a few ``u`` of its operands, which the last term takes off four times over.
         """
         partial, xs, cs_norm_max = self._ranking(x, arranged)  # (n, m) columns in group order, (n, dim)
         n, dim = x.shape
+        m = partial.shape[1]
         xsq = xs.square().sum(dim=1).mul_(1.0 - (dim + 8) * _ROUNDOFF["ieee"])  # (n,) before the buffers change
-        j, best, gap = _best_two_rows(partial)  # (n, 1), (n,), (n,) in group order
         bound = _rounding_bound(xs, cs_norm_max, _gamma(dim + 5, _matmul_roundoff(x.device)))  # (n,)
         order = grouping.order.to(x.device)
-        idx = order[j[:, 0]]  # (n,)
-        if x.device.type == "cpu":
-            g, b, v = gap.numpy(), bound.numpy(), best.numpy()
-            rows = torch.from_numpy(np.flatnonzero(~(g > 2.0 * b) | ~np.isfinite(v)))  # (r,)
+        marks = x.device.type == "cpu" and m < _WIDE_ROWS
+        if marks:  # the marks proof into a scratch block, which keeps ``partial`` for the minima below
+            scratch = self._scratch_of(partial)
+            j, unproven = _proven_best_rows(partial, bound, self._marks_of(m), out=scratch)  # (n, 1), (r,)
+            idx = order[j[:, 0].clamp_(0, m - 1)]  # (n,) meaningless on unproven rows, ranked again below
+            rows = torch.from_numpy(unproven)  # (r,)
         else:
-            rows = (~(gap > 2.0 * bound) | ~best.isfinite()).nonzero()[:, 0]  # (r,)
+            j, best, gap = _best_two_rows(partial)  # (n, 1), (n,), (n,) in group order
+            idx = order[j[:, 0]]  # (n,)
+            if x.device.type == "cpu":
+                g, b, v = gap.numpy(), bound.numpy(), best.numpy()
+                rows = torch.from_numpy(np.flatnonzero(~(g > 2.0 * b) | ~np.isfinite(v)))  # (r,)
+            else:
+                rows = (~(gap > 2.0 * bound) | ~best.isfinite()).nonzero()[:, 0]  # (r,)
         if rows.numel():
             idx[rows] = _exact_nearest(x.index_select(0, rows), 1, self._exact_terms(c))[:, 0]  # (r,)
-        if grouping.t == 1:  # the second-smallest value: at most fl(best + gap) (1 + u), one rounding
+        if grouping.t == 1 and not marks:
+            # the second-smallest value: at most fl(best + gap) (1 + u), one rounding
             least = best.add(gap).mul_(1.0 - 2.0 * _ROUNDOFF["ieee"])[:, None]  # (n, 1)
-        else:
+        else:  # each group's smallest entry once the chosen code's is set to inf
             partial[torch.arange(n, device=x.device), grouping.position.to(x.device)[idx]] = math.inf
             least = grouping.minima(partial)  # (n, t)
         room = (least.abs() + (bound + xsq)[:, None]).mul_(2.0**-20).nan_to_num_(posinf=0.0)  # (n, t)
