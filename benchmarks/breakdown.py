@@ -209,7 +209,7 @@ def estep_breakdown(p: Profile) -> list[tuple[str, float]]:
         ("chunk slicing and copy (nearest_in_chunks)", chunk),
         ("centring x - shift (in _ranking)", ranking - mm),
         ("GEMM (torch.mm in _ranking)", mm),
-        ("best code and its proof per row (_proven_best_rows below K=384, else _best_two_rows)", best2),
+        ("best code and its proof per row (_proven_best_rows; _best_two_rows from 2^22 codes)", best2),
         (
             "rounding bound and proof test (rest of _nearest_by_gemm)",
             gemm_path - ranking - best2 - rerank - exact_terms,
@@ -253,7 +253,7 @@ def encode_breakdown(p: Profile, whole: float) -> list[tuple[str, float]]:
         ("chunk slicing and copy (nearest_in_chunks)", p.ct(nic) - nearest),
         ("centring x - shift (in _ranking)", ranking - mm),
         ("GEMM (torch.mm in _ranking)", mm),
-        ("best code and its proof per row (_proven_best_rows below K=384, else _best_two_rows)", best2),
+        ("best code and its proof per row (_proven_best_rows; _best_two_rows from 2^22 codes)", best2),
         (
             "rounding bound and proof test (rest of _nearest_by_gemm)",
             gemm_path - ranking - best2 - rerank - exact_terms,
