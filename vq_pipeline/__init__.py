@@ -29,10 +29,10 @@ def _omp_wait_settings(environ: Any, pressure: float | None, running: int | None
 
     Idle OpenMP threads either spin or sleep, and neither is right everywhere (measured with
     ``benchmarks/omp_wait_policy.py``, ``benchmarks/RESULTS.md``): threads that spin without end
-    (``OMP_WAIT_POLICY=ACTIVE``) made Lloyd iterations and k-means++ 4-19x slower on a CPU shared with
-    busy processes, and even a bounded spin 1.5-3.7x slower; threads that sleep at once (``PASSIVE``)
-    pay a wake-up on every torch op, which made Lloyd 1.3-1.5x and k-means++ 1.6-1.7x slower on a
-    quiet CPU. So: nothing when the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set);
+    (``OMP_WAIT_POLICY=ACTIVE``) made Lloyd iterations and k-means++ 3-19x slower on a CPU shared with
+    busy processes, and a spin of 10,000-100,000 turns 1.25-5.5x slower; threads that sleep at once
+    (``PASSIVE``) pay a wake-up on every torch op, which made Lloyd 1.25-1.5x and k-means++ 1.4-1.85x
+    slower on a quiet CPU. So: nothing when the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set);
     ``PASSIVE`` when the CPU is shared at import, by its pressure (PSI) from ``_CONTENDED_PRESSURE`` on
     or, without PSI, by at least ``cpus`` other runnable tasks; else a bounded spin of
     ``_OMP_SPIN_COUNT``.
