@@ -122,9 +122,8 @@ def main() -> int:
     print("|---|---|---|" + "---|" * len(names) + "---|")
     for r in rows:
         cells = " | ".join(f"{r['proven'][n]:.3f}" for n in names)
-        print(
-            f"| {r['data']} | {r['k']} | {r['n_iter']} | {cells} | {r['gflops']['float32']:.0f} / {r['gflops']['bfloat16']:.0f} |"
-        )
+        rates = f"{r['gflops']['float32']:.0f} / {r['gflops']['bfloat16']:.0f}"
+        print(f"| {r['data']} | {r['k']} | {r['n_iter']} | {cells} | {rates} |")
     return 0
 
 
