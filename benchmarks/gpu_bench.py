@@ -13,6 +13,9 @@ Rows:
 * ``ours keops`` / ``ours torch``: ``fit_codebook(x, K, init=<tensor>, n_iter=10, tol=0,
   engine=..., device='cuda')`` (its last pass is an extra E step that scores the final centroids),
   at the defaults (``prune=False``) and with ``prune=True`` (the rows it skipped per iteration are recorded);
+* ``ours torch, TF32``: the torch engine's fit and encode with ``allow_tf32`` on: the GEMM rounds its
+  factors to TF32, the engine's proof bound widens to match, and the rows it cannot prove are ranked
+  again in float64 (the codes stay exact; the oracle column checks it);
 * ``cuBLAS floor``: one fp32 GEMM ``|c|^2 - 2 x.c`` over all rows (TF32 off), ``argmin``
   (cosine: ``argmax`` of ``x.c``), ``index_add_`` + ``bincount`` update: the practical floor;
 * ``cuBLAS floor, TF32``: the same with TF32 GEMMs (not exact; for reference only).
@@ -235,6 +238,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     name = f"ours {eng}{suffix}"
                     methods.append((name, lambda e=eng, s=stores[name], p=prune: ours_fit(e, x, init, metric, s, p),
                                     lambda e=eng, s=stores[name]: s["codebook"].encode(x, engine=e, device=DEVICE)))
+            # TF32 products: the engine widens its proof bound for their rounding (_product_gamma) and
+            # ranks the rows it cannot prove again in float64, so the codes stay exact; does it pay?
+            tf32 = stores["ours torch, TF32"] = {}
+            methods.append(("ours torch, TF32", lambda s=tf32: _tf32(lambda: ours_fit("torch", x, init, metric, s, False)),
+                            lambda s=tf32: _tf32(lambda: s["codebook"].encode(x, engine="torch", device=DEVICE))))
             methods.append(("cuBLAS floor", lambda: floor_fit(x, init, metric), lambda: floor_assign(x, init, metric)))
             methods.append(("cuBLAS floor, TF32", lambda: _tf32(lambda: floor_fit(x, init, metric)), lambda: _tf32(lambda: floor_assign(x, init, metric))))
             for name, fit, assign in methods:

@@ -8,15 +8,18 @@ The torch engine ranks codes by a float32 GEMM and keeps a row's nearest code on
 runner-up exceeds twice a proven bound on the product's rounding (``_rounding_bound`` in
 ``vq_pipeline/engines/torch.py``); other rows are ranked again in float64. A faster, coarser product
 only pays if its bound still proves most rows. For each data set, a codebook is fitted
-(``fit_codebook(x, K, n_iter, seed=0)``), the exact gap of every row is computed in float64, and the
+(``fit_codebook(x, K, n_iter, init='k-means++', seed=0)``), the exact gap of every row is computed in float64, and the
 share of rows with ``gap > 2 E`` is reported for:
 
-* float32 (IEEE), the engine's bound: ``_gamma(dim + 5, 2^-24)``;
-* TF32 (what ``torch.backends.cuda.matmul.allow_tf32`` allows on a GPU), the engine's bound with
-  ``u = 2^-11``: ``_gamma(dim + 5, 2^-11)`` (infinite, nothing proven, from ``(dim + 5) u >= 0.1``);
-* bfloat16 factors accumulated in float32 (what AVX512-BF16 and tensor cores do), a bound derived
-  here: each product within ``2 u_bf16 + u_bf16^2`` (``u_bf16 = 2^-8``) of the exact one, plus the
-  float32 sum's ``gamma_{dim + 1}``, times the same ``C (C + 2 |x - s|)`` and the engine's 1.25 factor.
+* float32 (IEEE), the engine's bound: ``_product_gamma(dim, 2^-24)`` = ``gamma_{dim+5}(2^-24)``;
+* TF32 (what ``torch.backends.cuda.matmul.allow_tf32`` or ``set_float32_matmul_precision("high")``
+  allow), the engine's bound for factors rounded to ``u = 2^-11`` and summed in float32:
+  ``_product_gamma(dim, 2^-11)``, about ``4u``;
+* the bound the engine used for TF32 until 2026-11-30, every operation at ``u = 2^-11``:
+  ``_gamma(dim + 5, 2^-11)`` (infinite, nothing proven, from ``(dim + 5) u >= 0.1``);
+* bfloat16 factors summed in float32 (what AVX512-BF16 and tensor cores do; ``"medium"``), the
+  engine's bound ``_product_gamma(dim, 2^-8)``;
+each times the same ``C (C + 2 |x - s|)`` and the engine's 1.25 factor.
 
 It also times one (8192 x dim) @ (dim x K) product in float32 and in bfloat16 on the CPU (2 torch
 threads, median of 7 rounds), for scale.
@@ -44,10 +47,10 @@ def proven_shares(x: np.ndarray, k: int, n_iter: int) -> dict[str, float]:
     import torch
 
     from vq_pipeline import fit_codebook
-    from vq_pipeline.engines.torch import _gamma
+    from vq_pipeline.engines.torch import _gamma, _product_gamma
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    c = fit_codebook(xt, k, n_iter=n_iter, tol=0.0, seed=0, device="cpu").centroids.float()
+    c = fit_codebook(xt, k, n_iter=n_iter, tol=0.0, init="k-means++", seed=0, device="cpu").centroids.float()
     s = c.mean(dim=0)
     cs, xs = (c - s).double(), (xt - s).double()
     big_c = float(cs.norm(dim=1).max())
@@ -57,9 +60,10 @@ def proven_shares(x: np.ndarray, k: int, n_iter: int) -> dict[str, float]:
     gap = two[:, 1] - two[:, 0]
     dim = x.shape[1]
     factors = {
-        "float32": _gamma(dim + 5, 2.0**-24),
-        "TF32": _gamma(dim + 5, 2.0**-11),
-        "bfloat16 factors, float32 sums": 2 * U_BF16 + U_BF16**2 + _gamma(dim + 1, 2.0**-24),
+        "float32": _product_gamma(dim, 2.0**-24),
+        "TF32": _product_gamma(dim, 2.0**-11),
+        "TF32, former bound": _gamma(dim + 5, 2.0**-11),
+        "bfloat16 factors, float32 sums": _product_gamma(dim, U_BF16),
     }
     return {name: float((gap > 2.0 * 1.25 * g * scale).double().mean()) for name, g in factors.items()}
 

@@ -211,6 +211,75 @@ def test_torch_engine_stays_exact_when_matrix_products_round_coarsely() -> None:
         torch.set_float32_matmul_precision(before)
 
 
+def _round_factors(a: torch.Tensor, bits: int, truncate: bool) -> torch.Tensor:
+    """float32 ``a`` with its significand cut to ``bits`` stored bits (TF32: 10, bfloat16: 7), by
+    truncation or round-to-nearest-even, as a GPU or AVX512-BF16 product sees its factors."""
+    drop = 23 - bits
+    i = a.contiguous().view(torch.int32).to(torch.int64)
+    if not truncate:
+        i = i + ((1 << (drop - 1)) - 1) + ((i >> drop) & 1)
+    return (i & ~((1 << drop) - 1)).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize(("bits", "precision"), [(10, "high"), (7, "medium")])
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("dim", [8, 256, 1024])
+def test_rounding_bound_covers_products_with_coarse_factors(
+    bits: int, precision: str, truncate: bool, dim: int
+) -> None:
+    # The engine's partial |cs|^2 - 2 xs.cs from factors rounded to TF32 or bfloat16 and summed in
+    # float32, against the exact key in float64: every entry within the row's bound E_i. Rows point
+    # along their centroids' directions, so all the terms of a product share a sign and the rounding
+    # errors add up instead of cancelling; the data sit far from the origin.
+    from vq_pipeline.engines.torch import TorchEngine, _matmul_roundoff, _product_gamma, _rounding_bound
+
+    g = torch.Generator().manual_seed(dim + bits)
+    c = torch.randn((64, dim), generator=g) + 50.0  # (64, dim)
+    pick = torch.randint(64, (512,), generator=g)
+    scale = 0.5 + torch.rand((512, 1), generator=g)
+    eng = TorchEngine()
+    shift, weights, big_c = eng._centred(c)
+    x = ((c[pick] - shift) * scale + shift + 0.01 * torch.randn((512, dim), generator=g)).float()  # (512, dim)
+    aug = torch.cat([x - shift, torch.ones(512, 1)], dim=1)  # (512, dim + 1) as _ranking builds it
+    partial = torch.mm(_round_factors(aug, bits, truncate), _round_factors(weights, bits, truncate)).double()
+    s64, c64 = shift.double(), c.double()
+    exact = (c64 - s64).square().sum(dim=1)[None, :] - 2.0 * (x.double() - s64) @ (c64 - s64).T  # (512, 64)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        gamma = _product_gamma(dim, _matmul_roundoff(CPU))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert gamma == _product_gamma(dim, 2.0 ** -(bits + 1)) < 5.0 * 2.0 ** -(bits + 1)  # about 4u, not inf
+    bound = _rounding_bound(x - shift, big_c, gamma).double()  # (512,)
+    ratio = ((partial - exact).abs() / bound[:, None]).max()
+    assert ratio <= 1.0
+    assert ratio > 0.05  # the data do reach the bound's scale: the test could fail
+
+
+def test_torch_engine_proves_most_codes_when_products_use_tf32() -> None:
+    # Under 'high' (TF32 allowed) the bound at dim 256 used to be infinite, which sent every row to
+    # the float64 re-ranking; it now proves most rows of well-separated clusters, and the codes stay
+    # exact.
+    from vq_pipeline.engines.torch import _marks, _matmul_roundoff, _product_gamma, _proven_best_rows, _rounding_bound
+
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn((128, 256), generator=g) + 3.0  # (128, 256)
+    x = c[torch.randint(128, (4096,), generator=g)] + 0.3 * torch.randn((4096, 256), generator=g)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        eng = get_engine("torch", CPU, 256)
+        _, idx = eng.nearest(x, c, 1)
+        partial, xs, big_c = eng._ranking(x, c)
+        bound = _rounding_bound(xs, big_c, _product_gamma(256, _matmul_roundoff(CPU)))
+        _, unproven = _proven_best_rows(partial.clone(), bound, _marks(128, CPU))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert check_codes(idx, x, c) > 4000
+    assert unproven.size < 0.1 * x.shape[0], unproven.size
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("engine", ENGINES)

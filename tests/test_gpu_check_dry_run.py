@@ -27,6 +27,7 @@ METHODS = [
     "ours keops, prune=True",
     "ours torch",
     "ours torch, prune=True",
+    "ours torch, TF32",
     "cuBLAS floor",
     "cuBLAS floor, TF32",
 ]

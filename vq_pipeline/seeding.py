@@ -43,7 +43,7 @@ import torch
 
 from .assign import nearest_in_chunks, plan_chunk_rows
 from .engines import Engine
-from .engines.torch import _matmul_roundoff
+from .engines.torch import _matmul_roundoff, _product_gamma
 from .errors import TooFewPointsError
 from .validate import row_chunks, too_few_rows_fix
 
@@ -98,12 +98,12 @@ def _margin(dim: int) -> float:
 
 def _product_error(dim: int, device: torch.device) -> float:
     """``g32``: the float32 screen's values are within ``g32`` times the sum of its operands'
-    magnitudes of the exact squared distances (:meth:`_Greedy.screen`): ``gamma_{dim+10}`` at the
-    unit roundoff of a float32 matrix product on ``device`` (TF32 or bfloat16 where torch is set to
-    allow them), doubled for the rounding of the bound itself; ``inf`` where it would prove nothing."""
-    u = _matmul_roundoff(device)
-    n = dim + 10
-    return 2.0 * n * u / (1.0 - n * u) if n * u < 0.1 else math.inf
+    magnitudes of the exact squared distances (:meth:`_Greedy.screen`): ``gamma_{dim+10}`` at float32's
+    unit roundoff, or at a coarser one where torch is set to let the product round its factors to TF32
+    or bfloat16 (:func:`vq_pipeline.engines.torch._product_gamma`, for a product of width ``dim + 5``),
+    doubled for the rounding of the bound itself; ``inf`` where it would prove nothing."""
+    g = _product_gamma(dim + 5, _matmul_roundoff(device))
+    return 2.0 * g if g < 0.05 else math.inf
 
 
 def _direct_sqdist(x: torch.Tensor, c: torch.Tensor, chunk_rows: int, device: torch.device) -> torch.Tensor:

@@ -175,10 +175,18 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-# Unit roundoff of a float32 matrix product under each precision torch can be set to run it at:
-# IEEE float32, TF32 (10 stored mantissa bits) and bfloat16 (7).
-_ROUNDOFF = {"none": 2.0**-24, "ieee": 2.0**-24, "highest": 2.0**-24, "tf32": 2.0**-11, "high": 2.0**-11}
-_COARSEST = 2.0**-8
+# Unit roundoff of a float32 matrix product's factors under each precision torch can be set to run it
+# at: IEEE float32, TF32 (10 stored mantissa bits; "high" also allows bfloat16x2, which is finer) and
+# bfloat16 (7 bits; "medium", "bf16").
+_ROUNDOFF = {
+    "none": 2.0**-24,
+    "ieee": 2.0**-24,
+    "highest": 2.0**-24,
+    "tf32": 2.0**-11,
+    "high": 2.0**-11,
+    "bf16": 2.0**-8,
+    "medium": 2.0**-8,
+}
 
 
 def _matmul_roundoff(device: torch.device) -> float:
@@ -186,8 +194,8 @@ def _matmul_roundoff(device: torch.device) -> float:
 
     ``torch.set_float32_matmul_precision('high')``, ``torch.backends.cuda.matmul.allow_tf32`` or the
     backends' ``fp32_precision`` may let a product round its factors to TF32 or bfloat16; the bound
-    must widen with them, or it would vouch for answers it cannot prove. Any setting not known here
-    is taken as the coarsest (bfloat16).
+    must widen with them, or it would vouch for answers it cannot prove (:func:`_product_gamma`).
+    A setting not known here gives ``inf``: no bound, every row is ranked again in float64.
     """
     names = []
     # getattr: a served flow pickles this function by value, and cloudpickle would try to pickle the
@@ -206,7 +214,7 @@ def _matmul_roundoff(device: torch.device) -> float:
         names.append(torch.get_float32_matmul_precision())
     except RuntimeError:  # legacy and new precision settings mixed
         names.append("unknown")
-    return max(_ROUNDOFF.get(name, _COARSEST) for name in names)
+    return max(_ROUNDOFF.get(name, math.inf) for name in names)
 
 
 def _gamma(n: int, u: float) -> float:
@@ -214,6 +222,32 @@ def _gamma(n: int, u: float) -> float:
     be too loose to prove anything, and its own evaluation error would no longer fit the margin that
     :func:`_rounding_bound` leaves for it)."""
     return n * u / (1.0 - n * u) if n * u < 0.1 else math.inf
+
+
+def _product_gamma(dim: int, u: float) -> float:
+    """The ``gamma`` of :func:`_rounding_bound` for rows of width ``dim`` and a matrix product whose
+    factors have unit roundoff ``u`` (:func:`_matmul_roundoff`).
+
+    IEEE float32 (``u = 2^-24``): ``gamma_{dim+5}(u)``, every operation at that precision.
+
+    TF32 or bfloat16 (a coarser ``u``): tensor cores, AVX512-BF16 and oneDNN round the float32 factors
+    to the coarser format, multiply them exactly (a product of two such significands fits in float32's)
+    and add the products in float32. Each factor is within relative ``2u`` of its float32 value, which
+    covers truncation as well as rounding (and a factor split into two or three bfloat16 parts, as
+    "high" may do, with its smallest cross product dropped), so each product is within
+    ``(1 + 2u)^2 - 1`` of the float32 factors' product. The sum of at most ``3 (dim + 1)`` products
+    (three per term for split factors), in any order, is within ``gamma_{3 dim + 3}`` at ``2^-23``
+    (float32 with the truncated alignment some tensor cores use, Fasi et al., SIAM J. Sci. Comput.
+    2021) of their magnitudes, and the centring and ``|cs|^2`` add the ``gamma_4`` at float32's
+    roundoff of :func:`_rounding_bound`: in all ``(1 + 2u)^2 (1 + gamma_{3 dim + 7}(2^-23)) - 1``, about
+    ``4u``. (The bound of every operation at ``u``, ``gamma_{dim+5}(u)``, is infinite from dim ~200 at
+    TF32: it proved nothing.) ``inf`` for an unknown precision (``u = inf``).
+    """
+    if u <= _ROUNDOFF["ieee"]:
+        return _gamma(dim + 5, u)
+    if not math.isfinite(u) or 2.0 * u >= 0.05:
+        return math.inf
+    return (1.0 + 2.0 * u) ** 2 * (1.0 + _gamma(3 * dim + 7, 2.0**-23)) - 1.0
 
 
 def _rounding_bound(xs: torch.Tensor, cs_norm_max: float, gamma: float) -> torch.Tensor:
@@ -235,7 +269,8 @@ def _rounding_bound(xs: torch.Tensor, cs_norm_max: float, gamma: float) -> torch
     With ``gamma_a + gamma_b + gamma_a gamma_b <= gamma_{a+b}``, the total is
     ``|partial_ij - T_j| <= gamma (|c_j - s|^2 + 2 sum_d |x_d - s_d| |c_jd - s_d|) <= gamma C (C + 2 |x - s|)``
     by Cauchy-Schwarz, where ``C = max_j |c_j - s|`` and ``gamma`` is ``gamma_{dim + 5}`` (float32
-    GEMM, float64 ``w``) or ``gamma_{2 dim + 5}`` (all in float64).
+    GEMM, float64 ``w``), :func:`_product_gamma` (a GEMM that rounds its factors to TF32 or bfloat16)
+    or ``gamma_{2 dim + 5}`` (all in float64).
     ``C`` comes from float64 and ``|xs_i|`` from ``xs`` (relative error below (dim + 2) u), and the
     bound itself is evaluated in a few operations: the factor 1.25 covers those errors while
     ``(dim + 8) u < 0.2`` (:func:`_gamma` gives ``inf`` before that). The term ``(2 dim + 8) 2^-126``
@@ -500,7 +535,7 @@ class TorchEngine:
         partial, xs, cs_norm_max = self._ranking(x, c)  # (n, m), (n, dim)
         m = partial.shape[1]
         if k == 1 and x.device.type == "cpu" and m < _WIDE_ROWS:
-            bound = _rounding_bound(xs, cs_norm_max, _gamma(x.shape[1] + 5, _matmul_roundoff(x.device)))  # (n,)
+            bound = _rounding_bound(xs, cs_norm_max, _product_gamma(x.shape[1], _matmul_roundoff(x.device)))  # (n,)
             idx, unproven = _proven_best_rows(partial, bound, self._marks_of(m))  # (n, 1), (r,)
             if unproven.size:
                 rows = torch.from_numpy(unproven)  # (r,)
@@ -515,7 +550,7 @@ class TorchEngine:
             idx = idx[:, :k]  # (n, k)
         if gap is None:
             return idx
-        bound = _rounding_bound(xs, cs_norm_max, _gamma(x.shape[1] + 5, _matmul_roundoff(x.device)))  # (n,)
+        bound = _rounding_bound(xs, cs_norm_max, _product_gamma(x.shape[1], _matmul_roundoff(x.device)))  # (n,)
         if x.device.type == "cpu":  # the same test in numpy: a few microseconds instead of tens
             g, b, v = gap.numpy(), bound.numpy(), kth.numpy()
             rows = torch.from_numpy(np.flatnonzero(~(g > 2.0 * b) | ~np.isfinite(v)))  # (r,)
@@ -549,7 +584,7 @@ class TorchEngine:
         n, dim = x.shape
         m = partial.shape[1]
         xsq = xs.square().sum(dim=1).mul_(1.0 - (dim + 8) * _ROUNDOFF["ieee"])  # (n,) before the buffers change
-        bound = _rounding_bound(xs, cs_norm_max, _gamma(dim + 5, _matmul_roundoff(x.device)))  # (n,)
+        bound = _rounding_bound(xs, cs_norm_max, _product_gamma(dim, _matmul_roundoff(x.device)))  # (n,)
         order = grouping.order.to(x.device)
         marks = x.device.type == "cpu" and m < _WIDE_ROWS
         if marks:  # the marks proof into a scratch block, which keeps ``partial`` for the minima below
