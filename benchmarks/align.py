@@ -13,7 +13,7 @@ Data (real embeddings, metric l2, torch engine on the CPU):
   ``.whl`` (or the extracted ``.safetensors``) as ``--wordllama``; without it only digits run.
 
 Each data set is shuffled (seed 0) and split into old rows (60%), new rows (20%) and held-out rows
-(20%). The reference codebook is a cold fit (k-means++, seed 0) on the old rows. Two refits replace it:
+(20%). The reference codebook is a cold fit (``init='k-means++'``, seed 0) on the old rows. Two refits replace it:
 
 * ``cold``: a cold fit of the old rows with another seed (1, 2, ... one row per seed);
 * ``warm``: a fit of the old and the new rows started from the reference's centroids (what the
@@ -74,9 +74,12 @@ def measure(name: str, x: np.ndarray, n_codes: int, seeds: int) -> list[dict]:
     x = torch.from_numpy(x[rng.permutation(len(x))])
     n_old, n_new = int(0.6 * len(x)), int(0.2 * len(x))
     old, new, held = x[:n_old], x[n_old : n_old + n_new], x[n_old + n_new :]
-    ref = fit_codebook(old, n_codes, seed=0, engine="torch")
+    ref = fit_codebook(old, n_codes, init="k-means++", seed=0, engine="torch")
     ref_codes = ref.encode(held, engine="torch").numpy()
-    refits = [(f"cold, seed {s}", fit_codebook(old, n_codes, seed=s, engine="torch"), old) for s in range(1, seeds + 1)]
+    refits = [
+        (f"cold, seed {s}", fit_codebook(old, n_codes, init="k-means++", seed=s, engine="torch"), old)
+        for s in range(1, seeds + 1)
+    ]
     both = torch.cat([old, new])
     refits.append(("warm, old + new rows", fit_codebook(both, n_codes, init=ref, engine="torch"), both))
     rows = []

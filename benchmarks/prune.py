@@ -5,8 +5,8 @@ Command, from the repository root::
     .venv/bin/python benchmarks/prune.py [--threads 2] [--repeats 2] [--json PATH]
 
 ``benchmarks/fair.py`` compares both at a fixed 20 iterations from a fixed init; this script asks what
-a user at the defaults sees: ``fit_codebook(x, 256, prune=...)`` with ``n_iter=50``, ``tol=1e-4`` and
-k-means++ seeding, on
+a user at the defaults sees: ``fit_codebook(x, 256, init="k-means++", prune=...)`` with ``n_iter=50``, ``tol=1e-4``
+(exact k-means++ seeding, the default until ``init="auto"`` became k-means||; the same for both settings), on
 
 * ``wordllama``: 25,600 rows of the 32,000 x 256 token-embedding matrix of the ``wordllama`` wheel
   (fetched once into ``benchmarks/.cache/wordllama``, see ``wordllama_data.py``);
@@ -42,9 +42,9 @@ def worker(path: str, prune: bool, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     x = torch.from_numpy(np.load(path))
-    vq_pipeline.fit_codebook(x[:2000], N_CODES, n_iter=1, prune=prune, device="cpu")
+    vq_pipeline.fit_codebook(x[:2000], N_CODES, n_iter=1, init="k-means++", prune=prune, device="cpu")
     t = time.perf_counter()
-    cb = vq_pipeline.fit_codebook(x, N_CODES, prune=prune, device="cpu")
+    cb = vq_pipeline.fit_codebook(x, N_CODES, init="k-means++", prune=prune, device="cpu")
     wall = time.perf_counter() - t
     pruned = cb.timings.get("iteration_pruned", [])
     return {

@@ -19,8 +19,8 @@ import). The methods run interleaved, ``--repeats`` times; the table gives media
 Methods:
 
 * ``ours-k-means++``: :func:`vq_pipeline.seeding.kmeans_plus_plus` called directly (CPU, default memory budget);
-* ``ours-fit``: ``fit_codebook(x, K, n_iter=0, engine='torch', device='cpu')``, the whole call (it also
-  validates and fingerprints the rows and runs one E step), and its ``timings['init_seconds']``;
+* ``ours-fit``: ``fit_codebook(x, K, n_iter=0, init='k-means++', engine='torch', device='cpu')``, the whole
+  call (it also validates and fingerprints the rows and runs one E step), and its ``timings['init_seconds']``;
 * ``ours-k-means||``: :func:`vq_pipeline.seeding.kmeans_parallel` called directly;
 * ``sklearn``: ``sklearn.cluster.kmeans_plusplus(x, K, random_state=seed)`` (greedy, ``2 + ln K`` trials).
 
@@ -111,9 +111,10 @@ def worker(spec: dict) -> dict:
             )
 
         if method == "ours-fit":
-            fit_codebook(x[:WARMUP_ROWS], min(k, 64), n_iter=0, seed=SEED, engine="torch", device="cpu")
+            warm = x[:WARMUP_ROWS]
+            fit_codebook(warm, min(k, 64), n_iter=0, init="k-means++", seed=SEED, engine="torch", device="cpu")
             t0 = time.perf_counter()
-            cb = fit_codebook(x, k, n_iter=0, seed=SEED, engine="torch", device="cpu")
+            cb = fit_codebook(x, k, n_iter=0, init="k-means++", seed=SEED, engine="torch", device="cpu")
             out["seconds"] = time.perf_counter() - t0
             out["init_seconds"] = cb.timings["init_seconds"]
             seeds = cb.centroids.numpy()

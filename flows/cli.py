@@ -468,7 +468,7 @@ def _text_column(text_format: str) -> ProgressColumn:
 
 
 class FitProgress:
-    """Progress of ``fit_from_tables(progress=...)``: k-means++ seeding, then one line per Lloyd iteration.
+    """Progress of ``fit_from_tables(progress=...)``: seeding, then one line per Lloyd iteration.
 
     Seeding (:class:`~vq_pipeline.kmeans.InitProgress`, every few percent of the centroids) leaves
     one line when it ends; before that a terminal shows a bar of the centroids chosen, and a log

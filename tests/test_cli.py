@@ -129,7 +129,7 @@ def test_inspect_json_and_text(work: dict[str, Any]) -> None:
     out = text.stdout
     counts = cb.counts
     for fragment in [
-        cb.fingerprint, "cosine", f"{N_CODES} x dim {DIM}", "init=k-means++", "seed=3", "3,000", "in-memory",
+        cb.fingerprint, "cosine", f"{N_CODES} x dim {DIM}", "init=k-means||", "seed=3", "3,000", "in-memory",
         f"min {int(counts.min()):,}", f"max {int(counts.max()):,}", "empty codes", "repairs", "parent",
         str(work["root"] / "in" / "a.parquet"), "embedding", "created_at", cb.created_at, "torch",
     ]:

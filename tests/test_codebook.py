@@ -56,7 +56,7 @@ def test_file_is_plain_safetensors_with_readable_metadata(codebook: Codebook, tm
     assert meta["format"] == "vq-pipeline.codebook" and meta["format_version"] == "1.0"
     assert (meta["metric"], meta["n_codes"], meta["dim"], meta["dtype"]) == ("l2", "8", "6", "float32")
     fit, stats = json.loads(meta["fit"]), json.loads(meta["stats"])
-    assert fit["init"] == "k-means++" and fit["seed"] == 0 and fit["engine"] == "torch"
+    assert fit["init"] == "k-means||" and fit["seed"] == 0 and fit["engine"] == "torch"
     assert stats["n_rows"] == 500 and stats["iterations"] >= 1 and "history" in stats
     assert len(meta["data_fingerprint"]) == 64 and json.loads(meta["sources"]) == ["s3://bucket/part-0.parquet"]
     assert set(json.loads(meta["versions"])) == {"vq-pipeline", "torch", "pykeops", "python"}

@@ -108,9 +108,14 @@ def fit_options(
 
 
 def resolve_init(init: Any, codec: str) -> Any:
-    """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means++"."""
+    """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means||".
+
+    k-means|| rather than exact k-means++: fits at the defaults took 0.47-0.96 of the time with it on
+    real embeddings and mixtures, at objectives on new rows 0.987-1.0005 of k-means++'s
+    (``benchmarks/default_init.py``; on 1,437 digits, a 0.02 s fit either way, 1.1-1.6x).
+    """
     if isinstance(init, str) and init == "auto":
-        return "progressive" if codec == "residual" else "k-means++"
+        return "progressive" if codec == "residual" else "k-means||"
     return init
 
 

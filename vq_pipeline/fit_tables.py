@@ -60,7 +60,7 @@ def fit_from_tables(
 
     Training rows: a seeded uniform sample of ``sample`` rows when given; otherwise all rows, held
     in memory when they fit ``data_budget`` bytes, else streamed: exact Lloyd that re-reads the
-    tables every iteration and accumulates sums and counts (then k-means++ and 'random' draw from a
+    tables every iteration and accumulates sums and counts (then k-means||, k-means++ and 'random' draw from a
     seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the first rows).
     The codebook records the sources, the column, the rows used, the sample seed and a fingerprint
     of the tables. ``checkpoint``: a file that keeps the fit's state after every update; a killed
@@ -116,7 +116,7 @@ def fit_from_tables(
 
 def init_sample_stats(opts: FitOptions, n_rows: int) -> dict[str, Any]:
     """What a fit from tables not held in memory records about its seeding sample: its size, when
-    the init draws one (k-means++, 'random'; see :func:`vq_pipeline.kmeans.fit_source`)."""
+    the init draws one (k-means||, k-means++, 'random'; see :func:`vq_pipeline.kmeans.fit_source`)."""
     if opts.init_name in ("first", "tensor"):
         return {}
     return {"init_sample": min(n_rows, SEED_ROWS_PER_CODE * opts.n_codes)}

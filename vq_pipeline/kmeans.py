@@ -4,7 +4,8 @@ The loop follows the KeOps K-means tutorial (an argmin over symbolic squared dis
 centroid means) and adds what it leaves out:
 
 * k-means++ initialization (greedy, as in scikit-learn: ``2 + ln(n_codes)`` candidates per step),
-  exact and pruned by the triangle inequality, in bounded chunks (:mod:`vq_pipeline.seeding`);
+  exact and pruned by the triangle inequality, in bounded chunks, and k-means|| (the default), which
+  draws candidates in a few rounds and reduces them by weighted k-means++ (:mod:`vq_pipeline.seeding`);
 * empty clusters are repaired by moving them to the points farthest from their centroids
   (scikit-learn's rule), falling back to splitting the largest cluster (FAISS splits a cluster
   drawn at random, weighted by size; the largest keeps the fit deterministic); every repair
@@ -362,13 +363,13 @@ def fit_codebook(
             re-normalized after every update).
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
         tol: stop when the objective's relative decrease is ``<= tol``.
-        init: 'auto' (default: 'progressive' for residual codebooks, else 'k-means++'),
+        init: 'auto' (default: 'progressive' for residual codebooks, else 'k-means||'),
             'k-means++' (exact greedy k-means++), 'k-means||' (approximate k-means||: 5 rounds of
             oversampling, then weighted k-means++ on the candidates; faster), 'progressive'
             (K-means over more and more principal directions, see :mod:`vq_pipeline.progressive`),
             'random' (distinct random rows), 'first' (the first n_codes rows, as in the KeOps
             tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint is
-            recorded as the parent). The file records the init used ('k-means++' for 'auto' flat).
+            recorded as the parent). The file records the init used ('k-means||' for 'auto' flat).
         seed: seed of every random choice; with the same data, settings and device kind the
             codebook is the same.
         n_init: restarts from different seeded inits; the lowest objective wins.
@@ -389,8 +390,8 @@ def fit_codebook(
             the same as without; ``timings['iteration_pruned']`` gives each pass's skipped rows. Off
             by default: it did not save time in the benchmarks (README, "Engines").
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
-            (k-means++ about every 5%), then with an :class:`IterationStats` after every iteration
-            (of every level, for a multi-level codec).
+            (k-means++ and the last step of k-means|| about every 5%), then with an
+            :class:`IterationStats` after every iteration (of every level, for a multi-level codec).
         sources, column: provenance recorded in the codebook.
 
     Returns:

@@ -3,7 +3,7 @@
 Sculley's mini-batch K-means (what scikit-learn's ``MiniBatchKMeans.partial_fit`` runs), with the
 library's exact nearest-code assignment and three additions that one pass over a stream needs:
 
-1. **Start**: the first batch is seeded as a fit seeds (k-means++ by default), then ``init_iter``
+1. **Start**: the first batch is seeded as a fit seeds (k-means|| by default), then ``init_iter``
    Lloyd iterations run on it (:func:`vq_pipeline.fit_codebook` with ``n_iter=init_iter``) before it
    is absorbed like every later batch, so it needs at least ``n_codes`` rows.
 2. **Running means, refined per batch**: every batch is assigned its exact nearest codes
@@ -26,10 +26,10 @@ library's exact nearest-code assignment and three additions that one pass over a
    going to the nearest other code (``counts * squared distance``). Codes that cover lone far rows
    stay; a lone far row cannot pay for a split along its own direction.
 
-Why: k-means++ on one batch spends many codes on that batch's far rows; later batches rarely reach
-them (they end with one or two rows each), while the dense regions stay under-coded, and a running
-mean cannot move a code that receives nothing. Measured on the 32,000 x 256 wordllama token
-embeddings with K = 256, one pass over 8 batches (median of 3 seeds, ratio to a full Lloyd fit's
+Why: k-means++ seeding (k-means|| too) on one batch spends many codes on that batch's far rows; later
+batches rarely reach them (they end with one or two rows each), while the dense regions stay
+under-coded, and a running mean cannot move a code that receives nothing. Measured on the 32,000 x 256
+wordllama token embeddings with K = 256, one pass over 8 batches (median of 3 seeds, ratio to a full Lloyd fit's
 inertia; ``benchmarks/minibatch.py``): plain Sculley 1.070; 5 Lloyd iterations on the first batch
 1.069; plus two assignments per batch 1.065; splits alone 1.042; all three (the defaults) 1.036, at
 about 1.6 times plain Sculley's time on one thread (0.79 s against 0.48 s; scikit-learn 0.52 s at
@@ -202,9 +202,10 @@ def start_minibatch(
         x: (n_rows, dim) first batch, torch tensor (any device) or numpy array, ``n_rows >= n_codes``.
         n_codes: number of codes.
         metric: 'l2' or 'cosine'.
-        init: a named init of :func:`vq_pipeline.fit_codebook` ('k-means++': greedy k-means++ on the
-            batch), a (n_codes, dim) tensor, or a Codebook to continue from (its counts are kept and
-            no Lloyd iteration runs; ``batch_iter`` and ``split_ratio`` replace the ones it records).
+        init: a named init of :func:`vq_pipeline.fit_codebook` (default 'auto': k-means|| on the batch;
+            'k-means++': exact greedy k-means++ on it), a (n_codes, dim) tensor, or a Codebook to
+            continue from (its counts are kept and no Lloyd iteration runs; ``batch_iter`` and
+            ``split_ratio`` replace the ones it records).
         seed: seed of the seeding's random choices.
         init_iter: Lloyd iterations on the first batch (default 5; 0: the seeds as they are).
         batch_iter: assignments per batch (default 2; 1: plain Sculley), for this and every later batch.

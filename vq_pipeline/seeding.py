@@ -61,7 +61,8 @@ KMEANS_PARALLEL_OVERSAMPLING = 2.0
 @dataclass(frozen=True)
 class InitProgress:
     """Seeding progress, reported before the first iteration: ``chosen`` of ``n_codes`` initial
-    centroids picked so far (k-means++ reports every few percent; other inits once, when done)."""
+    centroids picked so far (k-means++ reports every few percent, k-means|| so in its final
+    step; other inits once, when done)."""
 
     chosen: int
     n_codes: int

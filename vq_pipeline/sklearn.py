@@ -47,8 +47,9 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         n_codes: number of codes (``n_clusters`` of ``KMeans``).
         metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized).
         n_iter, tol: Lloyd's iteration limit and relative tolerance (``max_iter``/``tol`` of ``KMeans``).
-        init: 'k-means++', another named init of :func:`vq_pipeline.fit_codebook`, or a (n_codes,
-            n_features) array of starting centroids.
+        init: 'auto' (default: k-means|| for flat and product codebooks, as :func:`vq_pipeline.fit_codebook`),
+            'k-means++' (exact, as scikit-learn's), another named init of :func:`vq_pipeline.fit_codebook`,
+            or a (n_codes, n_features) array of starting centroids.
         random_state: int seed (the library's ``seed``: ``random_state=s`` fits the codebook
             ``fit_codebook(X, n_codes, seed=s)`` fits), None or a ``RandomState`` (a seed is drawn from it).
         n_init: seeded restarts of ``fit``; the lowest objective wins. Unused by ``partial_fit``.
@@ -324,6 +325,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             check_nonzero_rows(x)
         dev = resolve_device(self.device, x)
         c = cb.centroids.to(dev, torch.float64)  # (n_codes, dim)
+        if cosine:  # unit in float32 only: 1 - cos of a near-identical pair would lose its digits to that
+            c = c / torch.linalg.vector_norm(c, dim=1, keepdim=True)
         # Shifting both sides by the centroids' mean leaves distances unchanged and keeps the
         # expansion |x|^2 + |c|^2 - 2 x.c well conditioned for data far from the origin.
         shift = torch.zeros_like(c[0]) if cosine else c.mean(dim=0)  # (dim,)
