@@ -111,8 +111,8 @@ def resolve_init(init: Any, codec: str) -> Any:
     """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means||".
 
     k-means|| rather than exact k-means++: fits at the defaults took 0.47-0.96 of the time with it on
-    real embeddings and mixtures, at objectives on new rows 0.987-1.0005 of k-means++'s
-    (``benchmarks/default_init.py``; on 1,437 digits, a 0.02 s fit either way, 1.1-1.6x).
+    real embeddings and mixtures, at objectives on new rows 0.985-1.0005 of k-means++'s
+    (``benchmarks/default_init.py``, two runs; on 1,437 digits, fits of 0.02-0.07 s, 1.1-1.8x).
     """
     if isinstance(init, str) and init == "auto":
         return "progressive" if codec == "residual" else "k-means||"
