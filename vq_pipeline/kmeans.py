@@ -364,7 +364,7 @@ def fit_codebook(
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
         tol: stop when the objective's relative decrease is ``<= tol``.
         init: 'auto' (default: 'progressive' for residual codebooks, else 'k-means||'),
-            'k-means++' (exact greedy k-means++), 'k-means||' (approximate k-means||: 5 rounds of
+            'k-means++' (exact greedy k-means++), 'k-means||' (approximate k-means||: 2 rounds of
             oversampling, then weighted k-means++ on the candidates; faster), 'progressive'
             (K-means over more and more principal directions, see :mod:`vq_pipeline.progressive`),
             'random' (distinct random rows), 'first' (the first n_codes rows, as in the KeOps
