@@ -7,7 +7,8 @@ Command, from the repository root (scikit-learn and threadpoolctl installed, as 
 
 ``--wordllama`` takes the ``.safetensors`` file inside the ``wordllama`` wheel (real token embeddings,
 32,000 x 256; ``pip download wordllama --no-deps -d DIR``, then unzip ``wordllama/weights/*.safetensors``);
-it is a benchmark input only, not a dependency. The other data sets are the gaussian mixture of
+it is a benchmark input only, not a dependency (or the ``.npy`` that ``benchmarks/wordllama_data.py``
+caches in ``benchmarks/.cache/wordllama/``). The other data sets are the gaussian mixture of
 ``benchmarks/fair.py`` (K centres some 5.7 apart, noise 0.5 per coordinate, offset by +3: not centred).
 
 Every measurement runs in its own fresh process (``--worker``) that imports only what it measures, with
@@ -64,7 +65,10 @@ def mixture(n: int, dim: int, k: int, seed: int) -> np.ndarray:
 
 
 def wordllama(path: str) -> np.ndarray:
-    """(32000, 256) float32 token embeddings from the wordllama wheel's safetensors file."""
+    """(32000, 256) float32 token embeddings from the wordllama wheel's safetensors file, or from the
+    ``.npy`` that ``benchmarks/wordllama_data.py`` caches."""
+    if path.endswith(".npy"):
+        return np.ascontiguousarray(np.load(path), dtype=np.float32)
     from safetensors.numpy import load_file
 
     tensors = load_file(path)

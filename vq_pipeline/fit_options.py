@@ -110,9 +110,10 @@ def fit_options(
 def resolve_init(init: Any, codec: str) -> Any:
     """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means||".
 
-    k-means|| rather than exact k-means++: fits at the defaults took 0.47-0.96 of the time with it on
-    real embeddings and mixtures, at objectives on new rows 0.985-1.0005 of k-means++'s
-    (``benchmarks/default_init.py``, two runs; on 1,437 digits, fits of 0.02-0.07 s, 1.1-1.8x).
+    k-means|| rather than exact k-means++: fits at the defaults took 0.33-0.81 of the time with it on
+    real embeddings and mixtures, at objectives on new rows 0.983-0.998 of k-means++'s; on 1,437
+    digits, fits of a few hundredths of a second, 0.9-1.3x, objectives within 0.7%
+    (``benchmarks/default_init.py``, 2026-11-30, 2-core EPYC).
     """
     if isinstance(init, str) and init == "auto":
         return "progressive" if codec == "residual" else "k-means||"

@@ -60,8 +60,8 @@ def fit_from_tables(
 
     Training rows: a seeded uniform sample of ``sample`` rows when given; otherwise all rows, held
     in memory when they fit ``data_budget`` bytes, else streamed: exact Lloyd that re-reads the
-    tables every iteration and accumulates sums and counts (then k-means||, k-means++ and 'random' draw from a
-    seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the first rows).
+    tables every iteration and accumulates sums and counts (then k-means||, k-means++ and 'random'
+    draw from a seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the first rows).
     The codebook records the sources, the column, the rows used, the sample seed and a fingerprint
     of the tables. ``checkpoint``: a file that keeps the fit's state after every update; a killed
     fit rerun with the same file, data and settings resumes there and gives the same codebook.

@@ -26,17 +26,17 @@ library's exact nearest-code assignment and three additions that one pass over a
    going to the nearest other code (``counts * squared distance``). Codes that cover lone far rows
    stay; a lone far row cannot pay for a split along its own direction.
 
-Why: k-means++ seeding (k-means|| too) on one batch spends many codes on that batch's far rows; later
-batches rarely reach them (they end with one or two rows each), while the dense regions stay
-under-coded, and a running mean cannot move a code that receives nothing. Measured on the 32,000 x 256
-wordllama token embeddings with K = 256, one pass over 8 batches (median of 3 seeds, ratio to a full Lloyd
-fit's inertia; ``benchmarks/minibatch.py``, all seeded by k-means++, the default then): plain Sculley 1.070; 5 Lloyd iterations on the first batch
-1.069; plus two assignments per batch 1.065; splits alone 1.042; all three (the defaults) 1.036, at
-about 1.6 times plain Sculley's time on one thread (0.79 s against 0.48 s; scikit-learn 0.52 s at
-1.088). On scikit-learn's digits (K = 16) no code is under-used and the defaults give 1.004 (plain
-1.018): the Lloyd iterations on the first batch and the second assignment do that. Seeded by
-k-means|| (the default since), against a full fit seeded the same way: 1.042 on wordllama (plain
-1.079, scikit-learn 1.100) and 1.017 on digits (README, "scikit-learn estimator").
+Why: k-means++ seeding (k-means|| too) on one batch spends many codes on that batch's far rows;
+later batches rarely reach them (they end with one or two rows each), while the dense regions stay
+under-coded, and a running mean cannot move a code that receives nothing. Measured on the 32,000 x
+256 wordllama token embeddings with K = 256, one pass over 8 batches (median of 3 seeds, ratio to a
+full Lloyd fit's inertia; ``benchmarks/minibatch.py``, all seeded by k-means++, the default then):
+plain Sculley 1.070; 5 Lloyd iterations on the first batch 1.069; plus two assignments per batch
+1.065; splits alone 1.042; all three (the defaults) 1.036, at about 1.6 times plain Sculley's time
+on one thread (0.79 s against 0.48 s; scikit-learn 0.52 s at 1.088). On scikit-learn's digits
+(K = 16) no code is under-used and the defaults give 1.004 (plain 1.018): the Lloyd iterations on
+the first batch and the second assignment do that. Seeded by k-means|| (the default since), the
+defaults give 1.035 on wordllama (plain 1.066, scikit-learn 1.097) and 1.003 on digits.
 
 Under ``cosine`` the rows are L2-normalized and an updated or split centroid is normalized again,
 so the state stays a valid codebook.

@@ -293,8 +293,9 @@ def fit_partitioned(
     process reduces them and runs the M step, repairs and the stopping rule of
     :func:`vq_pipeline.kmeans.lloyd`. Init: the named seeding (k-means|| by default, or exact greedy
     k-means++, 'random') on a seeded uniform sample of ``min(n_rows, 256 * n_codes)`` rows read here,
-    as a streamed fit does ('first': the first rows; or a tensor / Codebook to warm-start from). Other arguments: see
-    :func:`fit_from_tables`; ``device`` is where this process seeds and updates the centroids.
+    as a streamed fit does ('first': the first rows; or a tensor / Codebook to warm-start from).
+    Other arguments: see :func:`fit_from_tables`; ``device`` is where this process seeds and updates
+    the centroids.
     """
     t_start = time.perf_counter()
     settings = FitSettings.from_keywords(locals())  # refused before any work

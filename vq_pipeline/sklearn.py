@@ -47,9 +47,10 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         n_codes: number of codes (``n_clusters`` of ``KMeans``).
         metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized).
         n_iter, tol: Lloyd's iteration limit and relative tolerance (``max_iter``/``tol`` of ``KMeans``).
-        init: 'auto' (default: k-means|| for flat and product codebooks, as :func:`vq_pipeline.fit_codebook`),
-            'k-means++' (exact, as scikit-learn's), another named init of :func:`vq_pipeline.fit_codebook`,
-            or a (n_codes, n_features) array of starting centroids.
+        init: 'auto' (the default: k-means|| for flat and product codebooks, as in
+            :func:`vq_pipeline.fit_codebook`), 'k-means++' (exact, scikit-learn's seeding), another
+            named init of :func:`vq_pipeline.fit_codebook`, or a (n_codes, n_features) array of
+            starting centroids.
         random_state: int seed (the library's ``seed``: ``random_state=s`` fits the codebook
             ``fit_codebook(X, n_codes, seed=s)`` fits), None or a ``RandomState`` (a seed is drawn from it).
         n_init: seeded restarts of ``fit``; the lowest objective wins. Unused by ``partial_fit``.
