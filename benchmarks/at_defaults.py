@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import default_init  # noqa: E402 - a sibling script
+
 THREADS = 2
 METHODS = ("ours", "sklearn", "faiss")
 
@@ -95,39 +97,15 @@ def objective(x: np.ndarray, c: np.ndarray) -> float:
 
 
 def datasets(folder: Path) -> list[tuple[str, int, Path, Path]]:
-    sys.path.insert(0, str(HERE))
-    import seeding
-    import wordllama_data
-
-    def save(name: str, train: np.ndarray, new: np.ndarray) -> tuple[Path, Path]:
-        paths = folder / f"{name}-train.npy", folder / f"{name}-new.npy"
-        np.save(paths[0], np.ascontiguousarray(train, dtype=np.float32))
-        np.save(paths[1], np.ascontiguousarray(new, dtype=np.float32))
-        return paths
-
-    w = save("wordllama", *wordllama_data.split(wordllama_data.load()))
-    out = [("wordllama 25600x256", 256, *w), ("wordllama 25600x256", 1024, *w)]
-    for n, dim, k in ((125_000, 64, 256), (39_780, 384, 256)):
-        x = seeding.mixture(n, dim, k, seed=1)
-        cut = int(0.8 * n)
-        out.append((f"mixture {cut}x{dim}", k, *save(f"mixture-{dim}", x[:cut], x[cut:])))
-    return out
+    """``default_init.py``'s data sets without the digits: (name, K, train .npy, new .npy)."""
+    return [d for d in default_init.datasets(folder) if not d[0].startswith("digits")]
 
 
 def run(spec: dict) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(THREADS)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=HERE.parent,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return default_init.run(spec, __file__, env)
 
 
 def main() -> None:

@@ -89,9 +89,10 @@ def datasets(folder: Path) -> list[tuple[str, int, Path, Path]]:
     return out
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, script: str = __file__, env: dict | None = None) -> dict:
+    """``script --worker SPEC`` in a fresh process (environment ``env``, default this one's); its result."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=HERE.parent
+        [sys.executable, script, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True, cwd=HERE.parent
     )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-4000:]}")
