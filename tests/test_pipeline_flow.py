@@ -486,12 +486,15 @@ def test_a_refit_keeps_the_codes_of_unchanged_rows(prefect_api, tmp_path: Path) 
     assert f"| codes renumbered | {a['renumbered']} of 13 (previous codebook: 12) |" in section
 
     # A warm refit (the schedule is due) starts from these centroids: the same cells in the same order,
-    # nothing to renumber, and the file records that it was checked.
+    # nothing to renumber, and the file records that it was checked. Lloyd goes on from where the
+    # tolerance stopped the cold fit, so only rows at the boundary inside the split blob may move.
     third = vq_pipeline_flow(**{**params(root, work), "n_codes": 13, "seed": 1, "refit_every_hours": 0})
     assert third["action"] == "refit" and third["fired"] == ["schedule"]
-    assert third["alignment"]["aligned"] and third["alignment"]["renumbered"] == 0 and third["alignment"]["kept"] == 1.0
+    a3 = third["alignment"]
+    assert a3["aligned"] and a3["renumbered"] == 0 and a3["kept"] > 0.99, a3
     assert Codebook.load(third["codebook"]).stats["alignment"]["reference"] == second["fingerprint"]
-    assert np.array_equal(codes_by_id(codes_dir(work, third["fingerprint"])), after)
+    moved = codes_by_id(codes_dir(work, third["fingerprint"])) != after
+    assert set(blob[moved].tolist()) <= {split} and a3["kept"] == pytest.approx(1 - moved.mean())
 
 
 def _topic_rows(n: int, dim: int, n_topics: int, seed: int, topics: list[int] | None) -> np.ndarray:

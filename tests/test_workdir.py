@@ -39,8 +39,9 @@ def test_current_pointer_link_and_lock_without_prefect(tmp_path: Path) -> None:
 
 
 def test_a_cold_refit_is_renumbered_to_keep_the_codes_of_unchanged_rows(tmp_path: Path) -> None:
-    """Two cold fits of the same rows (other seeds) number their codes differently: without the
-    alignment fewer than 1 row in 5 keeps its code. Aligned on the tables (all 2,000 rows: fewer than
+    """Two cold fits of the same rows (k-means++ with other seeds: from k-means|| both seeds reach the
+    same centroids here) number their codes differently: without the alignment fewer than 1 row in 5
+    keeps its code. Aligned on the tables (all 2,000 rows: fewer than
     the sample bound), every row keeps its code but where the cells differ, which is the best any
     renumbering can do (Hungarian on all rows, checked against brute force in tests/test_align.py)."""
     import numpy as np
@@ -55,8 +56,8 @@ def test_a_cold_refit_is_renumbered_to_keep_the_codes_of_unchanged_rows(tmp_path
     x = generate_embeddings(2000, 12, 10, seed=0)
     write_embeddings(root / "part-0.parquet", np.arange(1000), x[:1000])
     write_embeddings(root / "part-1.parquet", np.arange(1000, 2000), x[1000:])
-    ref = fit_from_tables([str(root)], column="embedding", n_codes=10, seed=0, engine="torch")
-    new = fit_from_tables([str(root)], column="embedding", n_codes=10, seed=1, engine="torch")
+    ref = fit_from_tables([str(root)], column="embedding", n_codes=10, init="k-means++", seed=0, engine="torch")
+    new = fit_from_tables([str(root)], column="embedding", n_codes=10, init="k-means++", seed=1, engine="torch")
     ref_path = ref.save(workdir.codebook_path(work, ref.fingerprint))
     new_path = new.save(workdir.codebook_path(work, new.fingerprint))
 
