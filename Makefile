@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 # project's own `torch>=...` requirement is then already satisfied (no multi-GB CUDA download).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 export VQ_KEOPS_CACHE_DIR ?= $(CURDIR)/.cache/keops
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 install: $(STAMP)
 
@@ -20,16 +21,25 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[plot]"
 	touch $(STAMP)
+
+# The test suite needs every extra (dask, sklearn, plot) and the test tools.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vq_flows.demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m ruff check vq_pipeline flows tests
 	$(PY) -m ruff format --check vq_pipeline flows
 	$(PY) -m pytest
+
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	$(PY) -m mkdocs build --strict --site-dir .cache/site
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache vq_demo_output

@@ -2,15 +2,15 @@
 
 Command, from the repository root::
 
-    .venv/bin/python benchmarks/align.py [--wordllama PATH] [--seeds N] [--json PATH]
+    .venv/bin/python benchmarks/align.py [--quick] [--data digits,wordllama] [--wordllama PATH] [--seeds N] [--json PATH]
 
 Data (real embeddings, metric l2, torch engine on the CPU):
 
 * ``digits``: scikit-learn's digits, 1,797 x 64 (8x8 images; shipped with scikit-learn), K=16.
 * ``wordllama``: the 32,000 x 256 token embedding matrix of the ``wordllama`` wheel
-  (``l2_supercat_256.safetensors``, float16, read as float32), K=128. Not a dependency: fetch the wheel
-  with ``.venv/bin/pip download wordllama --no-deps -d benchmarks/results/wordllama`` and pass the
-  ``.whl`` (or the extracted ``.safetensors``) as ``--wordllama``; without it only digits run.
+  (``l2_supercat_256.safetensors``, float16, read as float32), K=128. Not a dependency: ``harness.wordllama``
+  fetches the wheel once into ``benchmarks/.cache/wordllama`` (``--wordllama`` takes a wheel, its
+  ``.safetensors`` or a ``.npy`` instead).
 
 Each data set is shuffled (seed 0) and split into old rows (60%), new rows (20%) and held-out rows
 (20%). The reference codebook is a cold fit (``init='k-means++'``, seed 0) on the old rows. Two refits replace it:
@@ -24,45 +24,24 @@ reference, with the refit's codes numbered (a) as fitted, (b) by closest centroi
 co-occurrence on the refit's training rows (what the pipeline does, with at most 100k rows), and
 (d) the best any renumbering can do on the held-out rows themselves (Hungarian on their own
 co-occurrence table: the ceiling, since the refit's cells differ from the reference's). ``align s``
-is the time of (c): both encodes and the matching. Results: a markdown table, and JSON (default
-``benchmarks/results/align.json``).
+is the time of (c): both encodes and the matching. ``--quick``: digits, one cold refit. Results: a markdown
+table and JSON (default ``benchmarks/results/align-<UTC time>.json`` / ``.md``). Quality, not speed: it runs
+in this one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import harness
 from vq_pipeline import Codebook, fit_codebook
-from vq_pipeline.align import cooccurrence, kept_rows, match_by_cooccurrence
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def digits() -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return load_digits().data.astype(np.float32)  # (1797, 64)
-
-
-def wordllama(path: Path) -> np.ndarray:
-    """The token embedding matrix of the wordllama wheel (or of its extracted .safetensors file)."""
-    from safetensors.numpy import load
-
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as wheel:
-            (name,) = [n for n in wheel.namelist() if n.endswith("l2_supercat_256.safetensors")]
-            data = wheel.read(name)
-    else:
-        data = path.read_bytes()
-    (matrix,) = load(data).values()
-    return np.ascontiguousarray(matrix, dtype=np.float32)  # (32000, 256)
+from vq_pipeline.compute.align import cooccurrence, kept_rows, match_by_cooccurrence
 
 
 def kept(codebook: Codebook, x: torch.Tensor, ref_codes: np.ndarray) -> float:
@@ -110,24 +89,45 @@ def measure(name: str, x: np.ndarray, n_codes: int, seeds: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wordllama", type=Path, help="the wordllama wheel or its l2_supercat_256.safetensors")
-    parser.add_argument("--seeds", type=int, default=2, help="cold refits per data set (seeds 1..N)")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "align.json")
+    parser.add_argument("--quick", action="store_true", help="digits only, one cold refit: a smoke check")
+    parser.add_argument("--data", default=None, help="comma-separated subset of digits,wordllama (default both)")
+    parser.add_argument(
+        "--wordllama", type=Path, help="a wordllama wheel, its .safetensors or a .npy (default: the cache)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="cold refits per data set (seeds 1..N; default 2)")
+    parser.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/align-<time>.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    rows = measure("digits", digits(), 16, args.seeds)
-    if args.wordllama:
-        rows += measure("wordllama", wordllama(args.wordllama), 128, args.seeds)
-    print()
-    print("| data | refit | (a) as fitted | (b) centroids | (c) co-occurrence | (d) best possible | align s |")
-    print("|---|---|---|---|---|---|---|")
+    torch.set_num_threads(harness.THREADS)
+    seeds = args.seeds or (1 if args.quick else 2)
+    data = (args.data or ("digits" if args.quick else "digits,wordllama")).split(",")
+    started = harness.now()
+    out = args.json or harness.results_path("align", args.quick, started)
+    rows = []
+    if "digits" in data:
+        rows += measure("digits", harness.digits(), 16, seeds)
+    if "wordllama" in data:
+        rows += measure("wordllama", harness.wordllama(args.wordllama), 128, seeds)
+    lines = [
+        f"{started:%Y-%m-%d %H:%M} UTC, {harness.THREADS} torch threads, held-out rows keeping their code",
+        "",
+        "| data | refit | (a) as fitted | (b) centroids | (c) co-occurrence | (d) best possible | align s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['data']} | {r['refit']} | {r['none']:.1%} | {r['centroids']:.1%} | {r['cooccurrence']:.1%} "
             f"| {r['best']:.1%} | {r['align_seconds']:.2f} ({r['align_rows']} rows) |"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1))
+    md = "\n".join(lines)
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": harness.machine_info(),
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
+    harness.write_results(out, record, md)
+    print(md)
+    print(f"\nJSON: {out} (tables: {out.with_suffix('.md')})")
 
 
 if __name__ == "__main__":

@@ -1,159 +1,208 @@
 """Every library entirely at its own defaults: the time of one whole fit call, and the objective it reaches.
 
-Command, from the repository root (FAISS and scikit-learn installed, as in ``.venv-bench``)::
+Command, from the repository root (FAISS and scikit-learn installed, as in ``.venv-bench``; a peer that is
+not installed is skipped with a message)::
 
-    .venv-bench/bin/python benchmarks/at_defaults.py [--seeds 3] [--json PATH]
+    .venv-bench/bin/python benchmarks/at_defaults.py [--quick] [--seeds 3] [--data LIST] [--methods LIST] [--json PATH]
 
 ``fair.py`` gives every library the same initial centroids and the same 20 iterations, which isolates
 the Lloyd loop. A user who calls each library with only K sees something else: its own seeding, its
 own stopping rule, its own sampling. Here each fit runs that way, in a fresh process that imports only
-its library, with 2 threads (``OMP_NUM_THREADS`` etc.; ``torch.set_num_threads``,
-``faiss.omp_set_num_threads``, ``threadpoolctl``), after an untimed warm-up call on 2,048 rows:
+its library (``harness.run_worker``), with 2 threads, after an untimed warm-up call on 2,048 rows:
 
 * ``ours``: ``vq_pipeline.fit_codebook(x, K, seed=s, device="cpu")`` (k-means|| seeding, at most 50
   iterations, relative objective decrease ``tol=1e-4``);
 * ``sklearn``: ``sklearn.cluster.KMeans(K, random_state=s).fit(x)`` (greedy k-means++, one run, at
   most 300 iterations, ``tol=1e-4`` relative to the data's variance on the centres' shift);
 * ``faiss``: ``faiss.Kmeans(d, K, seed=1234 + s).train(x)`` (K random rows as the start, 25
-  iterations, and a random sample of ``256 K`` rows when there are more).
+  iterations, and a random sample of ``256 K`` rows when there are more);
 
-The parent then computes each codebook's objective in float64 over all training rows and over the
-new rows (the sum of squared distances to the nearest centroid). Data, l2: the ``wordllama`` token
-embeddings (25,600 training and 6,400 new rows, ``wordllama_data.py``) with K=256 and 1024, and the
-gaussian mixture of ``seeding.py`` (80% training, 20% new rows), 125,000 x 64 and 39,780 x 384,
-K=256. Reported: medians over the seeds of the seconds, and the mean objectives over ours.
+and, only when named in ``--methods``, our own variants at otherwise default settings:
+
+* ``ours-kpp``: ``init="k-means++"`` (exact greedy seeding; the question "which seeding should
+  ``init="auto"`` stand for" was answered with k-means|| by this comparison);
+* ``ours-prune``: ``prune=True`` (exact pruned Lloyd; same fit, both must reach the same objective).
+
+The parent then computes each codebook's objective in float64 over all training rows and over the new
+rows (``harness.objective``). Data (``--data``), each split 80% training and 20% new rows:
+``wordllama`` (the token embeddings, ``harness.wordllama``: 25,600 / 6,400 rows × 256, K=256 and 1024),
+``mixture`` (``harness.mixture``, seed 1: 125,000 × 64 and 39,780 × 384, K=256) and ``digits``
+(scikit-learn's 1,797 × 64, K=16 and 64; not in the default). ``--quick``: 4,000 rows of each, one K,
+one seed. Reported: medians over the seeds of the seconds, seeding seconds (ours) and iterations, and the
+mean objectives over ours'. Writes JSON and markdown (default ``benchmarks/results/at_defaults-<UTC time>``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import default_init  # noqa: E402 - a sibling script
+import harness
 
-THREADS = 2
-METHODS = ("ours", "sklearn", "faiss")
+METHODS = ("ours", "ours-kpp", "ours-prune", "sklearn", "faiss")
+DEFAULT_METHODS = ("ours", "sklearn", "faiss")
+OUR_KW: dict[str, dict[str, Any]] = {"ours": {}, "ours-kpp": {"init": "k-means++"}, "ours-prune": {"prune": True}}
+NEEDS = {"sklearn": ["sklearn", "threadpoolctl"], "faiss": ["faiss"]}
+DATA = ("wordllama", "mixture", "digits")
+DEFAULT_DATA = ("wordllama", "mixture")
+QUICK_ROWS = 4000
 
 
 def worker(spec: dict) -> dict:
     x = np.load(spec["train"])
     k, seed, method = spec["k"], spec["seed"], spec["method"]
     warm = x[:2048]
-    if method == "ours":
-        import vq_pipeline  # before torch: it chooses its OpenMP waits, as for users
-        import torch
+    init_s = None
+    if method in OUR_KW:
+        from vq_pipeline.runtime import apply_omp_waits
 
-        torch.set_num_threads(THREADS)
-        vq_pipeline.fit_codebook(warm, min(k, 64), device="cpu")
-        t = time.perf_counter()
-        cb = vq_pipeline.fit_codebook(x, k, seed=seed, device="cpu")
-        seconds = time.perf_counter() - t
+        apply_omp_waits()  # before torch, as the vq command and the flows do for users
+        import vq_pipeline
+        import torch  # noqa: F401 - for limit_threads
+
+        harness.limit_threads(spec["threads"])
+        kw = OUR_KW[method]
+        vq_pipeline.fit_codebook(warm, min(k, 64), device="cpu", **kw)
+        cb, seconds = harness.timed(lambda: vq_pipeline.fit_codebook(x, k, seed=seed, device="cpu", **kw))
         centroids, iterations = cb.centroids.numpy(), cb.stats["iterations"]
+        init_s = cb.timings.get("init_seconds")
     elif method == "sklearn":
         from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits
 
-        limits = threadpool_limits(limits=THREADS)  # noqa: F841 - in force while it lives
+        harness.limit_threads(spec["threads"])
         KMeans(min(k, 64), random_state=seed).fit(warm)
-        t = time.perf_counter()
-        km = KMeans(k, random_state=seed).fit(x)
-        seconds = time.perf_counter() - t
+        km, seconds = harness.timed(lambda: KMeans(k, random_state=seed).fit(x))
         centroids, iterations = km.cluster_centers_.astype(np.float32), int(km.n_iter_)
     else:
         import faiss
 
-        faiss.omp_set_num_threads(THREADS)
+        harness.limit_threads(spec["threads"])
         faiss.Kmeans(x.shape[1], min(k, 64), seed=1234 + seed).train(warm)
-        t = time.perf_counter()
         km = faiss.Kmeans(x.shape[1], k, seed=1234 + seed)
-        km.train(x)
-        seconds = time.perf_counter() - t
+        _, seconds = harness.timed(lambda: km.train(x))
         centroids, iterations = km.centroids, len(km.iteration_stats)
-    out = Path(spec["out"])
-    np.save(out, np.ascontiguousarray(centroids, dtype=np.float32))
-    return {"seconds": seconds, "iterations": iterations, "centroids": str(out)}
+    np.save(spec["out"], np.ascontiguousarray(centroids, dtype=np.float32))
+    return {"seconds": seconds, "init_seconds": init_s, "iterations": iterations}
 
 
-def objective(x: np.ndarray, c: np.ndarray) -> float:
-    """Sum over the rows of the squared distance to the nearest centroid, in float64, in chunks."""
-    c64 = c.astype(np.float64)
-    cn = np.square(c64).sum(axis=1)
-    total = 0.0
-    for lo in range(0, x.shape[0], 4096):
-        xb = x[lo : lo + 4096].astype(np.float64)
-        d = np.square(xb).sum(axis=1)[:, None] - 2.0 * xb @ c64.T + cn[None, :]
-        total += float(np.maximum(d.min(axis=1), 0.0).sum())
-    return total
+def datasets(names: list[str], folder: Path, quick: bool) -> list[tuple[str, int, Path, Path]]:
+    """(name, K, train .npy, new .npy) of every data set named, written into ``folder``."""
+
+    def save(name: str, train: np.ndarray, new: np.ndarray) -> tuple[Path, Path]:
+        paths = folder / f"{name}-train.npy", folder / f"{name}-new.npy"
+        np.save(paths[0], np.ascontiguousarray(train, dtype=np.float32))
+        np.save(paths[1], np.ascontiguousarray(new, dtype=np.float32))
+        return paths
+
+    def sets(name: str, stem: str, x: np.ndarray, ks: tuple[int, ...], split_seed: int | None) -> list:
+        if quick:
+            x, ks = x[:QUICK_ROWS], ks[:1]
+        if split_seed is None:  # rows already in random order: the last 20% are new rows
+            cut = int(0.8 * len(x))
+            train, new = x[:cut], x[cut:]
+        else:
+            train, new = harness.split(x, seed=split_seed)
+        paths = save(stem, train, new)
+        return [(f"{name} {len(train)}×{x.shape[1]}", k, *paths) for k in ks]
+
+    out: list[tuple[str, int, Path, Path]] = []
+    for name in names:
+        if name == "wordllama":
+            out += sets("wordllama", "wordllama", harness.wordllama(), (256, 1024), harness.SPLIT_SEED)
+        elif name == "digits":
+            out += sets("digits", "digits", harness.digits(), (16, 64), 0)
+        else:
+            for n, dim, k in ((125_000, 64, 256), (39_780, 384, 256)):
+                out += sets("mixture", f"mixture-{dim}", harness.mixture(n, dim, k, seed=1), (k,), None)
+    return out
 
 
-def datasets(folder: Path) -> list[tuple[str, int, Path, Path]]:
-    """``default_init.py``'s data sets without the digits: (name, K, train .npy, new .npy)."""
-    return [d for d in default_init.datasets(folder) if not d[0].startswith("digits")]
-
-
-def run(spec: dict) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(THREADS)
-    return default_init.run(spec, __file__, env)
-
-
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_ROWS} rows of each data set, one K, one seed")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per data set (default 3; --quick: 1)")
+    ap.add_argument("--data", default=",".join(DEFAULT_DATA), help=f"comma-separated subset of {','.join(DATA)}")
+    ap.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/at_defaults-<time>.json")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        return harness.serve(worker, args.worker)
+    methods = [m for m in args.methods.split(",") if m]
+    data = [d for d in args.data.split(",") if d]
+    bad = sorted(set(methods) - set(METHODS)) + sorted(set(data) - set(DATA))
+    if bad:
+        ap.error(f"unknown {bad}: --methods takes {','.join(METHODS)}, --data {','.join(DATA)}")
+    methods = harness.installed(methods, NEEDS)
+    seeds = args.seeds or (1 if args.quick else 3)
+    started = harness.now()
+    out = args.json or harness.results_path("at_defaults", args.quick, started)
     records = []
     with tempfile.TemporaryDirectory(prefix="vq-at-defaults-") as tmp:
-        for name, k, train, new in datasets(Path(tmp)):
+        for name, k, train, new in datasets(data, Path(tmp), args.quick):
             x_train, x_new = np.load(train), np.load(new)
-            for seed in range(args.seeds):
-                order = METHODS[seed % len(METHODS) :] + METHODS[: seed % len(METHODS)]  # interleaved, rotated
-                for method in order:
-                    out = Path(tmp) / f"c-{method}.npy"
-                    spec = {"train": str(train), "k": k, "seed": seed, "method": method, "out": str(out)}
-                    rec = {"data": name, "k": k, "seed": seed, "method": method, **run(spec)}
-                    c = np.load(out)
-                    rec["objective_train"] = objective(x_train, c)
-                    rec["objective_new"] = objective(x_new, c)
-                    records.append(rec)
-                    print(
-                        f"{name} K={k} seed {seed} {method:8s}: {rec['seconds']:.2f} s, {rec['iterations']} iterations"
-                    )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"started": started, "threads": THREADS, "records": records}, indent=1))
-    print(f"\nstarted {started}, {THREADS} threads; medians over {args.seeds} seeds; objectives: mean over the seeds,")
-    print("as a ratio to ours\n")
-    print("| data | K | method | seconds | iterations | objective, train rows | new rows |")
-    print("|---|---|---|---|---|---|---|")
+            for seed, method in harness.interleave(methods, seeds):
+                c_path = Path(tmp) / f"c-{method}.npy"
+                spec = {"train": str(train), "k": k, "seed": seed, "method": method, "out": str(c_path)}
+                rec = {"data": name, "k": k, "seed": seed, "method": method, **harness.run_worker(__file__, spec)}
+                if "error" not in rec:
+                    c = np.load(c_path)
+                    rec["objective_train"] = harness.objective(x_train, c)
+                    rec["objective_new"] = harness.objective(x_new, c)
+                records.append(rec)
+                print(
+                    f"{name} K={k} seed {seed} {method:10s}: "
+                    + (rec["error"] if "error" in rec else f"{rec['seconds']:.2f} s, {rec['iterations']} iterations"),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    lines = [
+        f"{started:%Y-%m-%d %H:%M} UTC, {harness.THREADS} threads; medians over {seeds} seed(s); objectives: "
+        "mean over the seeds, as a ratio to ours",
+        "",
+        "| data | K | method | seconds | seeding s | iterations | objective, train rows | new rows |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, k in dict.fromkeys((r["data"], r["k"]) for r in records):
-        rows = [r for r in records if r["data"] == name and r["k"] == k]
-        ours = [r for r in rows if r["method"] == "ours"]
-        ref_train = statistics.mean(r["objective_train"] for r in ours)
-        ref_new = statistics.mean(r["objective_new"] for r in ours)
-        for method in METHODS:
+        rows = [r for r in records if r["data"] == name and r["k"] == k and "error" not in r]
+        ours = [r for r in rows if r["method"] == "ours"] or rows
+        ref_train = statistics.mean(r["objective_train"] for r in ours) if ours else None
+        ref_new = statistics.mean(r["objective_new"] for r in ours) if ours else None
+        for method in methods:
             mine = [r for r in rows if r["method"] == method]
-            secs = statistics.median(r["seconds"] for r in mine)
-            its = statistics.median(r["iterations"] for r in mine)
+            if not mine:
+                lines.append(f"| {name} | {k} | {method} | failed (see the errors in the JSON) | | | | |")
+                continue
             train = statistics.mean(r["objective_train"] for r in mine) / ref_train
             new = statistics.mean(r["objective_new"] for r in mine) / ref_new
-            print(f"| {name} | {k} | {method} | {secs:.2f} | {its:.0f} | {train:.4f} | {new:.4f} |")
+            lines.append(
+                f"| {name} | {k} | {method} | {harness.median([r['seconds'] for r in mine]):.2f} "
+                f"| {harness.fmt(harness.median([r['init_seconds'] for r in mine]), '.2f')} "
+                f"| {harness.median([r['iterations'] for r in mine]):.0f} | {train:.4f} | {new:.4f} |"
+            )
+    md = "\n".join(lines)
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": harness.machine_info(("vq-pipeline", "torch", "faiss-cpu", "scikit-learn", "numpy")),
+        "command": " ".join(sys.argv),
+        "seeds": seeds,
+        "methods": methods,
+        "data": data,
+        "records": records,
+    }
+    harness.write_results(out, record, md)
+    print(md)
+    print(f"\nJSON: {out} (tables: {out.with_suffix('.md')})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,7 @@ Command, from the repository root (the project venv is enough; ``.venv-bench`` w
     .venv/bin/python benchmarks/breakdown.py [--quick] [--n-iter 10] [--json PATH]
 
 For each shape (200k x 128, K=1024 and 1M x 32, K=100; ``--quick``: tiny ones), on the data of
-``benchmarks/fair.py`` (the same seeded mixture, first K rows as initial centroids, 2N new rows encoded
+``fair.py`` (``harness.mixture_files``: the same seeded mixture, first K rows as initial centroids, 2N new rows encoded
 with the mixture's centres as codebook), in this one process with 2 torch threads:
 
 1. a warm-up fit (one iteration on 4K rows) and encode, so that lazy imports and thread pools are not
@@ -21,14 +21,15 @@ with the mixture's centres as codebook), in this one process with 2 torch thread
 
 Names that a change to the library removed show up as "(not found)" with 0 s: their time then moves to
 the row above them or to "everything else", and this script needs updating.
+
+Writes the printed tables as markdown and every number as JSON (default
+``benchmarks/results/breakdown-<UTC time>.json`` / ``.md``; ``--quick``: ``benchmarks/.cache/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as _dt
-import json
 import os
 import platform
 import pstats
@@ -40,22 +41,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-try:
-    import vq_pipeline  # before torch: it chooses the OpenMP waits, as for users
-except ImportError:
-    sys.path.insert(0, str(REPO))
-    import vq_pipeline
+from vq_pipeline.runtime import apply_omp_waits
+
+apply_omp_waits()  # before torch, as the vq command and the flows do for users
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fair  # noqa: E402 - the shared data generator
-from vq_pipeline import assign, codebook, data, fit_options, kmeans, settings, validate  # noqa: E402
-import importlib  # noqa: E402
-
-torch_engine = importlib.import_module("vq_pipeline.engines.torch")  # the package's name `torch` is torch itself
+import harness  # noqa: E402
+from vq_pipeline.compute.assign import encode as assign_encode, nearest_in_chunks, plan_chunk_rows
+from vq_pipeline.codebook import Codebook, tensor_fingerprint
+from vq_pipeline.compute.data import InMemoryRows, e_step as data_e_step, farthest
+from vq_pipeline.compute.engines import get_engine
+from vq_pipeline.compute.engines.torch import (
+    TorchEngine,
+    _best_two_rows,
+    _exact_nearest,
+    _pair_sqdist,
+    _proven_best_rows,
+)
+from vq_pipeline.fitting.options import fit_options
+from vq_pipeline.fitting.flat import _initial_centroids, _seeding_rows
+from vq_pipeline.fitting.kmeans import fit_codebook, fit_source
+from vq_pipeline.compute.lloyd import m_step
+from vq_pipeline.settings import FitSettings
+from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
 THREADS = 2
 SHAPES = [(200_000, 128, 1024), (1_000_000, 32, 100)]
@@ -125,32 +135,30 @@ MM = r"^<built-in method torch\.mm>"
 
 def fit_breakdown(p: Profile, whole: float, e_walls: list[float]) -> list[tuple[str, float]]:
     """Rows (label, seconds) that add up to ``whole``, the profiled fit_codebook call."""
-    fc = kmeans.fit_codebook
-    fs = kmeans.fit_source
-    e_step = data.InMemoryRows.e_step
+    fc = fit_codebook
+    fs = fit_source
+    e_step = InMemoryRows.e_step
     e_inner = [
-        data.e_step,
-        _fn(torch_engine, "_exact_nearest"),
-        _fn(torch_engine, "TorchEngine._exact_terms"),
-        _fn(torch_engine, "TorchEngine._centred"),
-        _fn(torch_engine, "_pair_sqdist"),
+        data_e_step,
+        _exact_nearest,
+        _fn(TorchEngine, "_exact_terms"),
+        _fn(TorchEngine, "_centred"),
+        _pair_sqdist,
     ]
-    validation = p.edge(validate.as_embeddings, [fc])
-    options = p.edge(settings.FitSettings.__init__, [fc]) + p.edge(fit_options.fit_options, [fc])
-    fingerprint = p.ct(codebook.tensor_fingerprint, "tensor_fingerprint")
-    cosine = p.edge(validate.check_nonzero_rows, [fc]) + p.edge(validate.normalize_rows, [fc])
+    validation = p.edge(as_embeddings, [fc])
+    options = p.edge(FitSettings.__init__, [fc]) + p.edge(fit_options, [fc])
+    fingerprint = p.ct(tensor_fingerprint, "tensor_fingerprint")
+    cosine = p.edge(check_nonzero_rows, [fc]) + p.edge(normalize_rows, [fc])
     seeding = (
-        p.ct(kmeans._seeding_rows, "_seeding_rows")
-        + p.ct(kmeans._initial_centroids, "_initial_centroids")
-        + p.edge(_fn(kmeans, "get_engine"), [fs])
+        p.ct(_seeding_rows, "_seeding_rows") + p.ct(_initial_centroids, "_initial_centroids") + p.edge(get_engine, [fs])
     )
     e_all = p.ct(e_step, "InMemoryRows.e_step")
     e_double = p.edge(DOUBLE, [f for f in e_inner if f is not None])
     n_e = max(len(e_walls), 1)
     final_share = e_walls[-1] / sum(e_walls) if e_walls else 0.0
     e_final = e_all * final_share
-    m = p.ct(kmeans.m_step, "m_step")
-    book = p.edge(codebook.Codebook.__init__, [fs])
+    m = p.ct(m_step, "m_step")
+    book = p.edge(Codebook.__init__, [fs])
     rows = [
         ("validation (as_embeddings: checks, float32 copy, finiteness scan)", validation),
         ("settings and options (FitSettings, fit_options, init check)", options),
@@ -166,7 +174,7 @@ def fit_breakdown(p: Profile, whole: float, e_walls: list[float]) -> list[tuple[
             e_final - e_double / n_e,
         ),
         ("float64 conversions inside the E steps (.double(): rows for the sums, distances, re-ranking)", e_double),
-        (f"M steps ({p.calls(kmeans.m_step)} calls)", m),
+        (f"M steps ({p.calls(m_step)} calls)", m),
         ("Codebook construction (checks, private copies, versions)", book),
     ]
     rows.append(
@@ -180,30 +188,24 @@ def fit_breakdown(p: Profile, whole: float, e_walls: list[float]) -> list[tuple[
 
 def estep_breakdown(p: Profile) -> list[tuple[str, float]]:
     """Inside all E steps together: rows that add up to the E steps' cumulative time."""
-    e_step = data.InMemoryRows.e_step
-    de = data.e_step
-    eng = torch_engine.TorchEngine
-    nic = assign.nearest_in_chunks
+    e_step = InMemoryRows.e_step
+    de = data_e_step
+    eng = TorchEngine
+    nic = nearest_in_chunks
     total = p.ct(e_step)
     nearest = p.edge(eng.nearest, [nic])
-    gemm_path = p.edge(_fn(torch_engine, "TorchEngine._nearest_by_gemm"), [eng.nearest])
-    ranking = p.edge(_fn(torch_engine, "TorchEngine._ranking"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
-    mm = p.edge(MM, [_fn(torch_engine, "TorchEngine._ranking")])
-    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]) + p.edge(
-        _fn(torch_engine, "_proven_best_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
+    gemm_path = p.edge(_fn(TorchEngine, "_nearest_by_gemm"), [eng.nearest])
+    ranking = p.edge(_fn(TorchEngine, "_ranking"), [_fn(TorchEngine, "_nearest_by_gemm")])
+    mm = p.edge(MM, [_fn(TorchEngine, "_ranking")])
+    best2 = p.edge(_best_two_rows, [_fn(TorchEngine, "_nearest_by_gemm")]) + p.edge(
+        _proven_best_rows, [_fn(TorchEngine, "_nearest_by_gemm")]
     )
-    rerank = p.edge(_fn(torch_engine, "_exact_nearest"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
-    exact_terms = p.edge(
-        _fn(torch_engine, "TorchEngine._exact_terms"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
-    )
+    rerank = p.edge(_exact_nearest, [_fn(TorchEngine, "_nearest_by_gemm")])
+    exact_terms = p.edge(_fn(TorchEngine, "_exact_terms"), [_fn(TorchEngine, "_nearest_by_gemm")])
     chunk = p.ct(nic) - nearest  # slicing and moving each chunk (the generator's own work)
     index_add = p.edge(r"^<method 'index_add_' of ", [de])
     double = p.edge(DOUBLE, [de])
-    far = (
-        p.edge(r"^<method 'topk' of ", [de])
-        + p.edge(_fn(data, "farthest"), [de])
-        + p.edge(r"^<built-in method torch\.cat>", [de])
-    )
+    far = p.edge(r"^<method 'topk' of ", [de]) + p.edge(farthest, [de]) + p.edge(r"^<built-in method torch\.cat>", [de])
     counts = p.edge(r"^<built-in method torch\.bincount>", [de]) + p.edge(r"^<method 'sum' of ", [de])
     rows = [
         ("chunk slicing and copy (nearest_in_chunks)", chunk),
@@ -226,29 +228,27 @@ def estep_breakdown(p: Profile) -> list[tuple[str, float]]:
 
 
 def encode_breakdown(p: Profile, whole: float) -> list[tuple[str, float]]:
-    enc = assign.encode
-    eng = torch_engine.TorchEngine
-    nic = assign.nearest_in_chunks
+    enc = assign_encode
+    eng = TorchEngine
+    nic = nearest_in_chunks
     nearest = p.edge(eng.nearest, [nic])
-    gemm_path = p.edge(_fn(torch_engine, "TorchEngine._nearest_by_gemm"), [eng.nearest])
-    ranking = p.edge(_fn(torch_engine, "TorchEngine._ranking"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
-    mm = p.edge(MM, [_fn(torch_engine, "TorchEngine._ranking")])
-    best2 = p.edge(_fn(torch_engine, "_best_two_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]) + p.edge(
-        _fn(torch_engine, "_proven_best_rows"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
+    gemm_path = p.edge(_fn(TorchEngine, "_nearest_by_gemm"), [eng.nearest])
+    ranking = p.edge(_fn(TorchEngine, "_ranking"), [_fn(TorchEngine, "_nearest_by_gemm")])
+    mm = p.edge(MM, [_fn(TorchEngine, "_ranking")])
+    best2 = p.edge(_best_two_rows, [_fn(TorchEngine, "_nearest_by_gemm")]) + p.edge(
+        _proven_best_rows, [_fn(TorchEngine, "_nearest_by_gemm")]
     )
-    rerank = p.edge(_fn(torch_engine, "_exact_nearest"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")])
-    exact_terms = p.edge(
-        _fn(torch_engine, "TorchEngine._exact_terms"), [_fn(torch_engine, "TorchEngine._nearest_by_gemm")]
-    )
+    rerank = p.edge(_exact_nearest, [_fn(TorchEngine, "_nearest_by_gemm")])
+    exact_terms = p.edge(_fn(TorchEngine, "_exact_terms"), [_fn(TorchEngine, "_nearest_by_gemm")])
     rows = [
-        ("validation (as_embeddings: checks, float32 copy, finiteness scan)", p.edge(validate.as_embeddings, [enc])),
+        ("validation (as_embeddings: checks, float32 copy, finiteness scan)", p.edge(as_embeddings, [enc])),
         (
             "argument checks, device, engine, chunk plan",
-            p.edge(validate.check_int, [enc])
-            + p.edge(validate.resolve_device, [enc])
-            + p.edge(_fn(assign, "get_engine"), [enc])
-            + p.edge(assign.plan_chunk_rows, [enc])
-            + p.edge(validate.check_nonzero_rows, [enc]),
+            p.edge(check_int, [enc])
+            + p.edge(resolve_device, [enc])
+            + p.edge(get_engine, [enc])
+            + p.edge(plan_chunk_rows, [enc])
+            + p.edge(check_nonzero_rows, [enc]),
         ),
         ("chunk slicing and copy (nearest_in_chunks)", p.ct(nic) - nearest),
         ("centring x - shift (in _ranking)", ranking - mm),
@@ -281,31 +281,27 @@ def table(
     return "\n".join(lines)
 
 
-def _psi_total_us() -> int | None:
-    return fair._psi_total_us()
-
-
 def measure_shape(n: int, dim: int, k: int, n_iter: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vq-breakdown-") as tmp:
         folder = Path(tmp)
-        fair.make_data(n, dim, k, seed=7919 * n + 104729 * dim + k, folder=folder)
+        harness.mixture_files(n, dim, k, folder)
         x = np.load(folder / "x.npy")
         x2 = np.load(folder / "x2.npy")
         init = torch.from_numpy(np.load(folder / "init.npy"))
         centres = torch.from_numpy(np.load(folder / "codebook.npy"))
-    book = vq_pipeline.Codebook(centroids=centres, counts=torch.zeros(k, dtype=torch.int64), metric="l2")
+    book = Codebook(centroids=centres, counts=torch.zeros(k, dtype=torch.int64), metric="l2")
 
     def fit() -> Any:
-        return vq_pipeline.fit_codebook(x, k, init=init, n_iter=n_iter, tol=0.0, device="cpu")
+        return fit_codebook(x, k, init=init, n_iter=n_iter, tol=0.0, device="cpu")
 
     def encode() -> Any:
         return book.encode(x2, device="cpu")
 
-    vq_pipeline.fit_codebook(x[: 4 * k], k, init=init, n_iter=1, tol=0.0, device="cpu")  # warm-up
+    fit_codebook(x[: 4 * k], k, init=init, n_iter=1, tol=0.0, device="cpu")  # warm-up
     book.encode(x2[: 4 * k], device="cpu")
 
     # Each E step's own wall time: a wrapper around the in-memory source's E step.
-    original = data.InMemoryRows.e_step
+    original = InMemoryRows.e_step
     walls: list[float] = []
 
     def timed(self: Any, centroids: torch.Tensor) -> Any:
@@ -315,35 +311,35 @@ def measure_shape(n: int, dim: int, k: int, n_iter: int) -> dict[str, Any]:
         return out
 
     out: dict[str, Any] = {"n": n, "dim": dim, "k": k, "n_iter": n_iter}
-    psi0, t0 = _psi_total_us(), time.perf_counter()
+    psi0, t0 = harness.psi_total_us(), time.perf_counter()
     cb = fit()
     out["fit_plain_s"] = time.perf_counter() - t0
     out["fit_iterations"] = int(cb.stats["iterations"])
     t1 = time.perf_counter()
     encode()
     out["encode_plain_s"] = time.perf_counter() - t1
-    psi1 = _psi_total_us()
+    psi1 = harness.psi_total_us()
     out["plain_cpu_stall"] = None if psi0 is None or psi1 is None else (psi1 - psi0) / 1e6 / (time.perf_counter() - t0)
 
-    data.InMemoryRows.e_step = timed
+    InMemoryRows.e_step = timed
     try:
         prof = cProfile.Profile()
-        psi0 = _psi_total_us()
+        psi0 = harness.psi_total_us()
         t0 = time.perf_counter()
         prof.enable()
         fit()
         prof.disable()
         out["fit_profiled_s"] = time.perf_counter() - t0
     finally:
-        data.InMemoryRows.e_step = original
+        InMemoryRows.e_step = original
     pf = Profile(prof)
-    whole = pf.ct(kmeans.fit_codebook, "fit_codebook")
+    whole = pf.ct(fit_codebook, "fit_codebook")
     out["e_step_walls_s"] = walls
     out["fit_rows"] = fit_breakdown(pf, whole, walls)
     out["fit_whole_s"] = whole
     out["estep_rows"] = estep_breakdown(pf)
-    out["estep_total_s"] = pf.ct(data.InMemoryRows.e_step)
-    out["estep_calls"] = pf.calls(data.InMemoryRows.e_step)
+    out["estep_total_s"] = pf.ct(InMemoryRows.e_step)
+    out["estep_calls"] = pf.calls(InMemoryRows.e_step)
     # float64 conversions anywhere in the call, for reference (part of the rows above)
     out["fit_double_all_s"] = pf.ct(DOUBLE)
     out["fit_missing"] = sorted(set(pf.missing))
@@ -355,11 +351,11 @@ def measure_shape(n: int, dim: int, k: int, n_iter: int) -> dict[str, Any]:
     prof.disable()
     out["encode_profiled_s"] = time.perf_counter() - t0
     pe = Profile(prof)
-    whole_e = pe.ct(assign.encode, "assign.encode")
+    whole_e = pe.ct(assign_encode, "assign_encode")
     out["encode_rows"] = encode_breakdown(pe, whole_e)
     out["encode_whole_s"] = whole_e
     out["encode_missing"] = sorted(set(pe.missing))
-    psi1 = _psi_total_us()
+    psi1 = harness.psi_total_us()
     out["profiled_cpu_stall"] = (
         None
         if psi0 is None or psi1 is None
@@ -373,11 +369,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny shape: a smoke check")
     ap.add_argument("--n-iter", type=int, default=10)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/breakdown-<time>.json")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
-    machine = fair.machine_info()
-    started = _dt.datetime.now(_dt.UTC)
+    machine = harness.machine_info()
+    started = harness.now()
+    out = args.json or harness.results_path("breakdown", args.quick, started)
     res: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
@@ -387,14 +384,12 @@ def main() -> int:
     for n, dim, k in QUICK_SHAPES if args.quick else SHAPES:
         print(f"== {n} x {dim}, K={k}", file=sys.stderr, flush=True)
         res["shapes"].append(measure_shape(n, dim, k, args.n_iter))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-    print(
+    md: list[str] = []
+    md.append(
         f"## Where the time of one fit and one encode goes (CPU, l2, torch engine) — {machine['cpu']}, "
         f"nproc {machine['nproc']}, {THREADS} torch threads"
     )
-    print(
+    md.append(
         f"\n{started:%Y-%m-%d %H:%M} UTC, commit `{machine['commit']}`"
         f"{' (vq_pipeline/ modified since)' if machine['vq_pipeline_modified_since_commit'] else ''}, "
         f"torch {machine['versions']['torch']}, Python {platform.python_version()}. Command: `{res['command']}`. "
@@ -404,11 +399,11 @@ def main() -> int:
     for s in res["shapes"]:
         label = f"{s['n']:,} × {s['dim']}, K={s['k']}"
         load = (
-            f"CPU stall {fair._num(s['plain_cpu_stall'], '.2f')} (plain) / {fair._num(s['profiled_cpu_stall'], '.2f')} "
+            f"CPU stall {harness.fmt(s['plain_cpu_stall'], '.2f')} (plain) / {harness.fmt(s['profiled_cpu_stall'], '.2f')} "
             f"(profiled), load {s['load1']:.1f}"
         )
-        print(f"### {label} — {load}\n")
-        print(
+        md.append(f"### {label} — {load}\n")
+        md.append(
             table(
                 f"fit_codebook, {s['fit_iterations']} iterations ({len(s['e_step_walls_s'])} E steps)",
                 s["fit_rows"],
@@ -417,11 +412,11 @@ def main() -> int:
             )
         )
         walls = s["e_step_walls_s"]
-        print(
+        md.append(
             f"\nEach E step (s): {', '.join(f'{w:.3f}' for w in walls)}; median {statistics.median(walls):.3f}. "
             f"float64 conversions anywhere in the call: {s['fit_double_all_s']:.3f} s.\n"
         )
-        print(
+        md.append(
             table(
                 f"inside the {s['estep_calls']} E steps together",
                 s["estep_rows"],
@@ -430,16 +425,18 @@ def main() -> int:
                 "all E steps",
             )
         )
-        print()
-        print(
+        md.append("")
+        md.append(
             table(f"Codebook.encode of {2 * s['n']:,} rows", s["encode_rows"], s["encode_whole_s"], s["encode_plain_s"])
         )
         missing = sorted(set(s["fit_missing"]) | set(s["encode_missing"]))
         if missing:
-            print(f"\nNot found in this version of the library: {', '.join(missing)}")
-        print()
-    if args.json:
-        print(f"JSON: {args.json}")
+            md.append(f"\nNot found in this version of the library: {', '.join(missing)}")
+        md.append("")
+    text = "\n".join(md)
+    harness.write_results(out, res, text)
+    print(text)
+    print(f"JSON: {out} (tables: {out.with_suffix('.md')})")
     return 0
 
 

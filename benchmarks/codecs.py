@@ -5,8 +5,10 @@ from the repository root::
 
     .venv-bench/bin/python benchmarks/codecs.py [--quick] [--repeats R] [--beams 1,5,8] [--methods LIST] [--json PATH]
 
-Data: the ``wordllama`` token-embedding matrix, 32,000 x 256 float32 (``benchmarks/wordllama_data.py`` fetches
-the wheel once into ``benchmarks/.cache/wordllama/``). A seeded permutation splits it into 25,600 training rows
+FAISS missing (as in the project's ``.venv``): its methods are skipped with a message, ours still run.
+
+Data: the ``wordllama`` token-embedding matrix, 32,000 x 256 float32 (``harness.wordllama`` fetches the wheel
+once into ``benchmarks/.cache/wordllama/``). A seeded permutation splits it into 25,600 training rows
 and 6,400 new rows (``--quick``: the first 8,000 rows of the permutation, 6,400 / 1,600, and one repeat).
 
 Methods, one fresh process each that imports only what it measures (like ``fair.py``), K = 256 codes per level
@@ -47,32 +49,28 @@ that fails (an exception, a missing keyword) is recorded with its error in its r
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import re
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import harness
+
 REPO = Path(__file__).resolve().parent.parent
-THREADS = 2
+THREADS = harness.THREADS
 N_CODES = 256  # 8 bits per level
 SEED = 0
 WARM_ROWS = 1024
 QUICK_ROWS = 8000
-WORKER_TIMEOUT_S = 3600
 # method -> (library, codec, levels, FAISS max_beam_size or None for its default)
 METHODS: dict[str, tuple[str, str, int, int | None]] = {
     "ours-rq4": ("ours", "residual", 4, None),
@@ -100,24 +98,6 @@ DEFAULT_METHODS = [m for m in METHODS if m != "ours-rq4-kpp"]
 # ----------------------------------------------------------------------------- the worker
 
 
-def _psi_total_us() -> int | None:
-    try:
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some"):
-                return int(line.rsplit("total=", 1)[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _status_mib(field: str) -> float | None:
-    try:
-        m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) / 1024 if m else None
-
-
 def _mse(x: np.ndarray, xr: Any) -> float:
     """Mean over rows of the sum over dimensions of (x - xr)^2, float64."""
     xr = np.asarray(xr)
@@ -137,12 +117,6 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _timed(call: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = call()
-    return out, time.perf_counter() - t0
-
-
 def _check_codes(codes: Any, n: int, levels: int, notes: list[str]) -> np.ndarray:
     """Our codes as numpy (n, levels) int64; anything else is noted as an API mismatch and converted."""
     if not isinstance(codes, np.ndarray):
@@ -154,10 +128,13 @@ def _check_codes(codes: Any, n: int, levels: int, notes: list[str]) -> np.ndarra
 
 
 def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[str, Any]) -> None:
-    import vq_pipeline  # before torch: it sets its OpenMP wait policy for itself, as for users
-    import torch
+    from vq_pipeline.runtime import apply_omp_waits
 
-    torch.set_num_threads(spec["threads"])
+    apply_omp_waits()  # before torch, as the vq command and the flows do for users
+    import vq_pipeline
+    import torch  # noqa: F401 - for limit_threads
+
+    harness.limit_threads(spec["threads"])
     _, codec, levels, _ = METHODS[spec["method"]]
     fit_codebook = vq_pipeline.fit_codebook
     notes: list[str] = rec["api_notes"]
@@ -174,7 +151,7 @@ def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[st
     beams = spec["beams"] if codec == "residual" else [1]
     warm = fit(train[:WARM_ROWS], n_iter=1)
     encode(warm, new[:WARM_ROWS], 1)
-    cb, rec["train_s"] = _timed(lambda: fit(train))
+    cb, rec["train_s"] = harness.timed(lambda: fit(train))
     for name in ("codec", "levels", "n_codes", "dim"):
         rec.setdefault("codebook", {})[name] = _jsonable(getattr(cb, name, "<missing>"))
     expect = {"codec": codec, "levels": levels, "n_codes": N_CODES, "dim": train.shape[1]}
@@ -188,9 +165,9 @@ def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[st
         rec["variants"].append(variant)
         try:
             encode(cb, new[:WARM_ROWS], beam)
-            codes, variant["encode_s"] = _timed(lambda: encode(cb, new, beam))
+            codes, variant["encode_s"] = harness.timed(lambda: encode(cb, new, beam))
             codes = _check_codes(codes, new.shape[0], levels, notes)
-            xr, variant["decode_s"] = _timed(lambda: cb.decode(codes))
+            xr, variant["decode_s"] = harness.timed(lambda: cb.decode(codes))
             if not isinstance(xr, np.ndarray):
                 notes.append(f"decode returned {type(xr).__module__}.{type(xr).__name__}, expected numpy.ndarray")
                 xr = xr.numpy() if hasattr(xr, "numpy") else np.asarray(xr)
@@ -205,7 +182,7 @@ def _ours(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[st
 def _faiss(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[str, Any]) -> None:
     import faiss
 
-    faiss.omp_set_num_threads(spec["threads"])
+    harness.limit_threads(spec["threads"])
     _, codec, levels, beam = METHODS[spec["method"]]
     d = train.shape[1]
 
@@ -224,7 +201,7 @@ def _faiss(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[s
 
     warm = fit(train[:WARM_ROWS])
     warm.compute_codes(new[:WARM_ROWS])
-    q, rec["train_s"] = _timed(lambda: fit(train))
+    q, rec["train_s"] = harness.timed(lambda: fit(train))
     settings = {"niter": q.cp.niter, "seed": q.cp.seed, "max_points_per_centroid": q.cp.max_points_per_centroid}
     if codec == "residual":
         settings.update(max_beam_size=q.max_beam_size, train_type=q.train_type, use_beam_lut=q.use_beam_LUT)
@@ -232,15 +209,15 @@ def _faiss(spec: dict[str, Any], train: np.ndarray, new: np.ndarray, rec: dict[s
     variant: dict[str, Any] = {"variant": "default" if beam is None else f"max_beam_size={beam}", "beam": beam}
     rec["variants"].append(variant)
     q.compute_codes(new[:WARM_ROWS])
-    codes, variant["encode_s"] = _timed(lambda: q.compute_codes(new))
-    xr, variant["decode_s"] = _timed(lambda: q.decode(codes))
+    codes, variant["encode_s"] = harness.timed(lambda: q.compute_codes(new))
+    xr, variant["decode_s"] = harness.timed(lambda: q.decode(codes))
     variant["new_mse"] = _mse(new, xr)
     variant["train_mse"] = _mse(train, q.decode(q.compute_codes(train)))
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One method in this (fresh) process; imports only the measured library."""
-    psi0, t0 = _psi_total_us(), time.perf_counter()
+    pressure = harness.Pressure()
     folder = Path(spec["dir"])
     train, new = np.load(folder / "train.npy"), np.load(folder / "new.npy")
     rec: dict[str, Any] = {"method": spec["method"], "variants": [], "api_notes": []}
@@ -249,54 +226,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # recorded in the row, the harness goes on
         rec["error"] = f"{type(e).__name__}: {e}"
         print(traceback.format_exc(), file=sys.stderr, flush=True)
-    wall = time.perf_counter() - t0
-    psi1 = _psi_total_us()
-    rec["peak_rss_mib"] = _status_mib("VmHWM")
+    rec["peak_rss_mib"] = harness.status_mib("VmHWM")
     rec["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rec["cpu_stall"] = None if psi0 is None or psi1 is None else (psi1 - psi0) / 1e6 / max(wall, 1e-9)
+    rec["cpu_stall"] = pressure.stall()
     rec["load1"] = os.getloadavg()[0]
     rec["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return rec
 
 
 # ----------------------------------------------------------------------------- the parent
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
-def run_worker(spec: dict[str, Any], log_file: Any) -> dict[str, Any]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(spec["threads"])
-    if _version("vq-pipeline") is None:  # not installed: the checkout's own package
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    out = Path(spec["result"])
-    out.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-            env=env,
-            stdout=log_file,
-            stderr=log_file,
-            timeout=WORKER_TIMEOUT_S,
-            cwd=str(REPO),
-        )
-        rc: int | str = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = f"timeout after {WORKER_TIMEOUT_S} s"
-    process_s = time.perf_counter() - t0
-    if rc != 0 or not out.exists():
-        return {"method": spec["method"], "variants": [], "error": f"worker exited {rc} (see the log)"}
-    rec = json.loads(out.read_text())
-    out.unlink()
-    rec["process_s"] = process_s
-    return rec
 
 
 def data_stats(x: np.ndarray) -> dict[str, float]:
@@ -383,10 +321,6 @@ def summarize(
     return rows
 
 
-def _num(v: Any, fmt: str = ".4g") -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| method | code bits | train s | encode rows/s | new-row MSE | train-row MSE | ours/FAISS train time "
@@ -394,48 +328,21 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratios = [_num(r[f"ratio_{k}"], ".2f") if r["paired_with"] else "—" for k in ("train_time", "encode_time")]
-        mse_ratio = _num(r["ratio_new_mse"], ".3f") if r["paired_with"] else "—"
+        ratios = [
+            harness.fmt(r[f"ratio_{k}"], ".2f") if r["paired_with"] else "—" for k in ("train_time", "encode_time")
+        ]
+        mse_ratio = harness.fmt(r["ratio_new_mse"], ".3f") if r["paired_with"] else "—"
         label = r["label"] + (" (failed)" if r["repeats_ok"] == 0 else "")
         lines.append(
-            f"| {label} | {r['code_bits']} | {_num(r['train_s'], '.3g')} | {_num(r['encode_rows_per_s'], '.3g')} "
-            f"| {_num(r['new_mse'])} | {_num(r['train_mse'])} | {ratios[0]} | {ratios[1]} | {mse_ratio} "
-            f"| {_num(r['peak_rss_mib'], '.0f')} | {_num(r['cpu_stall'], '.2f')} | {_num(r['load1'], '.1f')} |"
+            f"| {label} | {r['code_bits']} | {harness.fmt(r['train_s'], '.3g')} | {harness.fmt(r['encode_rows_per_s'], '.3g')} "
+            f"| {harness.fmt(r['new_mse'])} | {harness.fmt(r['train_mse'])} | {ratios[0]} | {ratios[1]} | {mse_ratio} "
+            f"| {harness.fmt(r['peak_rss_mib'], '.0f')} | {harness.fmt(r['cpu_stall'], '.2f')} | {harness.fmt(r['load1'], '.1f')} |"
         )
     notes = [f"{r['label']}: {e}" for r in rows for e in r["errors"]]
     notes += [f"{r['label']}: API: {n}" for r in rows for n in r["api_notes"]]
     if notes:
         lines += ["", "Errors and API notes (details in the log):", *[f"- {n}" for n in notes]]
     return "\n".join(lines)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    try:
-        git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "vq_pipeline"], capture_output=True, text=True)
-        modified = bool(dirty.stdout.strip())
-    except OSError:
-        commit, modified = "unknown", False
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "threads": THREADS,
-        "python": platform.python_version(),
-        "commit": commit,
-        "vq_pipeline_modified_since_commit": modified,
-        "load_at_start": os.getloadavg(),
-        "versions": {d: _version(d) for d in ("vq-pipeline", "torch", "faiss-cpu", "numpy")},
-    }
 
 
 def main() -> int:
@@ -449,15 +356,10 @@ def main() -> int:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated subset of {','.join(METHODS)} (default: all but ours-rq4-kpp)",
     )
-    ap.add_argument("--json", type=Path, default=None, help="write every raw number here")
-    ap.add_argument(
-        "--log", type=Path, default=None, help="the workers' output (default: beside --json, or a temp file)"
-    )
+    ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/codecs-<time>.json")
     args = ap.parse_args()
     if args.worker:
-        spec = json.loads(args.worker)
-        Path(spec["result"]).write_text(json.dumps(worker(spec)))
-        return 0
+        return harness.serve(worker, args.worker)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -468,18 +370,15 @@ def main() -> int:
         ap.error(f"--beams={args.beams!r}: expected comma-separated positive integers, e.g. 1,5,8")
     if not beams or beams[0] < 1:
         ap.error(f"--beams={args.beams!r}: expected comma-separated positive integers, e.g. 1,5,8")
+    methods = harness.installed(methods, {m: ["faiss"] for m in METHODS if METHODS[m][0] == "faiss"})
     repeats = args.repeats or (1 if args.quick else 3)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import wordllama_data
-
-    x = wordllama_data.load()
-    train, new = wordllama_data.split(x, n_rows=QUICK_ROWS if args.quick else None)
-    log_path = args.log or (
-        args.json.with_suffix(".log") if args.json else Path(tempfile.gettempdir()) / "vq-codecs.log"
-    )
+    x = harness.wordllama()
+    train, new = harness.split(x, n_rows=QUICK_ROWS if args.quick else None)
+    started = harness.now()
+    out = args.json or harness.results_path("codecs", args.quick, started)
+    log_path = harness.log_path(out)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    started = _dt.datetime.now(_dt.UTC)
+    machine = harness.machine_info(("vq-pipeline", "torch", "faiss-cpu", "numpy"))
     res: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
@@ -490,7 +389,7 @@ def main() -> int:
         "methods": methods,
         "data": {
             "source": "wordllama l2_supercat_256 token embeddings",
-            "split_seed": wordllama_data.SPLIT_SEED,
+            "split_seed": harness.SPLIT_SEED,
             "all": data_stats(x),
             "train": data_stats(train),
             "new": data_stats(new),
@@ -503,57 +402,49 @@ def main() -> int:
         np.save(tmp / "train.npy", train)
         np.save(tmp / "new.npy", new)
         with open(log_path, "w") as log_file:
-            for r in range(repeats):
-                order = methods[r % len(methods) :] + methods[: r % len(methods)]  # nobody always goes first
-                for m in order:
-                    spec = {
-                        "method": m,
-                        "dir": str(tmp),
-                        "threads": THREADS,
-                        "beams": beams,
-                        "result": str(tmp / f"result-{m}.json"),
-                    }
-                    print(f"--- r{r} {m}", file=log_file, flush=True)
-                    rec = run_worker(spec, log_file)
-                    rec["repeat"] = r
-                    runs[m].append(rec)
-                    vs = ", ".join(
-                        f"{v['variant']}: enc {_num(v.get('encode_s'), '.3g')} s mse {_num(v.get('new_mse'))}"
-                        + (f" ERROR {v['error']}" if "error" in v else "")
-                        for v in rec.get("variants", [])
-                    )
-                    print(
-                        f"r{r} {m:16s} train {_num(rec.get('train_s'), '.3g')} s; {vs}"
-                        + (f"  ERROR {rec['error']}" if "error" in rec else ""),
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            for r, m in harness.interleave(methods, repeats):
+                spec = {"method": m, "dir": str(tmp), "beams": beams}
+                print(f"--- r{r} {m}", file=log_file, flush=True)
+                rec = harness.run_worker(__file__, spec, threads=THREADS, log=log_file)
+                rec.setdefault("method", m)
+                rec.setdefault("variants", [])
+                rec["repeat"] = r
+                runs[m].append(rec)
+                vs = ", ".join(
+                    f"{v['variant']}: enc {harness.fmt(v.get('encode_s'), '.3g')} s mse {harness.fmt(v.get('new_mse'))}"
+                    + (f" ERROR {v['error']}" if "error" in v else "")
+                    for v in rec.get("variants", [])
+                )
+                print(
+                    f"r{r} {m:16s} train {harness.fmt(rec.get('train_s'), '.3g')} s; {vs}"
+                    + (f"  ERROR {rec['error']}" if "error" in rec else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["seconds"] = time.perf_counter() - t_start
     res["rows"] = summarize(runs, methods, beams, int(new.shape[0]))
     res["runs"] = runs
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
     v, dt = machine["versions"], res["data"]
-    print(
+    md = (
         f"## Multi-level codes vs FAISS on wordllama token embeddings ({THREADS} threads each, fresh processes)\n\n"
         f"{started:%Y-%m-%d %H:%M} UTC, {machine['cpu']}, nproc {machine['nproc']}, load at start "
-        f"{machine['load_at_start'][0]:.1f}; commit `{machine['commit']}`"
+        f"{machine['load_at_start']:.1f}; commit `{machine['commit']}`"
         f"{' (vq_pipeline/ modified since)' if machine['vq_pipeline_modified_since_commit'] else ''}; "
         f"{res['seconds']:.0f} s. Command: `{res['command']}`. vq-pipeline {v['vq-pipeline']}, torch {v['torch']}, "
         f"faiss-cpu {v['faiss-cpu']}, numpy {v['numpy']}, Python {machine['python']}.\n\n"
         f"Data: {dt['train']['rows']} train / {dt['new']['rows']} new rows × {x.shape[1]} (split seed "
-        f"{wordllama_data.SPLIT_SEED}); mean squared norm {dt['new']['mean_sq_norm']:.4g} (new rows), "
+        f"{harness.SPLIT_SEED}); mean squared norm {dt['new']['mean_sq_norm']:.4g} (new rows), "
         f"{dt['train']['mean_sq_norm']:.4g} (train); mean squared distance to the mean "
         f"{dt['new']['mean_sq_dist_to_mean']:.4g} (new), {dt['train']['mean_sq_dist_to_mean']:.4g} (train). "
         f"K = {N_CODES} per level, {repeats} interleaved repeat(s), medians. Ratios: greedy against FAISS "
-        f"`max_beam_size=1`, beams against FAISS's default (beam 5), product against the PQ of equal size.\n"
+        f"`max_beam_size=1`, beams against FAISS's default (beam 5), product against the PQ of equal size.\n\n"
+        + table(res["rows"])
     )
-    print(table(res["rows"]))
-    if args.json:
-        print(f"\nJSON: {args.json}; workers' output: {log_path}")
+    harness.write_results(out, res, md)
+    print(md)
+    print(f"\nJSON: {out} (tables: {out.with_suffix('.md')}); workers' output: {log_path}")
     return 0
 
 

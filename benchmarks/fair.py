@@ -8,44 +8,43 @@ Setup (once; see ``benchmarks/README.md``)::
 
 Command, from the repository root::
 
-    .venv-bench/bin/python benchmarks/fair.py [--quick] [--json PATH] [--repeats R] [--n-iter N] [--methods LIST]
+    .venv-bench/bin/python benchmarks/fair.py [--quick] [--repeats R] [--n-iter N] [--methods LIST] [--shapes LIST] [--json PATH]
 
 Why fresh processes: a library measured in a process that has already loaded others is not measured as
-its users run it (FAISS took 2.0 s per iteration at 200k x 128, K=1024 inside ``benchmarks/peers.py``'s
-process, after torch and vq_pipeline had loaded their OpenMP runtimes, and 0.54 s alone). So every
-measurement here is ``subprocess.run([sys.executable, fair.py, "--worker", <json>])``, and that worker
-imports only what it measures:
+its users run it (FAISS took 2.0 s per iteration at 200k x 128, K=1024 in a process where torch and
+vq_pipeline had loaded their OpenMP runtimes, and 0.54 s alone). So every measurement here is
+``harness.run_worker(fair.py, spec)``, a fresh process that imports only what it measures:
 
-* ours: ``vq_pipeline.fit_codebook`` (defaults, ``init=<tensor>``, ``tol=0``, ``device='cpu'``) and
+* ``ours``: ``vq_pipeline.fit_codebook`` (defaults, ``init=<tensor>``, ``tol=0``, ``device='cpu'``) and
   ``Codebook.encode`` (defaults, ``device='cpu'``); ``ours-prune``: the same with ``prune=True`` (exact
-  pruned Lloyd; its encode is the same call as ours', a measure of the noise);
+  pruned Lloyd; its encode is the same call as ours', a measure of the noise); ``ours-keops`` (only when
+  named in ``--methods``): the same with ``engine='keops'``, our other engine, for the choice ``engine='auto'``
+  makes on the CPU (e.g. ``--methods ours,ours-keops --shapes 20000x2x50,100000x8x64,100000x64x256``);
 * FAISS: ``faiss.Kmeans(d, K, niter, max_points_per_centroid=<all rows>, spherical=<cosine>).train``
   and ``IndexFlatL2`` / ``IndexFlatIP`` ``.search(x, 1)``. FAISS by default trains on a subsample of
   ``256 * K`` rows; ``max_points_per_centroid`` is raised so that it trains on every row like the others;
 * scikit-learn: ``KMeans(n_clusters=K, init=<array>, n_init=1, max_iter, tol=0).fit`` and ``.predict``
   (l2 only: scikit-learn has no cosine k-means);
 * the KeOps K-means tutorial's loop (``((x_i - c_j) ** 2).sum(-1).argmin``, ``scatter_add_``, divide by
-  counts), as copied in ``benchmarks/peers.py`` (l2 only). It gets the vectorizing compiler flags
-  vq-pipeline gives KeOps (KeOps' stock flags are several times slower on CPU), and its own kernel cache
-  under ``.cache/keops-tutorial``.
+  counts; l2 only). It gets the vectorizing compiler flags vq-pipeline gives KeOps (KeOps' stock flags
+  are several times slower on CPU), and its own kernel cache under ``.cache/keops-tutorial``.
+
+A peer that is not installed in the interpreter (FAISS in the project's ``.venv``) is skipped with a message.
 
 Before its measured call, every worker makes one untimed warm-up call of the same kind on the first 4K
 rows (one iteration for a fit): imports done lazily inside a library, thread pools and KeOps' kernel
 compilation are one-time costs that a pipeline pays once, not per call, and each method is spared them alike.
 
 The parent process imports only the standard library and numpy. It writes each shape's data once as
-``.npy`` files (seeded float32 gaussian mixture of K centres, offset by +3 so it is not centred; the
-centres are close enough, ``SPREAD``, that no method converges before 20 iterations; encode rows are 2N
-new rows of the same mixture), and every worker loads them before it starts its clock. All
+``.npy`` files (``harness.mixture_files``: a seeded float32 gaussian mixture of K centres, offset by +3 so
+it is not centred; the centres are close enough that no method converges before 20 iterations; encode rows
+are 2N new rows of the same mixture), and every worker loads them before it starts its clock. All
 methods start from the same centroids (the first K rows; L2-normalized for cosine) and run the same
 number of Lloyd iterations (``--n-iter``, 20) without early stopping (``tol=0``). Encoding uses one
 common codebook for all: the mixture's centres (+3; normalized for cosine).
 
-Threads: 2 for everybody (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` in the
-child's environment; ``torch.set_num_threads``, ``faiss.omp_set_num_threads``,
-``threadpoolctl.threadpool_limits``). Nothing else is set: ``OMP_WAIT_POLICY`` is whatever each library
-does by default (vq_pipeline chooses a short spin or PASSIVE on import, by the CPU's pressure; each worker
-records what it chose).
+Threads: 2 for everybody (``harness.worker_env`` and ``harness.limit_threads``). Nothing else is set:
+``OMP_WAIT_POLICY`` is whatever each library does by default (each worker records what ours chose).
 
 Cosine (ours vs FAISS): both get the raw rows. Ours normalizes inside its call; FAISS's call normalizes a
 copy with ``faiss.normalize_L2`` first (what a user must do), and that is timed with it.
@@ -60,122 +59,67 @@ Figures, per method and shape:
 * encode: rows per second of one whole call on the 2N new rows;
 * exactness: encoded rows whose code differs from a float64 oracle's, counted over decisive rows only
   (oracle second-best minus best > 1e-5 x second-best);
-* peak memory: the worker's peak RSS during the call minus its RSS just before it, MiB. The peak is
-  ``VmHWM``, reset through ``/proc/self/clear_refs`` just before the call: ``ru_maxrss`` cannot be used,
-  because Linux carries it across ``exec`` from the parent process (which holds the data and the oracle);
+* peak memory: the worker's peak RSS during the call minus its RSS just before it, MiB (``harness.measure``);
 * load: ``/proc/pressure/cpu`` "some" total over the call's wall time ("stall": the share of time some
   task waited for a CPU; 0 = quiet) and ``os.getloadavg()``. The machine may be shared: read the ratios
   with these columns.
 
 Runs are interleaved (for each repeat, every method in turn, the order rotated) and medians of ``R``
-(3) repeats are reported. Prints markdown tables; ``--json PATH`` writes every raw number.
+(3) repeats are reported. Prints markdown tables; writes every raw number as JSON and the tables as
+markdown (default ``benchmarks/results/fair-<UTC time>.json`` / ``.md``; ``--quick``: ``benchmarks/.cache/``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime as _dt
-import gc
 import hashlib
 import json
 import math
 import os
 import platform
-import re
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-THREADS = 2
+import harness
+
+THREADS = harness.THREADS
 TIE_RTOL = 1e-5
-OFFSET, NOISE = 3.0, 0.5
-# Mixture centres are drawn N(0, (SPREAD / sqrt(dim))^2) per coordinate: clusters some 5.7 apart against a noise
-# of 0.5 along any direction, close enough that no method converges (stops on its own) within 20 iterations.
-SPREAD = 4.0
 # (n, dim, K)
 SHAPES_L2 = [(200_000, 128, 1024), (100_000, 64, 256), (50_000, 384, 256), (1_000_000, 32, 100)]
 SHAPES_COSINE = [(100_000, 64, 256), (50_000, 384, 256)]
 QUICK_L2 = [(6_000, 16, 32)]
 QUICK_COSINE = [(6_000, 16, 32)]
-METHODS = ("ours", "ours-prune", "faiss", "sklearn", "tutorial")
+METHODS = ("ours", "ours-prune", "ours-keops", "faiss", "sklearn", "tutorial")
+DEFAULT_METHODS = ("ours", "ours-prune", "faiss", "sklearn", "tutorial")
+OURS = ("ours", "ours-prune", "ours-keops")
 PEERS = ("faiss", "sklearn", "tutorial")
-COSINE_METHODS = ("ours", "ours-prune", "faiss")
+COSINE_METHODS = ("ours", "ours-prune", "ours-keops", "faiss")
+NEEDS = {
+    "faiss": ["faiss"],
+    "sklearn": ["sklearn", "threadpoolctl"],
+    "tutorial": ["pykeops"],
+    "ours-keops": ["pykeops"],
+}
 NAMES = {
     "ours": "ours",
     "ours-prune": "ours, prune=True",
+    "ours-keops": "ours, engine='keops'",
     "faiss": "FAISS",
     "sklearn": "scikit-learn",
     "tutorial": "KeOps tutorial",
 }
-# The compiler flags vq-pipeline gives KeOps (vq_pipeline.engines.keops.NATIVE_CXXFLAGS), for the tutorial.
+# The compiler flags vq-pipeline gives KeOps (its KeOps engine's NATIVE_CXXFLAGS), for the tutorial.
 KEOPS_CXXFLAGS = "-march=native -fno-trapping-math -fno-signed-zeros -fassociative-math"
-WORKER_TIMEOUT_S = 3600
 
 
 # ----------------------------------------------------------------------------- measuring, in the worker
-
-
-def _psi_total_us() -> int | None:
-    try:
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some"):
-                return int(line.rsplit("total=", 1)[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _status_kib(field: str) -> int:
-    m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
-    return int(m.group(1)) if m else 0
-
-
-def _measure(call: Any) -> tuple[Any, dict[str, Any]]:
-    """Run ``call()`` once: its result, wall time, CPU stall share, load average and extra peak RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: an honest RSS baseline
-    except (OSError, AttributeError):
-        pass
-    try:  # the peak RSS (VmHWM) starts again from the current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
-    rss0 = _status_kib("VmRSS")
-    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    psi0 = _psi_total_us()
-    t0 = time.perf_counter()
-    out = call()
-    wall = time.perf_counter() - t0
-    psi1 = _psi_total_us()
-    maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is useless here: Linux carries it across exec from the parent (fair.py, holding the
-    # data and the oracle), so every worker started with a peak of some 3 GiB. VmHWM belongs to this
-    # process's own memory map and was just reset; without the reset, ru_maxrss is the fallback.
-    peak1 = _status_kib("VmHWM") if reset else maxrss1
-    return out, {
-        "wall_s": wall,
-        "cpu_stall": None if psi0 is None or psi1 is None else (psi1 - psi0) / 1e6 / max(wall, 1e-9),
-        "load1": os.getloadavg()[0],
-        "extra_peak_rss_mib": (peak1 - rss0) / 1024,
-        # Without the reset, an earlier peak above the call's own hides it: a lower bound (flagged).
-        "peak_rss_hidden": not reset and maxrss1 == maxrss0 and maxrss0 > rss0,
-        "peak_from": "VmHWM" if reset else "ru_maxrss",
-        "rss_before_mib": rss0 / 1024,
-        "ru_maxrss_before_mib": maxrss0 / 1024,
-    }
 
 
 def _keops_cache() -> Path:
@@ -188,8 +132,8 @@ def _keops_cache() -> Path:
         )[:4096]
     except OSError:
         pass
-    key = "|".join([cpu, platform.machine(), KEOPS_CXXFLAGS, sys.version.split()[0], _version("torch") or ""])
-    return REPO / ".cache" / "keops-tutorial" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    key = "|".join([cpu, platform.machine(), KEOPS_CXXFLAGS, sys.version.split()[0], harness.version("torch") or ""])
+    return harness.REPO / ".cache" / "keops-tutorial" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _tutorial_fit(LazyTensor: Any, torch: Any, x: Any, init: Any, n_iter: int) -> tuple[Any, list[float]]:
@@ -235,19 +179,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     # One untimed warm-up call on the first rows (imports, thread pools, kernels), then the measured call.
     warm = min(n, 4 * (init.shape[0] if task == "fit" else codebook.shape[0]))
 
-    if method in ("ours", "ours-prune"):
-        import vq_pipeline  # before torch: it chooses its OpenMP waits, as for users
+    if method in OURS:
+        from vq_pipeline.runtime import apply_omp_waits
+
+        apply_omp_waits()  # before torch, as the vq command and the flows do for users
+        import vq_pipeline
         import torch
 
-        torch.set_num_threads(threads)
+        harness.limit_threads(threads)
         rec["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
         rec["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
         fit_codebook, Codebook = vq_pipeline.fit_codebook, vq_pipeline.Codebook  # lazy imports, before the clock
+        kw: dict[str, Any] = {"ours": {}, "ours-prune": {"prune": True}, "ours-keops": {"engine": "keops"}}[method]
         if task == "fit":
             init_t = torch.from_numpy(init)
-            kw = {} if method == "ours" else {"prune": True}  # ours: at its defaults
             fit_codebook(x[:warm], init.shape[0], metric=metric, init=init_t, n_iter=1, tol=0.0, device="cpu", **kw)
-            cb, m = _measure(
+            cb, m = harness.measure(
                 lambda: fit_codebook(
                     x, init.shape[0], metric=metric, init=init_t, n_iter=n_iter, tol=0.0, device="cpu", **kw
                 )
@@ -262,12 +209,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 counts=torch.zeros(codebook.shape[0], dtype=torch.int64),
                 metric=metric,
             )
-            book.encode(x[:warm], device="cpu")
-            codes, m = _measure(lambda: book.encode(x, device="cpu"))
+            ekw = {"engine": "keops"} if method == "ours-keops" else {}
+            book.encode(x[:warm], device="cpu", **ekw)
+            codes, m = harness.measure(lambda: book.encode(x, device="cpu", **ekw))
     elif method == "faiss":
         import faiss
 
-        faiss.omp_set_num_threads(threads)
+        harness.limit_threads(threads)
         if task == "fit":
             k = init.shape[0]
             mppc = max(256, math.ceil(n / k) + 1)  # every row is trained on (default: a sample of 256 * K)
@@ -282,7 +230,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 return km
 
             fit(x[:warm], 1)
-            km, m = _measure(lambda: fit(x, n_iter))
+            km, m = harness.measure(lambda: fit(x, n_iter))
             times = [s["time"] for s in km.iteration_stats]  # cumulative seconds
             rec["iterations"] = len(times)
             rec["pure_iter_s"] = float(np.median(np.diff([0.0, *times])))
@@ -299,15 +247,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 return index.search(xs, 1)[1][:, 0]
 
             enc(x[:warm])
-            codes, m = _measure(lambda: enc(x))
+            codes, m = harness.measure(lambda: enc(x))
     elif method == "sklearn":
         from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits
 
-        limits = threadpool_limits(limits=threads)  # noqa: F841 - in force while it lives
+        harness.limit_threads(threads)
         if task == "fit":
             KMeans(n_clusters=init.shape[0], init=init, n_init=1, max_iter=1, tol=0).fit(x[:warm])
-            km, m = _measure(
+            km, m = harness.measure(
                 lambda: KMeans(n_clusters=init.shape[0], init=init, n_init=1, max_iter=n_iter, tol=0).fit(x)
             )
             rec["iterations"] = int(km.n_iter_)
@@ -317,28 +264,27 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             km = KMeans(n_clusters=k, init=codebook, n_init=1, max_iter=1).fit(codebook)  # a fitted estimator
             km.cluster_centers_ = codebook.copy()
             km.predict(x[:warm])
-            codes, m = _measure(lambda: km.predict(x))
+            codes, m = harness.measure(lambda: km.predict(x))
     elif method == "tutorial":
         os.environ["CXXFLAGS"] = KEOPS_CXXFLAGS
         os.environ["KEOPS_CACHE_FOLDER"] = str(_keops_cache())
         os.environ.setdefault("PYKEOPS_VERBOSE", "0")
         _keops_cache().mkdir(parents=True, exist_ok=True)
         import torch
-
-        torch.set_num_threads(threads)
         from pykeops.torch import LazyTensor
 
+        harness.limit_threads(threads)
         xt = torch.from_numpy(x)
         if task == "fit":
             it = torch.from_numpy(init)
             _tutorial_fit(LazyTensor, torch, xt[:warm], it, 1)  # compiles or loads the kernel
-            (_, times), m = _measure(lambda: _tutorial_fit(LazyTensor, torch, xt, it, n_iter))
+            (_, times), m = harness.measure(lambda: _tutorial_fit(LazyTensor, torch, xt, it, n_iter))
             rec["iterations"] = n_iter
             rec["pure_iter_s"] = statistics.median(times)
         else:
             ct = torch.from_numpy(codebook)
             _tutorial_encode(LazyTensor, xt[:warm], ct)  # compiles or loads the kernel
-            codes, m = _measure(lambda: _tutorial_encode(LazyTensor, xt, ct))
+            codes, m = harness.measure(lambda: _tutorial_encode(LazyTensor, xt, ct))
             codes = codes.numpy()
     else:
         raise SystemExit(f"method={method!r} is unknown; expected one of {METHODS}")
@@ -353,40 +299,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the parent
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
-        return None
-
-
-def make_data(n: int, dim: int, k: int, seed: int, folder: Path) -> None:
-    """Write x (n, dim), x2 (2n, dim) new rows of the same mixture, init (first K rows) and the codebook."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((k, dim), dtype=np.float32) * np.float32(SPREAD / math.sqrt(dim))  # (k, dim)
-
-    def rows(m: int) -> np.ndarray:
-        out = centres[rng.integers(k, size=m)]  # (m, dim)
-        out += NOISE * rng.standard_normal((m, dim), dtype=np.float32)
-        out += OFFSET
-        return out
-
-    x = rows(n)
-    np.save(folder / "x.npy", x)
-    np.save(folder / "init.npy", np.ascontiguousarray(x[:k]))
-    np.save(folder / "init_cosine.npy", _unit(x[:k]))
-    del x
-    np.save(folder / "x2.npy", rows(2 * n))
-    book = centres + np.float32(OFFSET)
-    np.save(folder / "codebook.npy", book)
-    np.save(folder / "codebook_cosine.npy", _unit(book))
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a64 = a.astype(np.float64)
-    return np.ascontiguousarray((a64 / np.linalg.norm(a64, axis=1, keepdims=True)).astype(np.float32))
 
 
 def oracle_top2(x: np.ndarray, c: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -426,80 +338,46 @@ def mismatch(codes: np.ndarray, orc: tuple[np.ndarray, np.ndarray, np.ndarray]) 
     }
 
 
-def run_worker(spec: dict[str, Any], log_file: Any) -> dict[str, Any]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(spec["threads"])
-    if _version("vq-pipeline") is None:  # not installed: the checkout's own package
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        env=env,
-        stdout=log_file,
-        stderr=log_file,
-        timeout=WORKER_TIMEOUT_S,
-        cwd=str(REPO),
-    )
-    process_s = time.perf_counter() - t0
-    out = Path(spec["result"])
-    if proc.returncode != 0 or not out.exists():
-        return {
-            "method": spec["method"],
-            "task": spec["task"],
-            "error": f"worker exited {proc.returncode} (see the log)",
-            "process_s": process_s,
-        }
-    rec = json.loads(out.read_text())
-    out.unlink()
-    rec["process_s"] = process_s
-    return rec
-
-
 def run_shape(
     n: int, dim: int, k: int, metric: str, methods: list[str], n_iter: int, repeats: int, tmp: Path, log_file: Any
 ) -> dict[str, Any]:
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     folder = tmp / f"{n}x{dim}k{k}"
     if not (folder / "x.npy").exists():
         shutil.rmtree(tmp, ignore_errors=True)  # one shape's data on disk at a time
-        folder.mkdir(parents=True)
-        make_data(n, dim, k, seed=7919 * n + 104729 * dim + k, folder=folder)
+        harness.mixture_files(n, dim, k, folder)
     x2 = np.load(folder / "x2.npy", mmap_mode="r")
     orc = oracle_top2(x2, np.load(folder / ("codebook_cosine.npy" if metric == "cosine" else "codebook.npy")), metric)
     del x2
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for r in range(repeats):
-        order = methods[r % len(methods) :] + methods[: r % len(methods)]  # rotate: nobody always goes first
-        for m in order:
-            rec: dict[str, Any] = {"repeat": r}
-            for task in ("fit", "encode"):
-                spec = {
-                    "method": m,
-                    "task": task,
-                    "metric": metric,
-                    "dir": str(folder),
-                    "n_iter": n_iter,
-                    "threads": THREADS,
-                    "result": str(folder / f"result-{m}-{task}.json"),
-                    "codes": str(folder / f"codes-{m}.npy"),
-                }
-                print(f"--- {n}x{dim} K={k} {metric} r{r} {m} {task}", file=log_file, flush=True)
-                res = run_worker(spec, log_file)
-                if task == "encode" and "error" not in res:
-                    res["mismatch"] = mismatch(np.load(spec["codes"]), orc)
-                    Path(spec["codes"]).unlink()
-                rec[task] = res
-            runs[m].append(rec)
-            f, e = rec["fit"], rec["encode"]
-            log(
-                f"    r{r} {m:9s} fit {_num(f.get('whole_iter_s'))} s/iter (pure {_num(f.get('pure_iter_s'))}) "
-                f"encode {_num(e.get('rows_per_s'), '.3g')} rows/s  "
-                f"stall {_num(f.get('cpu_stall'), '.2f')}/{_num(e.get('cpu_stall'), '.2f')}"
-                + (f"  ERROR {f.get('error') or e.get('error')}" if "error" in f or "error" in e else "")
-            )
+    for r, m in harness.interleave(methods, repeats):
+        rec: dict[str, Any] = {"repeat": r}
+        for task in ("fit", "encode"):
+            spec = {
+                "method": m,
+                "task": task,
+                "metric": metric,
+                "dir": str(folder),
+                "n_iter": n_iter,
+                "codes": str(folder / f"codes-{m}.npy"),
+            }
+            print(f"--- {n}x{dim} K={k} {metric} r{r} {m} {task}", file=log_file, flush=True)
+            res = harness.run_worker(__file__, spec, threads=THREADS, log=log_file)
+            res.setdefault("method", m)
+            res.setdefault("task", task)
+            if task == "encode" and "error" not in res:
+                res["mismatch"] = mismatch(np.load(spec["codes"]), orc)
+                Path(spec["codes"]).unlink()
+            rec[task] = res
+        runs[m].append(rec)
+        f, e = rec["fit"], rec["encode"]
+        print(
+            f"    r{r} {m:10s} fit {harness.fmt(f.get('whole_iter_s'))} s/iter (pure {harness.fmt(f.get('pure_iter_s'))}) "
+            f"encode {harness.fmt(e.get('rows_per_s'), '.3g')} rows/s  "
+            f"stall {harness.fmt(f.get('cpu_stall'), '.2f')}/{harness.fmt(e.get('cpu_stall'), '.2f')}"
+            + (f"  ERROR {f.get('error') or e.get('error')}" if "error" in f or "error" in e else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     out: dict[str, Any] = {
         "n": n,
         "dim": dim,
@@ -514,8 +392,7 @@ def run_shape(
         ok_e = [q["encode"] for q in runs[m] if "error" not in q["encode"]]
 
         def med(rows: list[dict[str, Any]], key: str) -> float | None:
-            vals = [q[key] for q in rows if q.get(key) is not None]
-            return statistics.median(vals) if vals else None
+            return harness.median([q.get(key) for q in rows])
 
         out["methods"][m] = {
             "fit_whole_iter_s": med(ok_f, "whole_iter_s"),
@@ -558,24 +435,24 @@ def _ours_waits(res: dict[str, Any]) -> str:
     """What ours' workers chose for their OpenMP waits, e.g. 'GOMP_SPINCOUNT=100000 in 12 of 12 calls'."""
     seen: dict[str, int] = {}
     for row in res["rows"]:
-        for m in ("ours", "ours-prune"):
+        for m in OURS:
             for run in row["methods"].get(m, {}).get("runs", []):
                 for task in ("fit", "encode"):
                     rec = run.get(task, {})
                     if "omp_wait_policy" not in rec and "gomp_spincount" not in rec:
                         continue
-                    key = (
-                        f"OMP_WAIT_POLICY={rec['omp_wait_policy']}"
-                        if rec.get("omp_wait_policy")
-                        else f"GOMP_SPINCOUNT={rec.get('gomp_spincount')}"
-                    )
+                    if rec.get("omp_wait_policy"):
+                        key = f"OMP_WAIT_POLICY={rec['omp_wait_policy']}"
+                    elif rec.get("gomp_spincount"):
+                        key = f"GOMP_SPINCOUNT={rec['gomp_spincount']}"
+                    else:
+                        key = "neither variable set"
                     seen[key] = seen.get(key, 0) + 1
     total = sum(seen.values())
     return ", ".join(f"{k} in {v} of {total} calls" for k, v in seen.items()) or "not recorded"
 
 
-def _num(v: Any, fmt: str = ".4g") -> str:
-    return "n/a" if v is None else format(v, fmt)
+_num = harness.fmt
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -708,38 +585,49 @@ def tables(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
+def engines_table(res: dict[str, Any]) -> str:
+    """Our two engines side by side, when ``ours-keops`` ran: keops' time over torch's (``ours``)."""
+    rows = [r for r in res["rows"] if "ours-keops" in r["methods"] and "ours" in r["methods"]]
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "",
+        "#### Our engines: engine='keops' over the default (torch on the CPU), time ratios",
+        "",
+        "| shape | metric | fit, whole call | fit, pure iteration | encode |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t, k = row["methods"]["ours"], row["methods"]["ours-keops"]
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return _num(a / b if a and b else None, ".2f")
+
+        enc = ratio(t["encode_rows_per_s"], k["encode_rows_per_s"])
+        lines.append(
+            f"| {_label(row)} | {row['metric']} | {ratio(k['fit_whole_iter_s'], t['fit_whole_iter_s'])} "
+            f"| {ratio(k['fit_pure_iter_s'], t['fit_pure_iter_s'])} | {enc} |"
         )
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "vq_pipeline"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit, dirty = "unknown", ""
-    return {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "threads": THREADS,
-        "python": platform.python_version(),
-        "commit": commit,
-        "vq_pipeline_modified_since_commit": bool(dirty),
-        "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"),
-        "versions": {
-            d: _version(d)
-            for d in ("vq-pipeline", "torch", "faiss-cpu", "scikit-learn", "pykeops", "numpy", "threadpoolctl")
-        },
-    }
+    return "\n".join(lines)
+
+
+def parse_shapes(text: str | None, quick: bool) -> list[tuple[tuple[int, int, int], str]]:
+    """``NxDxK[:cosine]`` items (any shape), or the default plan."""
+    if not text:
+        plan = [(s, "l2") for s in (QUICK_L2 if quick else SHAPES_L2)]
+        return plan + [(s, "cosine") for s in (QUICK_COSINE if quick else SHAPES_COSINE)]
+    plan = []
+    for item in filter(None, (w.strip() for w in text.split(","))):
+        shape, _, metric = item.partition(":")
+        try:
+            n, d, k = (int(v) for v in shape.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes item {item!r}: expected NxDxK[:cosine], e.g. 100000x64x256:cosine") from None
+        if metric not in ("", "l2", "cosine") or not 0 < k <= n:
+            raise SystemExit(f"--shapes item {item!r}: expected metric l2 or cosine and 0 < K <= N")
+        plan.append(((n, d, k), metric or "l2"))
+    return plan
 
 
 def main() -> int:
@@ -748,43 +636,36 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat: a smoke check")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick: 1)")
     ap.add_argument("--n-iter", type=int, default=20, help="Lloyd iterations for every method (default 20)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
     ap.add_argument(
         "--shapes",
         default=None,
-        help="comma-separated subset of the shapes as NxDxK[:cosine], e.g. 1000000x32x100,100000x64x256:cosine "
-        "(default: all)",
+        help="comma-separated NxDxK[:cosine], e.g. 1000000x32x100,100000x64x256:cosine (default: the standard set)",
     )
-    ap.add_argument("--json", type=Path, default=None, help="write every raw number here")
     ap.add_argument(
-        "--log", type=Path, default=None, help="the workers' output (default: beside --json, or a temp file)"
+        "--json", type=Path, default=None, help="where to write (default: benchmarks/results/fair-<time>.json)"
     )
     args = ap.parse_args()
     if args.worker:
-        spec = json.loads(args.worker)
-        rec = worker(spec)
-        Path(spec["result"]).write_text(json.dumps(rec))
-        return 0
+        return harness.serve(worker, args.worker)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"--methods={args.methods!r}: unknown {unknown}; expected a subset of {','.join(METHODS)}")
+    methods = harness.installed(methods, NEEDS)
+    if not methods:
+        ap.error("no method left to measure")
     repeats = args.repeats or (1 if args.quick else 3)
-    plan = [(s, "l2") for s in (QUICK_L2 if args.quick else SHAPES_L2)]
-    plan += [(s, "cosine") for s in (QUICK_COSINE if args.quick else SHAPES_COSINE)]
-    if args.shapes:
-        names = {
-            f"{n}x{d}x{k}" + ("" if metric == "l2" else ":cosine"): ((n, d, k), metric) for (n, d, k), metric in plan
-        }
-        wanted = [w.strip() for w in args.shapes.split(",") if w.strip()]
-        missing = [w for w in wanted if w not in names]
-        if missing:
-            ap.error(f"--shapes={args.shapes!r}: unknown {missing}; expected a subset of {','.join(names)}")
-        plan = [names[w] for w in wanted]
-    log_path = args.log or (args.json.with_suffix(".log") if args.json else Path(tempfile.gettempdir()) / "vq-fair.log")
+    plan = parse_shapes(args.shapes, args.quick)
+    started = harness.now()
+    out = args.json or harness.results_path("fair", args.quick, started)
+    log_path = harness.log_path(out)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    machine = machine_info()
-    started = _dt.datetime.now(_dt.UTC)
+    machine = harness.machine_info(
+        ("vq-pipeline", "torch", "faiss-cpu", "scikit-learn", "pykeops", "numpy", "threadpoolctl")
+    )
     res: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "machine": machine,
@@ -807,27 +688,27 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["seconds"] = time.perf_counter() - t_start
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
     v = machine["versions"]
-    print(
-        f"## vq-pipeline vs peers, each in a fresh process (CPU) — {machine['cpu']}, nproc {machine['nproc']}, "
-        f"{THREADS} threads each"
+    md = "\n".join(
+        [
+            f"## vq-pipeline vs peers, each in a fresh process (CPU) — {machine['cpu']}, nproc {machine['nproc']}, "
+            f"{THREADS} threads each",
+            "",
+            f"{started:%Y-%m-%d %H:%M} UTC, commit `{machine['commit']}`"
+            f"{' (vq_pipeline/ modified since)' if machine['vq_pipeline_modified_since_commit'] else ''}, "
+            f"{res['seconds']:.0f} s. Command: `{res['command']}`. vq-pipeline {v['vq-pipeline']}, torch {v['torch']}, "
+            f"faiss-cpu {v['faiss-cpu']}, scikit-learn {v['scikit-learn']}, pykeops {v['pykeops']}, numpy {v['numpy']}, "
+            f"Python {machine['python']}. {args.n_iter} iterations, tol=0, same data and initial centroids for all, "
+            f"{repeats} interleaved repeat(s), medians. FAISS's `max_points_per_centroid` is raised so it trains on "
+            f"every row (its default samples 256 × K rows). OMP_WAIT_POLICY in the environment: "
+            f"{machine['omp_wait_policy_env'] or 'unset'} (in ours' workers: {_ours_waits(res)}).",
+            "",
+            tables(res) + engines_table(res),
+        ]
     )
-    print(
-        f"\n{started:%Y-%m-%d %H:%M} UTC, commit `{machine['commit']}`"
-        f"{' (vq_pipeline/ modified since)' if machine['vq_pipeline_modified_since_commit'] else ''}, "
-        f"{res['seconds']:.0f} s. Command: `{res['command']}`. vq-pipeline {v['vq-pipeline']}, torch {v['torch']}, "
-        f"faiss-cpu {v['faiss-cpu']}, scikit-learn {v['scikit-learn']}, pykeops {v['pykeops']}, numpy {v['numpy']}, "
-        f"Python {machine['python']}. {args.n_iter} iterations, tol=0, same data and initial centroids for all, "
-        f"{repeats} interleaved repeat(s), medians. FAISS's `max_points_per_centroid` is raised so it trains on "
-        f"every row (its default samples 256 × K rows). OMP_WAIT_POLICY in the environment: "
-        f"{machine['omp_wait_policy_env'] or 'unset'} (vq_pipeline chooses its own on import: {_ours_waits(res)}).\n"
-    )
-    print(tables(res))
-    if args.json:
-        print(f"\nJSON: {args.json}; workers' output: {log_path}")
+    harness.write_results(out, res, md)
+    print(md)
+    print(f"\nJSON: {out} (tables: {out.with_suffix('.md')}); workers' output: {log_path}")
     return 0
 
 

@@ -99,7 +99,7 @@ def cuda_time(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
 
 
 def tutorial_fit(x: torch.Tensor, init: torch.Tensor, metric: str) -> torch.Tensor:
-    from vq_pipeline.engines.keops import _lazy_tensor
+    from vq_pipeline.compute.engines.keops import _lazy_tensor
 
     LazyTensor = _lazy_tensor()
     N, D = x.shape
@@ -123,7 +123,7 @@ def tutorial_fit(x: torch.Tensor, init: torch.Tensor, metric: str) -> torch.Tens
 
 
 def tutorial_assign(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    from vq_pipeline.engines.keops import _lazy_tensor
+    from vq_pipeline.compute.engines.keops import _lazy_tensor
 
     LazyTensor = _lazy_tensor()
     x_i, c_j = LazyTensor(x[:, None, :]), LazyTensor(c[None, :, :])
@@ -205,7 +205,7 @@ def _mem_peak_mib(base: int) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from vq_pipeline.engines import auto_engine_name, keops as keops_mod
+    from vq_pipeline.compute.engines import auto_engine_name, keops as keops_mod
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     name = f"ours {eng}{suffix}"
                     methods.append((name, lambda e=eng, s=stores[name], p=prune: ours_fit(e, x, init, metric, s, p),
                                     lambda e=eng, s=stores[name]: s["codebook"].encode(x, engine=e, device=DEVICE)))
-            # TF32 products: the engine widens its proof bound for their rounding (_product_gamma) and
+            # TF32 products: the engine widens its proof bound for their rounding (product_gamma) and
             # ranks the rows it cannot prove again in float64, so the codes stay exact; does it pay?
             tf32 = stores["ours torch, TF32"] = {}
             methods.append(("ours torch, TF32", lambda s=tf32: _tf32(lambda: ours_fit("torch", x, init, metric, s, False)),

@@ -8,7 +8,7 @@
 #    wheels carried in benchmarks/wheels/ (--no-index: nothing is downloaded). The project itself is
 #    used from the working tree (PYTHONPATH), not pip-installed, so its other dependencies are not
 #    pulled in. CUDA headers for KeOps' nvrtc: CUDA_HOME, /usr/local/cuda, or the nvidia-* pip packages.
-# 2. KeOps CUDA self-check, then `pytest -m gpu tests/test_gpu.py` (CUDA fits and encodes of both
+# 2. KeOps CUDA self-check, then `pytest -m gpu tests/compute/test_gpu.py` (CUDA fits and encodes of both
 #    engines checked against the float64 oracle).
 # 3. benchmarks/gpu_bench.py: the KeOps tutorial's table (10k x 2 K=50, 1M x 100 K=1000; l2 and
 #    cosine; 10 iterations) with the tutorial's code, our keops and torch engines (pruned and not) and a cuBLAS floor.
@@ -33,7 +33,7 @@ OUT=${OUT:-$REPO/benchmarks/results/gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 DRY=${GPU_CHECK_DRY_RUN:-0}; [ "$DRY" = 0 ] || DRY=1
-GPU_TESTS=(tests/test_gpu.py)  # the -m gpu selection (test_exact_extremes' CUDA test: ~70 s of CPU oracle per engine)
+GPU_TESTS=(tests/compute/test_gpu.py)  # the -m gpu selection (test_exact_extremes' CUDA test: ~70 s of CPU oracle per engine)
 BUDGET=${GPU_CHECK_BUDGET_S:-285}   # the whole script stays under 5 minutes
 SECONDS=0
 left() { echo $(( BUDGET - SECONDS )); }
@@ -131,7 +131,7 @@ note "KeOps $DEV self-check"
 if DEV=$DEV timeout 60 "$PY" - >"$OUT/keops_check.txt" 2>&1 <<'EOF'
 import os
 import torch
-from vq_pipeline.engines import keops
+from vq_pipeline.compute.engines import keops
 assert keops.available(), keops.unavailable_reason()
 LT = keops._lazy_tensor()
 dev = os.environ["DEV"]

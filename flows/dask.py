@@ -35,14 +35,20 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from vq_pipeline.errors import ConfigurationError, DaskAddressError
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError as exc:  # the dask extra is not installed
+    raise ConfigurationError(
+        f"Dask is not importable ({exc}); expected distributed and prefect-dask for --dask and dask=... "
+        f"Fix: pip install 'vq-pipeline[dask]', or run without Dask."
+    ) from None
 
 _LOCAL = re.compile(r"local:(\d+)")
 _HOST_PORT = re.compile(r"[A-Za-z0-9_.\-\[\]:]+:\d+")

@@ -18,10 +18,11 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-
 from vq_flows.pipeline import vq_pipeline_flow  # noqa: E402
-from vq_pipeline.demo import generate_embeddings  # noqa: E402
-from vq_pipeline.tables import write_embeddings  # noqa: E402
+
+from vq_pipeline.io.table_writer import write_embeddings
+from vq_pipeline.jobs.demo import generate_embeddings
+from vq_pipeline.settings import PipelineSettings
 
 PARTITIONS = {"date=2026-11-01": 7_000, "date=2026-11-02": 6_500, "date=2026-11-03": 6_500}
 DIM = 64
@@ -46,14 +47,8 @@ def write_partitions(root: Path) -> list[Path]:
 def main(out_dir: str = "vq_demo_output") -> dict[str, Any]:
     out = Path(out_dir)
     write_partitions(out / "input")
-    summary = vq_pipeline_flow(
-        input_root=str(out / "input"),
-        work_dir=str(out / "work"),
-        column="embedding",
-        n_codes=N_CODES,
-        metric="cosine",
-        id_column="id",
-    )
+    settings = PipelineSettings("embedding", N_CODES, id_column="id", metric="cosine")
+    summary = vq_pipeline_flow(input_root=str(out / "input"), work_dir=str(out / "work"), settings=settings)
     e = summary["encode"][-1]
     drift = summary["drift"]
     print()

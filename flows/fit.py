@@ -1,68 +1,33 @@
 """Prefect flow: fit a codebook on embedding tables and save it.
 
-A thin wrapper over :func:`vq_pipeline.pipeline.fit_from_tables`: one task fits and saves, the flow
-publishes a markdown artifact (settings, objective per iteration, cluster sizes, repairs, time) and
-returns a small summary dict. Fitting gets no retries: a failure there is a data or settings problem,
-and a rerun would only repeat it.
+A thin shell over the library's fit job (:func:`vq_pipeline.jobs.fit_file.fit_to_file`: check the
+output, fit, save, summarize). The flow only says where the work runs: one ``fit-codebook`` task in
+this process, or, with ``dask``, exact Lloyd as map-reduce with one ``partition-stats`` task per input
+file and iteration on the cluster (:class:`vq_flows.mappers.TaskMapper`); and presents the result: a
+markdown artifact (settings, objective per iteration, cluster sizes, repairs, time) and a small summary
+dict. Fitting gets no retries: a failure there is a data or settings problem, and a rerun would only
+repeat it; a partition's task retries what a retry can fix.
 """
 
 import contextlib
-import dataclasses
-import itertools
-import statistics
-import time
-from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from vq_flows.encode import retried_task  # noqa: I001 - flows after the library
+from vq_flows.mappers import TaskMapper
 
-from vq_pipeline import Codebook, CodebookFileError, IterationStats
-from vq_pipeline import tables
-from vq_pipeline.codebook_file import is_codebook_file
-from vq_pipeline.paths import check_output_file, output_lock
-from vq_pipeline.partitioned import Exchange
-from vq_pipeline.pipeline import fit_from_tables, fit_partitioned, partition_stats_file
-from vq_pipeline.tables import Source
-from vq_pipeline.settings import FitSettings
-
-from vq_flows.encode import retry_transient  # noqa: I001 - flows after the library
+from vq_pipeline import IterationStats
+from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
+from vq_pipeline.jobs.partitioned import partition_stats_file
+from vq_pipeline.settings import FitSettings, TableSettings
 
 FIT_ARTIFACT_KEY = "vq-fit-codebook"
 # The history table is shown in full up to this many rows, then as its head and tail.
 _MAX_HISTORY_ROWS = 60
-
-
-def _is_template(out: str) -> bool:
-    return "{fingerprint}" in out or "{fp12}" in out
-
-
-def _clamped_sample(inputs: list[str], column: str, sample: int | None) -> int | None:
-    """``sample`` capped at the tables' row count (a scheduled job's data may still be small)."""
-    if sample is None:
-        return None
-    n_rows = sum(tables.inspect_source(s, column=column).n_rows for s in tables.discover(inputs))
-    return min(sample, n_rows) if n_rows else sample
-
-
-def _size_summary(counts: list[int]) -> dict[str, Any]:
-    """Min, quartiles and max of the cluster sizes, and how many codes are empty."""
-    ordered = sorted(counts)
-    if len(ordered) > 1:
-        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-    else:
-        q1 = median = q3 = float(ordered[0])
-    return {
-        "min": ordered[0],
-        "q1": q1,
-        "median": median,
-        "q3": q3,
-        "max": ordered[-1],
-        "empty": sum(1 for c in ordered if c == 0),
-    }
 
 
 def log_progress(logger: Any) -> Callable[[Any], None]:
@@ -84,207 +49,6 @@ def log_progress(logger: Any) -> Callable[[Any], None]:
             )
 
     return log
-
-
-# Results stay in memory (NO_CACHE): a cached result would skip writing the file.
-@task(name="fit-codebook", cache_policy=NO_CACHE)
-def fit_task(
-    inputs: list[str],
-    column: str,
-    n_codes: int,
-    out: str,
-    settings: FitSettings,
-    sample: int | None = None,
-    warm_start: str | None = None,
-) -> dict[str, Any]:
-    """Fit, save and summarize a codebook; returns plain data (no tensors).
-
-    ``out`` may hold ``{fingerprint}`` or ``{fp12}`` (its first 12 hex digits), filled in once the
-    centroids are known. Such a content-addressed file that already exists with the same
-    fingerprint is kept as is, so a refit that reproduces a codebook does not rewrite its lineage.
-    """
-    logger = get_run_logger()
-    t0 = time.perf_counter()
-    sample_used = _clamped_sample(inputs, column, sample)
-    if sample_used != sample:
-        logger.info("sample=%s exceeds the tables' rows; fitting on all %s rows", sample, sample_used)
-    codebook = fit_from_tables(
-        inputs,
-        column=column,
-        n_codes=n_codes,
-        sample=sample_used,
-        progress=log_progress(logger),
-        **_started(settings, warm_start).keywords(),
-    )
-    return save_and_summarize(codebook, out, init="warm start" if warm_start else settings.init, t0=t0)
-
-
-def _started(settings: FitSettings, warm_start: str | None) -> FitSettings:
-    """``settings`` starting from the codebook file ``warm_start``, when given."""
-    if not warm_start:
-        return settings
-    return dataclasses.replace(settings, init=Codebook.load(warm_start, metric=settings.metric))
-
-
-def _levels_summary(codebook: Codebook) -> dict[str, Any]:
-    """``codec`` and ``levels``; for a residual or product codebook also its reconstruction ``mse``,
-    ``collision_rate``, ``n_unique`` and ``level_stats`` (per level: mse, used codes, iterations, converged)."""
-    summary: dict[str, Any] = {"codec": codebook.codec, "levels": codebook.levels}
-    if codebook.codec == "flat":
-        return summary
-    stats = codebook.stats
-    summary.update(
-        mse=stats.get("mse"),
-        collision_rate=stats.get("collision_rate"),
-        n_unique=stats.get("n_unique"),
-        level_mse=[level.get("mse") for level in stats.get("levels", [])],
-        level_stats=[
-            {k: level.get(k) for k in ("mse", "used_codes", "iterations", "converged", "n_repairs")}
-            for level in stats.get("levels", [])
-        ],
-    )
-    return summary
-
-
-def save_and_summarize(codebook: Codebook, out: str, *, init: str, t0: float) -> dict[str, Any]:
-    """Save the codebook to ``out`` (a path or template, see :func:`fit_task`) and summarize it."""
-    fp = codebook.fingerprint
-    path = Path(out.format(fingerprint=fp, fp12=fp[:12])) if _is_template(out) else Path(out)
-    kept = False
-    if _is_template(out) and path.is_file():
-        try:
-            kept = Codebook.load(path).fingerprint == fp
-        except CodebookFileError:
-            kept = False  # a damaged file under this name is replaced
-    if not kept:
-        codebook.save(path)
-    stats = codebook.stats
-    return {
-        **_levels_summary(codebook),
-        "path": str(path),
-        "fingerprint": fp,
-        "parent_fingerprint": codebook.parent_fingerprint,
-        "kept_existing": kept,
-        "n_codes": codebook.n_codes,
-        "dim": codebook.dim,
-        "metric": codebook.metric,
-        "engine": codebook.settings.get("engine"),
-        "init": init,
-        "rows": stats.get("n_rows"),
-        "rows_total": stats.get("rows_total"),
-        "mode": stats.get("mode"),
-        "iterations": stats.get("iterations"),
-        "converged": stats.get("converged"),
-        "inertia": stats.get("inertia"),
-        "mean_distance": stats.get("inertia", 0.0) / max(int(stats.get("n_rows") or 1), 1),
-        "n_repairs": stats.get("n_repairs"),
-        # a multi-level fit: each level's iterations in turn, marked with their level
-        "history": stats.get("history")
-        or [{**h, "level": i} for i, level in enumerate(stats.get("levels", [])) for h in level.get("history", [])],
-        "cluster_sizes": _size_summary(codebook.counts.flatten().tolist()),
-        "fit_seconds": codebook.timings.get("fit_seconds"),
-        "init_seconds": codebook.timings.get("init_seconds"),
-        "task_seconds": time.perf_counter() - t0,
-        "created_at": codebook.created_at,
-    }
-
-
-@task(
-    name="partition-stats",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=retry_transient,
-    task_run_name="stats-{key}",
-)
-def partition_stats_task(
-    uri: str,
-    key: str,
-    centroids: str,
-    stats: str,
-    column: str,
-    metric: str,
-    engine: str = FitSettings.engine,
-    device: str | None = FitSettings.device,
-    row_map: str | None = None,
-    bounds: str | None = None,
-) -> dict[str, Any]:
-    """One partition's E-step statistics against the centroids in file ``centroids`` (for one level
-    of a multi-level fit, of the rows as the map in file ``row_map`` turns them), written to file
-    ``stats``; returns the path, rows, objective and pruned rows. ``bounds``: the partition's pruning
-    state file, read and rewritten (see ``partition_stats_file``). Safe to retry (files are written
-    atomically, and a state records the centroids it holds for)."""
-    return partition_stats_file(
-        Source(uri=uri, key=key),
-        centroids,
-        stats,
-        row_map,
-        bounds,
-        column=column,
-        metric=metric,
-        engine=engine,
-        device=device,
-    )
-
-
-def fit_on_dask(
-    dask: str,
-    inputs: list[str],
-    column: str,
-    n_codes: int,
-    out: str,
-    settings: FitSettings,
-    warm_start: str | None = None,
-) -> dict[str, Any]:
-    """Exact Lloyd on a Dask cluster, from inside a flow; returns :func:`fit_task`'s summary.
-
-    Each iteration runs one ``partition-stats`` task per input file on the workers, which read
-    their files themselves; centroids and statistics travel as files in the partitioned fit's
-    scratch folder next to ``out`` (:class:`vq_pipeline.partitioned.Exchange`; that folder must be
-    shared with the workers), and only paths and a few numbers pass through the scheduler.
-    """
-    from vq_flows.dask import dask_task_runner
-
-    logger = get_run_logger()
-    t0 = time.perf_counter()
-    calls = itertools.count()
-    with Exchange(out) as exchange, dask_task_runner(dask) as runner:
-        logger.info("fitting on the Dask cluster %s", runner.client.scheduler.address)
-
-        def map_e_step(c: Any, sources: Sequence[Source], row_map: Any = None) -> list[Any]:
-            i = next(calls)
-            cfile = exchange.publish(i, c)
-            mfile = exchange.publish_map(i, row_map)
-            futures = [
-                runner.submit(
-                    partition_stats_task,
-                    parameters=dict(
-                        uri=s.uri,
-                        key=s.key,
-                        centroids=str(cfile),
-                        stats=str(exchange.stats_file(i, j)),
-                        column=column,
-                        metric=settings.metric,
-                        engine=settings.engine,
-                        device=settings.device,
-                        row_map=mfile,
-                        bounds=str(exchange.bounds_file(j, row_map)) if settings.prune else None,
-                    ),
-                )
-                for j, s in enumerate(sources)
-            ]
-            # in source order: the reduction is deterministic
-            return exchange.collect(cfile, [f.result()["stats"] for f in futures], mfile)
-
-        codebook = fit_partitioned(
-            inputs,
-            map_e_step,
-            column=column,
-            n_codes=n_codes,
-            progress=log_progress(logger),
-            **_started(settings, warm_start).keywords(),
-        )
-    return save_and_summarize(codebook, out, init="warm start" if warm_start else settings.init, t0=t0)
 
 
 def _fmt(value: Any) -> str:
@@ -382,92 +146,63 @@ def fit_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _held_output(out: str, inputs: Sequence[str]) -> contextlib.AbstractContextManager[None]:
-    """Check the codebook path ``out`` (or template) against the inputs before any work (the library's
-    rule: :func:`vq_pipeline.paths.check_output_file`), and hold a plain path's lock for the fit."""
-    template = _is_template(out)
-    probe = out.format(fingerprint="0" * 64, fp12="0" * 12) if template else out
-    check_output_file("out", probe, inputs, ours=is_codebook_file, what="codebook", suffix=".safetensors")
-    return contextlib.nullcontext() if template else output_lock(out, what="codebook")
+# Results stay in memory (NO_CACHE): a cached result would skip writing the file.
+@task(name="fit-codebook", cache_policy=NO_CACHE)
+def fit_task(job: FitJob) -> dict[str, Any]:
+    """The fit job in this process (:func:`vq_pipeline.jobs.fit_file.fit_to_file`); its summary as plain
+    data (no tensors). ``job.out`` may hold ``{fingerprint}`` or ``{fp12}``, filled in once the centroids
+    are known; such a file that already holds the same codebook is kept as is."""
+    logger = get_run_logger()
+    return fit_to_file(job, progress=log_progress(logger), log=logger).to_dict()
+
+
+#: One partition's E-step statistics of one iteration, from and to files in the fit's scratch folder
+#: (:func:`vq_pipeline.jobs.partitioned.partition_stats_file`). Safe to retry: files are written
+#: atomically, and a pruning state records the centroids it holds for.
+partition_stats_task = retried_task(partition_stats_file, "partition-stats", task_run_name="stats-{work.source.key}")
 
 
 @flow(name="fit-codebook")
 def fit_codebook_flow(
     inputs: list[str],
-    column: str,
-    n_codes: int,
     out: str,
-    metric: str = FitSettings.metric,
-    n_iter: int = FitSettings.n_iter,
-    tol: float = FitSettings.tol,
-    init: str = FitSettings.init,
-    seed: int = FitSettings.seed,
-    sample: int | None = None,
-    engine: str = FitSettings.engine,
-    device: str | None = FitSettings.device,
+    n_codes: int,
+    reading: TableSettings,
+    settings: FitSettings | None = None,
     warm_start: str | None = None,
     dask: str | None = None,
-    codec: str = FitSettings.codec,
-    levels: int = FitSettings.levels,
-    train_beam: int = FitSettings.train_beam,
-    prune: bool = FitSettings.prune,
 ) -> dict[str, Any]:
-    """Fit a K-means codebook on the ``column`` embeddings of ``inputs`` and save it to ``out``.
+    """Fit a K-means codebook of ``n_codes`` codes on the ``reading.column`` embeddings of ``inputs``
+    and save it to ``out`` (``{fingerprint}``/``{fp12}`` placeholders allowed).
 
     Args:
-        inputs: table files, globs or folders. out: the codebook file (``{fingerprint}``/``{fp12}``
-            placeholders allowed). warm_start: a codebook file to start from; its fingerprint is
-            recorded as the new codebook's parent (flat codebooks only: a residual or product fit
-            starts from its own seeding and records no parent). codec, levels: "flat", or
-            "residual"/"product" with ``levels`` codes per row (``n_codes`` per level); train_beam:
-            residual levels are fitted on the beam's residuals (see ``fit_codebook``). prune: skip
-            the search of rows whose code the triangle inequality proves (the same codebook either
-            way; on Dask each partition keeps its state in the scratch folder). Other arguments: see
-            ``fit_from_tables``.
+        reading: which rows and how (:class:`~vq_pipeline.settings.TableSettings`).
+        settings: how to fit (:class:`~vq_pipeline.settings.FitSettings`; default: the defaults).
+        warm_start: a codebook file to start from; its fingerprint is recorded as the new codebook's
+            parent (flat codebooks only: a residual or product fit starts from its own seeding).
         dask: fit on a Dask cluster (``local:N`` or a scheduler address, see :mod:`vq_flows.dask`):
-            exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration;
-            this process reduces, updates and saves (see :func:`fit_on_dask`). With ``sample``
-            the fit runs here, as without ``dask`` (a sample is meant to fit one machine).
+            exact Lloyd as map-reduce, one ``partition-stats`` task per input file and iteration; this
+            process reduces, updates and saves. With ``reading.sample`` the fit runs here (a sample is
+            meant to fit one machine).
 
     Returns:
-        A summary: ``path``, ``fingerprint``, ``parent_fingerprint``, ``n_codes``, ``dim``,
-        ``metric``, ``codec``, ``levels`` (multi-level: ``mse``, ``collision_rate``, ``n_unique``,
-        ``level_mse``, ``level_stats``), ``rows``, ``iterations``, ``n_repairs``, ``cluster_sizes``, timings and
-        ``flow_run_id`` (the per-iteration ``history`` is left in the artifact).
+        :class:`~vq_pipeline.jobs.fit_file.FitSummary` as a dict, without the per-iteration ``history``
+        (which is in the artifact), and ``flow_run_id``.
     """
-    settings = FitSettings(
-        metric=metric,
-        n_iter=n_iter,
-        tol=tol,
-        init=init,
-        seed=seed,
-        engine=engine,
-        device=device,
-        codec=codec,
-        levels=levels,
-        train_beam=train_beam,
-        prune=prune,
-    )
-    if warm_start and codec != "flat":
-        get_run_logger().info(
-            "warm_start=%s not used: a %s codebook is fitted from its own seeding (warm starts are for flat codebooks)",
-            warm_start,
-            codec,
-        )
-        warm_start = None
-    with _held_output(out, inputs):
-        if dask and sample is None:
-            summary = fit_on_dask(dask, inputs, column, n_codes, out, settings, warm_start)
-        else:
-            if dask:
-                get_run_logger().info("sample=%s: fitting the sample in this process, not on the Dask cluster", sample)
-            summary = fit_task(inputs, column, n_codes, out, settings, sample, warm_start)
+    job = FitJob(tuple(inputs), out, n_codes, reading, settings or FitSettings(), warm_start)
+    logger = get_run_logger()
+    if dask:
+        with contextlib.ExitStack() as stack:
+            mapper = TaskMapper(partition_stats_task, dask=dask, stack=stack)
+            summary = fit_to_file(job, mapper=mapper, progress=log_progress(logger), log=logger).to_dict()
+    else:
+        summary = fit_task(job)
     create_markdown_artifact(
         markdown=fit_markdown(summary),
         key=FIT_ARTIFACT_KEY,
         description=f"codebook {summary['fingerprint'][:12]}: {summary['n_codes']} codes × {summary['dim']}",
     )
-    get_run_logger().info(
+    logger.info(
         "codebook %s: %d iterations, %d repairs, %s",
         summary["fingerprint"][:12],
         summary["iterations"],
@@ -475,3 +210,6 @@ def fit_codebook_flow(
         summary["path"],
     )
     return {**{k: v for k, v in summary.items() if k != "history"}, "flow_run_id": flow_run.get_id()}
+
+
+__all__ = ["FIT_ARTIFACT_KEY", "fit_codebook_flow", "fit_markdown", "fit_task", "log_progress", "partition_stats_task"]

@@ -12,11 +12,14 @@ os.environ.setdefault("VQ_KEOPS_CACHE_DIR", str(_ROOT / ".cache" / "keops"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="vq-prefect-home-"))
 
-import vq_pipeline  # noqa: E402, F401 - first: it sets the OpenMP waits before torch loads OpenMP
+from vq_pipeline.runtime import apply_omp_waits  # noqa: E402
+
+apply_omp_waits()  # as the vq command and the flows do, before torch loads OpenMP
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vq_pipeline.engines import keops  # noqa: E402
+from vq_pipeline.compute.engines import keops  # noqa: E402
 
 ENGINES = ["torch", pytest.param("keops", marks=pytest.mark.skipif(not keops.available(), reason="pykeops unavailable"))]
 
@@ -51,9 +54,10 @@ def write_parts(
     """Partition files of clustered embeddings under ``root``: file ``i`` (in key order) holds
     ``generate_embeddings(n, dim, n_topics, seed=seed + i) * scale + offset`` with ids
     ``id_base + 100_000 * i + arange(n)``. Returns each file's rows by key."""
-    from vq_pipeline.demo import generate_embeddings
-    from vq_pipeline.tables import write_embeddings
     import numpy as np
+
+    from vq_pipeline.io.table_writer import write_embeddings
+    from vq_pipeline.jobs.demo import generate_embeddings
 
     out = {}
     for i, (key, n) in enumerate(sorted(parts.items())):
@@ -68,7 +72,7 @@ def write_parts(
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes in an encode output folder and, under ``state/``, in its bookkeeping folder
     (``<folder>.vq/``: receipts, manifest), but the lock (its holder note is rewritten by every run)."""
-    from vq_pipeline.pipeline import state_dir
+    from vq_pipeline.jobs.encode_state import state_dir
 
     found = {}
     for root, prefix in ((folder, ""), (state_dir(folder), "state/")):
@@ -111,3 +115,26 @@ def assert_codes_match(codes: torch.Tensor, x: torch.Tensor, c: torch.Tensor, me
     strict = (gaps > tol) & (left > tol)  # (n, k)
     assert torch.equal(codes2[strict], ref.indices[:, :k][strict]), "codes differ from the oracle away from ties"
     return int(strict.all(dim=1).sum())
+
+
+def fit_tables(inputs, **kw):
+    """:func:`vq_pipeline.jobs.fit_tables.fit_from_tables` with ``n_codes`` and the fields of
+    ``TableSettings`` and ``FitSettings`` as keywords (a test shorthand); other keywords pass through."""
+    from vq_pipeline.jobs.fit_tables import fit_from_tables
+    from vq_pipeline.settings import FitSettings, TableSettings
+
+    n_codes = kw.pop("n_codes")
+    reading = {k: kw.pop(k) for k in list(kw) if k in TableSettings.__dataclass_fields__}
+    fitting = {k: kw.pop(k) for k in list(kw) if k in FitSettings.__dataclass_fields__}
+    return fit_from_tables(inputs, n_codes, TableSettings(**reading), FitSettings(**fitting), **kw)
+
+
+def encode_folder(inputs, codebook, out_dir, **kw):
+    """:func:`vq_pipeline.jobs.encode_folder.encode_tables` with the fields of ``EncodeSettings`` and
+    ``EncodeOptions`` as keywords (a test shorthand); other keywords pass through."""
+    from vq_pipeline.jobs.encode_folder import encode_tables
+    from vq_pipeline.settings import EncodeOptions, EncodeSettings
+
+    settings = {k: kw.pop(k) for k in list(kw) if k in EncodeSettings.__dataclass_fields__}
+    options = {k: kw.pop(k) for k in list(kw) if k in EncodeOptions.__dataclass_fields__}
+    return encode_tables(inputs, codebook, out_dir, EncodeSettings(**settings), EncodeOptions(**options), **kw)

@@ -10,6 +10,7 @@ import pkgutil
 from pathlib import Path
 
 import vq_flows
+
 import vq_pipeline
 from vq_pipeline import errors
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vq_pipeline.engines import keops
+from vq_pipeline.compute.engines import keops
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"

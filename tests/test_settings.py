@@ -11,9 +11,8 @@ import torch
 
 from vq_pipeline import EncodeSettings, FitSettings, InvalidInputError, fit_codebook
 from vq_pipeline.errors import TooFewPointsError
-from vq_pipeline.fit_tables import fit_from_tables
-from vq_pipeline.encode_folder import encode_tables
-from vq_pipeline.partitioned import fit_partitioned
+from vq_pipeline.jobs.encode_folder import encode_tables
+from vq_pipeline.jobs.fit_tables import fit_from_tables
 from vq_pipeline.settings import EncodeOptions
 
 FIT_FIELDS = [f for f in FitSettings.__dataclass_fields__]
@@ -24,31 +23,44 @@ def _defaults(fn) -> dict:
     return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-@pytest.mark.parametrize("fn", [fit_codebook, fit_from_tables, fit_partitioned], ids=lambda f: f.__name__)
-def test_library_fit_functions_default_to_fit_settings(fn) -> None:
-    d, s = _defaults(fn), FitSettings()
+def test_the_notebook_fit_defaults_to_fit_settings() -> None:
+    d, s = _defaults(fit_codebook), FitSettings()
     assert {f: d[f] for f in FIT_FIELDS} == {f: getattr(s, f) for f in FIT_FIELDS}
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(getattr(fn, "fn", fn)).parameters)
+
+
+def test_jobs_and_flows_take_settings_objects_not_their_fields() -> None:
+    """Settings travel as one object: no job or flow re-lists a settings field as its own parameter
+    (so a new field reaches every entry point at once); only the notebook sugar does."""
+    from vq_flows.encode import encode_embeddings_flow
+    from vq_flows.fit import fit_codebook_flow
+    from vq_flows.pipeline import vq_pipeline_flow
+
+    from vq_pipeline.settings import PipelineSettings, TableSettings
+
+    fields = {
+        cls: set(cls.__dataclass_fields__) for cls in (FitSettings, EncodeSettings, EncodeOptions, TableSettings, PipelineSettings)
+    }
+    takes = {
+        fit_from_tables: (FitSettings, TableSettings),
+        fit_codebook_flow: (FitSettings, TableSettings),
+        encode_tables: (EncodeSettings, EncodeOptions),
+        encode_embeddings_flow: (EncodeSettings, EncodeOptions),
+        vq_pipeline_flow: (PipelineSettings,),
+    }
+    for fn, classes in takes.items():
+        relisted = _parameters(fn) & set().union(*(fields[c] for c in classes))
+        assert not relisted, f"{getattr(fn, 'name', fn)} re-lists settings fields {sorted(relisted)}"
+    assert {"settings", "reading"} <= _parameters(fit_from_tables) and "settings" in _parameters(encode_tables)
 
 
 def test_flows_cli_and_deployment_default_to_fit_settings() -> None:
     from vq_flows.cli import build_parser
     from vq_flows.deploy import parse_args
-    from vq_flows.fit import fit_codebook_flow
-    from vq_flows.pipeline import vq_pipeline_flow
-
     s = FitSettings()
-    flow = _defaults(fit_codebook_flow)
-    fields = ("metric", "n_iter", "tol", "init", "seed", "engine", "device", "codec", "levels")
-    assert {f: flow[f] for f in fields} == {f: getattr(s, f) for f in fields}
-    pipe = _defaults(vq_pipeline_flow)
-    assert (pipe["metric"], pipe["seed"], pipe["engine"], pipe["codec"], pipe["levels"]) == (
-        s.metric,
-        s.seed,
-        s.engine,
-        s.codec,
-        s.levels,
-    )
-
     args = build_parser().parse_args(["fit", "data.parquet", "--column", "e", "--codes", "4", "--out", "cb.safetensors"])
     assert (args.metric, args.iters, args.tol, args.init, args.seed, args.n_init, args.engine) == (
         s.metric,
@@ -61,12 +73,14 @@ def test_flows_cli_and_deployment_default_to_fit_settings() -> None:
     )
     assert (args.codec, args.levels) == (s.codec, s.levels)
     _, _, params = parse_args(["--cron", "0 * * * *", "--input-root", "in", "--work-dir", "w", "--column", "e", "--codes", "4"])
-    assert (params["metric"], params["seed"], params["engine"]) == (s.metric, s.seed, s.engine)
-    assert (params["codec"], params["levels"]) == (s.codec, s.levels)
+    deployed = params["settings"]
+    assert (deployed["metric"], deployed["seed"], deployed["engine"]) == (s.metric, s.seed, s.engine)
+    assert (deployed["codec"], deployed["levels"]) == (s.codec, s.levels)
 
 
 def test_cli_choices_and_encode_defaults_come_from_the_settings() -> None:
     from vq_flows.cli import build_parser
+
     from vq_pipeline.settings import CODECS
 
     parser = build_parser()
@@ -79,22 +93,6 @@ def test_cli_choices_and_encode_defaults_come_from_the_settings() -> None:
     enc = parser.parse_args(["encode", "d.parquet", "--codebook", "c.safetensors", "--column", "e", "--out", "o"])
     s = EncodeSettings(column="e")
     assert (enc.beam, enc.unique) == (s.beam, s.unique)
-
-
-def test_encode_entry_points_default_to_encode_settings_and_options() -> None:
-    from vq_flows.encode import encode_embeddings_flow
-
-    s, o = EncodeSettings(column="e"), EncodeOptions()
-    for fn in (encode_tables, encode_embeddings_flow):
-        d = _defaults(fn)
-        assert (d["id_column"], d["top_k"], d["with_distance"], tuple(d["keep"]), d["code_dtype"]) == (
-            s.id_column,
-            s.top_k,
-            s.with_distance,
-            s.keep,
-            s.code_dtype,
-        ), fn
-        assert (d["engine"], d["device"]) == (o.engine, o.device), fn
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,12 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from conftest import assert_codes_match, oracle  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from conftest import assert_codes_match, oracle  # noqa: E402
-from vq_pipeline import Codebook, InvalidInputError, TooFewPointsError, fit_codebook  # noqa: E402
-from vq_pipeline.minibatch import fit_minibatch  # noqa: E402
-from vq_pipeline.sklearn import VectorQuantizer  # noqa: E402
+from vq_pipeline import Codebook, InvalidInputError, TooFewPointsError, fit_codebook
+from vq_pipeline.fitting.minibatch import fit_minibatch
+from vq_pipeline.sklearn import VectorQuantizer
 
 
 def _expected_failures(estimator: VectorQuantizer) -> dict[str, str]:
@@ -160,7 +160,7 @@ def test_fewer_rows_than_codes_is_explained() -> None:
 
 def test_import_vq_pipeline_never_loads_scikit_learn() -> None:
     code = (
-        "import sys, vq_pipeline, vq_pipeline.minibatch\n"
+        "import sys, vq_pipeline, vq_pipeline.fitting.minibatch\n"
         "[getattr(vq_pipeline, name) for name in vq_pipeline.__all__]\n"
         "assert 'sklearn' not in sys.modules, 'sklearn imported'\n"
         "assert 'vq_pipeline.sklearn' not in sys.modules, 'vq_pipeline.sklearn imported'\n"

@@ -11,74 +11,9 @@ load torch, so that ``vq --help``, ``vq --version`` and other light commands sta
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
-from . import errors as _errors  # light: the exception tree imports nothing (nor torch)
-
-#: Spins an idle OpenMP thread of torch's runtime (GNU libgomp) makes before it sleeps, on a CPU that
-#: nothing else is using (see :func:`_omp_wait_settings`).
-_OMP_SPIN_COUNT = 100_000
-#: CPU pressure (``/proc/pressure/cpu``, "some" over the last 10 s, in percent) from which the CPU counts
-#: as shared.
-_CONTENDED_PRESSURE = 10.0
-
-
-def _omp_wait_settings(environ: Any, pressure: float | None, running: int | None, cpus: int) -> dict[str, str]:
-    """The OpenMP wait settings to add to ``environ`` before torch loads its OpenMP runtime.
-
-    Idle OpenMP threads either spin or sleep, and neither is right everywhere (measured with
-    ``benchmarks/omp_wait_policy.py``, ``benchmarks/RESULTS.md``): threads that spin without end
-    (``OMP_WAIT_POLICY=ACTIVE``) made Lloyd iterations and k-means++ 3-19x slower on a CPU shared with
-    busy processes, and a spin of 10,000-100,000 turns 1.25-5.5x slower; threads that sleep at once
-    (``PASSIVE``) pay a wake-up on every torch op, which made Lloyd 1.25-1.5x and k-means++ 1.4-1.85x
-    slower on a quiet CPU. So: nothing when the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set);
-    ``PASSIVE`` when the CPU is shared at import, by its pressure (PSI) from ``_CONTENDED_PRESSURE`` on
-    or, without PSI, by at least ``cpus`` other runnable tasks; else a bounded spin of
-    ``_OMP_SPIN_COUNT``.
-
-    Args:
-        environ: the environment (a mapping). pressure: PSI "some avg10", or None when unknown.
-        running: runnable tasks other than this one (``/proc/loadavg``), or None. cpus: CPUs this
-            process may run on.
-    """
-    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
-        return {}
-    if pressure is not None:
-        shared = pressure >= _CONTENDED_PRESSURE
-    else:
-        shared = running is None or running >= cpus
-    return {"OMP_WAIT_POLICY": "PASSIVE"} if shared else {"GOMP_SPINCOUNT": str(_OMP_SPIN_COUNT)}
-
-
-def _cpu_pressure() -> float | None:
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some"):
-                    return float(line.split("avg10=", 1)[1].split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _other_runnable() -> int | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return int(f.read().split()[3].split("/")[0]) - 1
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-os.environ.update(_omp_wait_settings(os.environ, _cpu_pressure(), _other_runnable(), _cpus()))
-
+from vq_pipeline import errors as _errors  # light: the exception tree imports nothing (nor torch)
 
 __version__ = "0.1.0"
 
@@ -86,22 +21,31 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Codebook": "codebook",
     **{name: "errors" for name in _errors.__all__},
-    "InitProgress": "kmeans",
-    "IterationStats": "kmeans",
-    "fit_codebook": "kmeans",
+    "InitProgress": "compute.seeding",
+    "IterationStats": "compute.lloyd",
+    "fit_codebook": "fitting.kmeans",
+    "EncodeOptions": "settings",
     "EncodeSettings": "settings",
     "FitSettings": "settings",
-    "MiniBatchState": "minibatch",
-    "fit_minibatch": "minibatch",
-    "collision_stats": "semantic_ids",
-    "collision_stats_table": "semantic_ids",
-    "suffix_table": "semantic_ids",
-    "unique_suffix": "semantic_ids",
+    "PipelineSettings": "settings",
+    "TableSettings": "settings",
+    "encode_tables": "jobs.encode_folder",
+    "fit_from_tables": "jobs.fit_tables",
+    "run_once": "jobs.scheduled",
+    "MiniBatchState": "fitting.minibatch",
+    "fit_minibatch": "fitting.minibatch",
+    "collision_stats": "compute.semantic_ids",
+    "collision_stats_table": "jobs.semantic_ids",
+    "suffix_table": "jobs.semantic_ids",
+    "unique_suffix": "compute.semantic_ids",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
-    from .codebook import Codebook
-    from .errors import (
+    from vq_pipeline.codebook import Codebook
+    from vq_pipeline.compute.lloyd import IterationStats
+    from vq_pipeline.compute.seeding import InitProgress
+    from vq_pipeline.compute.semantic_ids import collision_stats, unique_suffix
+    from vq_pipeline.errors import (
         CodebookFileError,
         ConfigurationError,
         DaskAddressError,
@@ -118,16 +62,24 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         UnsupportedFormatError,
         VQError,
     )
-    from .kmeans import InitProgress, IterationStats, fit_codebook
-    from .minibatch import MiniBatchState, fit_minibatch
-    from .semantic_ids import collision_stats, collision_stats_table, suffix_table, unique_suffix
-    from .settings import EncodeSettings, FitSettings
+    from vq_pipeline.fitting.kmeans import fit_codebook
+    from vq_pipeline.fitting.minibatch import MiniBatchState, fit_minibatch
+    from vq_pipeline.jobs.semantic_ids import collision_stats_table, suffix_table
+    from vq_pipeline.jobs.encode_folder import encode_tables
+    from vq_pipeline.jobs.fit_tables import fit_from_tables
+    from vq_pipeline.jobs.scheduled import run_once
+    from vq_pipeline.settings import EncodeOptions, EncodeSettings, FitSettings, PipelineSettings, TableSettings
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module != "errors":
+        # Before the first heavy module loads torch (and its OpenMP runtime): the OpenMP wait policy.
+        from vq_pipeline.runtime import apply_omp_waits
+
+        apply_omp_waits()
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
@@ -145,6 +97,7 @@ __all__ = [
     "DimensionMismatchError",
     "EncodeFailedError",
     "EncodeLockedError",
+    "EncodeOptions",
     "EncodeSettings",
     "EngineUnavailableError",
     "FitSettings",
@@ -154,15 +107,20 @@ __all__ = [
     "MiniBatchState",
     "NonFiniteError",
     "OutputLockedError",
+    "PipelineSettings",
     "PipelineStateError",
     "StateError",
+    "TableSettings",
     "TooFewPointsError",
     "UnsupportedFormatError",
     "VQError",
     "collision_stats",
     "collision_stats_table",
+    "encode_tables",
     "fit_codebook",
+    "fit_from_tables",
     "fit_minibatch",
+    "run_once",
     "suffix_table",
     "unique_suffix",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from vq_pipeline.errors import InvalidInputError
 
 #: What :func:`array_kind` tells apart; results come back in the same kind.
 KINDS = ("torch", "numpy", "polars", "other")

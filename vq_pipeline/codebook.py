@@ -3,7 +3,7 @@
 File layout (safetensors: an 8-byte little-endian header length, a JSON header, raw tensor bytes)::
 
     centroids   F32 (n_codes, dim)    the codes' vectors; unit rows under the cosine metric
-                    (levels, n_codes, sub_dim) for a multi-level codebook (see vq_pipeline.levels)
+                    (levels, n_codes, sub_dim) for a multi-level codebook (see vq_pipeline.compute.levels)
     counts      I64 (n_codes,)        training rows assigned to each code by the final E step
                     (levels, n_codes) for a multi-level codebook
     __metadata__ (str -> str; nested values are JSON):
@@ -31,7 +31,7 @@ truncated, lying, pickled or random file gets a :class:`CodebookFileError`, neve
 Loading a file reads its first bytes, then its header, and reads the tensor data only when the file
 is exactly as long as the header says: memory follows the codebook's size, never the file's.
 Metadata of the wrong JSON type is refused naming the entry (see
-:func:`vq_pipeline.codebook_file.provenance_fields`).
+:func:`vq_pipeline.io.codebook_file.provenance_fields`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata as _md
@@ -50,7 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
+from vq_pipeline.arrays import array_kind, as_codes, like
+from vq_pipeline.compute.align import align_codebook
+from vq_pipeline.compute.assign import DEFAULT_MEMORY_BUDGET, encode
+from vq_pipeline.compute.levels import decode, encode_multilevel
+from vq_pipeline.errors import CodebookFileError, InvalidInputError
+from vq_pipeline.io.codebook_file import (
     FLAT_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -59,10 +63,11 @@ from .codebook_file import (  # noqa: F401 - FORMAT_* re-exported
     provenance_fields,
     read_codebook_bytes,
     read_file,
+    write_codebook_bytes,
 )
-from .errors import CodebookFileError, InvalidInputError
-from .fileio import atomic_write_bytes
-from .settings import CODECS, METRICS
+from vq_pipeline.io.fileio import atomic_write_bytes
+from vq_pipeline.settings import CODECS, METRICS
+from vq_pipeline.validate import check_int
 
 # Metadata that changes from run to run; everything else is reproducible.
 RUN_KEYS = ("created_at", "timings")
@@ -95,7 +100,7 @@ class Codebook(CodebookViews):
         counts: (n_codes,) int64 CPU tensor of training assignments; (levels, n_codes) multi-level.
         metric: 'l2' or 'cosine'.
         codec: 'flat' (one code per row), 'residual' or 'product' (``levels`` codes per row; see
-            :mod:`vq_pipeline.levels`).
+            :mod:`vq_pipeline.compute.levels`).
         settings: the fit's settings (stored under the file's ``fit`` metadata key). stats: training
             statistics. The other fields are provenance.
     """
@@ -174,15 +179,13 @@ class Codebook(CodebookViews):
             written by ``vq encode`` use the smallest unsigned type instead). A multi-level codebook
             gives (n_rows, levels) codes, one per level (polars: ``codes`` of ``Array(Int64, levels)``).
         """
-        from .arrays import array_kind, like
-        from .assign import DEFAULT_MEMORY_BUDGET, encode
 
         kind = array_kind(x)
         if self.codec != "flat":
-            from .multilevel import encode_multilevel
-
             codes, dists = encode_multilevel(
-                self,
+                self.centroids,
+                self.codec,
+                self.metric,
                 x,
                 top_k=top_k,
                 beam=beam,
@@ -194,8 +197,6 @@ class Codebook(CodebookViews):
             codes = like(kind, codes, name="codes")
             return (codes, like(kind, dists, name="distance")) if dists is not None else codes
         if beam != 1:
-            from .validate import check_int
-
             check_int("beam", beam, minimum=1)
             raise InvalidInputError(
                 f"beam={beam} with a {self.codec} codebook; beam search is for residual codebooks. Fix: pass beam=1."
@@ -232,11 +233,7 @@ class Codebook(CodebookViews):
         Raises:
             InvalidInputError: another type or shape, non-integer codes, nulls, or codes out of range.
         """
-        from .arrays import array_kind, as_codes, like
-
         if self.codec != "flat":
-            from .levels import decode
-
             idx = as_codes(codes, n_codes=self.n_codes, name="codes", levels=self.levels)  # (n_rows, levels)
             out = decode(self.centroids, self.codec, idx, metric=self.metric)  # (n_rows, dim) float32
             return like(array_kind(codes), out, name="embedding")
@@ -261,10 +258,8 @@ class Codebook(CodebookViews):
         closest centroids. What was done is recorded in ``stats["alignment"]`` (reference
         fingerprint, mapping, kept share and churn, method), and saved with the codebook. The
         centroids change order, so the fingerprint changes too. See
-        :func:`vq_pipeline.align.align_codebook` for the options and errors.
+        :func:`vq_pipeline.compute.align.align_codebook` for the options and errors.
         """
-        from .align import align_codebook
-
         return align_codebook(
             self, reference, x, method=method, engine=engine, device=device, memory_budget=memory_budget
         )
@@ -273,8 +268,6 @@ class Codebook(CodebookViews):
         """Level ``level`` of a multi-level codebook as a flat codebook (its centroids and counts; the
         metric it was fitted with: the codebook's for residual level 0, else 'l2'); ``level(0)`` of a
         flat codebook is the codebook itself."""
-        from .validate import check_int
-
         level = check_int("level", level, minimum=0, maximum=self.levels - 1, hint=f"the codebook has {self.levels}.")
         if self.codec == "flat":
             return self
@@ -322,16 +315,7 @@ class Codebook(CodebookViews):
 
     def to_bytes(self) -> bytes:
         """Serialize to safetensors bytes with a deterministic (sorted) header."""
-        c = self.centroids.numpy().astype("<f4", copy=False)
-        n = self.counts.numpy().astype("<i8", copy=False)
-        header = {
-            "__metadata__": self.to_metadata(),
-            "centroids": {"dtype": "F32", "shape": list(c.shape), "data_offsets": [0, c.nbytes]},
-            "counts": {"dtype": "I64", "shape": list(n.shape), "data_offsets": [c.nbytes, c.nbytes + n.nbytes]},
-        }
-        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
-        return struct.pack("<Q", len(raw)) + raw + c.tobytes() + n.tobytes()
+        return write_codebook_bytes(self.to_metadata(), self.centroids.numpy(), self.counts.numpy())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the codebook atomically to ``path`` (temporary file, fsync, rename) and return it."""

@@ -14,7 +14,7 @@ METRICS = ("l2", "cosine")
 DEFAULT_METRIC = "l2"
 ENGINES = ("auto", "keops", "torch")
 #: "k-means||": approximate seeding (Bahmani et al. 2012), faster than the exact greedy "k-means++".
-#: "progressive": K-means grown over more and more principal directions (vq_pipeline.progressive).
+#: "progressive": K-means grown over more and more principal directions (vq_pipeline.compute.progressive).
 #: "auto": "progressive" for residual codebooks, else "k-means||".
 INITS = ("auto", "k-means++", "random", "first", "k-means||", "progressive")
 #: Bytes of temporaries one chunk of a distance computation may use.
@@ -39,7 +39,7 @@ class FitSettings:
     their defaults from here (``FitSettings.n_iter`` is the default ``n_iter`` everywhere). The
     meaning of each field: see :func:`vq_pipeline.fit_codebook`. What depends on the data (``n_codes``
     against the row count, an init tensor's shape, the device) is checked when a fit resolves these
-    against its rows (:func:`vq_pipeline.fit_options.fit_options`).
+    against its rows (:func:`vq_pipeline.fitting.options.fit_options`).
     """
 
     metric: str = DEFAULT_METRIC
@@ -60,19 +60,19 @@ class FitSettings:
     #: "residual": each level from the second on is fitted on what the ``train_beam`` best partial
     #: tuples of the levels before leave of every row (a beam search, as FAISS's residual quantizer
     #: trains); 1 (default): on the greedy residuals, which greedy encoding then matches. Larger
-    #: beams pay off with many codes per level and beam-search encoding (benchmarks/RESULTS.md)
-    #: and cost with few. Unused by other codecs.
+    #: beams pay off with many codes per level and beam-search encoding, and cost with few (figures in
+    #: the docs' Benchmarks page, "Multi-level codes against FAISS"). Unused by other codecs.
     train_beam: int = 1
     #: Skip the search of rows whose code the triangle inequality proves (Hamerly's bounds, see
-    #: :mod:`vq_pipeline.prune`); the codebook is the same either way, only the time differs. Off by
-    #: default: measured on 2 threads (benchmarks/RESULTS.md), 20-iteration fits took 0.70-1.22x the
-    #: unpruned time (benchmarks/fair.py) and fits at the defaults 1.03-1.09x (benchmarks/prune.py):
-    #: the bounds prove little until the centroids settle, and a searched row costs more than before.
+    #: :mod:`vq_pipeline.compute.prune`); the codebook is the same either way, only the time differs. Off by
+    #: default: it did not save time reliably, in fixed-iteration fits or at the defaults (figures in
+    #: the docs' Benchmarks page, "Exact pruned Lloyd"): the bounds prove little until the centroids
+    #: settle, and a searched row costs more than before.
     prune: bool = False
 
     def __post_init__(self) -> None:
-        from .errors import InvalidInputError
-        from .validate import check_choice, check_float, check_int
+        from vq_pipeline.errors import InvalidInputError
+        from vq_pipeline.validate import check_choice, check_float, check_int
 
         check_choice("metric", self.metric, METRICS)
         check_choice("codec", self.codec, CODECS)
@@ -125,6 +125,52 @@ class FitSettings:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
+#: The scheduled pipeline refits on schedule when the current codebook is older than this (a week).
+DEFAULT_REFIT_EVERY_HOURS = 24.0 * 7
+#: ... and when new rows' mean distance exceeds the training one by this fraction.
+DEFAULT_DRIFT_THRESHOLD = 0.25
+#: ... and when new rows' code-usage Jensen-Shannon divergence from the training usage exceeds its
+#: finite-sample bias by this many bits (the measurement behind it: the docs' Benchmarks page).
+DEFAULT_USAGE_THRESHOLD = 0.1
+#: The pipeline's encode settings: one code per row plus its distance (lets readers filter rows the
+#: codebook represents badly). Changing them would make every codes folder refuse the next run.
+PIPELINE_TOP_K = 1
+PIPELINE_WITH_DISTANCE = True
+
+#: A fit from tables holds all rows in memory when they take at most this many bytes; it streams them otherwise.
+DEFAULT_DATA_BUDGET = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """Which rows of a set of tables a fit reads, and how it reads them."""
+
+    #: The embedding column: ``Array(Float32, dim)`` or a list column of floats.
+    column: str
+    #: Fit on a seeded uniform sample of this many rows (None: every row).
+    sample: int | None = None
+    #: Hold the rows in memory when they take at most this many bytes; stream them otherwise.
+    data_budget: int = DEFAULT_DATA_BUDGET
+    #: Rows per batch read.
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    #: polars' options for object storage.
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        from vq_pipeline.errors import InvalidInputError
+        from vq_pipeline.validate import check_int
+
+        if not isinstance(self.column, str) or not self.column:
+            raise InvalidInputError(
+                f"column={self.column!r}; expected the name of the embedding column. Fix: pass column='embedding' "
+                f"(or your column's name)."
+            )
+        if self.sample is not None:
+            object.__setattr__(self, "sample", check_int("sample", self.sample, minimum=1))
+        object.__setattr__(self, "data_budget", check_int("data_budget", self.data_budget, minimum=0))
+        object.__setattr__(self, "batch_rows", check_int("batch_rows", self.batch_rows, minimum=1))
+
+
 @dataclass(frozen=True)
 class EncodeSettings:
     """What an encode run writes; a folder's outputs all share one codebook and one of these."""
@@ -142,14 +188,14 @@ class EncodeSettings:
     unique: bool = False
 
     def __post_init__(self) -> None:
-        from .validate import check_int
+        from vq_pipeline.validate import check_int
 
         # code_dtype is checked against the codebook's n_codes when a run plans (tables.code_dtype).
         object.__setattr__(self, "keep", tuple(self.keep))
         object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=1))
         object.__setattr__(self, "beam", check_int("beam", self.beam, minimum=1))
         if not isinstance(self.unique, bool):
-            from .errors import InvalidInputError
+            from vq_pipeline.errors import InvalidInputError
 
             raise InvalidInputError(f"unique={self.unique!r}; expected True or False.")
 
@@ -164,20 +210,110 @@ class EncodeSettings:
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """How an encode run computes (does not change the codes away from near-ties)."""
+    """How an encode run computes (which does not change the codes away from near-ties) and what it
+    may do to its output folder."""
 
     engine: str = "auto"
     device: str | None = None
     batch_rows: int = DEFAULT_BATCH_ROWS
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     storage_options: dict[str, Any] | None = None
+    #: Replace another codebook's (or other settings') codes in the folder, deleting only the outputs
+    #: its receipts record.
+    overwrite: bool = False
+    #: Once every input is encoded, delete the stale outputs (of inputs not in this run) and their receipts.
+    prune: bool = False
 
     def __post_init__(self) -> None:
-        from .validate import check_choice, check_int
+        from vq_pipeline.errors import InvalidInputError
+        from vq_pipeline.validate import check_choice, check_int
 
         check_choice("engine", self.engine, ENGINES)
+        for name in ("overwrite", "prune"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name}={getattr(self, name)!r}; expected True or False.")
         object.__setattr__(self, "batch_rows", check_int("batch_rows", self.batch_rows, minimum=1))
         object.__setattr__(self, "memory_budget", check_int("memory_budget", self.memory_budget, minimum=1))
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What every run of the scheduled pipeline does (:func:`vq_pipeline.jobs.scheduled.run_once`):
+    the codebook it fits, how it encodes, and when it refits. Validated at construction, so a
+    deployment refuses on registration what every scheduled run would refuse."""
+
+    #: The embedding column of every table under the input root.
+    column: str
+    #: Codes of the codebook (per level for a multi-level codec).
+    n_codes: int
+    #: The id column written beside the codes (None: row positions, written as ``row``).
+    id_column: str | None = None
+    metric: str = DEFAULT_METRIC
+    #: Fit on a seeded uniform sample of this many rows (None: every row).
+    sample: int | None = None
+    seed: int = 0
+    engine: str = "auto"
+    #: The ``code`` column's integer type, e.g. "uint32" (None: the smallest for ``n_codes``); pin it so
+    #: that a table schema survives a refit with another ``n_codes``.
+    code_dtype: str | None = None
+    #: "flat", or "residual"/"product" codebooks of ``levels`` levels; a change refits.
+    codec: str = "flat"
+    levels: int = 1
+    #: Refit when the codebook is older than this many hours (None: never on schedule).
+    refit_every_hours: float | None = DEFAULT_REFIT_EVERY_HOURS
+    #: Refit when new rows' mean distance exceeds the training one by this fraction.
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    #: Refit when new rows' code-usage divergence exceeds its finite-sample bias by this many bits
+    #: (evaluated from ``max(100, 5 * n_codes)`` new rows on; None: never).
+    usage_threshold: float | None = DEFAULT_USAGE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        from vq_pipeline.errors import InvalidInputError
+        from vq_pipeline.validate import check_int
+
+        object.__setattr__(self, "n_codes", check_int("n_codes", self.n_codes, minimum=1))
+        if not self.drift_threshold >= 0:
+            raise InvalidInputError(
+                f"drift_threshold={self.drift_threshold!r}; expected a fraction >= 0 (refit when the distortion "
+                f"ratio exceeds 1 + drift_threshold). Fix: pass e.g. {DEFAULT_DRIFT_THRESHOLD}."
+            )
+        if self.usage_threshold is not None and not 0 <= self.usage_threshold < 1:
+            raise InvalidInputError(
+                f"usage_threshold={self.usage_threshold!r}; expected bits of Jensen-Shannon divergence in [0, 1). "
+                f"Fix: pass e.g. {DEFAULT_USAGE_THRESHOLD}, or None to turn the code-usage rule off."
+            )
+        if self.refit_every_hours is not None and not self.refit_every_hours >= 0:
+            raise InvalidInputError(
+                f"refit_every_hours={self.refit_every_hours!r}; expected hours >= 0 (0: refit on every run). "
+                f"Fix: pass e.g. {DEFAULT_REFIT_EVERY_HOURS}, or None to refit only on drift."
+            )
+        self.fit_settings(), self.reading(), self.encode_settings()  # refused here, not on the first run
+
+    def fit_settings(self) -> FitSettings:
+        return FitSettings(metric=self.metric, seed=self.seed, engine=self.engine, codec=self.codec, levels=self.levels)
+
+    def reading(self) -> TableSettings:
+        return TableSettings(self.column, sample=self.sample)
+
+    def encode_settings(self) -> EncodeSettings:
+        return EncodeSettings(
+            self.column,
+            id_column=self.id_column,
+            top_k=PIPELINE_TOP_K,
+            with_distance=PIPELINE_WITH_DISTANCE,
+            code_dtype=self.code_dtype,
+        )
+
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(engine=self.engine)
+
+    def rules(self) -> dict[str, Any]:
+        """The refit rules, as :func:`vq_pipeline.jobs.workdir.refit_checks` takes them."""
+        return dict(
+            refit_every_hours=self.refit_every_hours,
+            drift_threshold=self.drift_threshold,
+            usage_threshold=self.usage_threshold,
+        )
 
 
 __all__ = [
@@ -187,10 +323,18 @@ __all__ = [
     "EncodeSettings",
     "FitSettings",
     "DEFAULT_BATCH_ROWS",
+    "DEFAULT_DATA_BUDGET",
+    "DEFAULT_DRIFT_THRESHOLD",
+    "DEFAULT_REFIT_EVERY_HOURS",
+    "DEFAULT_USAGE_THRESHOLD",
+    "PIPELINE_TOP_K",
+    "PIPELINE_WITH_DISTANCE",
+    "PipelineSettings",
     "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_METRIC",
     "ENGINES",
     "INITS",
     "METRICS",
     "TABLE_SUFFIXES",
+    "TableSettings",
 ]

@@ -9,7 +9,7 @@ Optional: it needs scikit-learn (the ``sklearn`` extra), and ``import vq_pipelin
     vq = VectorQuantizer.from_codebook(Codebook.load("codebook.safetensors"))
 
 ``fit`` is :func:`vq_pipeline.fit_codebook` (Lloyd, exact assignment), ``predict`` is
-:meth:`Codebook.encode`, ``partial_fit`` is :mod:`vq_pipeline.minibatch` (mini-batch K-means).
+:meth:`Codebook.encode`, ``partial_fit`` is :mod:`vq_pipeline.fitting.minibatch` (mini-batch K-means).
 
 Distances follow the library, not ``KMeans.transform``: ``transform`` gives squared L2 distances
 under ``metric='l2'`` (``KMeans.transform`` gives their square roots: take ``np.sqrt``), and
@@ -26,18 +26,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from .codebook import Codebook
-from .errors import InvalidInputError, TooFewPointsError
-from .kmeans import fit_codebook
-from .minibatch import FIT_DEFAULTS as _DEFAULTS
-from .minibatch import MiniBatchState, start_minibatch, update_minibatch
-from .fit_options import resolve_init
-from .settings import INITS
-from .validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
+try:
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+except ImportError as exc:  # the sklearn extra is not installed
+    raise ImportError(
+        f"scikit-learn is not importable ({exc}); expected it for vq_pipeline.sklearn.VectorQuantizer. "
+        f"Fix: pip install 'vq-pipeline[sklearn]'."
+    ) from None
+
+from vq_pipeline.codebook import Codebook
+from vq_pipeline.errors import InvalidInputError, TooFewPointsError
+from vq_pipeline.fitting.kmeans import fit_codebook
+from vq_pipeline.fitting.minibatch import FIT_DEFAULTS as _DEFAULTS
+from vq_pipeline.fitting.minibatch import MiniBatchState, start_minibatch, update_minibatch
+from vq_pipeline.fitting.options import resolve_init
+from vq_pipeline.settings import INITS
+from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
 
 
 class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
@@ -137,13 +144,13 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         return self
 
     def partial_fit(self, X: Any, y: Any = None) -> VectorQuantizer:
-        """Absorb one batch with mini-batch K-means (:mod:`vq_pipeline.minibatch`).
+        """Absorb one batch with mini-batch K-means (:mod:`vq_pipeline.fitting.minibatch`).
 
         The first call (on an estimator neither fitted nor loaded) seeds the codes from its batch,
         which needs at least ``n_codes`` rows, and runs a few Lloyd iterations on it; later calls
         assign each row its exact nearest code, move the codes to the running means of their rows,
         assign again, and split crowded codes with under-used ones where that pays (the defaults of
-        :data:`vq_pipeline.minibatch.STREAM_DEFAULTS`). After ``fit`` or :meth:`from_codebook`, the
+        :data:`vq_pipeline.fitting.minibatch.STREAM_DEFAULTS`). After ``fit`` or :meth:`from_codebook`, the
         codebook's counts weigh its centroids.
 
         Args:

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arrays import is_polars, polars_embeddings
-from .errors import InvalidInputError, NonFiniteError
-from .settings import DEFAULT_METRIC, ENGINES, METRICS  # noqa: F401 - re-exported for callers
+from vq_pipeline.arrays import is_polars, polars_embeddings
+from vq_pipeline.errors import InvalidInputError, NonFiniteError
 
 # Largest squared row norm accepted. Squared distances between two such rows can reach 4x this,
 # which must stay below float32's max (3.4e38) for every engine to compute them.
@@ -162,7 +161,7 @@ def _check_values(x: torch.Tensor, x32: torch.Tensor, *, name: str, number: Any)
     """One pass over the rows' norms finds NaN/Inf and overflow; errors are located after."""
     for rows in row_chunks(x32.shape[0], _SCAN_ROWS):
         block = x32[rows]  # (chunk, dim)
-        # vector_norm is NaN/Inf when any value is, or when the squares overflow; 5-7x faster than an
+        # vector_norm is NaN/Inf when any value is, or when the squares overflow; much faster than an
         # einsum of the squares. Rows over the bound are confirmed in float64 before an error is raised.
         bad = ~(torch.linalg.vector_norm(block, dim=1) <= _MAX_NORM)  # (chunk,) bool; NaN compares False
         if bool(bad.any()):

@@ -1,0 +1,189 @@
+"""``vq inspect``: describe a codebook file (:func:`describe`, also used by the tests of hostile files).
+
+Loads only the codebook file module (no torch, no polars); numpy for the counts.
+"""
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from vq_flows.cli.progress import Console, dumps
+
+from vq_pipeline.jobs.display import safe_text
+
+if TYPE_CHECKING:
+    from vq_pipeline.codebook import Codebook
+    from vq_pipeline.io.codebook_file import CodebookInfo
+
+#: Sources listed by ``vq inspect`` before eliding the rest (a hive table can have thousands).
+MAX_SOURCES_SHOWN = 5
+
+
+def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    """``vq inspect``: describe a codebook file, validated as ``Codebook.load`` does, without loading torch."""
+    from vq_pipeline.io.codebook_file import load_info
+
+    plot = getattr(args, "plot", None)  # a Namespace built by a caller may lack the option
+    if plot is not None:
+        from vq_pipeline.jobs.plots import check_picture_path, plot_codebook
+
+        check_picture_path("--plot", plot, [args.codebook])  # before reading: the message names the flag
+    codebook = load_info(args.codebook)
+    if plot is not None:
+        plot = str(plot_codebook(codebook, plot))  # drawn before anything is printed: an error leaves stdout empty
+    if args.json:
+        summary = codebook.summary() if plot is None else {**codebook.summary(), "plot": plot}
+        console.result(dumps(summary))  # JSON escapes every control character
+    else:
+        console.result(describe(codebook, title=args.codebook))
+        if plot is not None:
+            console.result(f"picture -> {safe_text(plot)}")
+    return 0
+
+
+def describe(codebook: "Codebook | CodebookInfo", *, title: str = "codebook") -> str:
+    """A multi-line, human-readable description of a codebook.
+
+    Uses ``.get`` throughout: codebooks fitted in memory or by older releases lack some stats.
+    Reads the counts through numpy, so it needs nothing of torch but the ``counts`` it is given.
+    Every string taken from the codebook (or the title, a file name) goes through ``safe_text``
+    and every number through ``show``, so a hostile file can neither drive the terminal, nor forge
+    a line of the report, nor make it fail: each line is the title or starts with a label.
+    """
+    import numpy as np
+
+    s = codebook.stats if isinstance(codebook.stats, dict) else {}
+    counts = np.asarray(codebook.counts, dtype=np.int64)  # (n_codes,)
+    multilevel = codebook.codec != "flat"
+    rows = _identity_rows(codebook) + _training_rows(s)
+    rows.append(("empty codes", str(int((counts == 0).sum()))))
+    if multilevel:
+        rows.extend(_multilevel_rows(s, codebook.n_codes))
+    median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
+    rows.append(
+        (
+            "cluster sizes",
+            f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,}"
+            + (f" over {codebook.levels} levels)" if multilevel else ")"),
+        )
+    )
+    rows.extend(_provenance_rows(codebook))
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [safe_text(str(title))]
+    for name, value in rows:
+        first, *rest = value.split("\n")  # the sources (one per line) and the per-level table
+        lines.append(f"  {name:<{width}}{first}")
+        lines.extend(f"  {'':<{width}}{more}" for more in rest)
+    return "\n".join(lines)
+
+
+def _identity_rows(codebook: "Codebook | CodebookInfo") -> list[tuple[str, str]]:
+    """``describe``'s first rows: fingerprint, metric, codec (multi-level), codes and the fit's settings."""
+    from vq_pipeline.jobs.display import show
+
+    fit = codebook.settings
+    if isinstance(fit, dict):
+        fit_text = " ".join(f"{show(k)}={show(v)}" for k, v in fit.items() if k not in ("n_codes", "metric"))
+    else:
+        fit_text = show(fit)
+    rows: list[tuple[str, str]] = [
+        ("fingerprint", codebook.fingerprint),
+        ("metric", show(codebook.metric)),
+        ("codes", f"{codebook.n_codes:,} x dim {codebook.dim}"),
+        ("fit", fit_text or "unknown"),
+    ]
+    if codebook.codec != "flat":
+        rows[2] = ("codes", f"{codebook.n_codes:,} per level x {codebook.levels} levels, dim {codebook.dim}")
+        rows.insert(2, ("codec", f"{show(codebook.codec)}, {codebook.levels} levels"))
+    return rows
+
+
+def _training_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """``describe``'s rows of the training stats ``s``: rows used, inertia, iterations, repairs."""
+    from vq_pipeline.jobs.display import is_number, show
+
+    rows: list[tuple[str, str]] = []
+    n_rows = s.get("n_rows")
+    if n_rows is not None:
+        how = s.get("mode")
+        total = s.get("rows_total")
+        if how == "sample" and total is not None:
+            detail = f" (seeded sample of {show(total, ',')}, seed {show(s.get('sample_seed'))})"
+        elif how:
+            detail = f" ({show(how)})"
+        else:
+            detail = ""
+        rows.append(("training rows", f"{show(n_rows, ',')}{detail}"))
+    inertia = s.get("inertia")
+    if inertia is not None:
+        try:
+            mean = f" (mean {inertia / n_rows:.4g} per row)" if is_number(inertia) and is_number(n_rows) else ""
+        except (ArithmeticError, ValueError):  # no rows, or numbers too large for a float
+            mean = ""
+        rows.append(("inertia", f"{show(inertia, '.6g')}{mean}"))
+    if "iterations" in s:
+        converged = "converged" if s.get("converged") is True else "not converged"
+        rows.append(("iterations", f"{show(s['iterations'])}, {converged}"))
+    rows.append(("repairs", show(s.get("n_repairs", "unknown"))))
+    return rows
+
+
+def _provenance_rows(codebook: "Codebook | CodebookInfo") -> list[tuple[str, str]]:
+    """``describe``'s last rows: sources (the first MAX_SOURCES_SHOWN), column, fingerprints, versions, times."""
+    from vq_pipeline.jobs.display import show
+
+    sources = [show(source) for source in codebook.sources]
+    shown = sources[:MAX_SOURCES_SHOWN] + (
+        [f"... and {len(sources) - MAX_SOURCES_SHOWN:,} more"] if len(sources) > MAX_SOURCES_SHOWN else []
+    )
+    versions = codebook.versions
+    versions_text = (
+        ", ".join(f"{show(k)} {show(v)}" for k, v in versions.items()) if isinstance(versions, dict) else show(versions)
+    )
+    rows = [
+        ("sources", "\n".join(shown) if shown else "(in memory)"),
+        ("column", show(codebook.column) or "(in memory)"),
+        ("data fingerprint", show(codebook.data_fingerprint) or "unknown"),
+        ("parent", show(codebook.parent_fingerprint) or "none"),
+        ("versions", versions_text or "unknown"),
+        ("created_at", show(codebook.created_at) or "unknown"),
+    ]
+    timings = codebook.timings if isinstance(codebook.timings, dict) else {}
+    if "fit_seconds" in timings:
+        rows.append(("fit time", f"{show(timings['fit_seconds'], '.2f')} s"))
+    return rows
+
+
+def _multilevel_rows(stats: dict[str, Any], n_codes: int) -> list[tuple[str, str]]:
+    """``describe``'s rows for a residual or product codebook: the reconstruction error, the semantic ids'
+    collisions, and one line per level (its error, used codes, iterations, convergence)."""
+    from vq_pipeline.jobs.display import show
+
+    rows = [("error (mse)", show(stats.get("mse", "unknown"), ".6g"))]
+    if "collision_rate" in stats:
+        rows.append(
+            (
+                "semantic ids",
+                f"{show(stats.get('n_unique'), ',')} unique tuples, collision rate "
+                f"{show(stats.get('collision_rate'), '.4g')}, largest group {show(stats.get('largest_group'), ',')}, "
+                f"max suffix {show(stats.get('max_suffix'), ',')}",
+            )
+        )
+    per_level = stats.get("levels")
+    if not isinstance(per_level, list) or not per_level:
+        return [*rows, ("per level", "unknown")]
+    table = [("level", "error (mse)", "used codes", "iterations", "converged")]
+    for i, level in enumerate(per_level):
+        level = level if isinstance(level, dict) else {}
+        converged = level.get("converged")
+        table.append(
+            (
+                str(i),
+                show(level.get("mse", "unknown"), ".6g"),
+                f"{show(level.get('used_codes', '?'), ',')}/{n_codes:,}",
+                show(level.get("iterations", "unknown")),
+                "yes" if converged is True else "no" if converged is False else "unknown",
+            )
+        )
+    widths = [max(len(cells[c]) for cells in table) for c in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in table]
+    return [*rows, ("per level", "\n".join(lines))]

@@ -1,0 +1,166 @@
+"""kill -9 at random points of an encode, then resume: outputs byte-identical, nothing partial."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fit_tables, snapshot as files
+
+from vq_pipeline import IterationStats
+from vq_pipeline.io.table_writer import write_embeddings
+from vq_pipeline.jobs.demo import generate_embeddings
+from vq_pipeline.jobs.encode_folder import encode_tables
+from vq_pipeline.jobs.encode_state import MANIFEST_NAME, state_dir
+from vq_pipeline.jobs.fit_tables import fit_from_tables
+from vq_pipeline.settings import EncodeOptions, EncodeSettings, FitSettings, TableSettings
+
+N_KILLS = 20
+
+CHILD = """
+import sys
+from vq_pipeline.jobs.encode_folder import encode_tables
+from vq_pipeline.settings import EncodeOptions, EncodeSettings
+print("ready", flush=True)
+settings = EncodeSettings("embedding", id_column="id", with_distance=True)
+encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], settings, EncodeOptions(batch_rows=4096))
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_nine_at_random_points_then_resume_gives_identical_outputs(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    for i in range(6):
+        write_embeddings(data / f"day={i}" / "part-0.parquet", np.arange(6000) + i * 10**6, generate_embeddings(6000, 32, 30, seed=i))
+    codebook = tmp_path / "cb.safetensors"
+    fit_from_tables([data], 64, TableSettings(column="embedding", sample=3000), FitSettings(n_iter=5)).save(codebook)
+    reference = tmp_path / "reference"
+    t0 = time.perf_counter()
+    encode_tables([data], codebook, reference, EncodeSettings(column="embedding", id_column="id", with_distance=True), EncodeOptions(batch_rows=4096))
+    encode_seconds = time.perf_counter() - t0
+    want = files(reference)
+
+    rng = random.Random(1234)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    outcomes = {"killed": 0, "finished_first": 0}
+    for trial in range(N_KILLS):
+        out = tmp_path / f"run{trial}"
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(data), str(codebook), str(out)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 1.5 * encode_seconds))
+        child.send_signal(signal.SIGKILL)
+        outcomes["killed" if child.wait() == -signal.SIGKILL else "finished_first"] += 1
+        if out.exists() or state_dir(out).exists():
+            # Whatever the kill left: complete outputs under final names, or temporary names only.
+            for rel, content in files(out).items():
+                if rel.endswith(".parquet") and not Path(rel).name.startswith("."):
+                    assert content == want[rel], f"trial {trial}: partial or wrong {rel} under its final name"
+                elif rel == f"state/{MANIFEST_NAME}":
+                    assert content == want[rel], f"trial {trial}: manifest written before all outputs"
+        encode_tables([data], codebook, out, EncodeSettings(column="embedding", id_column="id", with_distance=True), EncodeOptions(batch_rows=4096))
+        assert files(out) == want, f"trial {trial}: resumed run differs from the uninterrupted one"
+        assert not list(out.rglob(".*.tmp")) and not list(state_dir(out).rglob(".*.tmp"))
+        shutil.rmtree(out)
+        shutil.rmtree(state_dir(out))
+    assert outcomes["killed"] >= N_KILLS // 2, outcomes
+    print(json.dumps(outcomes))
+
+
+FIT_CHILD = """
+import sys
+from vq_pipeline.jobs.fit_tables import fit_from_tables
+from vq_pipeline.settings import FitSettings, TableSettings
+print("ready", flush=True)
+reading = TableSettings("embedding", data_budget=0, batch_rows=2000)
+fit_from_tables([sys.argv[1]], 32, reading, FitSettings(n_iter=30, tol=0.0, n_init=2), checkpoint=sys.argv[2]).save(sys.argv[3])
+"""
+FIT_KILLS = 8
+
+
+def comparable(path: Path) -> bytes:
+    """A codebook file with its run record (creation time, timings) pinned."""
+    import dataclasses
+
+    from vq_pipeline import Codebook
+
+    return dataclasses.replace(Codebook.load(path), created_at="", timings={}).to_bytes()
+
+
+@pytest.mark.slow
+def test_kill_nine_during_a_checkpointed_fit_then_resume_gives_the_same_codebook(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    for i in range(3):
+        write_embeddings(data / f"part-{i}.parquet", np.arange(20_000), generate_embeddings(20_000, 16, 40, seed=i))
+    reference = tmp_path / "reference.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", FIT_CHILD, str(data), str(tmp_path / "ref.ckpt"), str(reference)], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    assert child.wait() == 0
+    fit_seconds = time.perf_counter() - t0
+    assert not (tmp_path / "ref.ckpt").exists(), "a finished fit removes its checkpoint"
+    want = comparable(reference)
+    rng = random.Random(99)
+    resumed = 0
+    for trial in range(FIT_KILLS):
+        ckpt, out = tmp_path / f"t{trial}.ckpt", tmp_path / f"t{trial}.safetensors"
+        child = subprocess.Popen([sys.executable, "-c", FIT_CHILD, str(data), str(ckpt), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "ready"
+        if trial % 2:  # odd trials: kill soon after the first checkpoint, so that half the kills resume from one
+            while not ckpt.exists() and child.poll() is None:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:
+            time.sleep(rng.uniform(0.1, 0.9) * fit_seconds)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        resumed += ckpt.exists()
+        subprocess.run([sys.executable, "-c", FIT_CHILD, str(data), str(ckpt), str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+        assert comparable(out) == want, f"trial {trial}: the resumed fit differs"
+        assert not ckpt.exists() and not list(tmp_path.glob(".*.tmp"))
+    assert resumed >= FIT_KILLS // 2, f"only {resumed} kills landed after a checkpoint"
+
+
+def test_interrupted_fit_resumes_from_its_checkpoint_in_process(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    write_embeddings(data / "part-0.parquet", np.arange(3000), generate_embeddings(3000, 8, 20, seed=3))
+    kwargs = dict(column="embedding", n_codes=16, n_iter=10, tol=0.0, n_init=2, seed=4)
+    import dataclasses
+
+    want = dataclasses.replace(fit_tables([data], **kwargs), created_at="", timings={}).to_bytes()
+    seen = []
+
+    def stop_in_second_restart(stats) -> None:
+        if not isinstance(stats, IterationStats):
+            return
+        seen.append(stats.iteration)
+        if len(seen) == 14:  # inside the second restart
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_tables([data], checkpoint=ckpt, progress=stop_in_second_restart, **kwargs)
+    assert ckpt.exists()
+    after = []
+    got = fit_tables([data], checkpoint=ckpt, progress=lambda s: after.append(getattr(s, "iteration", None)), **kwargs)
+    assert after[0] > 1, "the second run started from the checkpoint, not from scratch"
+    assert dataclasses.replace(got, created_at="", timings={}).to_bytes() == want
+    assert not ckpt.exists()
+    # A checkpoint of another fit is ignored rather than resumed.
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        fit_tables([data], checkpoint=ckpt, progress=stop_in_second_restart, **kwargs)
+    other = fit_tables([data], checkpoint=ckpt, **{**kwargs, "seed": 5})
+    assert other.settings["seed"] == 5 and not ckpt.exists()

@@ -1,0 +1,255 @@
+"""Fitting and encoding multi-level codebooks (codec 'residual' or 'product'; see :mod:`vq_pipeline.compute.levels`).
+
+Every level is an ordinary flat fit (:func:`vq_pipeline.fitting.flat.fit_steps`: seeding, restarts, exact
+Lloyd, repairs, checkpoints) over the level's view of the rows (:meth:`DataSource.mapped`):
+
+* residual: levels one after the other; level ``l`` sees what the fitted levels ``0..l-1`` leave,
+  computed per batch and never written out: for each row, the residuals of the ``train_beam`` best
+  partial tuples of a beam search (:func:`vq_pipeline.compute.levels.beam_residuals`; the greedy residual
+  when ``train_beam=1``). Level 0 is the flat codebook of the same settings.
+* product: all levels in lockstep; each iteration is one pass over the data that serves every level
+  still running (:func:`vq_pipeline.compute.data.e_steps`). Each level stops at its own tolerance, so level
+  ``l`` is the flat codebook of slice ``l`` with the same settings.
+
+A final pass encodes the training rows once (greedy, as encode does by default) for the counts and
+the statistics: reconstruction error (in total and per level), code usage per level and the
+collision rate (the share of rows whose whole tuple of codes another row shares).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from vq_pipeline.codebook import Codebook
+from vq_pipeline.compute.data import DataSource, e_steps
+from vq_pipeline.compute.levels import RowMap, decode, encode_levels
+from vq_pipeline.compute.lloyd import ProgressCallback, run_steps
+from vq_pipeline.fitting.flat import fit_steps
+from vq_pipeline.fitting.options import FitOptions
+
+log = logging.getLogger(__name__)
+
+
+def level_metric(codec: str, metric: str, level: int) -> str:
+    """The metric level ``level`` is fitted with: the codebook's for residual level 0, else 'l2'."""
+    return metric if codec == "residual" and level == 0 else "l2"
+
+
+def fit_levels(
+    source: DataSource,
+    opts: FitOptions,
+    *,
+    data_fingerprint: str,
+    sources: Any = (),
+    column: str = "",
+    extra_stats: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    t_start: float | None = None,
+    checkpoint: Any = None,
+) -> Codebook:
+    """Fit a residual or product codebook over ``source`` (validated rows, unit rows under cosine).
+
+    ``checkpoint`` (a :class:`vq_pipeline.fitting.checkpoint.FitCheckpoint`) holds the finished levels and the
+    running ones' progress: a killed fit resumes where it stopped and gives the same codebook.
+    """
+    from vq_pipeline.fitting.checkpoint import LevelCheckpoints
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    n_levels = opts.levels
+    with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
+        store = LevelCheckpoints(checkpoint, _fit_key(data_fingerprint, opts)) if checkpoint is not None else None
+        books: list[Codebook | None] = [store.finished(level) if store else None for level in range(n_levels)]
+        resumed = sum(b is not None for b in books)
+        if resumed:
+            log.info("resuming a %s fit: %d of %d levels already fitted", opts.codec, resumed, n_levels)
+
+        def steps(level: int, src: DataSource, prefix: str) -> Any:
+            level_opts = replace(opts, codec="flat", levels=1, metric=level_metric(opts.codec, opts.metric, level))
+            return fit_steps(
+                src,
+                level_opts,
+                data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
+                progress=progress,
+                checkpoint=store.view(level) if store else None,
+            )
+
+        if opts.codec == "residual":
+            for level in range(n_levels):
+                if books[level] is not None:
+                    continue
+                prefix = torch.stack([b.centroids for b in books[:level]]) if level else None
+                src = source if prefix is None else source.mapped(_residual_map(prefix, opts))
+                log.info("fitting residual level %d of %d", level + 1, n_levels)
+                books[level] = run_steps(steps(level, src, _tensor_hash(prefix)), src.e_step)
+                if store:
+                    store.finish(level, books[level])
+        else:
+            sub = source.dim // n_levels
+            srcs = {lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim)) for lv in range(n_levels)}
+            todo = {lv: steps(lv, srcs[lv], "") for lv in range(n_levels) if books[lv] is None}
+
+            def finished(level: int, book: Codebook) -> None:
+                books[level] = book
+                if store:  # saved at once: a stop later in the lockstep must not lose this level
+                    store.finish(level, book)
+
+            _run_together(todo, srcs, finished)
+        done = [b for b in books if b is not None]
+        centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
+        t_stats = time.perf_counter()
+        pass_stats = training_stats(source, centroids, opts)
+        codebook = Codebook(
+            centroids=centroids,
+            counts=pass_stats.pop("counts"),  # (levels, n_codes): the training rows' codes, as encode gives them
+            metric=opts.metric,
+            codec=opts.codec,
+            settings=opts.settings(done[0].settings.get("engine", opts.engine)),
+            stats=_codebook_stats(done, pass_stats, source.n_rows, extra_stats),
+            data_fingerprint=data_fingerprint,
+            sources=tuple(sources),
+            column=column,
+            parent_fingerprint=opts.parent_fingerprint,
+            timings={
+                "fit_seconds": time.perf_counter() - t_start,
+                "init_seconds": sum(b.timings.get("init_seconds", 0.0) for b in done),
+                "iteration_seconds": [s for b in done for s in b.timings.get("iteration_seconds", [])],
+                **(
+                    {"iteration_pruned": [p for b in done for p in b.timings.get("iteration_pruned", [])]}
+                    if opts.prune
+                    else {}
+                ),
+                "level_seconds": [b.timings.get("fit_seconds", 0.0) for b in done],
+                "stats_seconds": time.perf_counter() - t_stats,
+            },
+        )
+        if store:
+            store.clear()
+    return codebook
+
+
+def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
+    return RowMap.residual(prefix, beam=opts.train_beam, engine=opts.engine, memory_budget=opts.memory_budget)
+
+
+def _run_together(
+    steps: dict[int, Any], srcs: dict[int, DataSource], finished: Callable[[int, Codebook], None]
+) -> None:
+    """Run level fits written as :data:`vq_pipeline.compute.lloyd.Steps` in lockstep: every round, one
+    :func:`~vq_pipeline.compute.data.e_steps` call answers all levels still running; ``finished(level,
+    codebook)`` is called as each level ends."""
+    pending: dict[int, torch.Tensor] = {}
+    for level, gen in steps.items():
+        try:
+            pending[level] = next(gen)
+        except StopIteration as stop:
+            finished(level, stop.value)
+    while pending:
+        order = sorted(pending)
+        stats = e_steps([(srcs[lv], pending[lv]) for lv in order])
+        for level, p in zip(order, stats):
+            try:
+                pending[level] = steps[level].send(p)
+            except StopIteration as stop:
+                finished(level, stop.value)
+                del pending[level]
+
+
+def _tensor_hash(t: torch.Tensor | None) -> str:
+    if t is None:
+        return ""
+    return hashlib.sha256(np.ascontiguousarray(t.cpu().numpy(), dtype="<f4").tobytes()).hexdigest()[:16]
+
+
+def _fit_key(data_fingerprint: str, opts: FitOptions) -> str:
+    init = opts.init_name
+    return hashlib.sha256(f"{data_fingerprint}|{opts.settings(opts.engine)}|{init}".encode()).hexdigest()
+
+
+def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions) -> dict[str, Any]:
+    """One pass over the training rows with the final codebook, encoding them as :meth:`Codebook.encode`
+    does by default (greedy): the (levels, n_codes) ``counts`` of every code, error per level and in
+    total, code usage per level, and collisions of whole tuples."""
+    from vq_pipeline.compute.semantic_ids import collision_stats
+
+    n_levels, n_codes, sub = centroids.shape
+    dev = opts.device
+    c = centroids.to(dev)
+    used = torch.zeros((n_levels, n_codes), dtype=torch.int64)
+    level_err = torch.zeros(n_levels, dtype=torch.float64)  # residual: after each level; product: each slice
+    total_err = 0.0
+    code_parts: list[np.ndarray] = []
+    dtype = np.uint8 if n_codes <= 256 else np.uint16 if n_codes <= 65_536 else np.int64
+    for xb in source.batches():
+        xb = xb.to(dev, torch.float32)
+        codes = encode_levels(xb, c, opts.codec, engine=opts.engine, memory_budget=opts.memory_budget)
+        code_parts.append(codes.cpu().numpy().astype(dtype))
+        for level in range(n_levels):
+            used[level] += torch.bincount(codes[:, level].cpu(), minlength=n_codes)
+        if opts.codec == "residual":
+            r = xb.clone()
+            for level in range(n_levels):
+                r -= c[level][codes[:, level]]
+                level_err[level] += float(r.double().square().sum())
+        else:
+            for level in range(n_levels):
+                diff = xb[:, level * sub : (level + 1) * sub] - c[level][codes[:, level]]
+                level_err[level] += float(diff.double().square().sum())
+        total_err += float((xb - decode(c, opts.codec, codes, metric=opts.metric)).double().square().sum())
+    n_rows = max(1, source.n_rows)
+    all_codes = np.concatenate(code_parts) if code_parts else np.zeros((0, n_levels), dtype)
+    return {
+        "counts": used,
+        "mse": total_err / n_rows,
+        "level_mse": (level_err / n_rows).tolist(),
+        "used_codes": (used > 0).sum(dim=1).tolist(),
+        **collision_stats(all_codes),
+    }
+
+
+def _codebook_stats(
+    books: list[Codebook], pass_stats: dict[str, Any], n_rows: int, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The multi-level codebook's ``stats``: totals, and each level's fit statistics."""
+    levels = []
+    for level, b in enumerate(books):
+        s = b.stats
+        levels.append(
+            {
+                "inertia": s["inertia"],
+                "iterations": s["iterations"],
+                "converged": s["converged"],
+                "n_repairs": s["n_repairs"],
+                "empty_codes": s["empty_codes"],
+                "used_codes": pass_stats["used_codes"][level],
+                "mse": pass_stats["level_mse"][level],
+                "restart_inertias": s.get("restart_inertias", []),
+                "history": s.get("history", []),
+            }
+        )
+    collisions = {
+        k: pass_stats[k] for k in ("n_unique", "collision_rate", "largest_group", "max_suffix") if k in pass_stats
+    }
+    return {
+        "n_rows": n_rows,
+        "inertia": pass_stats["mse"] * n_rows,
+        "mse": pass_stats["mse"],
+        "iterations": sum(lv["iterations"] for lv in levels),
+        "converged": all(lv["converged"] for lv in levels),
+        "n_repairs": sum(lv["n_repairs"] for lv in levels),
+        "empty_codes": sum(lv["empty_codes"] for lv in levels),
+        **collisions,
+        "levels": levels,
+        **(extra or {}),
+    }
+
+
+__all__ = ["fit_levels", "level_metric", "training_stats"]

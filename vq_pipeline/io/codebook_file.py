@@ -1,0 +1,670 @@
+"""Reading the codebook file format with numpy only: header checks, arrays, and a plain description.
+
+:class:`vq_pipeline.codebook.Codebook` builds on this (``Codebook.load`` reads through
+:func:`read_codebook_bytes`); ``vq inspect`` uses :func:`load_info`, which validates a file exactly
+as ``Codebook.load`` does without importing torch. The layout is described in
+:mod:`vq_pipeline.codebook`. Only this module and ``codebook.py`` touch safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vq_pipeline.errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
+from vq_pipeline.settings import CODECS, METRICS
+
+FORMAT_NAME = "vq-pipeline.codebook"
+#: 1.1 adds multi-level codebooks (metadata ``codec`` and ``levels``; (levels, n_codes, sub_dim)
+#: centroids and (levels, n_codes) counts). Flat codebooks are still written as 1.0, byte for byte as
+#: before; a file without ``codec`` is flat.
+FORMAT_VERSION = "1.1"
+FLAT_FORMAT_VERSION = "1.0"
+# What bounds a hostile file's cost before it is parsed: the header is read only when its declared
+# length is at most _MAX_HEADER_BYTES (a real header holds metadata: a few KiB, more with many
+# sources); its JSON, and then the JSON inside its metadata strings, is parsed only when it holds at
+# most _MAX_JSON_ITEMS separators and brackets (``,:[{``; a real codebook: about 10 per iteration and
+# 1 per source), which bounds the Python objects parsing makes (a dense 16 MiB of ``[{},{},...``
+# would make millions); JSON may nest at most _MAX_JSON_DEPTH levels (a real codebook nests 3); and
+# the tensor data is read only when the file is exactly as long as the header says it is.
+_MAX_HEADER_BYTES = 16 * 2**20
+_MAX_JSON_ITEMS = 2**18
+_MAX_JSON_DEPTH = 32
+_EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}
+_ITEM_BYTES = {"F32": 4, "I64": 8}
+_FIX = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit it."
+_PATH_FIX = "Fix: pass the .safetensors file written by `vq fit` or Codebook.save."
+
+
+def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat") -> str:
+    """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses.
+
+    Args:
+        centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
+    """
+    if codec == "flat":  # the identity of flat codebooks is unchanged since format 1.0
+        n_codes, dim = centroids.shape
+        h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{n_codes}|{dim}|".encode())
+    else:
+        levels, n_codes, sub_dim = centroids.shape
+        h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{codec}|{levels}|{n_codes}|{sub_dim}|".encode())
+    h.update(np.ascontiguousarray(centroids, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: str = "flat") -> None:
+    """Refuse non-finite centroids, negative counts and (under cosine) centroids that are not unit rows
+    (for a residual codebook, those of level 0; product slices and later residual levels are free).
+
+    Args:
+        centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
+        counts: (n_codes,) or (levels, n_codes) int64.
+    """
+    if not np.isfinite(centroids).all():
+        raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
+    if (counts < 0).any():
+        raise InvalidInputError("counts hold negative values; expected counts >= 0.")
+    if codec != "flat":
+        if codec == "product" or metric != "cosine":
+            return
+        centroids = centroids[0]  # (n_codes, dim): residual level 0
+    if metric == "cosine":
+        norms = np.linalg.norm(centroids.astype(np.float64), axis=1)  # (n_codes,)
+        worst = float(np.abs(norms - 1).max())
+        if worst > 1e-3:
+            raise InvalidInputError(
+                f"cosine centroid norms deviate from 1 by up to {worst:.3g}; expected unit-norm rows. "
+                f"Fix: normalize the centroids, or use metric='l2'."
+            )
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_list_of_str(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_str_to_str(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+# The JSON type of each known entry of the JSON-valued metadata, as (test, what to say is expected).
+# An entry may be absent (older files and fits in memory lack some); one that is present must have
+# its type, because reports and drift checks compute with them. Other entries are kept as they are.
+_COUNT = (_is_count, "an integer >= 0")
+_NUMBER = (_is_number, "a number")
+_BOOLEAN = (lambda v: isinstance(v, bool), "a boolean")
+_STRING = (lambda v: isinstance(v, str), "a string")
+_ARRAY = (lambda v: isinstance(v, list), "an array")
+_ENTRY_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
+    "stats": {
+        "n_rows": _COUNT,
+        "rows_total": _COUNT,
+        "sample": _COUNT,
+        "sample_seed": _COUNT,
+        "init_sample": _COUNT,
+        "partitions": _COUNT,
+        "iterations": _COUNT,
+        "n_repairs": _COUNT,
+        "empty_codes": _COUNT,
+        "inertia": _NUMBER,
+        "converged": _BOOLEAN,
+        "mode": _STRING,
+        "restart_inertias": _ARRAY,
+        "history": _ARRAY,
+        "alignment": (lambda v: isinstance(v, dict), "an object"),
+    },
+    "timings": {
+        "fit_seconds": _NUMBER,
+        "init_seconds": _NUMBER,
+        "iteration_seconds": _ARRAY,
+        "iteration_pruned": _ARRAY,
+        "prune_state_bytes": _COUNT,
+    },
+}
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, with its article."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters (repr escapes control characters)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _nesting(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (0 for a scalar), without recursion;
+    stops counting past ``_MAX_JSON_DEPTH``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > _MAX_JSON_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_json(text: str, what: str, source: str) -> Any:
+    """``json.loads(text)``, refusing invalid JSON and JSON nested deeper than ``_MAX_JSON_DEPTH``."""
+    try:
+        value = json.loads(text)
+        too_deep = _nesting(value) > _MAX_JSON_DEPTH
+    except json.JSONDecodeError as exc:
+        raise CodebookFileError(f"{source}: {what} is not valid JSON ({exc}); the file is corrupt. {_FIX}") from None
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise CodebookFileError(
+            f"{source}: {what} nests JSON arrays or objects more than {_MAX_JSON_DEPTH} levels deep; expected "
+            f"codebook metadata (3 levels). The file is corrupt or hostile. {_FIX}"
+        )
+    return value
+
+
+def _check_items(texts: str | Iterable[str], what: str, source: str) -> None:
+    """Refuse ``texts`` (one string or several) before they are parsed as JSON when they hold more than
+    ``_MAX_JSON_ITEMS`` separators and brackets (counted inside strings too: an upper bound on the
+    values that parsing makes)."""
+    n_items = sum(text.count(c) for text in ([texts] if isinstance(texts, str) else texts) for c in ",:[{")
+    if n_items > _MAX_JSON_ITEMS:
+        raise CodebookFileError(
+            f"{source}: {what} holds {n_items} JSON separators and brackets; expected at most {_MAX_JSON_ITEMS} "
+            f"(a codebook's metadata holds about 10 per fit iteration and 1 per source). The file is corrupt or "
+            f"hostile. {_FIX}"
+        )
+
+
+def _header_length(head: bytes, size: int, source: str) -> int:
+    """The header length that a file's first 8 bytes declare, once it is known that a JSON header of
+    that length fits in the ``size`` bytes of the file (``head``: at least its first 9 bytes)."""
+    (n_header,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (None,)
+    if n_header is not None and n_header <= min(size - 8, _MAX_HEADER_BYTES) and head[8:9] == b"{":
+        return n_header
+    # Not a safetensors header: say what it looks like instead. (A pickle's first bytes can also
+    # read as a plausible header length, so this is only asked once the header check failed.)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head[:4] == b"PK\x03\x04":
+        raise CodebookFileError(
+            f"{source} looks like a pickle or torch.save archive, not a safetensors codebook; pickles are "
+            f"never loaded because loading one can run arbitrary code. {_FIX}"
+        )
+    if n_header is None:
+        raise CodebookFileError(f"{source} is {size} bytes long: too short to be a safetensors file. {_FIX}")
+    if n_header > _MAX_HEADER_BYTES:
+        raise CodebookFileError(
+            f"{source}: header length={n_header} bytes; expected at most {_MAX_HEADER_BYTES} bytes for a codebook "
+            f"header. The file is corrupt or not a codebook. {_FIX}"
+        )
+    if n_header > size - 8:
+        raise CodebookFileError(
+            f"{source}: header length={n_header} bytes but the file has {size - 8} bytes after it; "
+            f"expected a safetensors file. The file is truncated or not a codebook. {_FIX}"
+        )
+    raise CodebookFileError(
+        f"{source}: the {n_header}-byte header starts with {head[8:9]!r}; expected a JSON object ('{{'). "
+        f"The file is corrupt or not a codebook. {_FIX}"
+    )
+
+
+def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str], int]:
+    """Check a codebook's JSON header by hand (``raw``: its bytes; ``n_after``: how many bytes of the
+    file follow it). Returns its string metadata and the size of the tensor data it describes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CodebookFileError(
+            f"{source}: the header is not UTF-8 text ({exc}); the file is corrupt. {_FIX}"
+        ) from None
+    _check_items(text, "the header", source)
+    header = _parse_json(text, "the header", source)
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise CodebookFileError(f"{source}: the header has no metadata; expected a vq-pipeline codebook. {_FIX}")
+    meta = header.pop("__metadata__")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise CodebookFileError(
+                f"{source}: metadata {key}={_short(value)} is {_json_type(value)}; expected a string (safetensors "
+                f"metadata maps strings to strings). The file is corrupt. {_FIX}"
+            )
+    # The metadata strings are parsed as JSON later, together: one budget for all of them.
+    _check_items(meta.values(), "the metadata", source)
+    if meta.get("format") != FORMAT_NAME:
+        raise UnsupportedFormatError(f"{source}: format={meta.get('format')!r}; expected {FORMAT_NAME!r}. {_FIX}")
+    version = meta.get("format_version", "")
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise UnsupportedFormatError(
+            f"{source}: format_version={version!r}; this release reads major version "
+            f"{FORMAT_VERSION.split('.')[0]} ({FORMAT_VERSION}). Fix: upgrade vq-pipeline, or refit the codebook."
+        )
+    if meta.get("metric") not in METRICS:
+        raise CodebookFileError(f"{source}: metric={meta.get('metric')!r}; expected one of {METRICS}. {_FIX}")
+    sizes = [meta.get("n_codes", ""), meta.get("dim", "")]
+    if not all(s.isascii() and s.isdigit() and len(s) <= 18 and int(s) > 0 for s in sizes):
+        raise CodebookFileError(
+            f"{source}: n_codes={meta.get('n_codes')!r}, dim={meta.get('dim')!r}; expected positive integers. {_FIX}"
+        )
+    n_codes, dim = int(sizes[0]), int(sizes[1])
+    codec, levels = _codec_and_levels(meta, dim, source)
+    if set(header) != set(_EXPECTED_TENSORS):
+        raise CodebookFileError(
+            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {_FIX}"
+        )
+    if codec == "flat":
+        expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
+    else:
+        sub_dim = dim // levels if codec == "product" else dim
+        expected_shapes = {"centroids": [levels, n_codes, sub_dim], "counts": [levels, n_codes]}
+    spans = []
+    for name, (dtype, _) in _EXPECTED_TENSORS.items():
+        info = header[name]
+        if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != expected_shapes[name]:
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} is {_short(info)}; expected dtype {dtype} and shape "
+                f"{expected_shapes[name]} (from metadata codec={codec!r}, levels={levels}, n_codes={n_codes}, "
+                f"dim={dim}). The header is inconsistent. "
+                f"{_FIX}"
+            )
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} has data_offsets={_short(offsets)}; the header is corrupt. {_FIX}"
+            )
+        if offsets[1] > n_after:
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_after} data bytes follow the "
+                f"header; the file is truncated. {_FIX}"
+            )
+        n_bytes = _ITEM_BYTES[dtype] * int(np.prod(expected_shapes[name]))
+        if offsets[1] - offsets[0] != n_bytes:
+            raise CodebookFileError(
+                f"{source}: tensor {name!r} has data_offsets={offsets} ({offsets[1] - offsets[0]} bytes); expected "
+                f"{n_bytes} bytes for dtype {dtype} and shape {expected_shapes[name]}. The header is inconsistent. "
+                f"{_FIX}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    if spans[0][0] != 0 or spans[0][1] != spans[1][0]:
+        raise CodebookFileError(
+            f"{source}: tensors {spans[0][2]!r} and {spans[1][2]!r} occupy bytes {spans[0][:2]} and {spans[1][:2]} "
+            f"of the data; expected them to fill it from byte 0 with no gap or overlap. The header is corrupt. {_FIX}"
+        )
+    return meta, spans[1][1]
+
+
+def _codec_and_levels(meta: dict[str, str], dim: int, source: str) -> tuple[str, int]:
+    """The codec and levels a header declares (a file without them is flat, as every 1.0 file is)."""
+    codec, levels_text = meta.get("codec", "flat"), meta.get("levels", "1")
+    if codec not in CODECS:
+        raise CodebookFileError(f"{source}: codec={codec!r}; expected one of {CODECS}. {_FIX}")
+    if not (levels_text.isascii() and levels_text.isdigit() and len(levels_text) <= 6 and int(levels_text) > 0):
+        raise CodebookFileError(f"{source}: levels={levels_text!r}; expected a positive integer. {_FIX}")
+    levels = int(levels_text)
+    if codec == "flat" and levels != 1:
+        raise CodebookFileError(f"{source}: levels={levels} with codec='flat'; expected levels=1. {_FIX}")
+    if codec == "product" and dim % levels:
+        raise CodebookFileError(
+            f"{source}: dim={dim} is not a multiple of levels={levels}, as a product codebook's is. {_FIX}"
+        )
+    return codec, levels
+
+
+def _check_size(size: int, n_header: int, n_data: int, source: str) -> None:
+    """Refuse a file that is longer than its header says (the shorter ones are refused by
+    :func:`_check_header`): a codebook is exactly the length field, the header and the tensor data."""
+    expected = 8 + n_header + n_data
+    if size != expected:
+        raise CodebookFileError(
+            f"{source} is {size} bytes long but its header describes {expected} bytes (8 + a {n_header}-byte "
+            f"header + {n_data} bytes of tensor data); "
+            + (
+                f"{size - expected} bytes follow the tensor data. The file is corrupt or not a codebook. "
+                if size > expected
+                else "the file is truncated. "
+            )
+            + _FIX
+        )
+
+
+def read_codebook_bytes(data: bytes, source: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Check the header by hand, then let safetensors read the arrays (numpy, no pickles).
+
+    Returns:
+        (string metadata, {"centroids": (n_codes, dim) float32, "counts": (n_codes,) int64}).
+    """
+    n_header = _header_length(data[:9], len(data), source)
+    meta, n_data = _check_header(data[8 : 8 + n_header], len(data) - 8 - n_header, source)
+    _check_size(len(data), n_header, n_data, source)
+    try:
+        from safetensors.numpy import load as _st_load
+
+        arrays = _st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CodebookFileError(f"{source}: safetensors could not read it ({exc}). {_FIX}") from None
+    return meta, arrays
+
+
+def write_codebook_bytes(meta: dict[str, str], centroids: np.ndarray, counts: np.ndarray) -> bytes:
+    """A codebook's safetensors bytes (what :func:`read_codebook_bytes` reads back): the string
+    ``meta``, float32 ``centroids`` and int64 ``counts``, little-endian, with a deterministic header
+    (keys sorted: the safetensors library orders metadata by hash, differently per process)."""
+    c = np.ascontiguousarray(centroids, dtype="<f4")
+    n = np.ascontiguousarray(counts, dtype="<i8")
+    header = {
+        "__metadata__": meta,
+        "centroids": {"dtype": "F32", "shape": list(c.shape), "data_offsets": [0, c.nbytes]},
+        "counts": {"dtype": "I64", "shape": list(n.shape), "data_offsets": [c.nbytes, c.nbytes + n.nbytes]},
+    }
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw + c.tobytes() + n.tobytes()
+
+
+def json_field(meta: dict[str, str], key: str, source: str, kind: type) -> Any:
+    """A JSON-valued metadata entry of type ``kind`` (``dict`` or ``list``; empty when absent)."""
+    raw = meta.get(key, "")
+    if raw == "":
+        return kind()
+    value = _parse_json(raw, f"metadata {key}", source)
+    if not isinstance(value, kind):
+        expected = {dict: "an object", list: "an array"}.get(kind, kind.__name__)
+        raise CodebookFileError(
+            f"{source}: metadata {key}={_short(value)} is {_json_type(value)}; expected {expected}. {_FIX}"
+        )
+    return value
+
+
+def _typed_entries(meta: dict[str, str], key: str, source: str) -> dict[str, Any]:
+    """A JSON-object metadata entry whose known entries have the types ``_ENTRY_TYPES`` gives."""
+    value = json_field(meta, key, source, dict)
+    for name, (test, expected) in _ENTRY_TYPES[key].items():
+        if name in value and not test(value[name]):
+            found = value[name]
+            raise CodebookFileError(
+                f"{source}: metadata {key}.{name}={_short(found)} is {_json_type(found)}; expected {expected}. {_FIX}"
+            )
+    return value
+
+
+def provenance_fields(meta: dict[str, str], source: str) -> dict[str, Any]:
+    """The metadata of a codebook file as the keyword arguments of a Codebook (or CodebookInfo).
+
+    ``fit`` must be a JSON object whose values are only shown, so any JSON value is kept; ``stats`` and
+    ``timings`` entries that reports compute with must have their types; ``sources`` must be an array
+    of strings and ``versions`` an object of strings.
+    """
+    sources = json_field(meta, "sources", source, list)
+    versions = json_field(meta, "versions", source, dict)
+    for key, value, ok, expected in (
+        ("sources", sources, _is_list_of_str(sources), "an array of strings"),
+        ("versions", versions, _is_str_to_str(versions), "an object whose values are strings"),
+    ):
+        if not ok:
+            bad = next(v for v in (value if isinstance(value, list) else value.values()) if not isinstance(v, str))
+            raise CodebookFileError(
+                f"{source}: metadata {key} holds {_short(bad)}, {_json_type(bad)}; expected {expected}. {_FIX}"
+            )
+    return dict(
+        metric=meta["metric"],
+        codec=meta.get("codec", "flat"),
+        settings=json_field(meta, "fit", source, dict),
+        stats=_typed_entries(meta, "stats", source),
+        data_fingerprint=meta.get("data_fingerprint", ""),
+        sources=tuple(sources),
+        column=meta.get("column", ""),
+        parent_fingerprint=meta.get("parent_fingerprint", ""),
+        versions=versions,
+        created_at=meta.get("created_at", ""),
+        timings=_typed_entries(meta, "timings", source),
+    )
+
+
+def _open_regular_file(p: Path) -> int:
+    """A read-only descriptor of the regular file ``p``; anything else is refused without being opened
+    (a device or FIFO is never read; O_NONBLOCK keeps a FIFO swapped in meanwhile from blocking)."""
+    name = f"codebook path={str(p)!r}"
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CodebookFileError(f"{name} does not exist; expected a .safetensors codebook file. {_PATH_FIX}") from None
+    except (OSError, ValueError) as exc:
+        raise CodebookFileError(
+            f"{name} cannot be read ({exc}); expected a readable codebook file. {_PATH_FIX}"
+        ) from None
+    kind = _not_regular(st.st_mode)
+    if kind is None:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(p, flags)
+        except OSError as exc:
+            raise CodebookFileError(
+                f"{name} cannot be opened ({exc.strerror or exc}); expected a readable codebook file. {_PATH_FIX}"
+            ) from None
+        kind = _not_regular(os.fstat(fd).st_mode)
+        if kind is None:
+            return fd
+        os.close(fd)
+    stream = "" if kind == "a folder" else " (save a stream to a file first)"
+    raise CodebookFileError(
+        f"{name} is {kind}, not a regular file; expected a .safetensors codebook file. "
+        f"Fix: pass the .safetensors file written by `vq fit` or Codebook.save{stream}."
+    )
+
+
+def _not_regular(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _read_up_to(f: io.FileIO, n: int) -> bytes:
+    """The next ``n`` bytes of ``f``, fewer at its end; one allocation when the read is whole."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = f.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
+    """The bytes of a codebook file and its name for messages, read without trusting the file.
+
+    Only a regular file is opened. Its first bytes are checked before more is read: the length
+    field, then the JSON header (at most ``_MAX_HEADER_BYTES``), which says how many bytes of tensor
+    data follow. A file of any other length is refused before its data is read, so memory follows
+    the codebook's size, never the file's.
+    """
+    p = Path(path)
+    source = f"codebook file {str(p)!r}"
+    with io.FileIO(_open_regular_file(p), "rb", closefd=True) as f:
+        size = os.fstat(f.fileno()).st_size
+        n_header = _header_length(_read_up_to(f, 9), size, source)
+        f.seek(8)
+        _, n_data = _check_header(_read_up_to(f, n_header), size - 8 - n_header, source)
+        _check_size(size, n_header, n_data, source)
+        f.seek(0)
+        try:
+            data = _read_up_to(f, size)
+        except MemoryError:
+            raise CodebookFileError(
+                f"{source} holds a codebook of {size} bytes, more than this process can hold in memory. "
+                f"Fix: load it on a machine with more memory, or fit fewer codes."
+            ) from None
+        if len(data) != size or f.read(1):
+            raise CodebookFileError(f"{source} changed while it was being read. Fix: load it again once it is written.")
+    return data, source
+
+
+def is_codebook_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file whose header names this format: a codebook (which a fit may
+    replace, even one that no longer loads), not some other file. Reads at most the header."""
+    p = Path(path)
+    try:
+        with io.FileIO(_open_regular_file(p), "rb", closefd=True) as f:
+            size = os.fstat(f.fileno()).st_size
+            n_header = _header_length(_read_up_to(f, 9), size, "")
+            f.seek(8)
+            text = _read_up_to(f, n_header).decode("utf-8", errors="replace")
+            _check_items(text, "the header", "")
+            header = _parse_json(text, "the header", "")
+    except (CodebookFileError, OSError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+def summarize(codebook: Any) -> dict[str, Any]:
+    """A JSON-friendly description (no arrays) of a Codebook or a CodebookInfo."""
+    return {
+        "fingerprint": codebook.fingerprint,
+        "metric": codebook.metric,
+        "n_codes": codebook.n_codes,
+        "dim": codebook.dim,
+        "codec": codebook.codec,
+        "levels": codebook.levels,
+        "fit": codebook.settings,
+        "stats": codebook.stats,
+        "data_fingerprint": codebook.data_fingerprint,
+        "sources": list(codebook.sources),
+        "column": codebook.column,
+        "parent_fingerprint": codebook.parent_fingerprint,
+        "versions": codebook.versions,
+        "created_at": codebook.created_at,
+        "timings": codebook.timings,
+        "empty_codes": int((codebook.counts == 0).sum()),
+    }
+
+
+def level_dims(codec: str, centroids_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(levels, n_codes, dim) of centroids of this shape: (n_codes, dim) for 'flat', else
+    (levels, n_codes, sub_dim) with dim = sub_dim (residual) or levels * sub_dim (product)."""
+    if codec == "flat":
+        return 1, int(centroids_shape[0]), int(centroids_shape[1])
+    levels, n_codes, sub_dim = (int(v) for v in centroids_shape)
+    return levels, n_codes, sub_dim * levels if codec == "product" else sub_dim
+
+
+class CodebookViews:
+    """What a Codebook and a CodebookInfo derive alike from ``centroids``, ``counts`` and ``metric``
+    (CPU tensors or numpy arrays)."""
+
+    centroids: Any
+    counts: Any
+    metric: str
+    codec: str
+
+    @property
+    def n_codes(self) -> int:
+        """Codes per level."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[1]
+
+    @property
+    def dim(self) -> int:
+        """The width of the embeddings encoded (and of decoded vectors)."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[2]
+
+    @property
+    def levels(self) -> int:
+        """Codes per row: 1 for a flat codebook."""
+        return level_dims(self.codec, tuple(self.centroids.shape))[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses."""
+        return fingerprint_of(self.metric, np.asarray(self.centroids), self.codec)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors or arrays) for people and artifacts."""
+        return summarize(self)
+
+
+@dataclass(frozen=True, eq=False)
+class CodebookInfo(CodebookViews):
+    """A codebook file read with numpy: the same attributes as a Codebook, arrays instead of tensors."""
+
+    centroids: np.ndarray  # (n_codes, dim) float32; (levels, n_codes, sub_dim) multi-level
+    counts: np.ndarray  # (n_codes,) int64; (levels, n_codes) multi-level
+    metric: str
+    codec: str = "flat"
+    settings: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    sources: tuple[str, ...] = ()
+    column: str = ""
+    parent_fingerprint: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
+    """Read and validate a codebook file as ``Codebook.load`` does, with numpy only (no torch)."""
+    data, source = read_file(path)
+    meta, arrays = read_codebook_bytes(data, source)
+    fields = provenance_fields(meta, source)
+    try:
+        check_values(arrays["centroids"], arrays["counts"], fields["metric"], fields["codec"])
+    except InvalidInputError as exc:
+        raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
+    return CodebookInfo(centroids=arrays["centroids"], counts=arrays["counts"], **fields)
+
+
+__all__ = [
+    "write_codebook_bytes",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CodebookInfo",
+    "CodebookViews",
+    "check_values",
+    "fingerprint_of",
+    "level_dims",
+    "is_codebook_file",
+    "json_field",
+    "load_info",
+    "provenance_fields",
+    "read_codebook_bytes",
+    "read_file",
+    "summarize",
+]

@@ -1,0 +1,197 @@
+"""Write tables with polars: code tables (the ``code`` column's type, a batch's frame, atomic parquet writes).
+
+A flat codebook's table has ``code`` (and ``codes``/``distances`` for top-k); a multi-level codebook's
+(codec residual or product) has ``codes``, an ``Array(integer, levels)`` of one code per level, and,
+when semantic-id suffixes are asked for, ``suffix`` (UInt32, null until the folder's finishing step
+fills it; :func:`vq_pipeline.jobs.encode_folder.assign_suffixes`).
+
+Tensor in, file out: no math here. For the demo and the tests, also embedding tables
+(:func:`write_embeddings`). :mod:`vq_pipeline.io.tables` reads tables and re-exports these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from vq_pipeline.errors import InvalidInputError
+from vq_pipeline.io.fileio import atomic_write
+from vq_pipeline.settings import CODE_DTYPE_NAMES
+
+#: Columns every code table has (besides its id column, ``row`` when ids are row positions): a kept
+#: column may not take one of these names.
+OUTPUT_COLUMNS = ("code", "codes", "distance", "distances")
+#: The semantic-id suffix column of a multi-level code table written with ``unique``.
+SUFFIX_COLUMN = "suffix"
+SUFFIX_DTYPE = pl.UInt32
+
+#: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
+CODE_DTYPES = {name: getattr(pl, name.replace("uint", "UInt").replace("int", "Int")) for name in CODE_DTYPE_NAMES}
+
+
+def code_dtype(n_codes: int, pinned: str | None = None) -> pl.DataType:
+    """The ``code`` column's type: ``pinned`` (a :data:`CODE_DTYPES` name) when given, else the
+    smallest unsigned integer type holding codes ``0..n_codes-1``."""
+    if pinned is not None:
+        dtype = CODE_DTYPES.get(pinned)
+        if dtype is None:
+            raise InvalidInputError(
+                f"code_dtype={pinned!r} is not a supported code type; expected one of {', '.join(CODE_DTYPES)}. "
+                f"Fix: pick one of those (uint32 or int64 suit most warehouse schemas)."
+            )
+        top = int(np.iinfo(pinned).max) + 1  # the names are numpy's too
+        if n_codes > top:
+            raise InvalidInputError(
+                f"code_dtype={pinned!r} holds codes up to {top - 1} but "
+                f"the codebook has n_codes={n_codes}; expected a type "
+                f"wide enough for code {n_codes - 1}. Fix: pin a wider type such as 'uint32' or 'int64'."
+            )
+        return dtype
+    for dtype, top in ((pl.UInt8, 2**8), (pl.UInt16, 2**16), (pl.UInt32, 2**32)):
+        if n_codes <= top:
+            return dtype
+    return pl.UInt64
+
+
+def codes_frame(
+    ids: Any,
+    codes: torch.Tensor,
+    *,
+    n_codes: int,
+    id_column: str = "id",
+    distances: torch.Tensor | None = None,
+    keep: Any = None,
+    pinned_dtype: str | None = None,
+) -> pl.DataFrame:
+    """Build the output table of one batch or file.
+
+    Args:
+        ids: a polars Series of ids (or row positions).
+        codes: (n,) or (n, k) int64 tensor, nearest first.
+        distances: optional float32 tensor of the same shape.
+        keep: optional DataFrame of pass-through columns.
+        pinned_dtype: the codes' integer type (see :func:`code_dtype`; default: the smallest fit).
+
+    Columns: ``id_column``, ``code`` (nearest), ``codes`` (Array of k, when k > 1), ``distance``
+    (nearest), ``distances`` (Array of k, when k > 1), then the kept columns.
+    """
+    dtype = code_dtype(n_codes, pinned_dtype)
+    c = codes.numpy()
+    cols: list[pl.Series] = [ids.rename(id_column), pl.Series("code", c if c.ndim == 1 else c[:, 0]).cast(dtype)]
+    if c.ndim == 2:
+        cols.append(pl.Series("codes", c).cast(pl.Array(dtype, c.shape[1])))
+    if distances is not None:
+        d = distances.numpy()
+        cols.append(pl.Series("distance", d if d.ndim == 1 else d[:, 0]))
+        if d.ndim == 2:
+            cols.append(pl.Series("distances", d))
+    frame = pl.DataFrame(cols)
+    return frame.hstack(keep) if keep is not None else frame
+
+
+def level_codes_frame(
+    ids: Any,
+    codes: torch.Tensor,
+    *,
+    n_codes: int,
+    id_column: str = "id",
+    distances: torch.Tensor | None = None,
+    keep: Any = None,
+    pinned_dtype: str | None = None,
+    suffix: bool = False,
+) -> pl.DataFrame:
+    """Build the output table of one batch or file of a multi-level codebook.
+
+    Args:
+        ids: a polars Series of ids (or row positions).
+        codes: (n, levels) int64 CPU tensor, one code per level.
+        distances: optional (n,) float32 CPU tensor (distance to the reconstruction).
+        keep: optional DataFrame of pass-through columns.
+        pinned_dtype: the codes' integer type (see :func:`code_dtype`; default: the smallest fit).
+        suffix: add a ``suffix`` column (UInt32), all null: the finishing step fills it.
+
+    Columns: ``id_column``, ``codes`` (Array of levels), ``suffix``, ``distance``, then the kept columns.
+    """
+    dtype = code_dtype(n_codes, pinned_dtype)
+    c = codes.numpy()  # (n, levels)
+    cols: list[pl.Series] = [ids.rename(id_column), pl.Series("codes", c).cast(pl.Array(dtype, c.shape[1]))]
+    if suffix:
+        cols.append(pl.Series(SUFFIX_COLUMN, [None] * c.shape[0], dtype=SUFFIX_DTYPE))
+    if distances is not None:
+        cols.append(pl.Series("distance", distances.numpy()))
+    frame = pl.DataFrame(cols)
+    return frame.hstack(keep) if keep is not None else frame
+
+
+def with_suffix(frame: pl.DataFrame, suffix: pl.Series) -> pl.DataFrame:
+    """``frame`` (a multi-level code table with a ``suffix`` column) with that column replaced by
+    ``suffix`` ((n,) UInt32, in row order), as one chunk so that its parquet bytes depend only on its values."""
+    return frame.with_columns(suffix.cast(SUFFIX_DTYPE).alias(SUFFIX_COLUMN)).rechunk()
+
+
+def parquet_bytes(frame: pl.DataFrame) -> bytes:
+    """The bytes :func:`write_parquet_atomic` writes for ``frame``."""
+    buf = io.BytesIO()
+    frame.write_parquet(buf, statistics=True)
+    return buf.getvalue()
+
+
+def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> str:
+    """Write ``frame`` to ``path`` atomically (:func:`vq_pipeline.io.fileio.atomic_write`).
+
+    Returns the sha256 of the written bytes.
+    """
+    return file_sha256(atomic_write(path, lambda f: frame.write_parquet(f, statistics=True)))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------- small helpers for the demo and tests
+
+
+def write_embeddings(
+    path: str | os.PathLike[str], ids: np.ndarray, x: np.ndarray, *, column: str = "embedding"
+) -> Path:
+    """Write a parquet table with an ``id`` column and an ``Array(Float32, dim)`` embedding column.
+
+    Args:
+        ids: (n_rows,) ids. x: (n_rows, dim) embeddings, converted to float32.
+    """
+    frame = pl.DataFrame({"id": ids, column: np.ascontiguousarray(x, dtype=np.float32)})
+    write_parquet_atomic(frame, path)
+    return Path(path)
+
+
+__all__ = [
+    "CODE_DTYPES",
+    "OUTPUT_COLUMNS",
+    "SUFFIX_COLUMN",
+    "SUFFIX_DTYPE",
+    "code_dtype",
+    "codes_frame",
+    "concat_frames",
+    "file_sha256",
+    "level_codes_frame",
+    "parquet_bytes",
+    "with_suffix",
+    "write_embeddings",
+    "write_parquet_atomic",
+]

@@ -1,0 +1,774 @@
+"""Encode tables into a folder of code tables, resumably and exactly once: plan, lock, per-file encode.
+
+The folder's layout and bookkeeping (outputs, receipts, manifest, lock; how each is read without
+trusting it) are :mod:`vq_pipeline.jobs.encode_state`'s; this module runs an encode over them:
+:func:`encode_lock`, then :func:`plan_encode`, :func:`encode_source` per input file, and the manifest
+last (:func:`encode_tables` does it all in one process; the encode flow spreads the files over workers).
+
+A rerun skips every input whose receipt matches its content, the codebook and the settings and
+whose output still has the recorded checksum, so a crashed run resumes where it stopped, a finished
+run is a no-op, and a file that was only touched or copied is not encoded again. Encoding is
+deterministic, so a re-encoded output is byte-identical.
+A folder that holds another codebook's (or other settings') codes is refused unless ``overwrite``.
+One exclusive lock per ``out_dir`` keeps two runs from writing into it at once.
+
+A multi-level codebook (codec ``residual`` or ``product``) writes a ``codes`` column (``Array(integer,
+levels)``) instead of ``code``; its receipts record ``codec``, ``levels`` and code counts per level.
+With ``unique``, a finishing step (:func:`assign_suffixes`) then gives every row of the folder a
+``suffix`` that makes its ``(codes, suffix)`` unique in the folder.
+
+Nothing found in the folder is trusted (:mod:`vq_pipeline.jobs.encode_state`); the lock is opened without
+following symlinks and only a lock file of this package is ever written
+(:func:`vq_pipeline.io.fileio.hold_lock`); temporary files have the package's own name pattern
+(:data:`vq_pipeline.io.fileio.TEMPORARY_PATTERN`) and only those, directly in the folders a run writes
+to, are cleaned up; ``overwrite`` and ``prune`` delete only outputs that a receipt records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vq_pipeline.codebook import Codebook
+from vq_pipeline.compute.assign import DEFAULT_MEMORY_BUDGET
+from vq_pipeline.compute.assign import encode as encode_tensor
+from vq_pipeline.compute.levels import encode_multilevel
+from vq_pipeline.errors import (
+    DimensionMismatchError,
+    EncodeFailedError,
+    EncodeLockedError,
+    InvalidInputError,
+    StateError,
+    VQError,
+)
+from vq_pipeline.io import fileio, tables
+from vq_pipeline.io.discovery import Source
+from vq_pipeline.io.paths import (
+    check_output_folder,
+    check_output_folder_against_tables,
+    folder_lock,
+    refuse_symlinked_folder,
+)
+from vq_pipeline.jobs.encode_state import (
+    LOCK_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    STATE_SUFFIX,
+    FolderInventory,
+    folder_inventory,
+    folder_records,
+    intact_receipt,
+    is_real_dir,
+    manifest_path,
+    migrate_state,
+    output_path,
+    prune_stale,
+    read_receipt,
+    receipt_files,
+    receipt_path,
+    remove_recorded,
+    state_dir,
+    summary_rows,
+    write_manifest,
+    write_receipt,
+)
+from vq_pipeline.jobs.mappers import Mapper, serial
+from vq_pipeline.jobs.semantic_ids import folder_suffixes
+from vq_pipeline.settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
+from vq_pipeline.validate import check_int
+
+#: Called as progress(key, rows_done, rows_total) while a file is encoded.
+RowProgress = Callable[[str, int, int], None]
+#: Called once as on_plan(rows_to_encode_by_key, skipped_keys) before any file is encoded.
+PlanCallback = Callable[[dict[str, int], list[str]], None]
+
+
+@dataclass
+class EncodeResult:
+    """Summary of an encode run."""
+
+    out_dir: str
+    manifest: str
+    codebook_fingerprint: str
+    #: The codebook's file, when the run was given a path ("" for a Codebook in memory).
+    codebook: str = ""
+    encoded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rows_encoded: int = 0
+    rows_total: int = 0
+    seconds: float = 0.0
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Keys of the outputs in the folder whose input was not part of this run (kept; see ``prune``).
+    stale: list[str] = field(default_factory=list)
+    #: Keys of the stale outputs this run removed (``prune=True``).
+    pruned: list[str] = field(default_factory=list)
+    #: Parquet files in the folder (relative paths) that no receipt records: left alone.
+    unrecorded: list[str] = field(default_factory=list)
+    #: The codebook's codec and levels (``flat`` and 1: one ``code`` per row).
+    codec: str = "flat"
+    levels: int = 1
+    #: ``unique`` runs: the suffix step's statistics (:func:`assign_suffixes`), else None.
+    semantic_ids: dict[str, Any] | None = None
+
+    @property
+    def new_receipts(self) -> dict[str, dict[str, Any]]:
+        """The receipts of the files this run encoded (rows, distance sum and code counts: for drift)."""
+        return {k: self.records[k] for k in self.encoded}
+
+    def files(self) -> list[dict[str, Any]]:
+        """One row per input file, sorted by key: ``key``, ``rows``, ``status`` (encoded or skipped) and
+        ``mean_distance``."""
+        return summary_rows(self.records, self.new_receipts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as plain data (JSON, Prefect): every field but ``records``, with ``files`` and
+        ``new_receipts``; a flat run leaves out ``codec``, ``levels`` and ``semantic_ids``."""
+        d = asdict(self)
+        d.pop("records")
+        if self.codec == "flat":  # a flat run's summary keeps its keys
+            for key in ("codec", "levels", "semantic_ids"):
+                d.pop(key)
+        return {**d, "files": self.files(), "new_receipts": self.new_receipts}
+
+
+@contextlib.contextmanager
+def encode_lock(out_dir: str | os.PathLike[str], *, inputs: Sequence[str | os.PathLike[str]]) -> Iterator[None]:
+    """Hold the exclusive lock on the output folder ``out_dir`` (``<out_dir>.vq/lock``) for a run that
+    encodes ``inputs``.
+
+    First, before anything is created, the folder and its bookkeeping folder are checked against the
+    inputs (:func:`vq_pipeline.io.paths.check_output_folder`): neither may be, contain or lie inside an
+    input. Folders that the lock itself created are removed again if the run fails before writing to them.
+    """
+    out = Path(out_dir)
+    state = state_dir(out)
+    check_output_folder("out_dir", out, inputs)
+    check_output_folder("out_dir", state, inputs)
+    refuse_symlinked_folder(state)
+    created = [p for p in (out, state) if not p.exists()]
+    lock = state / LOCK_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(lock, folder=out_dir):
+        try:
+            yield
+        except BaseException:
+            untouched = not any(p.is_file() for p in out.rglob("*")) and [
+                p for p in state.rglob("*") if p.is_file()
+            ] == [lock]
+            if created and untouched:
+                lock.unlink()
+                for folder in created:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+
+def _check_outputs(out: Path, sources: Sequence[Source]) -> None:
+    """Refuse, before any work, two inputs that would write one output (``a.parquet`` and ``a.arrow``
+    both write ``a.parquet``), and an output that a symlinked folder inside ``out`` would put outside it."""
+    writers: dict[Path, Source] = {}
+    for s in sources:
+        path = output_path(out, s)
+        if path in writers:
+            other = writers[path]
+            raise InvalidInputError(
+                f"inputs {other.uri!r} and {s.uri!r} would both write output "
+                f"{path.relative_to(out).as_posix()!r} (an output is named after its input, with the extension "
+                f".parquet); expected one output per input. Fix: rename or convert one of them, or encode them "
+                f"into separate folders."
+            )
+        writers[path] = s
+        if not fileio.resolves_inside(path, out):
+            raise StateError(
+                f"output={str(path)!r} resolves to {os.path.realpath(path)!r}, outside out_dir={str(out)!r} (a "
+                f"symlink in the folder leads out of it); expected every output inside the folder. Fix: replace "
+                f"the symlink by a real folder, or write to another folder."
+            )
+
+
+def check_codec_settings(codebook: Codebook, settings: EncodeSettings) -> None:
+    """Refuse, before any work, settings the codebook's codec cannot honour: ``top_k > 1`` with a
+    multi-level codebook, ``beam > 1`` with a codebook that is not residual, ``unique`` with a flat one,
+    and (with ``unique``) an id or kept column named ``suffix``."""
+    if codebook.codec != "flat" and settings.top_k != 1:
+        raise InvalidInputError(
+            f"top_k={settings.top_k} with a {codebook.codec} codebook; expected top_k=1 (one tuple of codes per "
+            f"row). Fix: pass top_k=1, or encode with a flat codebook for the k nearest codes."
+        )
+    if settings.beam > 1 and codebook.codec != "residual":
+        raise InvalidInputError(
+            f"beam={settings.beam} with a {codebook.codec} codebook; expected beam=1 (beam search is for residual "
+            f"codebooks: a flat or product level is already searched exactly). Fix: pass beam=1."
+        )
+    if settings.unique and codebook.codec == "flat":
+        raise InvalidInputError(
+            "unique=True with a flat codebook; expected a multi-level (residual or product) codebook, whose "
+            "tuples of codes are semantic ids. Fix: drop unique, or encode with a multi-level codebook."
+        )
+    if settings.unique:
+        clash = [name for name in (settings.id_column, *settings.keep) if name == tables.SUFFIX_COLUMN]
+        if clash:
+            raise InvalidInputError(
+                f"unique=True writes a {tables.SUFFIX_COLUMN!r} column, but id_column={settings.id_column!r} "
+                f"keep={list(settings.keep)!r} names one too; expected distinct column names. Fix: rename that "
+                f"column in the input, or drop it from keep."
+            )
+
+
+def plan_encode(
+    inputs: Sequence[str | os.PathLike[str]],
+    codebook: Codebook,
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    *,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[list[Source], list[Source], dict[str, dict[str, Any]]]:
+    """Check inputs and the output folder; split sources into (todo, done). Call under :func:`encode_lock`.
+
+    Refuses two inputs that would write one output, validates every input's schema and dim, refuses
+    duplicate ids across the run, refuses receipts and manifests that record outputs outside the
+    folder, refuses a folder holding another codebook's or other settings' codes unless ``overwrite``
+    (which then removes the outputs their receipts record), and deletes the temporary files a crashed
+    run left behind (:func:`remove_temporaries`).
+
+    Returns:
+        (todo sources, done sources, records of the done ones keyed by source key).
+    """
+    out = Path(out_dir)
+    check_codec_settings(codebook, settings)
+    check_int(
+        "top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes."
+    )
+    tables.code_dtype(codebook.n_codes, settings.code_dtype)  # refuses an unknown or too narrow type up front
+    sources = tables.discover(inputs, storage_options=storage_options)
+    check_output_folder_against_tables("out_dir", out, inputs, [s.uri for s in sources])
+    _check_outputs(out, sources)
+    for s in sources:
+        info = tables.inspect_source(
+            s, column=settings.column, id_column=settings.id_column, keep=settings.keep, storage_options=storage_options
+        )
+        if info.n_rows == 0:
+            raise InvalidInputError(f"table {s.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
+        if info.dim is not None and info.dim != codebook.dim:
+            raise DimensionMismatchError(
+                f"column={settings.column!r} of {s.uri!r} has dim={info.dim} but the codebook has dim={codebook.dim}; "
+                f"expected embeddings of width {codebook.dim}. Fix: encode with the codebook of this embedding model."
+            )
+    if settings.id_column:
+        dups = tables.duplicate_ids(sources, settings.id_column, storage_options=storage_options)
+        if dups:
+            raise InvalidInputError(
+                f"id_column={settings.id_column!r} has duplicate ids "
+                f"across the inputs, e.g. {dups}; expected unique ids "
+                f"in one encode run. Fix: deduplicate the tables, or encode them in separate runs."
+            )
+    refuse_symlinked_folder(state_dir(out) / "receipts")
+    migrate_state(out)
+    _check_folder(out, codebook, settings, overwrite=overwrite)
+    remove_temporaries(out, sources)
+    todo, done, records = [], [], {}
+    for s in sources:
+        record = _completed_record(out, s, codebook, settings, storage_options)
+        if record is None:
+            todo.append(s)
+        else:
+            done.append(s)
+            records[s.key] = record
+    return todo, done, records
+
+
+def remove_temporaries(out_dir: str | os.PathLike[str], sources: Sequence[Source] = ()) -> list[Path]:
+    """Delete the temporary files that interrupted writes left behind (a crashed run, a killed worker),
+    and only those: regular files named like this package's temporaries
+    (:data:`vq_pipeline.io.fileio.TEMPORARY_PATTERN`), directly in the folders runs write to (``out_dir``,
+    the folders of the outputs of ``sources`` and of the outputs the receipts record, the bookkeeping
+    folder). Another program's ``*.tmp`` files, and anything below other folders, are left alone.
+    Returns what was deleted. Call under :func:`encode_lock`, when no write into the folder is in flight.
+    """
+    out = Path(out_dir)
+    state = state_dir(out)
+    folders = {out, *(output_path(out, s).parent for s in sources)}
+    for p in receipt_files(out):
+        receipt = read_receipt(p, out)
+        if receipt is not None:
+            folders.add((out / receipt["output"]).parent)
+    removed = []
+    for folder in sorted(f for f in folders if fileio.resolves_inside(f, out)):
+        removed += fileio.remove_temporaries(folder)
+    for folder in (state, state / "receipts"):
+        if is_real_dir(folder):
+            removed += fileio.remove_temporaries(folder)
+    return removed
+
+
+def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, overwrite: bool) -> None:
+    manifest, receipts = folder_records(out)  # every record is checked before anything is deleted
+    foreign = [
+        r
+        for r in ([manifest] if manifest is not None else []) + [r for _, r in receipts]
+        if r.get("codebook_fingerprint") != codebook.fingerprint or r.get("settings") != settings.to_dict()
+    ]
+    if not foreign:
+        return
+    if not overwrite:
+        other = foreign[0]
+        what = (
+            f"codebook {str(other.get('codebook_fingerprint'))[:12]}…"
+            if other.get("codebook_fingerprint") != codebook.fingerprint
+            else f"settings {json.dumps(other.get('settings'), sort_keys=True)}"
+        )
+        raise InvalidInputError(
+            f"out_dir={str(out)!r} holds codes written with {what}; this run uses codebook "
+            f"{codebook.fingerprint[:12]}… with settings "
+            f"{json.dumps(settings.to_dict(), sort_keys=True)}. Expected a folder holding only this "
+            f"codebook's codes. Fix: pass --overwrite (overwrite=True) to replace them, or write to another folder."
+        )
+    # Only the outputs that receipts record are ours to delete (checked above to lie inside the folder).
+    for path, receipt in receipts:
+        remove_recorded(out, path, receipt)
+    manifest_path(out).unlink(missing_ok=True)
+
+
+def _completed_record(
+    out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any
+) -> dict[str, Any] | None:
+    receipt = read_receipt(receipt_path(out, source.key), out)
+    if (
+        not receipt
+        or receipt["key"] != source.key
+        or receipt["output"] != output_path(out, source).relative_to(out).as_posix()
+        or receipt.get("codebook_fingerprint") != codebook.fingerprint
+        or receipt.get("settings") != settings.to_dict()
+    ):
+        return None
+    input_stat = tables.file_stat(source)
+    # Unchanged size, mtime, inode, device and ctime: the content hashed for the receipt is still there. Otherwise
+    # hash the content again; a file that was only touched or copied keeps its receipt.
+    if input_stat is None or input_stat != receipt.get("input_stat"):
+        if receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options):
+            return None
+    receipt = intact_receipt(out, receipt, out / receipt["output"])
+    if receipt is None:
+        return None
+    if input_stat != receipt.get("input_stat"):
+        receipt = {**receipt, "input_stat": input_stat}
+        write_receipt(out, receipt)
+    return receipt
+
+
+def encode_source(
+    source: Source,
+    codebook: Codebook,
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    options: EncodeOptions | None = None,
+    *,
+    progress: RowProgress | None = None,
+) -> dict[str, Any]:
+    """Encode one input file into its output file, then write its receipt; return the receipt.
+
+    Safe to run concurrently for different sources of one folder (each writes its own files).
+    """
+    options = EncodeOptions() if options is None else options
+    out = Path(out_dir)
+    input_stat = tables.file_stat(source)
+    fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
+    info = tables.inspect_source(
+        source,
+        column=settings.column,
+        id_column=settings.id_column,
+        keep=settings.keep,
+        storage_options=options.storage_options,
+    )
+    frames = []
+    multi = codebook.codec != "flat"
+    code_counts = torch.zeros(
+        (codebook.levels, codebook.n_codes) if multi else codebook.n_codes, dtype=torch.int64
+    )  # (levels, n_codes) or (n_codes,)
+    distance_sum = 0.0
+    done = 0
+    for batch in tables.iter_batches(
+        source,
+        column=settings.column,
+        batch_rows=options.batch_rows,
+        id_column=settings.id_column,
+        keep=settings.keep,
+        storage_options=options.storage_options,
+    ):
+        ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
+        if multi:
+            codes, distances = _encode_levels(source, batch, codebook, settings, options)  # (n, levels), (n,)
+            for level in range(codebook.levels):
+                code_counts[level] += torch.bincount(codes[:, level], minlength=codebook.n_codes)
+            distance_sum += float(distances.double().sum())
+            frames.append(
+                tables.level_codes_frame(
+                    ids,
+                    codes,
+                    n_codes=codebook.n_codes,
+                    id_column=settings.id_column or "row",
+                    distances=distances if settings.with_distance else None,
+                    keep=batch.keep,
+                    pinned_dtype=settings.code_dtype,
+                    suffix=settings.unique,
+                )
+            )
+            done += len(batch)
+            if progress is not None:
+                progress(source.key, done, info.n_rows)
+            continue
+        try:
+            codes, distances = encode_tensor(
+                codebook.centroids,
+                codebook.metric,
+                batch.x,
+                top_k=settings.top_k,
+                return_distances=True,
+                engine=options.engine,
+                device=options.device,
+                memory_budget=options.memory_budget,
+                name=settings.column,
+                row_offset=batch.offset,
+            )
+        except InvalidInputError as exc:
+            raise type(exc)(f"{source.uri}: {exc}") from None
+        nearest = codes if codes.ndim == 1 else codes[:, 0]  # (n,)
+        code_counts += torch.bincount(nearest, minlength=codebook.n_codes)
+        distance_sum += float((distances if distances.ndim == 1 else distances[:, 0]).double().sum())
+        frames.append(
+            tables.codes_frame(
+                ids,
+                codes,
+                n_codes=codebook.n_codes,
+                id_column=settings.id_column or "row",
+                distances=distances if settings.with_distance else None,
+                keep=batch.keep,
+                pinned_dtype=settings.code_dtype,
+            )
+        )
+        done += len(batch)
+        if progress is not None:
+            progress(source.key, done, info.n_rows)
+    if done == 0:
+        raise InvalidInputError(f"table {source.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
+    path = output_path(out, source)
+    digest = tables.write_parquet_atomic(tables.concat_frames(frames), path)
+    receipt = {
+        "key": source.key,
+        "input": source.uri,
+        "input_fingerprint": fingerprint,
+        "input_stat": input_stat,
+        "output": path.relative_to(out).as_posix(),
+        "rows": done,
+        "sha256": digest,
+        "codebook_fingerprint": codebook.fingerprint,
+        "settings": settings.to_dict(),
+        "distance_sum": distance_sum,
+        "code_counts": code_counts.tolist(),
+        **({"codec": codebook.codec, "levels": codebook.levels} if multi else {}),
+    }
+    write_receipt(out, receipt)
+    return receipt
+
+
+def _encode_levels(
+    source: Source, batch: tables.Batch, codebook: Codebook, settings: EncodeSettings, options: EncodeOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (n, levels) int64 codes and (n,) float32 distances to the reconstruction (CPU)."""
+    try:
+        codes, distances = encode_multilevel(
+            codebook.centroids,
+            codebook.codec,
+            codebook.metric,
+            batch.x,
+            beam=settings.beam,
+            return_distances=True,
+            engine=options.engine,
+            device=options.device,
+            memory_budget=options.memory_budget,
+        )
+    except InvalidInputError as exc:
+        raise type(exc)(f"{source.uri} (rows from {batch.offset}): {exc}") from None
+    assert distances is not None  # asked for
+    return codes, distances
+
+
+def assign_suffixes(
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    records: dict[str, dict[str, Any]],
+    inventory: FolderInventory,
+) -> tuple[dict[str, Any], list[str]]:
+    """The finishing step of a ``unique`` run: give every row of the folder a semantic-id suffix.
+
+    Every output the folder holds (this run's, ``records``, and the stale ones of earlier runs that
+    ``inventory`` keeps) gets a ``suffix`` (UInt32): the row's rank among the rows of the folder that
+    share its tuple of codes, ordered by id (:func:`vq_pipeline.jobs.semantic_ids.folder_suffixes`). The id is the
+    ``id_column`` value, which must then be unique over the whole folder (a stale output sharing an id
+    with this run's is refused: prune it, or write to another folder); without an id column it is the
+    pair (input key, ``row``): outputs in the order of their input keys, then row positions. So
+    ``(codes, suffix)`` is unique over the folder, and the suffixes depend only on what the folder holds.
+    When a later run adds files, the suffixes are computed again over the folder's current outputs,
+    and every output whose suffixes change is rewritten (an earlier output may thus change).
+
+    Each rewrite is atomic and resumable: its receipt first records the new bytes as
+    ``pending_sha256``, then the output is replaced (temporary name, fsync, rename), then the receipt
+    records them as ``sha256`` (:func:`vq_pipeline.jobs.encode_state.intact_receipt` accepts either in
+    between). A rerun after a crash computes the same suffixes and ends with the same bytes; an output
+    whose suffixes are already right is not written. ``records`` and ``inventory.stale`` are updated in
+    place. Call under :func:`encode_lock`, after every input is encoded (and stale outputs pruned).
+
+    Returns:
+        (statistics: :func:`vq_pipeline.compute.semantic_ids.collision_stats` of the folder's codes before
+        suffixes, plus ``rows_with_suffix``, the rows whose suffix is above 0; keys of the outputs rewritten).
+    """
+    out = Path(out_dir)
+    owned = {**inventory.stale, **records}
+    keys = sorted(owned)
+    paths = [out / owned[k]["output"] for k in keys]
+    parts, stats = folder_suffixes(paths, id_column=settings.id_column)
+    rewritten = []
+    for key, path, suffix in zip(keys, paths, parts):
+        frame = tables.read_table(path)
+        found = frame.get_column(tables.SUFFIX_COLUMN)
+        if found.null_count() == 0 and bool((found == suffix).all()):
+            continue
+        data = tables.parquet_bytes(tables.with_suffix(frame, suffix))
+        digest = hashlib.sha256(data).hexdigest()
+        receipt = owned[key]
+        write_receipt(out, {**receipt, "pending_sha256": digest})
+        fileio.atomic_write_bytes(path, data)
+        receipt = {**receipt, "sha256": digest}
+        write_receipt(out, receipt)
+        (records if key in records else inventory.stale)[key] = receipt
+        rewritten.append(key)
+    stats = {k: stats[k] for k in ("n_rows", "n_unique", "collision_rate", "largest_group", "max_suffix", "usage")}
+    stats["rows_with_suffix"] = stats["n_rows"] - stats["n_unique"]
+    return stats, rewritten
+
+
+@dataclass(frozen=True)
+class EncodeEvents:
+    """What an encode run tells its caller as it goes; every callback is optional.
+
+    ``plan(rows_to_encode_by_key, skipped_keys)``: once, before any file is encoded. ``rows(key,
+    rows_done, rows_in_file)``: after every batch, where the files are encoded in this process.
+    ``file_done(key, receipt_or_exception)``: as each file finishes (an exception only from a
+    mapper that hands failures back).
+    """
+
+    plan: PlanCallback | None = None
+    rows: RowProgress | None = None
+    file_done: Callable[[str, Any], None] | None = None
+
+
+@dataclass(frozen=True)
+class EncodeFile:
+    """One input file's encode as plain data: what a mapper ships to where the work runs.
+
+    ``codebook`` is the Codebook itself for work in this process, or the path of its file (read and
+    checked against ``fingerprint`` where the work runs)."""
+
+    source: Source
+    codebook: Codebook | str
+    fingerprint: str
+    out_dir: str
+    settings: EncodeSettings
+    options: EncodeOptions
+    progress: RowProgress | None = None
+
+
+def load_codebook(path: str | os.PathLike[str], fingerprint: str | None = None) -> Codebook:
+    """The codebook file at ``path``, checked to still be the one a run was planned with."""
+    codebook = Codebook.load(path)
+    if fingerprint is not None and codebook.fingerprint != fingerprint:
+        raise VQError(
+            f"codebook={os.fspath(path)!r} changed during the run (fingerprint {codebook.fingerprint[:12]}…, planned "
+            f"with {fingerprint[:12]}…); expected the file to stay put while encoding. Fix: rerun."
+        )
+    return codebook
+
+
+def encode_file(work: EncodeFile) -> dict[str, Any]:
+    """Encode one input file and return its receipt (:func:`encode_source`). Safe to retry: the output
+    and the receipt are each written atomically, and a re-encoded output is byte-identical."""
+    codebook = work.codebook
+    if not isinstance(codebook, Codebook):
+        codebook = load_codebook(codebook, work.fingerprint)
+    return encode_source(work.source, codebook, work.out_dir, work.settings, work.options, progress=work.progress)
+
+
+def encode_tables(
+    inputs: Sequence[str | os.PathLike[str]],
+    codebook: Codebook | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    options: EncodeOptions | None = None,
+    *,
+    mapper: Mapper = serial,
+    events: EncodeEvents | None = None,
+) -> EncodeResult:
+    """Encode every input table into ``out_dir``, resumably and exactly once (see the module doc): the
+    one encode job, which the ``vq`` command, the flows and Dask run with their own ``mapper``.
+
+    Args:
+        inputs: table files, globs or folders (local or object storage).
+        codebook: a Codebook, or the path of its file (which a mapper then ships to the workers).
+        settings: what the outputs hold (:class:`~vq_pipeline.settings.EncodeSettings`: the embedding
+            and id columns, ``top_k``, distances, kept columns, ``code_dtype``, ``beam``, ``unique``).
+        options: how the run computes and treats the folder (:class:`~vq_pipeline.settings.EncodeOptions`:
+            engine, device, batches, ``overwrite``, ``prune``).
+        mapper: where the per-file work runs (:mod:`vq_pipeline.jobs.mappers`; default: here, in order).
+        events: progress callbacks (:class:`EncodeEvents`).
+
+    ``overwrite`` replaces another codebook's codes (deleting only the outputs its receipts record).
+    ``prune``: once every input is encoded, delete the stale outputs (see below) and their receipts;
+    ``result.pruned`` names them. ``unique`` (multi-level codebooks): once every input is encoded,
+    give every row of the folder a ``suffix`` making its ``(codes, suffix)`` unique in the folder
+    (:func:`assign_suffixes`); ``result.semantic_ids`` and the manifest's ``semantic_ids`` give the
+    collision rate before suffixes, ``max_suffix`` and ``rows_with_suffix``.
+
+    A multi-level codebook (codec residual or product) writes, per row, ``codes``: an ``Array(UInt8 |
+    UInt16 | ..., levels)`` of one code per level (``top_k`` must be 1), and with ``with_distance`` one
+    ``distance`` (float32, to the reconstruction). A flat codebook writes ``code``.
+
+    What the folder keeps: the outputs of this run's inputs, and the outputs of earlier runs whose
+    input is not part of this run (a renamed or removed input, or simply another day's files: encoding
+    day2 into a folder holding day1 keeps day1). Those are *stale*: they are kept (never destroyed
+    unasked), listed in the manifest with ``"in_this_run": false`` and counted in ``n_stale``, and
+    named in ``result.stale``; ``prune`` deletes them. The manifest lists every output file in
+    the folder. Parquet files that no receipt records (another program's files) are never deleted:
+    they are named in ``result.unrecorded``, in the manifest's ``unrecorded`` and in a logged warning.
+
+    Raises:
+        InvalidInputError: bad inputs or options, two inputs that would write one output, a folder
+            holding another codebook's codes without ``overwrite``.
+        StateError: the folder's bookkeeping records an output outside the folder, or its lock,
+            receipts or manifest are not files this package wrote (a symlink, another file).
+        EncodeLockedError: another run holds the folder's lock.
+        EncodeFailedError: some files failed under a mapper that hands failures back; every other
+            file is encoded and receipted (a rerun picks up only the failed ones), and no manifest is
+            written. A fail-fast mapper (the default) raises the file's own error instead.
+    """
+    t0 = time.perf_counter()
+    options = EncodeOptions() if options is None else options
+    events = EncodeEvents() if events is None else events
+    path = None if isinstance(codebook, Codebook) else os.fspath(codebook)
+    codebook = codebook if path is None else load_codebook(path)
+    check_codec_settings(codebook, settings)  # settings the codec cannot honour are refused before any work
+    out = Path(out_dir)
+    with encode_lock(out, inputs=inputs):
+        todo, done, records = plan_encode(
+            inputs, codebook, out, settings, overwrite=options.overwrite, storage_options=options.storage_options
+        )
+        result = EncodeResult(
+            out_dir=str(out),
+            manifest=str(manifest_path(out)),
+            codebook_fingerprint=codebook.fingerprint,
+            codebook=path or "",
+            codec=codebook.codec,
+            levels=codebook.levels,
+            skipped=[s.key for s in done],
+        )
+        if events.plan is not None:
+            rows = {
+                s.key: tables.inspect_source(s, column=settings.column, storage_options=options.storage_options)
+                for s in todo
+            }
+            events.plan({k: info.n_rows for k, info in rows.items()}, list(result.skipped))
+        work = [
+            EncodeFile(s, path or codebook, codebook.fingerprint, str(out), settings, options, events.rows)
+            for s in todo
+        ]
+        new, failed = _run_files(work, mapper, events)
+        if failed:
+            raise encode_failure(failed, len(todo)) from next(iter(failed.values()))
+        remove_temporaries(out)  # a worker killed mid-write leaves one; its file was encoded again
+        records.update(new)
+        result.encoded = [s.key for s in todo]
+        inventory = folder_inventory(out, records)
+        if options.prune:
+            result.pruned = prune_stale(out, inventory)
+        if settings.unique:
+            result.semantic_ids, _ = assign_suffixes(out, settings, records, inventory)
+        write_manifest(out, codebook, settings, records, inventory=inventory, semantic_ids=result.semantic_ids)
+    result.stale = sorted(inventory.stale)
+    result.unrecorded = list(inventory.unrecorded)
+    result.records = records
+    result.rows_encoded = sum(records[k]["rows"] for k in result.encoded)
+    result.rows_total = sum(r["rows"] for r in records.values())
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_files(
+    work: list[EncodeFile], mapper: Mapper, events: EncodeEvents
+) -> tuple[dict[str, dict[str, Any]], dict[str, BaseException]]:
+    """The receipts of the files encoded through ``mapper`` and the errors of those that failed, by key."""
+    new: dict[str, dict[str, Any]] = {}
+    failed: dict[str, BaseException] = {}
+    for i, outcome in mapper(encode_file, work):
+        key = work[i].source.key
+        if isinstance(outcome, BaseException):
+            failed[key] = outcome
+        else:
+            new[key] = outcome
+        if events.file_done is not None:
+            events.file_done(key, outcome)
+    return new, failed
+
+
+def encode_failure(failed: dict[str, BaseException], n_todo: int) -> EncodeFailedError:
+    """The error of an encode run whose files ``failed`` (key: exception) out of ``n_todo``; raise it
+    ``from`` the first exception. The other files are encoded and receipted."""
+    first = next(iter(failed.values()))
+    return EncodeFailedError(
+        f"{len(failed)} of {n_todo} files could not be encoded ({', '.join(sorted(failed))}); first error: "
+        f"{type(first).__name__}: {first}. The other files are encoded; a rerun retries only these."
+    )
+
+
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "DEFAULT_MEMORY_BUDGET",
+    "LOCK_NAME",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "STATE_SUFFIX",
+    "EncodeLockedError",
+    "EncodeOptions",
+    "EncodeEvents",
+    "EncodeFile",
+    "EncodeResult",
+    "EncodeSettings",
+    "FolderInventory",
+    "PlanCallback",
+    "RowProgress",
+    "assign_suffixes",
+    "check_codec_settings",
+    "encode_failure",
+    "encode_file",
+    "encode_lock",
+    "encode_source",
+    "encode_tables",
+    "folder_inventory",
+    "folder_lock",
+    "load_codebook",
+    "manifest_path",
+    "output_path",
+    "plan_encode",
+    "prune_stale",
+    "remove_temporaries",
+    "state_dir",
+    "write_manifest",
+]

@@ -1,0 +1,185 @@
+"""Fit a codebook from tables: discover the sources, validate their batches, then fit in memory, on
+a seeded sample, or streamed (exact Lloyd that re-reads the tables every iteration).
+
+Table I/O comes from :mod:`vq_pipeline.io.tables`, the data sources from :mod:`vq_pipeline.compute.data`, the fit
+from :mod:`vq_pipeline.fitting.kmeans`: discovery -> data source -> fit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vq_pipeline.codebook import Codebook
+from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, DataSource, InMemoryRows
+from vq_pipeline.compute.levels import check_product_dim
+from vq_pipeline.compute.lloyd import ProgressCallback
+from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
+from vq_pipeline.fitting.checkpoint import FitCheckpoint
+from vq_pipeline.fitting.kmeans import fit_source
+from vq_pipeline.fitting.options import FitOptions, fit_options
+from vq_pipeline.io import tables
+from vq_pipeline.io.discovery import Source
+from vq_pipeline.jobs.mappers import Mapper
+from vq_pipeline.jobs.partitioned import Exchange, mapped_e_step
+from vq_pipeline.jobs.sources import PartitionedTables, StreamedTables, StreamSpec, validated_batches, validated_sample
+from vq_pipeline.settings import FitSettings, TableSettings
+from vq_pipeline.validate import check_int, normalize_rows
+
+
+def fit_from_tables(
+    inputs: Sequence[str | os.PathLike[str]],
+    n_codes: int,
+    reading: TableSettings,
+    settings: FitSettings | None = None,
+    *,
+    mapper: Mapper | None = None,
+    scratch: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> Codebook:
+    """Fit a codebook of ``n_codes`` codes on the embedding column of tables: the one fit behind
+    ``vq fit``, the fit flow and Dask.
+
+    Args:
+        inputs: table files, globs or folders (local or object storage).
+        reading: which rows and how (:class:`~vq_pipeline.settings.TableSettings`: the column, a
+            sample, the memory budget for rows, batches, storage options).
+        settings: how to fit (:class:`~vq_pipeline.settings.FitSettings`; default: the defaults).
+        mapper: None: fit in this process. A mapper (:mod:`vq_pipeline.jobs.mappers`): exact Lloyd as
+            map-reduce over the files, each iteration one E step per file through the mapper (threads,
+            Prefect tasks, Dask workers), the files' statistics reduced here in file order; centroids
+            and statistics travel as files in a folder inside ``scratch``, which the workers must see.
+        progress: called with seeding and iteration events.
+        checkpoint: a file that keeps the fit's state after every update; a killed fit rerun with the
+            same file, data and settings resumes there and gives the same codebook.
+
+    Training rows: a seeded uniform sample of ``reading.sample`` rows when given; otherwise all rows,
+    held in memory when they fit ``reading.data_budget`` bytes, else streamed: exact Lloyd that
+    re-reads the tables every iteration and accumulates sums and counts (then k-means||, k-means++ and
+    'random' draw from a seeded sample of ``min(n_rows, 256 * n_codes)`` rows, and 'first' from the
+    first rows). A mapper fits every row (a sample is meant to fit one machine). The partitioned fit
+    equals the streamed one from the same init up to float64 summation order. The codebook records
+    the sources, the column, the rows used, the sample seed and a fingerprint of the tables.
+    """
+    t_start = time.perf_counter()
+    settings = FitSettings() if settings is None else settings
+    if mapper is not None and scratch is None:
+        raise InvalidInputError(
+            "mapper given without scratch; expected a folder the workers can see for the partitioned fit's "
+            "exchange files. Fix: pass scratch= (e.g. the folder of the codebook file)."
+        )
+    ckpt = FitCheckpoint.for_inputs(checkpoint, inputs)  # refused before any work
+    sources, counts, dim, provenance = fit_inputs(
+        inputs, column=reading.column, n_codes=n_codes, storage_options=reading.storage_options
+    )
+    if settings.codec == "product":
+        check_product_dim(dim, settings.levels)  # before any row is read
+    fit = functools.partial(fit_source, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)
+    if mapper is not None and reading.sample is None:
+        opts = fit_options(n_codes, settings, dim=dim, n_rows=sum(counts))
+        spec = stream_spec(reading, opts, device=settings.device)
+        with Exchange(scratch) as exchange:
+            map_e_step = mapped_e_step(mapper, exchange, spec, prune=opts.prune)
+            source = PartitionedTables(sources, counts, map_e_step, spec, dim=dim)
+            mode = {"mode": "partitioned", "rows_total": sum(counts), "partitions": len(sources)}
+            return fit(source, opts, extra_stats={**mode, **init_sample_stats(opts, sum(counts))})
+    source, opts, mode = _local_source(sources, counts, dim, n_codes, reading, settings)
+    return fit(source, opts, extra_stats=mode)
+
+
+def _local_source(
+    sources: Sequence[Source],
+    counts: Sequence[int],
+    dim: int,
+    n_codes: int,
+    reading: TableSettings,
+    settings: FitSettings,
+) -> tuple[DataSource, FitOptions, dict[str, Any]]:
+    """The rows of a fit in this process (a sample or all rows in memory, else streamed), its
+    resolved options and what the codebook records about the rows."""
+    n_total, column, storage_options, metric = sum(counts), reading.column, reading.storage_options, settings.metric
+    if reading.sample is not None:
+        sample = check_int(
+            "sample", reading.sample, minimum=1, maximum=n_total, hint=f"the tables hold {n_total} rows."
+        )
+        positions = np.sort(np.random.default_rng(settings.seed).choice(n_total, size=sample, replace=False))
+        x = validated_sample(sources, counts, positions, column=column, metric=metric, storage_options=storage_options)
+        mode: dict[str, Any] = {"mode": "sample", "sample": sample, "sample_seed": settings.seed, "rows_total": n_total}
+    elif n_total * dim * 4 <= reading.data_budget:
+        x = torch.cat(list(validated_batches(sources, column, reading.batch_rows, dim, metric, storage_options)))
+        mode = {"mode": "in-memory", "rows_total": n_total}
+    else:
+        x = None
+        mode = {"mode": "streamed", "rows_total": n_total}
+    opts = fit_options(n_codes, settings, dim=dim, n_rows=x.shape[0] if x is not None else n_total)
+    if x is not None:
+        if opts.metric == "cosine":
+            x = normalize_rows(x)  # zero rows were refused per file, with their row numbers
+        return InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune), opts, mode
+    source = StreamedTables(sources, counts, stream_spec(reading, opts), dim=dim, prune=opts.prune)
+    return source, opts, {**mode, **init_sample_stats(opts, n_total)}
+
+
+def stream_spec(reading: TableSettings, opts: FitOptions, device: Any = None) -> StreamSpec:
+    """How a fit's streamed tables are read and searched (``device``: where workers compute)."""
+    return StreamSpec(
+        reading.column,
+        opts.metric,
+        opts.engine,
+        device,
+        reading.batch_rows,
+        opts.memory_budget,
+        reading.storage_options,
+    )
+
+
+def init_sample_stats(opts: FitOptions, n_rows: int) -> dict[str, Any]:
+    """What a fit from tables not held in memory records about its seeding sample: its size, when
+    the init draws one (k-means||, k-means++, 'random'; see :func:`vq_pipeline.fitting.kmeans.fit_source`)."""
+    if opts.init_name in ("first", "tensor"):
+        return {}
+    return {"init_sample": min(n_rows, SEED_ROWS_PER_CODE * opts.n_codes)}
+
+
+def fit_inputs(
+    inputs: Sequence[str | os.PathLike[str]], *, column: str, n_codes: Any, storage_options: Any
+) -> tuple[list[Source], list[int], int, dict[str, Any]]:
+    """(sources, row counts, dim, provenance) of a fit's tables; refuses tables without rows."""
+    sources = tables.discover(inputs, storage_options=storage_options)
+    infos = [tables.inspect_source(s, column=column, storage_options=storage_options) for s in sources]
+    counts = [info.n_rows for info in infos]
+    if sum(counts) == 0:
+        raise InvalidInputError(
+            f"the tables {[s.uri for s in sources]} hold no rows; expected at least n_codes={n_codes} rows. "
+            f"Fix: point at tables with data."
+        )
+    dim = _common_dim(sources, infos, column, storage_options)
+    fingerprint = hashlib.sha256(f"vq-tables-v1|{column}|".encode())
+    for s in sources:
+        fingerprint.update(f"{s.key}={tables.fingerprint(s, storage_options=storage_options)}|".encode())
+    provenance = dict(data_fingerprint=fingerprint.hexdigest(), sources=[s.uri for s in sources], column=column)
+    return list(sources), counts, dim, provenance
+
+
+def _common_dim(sources: Sequence[Source], infos: Sequence[tables.TableInfo], column: str, storage_options: Any) -> int:
+    dims = {}
+    for s, info in zip(sources, infos):
+        dim = info.dim
+        if dim is None and info.n_rows:  # a List column: its first batch tells
+            dim = next(tables.iter_batches(s, column=column, batch_rows=1, storage_options=storage_options)).x.shape[1]
+        if dim is not None:
+            dims[s.uri] = dim
+    if len(set(dims.values())) > 1:
+        raise DimensionMismatchError(
+            f"the tables disagree on the embedding dim of column={column!r}: {dims}; expected one dim. "
+            f"Fix: fit each embedding model's tables separately."
+        )
+    return next(iter(dims.values()))

@@ -1,0 +1,202 @@
+"""The scheduled pipeline's run report: the markdown a person reads and the JSON summary beside it
+(``work_dir/reports/<UTC time>-<run id>.md`` and ``.json``; see :mod:`vq_pipeline.jobs.workdir`).
+
+Pure formatting of the summary a pipeline run builds, plus the atomic write.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vq_pipeline.errors import ConfigurationError, InvalidInputError
+from vq_pipeline.io.fileio import atomic_write_bytes, canonical_json
+
+#: The drift-over-time chart every run redraws beside the reports (when matplotlib is installed).
+DRIFT_CHART_NAME = "drift.png"
+
+log = logging.getLogger(__name__)
+
+
+def write_report(path: str, markdown: str, summary: dict[str, Any]) -> str:
+    """Write the run's report as markdown and its summary as JSON next to it."""
+    report = Path(path)
+    atomic_write_bytes(report, markdown.encode())
+    atomic_write_bytes(report.with_suffix(".json"), canonical_json(summary))
+    return str(report)
+
+
+def draw_drift_chart(report: str | Path, summary: dict[str, Any]) -> str | None:
+    """Redraw ``drift.png`` beside ``report`` from the earlier runs' summaries and this run's
+    ``summary`` (:func:`vq_pipeline.jobs.plots.plot_drift`); return its path, or None when it cannot be
+    drawn (matplotlib is an optional extra; a file in the reports folder that is not a run summary).
+    A chart is a convenience: the run goes on without it, and says why in the log."""
+    from vq_pipeline.jobs.plots import plot_drift
+
+    folder = Path(report).parent
+    earlier = sorted(p for p in folder.glob("*.json") if p != Path(report).with_suffix(".json"))
+    try:
+        return str(plot_drift([*earlier, summary], folder / DRIFT_CHART_NAME))
+    except (ConfigurationError, InvalidInputError) as exc:
+        log.warning("no drift chart: %s", exc)
+        return None
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "—"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+_RULE_NAMES = {"schedule": "schedule", "distortion": "distortion", "usage": "code usage"}
+
+
+def _drift_lines(s: dict[str, Any]) -> list[str]:
+    d = s["drift"]
+    if d.get("baseline"):
+        n_codes = d["n_codes"] * d.get("levels", 1)
+        over = f" over {d['levels']} {d['codec']} levels" if d.get("per_level") is not None else ""
+        return [
+            "## Baseline",
+            "",
+            (
+                f"{d['note'][0].upper()}{d['note'][1:]} ({_fmt(d.get('baseline_rows'))} rows, mean distance "
+                f"{_fmt(d.get('baseline_mean_distance'))}, {d['codes_used']} of {n_codes} codes used{over}): they are "
+                f"not drift. Drift is measured on the rows that later runs encode."
+            ),
+        ]
+    columns = [("against the codebook current at the start", d)]
+    if s.get("drift_after_refit"):
+        columns.append(("against the refitted codebook", s["drift_after_refit"]))
+    lines = ["## Drift of the newly encoded rows", ""]
+    lines += ["| | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    measured = {"distortion_ratio", "usage_divergence", "usage_divergence_expected", "usage_divergence_excess"}
+    for key, label in [
+        ("rows", "rows"),
+        ("mean_distance", "mean distance"),
+        ("train_mean_distance", "training mean distance"),
+        ("distortion_ratio", "distortion ratio (new / training)"),
+        ("codes_used", "codes used"),
+        ("usage_divergence", "code-usage divergence (JS, bits)"),
+        ("usage_divergence_expected", "its finite-sample bias (bits)"),
+        ("usage_divergence_excess", "divergence above the bias (bits)"),
+    ]:
+        cells = []
+        for _, c in columns:
+            if c.get("baseline"):
+                own = {"rows": c.get("baseline_rows"), "mean_distance": c.get("baseline_mean_distance")}
+                cells.append("baseline" if key in measured else _fmt(own.get(key, c.get(key))))
+            else:
+                cells.append(_fmt(c.get(key)))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _level_lines(columns)
+    if any(c.get("baseline") for _, c in columns):
+        lines += ["", "Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
+    return lines
+
+
+def _level_lines(columns: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Rows of the drift table for each level of a multi-level codebook: codes used and usage divergence
+    (the rows above give the levels' mean divergence)."""
+    rows = max((len(c.get("per_level") or []) for _, c in columns), default=0)
+    lines = []
+    for level in range(rows):
+        for key, label in [("codes_used", "codes used"), ("usage_divergence", "code-usage divergence (JS, bits)")]:
+            cells = []
+            for _, c in columns:
+                per = c.get("per_level") or []
+                cells.append(_fmt(per[level].get(key)) if level < len(per) and not c.get("baseline") else "—")
+            lines.append(f"| level {level}: {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _alignment_lines(a: dict[str, Any] | None) -> list[str]:
+    """The report's code-churn section: how the new codebook's codes were numbered (:func:`align_refit`)."""
+    if not a:
+        return []
+    lines = ["", "## Code churn", ""]
+    if not a["aligned"]:
+        return [*lines, f"The new codebook keeps the numbering of its fit, not the previous codebook's: {a['reason']}."]
+    how = {"cooccurrence": "co-occurrence", "centroids": "closest centroids"}.get(a["method"], a["method"])
+    if a["renumbered"]:
+        moved = (
+            f"Renumbering changed its fingerprint (which covers the centroids in order) from "
+            f"`{a['unaligned_fingerprint'][:12]}` to `{a['fingerprint'][:12]}`."
+        )
+    else:
+        moved = "No code needed another number: the fit's numbering already agreed."
+    lines += [
+        (
+            f"The new codebook's codes were renumbered to agree with the codebook it replaces "
+            f"(`{a['reference'][:12]}`), so that rows keep their code; its cells are as fitted. {moved}"
+        ),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| matched by | {how}, on {a['rows']} sampled training rows |",
+        f"| rows that keep their code | {_share(a['kept'])} |",
+        f"| churn (rows whose code changed) | {_share(a['churn'])} |",
+        f"| rows that would keep their code without renumbering | {_share(a['kept_unaligned'])} |",
+        f"| codes renumbered | {a['renumbered']} of {a['n_codes']} (previous codebook: {a['reference_n_codes']}) |",
+    ]
+    return lines
+
+
+def _rule_lines(s: dict[str, Any]) -> list[str]:
+    lines = ["## Refit rules", "", "| rule | refits when | this run | result |", "|---|---|---|---|"]
+    for c in s["refit_rules"]:
+        result = "**fired**" if c["fired"] else c["status"]
+        lines.append(f"| {_RULE_NAMES[c['rule']]} | {c['when']} | {c['value']} | {result} |")
+    fired = [_RULE_NAMES[c["rule"]] for c in s["refit_rules"] if c["fired"]]
+    if s["drift"].get("baseline"):
+        verdict = f"No rule was evaluated: this run fitted the codebook ({s['drift']['note']})."
+    elif fired:
+        verdict = f"Fired: {', '.join(fired)}."
+    else:
+        verdict = "No rule fired."
+    return [*lines, "", verdict]
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    """The run report as markdown (pure formatting of the flow's summary)."""
+    s = summary
+    lines = [f"# vq-pipeline run {s['started_at']}", ""]
+    lines += [f"work_dir: `{s['work_dir']}` (input_root `{s['input_root']}`)", ""]
+    action = {
+        "fit": "fitted a first codebook",
+        "refit": "refitted, warm-started from the previous codebook",
+        "refit-unchanged": "refitted, but the refit reproduced the current codebook (kept)",
+        "none": "no refit",
+    }[s["action"]]
+    lines += [f"**Codebook:** {action}" + (f" — {s['reason']}" if s["reason"] else "") + ".", ""]
+    lines += ["## Encoding", "", "| codebook | folder | encoded | skipped | rows encoded |", "|---|---|---|---|---|"]
+    for e in s["encode"]:
+        lines.append(
+            f"| `{e['codebook_fingerprint'][:12]}` | `{e['out_dir']}` | {len(e['encoded'])} | {len(e['skipped'])} "
+            f"| {e['rows_encoded']} |"
+        )
+    lines += ["", *_drift_lines(s), *_alignment_lines(s.get("alignment")), "", *_rule_lines(s)]
+    lines += [
+        "",
+        "## Where things are",
+        "",
+        f"- work_dir: `{s['work_dir']}`",
+        f"- current codebook: `{s['codebook']}` (fingerprint `{s['fingerprint']}`)",
+        f"- codes: `{s['codes_dir']}`, also at the stable path `{s['codes_link']}`; manifest `{s['manifest']}`",
+        (
+            f"- this report: `{s['report']}` (summary: `{Path(s['report']).with_suffix('.json')}`; "
+            f"artifact key `{s['artifact_key']}`)"
+        ),
+    ]
+    if s.get("drift_chart"):
+        lines.append(f"- drift over time (distortion, code usage, churn per run): `{s['drift_chart']}`")
+    if s.get("previous_codebook"):
+        lines.append(
+            f"- previous codebook: `{s['previous_codebook']}`; its codes are left in `{s['previous_codes_dir']}`"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,251 @@
+"""The scheduled run, as one library function: :func:`run_once`.
+
+One run of the scheduled pipeline over a work directory: read the current codebook, fit one when
+there is none or the settings changed (renumbered to agree with the codebook it replaces), encode
+every table under the input root into the current codebook's codes folder (exactly once), measure
+drift, refit when a rule fires (and encode again when the refit is a new codebook), write the report.
+Every decision is here (with the plain-data rules of :mod:`vq_pipeline.jobs.run_plan`), so a cron
+script, Airflow or a notebook gets what the Prefect flow gets. Where each step runs is the caller's
+:class:`PipelineSteps`: the default runs everything in this process; the flow runs the fit and encode
+jobs as subflows and the small steps as tasks, each with its retries and its place in the UI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vq_pipeline.codebook import Codebook
+from vq_pipeline.io.paths import check_output_folder
+from vq_pipeline.jobs import workdir
+from vq_pipeline.jobs.drift import drift_report
+from vq_pipeline.jobs.encode_folder import encode_tables
+from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
+from vq_pipeline.jobs.run_plan import (
+    alignment_unavailable,
+    current_checks,
+    fired_reason,
+    first_action,
+    RunOutcome,
+    refit_decision,
+    run_summary,
+    with_alignment,
+    with_codec,
+)
+from vq_pipeline.jobs.run_report import draw_drift_chart, report_markdown, write_report
+from vq_pipeline.settings import EncodeOptions, EncodeSettings, PipelineSettings
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """One encode of the scheduled run: the inputs, the codebook file, the codes folder and settings."""
+
+    inputs: tuple[str, ...]
+    codebook: str
+    out_dir: str
+    settings: EncodeSettings
+    options: EncodeOptions
+
+
+class PipelineSteps:
+    """Where the scheduled run's steps run: here, in this process, one after the other.
+
+    An orchestrator subclasses it: :meth:`fit` and :meth:`encode` run the fit and encode jobs (the
+    Prefect flow runs them as subflows, with their own mappers), :meth:`step` runs a small step (read
+    or set the current codebook, drift, alignment, the report), and ``run_id`` / ``artifact_key`` name
+    the run and its report artifact in the summary (None here).
+    """
+
+    run_id: str | None = None
+    artifact_key: str | None = None
+
+    def fit(self, job: FitJob) -> dict[str, Any]:
+        return fit_to_file(job, log=log).to_dict()
+
+    def encode(self, job: EncodeJob) -> dict[str, Any]:
+        return encode_tables(job.inputs, job.codebook, job.out_dir, job.settings, job.options).to_dict()
+
+    def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+
+def read_current(work_dir: str) -> dict[str, Any] | None:
+    """The current codebook's pointer (:func:`vq_pipeline.jobs.workdir.read_current`) with its codec and levels."""
+    current = workdir.read_current(work_dir)
+    return None if current is None else with_codec(current)
+
+
+def drift_of(codebook: str, receipts: dict[str, dict[str, Any]], baseline: bool) -> dict[str, Any]:
+    """Distortion and code usage of newly encoded rows against the codebook's training baseline
+    (``baseline``: the rows are the codebook's own training rows, so nothing is measured)."""
+    return drift_report(Codebook.load(codebook), [receipts[k] for k in sorted(receipts)], baseline=baseline)
+
+
+def align_fit(
+    work_dir: str, fit: dict[str, Any], reference: str, inputs: list[str], settings: PipelineSettings
+) -> dict[str, Any]:
+    """Renumber a new codebook's codes to agree with the codebook it replaces
+    (:func:`vq_pipeline.jobs.workdir.align_refit`); where the aligned codebook is, and the churn."""
+    fresh = not fit["kept_existing"]  # this run wrote the file: the aligned codebook replaces it
+    return workdir.align_refit(
+        work_dir,
+        fit["path"],
+        reference,
+        inputs=inputs,
+        column=settings.column,
+        fresh=fresh,
+        seed=settings.seed,
+        engine=settings.engine,
+    )
+
+
+@dataclass
+class _Run:
+    """One run's state as it goes: the work directory, the settings, the steps and what happened."""
+
+    work: Path
+    root: Path
+    settings: PipelineSettings
+    steps: PipelineSteps
+    started: dt.datetime
+    logger: Any
+    encoded: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    previous: dict[str, Any] | None = None
+    alignment: dict[str, Any] | None = None
+    drift_before: dict[str, Any] | None = None
+    drift_after: dict[str, Any] | None = None
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def outcome(self, current: dict[str, Any], action: str, reason: str | None) -> RunOutcome:
+        """What the run did, for its summary."""
+        return RunOutcome(
+            started_at=self.now,
+            work_dir=self.work,
+            input_root=self.root,
+            current=current,
+            encoded=self.encoded,
+            report=workdir.report_path(self.work, self.started, self.steps.run_id),
+            artifact_key=self.steps.artifact_key,
+            action=action,
+            reason=reason,
+            drift=self.drift_before,
+            drift_after_refit=self.drift_after,
+            alignment=self.alignment,
+            checks=self.checks,
+            previous=self.previous,
+            params={"inputs": [str(self.root)], **dataclasses.asdict(self.settings)},
+            flow_run_id=self.steps.run_id,
+        )
+
+    @property
+    def now(self) -> str:
+        return self.started.isoformat(timespec="seconds")
+
+    def fit(self, warm_start: str | None) -> dict[str, Any]:
+        s = self.settings
+        template = workdir.codebook_template(self.work)
+        return self.steps.fit(FitJob((str(self.root),), template, s.n_codes, s.reading(), s.fit_settings(), warm_start))
+
+    def encode(self, current: dict[str, Any]) -> dict[str, Any]:
+        out = workdir.codes_dir(self.work, current["fingerprint"])
+        s = self.settings
+        job = EncodeJob((str(self.root),), current["path"], str(out), s.encode_settings(), s.encode_options())
+        return self.steps.encode(job)
+
+    def read_current(self) -> dict[str, Any] | None:
+        return self.steps.step("read-current-codebook", read_current, str(self.work))
+
+    def set_current(self, path: str, fingerprint: str, reason: str, since: str | None = None) -> None:
+        self.steps.step(
+            "set-current-codebook", workdir.set_current, str(self.work), path, fingerprint, reason, self.now, since
+        )
+
+    def drift(self, current: dict[str, Any], encoded: dict[str, Any], *, baseline: bool) -> dict[str, Any]:
+        return self.steps.step("drift-report", drift_of, current["path"], encoded["new_receipts"], baseline)
+
+    def align(self, fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+        skipped = alignment_unavailable(fit, reference)
+        if skipped is not None:  # levels are renumbered within one codec only
+            self.logger.info("codes not renumbered: %s", skipped["reason"])
+            return skipped
+        args = (str(self.work), fit, reference["path"], [str(self.root)], self.settings)
+        return self.steps.step("align-codes", align_fit, *args)
+
+
+def run_once(
+    input_root: str | Path,
+    work_dir: str | Path,
+    settings: PipelineSettings,
+    *,
+    steps: PipelineSteps | None = None,
+    logger: Any = None,
+) -> dict[str, Any]:
+    """One run of the scheduled pipeline: fit or refit the codebook as needed and encode every table
+    under ``input_root`` (see the module doc). One run per ``work_dir`` at a time (a lock).
+
+    Args:
+        input_root: folder of embedding tables (hive partitions welcome); every table file below it
+            is an input. work_dir: where codebooks, codes and reports go (not inside input_root).
+        settings: the codebook, the encode and the refit rules (:class:`~vq_pipeline.settings.PipelineSettings`).
+        steps: where the steps run (default: here, :class:`PipelineSteps`). logger: where decisions are logged.
+
+    Returns:
+        The run's summary, also written as the report's JSON: ``codebook``, ``fingerprint``,
+        ``codes_dir``, ``codes_link`` (the stable ``codes/current`` path), ``manifest``, ``report``,
+        ``artifact_key``, ``action`` (fit, refit, refit-unchanged, none), ``reason``, ``encode`` (one
+        brief per encode run), ``drift`` (and ``drift_after_refit``; ``baseline`` true when the rows are
+        the codebook's own training rows), ``refit_rules``, ``fired``, ``previous_codebook`` after a refit,
+        ``alignment`` when a codebook replaced another (how its codes were renumbered, and the churn),
+        ``drift_chart``, ``params`` and ``flow_run_id`` (``steps.run_id``).
+    """
+    work, root = Path(work_dir).absolute(), Path(input_root).absolute()
+    check_output_folder("work_dir", work_dir, [input_root])  # refused before any work
+    run = _Run(work, root, settings, steps or PipelineSteps(), dt.datetime.now(dt.UTC), logger or log)
+    with workdir.lock(work):
+        summary = _run_locked(run)
+        summary["drift_chart"] = draw_drift_chart(summary["report"], summary)
+        run.steps.step("write-report", write_report, summary["report"], report_markdown(summary), summary)
+    return summary
+
+
+def _run_locked(run: _Run) -> dict[str, Any]:
+    """The run's steps, under the work directory's lock; its summary."""
+    s = run.settings
+    current = run.read_current()
+    if current is not None:
+        workdir.link_current_codes(run.work, current["fingerprint"])  # a work_dir from before the link, or a crash
+    action, reason = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=s.levels)
+    if action == "fit":
+        run.previous, fit = current, run.fit(None)
+        if run.previous is not None:  # keep the replaced codebook's code numbers where the cells allow
+            run.alignment = run.align(fit, run.previous)
+            fit = with_alignment(fit, run.alignment)
+        run.set_current(fit["path"], fit["fingerprint"], reason)
+        current = run.read_current()
+    run.encoded.append(run.encode(current))
+    # The codebook this run fitted was fitted on the rows it just encoded: a baseline, not drift.
+    run.drift_before = run.drift(current, run.encoded[0], baseline=action == "fit")
+    run.checks = current_checks(current, now=run.started, drift=run.drift_before, **s.rules())
+    if action == "none" and (reason := fired_reason(run.checks)):
+        run.logger.info("refitting: %s", reason)
+        fit = run.fit(current["path"])
+        run.alignment = run.align(fit, current)
+        action, pointer = refit_decision(current, with_alignment(fit, run.alignment), reason)
+        run.set_current(pointer["path"], pointer["fingerprint"], pointer["reason"], pointer.get("since"))
+        if action == "refit":
+            run.previous, current = current, run.read_current()
+            run.encoded.append(run.encode(current))
+            # The refit was fitted on every row, these included: its baseline.
+            run.drift_after = run.drift(current, run.encoded[-1], baseline=True)
+    return run_summary(run.outcome(current, action, reason))
+
+
+__all__ = ["EncodeJob", "PipelineSteps", "align_fit", "drift_of", "read_current", "run_once"]
