@@ -14,19 +14,27 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.futures import as_completed
 
+from vq_pipeline.errors import ConfigurationError, InvalidInputError
+
 
 class TaskMapper:
     """Runs ``task`` (a Prefect task whose function is the job's unit of work) once per item."""
 
     def __init__(self, task: Any, *, dask: str | None = None, stack: contextlib.ExitStack | None = None) -> None:
         if dask and stack is None:
-            raise ValueError("a Dask mapper needs the ExitStack that holds its cluster for the flow's run")
+            raise ConfigurationError(
+                f"dask={dask!r} without an ExitStack; expected the stack that holds the cluster for the flow's "
+                f"run. Fix: pass stack=contextlib.ExitStack() entered around the run."
+            )
         self.task, self.dask, self.stack = task, dask, stack
         self.runner: Any = None
 
     def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         if fn is not self.task.fn:
-            raise TypeError(f"this mapper runs {self.task.fn.__name__}, not {fn.__name__}")
+            raise InvalidInputError(
+                f"fn={fn.__name__}; this mapper runs the task of {self.task.fn.__name__}. Fix: give the job a "
+                f"TaskMapper of the task that wraps {fn.__name__}."
+            )
         if not items:
             return
         futures = [self._submit(item) for item in items]

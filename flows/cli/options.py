@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from vq_pipeline.errors import ConfigurationError
 from vq_pipeline import settings
 from vq_pipeline.settings import (
     CODE_DTYPE_NAMES,
@@ -234,7 +235,7 @@ def _kind(annotation: Any) -> str:
     if base.startswith(("tuple", "list", "Sequence", "typing.Sequence", "collections.abc.Sequence")):
         return "list"
     if base.startswith(("dict", "Mapping")):
-        raise TypeError(f"no generated option for a {text} field; write it by hand (see --storage-option)")
+        raise ConfigurationError(f"no generated option for a {text} field; write it by hand (see --storage-option)")
     return base if base in ("bool", "int", "float") else "str"
 
 

@@ -18,6 +18,8 @@ import concurrent.futures
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
+from vq_pipeline.validate import check_int
+
 T = TypeVar("T")
 
 
@@ -38,9 +40,7 @@ class Threads:
     units already running finish), in the order the units finish."""
 
     def __init__(self, max_workers: int) -> None:
-        if max_workers < 1:
-            raise ValueError(f"max_workers={max_workers}; expected at least 1")
-        self.max_workers = max_workers
+        self.max_workers = check_int("max_workers", max_workers, minimum=1)
 
     def __call__(self, fn: Callable[[T], Any], items: Sequence[T]) -> Iterator[tuple[int, Any]]:
         if not items:
