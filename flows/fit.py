@@ -22,12 +22,11 @@ from vq_flows.mappers import TaskMapper
 
 from vq_pipeline import IterationStats
 from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
+from vq_pipeline.jobs.run_report import fit_markdown
 from vq_pipeline.jobs.partitioned import partition_stats_file
 from vq_pipeline.settings import FitSettings, TableSettings
 
 FIT_ARTIFACT_KEY = "vq-fit-codebook"
-# The history table is shown in full up to this many rows, then as its head and tail.
-_MAX_HISTORY_ROWS = 60
 
 
 def log_progress(logger: Any) -> Callable[[Any], None]:
@@ -49,101 +48,6 @@ def log_progress(logger: Any) -> Callable[[Any], None]:
             )
 
     return log
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "—" if value is None or value == "" else str(value)
-
-
-def _level_lines(s: dict[str, Any]) -> list[str]:
-    """The fit report's per-level table of a residual or product codebook (none for a flat one)."""
-    if s.get("codec", "flat") == "flat":
-        return []
-    what = "error left after the level" if s["codec"] == "residual" else "error of the level's slice"
-    lines = [
-        "## Levels",
-        "",
-        f"| level | mse ({what}) | used codes | iterations | repairs |",
-        "|---|---|---|---|---|",
-    ]
-    for i, level in enumerate(s.get("level_stats") or []):
-        state = "converged" if level.get("converged") else "not converged"
-        lines.append(
-            f"| {i} | {_fmt(level.get('mse'))} | {_fmt(level.get('used_codes'))} of {s['n_codes']} "
-            f"| {_fmt(level.get('iterations'))} ({state}) | {_fmt(level.get('n_repairs'))} |"
-        )
-    return [*lines, ""]
-
-
-def fit_markdown(summary: dict[str, Any]) -> str:
-    """The fit report as markdown (pure formatting of :func:`fit_task`'s summary)."""
-    s = summary
-    multilevel = s.get("codec", "flat") != "flat"
-    sizes = s["cluster_sizes"]
-    rows = (
-        f"{s['rows']} ({s['mode']}"
-        + (f", of {s['rows_total']}" if s.get("rows_total") not in (None, s["rows"]) else "")
-        + ")"
-    )
-    lines = [
-        "# Codebook fit",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| file | `{s['path']}`{' (kept: same centroids as the existing file)' if s['kept_existing'] else ''} |",
-        f"| fingerprint | `{s['fingerprint']}` |",
-        f"| parent (warm start) | `{s['parent_fingerprint']}` |"
-        if s["parent_fingerprint"]
-        else "| parent (warm start) | none |",
-        f"| n_codes | {s['n_codes']}{' per level' if multilevel else ''} |",
-        *([f"| codec | {s['codec']}, {s['levels']} levels |"] if multilevel else []),
-        f"| dim | {s['dim']} |",
-        f"| metric | {s['metric']} |",
-        f"| engine | {_fmt(s['engine'])} |",
-        f"| init | {s['init']} |",
-        f"| rows | {rows} |",
-        f"| iterations | {s['iterations']} ({'converged' if s['converged'] else 'not converged'}) |",
-        f"| final objective | {_fmt(s['inertia'])} (mean distance {_fmt(s['mean_distance'])}) |",
-        f"| empty-cluster repairs | {s['n_repairs']} |",
-        *(
-            [
-                f"| reconstruction error (mse) | {_fmt(s.get('mse'))} |",
-                f"| semantic ids | {_fmt(s.get('n_unique'))} unique tuples, collision rate "
-                f"{_fmt(s.get('collision_rate'))} |",
-            ]
-            if multilevel
-            else []
-        ),
-        f"| time | fit {_fmt(s['fit_seconds'])} s (init {_fmt(s['init_seconds'])} s); "
-        f"task {_fmt(s['task_seconds'])} s |",
-        "",
-        "## Cluster sizes",
-        "",
-        "| min | q1 | median | q3 | max | empty codes |",
-        "|---|---|---|---|---|---|",
-        f"| {sizes['min']} | {_fmt(sizes['q1'])} | {_fmt(sizes['median'])} | {_fmt(sizes['q3'])} "
-        f"| {sizes['max']} | {sizes['empty']} |",
-        "",
-        *_level_lines(s),
-        "## Objective per iteration",
-        "",
-        "| iteration | objective | repairs | empty codes | imbalance |",
-        "|---|---|---|---|---|",
-    ]
-    history = s["history"]
-    half = _MAX_HISTORY_ROWS // 2
-    shown = history if len(history) <= _MAX_HISTORY_ROWS else [*history[:half], None, *history[-half:]]
-    for h in shown:
-        if h is None:
-            lines.append(f"| … | ({len(history) - 2 * half} more) | | | |")
-        else:
-            iteration = f"level {h['level']}, {h['iteration']}" if "level" in h else h["iteration"]
-            lines.append(
-                f"| {iteration} | {_fmt(h['objective'])} | {h['n_repairs']} | {h['n_empty']} | {_fmt(h['imbalance'])} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 # Results stay in memory (NO_CACHE): a cached result would skip writing the file.
@@ -212,4 +116,4 @@ def fit_codebook_flow(
     return {**{k: v for k, v in summary.items() if k != "history"}, "flow_run_id": flow_run.get_id()}
 
 
-__all__ = ["FIT_ARTIFACT_KEY", "fit_codebook_flow", "fit_markdown", "fit_task", "log_progress", "partition_stats_task"]
+__all__ = ["FIT_ARTIFACT_KEY", "fit_codebook_flow", "fit_task", "log_progress", "partition_stats_task"]

@@ -190,9 +190,10 @@ def test_deployment_takes_codec_and_levels() -> None:
 
 
 def test_fit_flow_residual_and_pipeline_flow_product(prefect_api, tmp_path: Path) -> None:
-    from vq_flows.fit import fit_codebook_flow, fit_markdown
+    from vq_flows.fit import fit_codebook_flow
 
     from vq_pipeline.jobs.fit_file import FitSummary
+    from vq_pipeline.jobs.run_report import fit_markdown
     from vq_flows.pipeline import vq_pipeline_flow
 
     dim, parts = 8, {"date=2026-11-01/part-0.parquet": 600, "date=2026-11-02/part-0.parquet": 400}

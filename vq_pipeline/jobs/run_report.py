@@ -1,7 +1,8 @@
-"""The scheduled pipeline's run report: the markdown a person reads and the JSON summary beside it
-(``work_dir/reports/<UTC time>-<run id>.md`` and ``.json``; see :mod:`vq_pipeline.jobs.workdir`).
+"""The reports a person reads, as markdown: the scheduled pipeline's run report (and the JSON summary
+beside it, ``work_dir/reports/<UTC time>-<run id>.md`` and ``.json``; see :mod:`vq_pipeline.jobs.workdir`)
+and the fit report (:func:`fit_markdown`, the fit flow's artifact).
 
-Pure formatting of the summary a pipeline run builds, plus the atomic write.
+Pure formatting of the summaries the jobs build, plus the atomic write.
 """
 
 from __future__ import annotations
@@ -199,4 +200,105 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"- previous codebook: `{s['previous_codebook']}`; its codes are left in `{s['previous_codes_dir']}`"
         )
+    return "\n".join(lines) + "\n"
+
+
+#: The fit report's history table is shown in full up to this many rows, then as its head and tail.
+_MAX_HISTORY_ROWS = 60
+
+
+def _fit_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "—" if value is None or value == "" else str(value)
+
+
+def _fit_level_lines(s: dict[str, Any]) -> list[str]:
+    """The fit report's per-level table of a residual or product codebook (none for a flat one)."""
+    if s.get("codec", "flat") == "flat":
+        return []
+    what = "error left after the level" if s["codec"] == "residual" else "error of the level's slice"
+    lines = [
+        "## Levels",
+        "",
+        f"| level | mse ({what}) | used codes | iterations | repairs |",
+        "|---|---|---|---|---|",
+    ]
+    for i, level in enumerate(s.get("level_stats") or []):
+        state = "converged" if level.get("converged") else "not converged"
+        lines.append(
+            f"| {i} | {_fit_cell(level.get('mse'))} | {_fit_cell(level.get('used_codes'))} of {s['n_codes']} "
+            f"| {_fit_cell(level.get('iterations'))} ({state}) | {_fit_cell(level.get('n_repairs'))} |"
+        )
+    return [*lines, ""]
+
+
+def fit_markdown(summary: dict[str, Any]) -> str:
+    """The fit report as markdown (pure formatting of a
+    :meth:`vq_pipeline.jobs.fit_file.FitSummary.to_dict`)."""
+    s = summary
+    multilevel = s.get("codec", "flat") != "flat"
+    sizes = s["cluster_sizes"]
+    rows = (
+        f"{s['rows']} ({s['mode']}"
+        + (f", of {s['rows_total']}" if s.get("rows_total") not in (None, s["rows"]) else "")
+        + ")"
+    )
+    lines = [
+        "# Codebook fit",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{s['path']}`{' (kept: same centroids as the existing file)' if s['kept_existing'] else ''} |",
+        f"| fingerprint | `{s['fingerprint']}` |",
+        f"| parent (warm start) | `{s['parent_fingerprint']}` |"
+        if s["parent_fingerprint"]
+        else "| parent (warm start) | none |",
+        f"| n_codes | {s['n_codes']}{' per level' if multilevel else ''} |",
+        *([f"| codec | {s['codec']}, {s['levels']} levels |"] if multilevel else []),
+        f"| dim | {s['dim']} |",
+        f"| metric | {s['metric']} |",
+        f"| engine | {_fit_cell(s['engine'])} |",
+        f"| init | {s['init']} |",
+        f"| rows | {rows} |",
+        f"| iterations | {s['iterations']} ({'converged' if s['converged'] else 'not converged'}) |",
+        f"| final objective | {_fit_cell(s['inertia'])} (mean distance {_fit_cell(s['mean_distance'])}) |",
+        f"| empty-cluster repairs | {s['n_repairs']} |",
+        *(
+            [
+                f"| reconstruction error (mse) | {_fit_cell(s.get('mse'))} |",
+                f"| semantic ids | {_fit_cell(s.get('n_unique'))} unique tuples, collision rate "
+                f"{_fit_cell(s.get('collision_rate'))} |",
+            ]
+            if multilevel
+            else []
+        ),
+        f"| time | fit {_fit_cell(s['fit_seconds'])} s (init {_fit_cell(s['init_seconds'])} s); "
+        f"task {_fit_cell(s['task_seconds'])} s |",
+        "",
+        "## Cluster sizes",
+        "",
+        "| min | q1 | median | q3 | max | empty codes |",
+        "|---|---|---|---|---|---|",
+        f"| {sizes['min']} | {_fit_cell(sizes['q1'])} | {_fit_cell(sizes['median'])} | {_fit_cell(sizes['q3'])} "
+        f"| {sizes['max']} | {sizes['empty']} |",
+        "",
+        *_fit_level_lines(s),
+        "## Objective per iteration",
+        "",
+        "| iteration | objective | repairs | empty codes | imbalance |",
+        "|---|---|---|---|---|",
+    ]
+    history = s["history"]
+    half = _MAX_HISTORY_ROWS // 2
+    shown = history if len(history) <= _MAX_HISTORY_ROWS else [*history[:half], None, *history[-half:]]
+    for h in shown:
+        if h is None:
+            lines.append(f"| … | ({len(history) - 2 * half} more) | | | |")
+        else:
+            iteration = f"level {h['level']}, {h['iteration']}" if "level" in h else h["iteration"]
+            lines.append(
+                f"| {iteration} | {_fit_cell(h['objective'])} | {h['n_repairs']} | {h['n_empty']} "
+                f"| {_fit_cell(h['imbalance'])} |"
+            )
     return "\n".join(lines) + "\n"
