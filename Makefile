@@ -1,6 +1,7 @@
 # Two entry points, each of which sets itself up from a fresh clone:
 #   make demo   the main job: the scheduled vq-pipeline flow, once, on generated data (embedded Prefect API)
-#   make test   run the test suite
+#   make test   run the fast test suite (a few minutes)
+#   make test-slow  the slow end-to-end tests (served deployment, Dask, kill -9 loops, the GPU dry run)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TEST_STAMP := $(VENV)/.installed-test
 export VQ_KEOPS_CACHE_DIR ?= $(CURDIR)/.cache/keops
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test docs install clean
+.PHONY: demo test test-slow docs install clean
 
 install: $(STAMP)
 
@@ -35,7 +36,10 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m ruff check vq_pipeline flows tests
 	$(PY) -m ruff format --check vq_pipeline flows
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -m slow
 
 docs: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[docs]"

@@ -32,7 +32,10 @@ METHODS = [
     "cuBLAS floor, TF32",
 ]
 
-pytestmark = pytest.mark.skipif(not keops.available(), reason="pykeops unavailable (the dry run compiles for the CPU)")
+pytestmark = [
+    pytest.mark.slow,  # runs the GPU check script end to end on the CPU (make test-slow)
+    pytest.mark.skipif(not keops.available(), reason="pykeops unavailable (the dry run compiles for the CPU)"),
+]
 
 
 def run_check(out: Path, **env: str) -> subprocess.CompletedProcess:

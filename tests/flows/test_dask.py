@@ -32,6 +32,9 @@ from vq_flows.dask import DaskAddressError, parse_address, prefect_server  # noq
 from vq_flows.encode import encode_embeddings_flow  # noqa: E402
 from vq_flows.fit import fit_codebook_flow  # noqa: E402
 
+# End to end: real servers, clusters or processes killed mid-run (make test-slow).
+pytestmark = pytest.mark.slow
+
 DIM = 12
 N_CODES = 16
 # A distributed fit adds the same float64 sums in another order (per partition, then across them):

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
+import pytest
 import torch
 from conftest import snapshot, write_parts
 from vq_flows.artifacts import scoped_key
@@ -168,6 +169,7 @@ def test_refit_reason() -> None:
     assert refit_reason(drift=nothing_new, **recent) is None
 
 
+@pytest.mark.slow
 def test_pipeline_flow_fits_encodes_new_partitions_and_refits_on_drift(prefect_api, tmp_path: Path) -> None:
     root, work = tmp_path / "in", tmp_path / "work"
     make_parts(root)

@@ -100,6 +100,7 @@ def shifted_rows(codebook: Codebook, n_rows: int, *, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- 1. code usage as a refit rule
 
 
+@pytest.mark.slow
 def test_usage_rule_refits_on_a_topic_shift_that_distortion_misses(prefect_api, tmp_path: Path) -> None:
     root, work = tmp_path / "in", tmp_path / "work"
     n_train = make_parts(root)
@@ -230,6 +231,7 @@ def _receipt(cb: Codebook, x: np.ndarray) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 2. the baseline run
 
 
+@pytest.mark.slow
 def test_first_run_reports_a_baseline_not_drift(prefect_api, tmp_path: Path) -> None:
     root, work = tmp_path / "in", tmp_path / "work"
     n_rows = make_parts(root)
@@ -264,6 +266,7 @@ def test_first_run_reports_a_baseline_not_drift(prefect_api, tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- 3. artifact keys per work_dir
 
 
+@pytest.mark.slow
 def test_report_artifacts_are_keyed_per_work_dir(prefect_api, tmp_path: Path) -> None:
     root, work_a, work_b = tmp_path / "in", tmp_path / "work-a", tmp_path / "work-b"
     make_parts(root)
@@ -287,6 +290,7 @@ def test_report_artifacts_are_keyed_per_work_dir(prefect_api, tmp_path: Path) ->
 # ----------------------------------------------------------------------------- 4. codes/current
 
 
+@pytest.mark.slow
 def test_codes_current_is_a_relative_symlink_to_the_current_codes(prefect_api, tmp_path: Path) -> None:
     root, work = tmp_path / "in", tmp_path / "work"
     n_rows = make_parts(root)
@@ -414,6 +418,7 @@ def test_a_current_json_pointing_at_a_missing_codebook_fails_at_once(prefect_api
 # ----------------------------------------------------------------------------- measurements
 
 
+@pytest.mark.slow
 def test_pinned_code_dtype_reaches_the_codes_and_the_deployment(prefect_api, tmp_path: Path) -> None:
     make_parts(tmp_path / "in")
     vq_pipeline_flow(**params(tmp_path / "in", tmp_path / "work", code_dtype="int64"))
@@ -443,6 +448,7 @@ def codes_by_id(folder: Path) -> np.ndarray:
     return pl.scan_parquet(folder).collect().sort("id")["code"].to_numpy().astype(np.int64)
 
 
+@pytest.mark.slow
 def test_a_refit_keeps_the_codes_of_unchanged_rows(prefect_api, tmp_path: Path) -> None:
     """12 codes on 12 blobs, then a cold fit of 13 codes (another seed): it splits one blob and,
     numbered as fitted, would give most rows another code. Renumbered to agree with the codebook it

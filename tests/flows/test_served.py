@@ -28,6 +28,9 @@ from vq_flows.dask import prefect_server
 from vq_pipeline.io.table_writer import write_embeddings
 from vq_pipeline.jobs.demo import generate_embeddings
 
+# End to end: real servers, clusters or processes killed mid-run (make test-slow).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Settings parameters as a deployment stores them: the dict of their fields (JSON).

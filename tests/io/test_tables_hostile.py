@@ -91,6 +91,7 @@ _STREAM = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["polars", "pyarrow"])
 def test_a_one_row_group_file_streams_in_bounded_memory_with_exact_batches(tmp_path: Path, writer: str) -> None:
     n, dim, batch_rows = 300_000, 128, 4096
@@ -193,6 +194,7 @@ def write_with(frame: pl.DataFrame, path: Path, writer: str, row_group_size: int
     writer=st.sampled_from(WRITERS),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_page_by_page_reads_equal_whole_file_reads(
     tmp_path: Path, n_rows: int, row_group_size: int, n_batches: int, writer: str, seed: int
 ) -> None:

@@ -24,6 +24,9 @@ from vq_pipeline.jobs.encode_state import MANIFEST_NAME, state_dir
 from vq_pipeline.jobs.fit_tables import fit_from_tables
 from vq_pipeline.settings import EncodeOptions, EncodeSettings, FitSettings, TableSettings
 
+# End to end: processes killed mid-run (make test-slow).
+pytestmark = pytest.mark.slow
+
 N_KILLS = 20
 
 CHILD = """
@@ -37,7 +40,6 @@ print("done", flush=True)
 """
 
 
-@pytest.mark.slow
 def test_kill_nine_at_random_points_then_resume_gives_identical_outputs(tmp_path: Path) -> None:
     data = tmp_path / "in"
     for i in range(6):
@@ -98,7 +100,6 @@ def comparable(path: Path) -> bytes:
     return dataclasses.replace(Codebook.load(path), created_at="", timings={}).to_bytes()
 
 
-@pytest.mark.slow
 def test_kill_nine_during_a_checkpointed_fit_then_resume_gives_the_same_codebook(tmp_path: Path) -> None:
     data = tmp_path / "in"
     for i in range(3):

@@ -211,6 +211,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unique", [False, True])
 def test_kill_nine_then_resume_gives_identical_outputs(
     tmp_path: Path, digits: np.ndarray, books: dict, unique: bool
