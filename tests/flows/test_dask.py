@@ -47,10 +47,13 @@ ENCODE_SETTINGS = EncodeSettings("embedding", id_column="id", with_distance=True
 def cluster(prefect_api):
     """(scheduler address, dask Client) of a two-worker LocalCluster, with a Prefect server for it.
 
-    The session's test API comes up first, whatever the order tests run in: Prefect's event and log
-    workers are process-wide, and started against this module's temporary server they would be left
-    pointing at it, so later flow runs' task runs never reach the session's API."""
+    Prefect's event and log workers are process-wide: the ones this module's flow runs start talk to
+    its temporary server. They are drained while that server still runs, so that they neither hold
+    later runs' events nor hang the session's final drain against a server that is gone; and the
+    session's test API comes up first, whatever the order the tests run in."""
     from distributed import Client, LocalCluster
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with prefect_server() as url, temporary_settings({PREFECT_API_URL: url}):
@@ -59,6 +62,8 @@ def cluster(prefect_api):
             env={"OMP_NUM_THREADS": "1"},
         ) as lc, Client(lc, set_as_default=False) as client:
             yield lc.scheduler_address, client
+        APILogWorker.drain_all(timeout=60)
+        EventsWorker.drain_all(timeout=60)
 
 
 def make_parts(root: Path, n_parts: int = 4, n_rows: int = 1500) -> dict[str, np.ndarray]:
