@@ -7,7 +7,7 @@ Command (from the repository root, after ``make install``; pyarrow comes with th
         [--json benchmarks/results/parquet_read.json]
 
 Question (issue 24): ``vq_pipeline/parquet_thrift.py`` + ``parquet_pages.py`` parse footers and page
-headers by hand so that :func:`vq_pipeline.tables.iter_batches` reads a batch inside a large row group
+headers by hand so that :func:`vq_pipeline.io.tables.iter_batches` reads a batch inside a large row group
 without decoding the whole group (polars decodes whole row groups). Does
 ``pyarrow.parquet.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(...)`` do as
 well in time and peak memory, on every layout ours handles?
@@ -19,7 +19,7 @@ What it does:
 2. Streams each whole file in batches, every (method, file, batch size) in a fresh child process,
    interleaved repeats, medians. Methods:
 
-   * ``ours``: ``vq_pipeline.tables.iter_batches(source, column="emb", id_column="id", batch_rows=B)``,
+   * ``ours``: ``vq_pipeline.io.tables.iter_batches(source, column="emb", id_column="id", batch_rows=B)``,
      as the library streams a table (page by page through ParquetPages for a batch inside a larger row
      group; the child counts ParquetPages.read calls to prove it). Its ``Batch.x`` is the float32 tensor.
    * ``pyarrow``: ``ParquetFile(path, buffer_size=1<<20, pre_buffer=False).iter_batches(batch_size=B,
