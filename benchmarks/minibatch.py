@@ -15,7 +15,7 @@ For every seed, the rows are shuffled with that seed and split into 8 equal batc
 methods see the same batches in the same order, once:
 
 * ``vq full Lloyd``: ``fit_codebook(x, K, seed=seed)`` at its defaults (the reference of the ratios);
-* ``vq minibatch``: ``vq_pipeline.fit_minibatch(batches, K, seed=seed)`` at its defaults
+* ``vq minibatch``: ``vq_pipeline.fit_minibatch(batches, K, FitSettings(seed=seed))`` at its defaults
   (k-means++ and 5 Lloyd iterations on the first batch; per batch two exact assignments with the
   running-mean update, then under-used codes moved to split crowded codes where that pays);
 * ``vq minibatch plain``: the same with ``init_iter=0, batch_iter=1, split_ratio=0`` (plain Sculley:
@@ -83,17 +83,18 @@ def worker(spec: dict) -> dict:
         centroids = model.cluster_centers_
     else:
         import torch  # noqa: F401 - for limit_threads
-        from vq_pipeline import fit_codebook, fit_minibatch
+        from vq_pipeline import FitSettings, fit_codebook, fit_minibatch
+        from vq_pipeline.fitting.minibatch import StreamSettings
 
         harness.limit_threads(spec["threads"])
-        fit_minibatch([parts[0][:64]], 4, device="cpu")  # warm-up
+        fit_minibatch([parts[0][:64]], 4, FitSettings(device="cpu"))  # warm-up
         fit_codebook(parts[0][:64], 4, device="cpu")
         if method == "vq full Lloyd":
             codebook, seconds = harness.timed(lambda: fit_codebook(x, k, seed=seed, device="cpu"))
         elif method == "vq minibatch plain":
-            codebook, seconds = harness.timed(lambda: fit_minibatch(parts, k, seed=seed, device="cpu", **PLAIN))
+            codebook, seconds = harness.timed(lambda: fit_minibatch(parts, k, FitSettings(seed=seed, device="cpu"), StreamSettings(**PLAIN)))
         else:
-            codebook, seconds = harness.timed(lambda: fit_minibatch(parts, k, seed=seed, device="cpu"))
+            codebook, seconds = harness.timed(lambda: fit_minibatch(parts, k, FitSettings(seed=seed, device="cpu")))
         centroids = codebook.centroids.numpy()
     np.save(spec["out"], np.ascontiguousarray(centroids, dtype=np.float32))
     return {"seconds": seconds}

@@ -18,7 +18,7 @@ pytest.importorskip("sklearn")
 from conftest import assert_codes_match, oracle  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-from vq_pipeline import Codebook, InvalidInputError, TooFewPointsError, fit_codebook
+from vq_pipeline import FitSettings, Codebook, InvalidInputError, TooFewPointsError, fit_codebook
 from vq_pipeline.fitting.minibatch import fit_minibatch
 from vq_pipeline.sklearn import VectorQuantizer
 
@@ -127,7 +127,7 @@ def test_partial_fit_is_the_minibatch_stream() -> None:
     vq = VectorQuantizer(6, random_state=2, engine="torch", device="cpu")
     for b in batches:
         vq.partial_fit(b)
-    cb = fit_minibatch(batches, 6, seed=2, engine="torch", device="cpu")
+    cb = fit_minibatch(batches, 6, FitSettings(seed=2, engine="torch", device="cpu"))
     assert vq.cluster_centers_.tobytes() == cb.centroids.numpy().tobytes()
     assert vq.counts_.tolist() == cb.counts.tolist() and vq.n_steps_ == 4 and vq.n_iter_ == 0
     # labels_ and inertia_ describe the last batch against the updated codes, as in MiniBatchKMeans.

@@ -43,7 +43,7 @@ from vq_pipeline.fitting.kmeans import fit_codebook
 from vq_pipeline.fitting.minibatch import FIT_DEFAULTS as _DEFAULTS
 from vq_pipeline.fitting.minibatch import MiniBatchState, start_minibatch, update_minibatch
 from vq_pipeline.fitting.options import resolve_init
-from vq_pipeline.settings import INITS
+from vq_pipeline.settings import INITS, FitSettings
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
 
 
@@ -162,7 +162,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         if first:
             n_codes = self._check_shape(X)
             init, seed = self._init_value(), self._seed()
-            state = start_minibatch(X, n_codes, metric=self.metric, init=init, seed=seed, **self._compute())
+            settings = FitSettings(metric=self.metric, init=init, seed=seed, **self._compute())
+            state = start_minibatch(X, n_codes, settings)
             self.n_iter_ = 0
         else:
             state = self._stream if self._stream is not None else MiniBatchState.from_codebook(self._codebook)

@@ -13,21 +13,38 @@ from vq_pipeline import Codebook, DimensionMismatchError, InvalidInputError, Too
 from vq_pipeline.fitting.minibatch import (
     STREAM_DEFAULTS,
     MiniBatchState,
+    StreamSettings,
     fit_minibatch,
     start_minibatch,
     update_minibatch,
 )
+from vq_pipeline.settings import FitSettings
 
 TOY_INIT = np.array([[0.0, 0.0], [10.0, 10.0]], dtype=np.float32)
 TOY_BATCH_1 = np.array([[1, 0], [0, 1], [9, 10], [11, 10], [10, 12]], dtype=np.float32)
 TOY_BATCH_2 = np.array([[2, 2], [10, 9]], dtype=np.float32)
 #: Plain Sculley: the seeds as given, one assignment per batch, no splits.
+
+def _split(kw: dict) -> tuple[FitSettings, StreamSettings]:
+    stream = {k: kw.pop(k) for k in list(kw) if k in StreamSettings.__dataclass_fields__}
+    return FitSettings(**kw), StreamSettings(**stream)
+
+
+def start(x, n_codes: int, **kw):
+    """start_minibatch with the fields of FitSettings and StreamSettings as keywords (a test shorthand)."""
+    return start_minibatch(x, n_codes, *_split(kw))
+
+
+def fit_stream(batches, n_codes: int, **kw):
+    """fit_minibatch with the fields of FitSettings and StreamSettings as keywords (a test shorthand)."""
+    return fit_minibatch(batches, n_codes, *_split(kw))
+
 PLAIN = {"init_iter": 0, "batch_iter": 1, "split_ratio": 0.0}
 
 
 def test_running_mean_by_hand() -> None:
     """Each code is the mean of every row it was ever assigned, and counts count them."""
-    state = start_minibatch(TOY_BATCH_1, 2, init=TOY_INIT, **PLAIN, engine="torch", device="cpu")
+    state = start(TOY_BATCH_1, 2, init=TOY_INIT, **PLAIN, engine="torch", device="cpu")
     # Batch 1: code 0 takes (1,0), (0,1); code 1 takes (9,10), (11,10), (10,12).
     np.testing.assert_allclose(state.centroids.numpy(), [[0.5, 0.5], [10.0, 32 / 3]], rtol=1e-6)
     assert state.counts.tolist() == [2, 3]
@@ -47,7 +64,7 @@ def test_running_mean_cosine_renormalizes() -> None:
     init = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     batch_1 = np.array([[3.0, 1.0], [0.0, 2.0]], dtype=np.float32)  # one row per code
     batch_2 = np.array([[1.0, 1.0], [2.0, 0.0]], dtype=np.float32)  # both nearer code 0
-    state = start_minibatch(batch_1, 2, metric="cosine", init=init, **PLAIN, engine="torch", device="cpu")
+    state = start(batch_1, 2, metric="cosine", init=init, **PLAIN, engine="torch", device="cpu")
     u = batch_1[0] / np.linalg.norm(batch_1[0])
     np.testing.assert_allclose(state.centroids.numpy(), [u, [0.0, 1.0]], atol=1e-7)
     state = update_minibatch(state, batch_2, engine="torch", device="cpu")
@@ -63,7 +80,7 @@ def test_running_mean_cosine_renormalizes() -> None:
 def test_a_code_that_never_received_a_row_takes_a_far_row() -> None:
     init = np.array([[0.0, 0.0], [1000.0, 1000.0], [10.0, 10.0]], dtype=np.float32)
     batch_1 = np.array([[1, 0], [0, 1], [9, 10], [11, 10], [10, 14]], dtype=np.float32)
-    state = start_minibatch(batch_1, 3, init=init, **PLAIN, engine="torch", device="cpu")
+    state = start(batch_1, 3, init=init, **PLAIN, engine="torch", device="cpu")
     # Code 1 got nothing; the batch's farthest row from its own code is (10, 14) (squared distance 16).
     np.testing.assert_array_equal(state.centroids[1].numpy(), [10.0, 14.0])
     assert state.counts.tolist() == [2, 0, 3] and state.n_repairs == 1
@@ -149,7 +166,7 @@ def test_splits_under_cosine_keep_unit_codes() -> None:
     """Under cosine the split codes are normalized again; counts still sum to the rows absorbed."""
     batches = _far_first_batches(seed=0)
     unit = [b / np.linalg.norm(b, axis=1, keepdims=True) for b in batches]
-    cb = fit_minibatch(unit, 16, metric="cosine", seed=0, engine="torch", device="cpu")
+    cb = fit_stream(unit, 16, metric="cosine", seed=0, engine="torch", device="cpu")
     np.testing.assert_allclose(cb.centroids.norm(dim=1).numpy(), 1.0, atol=1e-6)
     assert int(cb.counts.sum()) == sum(len(b) for b in batches) == cb.stats["n_rows"]
 
@@ -191,8 +208,8 @@ def _far_first_batches(seed: int, n: int = 400, dim: int = 8, n_blobs: int = 4, 
 def test_deterministic_and_resumable_from_a_saved_codebook(metric: str, data: str, stream: dict, tmp_path) -> None:
     batches = _batches() if data == "blobs" else _far_first_batches(seed=1)
     opts = {"metric": metric, "seed": 3, "engine": "torch", "device": "cpu", **stream}
-    one = fit_minibatch(batches, 12, **opts)
-    two = fit_minibatch(batches, 12, **opts)
+    one = fit_stream(batches, 12, **opts)
+    two = fit_stream(batches, 12, **opts)
     assert one.centroids.numpy().tobytes() == two.centroids.numpy().tobytes()
     assert torch.equal(one.counts, two.counts) and one.data_fingerprint == two.data_fingerprint
     assert int(one.counts.sum()) == sum(len(b) for b in batches) == one.stats["n_rows"]
@@ -204,7 +221,7 @@ def test_deterministic_and_resumable_from_a_saved_codebook(metric: str, data: st
     # Stop after 4 batches, save, load, continue (without repeating the stream settings: the codebook
     # records them): the same state as a stream that never stopped.
     compute = {"engine": "torch", "device": "cpu"}
-    state = start_minibatch(batches[0], 12, metric=metric, seed=3, **stream, **compute)
+    state = start(batches[0], 12, metric=metric, seed=3, **stream, **compute)
     for b in batches[1:4]:
         state = update_minibatch(state, b, **compute)
     path = state.to_codebook().save(tmp_path / "half.safetensors")
@@ -224,7 +241,7 @@ def test_one_pass_is_close_to_lloyd_on_separated_blobs() -> None:
     over 8 batches lands within 5% of a full Lloyd fit's objective."""
     batches = _batches(seed=1)
     x = torch.from_numpy(np.concatenate(batches))
-    mb = fit_minibatch(batches, 12, seed=0, engine="torch", device="cpu")
+    mb = fit_stream(batches, 12, seed=0, engine="torch", device="cpu")
     full = fit_codebook(x, 12, seed=0, engine="torch", device="cpu")
     ratio = float(oracle(x, mb.centroids, "l2").min(dim=1).values.sum()) / full.stats["inertia"]
     assert ratio < 1.05, ratio
@@ -240,8 +257,8 @@ def test_codes_seeded_on_far_rows_of_the_first_batch_move_to_the_blobs(seed: int
     x = torch.from_numpy(np.concatenate(batches))
     opts = {"init": "k-means++", "seed": 0, "engine": "torch", "device": "cpu"}
     full = fit_codebook(x, 16, **opts).stats["inertia"]
-    mb = fit_minibatch(batches, 16, **opts)
-    plain = fit_minibatch(batches, 16, **PLAIN, **opts)
+    mb = fit_stream(batches, 16, **opts)
+    plain = fit_stream(batches, 16, **PLAIN, **opts)
     ratio = float(oracle(x, mb.centroids, "l2").min(dim=1).values.sum()) / full
     plain_ratio = float(oracle(x, plain.centroids, "l2").min(dim=1).values.sum()) / full
     assert mb.stats["n_splits"] > 0 and ratio < 1.05 < plain_ratio, (ratio, plain_ratio)
@@ -249,8 +266,8 @@ def test_codes_seeded_on_far_rows_of_the_first_batch_move_to_the_blobs(seed: int
 
 def test_first_batch_needs_n_codes_rows() -> None:
     with pytest.raises(TooFewPointsError, match=r"n_rows=3 .*n_codes=5.*Fix: make the first batch at least 5 rows"):
-        start_minibatch(np.ones((3, 2), dtype=np.float32), 5)
-    state = start_minibatch(_batches()[0], 4, engine="torch", device="cpu")
+        start(np.ones((3, 2), dtype=np.float32), 5)
+    state = start(_batches()[0], 4, engine="torch", device="cpu")
     # Later batches may be any size: one row is enough.
     assert update_minibatch(state, np.zeros((1, 8), dtype=np.float32), engine="torch").n_rows == state.n_rows + 1
     with pytest.raises(DimensionMismatchError, match=r"x.shape\[1\]=3 but the codes have dim=8"):
@@ -260,10 +277,10 @@ def test_first_batch_needs_n_codes_rows() -> None:
 def test_stream_settings_are_validated() -> None:
     batch = _batches()[0]
     with pytest.raises(InvalidInputError, match=r"batch_iter=0 is out of range.*Fix: 1 is plain"):
-        start_minibatch(batch, 4, batch_iter=0, engine="torch", device="cpu")
+        start(batch, 4, batch_iter=0, engine="torch", device="cpu")
     with pytest.raises(InvalidInputError, match=r"init_iter=-1 is out of range"):
-        fit_minibatch([batch], 4, init_iter=-1, engine="torch", device="cpu")
-    state = start_minibatch(batch, 4, engine="torch", device="cpu")
+        fit_stream([batch], 4, init_iter=-1, engine="torch", device="cpu")
+    state = start(batch, 4, engine="torch", device="cpu")
     with pytest.raises(InvalidInputError, match=r"split_ratio=-0.1 is out of range"):
         update_minibatch(state, batch, split_ratio=-0.1, engine="torch")
 
@@ -277,7 +294,7 @@ def test_the_start_is_the_fits_own(init_iter: int) -> None:
     codes = expected.encode(batch)
     codes = codes.numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
     means = np.stack([batch[codes == k].astype(np.float64).mean(axis=0) for k in range(6)])
-    state = start_minibatch(batch, 6, seed=5, init_iter=init_iter, batch_iter=1, engine="torch", device="cpu")
+    state = start(batch, 6, seed=5, init_iter=init_iter, batch_iter=1, engine="torch", device="cpu")
     np.testing.assert_allclose(state.centroids.numpy(), means, rtol=1e-5, atol=1e-5)
     assert state.counts.tolist() == np.bincount(codes, minlength=6).tolist()
     assert state.settings["init_iter"] == init_iter and state.to_codebook().settings["init_iter"] == init_iter

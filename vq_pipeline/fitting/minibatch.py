@@ -47,7 +47,7 @@ what a codebook file holds (centroids, counts, metric, and the settings above), 
 continue from a saved codebook (:meth:`MiniBatchState.from_codebook`) with the settings it started
 with. Same batches, same settings and the same device kind give the same state.
 
-    state = start_minibatch(first_batch, 256, metric="cosine", seed=0)
+    state = start_minibatch(first_batch, 256, FitSettings(metric="cosine", seed=0))
     for batch in batches:
         state = update_minibatch(state, batch)
     codebook = state.to_codebook()
@@ -85,6 +85,28 @@ FIT_DEFAULTS = FitSettings().keywords()
 #: The stream's own settings (see the module docstring), recorded in the state's and the codebook's
 #: settings; a stream continued from a state or codebook uses the ones recorded there.
 STREAM_DEFAULTS: dict[str, Any] = {"init_iter": 5, "batch_iter": 2, "split_ratio": 0.05}
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The stream's own settings: a field left None takes the value a continued state or codebook
+    recorded, else its default (:data:`STREAM_DEFAULTS`)."""
+
+    #: Lloyd iterations on the first batch (default 5; 0: the seeds as they are).
+    init_iter: int | None = None
+    #: Assignments per batch (default 2; 1: plain Sculley), for the first and every later batch.
+    batch_iter: int | None = None
+    #: Codes with no row in a batch and fewer than ``split_ratio`` times an average code's rows may
+    #: move to split a crowded code, where that pays (default 0.05; 0: never).
+    split_ratio: float | None = None
+
+    def resolved(self, recorded: dict[str, Any]) -> dict[str, Any]:
+        """Each setting: given, else ``recorded``, else the default; validated."""
+        return _stream_settings(recorded, **{k: getattr(self, k) for k in STREAM_DEFAULTS})
+
+
+#: FitSettings fields a stream does not use: its loop is the stream's (``StreamSettings``).
+_UNUSED_FIT_FIELDS = ("n_iter", "tol", "n_init", "prune")
 
 #: Power iterations for a split code's principal axis: enough to find a direction of large spread.
 _AXIS_ITERATIONS = 12
@@ -177,18 +199,7 @@ class MiniBatchState:
 
 
 def start_minibatch(
-    x: Any,
-    n_codes: int,
-    *,
-    metric: str = FIT_DEFAULTS["metric"],
-    init: Any = FIT_DEFAULTS["init"],
-    seed: int = FIT_DEFAULTS["seed"],
-    init_iter: int = STREAM_DEFAULTS["init_iter"],
-    batch_iter: int = STREAM_DEFAULTS["batch_iter"],
-    split_ratio: float = STREAM_DEFAULTS["split_ratio"],
-    engine: str = FIT_DEFAULTS["engine"],
-    device: str | torch.device | None = FIT_DEFAULTS["device"],
-    memory_budget: int = FIT_DEFAULTS["memory_budget"],
+    x: Any, n_codes: int, settings: FitSettings | None = None, stream: StreamSettings | None = None
 ) -> MiniBatchState:
     """Seed ``n_codes`` codes from the first batch ``x``, run ``init_iter`` Lloyd iterations on it, then
     absorb it as :func:`update_minibatch` absorbs every batch.
@@ -199,24 +210,24 @@ def start_minibatch(
     Args:
         x: (n_rows, dim) first batch, torch tensor (any device) or numpy array, ``n_rows >= n_codes``.
         n_codes: number of codes.
-        metric: 'l2' or 'cosine'.
-        init: a named init of :func:`vq_pipeline.fit_codebook` (default 'auto': k-means|| on the batch;
-            'k-means++': exact greedy k-means++ on it), a (n_codes, dim) tensor, or a Codebook to
-            continue from (its counts are kept and no Lloyd iteration runs; ``batch_iter`` and
-            ``split_ratio`` replace the ones it records).
-        seed: seed of the seeding's random choices.
-        init_iter: Lloyd iterations on the first batch (default 5; 0: the seeds as they are).
-        batch_iter: assignments per batch (default 2; 1: plain Sculley), for this and every later batch.
-        split_ratio: codes with no row in a batch and fewer than ``split_ratio`` times an average code's
-            rows may move to split a crowded code, where that pays (default 0.05; 0: never).
-        engine, device, memory_budget: as in :func:`vq_pipeline.fit_codebook`.
+        settings: the fit's :class:`~vq_pipeline.settings.FitSettings` (default: the defaults), of which
+            a stream uses ``metric``, ``init``, ``seed``, ``engine``, ``device`` and ``memory_budget``
+            (a flat codec; ``n_iter``, ``tol``, ``n_init`` and ``prune`` are refused unless left at their
+            defaults: the stream's loop is ``stream``'s). ``init``: a named init of
+            :func:`vq_pipeline.fit_codebook` (default 'auto': k-means|| on the batch; 'k-means++': exact
+            greedy k-means++ on it), a (n_codes, dim) tensor, or a Codebook to continue from (its counts
+            are kept and no Lloyd iteration runs; ``stream``'s ``batch_iter`` and ``split_ratio``, when
+            given, replace the ones it records).
+        stream: :class:`StreamSettings` (``init_iter``, ``batch_iter``, ``split_ratio``).
 
     Raises:
         TooFewPointsError: fewer than ``n_codes`` rows, or fewer distinct rows than codes.
     """
     n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of centroids to fit.")
-    opts = {"engine": engine, "device": device, "memory_budget": memory_budget}
-    stream = _stream_settings({}, init_iter=init_iter, batch_iter=batch_iter, split_ratio=split_ratio)
+    settings, stream_given = _stream_fit_settings(settings), stream or StreamSettings()
+    metric, init, seed = settings.metric, settings.init, settings.seed
+    opts = {"engine": settings.engine, "device": settings.device, "memory_budget": settings.memory_budget}
+    stream = stream_given.resolved({})
     if isinstance(init, Codebook):
         if init.metric != metric or init.n_codes != n_codes:
             raise InvalidInputError(
@@ -225,7 +236,8 @@ def start_minibatch(
                 f"n_codes={init.n_codes}, or start from init='k-means++'."
             )
         resumed = MiniBatchState.from_codebook(init)
-        return update_minibatch(resumed, x, batch_iter=stream["batch_iter"], split_ratio=stream["split_ratio"], **opts)
+        given = {"batch_iter": stream_given.batch_iter, "split_ratio": stream_given.split_ratio}
+        return update_minibatch(resumed, x, **given, **opts)
     n_rows = _n_rows(x)
     if n_rows is not None and n_rows < n_codes:
         raise TooFewPointsError(
@@ -243,6 +255,21 @@ def start_minibatch(
         parent_fingerprint=seeded.parent_fingerprint,
     )
     return update_minibatch(state, x, **opts)
+
+
+def _stream_fit_settings(settings: FitSettings | None) -> FitSettings:
+    """``settings`` (default: the defaults), refused when they ask for what a stream does not do."""
+    settings = FitSettings() if settings is None else settings
+    unused = {k: getattr(settings, k) for k in _UNUSED_FIT_FIELDS if getattr(settings, k) != getattr(FitSettings, k)}
+    if settings.codec != "flat":
+        unused["codec"] = settings.codec
+    if unused:
+        raise InvalidInputError(
+            f"{', '.join(f'{k}={v!r}' for k, v in unused.items())} in the settings of a mini-batch stream; expected "
+            f"the defaults: a stream runs its own loop (StreamSettings: init_iter, batch_iter, split_ratio) and fits "
+            f"flat codebooks. Fix: leave them at their defaults, or fit all rows with fit_codebook."
+        )
+    return settings
 
 
 def _stream_settings(recorded: dict[str, Any], **given: Any) -> dict[str, Any]:
@@ -289,29 +316,17 @@ def update_minibatch(
 
 
 def fit_minibatch(
-    batches: Iterable[Any],
-    n_codes: int,
-    *,
-    metric: str = FIT_DEFAULTS["metric"],
-    init: Any = FIT_DEFAULTS["init"],
-    seed: int = FIT_DEFAULTS["seed"],
-    init_iter: int = STREAM_DEFAULTS["init_iter"],
-    batch_iter: int = STREAM_DEFAULTS["batch_iter"],
-    split_ratio: float = STREAM_DEFAULTS["split_ratio"],
-    engine: str = FIT_DEFAULTS["engine"],
-    device: str | torch.device | None = FIT_DEFAULTS["device"],
-    memory_budget: int = FIT_DEFAULTS["memory_budget"],
+    batches: Iterable[Any], n_codes: int, settings: FitSettings | None = None, stream: StreamSettings | None = None
 ) -> Codebook:
     """One pass of mini-batch K-means over ``batches`` ((n_rows, dim) arrays or tensors, the first
     with at least ``n_codes`` rows); the codebook of the final state. See :func:`start_minibatch`."""
     state: MiniBatchState | None = None
-    opts = {"engine": engine, "device": device, "memory_budget": memory_budget}
     for x in batches:
         if state is None:
-            stream = {"init_iter": init_iter, "batch_iter": batch_iter, "split_ratio": split_ratio}
-            state = start_minibatch(x, n_codes, metric=metric, init=init, seed=seed, **stream, **opts)
+            state = start_minibatch(x, n_codes, settings, stream)
         else:
-            state = update_minibatch(state, x, **opts)
+            s = settings or FitSettings()
+            state = update_minibatch(state, x, engine=s.engine, device=s.device, memory_budget=s.memory_budget)
     if state is None:
         raise InvalidInputError(
             "batches yielded no batch; expected at least one (n_rows, dim) batch. Fix: check the stream is not empty."
@@ -539,4 +554,11 @@ def _half_split(rows: torch.Tensor) -> torch.Tensor | None:
     return 0.5 * spread * v if spread > 0 else None
 
 
-__all__ = ["STREAM_DEFAULTS", "MiniBatchState", "fit_minibatch", "start_minibatch", "update_minibatch"]
+__all__ = [
+    "StreamSettings",
+    "STREAM_DEFAULTS",
+    "MiniBatchState",
+    "fit_minibatch",
+    "start_minibatch",
+    "update_minibatch",
+]
