@@ -13,6 +13,7 @@ an artifact, keyed per work_dir (:func:`report_artifact_key`).
 """
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +62,13 @@ class FlowSteps(PipelineSteps):
         return encode_embeddings_flow(list(job.inputs), job.codebook, job.out_dir, job.settings, job.options, self.dask)
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        run = retried_task(fn, name) if name in RETRIED_STEPS else task(fn, name=name, cache_policy=NO_CACHE)
-        return run(*args)
+        return _step_task(name, fn)(*args)
+
+
+@functools.cache
+def _step_task(name: str, fn: Callable[..., Any]) -> Any:
+    """The Prefect task of a scheduled run's step, made once per step."""
+    return retried_task(fn, name) if name in RETRIED_STEPS else task(fn, name=name, cache_policy=NO_CACHE)
 
 
 @flow(name="vq-pipeline")

@@ -80,6 +80,8 @@ def apply_omp_waits(environ: MutableMapping[str, str] | None = None) -> dict[str
     Effective only before torch is first imported in the process (its OpenMP runtime reads them once).
     """
     env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
+        return {}  # chosen already (by the user, or by an earlier call): no need to read the CPU's pressure
     chosen = omp_wait_settings(env, _cpu_pressure(), _other_runnable(), _cpus())
     env.update(chosen)
     return chosen

@@ -75,19 +75,10 @@ def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     with output_lock(out, what="codebook"):  # one fit per output: the file on disk is the one reported
         codebook = _fit_here(args, console, (settings, table), checkpoint)
         codebook.save(out)
-    summary = {
-        "path": str(out),
-        "fingerprint": codebook.fingerprint,
-        "n_codes": codebook.n_codes,
-        "dim": codebook.dim,
-        "metric": codebook.metric,
-        "rows": codebook.stats["n_rows"],
-        "iterations": codebook.stats["iterations"],
-        "converged": codebook.stats["converged"],
-        "inertia": codebook.stats["inertia"],
-        **multilevel_summary(codebook),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    from vq_pipeline.jobs.fit_file import FitSummary
+
+    seconds = time.perf_counter() - t0
+    summary = FitSummary.of(codebook, out, kept=False, init=str(settings.init), seconds=seconds).to_dict()
     print_fit_summary(args, console, summary)
     return 0
 
@@ -131,30 +122,16 @@ def _fit_on_dask(
         reading=table,
         settings=settings,
     )
-    keys = SUMMARY_KEYS + ("codec", "levels") + (MULTILEVEL_KEYS if s.get("codec") != "flat" else ())
-    summary = {k: s.get(k) for k in keys}
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    print_fit_summary(args, console, summary, where=f" on Dask {args.dask}")
+    print_fit_summary(args, console, {**s, "task_seconds": time.perf_counter() - t0}, where=f" on Dask {args.dask}")
     return 0
 
 
-def multilevel_summary(codebook: "Codebook") -> dict[str, Any]:
-    """``codec`` and ``levels``, and for a multi-level codebook its reconstruction ``mse``, ``collision_rate``
-    and the per-level ``level_mse``, for the fit's summary (a flat codebook adds only codec and levels)."""
-    summary: dict[str, Any] = {"codec": codebook.codec, "levels": codebook.levels}
-    if codebook.codec != "flat":
-        stats = codebook.stats if isinstance(codebook.stats, dict) else {}
-        per_level = stats.get("levels") if isinstance(stats.get("levels"), list) else []
-        summary["mse"] = stats.get("mse")
-        summary["collision_rate"] = stats.get("collision_rate")
-        summary["level_mse"] = [level.get("mse") if isinstance(level, dict) else None for level in per_level]
-    return summary
-
-
 def print_fit_summary(args: argparse.Namespace, console: Console, summary: dict[str, Any], where: str = "") -> None:
-    """The result of ``vq fit``: the summary as JSON, or one sentence (``where``: e.g. " on Dask ...")."""
+    """The result of ``vq fit``: ``summary`` (a :class:`~vq_pipeline.jobs.fit_file.FitSummary` as a dict)
+    as JSON, with the keys of :data:`SUMMARY_KEYS`, or one sentence (``where``: e.g. " on Dask ...")."""
     if args.json:
-        console.result(dumps(summary))
+        keys = SUMMARY_KEYS + ("codec", "levels") + (MULTILEVEL_KEYS if summary.get("codec") != "flat" else ())
+        console.result(dumps({**{k: summary.get(k) for k in keys}, "seconds": round(summary["task_seconds"], 3)}))
         return
     state = "converged" if summary["converged"] else f"not converged (stopped at --iters {args.iters})"
     codes = plural(summary["n_codes"], "code")

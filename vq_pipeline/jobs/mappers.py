@@ -55,9 +55,4 @@ class Threads:
                     future.cancel()
 
 
-def failures(outcomes: dict[str, Any]) -> dict[str, BaseException]:
-    """The failed units among ``outcomes`` (name: result or exception)."""
-    return {name: out for name, out in outcomes.items() if isinstance(out, BaseException)}
-
-
-__all__ = ["Mapper", "Threads", "failures", "serial"]
+__all__ = ["Mapper", "Threads", "serial"]

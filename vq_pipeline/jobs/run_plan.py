@@ -1,16 +1,14 @@
 """What one run of the scheduled pipeline does, as plain data: the checks before any work, whether
-it fits, refits or leaves the codebook, and the summary it reports. No Prefect here; the flow
+it fits, refits or leaves the codebook, and what it reports of its encodes. No Prefect here; the flow
 (or another orchestrator) runs the steps, :mod:`vq_pipeline.jobs.workdir` owns the folder they write.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from vq_pipeline.jobs.workdir import CODES_LINK, codes_dir, refit_checks
+from vq_pipeline.jobs.workdir import refit_checks
 from vq_pipeline.settings import FitSettings
 
 #: The keys of an encode run's summary that the pipeline's summary keeps, one dict per encode run.
@@ -137,62 +135,8 @@ def encode_brief(encode: dict[str, Any]) -> dict[str, Any]:
     return {k: encode.get(k) for k in ENCODE_BRIEF_KEYS}
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """What one scheduled run did: the current codebook and its codes (the last encode run's), what
-    the run did and why, the drift, the refit rules and the replaced codebook."""
-
-    started_at: str
-    work_dir: Path
-    input_root: Path
-    current: dict[str, Any]
-    encoded: list[dict[str, Any]]
-    report: Path
-    artifact_key: str | None
-    action: str
-    reason: str | None
-    drift: dict[str, Any] | None
-    drift_after_refit: dict[str, Any] | None
-    alignment: dict[str, Any] | None
-    checks: list[dict[str, Any]]
-    previous: dict[str, Any] | None
-    params: dict[str, Any]
-    flow_run_id: str | None
-
-
-def run_summary(run: RunOutcome) -> dict[str, Any]:
-    """The run's summary as plain data (the report's JSON and the flow's result, less ``drift_chart``)."""
-    previous, work_dir = run.previous, run.work_dir
-    return {
-        "started_at": run.started_at,
-        "work_dir": str(work_dir),
-        "input_root": str(run.input_root),
-        "codebook": run.current["path"],
-        "fingerprint": run.current["fingerprint"],
-        "parent_fingerprint": run.current["parent_fingerprint"],
-        "codes_dir": run.encoded[-1]["out_dir"],
-        "codes_link": str(work_dir / CODES_LINK),
-        "manifest": run.encoded[-1]["manifest"],
-        "report": str(run.report),
-        "artifact_key": run.artifact_key,
-        "action": run.action,
-        "reason": run.reason,
-        "encode": [encode_brief(e) for e in run.encoded],
-        "drift": run.drift,
-        "drift_after_refit": run.drift_after_refit,
-        "alignment": run.alignment,
-        "refit_rules": run.checks,
-        "fired": [c["rule"] for c in run.checks if c["fired"]],
-        "previous_codebook": previous["path"] if previous else None,
-        "previous_codes_dir": str(codes_dir(work_dir, previous["fingerprint"])) if previous else None,
-        "params": run.params,
-        "flow_run_id": run.flow_run_id,
-    }
-
-
 __all__ = [
     "ENCODE_BRIEF_KEYS",
-    "RunOutcome",
     "MULTILEVEL_ALIGNMENT",
     "alignment_unavailable",
     "codec_of",
@@ -201,7 +145,6 @@ __all__ = [
     "fired_reason",
     "first_action",
     "refit_decision",
-    "run_summary",
     "with_alignment",
     "with_codec",
 ]

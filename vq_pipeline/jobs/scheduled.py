@@ -29,11 +29,10 @@ from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
 from vq_pipeline.jobs.run_plan import (
     alignment_unavailable,
     current_checks,
+    encode_brief,
     fired_reason,
     first_action,
-    RunOutcome,
     refit_decision,
-    run_summary,
     with_alignment,
     with_codec,
 )
@@ -124,26 +123,36 @@ class _Run:
     drift_after: dict[str, Any] | None = None
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
-    def outcome(self, current: dict[str, Any], action: str, reason: str | None) -> RunOutcome:
-        """What the run did, for its summary."""
-        return RunOutcome(
-            started_at=self.now,
-            work_dir=self.work,
-            input_root=self.root,
-            current=current,
-            encoded=self.encoded,
-            report=workdir.report_path(self.work, self.started, self.steps.run_id),
-            artifact_key=self.steps.artifact_key,
-            action=action,
-            reason=reason,
-            drift=self.drift_before,
-            drift_after_refit=self.drift_after,
-            alignment=self.alignment,
-            checks=self.checks,
-            previous=self.previous,
-            params={"inputs": [str(self.root)], **dataclasses.asdict(self.settings)},
-            flow_run_id=self.steps.run_id,
-        )
+    def summary(self, current: dict[str, Any], action: str, reason: str | None) -> dict[str, Any]:
+        """The run's summary as plain data (the report's JSON and the flow's result, less ``drift_chart``):
+        the current codebook and its codes (the last encode run's), what the run did and why, the
+        drift, the refit rules and the replaced codebook."""
+        previous = self.previous
+        return {
+            "started_at": self.now,
+            "work_dir": str(self.work),
+            "input_root": str(self.root),
+            "codebook": current["path"],
+            "fingerprint": current["fingerprint"],
+            "parent_fingerprint": current["parent_fingerprint"],
+            "codes_dir": self.encoded[-1]["out_dir"],
+            "codes_link": str(self.work / workdir.CODES_LINK),
+            "manifest": self.encoded[-1]["manifest"],
+            "report": str(workdir.report_path(self.work, self.started, self.steps.run_id)),
+            "artifact_key": self.steps.artifact_key,
+            "action": action,
+            "reason": reason,
+            "encode": [encode_brief(e) for e in self.encoded],
+            "drift": self.drift_before,
+            "drift_after_refit": self.drift_after,
+            "alignment": self.alignment,
+            "refit_rules": self.checks,
+            "fired": [c["rule"] for c in self.checks if c["fired"]],
+            "previous_codebook": previous["path"] if previous else None,
+            "previous_codes_dir": str(workdir.codes_dir(self.work, previous["fingerprint"])) if previous else None,
+            "params": {"inputs": [str(self.root)], **dataclasses.asdict(self.settings)},
+            "flow_run_id": self.steps.run_id,
+        }
 
     @property
     def now(self) -> str:
@@ -245,7 +254,7 @@ def _run_locked(run: _Run) -> dict[str, Any]:
             run.encoded.append(run.encode(current))
             # The refit was fitted on every row, these included: its baseline.
             run.drift_after = run.drift(current, run.encoded[-1], baseline=True)
-    return run_summary(run.outcome(current, action, reason))
+    return run.summary(current, action, reason)
 
 
 __all__ = ["EncodeJob", "PipelineSteps", "align_fit", "drift_of", "read_current", "run_once"]

@@ -48,7 +48,7 @@ import torch
 
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.align import MAX_ALIGN_PAIRS
-from vq_pipeline.errors import CodebookFileError, PipelineStateError
+from vq_pipeline.errors import PipelineStateError
 from vq_pipeline.io import tables
 from vq_pipeline.io.fileio import (
     atomic_symlink,
@@ -58,7 +58,7 @@ from vq_pipeline.io.fileio import (
     resolves_inside,
 )
 from vq_pipeline.io.paths import folder_lock
-from vq_pipeline.jobs.fit_file import codebook_file_path
+from vq_pipeline.jobs.fit_file import codebook_file_path, save_codebook
 from vq_pipeline.jobs.sources import validated_sample
 
 CURRENT_NAME = "codebooks/current.json"
@@ -218,15 +218,10 @@ def align_refit(
     aligned = new.aligned_to(ref, x, engine=engine)
     path = codebook_path(work_dir, aligned.fingerprint)
     same_file = os.path.realpath(path) == os.path.realpath(refit)
-    if same_file:
-        keep = not fresh  # an earlier run's file of these very centroids: its record stays
-    else:
-        try:
-            keep = path.is_file() and Codebook.load(path).fingerprint == aligned.fingerprint
-        except CodebookFileError:
-            keep = False  # a damaged file under this name is replaced
-    if not keep:
-        aligned.save(path)
+    if not same_file:
+        save_codebook(aligned, codebook_template(work_dir))  # keeps an intact file of these centroids
+    elif fresh:
+        aligned.save(path)  # this run's refit, renumbered in place (an earlier run's file keeps its record)
     if fresh and not same_file and os.path.realpath(refit) != os.path.realpath(reference):
         Path(refit).unlink(missing_ok=True)
     record = {k: v for k, v in aligned.stats["alignment"].items() if k != "mapping"}
