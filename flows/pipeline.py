@@ -13,7 +13,6 @@ an artifact, keyed per work_dir (:func:`report_artifact_key`).
 """
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +49,7 @@ class FlowSteps(PipelineSteps):
 
     def __init__(self, work_dir: Path, dask: str | None) -> None:
         self.dask = dask
+        self.tasks: dict[str, Any] = {}
         self.run_id = flow_run.get_id()
         self.artifact_key = report_artifact_key(work_dir)
 
@@ -62,13 +62,10 @@ class FlowSteps(PipelineSteps):
         return encode_embeddings_flow(list(job.inputs), job.codebook, job.out_dir, job.settings, job.options, self.dask)
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        return _step_task(name, fn)(*args)
-
-
-@functools.cache
-def _step_task(name: str, fn: Callable[..., Any]) -> Any:
-    """The Prefect task of a scheduled run's step, made once per step."""
-    return retried_task(fn, name) if name in RETRIED_STEPS else task(fn, name=name, cache_policy=NO_CACHE)
+        if name not in self.tasks:  # one Prefect task per step, made on its first run
+            retried = name in RETRIED_STEPS
+            self.tasks[name] = retried_task(fn, name) if retried else task(fn, name=name, cache_policy=NO_CACHE)
+        return self.tasks[name](*args)
 
 
 @flow(name="vq-pipeline")
