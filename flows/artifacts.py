@@ -2,13 +2,14 @@
 work_dirs, two output folders) must not share one, or their histories mix."""
 
 import hashlib
+import os
 from pathlib import Path
 
 
 def scoped_key(prefix: str, folder: str | Path) -> str:
     """``prefix`` + ``-`` + 10 hex digits of the sha256 of the absolute ``folder`` (keys allow only
     lowercase letters, digits and dashes)."""
-    digest = hashlib.sha256(str(Path(folder).absolute()).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(os.fsencode(Path(folder).absolute())).hexdigest()[:10]
     return f"{prefix}-{digest}"
 
 

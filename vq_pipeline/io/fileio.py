@@ -99,8 +99,16 @@ def temporary_path(path: Path) -> str:
     return str(tmp)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(f)`` on a temporary file next to ``path``, then make it ``path`` atomically."""
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], object],
+    *,
+    before_replace: Callable[[Path], object] | None = None,
+) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path``, then make it ``path`` atomically.
+
+    ``before_replace(temporary)``: called once the temporary file is complete and synced, before it
+    becomes ``path`` (to record what is about to be written: a receipt written first)."""
     path = Path(path)
     fd, tmp = _create_temporary(path)
     try:
@@ -108,6 +116,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -178,6 +188,41 @@ def resolves_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]
     """Whether ``path``, every symlink followed, is ``folder`` (also resolved) or lies below it."""
     real, root = os.path.realpath(path), os.path.realpath(folder)
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+#: Descriptors held open for :func:`polars_path`, by path: (descriptor, (device, inode)).
+_HELD_FOR_POLARS: dict[str, tuple[int, tuple[int, int]]] = {}
+
+
+def polars_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string that polars can open (it takes paths as UTF-8 text).
+
+    A file name is bytes on disk; one that is not UTF-8 reaches Python as text with surrogate escapes,
+    which polars cannot take. Such a local file is opened once and handed to polars as
+    ``/proc/self/fd/N``, the same file under a name polars can read (Linux); the descriptor is held for
+    the process and opened again when the name comes to mean another file (a replaced output).
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    now = os.stat(text)
+    held = _HELD_FOR_POLARS.get(text)
+    if held is not None and held[1] != (now.st_dev, now.st_ino):
+        os.close(held[0])
+        held = None
+    if held is None:
+        fd = os.open(text, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        info = os.fstat(fd)
+        held = _HELD_FOR_POLARS[text] = (fd, (info.st_dev, info.st_ino))
+    proc = f"/proc/self/fd/{held[0]}"
+    if not os.path.exists(proc):
+        raise OSError(
+            errno.ENOENT, "the file name is not UTF-8 and this system has no /proc/self/fd to reach it by", text
+        )
+    return proc
 
 
 def canonical_json(value: object) -> bytes:

@@ -239,7 +239,8 @@ def output_lock(path: str | os.PathLike[str], *, what: str) -> Iterator[None]:
     never followed, written only when it is a lock file of vq), removed when the run ends, so a finished
     fit leaves nothing but its output.
     """
-    lock = lock_path(path)
+    given = Path(path)
+    lock = lock_path(resolved(given.parent) / given.name)  # one lock whichever name the folder is reached by
     lock.parent.mkdir(parents=True, exist_ok=True)
 
     def busy(holder: str) -> OutputLockedError:

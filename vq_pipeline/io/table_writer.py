@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +148,25 @@ def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(frames, rechunk=False) if frames else pl.DataFrame()
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> str:
+def write_parquet_atomic(
+    frame: pl.DataFrame, path: str | os.PathLike[str], *, before_replace: Callable[[str], object] | None = None
+) -> str:
     """Write ``frame`` to ``path`` atomically (:func:`vq_pipeline.io.fileio.atomic_write`).
+
+    ``before_replace(sha256)``: called with the new bytes' sha256 once they are on disk under a temporary
+    name, before they become ``path``.
 
     Returns the sha256 of the written bytes.
     """
-    return file_sha256(atomic_write(path, lambda f: frame.write_parquet(f, statistics=True)))
+    digest: list[str] = []
+
+    def record(tmp: Path) -> None:
+        digest.append(file_sha256(tmp))
+        if before_replace is not None:
+            before_replace(digest[0])
+
+    atomic_write(path, lambda f: frame.write_parquet(f, statistics=True), before_replace=record)
+    return digest[0]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

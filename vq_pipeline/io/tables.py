@@ -30,6 +30,7 @@ import polars as pl
 import torch
 
 from vq_pipeline.errors import InvalidInputError, VQError
+from vq_pipeline.io.fileio import polars_path
 from vq_pipeline.io.discovery import Source, first_line, discover
 from vq_pipeline.io.parquet_pages import ParquetPages
 from vq_pipeline.io.table_writer import (
@@ -88,9 +89,10 @@ class Batch:
 def scan(source: Source, *, storage_options: dict[str, Any] | None = None) -> pl.LazyFrame:
     """A lazy scan of one source (hive columns are not added: the key already names the partition)."""
     with _reading(source):
+        uri = source.uri if source.is_remote else polars_path(source.uri)
         if source.format == "parquet":
-            return pl.scan_parquet(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
-        return pl.scan_ipc(source.uri, storage_options=storage_options, hive_partitioning=False, glob=False)
+            return pl.scan_parquet(uri, storage_options=storage_options, hive_partitioning=False, glob=False)
+        return pl.scan_ipc(uri, storage_options=storage_options, hive_partitioning=False, glob=False)
 
 
 @contextlib.contextmanager
@@ -405,6 +407,34 @@ def duplicate_ids(
         ) from None
 
 
+def shared_ids(
+    path: str | os.PathLike[str],
+    sources: Sequence[Source],
+    id_column: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    limit: int = 3,
+) -> tuple[Any, Any, list[Any]]:
+    """(the ``id_column`` type of the local parquet file ``path``, its type in ``sources``, up to ``limit``
+    ids of ``sources`` that ``path`` holds too: none when the types differ). Reads only the id columns.
+
+    Raises:
+        InvalidInputError: a file that cannot be read, or that has no ``id_column``.
+    """
+    theirs = pl.concat([scan(s, storage_options=storage_options).select(pl.col(id_column)) for s in sources])
+    kept = Source(os.fspath(path), Path(path).name)
+    with _reading(kept):
+        lf = pl.scan_parquet(polars_path(path), glob=False)
+        _check_columns(kept, lf.collect_schema(), column=id_column)
+        kept_type = lf.collect_schema()[id_column]
+    their_type = theirs.collect_schema()[id_column]
+    if kept_type != their_type:
+        return kept_type, their_type, []
+    with _reading(kept):
+        found = lf.select(pl.col(id_column)).join(theirs.unique(), on=id_column, how="inner").head(limit).collect()
+    return kept_type, their_type, found[id_column].to_list()
+
+
 def sample_rows(
     sources: Sequence[Source],
     n_rows_per_source: Sequence[int],
@@ -464,7 +494,11 @@ def fingerprint(source: Source, *, storage_options: dict[str, Any] | None = None
         if source.is_remote:
             lf = scan(source, storage_options=storage_options)
             h = hashlib.sha256(b"vq-source-v1|")
-            h.update(f"{source.uri}|{lf.select(pl.len()).collect().item()}|{lf.collect_schema()}".encode())
+            h.update(
+                f"{source.uri}|{lf.select(pl.len()).collect().item()}|{lf.collect_schema()}".encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
             return h.hexdigest()
         return "sha256:" + file_sha256(source.uri)
 
@@ -487,7 +521,7 @@ def file_stat(source: Source) -> str | None:
 def read_table(path: str | os.PathLike[str]) -> pl.DataFrame:
     """Read a whole (small) table, e.g. one output of an encode run."""
     with _reading(Source(str(path), Path(path).name)):
-        return pl.read_parquet(path)
+        return pl.read_parquet(polars_path(path))
 
 
 __all__ = [
@@ -514,6 +548,7 @@ __all__ = [
     "read_table",
     "row_positions",
     "sample_rows",
+    "shared_ids",
     "scan",
     "with_suffix",
     "write_embeddings",

@@ -58,6 +58,7 @@ from vq_pipeline.io.paths import (
     check_output_folder_against_tables,
     folder_lock,
     refuse_symlinked_folder,
+    resolved,
 )
 from vq_pipeline.jobs.encode_state import (
     LOCK_NAME,
@@ -65,6 +66,7 @@ from vq_pipeline.jobs.encode_state import (
     MANIFEST_NAME,
     STATE_SUFFIX,
     FolderInventory,
+    check_replaceable,
     folder_inventory,
     folder_records,
     intact_receipt,
@@ -79,13 +81,14 @@ from vq_pipeline.jobs.encode_state import (
     remove_recorded,
     state_dir,
     summary_rows,
+    typed_state_dir,
     write_manifest,
     write_receipt,
 )
 from vq_pipeline.jobs.mappers import Mapper, serial
 from vq_pipeline.jobs.semantic_ids import folder_suffixes
 from vq_pipeline.settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
-from vq_pipeline.validate import check_int
+from vq_pipeline.validate import check_beam, check_int
 
 #: Called as progress(key, rows_done, rows_total) while a file is encoded.
 RowProgress = Callable[[str, int, int], None]
@@ -148,12 +151,15 @@ def encode_lock(out_dir: str | os.PathLike[str], *, inputs: Sequence[str | os.Pa
 
     First, before anything is created, the folder and its bookkeeping folder are checked against the
     inputs (:func:`vq_pipeline.io.paths.check_output_folder`): neither may be, contain or lie inside an
-    input. Folders that the lock itself created are removed again if the run fails before writing to them.
+    input. The lock, like the bookkeeping, belongs to the folder's resolved path, so two names of one
+    folder (a symlink and its target) share it. Folders that the lock itself created are removed again
+    if the run fails before writing to them.
     """
-    out = Path(out_dir)
+    out = resolved(out_dir)
     state = state_dir(out)
     check_output_folder("out_dir", out, inputs)
     check_output_folder("out_dir", state, inputs)
+    _refuse_typed_state(out_dir, state)
     refuse_symlinked_folder(state)
     created = [p for p in (out, state) if not p.exists()]
     lock = state / LOCK_NAME
@@ -170,6 +176,24 @@ def encode_lock(out_dir: str | os.PathLike[str], *, inputs: Sequence[str | os.Pa
                 for folder in created:
                     shutil.rmtree(folder, ignore_errors=True)
             raise
+
+
+def _refuse_typed_state(out_dir: str | os.PathLike[str], state: Path) -> None:
+    """Refuse a folder whose bookkeeping an earlier version kept beside another of its names (a symlink
+    to it, :func:`vq_pipeline.jobs.encode_state.typed_state_dir`): its receipts would be missed, and its
+    outputs taken for another program's."""
+    typed = typed_state_dir(out_dir)
+    if typed != state and is_real_dir(typed) and os.path.lexists(typed / "receipts"):
+        raise StateError(
+            f"out_dir={os.fspath(out_dir)!r} is {str(resolved(out_dir))!r} under another name, and its bookkeeping "
+            f"from an earlier version is in {str(typed)!r}; expected it in {str(state)!r}, beside the folder's "
+            f"real path, where every name of the folder finds it. Fix: "
+            + (
+                f"move {str(typed)!r} to {str(state)!r}, then rerun."
+                if not os.path.lexists(state)
+                else f"delete {str(typed)!r} (the folder's bookkeeping is already in {str(state)!r}), then rerun."
+            )
+        )
 
 
 def _check_outputs(out: Path, sources: Sequence[Source]) -> None:
@@ -197,7 +221,8 @@ def _check_outputs(out: Path, sources: Sequence[Source]) -> None:
 
 def check_codec_settings(codebook: Codebook, settings: EncodeSettings) -> None:
     """Refuse, before any work, settings the codebook's codec cannot honour: ``top_k > 1`` with a
-    multi-level codebook, ``beam > 1`` with a codebook that is not residual, ``unique`` with a flat one,
+    multi-level codebook, ``beam > 1`` with a codebook that is not residual (or wider than a residual
+    codebook's beam search can keep, :func:`vq_pipeline.validate.max_beam`), ``unique`` with a flat one,
     and (with ``unique``) an id or kept column named ``suffix``."""
     if codebook.codec != "flat" and settings.top_k != 1:
         raise InvalidInputError(
@@ -209,6 +234,8 @@ def check_codec_settings(codebook: Codebook, settings: EncodeSettings) -> None:
             f"beam={settings.beam} with a {codebook.codec} codebook; expected beam=1 (beam search is for residual "
             f"codebooks: a flat or product level is already searched exactly). Fix: pass beam=1."
         )
+    if codebook.codec == "residual":
+        check_beam("beam", settings.beam, n_codes=codebook.n_codes, levels=codebook.levels)
     if settings.unique and codebook.codec == "flat":
         raise InvalidInputError(
             "unique=True with a flat codebook; expected a multi-level (residual or product) codebook, whose "
@@ -231,20 +258,25 @@ def plan_encode(
     settings: EncodeSettings,
     *,
     overwrite: bool = False,
+    prune: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[list[Source], list[Source], dict[str, dict[str, Any]]]:
     """Check inputs and the output folder; split sources into (todo, done). Call under :func:`encode_lock`.
 
-    Refuses two inputs that would write one output, validates every input's schema and dim, refuses
-    duplicate ids across the run, refuses receipts and manifests that record outputs outside the
-    folder, refuses a folder holding another codebook's or other settings' codes unless ``overwrite``
-    (which then removes the outputs their receipts record), and deletes the temporary files a crashed
-    run left behind (:func:`remove_temporaries`).
+    Every check that can fail runs before the first byte is written, so a refused run leaves the
+    folder as it was: it refuses two inputs that would write one output, validates every input's
+    schema and dim, refuses duplicate ids across the run, refuses receipts and manifests that record
+    outputs outside the folder, refuses a folder holding another codebook's or other settings' codes
+    unless ``overwrite``, refuses to replace a file that vq-pipeline did not write
+    (:func:`vq_pipeline.jobs.encode_state.check_replaceable`), and, with ``unique``, ids that the outputs
+    kept in the folder already hold (:func:`check_suffix_ids`; ``prune`` drops those outputs). Then it
+    writes: ``overwrite`` removes the outputs the other receipts record, the temporary files a crashed run
+    left behind are deleted (:func:`remove_temporaries`), and receipts learn their inputs' file stats.
 
     Returns:
         (todo sources, done sources, records of the done ones keyed by source key).
     """
-    out = Path(out_dir)
+    out = resolved(out_dir)
     check_codec_settings(codebook, settings)
     check_int(
         "top_k", settings.top_k, minimum=1, maximum=codebook.n_codes, hint=f"the codebook has {codebook.n_codes} codes."
@@ -274,17 +306,71 @@ def plan_encode(
             )
     refuse_symlinked_folder(state_dir(out) / "receipts")
     migrate_state(out)
-    _check_folder(out, codebook, settings, overwrite=overwrite)
-    remove_temporaries(out, sources)
-    todo, done, records = [], [], {}
+    # Read and check; nothing below writes until every check has passed.
+    manifest, receipts = folder_records(out)  # every record is checked before anything is deleted
+    replace = _check_folder(out, manifest, receipts, codebook, settings, overwrite=overwrite)
+    todo, done, records, dirty = [], [], {}, []
     for s in sources:
-        record = _completed_record(out, s, codebook, settings, storage_options)
+        record, changed = (None, False) if replace else _completed_record(out, s, codebook, settings, storage_options)
         if record is None:
             todo.append(s)
         else:
             done.append(s)
             records[s.key] = record
+            if changed:
+                dirty.append(record)
+    check_replaceable(out, [output_path(out, s).relative_to(out).as_posix() for s in todo], receipts)
+    if settings.unique and settings.id_column and not replace and not prune:
+        planned = {s.key: {"output": output_path(out, s).relative_to(out).as_posix()} for s in sources}
+        stale = folder_inventory(out, planned, dry=True).stale
+        check_suffix_ids(out, sources, stale, settings.id_column, storage_options=storage_options)
+    # Writes.
+    if replace:  # only the outputs that receipts record are ours to delete (checked above to lie inside the folder)
+        for path, receipt in receipts:
+            remove_recorded(out, path, receipt)
+        manifest_path(out).unlink(missing_ok=True)
+    remove_temporaries(out, sources)
+    for record in dirty:
+        write_receipt(out, record)
     return todo, done, records
+
+
+def check_suffix_ids(
+    out: Path,
+    sources: Sequence[Source],
+    stale: dict[str, dict[str, Any]],
+    id_column: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Refuse, before a ``unique`` run writes anything, inputs whose ids the folder's kept (stale) outputs
+    already hold, or hold as another type: the suffix step ranks the rows of the whole folder by id, so
+    ids must be unique over it (:func:`assign_suffixes`)."""
+    fix = (
+        "Fix: pass --prune (prune=True) to drop the outputs of inputs not in this run, leave the clashing rows "
+        "out of the input, or encode into another folder. Nothing was written."
+    )
+    for key, receipt in sorted(stale.items()):
+        kept = out / receipt["output"]
+        try:
+            kept_type, wanted_type, clash = tables.shared_ids(kept, sources, id_column, storage_options=storage_options)
+        except InvalidInputError as exc:
+            raise StateError(
+                f"{exc} (output kept from an earlier run of input {key!r}; unique=True ranks its ids "
+                f"with this run's). {fix}"
+            ) from None
+        if kept_type != wanted_type:
+            raise InvalidInputError(
+                f"id_column={id_column!r} is {wanted_type} in the inputs but {kept_type} in output {str(kept)!r}, "
+                f"kept from an earlier run of input {key!r}; expected one id type over the folder, whose ids "
+                f"unique=True ranks together. {fix}"
+            )
+        if clash:
+            raise InvalidInputError(
+                f"id_column={id_column!r} values {clash} of this run's inputs are already in output {str(kept)!r}, "
+                f"kept from an earlier run of input {key!r}; expected ids unique over the folder, which unique=True "
+                f"ranks together to give suffixes. {fix}"
+            )
 
 
 def remove_temporaries(out_dir: str | os.PathLike[str], sources: Sequence[Source] = ()) -> list[Path]:
@@ -295,7 +381,7 @@ def remove_temporaries(out_dir: str | os.PathLike[str], sources: Sequence[Source
     folder). Another program's ``*.tmp`` files, and anything below other folders, are left alone.
     Returns what was deleted. Call under :func:`encode_lock`, when no write into the folder is in flight.
     """
-    out = Path(out_dir)
+    out = resolved(out_dir)
     state = state_dir(out)
     folders = {out, *(output_path(out, s).parent for s in sources)}
     for p in receipt_files(out):
@@ -311,15 +397,24 @@ def remove_temporaries(out_dir: str | os.PathLike[str], sources: Sequence[Source
     return removed
 
 
-def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, overwrite: bool) -> None:
-    manifest, receipts = folder_records(out)  # every record is checked before anything is deleted
+def _check_folder(
+    out: Path,
+    manifest: dict[str, Any] | None,
+    receipts: list[tuple[Path, dict[str, Any]]],
+    codebook: Codebook,
+    settings: EncodeSettings,
+    *,
+    overwrite: bool,
+) -> bool:
+    """Whether the folder holds another codebook's (or other settings') codes that ``overwrite`` is to
+    replace; refused without ``overwrite``. Reads only."""
     foreign = [
         r
         for r in ([manifest] if manifest is not None else []) + [r for _, r in receipts]
         if r.get("codebook_fingerprint") != codebook.fingerprint or r.get("settings") != settings.to_dict()
     ]
     if not foreign:
-        return
+        return False
     if not overwrite:
         other = foreign[0]
         what = (
@@ -333,15 +428,15 @@ def _check_folder(out: Path, codebook: Codebook, settings: EncodeSettings, *, ov
             f"{json.dumps(settings.to_dict(), sort_keys=True)}. Expected a folder holding only this "
             f"codebook's codes. Fix: pass --overwrite (overwrite=True) to replace them, or write to another folder."
         )
-    # Only the outputs that receipts record are ours to delete (checked above to lie inside the folder).
-    for path, receipt in receipts:
-        remove_recorded(out, path, receipt)
-    manifest_path(out).unlink(missing_ok=True)
+    return True
 
 
 def _completed_record(
     out: Path, source: Source, codebook: Codebook, settings: EncodeSettings, storage_options: Any
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any] | None, bool]:
+    """The receipt of ``source``'s output when it is done (same input, codebook and settings, output
+    intact), else None; and whether the receipt is to be written again (it learns the input's file stat,
+    or records the bytes of a finished suffix rewrite). Reads only."""
     receipt = read_receipt(receipt_path(out, source.key), out)
     if (
         not receipt
@@ -350,20 +445,18 @@ def _completed_record(
         or receipt.get("codebook_fingerprint") != codebook.fingerprint
         or receipt.get("settings") != settings.to_dict()
     ):
-        return None
+        return None, False
     input_stat = tables.file_stat(source)
     # Unchanged size, mtime, inode, device and ctime: the content hashed for the receipt is still there. Otherwise
     # hash the content again; a file that was only touched or copied keeps its receipt.
     if input_stat is None or input_stat != receipt.get("input_stat"):
         if receipt.get("input_fingerprint") != tables.fingerprint(source, storage_options=storage_options):
-            return None
-    receipt = intact_receipt(out, receipt, out / receipt["output"])
-    if receipt is None:
-        return None
-    if input_stat != receipt.get("input_stat"):
-        receipt = {**receipt, "input_stat": input_stat}
-        write_receipt(out, receipt)
-    return receipt
+            return None, False
+    found = intact_receipt(out, receipt, out / receipt["output"], rewrite=False)
+    if found is None:
+        return None, False
+    changed = found is not receipt or input_stat != receipt.get("input_stat")
+    return ({**found, "input_stat": input_stat} if changed else found), changed
 
 
 def encode_source(
@@ -380,7 +473,7 @@ def encode_source(
     Safe to run concurrently for different sources of one folder (each writes its own files).
     """
     options = EncodeOptions() if options is None else options
-    out = Path(out_dir)
+    out = resolved(out_dir)
     input_stat = tables.file_stat(source)
     fingerprint = tables.fingerprint(source, storage_options=options.storage_options)
     info = tables.inspect_source(
@@ -462,7 +555,6 @@ def encode_source(
     if done == 0:
         raise InvalidInputError(f"table {source.uri!r} has no rows; expected at least one. Fix: remove the empty file.")
     path = output_path(out, source)
-    digest = tables.write_parquet_atomic(tables.concat_frames(frames), path)
     receipt = {
         "key": source.key,
         "input": source.uri,
@@ -470,14 +562,22 @@ def encode_source(
         "input_stat": input_stat,
         "output": path.relative_to(out).as_posix(),
         "rows": done,
-        "sha256": digest,
+        "sha256": "",
         "codebook_fingerprint": codebook.fingerprint,
         "settings": settings.to_dict(),
         "distance_sum": distance_sum,
         "code_counts": code_counts.tolist(),
         **({"codec": codebook.codec, "levels": codebook.levels} if multi else {}),
     }
-    write_receipt(out, receipt)
+    # The receipt is written before its output (once the new bytes are on disk under a temporary name): a run
+    # killed in between leaves a receipt that does not match the output, which is encoded again, and never an
+    # output that no receipt records, which a rerun would take for another program's file.
+
+    def record(digest: str) -> None:
+        receipt["sha256"] = digest
+        write_receipt(out, receipt)
+
+    tables.write_parquet_atomic(tables.concat_frames(frames), path, before_replace=record)
     return receipt
 
 
@@ -496,9 +596,11 @@ def _encode_levels(
             engine=options.engine,
             device=options.device,
             memory_budget=options.memory_budget,
+            name=settings.column,
+            row_offset=batch.offset,
         )
     except InvalidInputError as exc:
-        raise type(exc)(f"{source.uri} (rows from {batch.offset}): {exc}") from None
+        raise type(exc)(f"{source.uri}: {exc}") from None
     assert distances is not None  # asked for
     return codes, distances
 
@@ -532,7 +634,7 @@ def assign_suffixes(
         (statistics: :func:`vq_pipeline.compute.semantic_ids.collision_stats` of the folder's codes before
         suffixes, plus ``rows_with_suffix``, the rows whose suffix is above 0; keys of the outputs rewritten).
     """
-    out = Path(out_dir)
+    out = resolved(out_dir)
     owned = {**inventory.stale, **records}
     keys = sorted(owned)
     paths = [out / owned[k]["output"] for k in keys]
@@ -666,10 +768,16 @@ def encode_tables(
     path = None if isinstance(codebook, Codebook) else os.fspath(codebook)
     codebook = codebook if path is None else load_codebook(path)
     check_codec_settings(codebook, settings)  # settings the codec cannot honour are refused before any work
-    out = Path(out_dir)
-    with encode_lock(out, inputs=inputs):
+    out = resolved(out_dir)
+    with encode_lock(out_dir, inputs=inputs):
         todo, done, records = plan_encode(
-            inputs, codebook, out, settings, overwrite=options.overwrite, storage_options=options.storage_options
+            inputs,
+            codebook,
+            out,
+            settings,
+            overwrite=options.overwrite,
+            prune=options.prune,
+            storage_options=options.storage_options,
         )
         result = EncodeResult(
             out_dir=str(out),
@@ -756,6 +864,7 @@ __all__ = [
     "RowProgress",
     "assign_suffixes",
     "check_codec_settings",
+    "check_suffix_ids",
     "encode_failure",
     "encode_file",
     "encode_lock",

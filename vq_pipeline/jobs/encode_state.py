@@ -40,7 +40,7 @@ from vq_pipeline.errors import InvalidInputError, StateError
 from vq_pipeline.io import fileio, tables
 from vq_pipeline.io.discovery import Source
 from vq_pipeline.io.fileio import atomic_write_bytes, canonical_json
-from vq_pipeline.io.paths import refuse_symlinked_folder
+from vq_pipeline.io.paths import refuse_symlinked_folder, resolved
 from vq_pipeline.settings import EncodeSettings
 
 MANIFEST_NAME = "manifest.json"
@@ -63,15 +63,24 @@ def output_path(out_dir: str | os.PathLike[str], source: Source) -> Path:
 
 def state_dir(out_dir: str | os.PathLike[str]) -> Path:
     """The bookkeeping folder of the output folder ``out_dir``: ``<out_dir>.vq`` beside it (receipts,
-    manifest, lock), so that ``out_dir`` itself holds nothing but parquet files."""
-    out = Path(out_dir)
-    if not out.name or out.name == "..":
-        out = Path(os.path.abspath(out))
+    manifest, lock), so that ``out_dir`` itself holds nothing but parquet files.
+
+    It is named after the folder's resolved path (absolute, symlinks followed), so every name of one
+    folder (a symlink to it, ``codes/current``, a path with ``..``) has one bookkeeping folder, one lock
+    and one history."""
+    out = resolved(out_dir)
     if not out.name:
         raise InvalidInputError(
             f"out_dir={str(out_dir)!r} is a filesystem root; expected a folder of its own for the codes. "
             f"Fix: pass a subfolder such as {str(out / 'codes')!r}."
         )
+    return out.with_name(out.name + STATE_SUFFIX)
+
+
+def typed_state_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where earlier versions kept the bookkeeping of ``out_dir``: beside the path as typed (not
+    resolved), so a folder reached through a symlink kept it beside the link."""
+    out = Path(os.path.abspath(os.fspath(out_dir) or "."))
     return out.with_name(out.name + STATE_SUFFIX)
 
 
@@ -82,7 +91,7 @@ def manifest_path(out_dir: str | os.PathLike[str]) -> Path:
 
 def receipt_path(out_dir: str | os.PathLike[str], key: str) -> Path:
     """Where the receipt of the output of the input ``key`` is written (a fixed-length name)."""
-    return state_dir(out_dir) / "receipts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    return state_dir(out_dir) / "receipts" / f"{hashlib.sha256(os.fsencode(key)).hexdigest()[:32]}.json"
 
 
 def receipt_files(out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -204,11 +213,11 @@ def folder_records(out: Path) -> tuple[dict[str, Any] | None, list[tuple[Path, d
 
 def remove_recorded(out: Path, path: Path, receipt: dict[str, Any]) -> None:
     """Delete the output that the receipt ``receipt`` (in the file ``path``) records, checked to lie inside
-    ``out``, then the receipt; a folder under the output's name is left alone."""
+    ``out`` and to hold the bytes the receipt records (:func:`is_recorded`), then the receipt. A file
+    changed since vq-pipeline wrote it, or a folder under the output's name, is left alone."""
     output = checked_output(out, receipt["output"], path, "receipt")
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISDIR(os.lstat(output).st_mode):
-            output.unlink()
+    if is_recorded(output, receipt):
+        output.unlink()
     path.unlink(missing_ok=True)
 
 
@@ -278,12 +287,13 @@ def _parquet_files(out: Path) -> list[str]:
     return sorted(found)
 
 
-def intact_receipt(out: Path, receipt: dict[str, Any], output: Path) -> dict[str, Any] | None:
+def intact_receipt(out: Path, receipt: dict[str, Any], output: Path, *, rewrite: bool = True) -> dict[str, Any] | None:
     """``receipt`` when ``output`` (the file it records) still holds the bytes it records, else None.
 
     A receipt with ``pending_sha256`` was written just before its output was replaced by new bytes
     (the suffix step, :func:`vq_pipeline.jobs.encode_folder.assign_suffixes`): either the old bytes or the
-    new ones are then the output's, and the receipt is rewritten to record the bytes found.
+    new ones are then the output's, and the receipt is rewritten to record the bytes found (unless
+    ``rewrite`` is false: the plan of a run reads before it writes anything).
     """
     if not is_regular(output):
         return None
@@ -294,32 +304,83 @@ def intact_receipt(out: Path, receipt: dict[str, Any], output: Path) -> dict[str
     if pending is not None:
         receipt = {k: v for k, v in receipt.items() if k != "pending_sha256"}
         receipt["sha256"] = digest
-        write_receipt(out, receipt)
+        if rewrite:
+            write_receipt(out, receipt)
     return receipt
 
 
-def folder_inventory(out_dir: str | os.PathLike[str], records: dict[str, dict[str, Any]]) -> FolderInventory:
-    """Sort what ``out_dir`` holds besides the run's outputs (``records``, keyed by input key) into
-    stale outputs and unrecorded files. Call under :func:`vq_pipeline.jobs.encode_folder.encode_lock`, after
-    the run's outputs are written.
+def is_recorded(path: Path, receipt: dict[str, Any]) -> bool:
+    """Whether the regular file ``path`` holds the bytes that ``receipt`` records for it (``sha256``, or
+    the new bytes of an interrupted suffix rewrite, ``pending_sha256``): vq-pipeline's output, unchanged."""
+    digests = {v for k in ("sha256", "pending_sha256") if isinstance(v := receipt.get(k), str)}
+    return is_regular(path) and tables.file_sha256(path) in digests
+
+
+def check_replaceable(out: Path, outputs: list[str], receipts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse, before anything is written, to replace a file that vq-pipeline did not write: every one of
+    ``outputs`` (relative paths) that exists must be a regular file under a name that a receipt of the
+    folder records. (Receipts are written before their outputs, so a run killed in between leaves no
+    output without one.) An output whose bytes changed since it was written is damaged: it is rebuilt,
+    with a warning.
+
+    Raises:
+        StateError: naming the first file that no receipt records, a folder or a symlink, with the fix;
+            the folder is left as it was.
+    """
+    by_output: dict[str, list[dict[str, Any]]] = {}
+    for _, receipt in receipts:
+        by_output.setdefault(receipt["output"], []).append(receipt)
+    for rel in outputs:
+        path = out / rel
+        if not os.path.lexists(path):
+            continue
+        if is_regular(path) and rel in by_output:
+            if not any(is_recorded(path, r) for r in by_output[rel]):
+                log.warning("output %s changed since vq-pipeline wrote it (damaged?); it is encoded again", path)
+            continue
+        what = (
+            "was not written by vq-pipeline (no receipt records it)"
+            if is_regular(path)
+            else "is not a regular file (a folder, a symlink or a device)"
+        )
+        raise StateError(
+            f"output={str(path)!r} {what}, and this run would replace it with the codes of its input; expected "
+            f"to replace only files that vq-pipeline wrote into the folder. Fix: move or delete {str(path)!r} "
+            f"(nothing was written), or encode into another folder."
+        )
+
+
+def folder_inventory(
+    out_dir: str | os.PathLike[str], records: dict[str, dict[str, Any]], *, dry: bool = False
+) -> FolderInventory:
+    """Sort what ``out_dir`` holds besides the run's outputs (``records``, keyed by input key, each with
+    its ``output``) into stale outputs and unrecorded files. Call under
+    :func:`vq_pipeline.jobs.encode_folder.encode_lock`, after the run's outputs are written.
 
     A receipt that no longer describes an output of its own (the file is gone, was changed, or now
     holds the codes of another input of the run) is deleted; the file, if any, is then unrecorded.
+    ``dry``: write and delete nothing (the plan of a run, before its outputs are written, to learn
+    which outputs will be stale).
     """
     out = Path(out_dir)
     run_outputs = {r["output"] for r in records.values()}
     inventory = FolderInventory()
+
+    def drop(p: Path) -> None:
+        if not dry:
+            p.unlink(missing_ok=True)
+
     for p in receipt_files(out):
         receipt = read_receipt(p, out)
         if receipt is None or receipt["key"] in records:
             continue
         output = out / receipt["output"]
         if receipt["output"] in run_outputs or receipt["output"] in {r["output"] for r in inventory.stale.values()}:
-            p.unlink(missing_ok=True)
+            drop(p)
             continue
-        receipt = intact_receipt(out, receipt, output)
+        receipt = intact_receipt(out, receipt, output, rewrite=not dry)
         if receipt is None:
-            p.unlink(missing_ok=True)
+            drop(p)
             continue
         inventory.stale[receipt["key"]] = receipt
         inventory.receipt_files[receipt["key"]] = p
@@ -416,11 +477,13 @@ __all__ = [
     "MANIFEST_NAME",
     "STATE_SUFFIX",
     "FolderInventory",
+    "check_replaceable",
     "checked_output",
     "folder_inventory",
     "folder_records",
     "intact_receipt",
     "is_real_dir",
+    "is_recorded",
     "is_regular",
     "manifest_path",
     "mean_distance",
@@ -435,6 +498,7 @@ __all__ = [
     "remove_recorded",
     "state_dir",
     "summary_rows",
+    "typed_state_dir",
     "write_manifest",
     "write_receipt",
 ]

@@ -164,7 +164,7 @@ def fit_inputs(
     dim = _common_dim(sources, infos, column, storage_options)
     fingerprint = hashlib.sha256(f"vq-tables-v1|{column}|".encode())
     for s in sources:
-        fingerprint.update(f"{s.key}={tables.fingerprint(s, storage_options=storage_options)}|".encode())
+        fingerprint.update(os.fsencode(f"{s.key}={tables.fingerprint(s, storage_options=storage_options)}|"))
     provenance = dict(data_fingerprint=fingerprint.hexdigest(), sources=[s.uri for s in sources], column=column)
     return list(sources), counts, dim, provenance
 

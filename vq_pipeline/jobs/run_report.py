@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def write_report(path: str, markdown: str, summary: dict[str, Any]) -> str:
     """Write the run's report as markdown and its summary as JSON next to it."""
     report = Path(path)
-    atomic_write_bytes(report, markdown.encode())
+    atomic_write_bytes(report, markdown.encode("utf-8", "backslashreplace"))
     atomic_write_bytes(report.with_suffix(".json"), canonical_json(summary))
     return str(report)
 

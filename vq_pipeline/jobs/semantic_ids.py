@@ -14,6 +14,7 @@ import polars as pl
 
 from vq_pipeline.compute.semantic_ids import SUFFIX_COLUMN, collision_record
 from vq_pipeline.errors import InvalidInputError
+from vq_pipeline.io.fileio import polars_path
 from vq_pipeline.io.table_writer import SUFFIX_DTYPE
 
 Files = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -251,7 +252,8 @@ def folder_suffixes(
         InvalidInputError: unreadable files, or an id that occurs twice among the files.
     """
     files = [os.fspath(p) for p in paths]
-    counts = [pl.scan_parquet(f).select(pl.len()).collect().item() for f in files]
+    files = [polars_path(f) for f in files]
+    counts = [pl.scan_parquet(f, glob=False).select(pl.len()).collect().item() for f in files]
     if id_column is not None:
         found = suffix_table(files, id_column=id_column, codes_column="codes")  # rows in the order files are read
         suffix = found[SUFFIX_COLUMN]
@@ -259,7 +261,7 @@ def folder_suffixes(
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # (n_files,) first global row
         order = pl.concat(
             [
-                pl.scan_parquet(f).select("codes", (pl.col("row").cast(pl.Int64) + int(o)).alias("__order"))
+                pl.scan_parquet(f, glob=False).select("codes", (pl.col("row").cast(pl.Int64) + int(o)).alias("__order"))
                 for f, o in zip(files, offsets)
             ]
         )

@@ -57,7 +57,7 @@ from vq_pipeline.io.fileio import (
     remove_temporaries,
     resolves_inside,
 )
-from vq_pipeline.io.paths import folder_lock
+from vq_pipeline.io.paths import folder_lock, resolved
 from vq_pipeline.jobs.fit_file import codebook_file_path, save_codebook
 from vq_pipeline.jobs.sources import validated_sample
 
@@ -97,8 +97,9 @@ def report_path(work_dir: str | Path, started: dt.datetime, run_id: str | None) 
 
 @contextlib.contextmanager
 def lock(work_dir: str | Path) -> Iterator[None]:
-    """Hold ``work_dir``'s lock for a run: a slow run and the next scheduled one never overlap."""
-    with folder_lock(Path(work_dir) / LOCK_FILE, folder=work_dir):
+    """Hold ``work_dir``'s lock for a run: a slow run and the next scheduled one never overlap (the lock
+    belongs to the resolved folder, so two names of one work_dir share it)."""
+    with folder_lock(resolved(work_dir) / LOCK_FILE, folder=work_dir):  # every name of the folder: one lock
         yield
 
 
