@@ -188,3 +188,54 @@ def test_multi_level_codecs_predict_tuples_and_inverse_transform_decodes(tmp_pat
     back = VectorQuantizer.from_codebook(Codebook.load(cb.save(tmp_path / "rq.safetensors")), engine="torch", device="cpu")
     assert back.get_params() == vq.get_params()
     np.testing.assert_array_equal(back.predict(x_new), codes)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("n_codes", 3), ("metric", "cosine"), ("codec", "residual"), ("levels", 2), ("n_codes", 8.0)]
+)
+def test_from_codebook_refuses_overrides_that_contradict_the_codebook(key: str, value: object) -> None:
+    cb = fit_codebook(_data(0), 8, engine="torch", device="cpu")
+    with pytest.raises(InvalidInputError, match=rf"from_codebook\({key}=.*but the codebook has {key}=.*Fix: leave {key} out"):
+        VectorQuantizer.from_codebook(cb, **{key: value})
+    # the codebook's own values, and settings of later fits and of the computation, are accepted
+    est = VectorQuantizer.from_codebook(cb, n_codes=np.int64(8), metric="l2", n_iter=3, engine="torch", device="cpu")
+    assert est.get_params()["n_codes"] == 8 and est.n_iter == 3
+
+
+@pytest.mark.parametrize(("key", "value"), [("n_codes", 3), ("metric", "cosine"), ("codec", "product"), ("levels", 2)])
+def test_changing_what_the_codes_are_after_fit_is_refused_when_the_codes_are_used(key: str, value: object) -> None:
+    x = _data(0)
+    vq = VectorQuantizer(8, random_state=0, engine="torch", device="cpu").fit(x)
+    vq.set_params(**{key: value})
+    for use in (vq.predict, vq.transform, vq.score, vq.partial_fit):
+        with pytest.raises(InvalidInputError, match=rf"{key}=.* but the fitted codebook has {key}=.*Fix: call fit"):
+            use(x)
+    with pytest.raises(InvalidInputError, match=rf"{key}=.* but the fitted codebook has {key}="):
+        vq.inverse_transform(np.zeros(3, np.int64))
+    vq.set_params(n_iter=5, tol=0.0, engine="torch")  # steering a fit or the computation: always allowed
+    vq.set_params(**{key: VectorQuantizer.from_codebook(vq.to_codebook()).get_params()[key]})
+    np.testing.assert_array_equal(vq.predict(x), vq.labels_)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_a_clone_of_a_loaded_estimator_fits_the_model_its_params_describe(metric: str) -> None:
+    from sklearn.base import clone
+
+    x = _data(0)
+    cb = fit_codebook(x, 5, metric=metric, codec="residual", levels=2, seed=3, n_iter=7, engine="torch", device="cpu")
+    other = "l2" if metric == "cosine" else "cosine"
+    with pytest.raises(InvalidInputError, match=rf"from_codebook\(metric='{other}'\) but the codebook has metric='{metric}'"):
+        VectorQuantizer.from_codebook(cb, metric=other)  # would describe a model it does not encode with
+    est = VectorQuantizer.from_codebook(cb, engine="torch", device="cpu")
+    refit = clone(est).fit(x)
+    assert refit.get_params() == est.get_params()
+    got = refit.to_codebook()
+    assert (got.n_codes, got.metric, got.codec, got.levels) == (5, metric, "residual", 2)
+    np.testing.assert_array_equal(got.centroids.numpy(), cb.centroids.numpy())
+
+
+def test_from_codebook_inertia_is_the_sum_of_one_minus_cos() -> None:
+    x = _data(0)
+    vq = VectorQuantizer(5, metric="cosine", codec="residual", levels=2, engine="torch", device="cpu").fit(x)
+    back = VectorQuantizer.from_codebook(vq.to_codebook(), engine="torch", device="cpu")
+    assert back.inertia_ == pytest.approx(vq.inertia_, rel=1e-5) and vq.inertia_ == pytest.approx(-vq.score(x), rel=1e-5)

@@ -40,6 +40,7 @@ except ImportError as exc:  # the sklearn extra is not installed
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.errors import InvalidInputError, TooFewPointsError
 from vq_pipeline.fitting.kmeans import fit_codebook
+from vq_pipeline.fitting.multilevel import stated_objective
 from vq_pipeline.fitting.minibatch import FIT_DEFAULTS as _DEFAULTS
 from vq_pipeline.fitting.minibatch import MiniBatchState, start_minibatch, update_minibatch
 from vq_pipeline.fitting.options import resolve_init
@@ -77,6 +78,16 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         n_iter_: Lloyd's centroid updates in the last ``fit`` (0 after ``partial_fit`` alone).
         n_steps_: batches absorbed by ``partial_fit`` (0 after ``fit``).
         n_features_in_, feature_names_in_: as every scikit-learn estimator sets them.
+
+    The parameters that define the codes (``n_codes``, ``metric``, ``codec``, ``levels``) always
+    describe the fitted codebook: :meth:`from_codebook` refuses overrides that contradict its
+    codebook, and after ``set_params`` changes one of them on a fitted estimator, ``predict``,
+    ``transform``, ``score``, ``inverse_transform`` and ``partial_fit`` raise
+    :class:`~vq_pipeline.errors.InvalidInputError` (parameters are checked when used, as in
+    scikit-learn) until ``fit`` fits the new ones, so that ``get_params()`` never describes codes
+    other than those used, and ``clone(est).fit(X)`` fits the codebook ``est``'s parameters say.
+    Parameters that only steer a fit or the computation (``n_iter``, ``tol``, ``init``,
+    ``random_state``, ``n_init``, ``engine``, ``device``, ``memory_budget``) may change at any time.
     """
 
     def __init__(
@@ -157,6 +168,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             X: (n_rows, n_features) array-like batch. y: ignored.
         """
         first = not hasattr(self, "cluster_centers_")
+        if not first:
+            self._check_model_params("partial_fit")
         self._flat_only("partial_fit", self.codec if first else self._codebook.codec)
         X = self._validate(X, reset=first)
         if first:
@@ -180,6 +193,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """(n_rows,) int64: the nearest code of every row (:meth:`Codebook.encode`, exact); (n_rows,
         levels) for a residual or product codebook."""
         check_is_fitted(self)
+        self._check_model_params("predict")
         X = self._validate(X, reset=False)
         return _numpy(self._codebook.encode(X, **self._compute()))
 
@@ -191,6 +205,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         bytes of temporaries at a time.
         """
         check_is_fitted(self)
+        self._check_model_params("transform")
         self._flat_only("transform", self._codebook.codec)
         return self._distances(self._validate(X, reset=False))
 
@@ -198,6 +213,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """Negative inertia of ``X``: minus the sum over rows of the distance to the nearest code
         (squared L2, or ``1 - cos``), as ``KMeans.score``. y: ignored."""
         check_is_fitted(self)
+        self._check_model_params("score")
         return -self._labels_inertia(self._validate(X, reset=False))[1]
 
     def inverse_transform(self, X: Any) -> np.ndarray:
@@ -209,6 +225,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 residual or product codebook, the (n_rows, levels) codes :meth:`predict` returns.
         """
         check_is_fitted(self)
+        self._check_model_params("inverse_transform")
         if self._codebook.codec != "flat":
             return _numpy(self._codebook.decode(check_array(X, dtype=None)))
         n_codes = self.cluster_centers_.shape[0]
@@ -241,14 +258,20 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
     @classmethod
     def from_codebook(cls, codebook: Codebook, **params: Any) -> VectorQuantizer:
         """A fitted estimator that encodes with ``codebook``; its parameters come from the codebook's
-        settings, overridden by ``params``. ``partial_fit`` continues from it; ``labels_`` is unset."""
+        settings, overridden by ``params``. ``partial_fit`` continues from it; ``labels_`` is unset.
+
+        ``params`` may set how later fits run and where the estimator computes, not what the codebook
+        is: an ``n_codes``, ``metric``, ``codec`` or ``levels`` other than the codebook's raises
+        :class:`~vq_pipeline.errors.InvalidInputError`."""
         settings = codebook.settings
-        found: dict[str, Any] = {
-            "n_codes": codebook.n_codes,
-            "metric": codebook.metric,
-            "codec": codebook.codec,
-            "levels": codebook.levels,
-        }
+        found: dict[str, Any] = _model_params(codebook)
+        for key, value in found.items():
+            if key in params and not _same(params[key], value):
+                raise InvalidInputError(
+                    f"from_codebook({key}={params[key]!r}) but the codebook has {key}={value!r}; expected the "
+                    f"codebook's own {key} (the estimator encodes with the codebook as it is). Fix: leave {key} out "
+                    f"of from_codebook, or fit VectorQuantizer({key}={params[key]!r}) on the data to get such codes."
+                )
         for ours, key in (("n_iter", "n_iter"), ("tol", "tol"), ("random_state", "seed"), ("n_init", "n_init")):
             if key in settings:
                 found[ours] = settings[key]
@@ -262,8 +285,9 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         est.n_features_in_ = codebook.dim
         est.n_iter_ = int(codebook.stats.get("iterations", 0))
         est.n_steps_ = 0
-        if isinstance(codebook.stats.get("inertia"), numbers.Real):
-            est.inertia_ = float(codebook.stats["inertia"])
+        inertia = stated_objective(codebook)  # the sum of 1 - cos under cosine, as encode's distances
+        if inertia is not None:
+            est.inertia_ = inertia
         return est
 
     # ------------------------------------------------------------------ helpers
@@ -290,6 +314,17 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 f"can differ, but n_codes={n_codes}. Fix: use metric='l2' for one feature, or n_codes <= 2."
             )
         return n_codes
+
+    def _check_model_params(self, what: str) -> None:
+        """Refuse to use the fitted codebook when a parameter that defines it was changed since (set_params)."""
+        for key, fitted in _model_params(self._codebook).items():
+            value = getattr(self, key)
+            if not _same(value, fitted):
+                raise InvalidInputError(
+                    f"{key}={value!r} but the fitted codebook has {key}={fitted!r}: {key} changed after fit, so "
+                    f"{what} would not use the codes the parameters describe; expected the fitted {key}. Fix: call "
+                    f"fit to fit codes with {key}={value!r}, or set_params({key}={fitted!r}) to use the fitted codes."
+                )
 
     @staticmethod
     def _flat_only(what: str, codec: str) -> None:
@@ -355,6 +390,18 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 d = (xb.square().sum(dim=1, keepdim=True) + c_sq - 2.0 * (xb @ c.T)).clamp_(min=0.0)
             out[start : start + rows] = d.to("cpu", torch.float32).numpy()
         return out
+
+
+def _model_params(codebook: Codebook) -> dict[str, Any]:
+    """The estimator parameters that ``codebook`` fixes: what its codes are."""
+    return {"n_codes": codebook.n_codes, "metric": codebook.metric, "codec": codebook.codec, "levels": codebook.levels}
+
+
+def _same(value: Any, fitted: Any) -> bool:
+    """Whether a parameter's ``value`` is the ``fitted`` one (``8`` and ``np.int64(8)`` are; ``True`` and ``1`` not)."""
+    if isinstance(fitted, str):
+        return isinstance(value, str) and value == fitted
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and int(value) == fitted
 
 
 def _numpy(a: Any) -> np.ndarray:

@@ -56,6 +56,26 @@ def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None
     return value
 
 
+def max_beam(n_codes: int, levels: int) -> int:
+    """The widest beam that changes anything over ``levels`` levels of ``n_codes`` codes: a beam search
+    keeps at most ``n_codes ** (levels - 1)`` partial tuples before its last level, so every larger beam
+    keeps them all and gives the same codes (and a residual fit on them, the same codebook)."""
+    return n_codes ** max(levels - 1, 0)
+
+
+def check_beam(name: str, beam: Any, *, n_codes: int, levels: int) -> int:
+    """Return ``beam`` as an int between 1 and :func:`max_beam`, else raise a clear error."""
+    beam = check_int(name, beam, minimum=1)
+    limit = max_beam(n_codes, levels)
+    if beam > limit:
+        raise InvalidInputError(
+            f"{name}={beam} exceeds {limit}, the most partial tuples a beam search over levels={levels} levels of "
+            f"n_codes={n_codes} codes keeps (n_codes ** (levels - 1)); every larger {name} gives the same codes. "
+            f"Fix: pass {name} between 1 and {limit} (1: greedy)."
+        )
+    return beam
+
+
 def check_float(name: str, value: Any, *, minimum: float = 0.0) -> float:
     """Return ``value`` as a finite float ``>= minimum``, else raise a clear error."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):

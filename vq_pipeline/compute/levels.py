@@ -28,7 +28,14 @@ import torch
 from vq_pipeline.compute.assign import nearest_in_chunks, plan_chunk_rows
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
-from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
+from vq_pipeline.validate import (
+    as_embeddings,
+    check_beam,
+    check_int,
+    check_nonzero_rows,
+    normalize_rows,
+    resolve_device,
+)
 
 #: The multi-level codecs (``flat`` is one level, no map).
 MULTI_LEVEL_CODECS = ("residual", "product")
@@ -285,6 +292,15 @@ def encode_levels(
     return codes
 
 
+def reconstruction_error(x: torch.Tensor, decoded: torch.Tensor, metric: str) -> torch.Tensor:
+    """(n,) distances of rows ``x`` (n, dim) to their reconstructions ``decoded`` (n, dim), in ``x``'s
+    dtype: squared L2, or under cosine (unit rows, unit or zero reconstructions) ``1 - cos``, which is
+    half their squared distance (``|a - b|^2 = 2 (1 - cos)`` for unit ``a``, ``b``; ``1`` for a zero
+    reconstruction). The one objective of a codebook: flat and multi-level, fit statistics and encode."""
+    d = (x - decoded).square().sum(dim=1)
+    return d * 0.5 if metric == "cosine" else d
+
+
 def check_product_dim(dim: int, levels: int) -> int:
     """The slice width of a product codebook; a clear error when ``dim`` does not split evenly."""
     if dim % levels:
@@ -313,12 +329,15 @@ def encode_multilevel(
     engine: str = "auto",
     device: Any = None,
     memory_budget: int,
+    name: str = "x",
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (n_rows, levels) int64 codes of ``x`` (CPU) under the (levels, n_codes, sub_dim) float32
     ``centroids`` of a ``codec`` codebook, and with ``return_distances`` the (n_rows,) float32 distance
     of each row to its reconstruction (squared L2; ``1 - cos`` under cosine); the work behind a
-    multi-level :meth:`Codebook.encode`."""
-    n_levels, _, sub = centroids.shape
+    multi-level :meth:`Codebook.encode`. ``name``, ``row_offset``: how error messages name ``x`` and
+    number its rows (a table batch: the column's name and the batch's first row in the table)."""
+    n_levels, n_codes, sub = centroids.shape
     dim = sub * n_levels if codec == "product" else sub
     if top_k != 1:
         raise InvalidInputError(
@@ -326,20 +345,22 @@ def encode_multilevel(
             f"Fix: pass top_k=1, or search one level with codebook.level(l).encode(x, top_k={top_k})."
         )
     beam = check_int("beam", beam, minimum=1)
-    if beam > 1 and codec != "residual":
+    if codec == "residual":
+        beam = check_beam("beam", beam, n_codes=n_codes, levels=n_levels)
+    elif beam > 1:
         raise InvalidInputError(
             f"beam={beam} with a {codec} codebook; beam search is for residual codebooks (each product "
             f"level is already exact). Fix: pass beam=1."
         )
     check_int("memory_budget", memory_budget, minimum=1)
-    x = as_embeddings(x)
+    x = as_embeddings(x, name=name, row_offset=row_offset)
     if x.shape[1] != dim:
         raise DimensionMismatchError(
-            f"x.shape[1]={x.shape[1]} but the codebook has dim={dim}; expected embeddings of width "
+            f"{name}.shape[1]={x.shape[1]} but the codebook has dim={dim}; expected embeddings of width "
             f"{dim}. Fix: encode with the codebook fitted on this embedding model, or refit."
         )
     if metric == "cosine":
-        check_nonzero_rows(x)
+        check_nonzero_rows(x, name=name, row_offset=row_offset)
     dev = resolve_device(device, x)
     c = centroids.to(dev)
     codes = torch.empty((x.shape[0], n_levels), dtype=torch.int64)
@@ -351,8 +372,7 @@ def encode_multilevel(
         cb = encode_levels(xb, c, codec, beam=beam, engine=engine, memory_budget=memory_budget)
         codes[a : a + xb.shape[0]] = cb.cpu()
         if dists is not None:
-            d = (xb - decode(c, codec, cb, metric=metric)).square().sum(dim=1)
-            dists[a : a + xb.shape[0]] = (d * 0.5 if metric == "cosine" else d).cpu()
+            dists[a : a + xb.shape[0]] = reconstruction_error(xb, decode(c, codec, cb, metric=metric), metric).cpu()
     return codes, dists
 
 
@@ -367,4 +387,5 @@ __all__ = [
     "encode_multilevel",
     "encode_levels",
     "greedy_residual",
+    "reconstruction_error",
 ]

@@ -81,8 +81,9 @@ class LloydResult:
     bound_bytes: int = 0  # memory of the pruning state (:mod:`vq_pipeline.compute.prune`) at the last E step
 
 
-def m_step(p: EStepStats, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor, int]:
-    """New centroids from an E step's sums and counts, with empty clusters repaired.
+def m_step(p: EStepStats, c: torch.Tensor, *, metric: str, subject: str = "x") -> tuple[torch.Tensor, int]:
+    """New centroids from an E step's sums and counts, with empty clusters repaired. ``subject``: how
+    an error names the rows (a level of a multi-level fit: that level's residuals or slice).
 
     Returns:
         (centroids, n_repairs): (n_codes, dim) float32 on c's device, and how many codes were empty.
@@ -98,11 +99,11 @@ def m_step(p: EStepStats, c: torch.Tensor, *, metric: str) -> tuple[torch.Tensor
     new[nonempty] = means.to(torch.float32)
     empty = (~nonempty).nonzero()[:, 0].tolist()
     if empty:
-        _repair(new, empty, p, metric=metric)
+        _repair(new, empty, p, metric=metric, subject=subject)
     return new, len(empty)
 
 
-def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str) -> None:
+def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str, subject: str = "x") -> None:
     """Move empty codes to the farthest distinct rows; split the largest clusters if rows run out."""
     picked: list[torch.Tensor] = []
     for d, row in zip(p.far_sqdist.tolist(), p.far_rows):
@@ -114,7 +115,7 @@ def _repair(c: torch.Tensor, empty: list[int], p: EStepStats, *, metric: str) ->
         # The farthest row sits on its centroid: every row does, so there is nothing left to move.
         n_distinct = int((p.counts > 0).sum())
         raise TooFewPointsError(
-            f"x has only {n_distinct} distinct rows but n_codes={c.shape[0]}; every row already sits on a "
+            f"{subject} has only {n_distinct} distinct rows but n_codes={c.shape[0]}; every row already sits on a "
             f"centroid, so {len(empty)} code(s) cannot be given any data. Expected at least n_codes distinct "
             f"rows. {too_few_rows_fix(c, n_distinct)}"
         )
@@ -231,8 +232,9 @@ def lloyd_steps(
     resume: LloydState | None = None,
     on_event: ProgressCallback | None = None,
     on_update: Callable[[LloydState], None] | None = None,
+    subject: str = "x",
 ) -> Generator[torch.Tensor, EStepStats, LloydResult]:
-    """:func:`lloyd` as :data:`Steps` over ``n_rows`` rows."""
+    """:func:`lloyd` as :data:`Steps` over ``n_rows`` rows; ``subject`` names the rows in errors."""
     state = resume if resume is not None else LloydState.start(init)
     c = state.centroids.to(init.device)  # (n_codes, dim)
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
@@ -240,7 +242,7 @@ def lloyd_steps(
     p = yield c
     objective = p.objective * scale
     while not _converged(state.prev_objective, objective, tol) and state.iteration <= n_iter:
-        c, repairs = m_step(p, c, metric=metric)
+        c, repairs = m_step(p, c, metric=metric, subject=subject)
         stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, n_rows, on_event)
         state = LloydState(
             c.to("cpu", torch.float32),

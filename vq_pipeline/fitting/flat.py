@@ -43,9 +43,10 @@ def fit_steps(
     progress: ProgressCallback | None = None,
     t_start: float | None = None,
     checkpoint: FitCheckpoint | None = None,
+    subject: str = "x",
 ) -> Generator[torch.Tensor, EStepStats, Codebook]:
     """A flat :func:`fit_source` as :data:`Steps`: seeding reads ``source.sample``, and every E step
-    is asked of the caller."""
+    is asked of the caller. ``subject`` names the rows in errors (a level of a multi-level fit)."""
     # One fit per checkpoint file: a second one fails at once instead of overwriting this one's state.
     with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
         t_start = time.perf_counter() if t_start is None else t_start
@@ -83,6 +84,7 @@ def fit_steps(
                 resume=resume,
                 on_event=progress,
                 on_update=save,
+                subject=subject,
             )
             best = result if done.best is None or result.inertia < done.best.inertia else done.best
             done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -31,12 +32,18 @@ import torch
 
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.data import DataSource, e_steps
-from vq_pipeline.compute.levels import RowMap, decode, encode_levels
+from vq_pipeline.compute.levels import RowMap, decode, encode_levels, reconstruction_error
 from vq_pipeline.compute.lloyd import ProgressCallback, run_steps
+from vq_pipeline.errors import TooFewPointsError
 from vq_pipeline.fitting.flat import fit_steps
 from vq_pipeline.fitting.options import FitOptions
+from vq_pipeline.validate import check_beam
 
 log = logging.getLogger(__name__)
+
+
+#: ``stats['objective']`` of a multi-level cosine codebook: its inertia is the sum of ``1 - cos``.
+OBJECTIVE_COSINE = "1 - cos"
 
 
 def level_metric(codec: str, metric: str, level: int) -> str:
@@ -65,6 +72,8 @@ def fit_levels(
 
     t_start = time.perf_counter() if t_start is None else t_start
     n_levels = opts.levels
+    if opts.codec == "residual":
+        check_beam("train_beam", opts.train_beam, n_codes=opts.n_codes, levels=n_levels)
     with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
         store = LevelCheckpoints(checkpoint, _fit_key(data_fingerprint, opts)) if checkpoint is not None else None
         books: list[Codebook | None] = [store.finished(level) if store else None for level in range(n_levels)]
@@ -74,12 +83,20 @@ def fit_levels(
 
         def steps(level: int, src: DataSource, prefix: str) -> Any:
             level_opts = replace(opts, codec="flat", levels=1, metric=level_metric(opts.codec, opts.metric, level))
-            return fit_steps(
-                src,
-                level_opts,
-                data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
-                progress=progress,
-                checkpoint=store.view(level) if store else None,
+            subject = _level_subject(opts, level, source.n_rows, source.dim, column)
+            return _named(
+                fit_steps(
+                    src,
+                    level_opts,
+                    data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
+                    progress=progress,
+                    checkpoint=store.view(level) if store else None,
+                    subject=subject,
+                ),
+                subject,
+                f"fit levels={level} (what the levels before leave has too few distinct rows), or "
+                if opts.codec == "residual" and level
+                else "",
             )
 
         if opts.codec == "residual":
@@ -107,13 +124,14 @@ def fit_levels(
         centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
         t_stats = time.perf_counter()
         pass_stats = training_stats(source, centroids, opts)
+        _warn_if_error_rises(opts, pass_stats["level_mse"])
         codebook = Codebook(
             centroids=centroids,
             counts=pass_stats.pop("counts"),  # (levels, n_codes): the training rows' codes, as encode gives them
             metric=opts.metric,
             codec=opts.codec,
             settings=opts.settings(done[0].settings.get("engine", opts.engine)),
-            stats=_codebook_stats(done, pass_stats, source.n_rows, extra_stats),
+            stats=_codebook_stats(done, pass_stats, source.n_rows, extra_stats, opts.metric),
             data_fingerprint=data_fingerprint,
             sources=tuple(sources),
             column=column,
@@ -134,6 +152,56 @@ def fit_levels(
         if store:
             store.clear()
     return codebook
+
+
+def _level_subject(opts: FitOptions, level: int, n_rows: int, dim: int, column: str) -> str:
+    """How errors name the rows level ``level`` is fitted on: the user's column (or ``x``), which
+    level, and for a residual level what it is the residual of."""
+    name = column or "x"
+    if opts.codec == "residual":
+        if level == 0:
+            return name
+        before = "level 0" if level == 1 else f"levels 0..{level - 1}"
+        tuples = f"the train_beam={opts.train_beam} best tuples of {before}" if opts.train_beam > 1 else before
+        verb = "leave" if opts.train_beam > 1 or level > 1 else "leaves"
+        return f"residual level {level} (what {tuples} {verb} of the {n_rows} rows of {name})"
+    sub = dim // opts.levels
+    return f"product level {level} (columns {level * sub}:{(level + 1) * sub} of the {n_rows} rows of {name})"
+
+
+def _named(steps: Any, subject: str, fix: str) -> Any:
+    """``steps`` with a "x has only ... distinct rows" error (seeding's) naming ``subject`` instead, and
+    ``fix`` put first among the fixes of a "too few distinct rows" error."""
+    try:
+        return (yield from steps)
+    except TooFewPointsError as exc:
+        message = str(exc)
+        if message.startswith("x has only"):
+            message = subject + message[1:]
+        if "distinct rows" in message and "Fix: " in message:
+            message = message.replace("Fix: ", f"Fix: {fix}", 1)
+        if message == str(exc):
+            raise
+        raise TooFewPointsError(message) from None
+
+
+def _warn_if_error_rises(opts: FitOptions, level_mse: list[float]) -> None:
+    """Warn (log and :func:`warnings.warn`) when a residual level leaves the training rows farther
+    from their reconstruction than the levels before it did: that level makes the codes worse (e.g. a
+    ``train_beam`` as wide as ``n_codes``, whose level is fitted on residuals greedy encoding never sees)."""
+    if opts.codec != "residual":
+        return
+    for level in range(1, len(level_mse)):
+        before, after = level_mse[level - 1], level_mse[level]
+        if after > before * (1 + 1e-6):
+            message = (
+                f"residual level {level} raises the training rows' mean reconstruction error from {before:.6g} "
+                f"(levels 0..{level - 1}) to {after:.6g} ({'1 - cos' if opts.metric == 'cosine' else 'squared L2'}, "
+                f"greedy encoding); that level makes the codes worse. Fix: fit with a smaller train_beam "
+                f"(now {opts.train_beam}; 1 fits each level on the greedy residuals), more n_codes, or fewer levels."
+            )
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
@@ -177,7 +245,13 @@ def _fit_key(data_fingerprint: str, opts: FitOptions) -> str:
 def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions) -> dict[str, Any]:
     """One pass over the training rows with the final codebook, encoding them as :meth:`Codebook.encode`
     does by default (greedy): the (levels, n_codes) ``counts`` of every code, error per level and in
-    total, code usage per level, and collisions of whole tuples."""
+    total, code usage per level, and collisions of whole tuples.
+
+    The errors are means over the rows of the distance :meth:`Codebook.encode` returns (squared L2,
+    ``1 - cos`` under cosine: :func:`~vq_pipeline.compute.levels.reconstruction_error`), so ``mse *
+    n_rows`` is the sum of encode's distances, as a flat codebook's inertia is. Residual: ``level_mse[l]``
+    is the error of the reconstruction by levels ``0..l`` (the last one is ``mse``); product: the squared
+    L2 error of slice ``l`` (under cosine, of the unit row's slice)."""
     from vq_pipeline.compute.semantic_ids import collision_stats
 
     n_levels, n_codes, sub = centroids.shape
@@ -194,16 +268,17 @@ def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions
         code_parts.append(codes.cpu().numpy().astype(dtype))
         for level in range(n_levels):
             used[level] += torch.bincount(codes[:, level].cpu(), minlength=n_codes)
+        x64 = xb.double()
         if opts.codec == "residual":
-            r = xb.clone()
             for level in range(n_levels):
-                r -= c[level][codes[:, level]]
-                level_err[level] += float(r.double().square().sum())
+                partial = decode(c[: level + 1], "residual", codes[:, : level + 1], metric=opts.metric)
+                level_err[level] += float(reconstruction_error(x64, partial.double(), opts.metric).sum())
         else:
             for level in range(n_levels):
                 diff = xb[:, level * sub : (level + 1) * sub] - c[level][codes[:, level]]
                 level_err[level] += float(diff.double().square().sum())
-        total_err += float((xb - decode(c, opts.codec, codes, metric=opts.metric)).double().square().sum())
+        decoded = decode(c, opts.codec, codes, metric=opts.metric).double()
+        total_err += float(reconstruction_error(x64, decoded, opts.metric).sum())
     n_rows = max(1, source.n_rows)
     all_codes = np.concatenate(code_parts) if code_parts else np.zeros((0, n_levels), dtype)
     return {
@@ -215,8 +290,26 @@ def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions
     }
 
 
+def objective_name(metric: str) -> str:
+    """What a multi-level codebook's ``stats['inertia']`` and ``stats['mse']`` sum (``stats['objective']``):
+    the distance encode returns, as a flat codebook's inertia does."""
+    return OBJECTIVE_COSINE if metric == "cosine" else "squared L2"
+
+
+def stated_objective(codebook: Codebook, key: str = "inertia") -> float | None:
+    """``codebook.stats[key]`` (``'inertia'`` or ``'mse'``) as the sum (mean) of the distance encode
+    returns: ``1 - cos`` under cosine. Multi-level cosine codebooks written before ``stats['objective']``
+    existed recorded the squared distance of the unit rows to their reconstruction, twice ``1 - cos``:
+    theirs is halved. None when absent."""
+    value = codebook.stats.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    legacy = codebook.codec != "flat" and codebook.metric == "cosine" and "objective" not in codebook.stats
+    return float(value) * 0.5 if legacy else float(value)
+
+
 def _codebook_stats(
-    books: list[Codebook], pass_stats: dict[str, Any], n_rows: int, extra: dict[str, Any] | None
+    books: list[Codebook], pass_stats: dict[str, Any], n_rows: int, extra: dict[str, Any] | None, metric: str
 ) -> dict[str, Any]:
     """The multi-level codebook's ``stats``: totals, and each level's fit statistics."""
     levels = []
@@ -240,6 +333,7 @@ def _codebook_stats(
     }
     return {
         "n_rows": n_rows,
+        "objective": objective_name(metric),
         "inertia": pass_stats["mse"] * n_rows,
         "mse": pass_stats["mse"],
         "iterations": sum(lv["iterations"] for lv in levels),
@@ -252,4 +346,11 @@ def _codebook_stats(
     }
 
 
-__all__ = ["fit_levels", "level_metric", "training_stats"]
+__all__ = [
+    "OBJECTIVE_COSINE",
+    "fit_levels",
+    "level_metric",
+    "objective_name",
+    "stated_objective",
+    "training_stats",
+]

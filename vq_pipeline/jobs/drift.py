@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from vq_pipeline.codebook import Codebook
+from vq_pipeline.fitting.multilevel import stated_objective
 
 
 def drift_report(codebook: Codebook, records: Sequence[dict[str, Any]], *, baseline: bool = False) -> dict[str, Any]:
@@ -48,9 +49,8 @@ def drift_report(codebook: Codebook, records: Sequence[dict[str, Any]], *, basel
     q_all = codebook.counts.double().numpy().reshape(codebook.levels, -1)  # (levels, n_codes)
     q = q_all[0]  # (n_codes,)
     train_rows = int(codebook.stats.get("n_rows") or q.sum())
-    train_mean = float(codebook.stats.get("inertia", 0.0)) / max(train_rows, 1)
-    if multi and codebook.metric == "cosine":
-        train_mean *= 0.5  # 1 - cos of unit rows is half their squared distance, the encode's distance
+    # The sum of encode's distances over the training rows (1 - cos under cosine, for every codec).
+    train_mean = (stated_objective(codebook) or 0.0) / max(train_rows, 1)
     report: dict[str, Any] = {
         "rows": rows,
         "mean_distance": None,

@@ -22,12 +22,14 @@ from typing import Any
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.lloyd import ProgressCallback
 from vq_pipeline.errors import CodebookFileError
+from vq_pipeline.fitting.multilevel import stated_objective
 from vq_pipeline.io import tables
 from vq_pipeline.io.codebook_file import is_codebook_file
 from vq_pipeline.io.paths import check_output_file, output_lock
 from vq_pipeline.jobs.fit_tables import fit_from_tables
 from vq_pipeline.jobs.mappers import Mapper
 from vq_pipeline.settings import FitSettings, TableSettings
+from vq_pipeline.validate import check_beam, check_int
 
 #: The placeholders a codebook path may hold, filled in once the centroids are known.
 TEMPLATE_FIELDS = ("{fingerprint}", "{fp12}")
@@ -92,9 +94,10 @@ class FitSummary:
         stats, timings = codebook.stats, codebook.timings
         levels = stats.get("levels", [])
         multi: dict[str, Any] = {}
+        inertia = stated_objective(codebook)  # 1 - cos under cosine, as encode's distances
         if codebook.codec != "flat":
             multi = dict(
-                mse=stats.get("mse"),
+                mse=stated_objective(codebook, "mse"),
                 collision_rate=stats.get("collision_rate"),
                 n_unique=stats.get("n_unique"),
                 level_mse=[level.get("mse") for level in levels],
@@ -120,8 +123,8 @@ class FitSummary:
             mode=stats.get("mode"),
             iterations=stats.get("iterations"),
             converged=stats.get("converged"),
-            inertia=stats.get("inertia"),
-            mean_distance=stats.get("inertia", 0.0) / max(int(stats.get("n_rows") or 1), 1),
+            inertia=inertia,
+            mean_distance=(inertia or 0.0) / max(int(stats.get("n_rows") or 1), 1),
             n_repairs=stats.get("n_repairs"),
             history=stats.get("history")
             or [{**h, "level": i} for i, level in enumerate(levels) for h in level.get("history", [])],
@@ -208,6 +211,12 @@ class FitJob:
     reading: TableSettings
     settings: FitSettings = FitSettings()
     warm_start: str | None = None
+
+    def __post_init__(self) -> None:
+        # Refused here, before any table is read: a train_beam wider than the beam can ever be.
+        if self.settings.codec == "residual":
+            n_codes = check_int("n_codes", self.n_codes, minimum=1, hint="n_codes is the number of codes per level.")
+            check_beam("train_beam", self.settings.train_beam, n_codes=n_codes, levels=self.settings.levels)
 
 
 def fit_to_file(
