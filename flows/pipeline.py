@@ -28,7 +28,7 @@ from vq_flows.fit import fit_codebook_flow
 
 from vq_pipeline.jobs.fit_file import FitJob
 from vq_pipeline.jobs.run_report import report_markdown
-from vq_pipeline.jobs.scheduled import EncodeJob, PipelineSteps, run_once
+from vq_pipeline.jobs.scheduled import EncodeJob, PipelineSteps, check_run, run_once
 from vq_pipeline.settings import PipelineSettings
 
 #: Prefix of the report artifact's key; :func:`report_artifact_key` appends a hash of the work_dir.
@@ -68,6 +68,23 @@ class FlowSteps(PipelineSteps):
         return self.tasks[name](*args)
 
 
+def check_flow_parameters(
+    input_root: str, work_dir: str, settings: PipelineSettings | dict[str, Any], dask: str | None = None
+) -> None:
+    """Refuse, doing no work, what :func:`vq_pipeline_flow` with these parameters would refuse on its
+    next run, in the flow's order: the settings (a dict of their fields, as a deployment stores them, is
+    built into :class:`~vq_pipeline.settings.PipelineSettings`), the Dask address
+    (:func:`vq_flows.dask.parse_address`), then :func:`vq_pipeline.jobs.scheduled.check_run` (paths,
+    settings, the work_dir's state). ``vq serve`` calls it before it registers the deployment."""
+    if isinstance(settings, dict):
+        settings = PipelineSettings(**settings)
+    if dask:
+        from vq_flows.dask import parse_address
+
+        parse_address(dask)
+    check_run(input_root, work_dir, settings)
+
+
 @flow(name="vq-pipeline")
 def vq_pipeline_flow(
     input_root: str, work_dir: str, settings: PipelineSettings, dask: str | None = None
@@ -105,4 +122,4 @@ def vq_pipeline_flow(
     return summary
 
 
-__all__ = ["REPORT_ARTIFACT_KEY", "FlowSteps", "report_artifact_key", "vq_pipeline_flow"]
+__all__ = ["REPORT_ARTIFACT_KEY", "FlowSteps", "check_flow_parameters", "report_artifact_key", "vq_pipeline_flow"]

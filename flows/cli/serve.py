@@ -8,11 +8,13 @@ as the Prefect deployment ``vq-pipeline/<name>``.
         [--refit-every-hours 168] [--drift-threshold 0.25] [--usage-threshold 0.1|off]
 
 Its options are the flow's parameters, read from its signature (:func:`add_serve_options`): a
-settings parameter (``settings: PipelineSettings``) gives one option per field. :func:`serve_deployment`
-registers the deployment with the Prefect API (set ``PREFECT_API_URL`` to a running ``prefect server
-start`` or Prefect Cloud; without it Prefect starts a temporary local server that lives as long as
-this process) and runs the scheduled flow runs in this process until stopped. At most one run
-executes at a time (``limit=1``), and the flow also locks its work_dir.
+settings parameter (``settings: PipelineSettings``) gives one option per field. The command first
+refuses, with one ``error:`` line and exit status 1, whatever the first scheduled run would refuse
+(:func:`check_deployment`); then :func:`serve_deployment` registers the deployment with the Prefect
+API (set ``PREFECT_API_URL`` to a running ``prefect server start`` or Prefect Cloud; without it Prefect
+starts a temporary local server that lives as long as this process) and runs the scheduled flow runs
+in this process until stopped. At most one run executes at a time (``limit=1``), and the flow also
+locks its work_dir.
 ``python -m vq_flows.deploy`` (deprecated) does the same.
 
 Prefect and the flow are imported when the options are built or the deployment is made.
@@ -65,6 +67,33 @@ def deployment_options(cron: str, name: str = DEFAULT_NAME, **params: Any) -> di
         # whatever folder the deployment was started from.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
+
+
+def check_deployment(cron: str, name: str = DEFAULT_NAME, **params: Any) -> None:
+    """Refuse now, registering nothing and running nothing, a deployment whose every scheduled run would
+    fail: a schedule or name that Prefect refuses, then whatever the flow's first run would refuse with
+    ``params`` (:func:`vq_flows.pipeline.check_flow_parameters`: settings, Dask address, paths, the
+    work_dir's state). Each refusal is a VQError, one line for the command's ``error:``."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.exceptions import InvalidNameError
+    from pydantic import ValidationError
+    from vq_flows.pipeline import check_flow_parameters
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise InvalidInputError(
+            f"cron={cron!r} is not a cron schedule; expected 5 fields (minute hour day-of-month month day-of-week), "
+            f"such as '0 * * * *' (hourly) or '30 2 * * 1' (Mondays, 02:30). Fix: pass one, such as --cron '0 * * * *'."
+        ) from None
+    try:
+        build_deployment(cron, name, **params)
+    except InvalidNameError as exc:
+        raise InvalidInputError(
+            f"name={name!r} is not a deployment name Prefect accepts ({exc}); expected a name such as "
+            f"{DEFAULT_NAME!r}. Fix: pass another --name."
+        ) from None
+    check_flow_parameters(**params)
 
 
 def build_deployment(cron: str, name: str = DEFAULT_NAME, **params: Any) -> Any:
@@ -153,6 +182,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
             "credentials (environment or instance role); expected no --storage-option. Fix: drop it."
         )
     cron, name, params = serve_arguments(args)
+    check_deployment(cron, name, **params)  # every refusal of the first scheduled run, before registering
     console.progress(f"serving vq-pipeline/{name} on the schedule {cron!r} (Ctrl-C stops)")
     serve_deployment(cron, name, **params)
     return 0

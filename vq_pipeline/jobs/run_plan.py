@@ -5,11 +5,12 @@ it fits, refits or leaves the codebook, and what it reports of its encodes. No P
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
 from vq_pipeline.jobs.workdir import refit_checks
-from vq_pipeline.settings import FitSettings
+from vq_pipeline.settings import EncodeSettings, FitSettings, PipelineSettings
 
 #: The keys of an encode run's summary that the pipeline's summary keeps, one dict per encode run.
 ENCODE_BRIEF_KEYS = (
@@ -130,6 +131,31 @@ def refit_decision(current: dict[str, Any], refit: dict[str, Any], reason: str) 
     return "refit", dict(path=refit["path"], fingerprint=refit["fingerprint"], reason=reason)
 
 
+def encode_settings_change(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The encode settings that differ between a codes folder's records and a run: name -> (recorded,
+    wanted), both as :meth:`~vq_pipeline.settings.EncodeSettings.to_dict` gives them (a setting at its
+    default is left out there, and compares as its default here); empty when they agree."""
+    defaults = {**dataclasses.asdict(EncodeSettings("")), "keep": []}
+    old, new = {**defaults, **recorded}, {**defaults, **wanted}
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def codes_settings_error(codes_dir: str, state_dir: str, change: dict[str, tuple[Any, Any]]) -> str:
+    """The message that refuses a scheduled run whose encode settings differ (``change``:
+    :func:`encode_settings_change`) from those the codes folder ``codes_dir`` (its bookkeeping in
+    ``state_dir``) was written with. The fixes are ones a pipeline's user can apply: the pipeline
+    never overwrites a codes folder."""
+    changed = ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in change.items())
+    settable = [k for k in change if k in PipelineSettings.__dataclass_fields__]
+    back = ", ".join(f"{k}={change[k][0]!r}" for k in settable) if settable else "the settings it was written with"
+    return (
+        f"codes_dir={codes_dir!r} holds codes written with other encode settings ({changed}); expected one kind of "
+        f"codes per folder (the scheduled pipeline never overwrites a codes folder). Fix: run with {back} again; or, "
+        f"to encode every table anew with the new settings, delete {codes_dir} and {state_dir} (the next run writes "
+        f"them again), or pass a new work_dir."
+    )
+
+
 def encode_brief(encode: dict[str, Any]) -> dict[str, Any]:
     """The :data:`ENCODE_BRIEF_KEYS` of an encode flow's summary."""
     return {k: encode.get(k) for k in ENCODE_BRIEF_KEYS}
@@ -140,8 +166,10 @@ __all__ = [
     "MULTILEVEL_ALIGNMENT",
     "alignment_unavailable",
     "codec_of",
+    "codes_settings_error",
     "current_checks",
     "encode_brief",
+    "encode_settings_change",
     "fired_reason",
     "first_action",
     "refit_decision",

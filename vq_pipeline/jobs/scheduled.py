@@ -8,6 +8,9 @@ Every decision is here (with the plain-data rules of :mod:`vq_pipeline.jobs.run_
 script, Airflow or a notebook gets what the Prefect flow gets. Where each step runs is the caller's
 :class:`PipelineSteps`: the default runs everything in this process; the flow runs the fit and encode
 jobs as subflows and the small steps as tasks, each with its retries and its place in the UI.
+
+:func:`check_run` refuses, doing no work, what a run would refuse whatever tables arrive (paths,
+settings, the work_dir's state), so that a deployment refuses it when it is made, not on its first tick.
 """
 
 from __future__ import annotations
@@ -15,21 +18,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vq_pipeline.codebook import Codebook
-from vq_pipeline.io.paths import check_output_folder
+from vq_pipeline.errors import InvalidInputError
+from vq_pipeline.io.paths import check_output_folder, is_local, resolved
+from vq_pipeline.io.table_writer import code_dtype
 from vq_pipeline.jobs import workdir
 from vq_pipeline.jobs.drift import drift_report
 from vq_pipeline.jobs.encode_folder import encode_tables
+from vq_pipeline.jobs.encode_state import folder_records, state_dir
 from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
 from vq_pipeline.jobs.run_plan import (
     alignment_unavailable,
+    codes_settings_error,
     current_checks,
     encode_brief,
+    encode_settings_change,
     fired_reason,
     first_action,
     refit_decision,
@@ -80,6 +89,76 @@ def read_current(work_dir: str) -> dict[str, Any] | None:
     """The current codebook's pointer (:func:`vq_pipeline.jobs.workdir.read_current`) with its codec and levels."""
     current = workdir.read_current(work_dir)
     return None if current is None else with_codec(current)
+
+
+def check_paths(input_root: str | Path, work_dir: str | Path) -> None:
+    """Refuse a ``work_dir`` that is, holds or lies inside ``input_root``
+    (:func:`vq_pipeline.io.paths.check_output_folder`), also while ``input_root`` does not exist yet: a
+    run would create it, and the next one would read its outputs as inputs."""
+    check_output_folder("work_dir", work_dir, [input_root])
+    root, work = str(input_root), str(work_dir)
+    if not is_local(root) or not is_local(work) or os.path.lexists(root):
+        return
+    if resolved(work) == resolved(root) or resolved(root) in resolved(work).parents:
+        raise InvalidInputError(
+            f"work_dir={work!r} lies in input_root={root!r} (which does not exist yet): the next run would read the "
+            f"outputs as inputs; expected a work_dir outside the input folder. Fix: pass a work_dir outside "
+            f"{str(resolved(root))!r}, such as {resolved(root).parent / (resolved(root).name + '-vq')}."
+        )
+
+
+def check_settings(settings: PipelineSettings) -> None:
+    """Refuse settings that every run would refuse whatever the tables hold (beyond what
+    :class:`~vq_pipeline.settings.PipelineSettings` checks on its own): a ``code_dtype`` too narrow for
+    ``n_codes`` (refused after the fit otherwise), a ``sample`` of fewer rows than ``n_codes``."""
+    if not isinstance(settings, PipelineSettings):
+        raise InvalidInputError(
+            f"settings={type(settings).__name__}; expected a PipelineSettings. "
+            f"Fix: pass PipelineSettings(column=..., n_codes=...)."
+        )
+    code_dtype(settings.n_codes, settings.code_dtype)
+    if settings.sample is not None and settings.sample < settings.n_codes:
+        raise InvalidInputError(
+            f"sample={settings.sample} with n_codes={settings.n_codes}: every fit would read at most "
+            f"{settings.sample} rows, fewer than its codes; expected sample >= n_codes. Fix: pass sample >= "
+            f"{settings.n_codes}, or no sample (every row), or fewer codes."
+        )
+
+
+def check_codes_folder(out: str | Path, settings: PipelineSettings) -> None:
+    """Refuse to encode into the codes folder ``out`` when it holds codes written with other encode
+    settings (another ``code_dtype``, ``id_column`` …): the message gives fixes that apply to the
+    scheduled pipeline (:func:`vq_pipeline.jobs.run_plan.codes_settings_error`), which never overwrites."""
+    if not os.path.isdir(state_dir(out)):
+        return
+    manifest, receipts = folder_records(Path(out))
+    wanted = settings.encode_settings().to_dict()
+    for record in ([manifest] if manifest is not None else []) + [r for _, r in receipts]:
+        change = encode_settings_change(record.get("settings") or {}, wanted)
+        if change:
+            raise InvalidInputError(codes_settings_error(str(out), str(state_dir(out)), change))
+
+
+def check_run(input_root: str | Path, work_dir: str | Path, settings: PipelineSettings) -> None:
+    """Refuse now, doing no work, what :func:`run_once` with these arguments would refuse on its next
+    run whatever new tables arrive: the paths (:func:`check_paths`), the settings (:func:`check_settings`),
+    and the work_dir's state: an unreadable current-codebook pointer, and, when the run would keep the
+    current codebook, a codes folder written with other encode settings (:func:`check_codes_folder`).
+    A deployment calls it before it registers; :func:`run_once` runs the same checks.
+
+    Raises:
+        InvalidInputError: the paths or the settings. PipelineStateError, CodebookFileError: the work_dir's
+            current codebook.
+    """
+    check_paths(input_root, work_dir)
+    check_settings(settings)
+    current = read_current(str(Path(work_dir).absolute()))
+    if current is None:
+        return
+    s = settings
+    action, _ = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=s.levels)
+    if action == "none":
+        check_codes_folder(workdir.codes_dir(Path(work_dir).absolute(), current["fingerprint"]), settings)
 
 
 def drift_of(codebook: str, receipts: dict[str, dict[str, Any]], baseline: bool) -> dict[str, Any]:
@@ -166,6 +245,7 @@ class _Run:
     def encode(self, current: dict[str, Any]) -> dict[str, Any]:
         out = workdir.codes_dir(self.work, current["fingerprint"])
         s = self.settings
+        check_codes_folder(out, s)  # a fix the pipeline's user can apply, not encode_tables' --overwrite
         job = EncodeJob((str(self.root),), current["path"], str(out), s.encode_settings(), s.encode_options())
         return self.steps.encode(job)
 
@@ -216,7 +296,8 @@ def run_once(
         ``drift_chart``, ``params`` and ``flow_run_id`` (``steps.run_id``).
     """
     work, root = Path(work_dir).absolute(), Path(input_root).absolute()
-    check_output_folder("work_dir", work_dir, [input_root])  # refused before any work
+    check_paths(input_root, work_dir)  # refused before any work (with the state: check_run)
+    check_settings(settings)
     run = _Run(work, root, settings, steps or PipelineSteps(), dt.datetime.now(dt.UTC), logger or log)
     with workdir.lock(work):
         summary = _run_locked(run)
@@ -257,4 +338,15 @@ def _run_locked(run: _Run) -> dict[str, Any]:
     return run.summary(current, action, reason)
 
 
-__all__ = ["EncodeJob", "PipelineSteps", "align_fit", "drift_of", "read_current", "run_once"]
+__all__ = [
+    "EncodeJob",
+    "PipelineSteps",
+    "align_fit",
+    "check_codes_folder",
+    "check_paths",
+    "check_run",
+    "check_settings",
+    "drift_of",
+    "read_current",
+    "run_once",
+]
