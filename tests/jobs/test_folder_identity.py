@@ -151,7 +151,7 @@ def test_a_foreign_file_under_an_output_name_is_refused_and_nothing_is_written(t
     with pytest.raises(StateError, match=r"b\.parquet' was not written by vq-pipeline .*Fix: move or delete"):
         encode_tables([data], a, out, SETTINGS)
     assert snapshot(out) == before
-    assert not (state_dir(out) / "receipts").exists()
+    assert not state_dir(out).exists(), "the bookkeeping folder the refused run created is gone"
 
 
 def test_a_folder_under_an_output_name_is_refused(tmp_path: Path, books) -> None:

@@ -168,13 +168,13 @@ def encode_lock(out_dir: str | os.PathLike[str], *, inputs: Sequence[str | os.Pa
         try:
             yield
         except BaseException:
-            untouched = not any(p.is_file() for p in out.rglob("*")) and [
-                p for p in state.rglob("*") if p.is_file()
-            ] == [lock]
-            if created and untouched:
+            # A folder this run created and left holding nothing (the bookkeeping folder: nothing but its lock)
+            # is removed, so a refused run leaves the place as it found it.
+            if state in created and [p for p in state.rglob("*") if p.is_file()] == [lock]:
                 lock.unlink()
-                for folder in created:
-                    shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(state, ignore_errors=True)
+            if out in created and not any(p.is_file() for p in out.rglob("*")):
+                shutil.rmtree(out, ignore_errors=True)
             raise
 
 
