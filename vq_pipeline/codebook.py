@@ -32,6 +32,15 @@ Loading a file reads its first bytes, then its header, and reads the tensor data
 is exactly as long as the header says: memory follows the codebook's size, never the file's.
 Metadata of the wrong JSON type is refused naming the entry (see
 :func:`vq_pipeline.io.codebook_file.provenance_fields`).
+
+What a file may ask of a reader is bounded (:mod:`vq_pipeline.io.codebook_file`): at most ``MAX_LEVELS``
+levels, refused from the header before the tensor data is read (a fit refuses more too, so every file
+written loads), so the work of encoding one row is the centroid values in the file, times the beam,
+in at most ``MAX_LEVELS`` passes; fit settings whose ``codec``, ``levels``, ``n_codes``, ``dim`` or
+``metric`` contradict the file are refused; centroids (and a residual codebook's partial sums of
+levels, bounded by the sum of each level's largest norm) must have squared norms of at most
+``MAX_SQUARED_NORM``, as rows must; each level's counts must sum to at most ``MAX_TRAINING_ROWS``.
+A Codebook built in memory is held to the same rules.
 """
 
 from __future__ import annotations
@@ -58,7 +67,9 @@ from vq_pipeline.io.codebook_file import (
     FLAT_FORMAT_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MULTI_LEVEL_SETTINGS,
     CodebookViews,
+    check_settings,
     check_values,
     provenance_fields,
     read_codebook_bytes,
@@ -138,6 +149,7 @@ class Codebook(CodebookViews):
                 f"counts (shape={tuple(getattr(n, 'shape', ()))}, dtype={getattr(n, 'dtype', None)}) must be an "
                 f"int64 tensor of shape {tuple(c.shape[:-1])}, one count per code."
             )
+        check_settings(self.settings, metric=self.metric, codec=self.codec, shape=tuple(c.shape))
         check_values(c.detach().cpu().numpy(), n.detach().cpu().numpy(), self.metric, self.codec)
         # Private copies: a caller mutating its tensors must not change a codebook.
         object.__setattr__(self, "centroids", c.detach().to("cpu").contiguous().clone())
@@ -272,11 +284,15 @@ class Codebook(CodebookViews):
         if self.codec == "flat":
             return self
         metric = self.metric if (self.codec == "residual" and level == 0) else "l2"
+        settings = self.settings
+        if isinstance(settings, dict):  # the level's own structure: flat, its metric and width
+            settings = {k: v for k, v in settings.items() if k not in MULTI_LEVEL_SETTINGS}
+            settings.update((k, v) for k, v in (("metric", metric), ("dim", self.centroids.shape[-1])) if k in settings)
         return Codebook(
             centroids=self.centroids[level],
             counts=self.counts[level],
             metric=metric,
-            settings=self.settings,
+            settings=settings,
             stats=dict(self.stats.get("levels", [{}] * self.levels)[level]),
             data_fingerprint=self.data_fingerprint,
             sources=self.sources,
@@ -330,11 +346,16 @@ class Codebook(CodebookViews):
                 f"metric={metric!r} was requested but {source} holds a metric={meta['metric']!r} codebook. "
                 f"Fix: request metric={meta['metric']!r}, or fit a {metric!r} codebook."
             )
+        fields = provenance_fields(meta, source)
         try:
+            shape = tuple(arrays["centroids"].shape)
+            check_settings(
+                fields["settings"], metric=fields["metric"], codec=fields["codec"], shape=shape, name="metadata fit"
+            )
             return cls(
                 centroids=torch.from_numpy(arrays["centroids"]),
                 counts=torch.from_numpy(arrays["counts"]),
-                **provenance_fields(meta, source),
+                **fields,
             )
         except InvalidInputError as exc:
             raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
@@ -350,7 +371,10 @@ class Codebook(CodebookViews):
         Raises:
             CodebookFileError: missing paths, folders, devices and FIFOs; truncated, overlong,
                 corrupt, pickled or random files; lying headers, deeply nested or wrongly typed
-                metadata; NaN centroids. UnsupportedFormatError: another format or an unknown major
+                metadata; more than ``MAX_LEVELS`` levels; fit settings that contradict the file;
+                NaN centroids, or centroids (residual: sums of levels) whose squared norms exceed
+                ``MAX_SQUARED_NORM``; negative counts, or counts of a level summing above
+                ``MAX_TRAINING_ROWS``. UnsupportedFormatError: another format or an unknown major
                 version.
             InvalidInputError: ``metric`` differs from the file's.
         """

@@ -94,6 +94,41 @@ def test_codebook_picture_from_a_file_and_without_a_history(codebook: Any, tmp_p
         read_png(plot_codebook(info, tmp_path / "old.png"), (480, 1200))  # replaces its own picture
 
 
+def many_levels(n_levels: int, n_codes: int, n_iterations: int) -> CodebookInfo:
+    """A residual codebook in memory (not checked as a file is) with more levels than a file may hold."""
+    rng = np.random.default_rng(0)
+    history = [{"iteration": i, "objective": 100.0 / (i + 1)} for i in range(n_iterations)]
+    return CodebookInfo(
+        centroids=np.zeros((n_levels, n_codes, 4), np.float32),
+        counts=rng.integers(0, 50, (n_levels, n_codes)),
+        metric="l2",
+        codec="residual",
+        stats={"levels": [{"history": history, "converged": True}] * n_levels},
+    )
+
+
+@pytest.mark.parametrize("n_levels, n_codes, n_iterations", [(20_000, 1, 3), (3, 50_000, 5000), (1, 50_000, 1)])
+def test_codebook_picture_draws_a_bounded_number_of_lines_and_points(n_levels: int, n_codes: int, n_iterations: int) -> None:
+    from vq_pipeline.jobs.plots import MAX_PLOTTED_LEVELS, MAX_POINTS, codebook_figure
+
+    info = many_levels(n_levels, n_codes, n_iterations)
+    if n_levels == 1:  # a flat codebook of many codes and iterations
+        info = dataclasses.replace(info, centroids=info.centroids[0], counts=info.counts[0], codec="flat",
+                                   stats={"history": info.stats["levels"][0]["history"] * 5000,
+                                          "restart_inertias": list(range(1, 10_000))})  # fmt: skip
+    sizes, objective = codebook_figure(info).axes
+    drawn = min(n_levels, MAX_PLOTTED_LEVELS)
+    assert len(sizes.lines) == drawn + 1  # one per drawn level, and the mean
+    assert all(len(line.get_xdata()) <= MAX_POINTS for ax in (sizes, objective) for line in ax.lines)
+    assert sum(len(c.get_offsets()) for c in objective.collections) <= MAX_POINTS  # the restarts' marks
+    largest = sizes.lines[0]  # the first level's sizes, largest first: its first and last points are drawn
+    first = np.sort(np.asarray(info.counts).reshape(-1, n_codes)[0])[::-1]
+    assert largest.get_ydata()[0] == first[0] and largest.get_ydata()[-1] == first[-1]
+    if n_levels > MAX_PLOTTED_LEVELS:
+        assert f"levels 0-{MAX_PLOTTED_LEVELS - 1} of {n_levels:,} drawn" in sizes.get_title()
+        assert f"({drawn} of {n_levels:,} levels)" in objective.get_title()
+
+
 def test_codebook_picture_refuses_its_input_and_files_it_did_not_write(codebook: Any, tmp_path: Path) -> None:
     named_png = tmp_path / "cb.png"  # a codebook file whose name looks like a picture
     codebook.save(named_png)

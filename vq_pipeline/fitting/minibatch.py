@@ -68,6 +68,7 @@ from vq_pipeline.compute.data import farthest
 from vq_pipeline.compute.engines import get_engine
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError, TooFewPointsError
 from vq_pipeline.fitting.kmeans import fit_codebook
+from vq_pipeline.io.codebook_file import MAX_TRAINING_ROWS
 from vq_pipeline.settings import FitSettings
 from vq_pipeline.validate import (
     as_embeddings,
@@ -311,8 +312,29 @@ def update_minibatch(
     stream = _stream_settings(state.settings, batch_iter=batch_iter, split_ratio=split_ratio)
     stream.pop("init_iter")  # recorded by start_minibatch only: a stream from a fitted codebook had no first batch
     x, fingerprint = _batch(x, state.metric, dim=state.dim)
+    _check_room(state, x.shape[0])
     state = replace(state, settings={**state.settings, **stream})
     return _absorb(state, x, fingerprint, engine=engine, device=resolve_device(device, x), memory_budget=budget)
+
+
+def _check_room(state: MiniBatchState, n_rows: int) -> None:
+    """Refuse a batch of ``n_rows`` rows that would take the stream's counts beyond what int64 counts hold
+    in a mini-batch step (their sum times n_codes, when under-used codes are found), or beyond
+    ``MAX_TRAINING_ROWS``, which a codebook's counts may sum to."""
+    counts = state.counts.to(torch.int64)  # (n_codes,), never negative in a Codebook
+    # Exact sum without int64 wrap-around: the high and low 32 bits of each count summed apart.
+    total = (int((counts >> 32).sum()) << 32) + int((counts & 0xFFFFFFFF).sum())
+    limit = min(MAX_TRAINING_ROWS, (2**63 - 1) // max(1, state.n_codes))
+    if total + n_rows <= limit:
+        return
+    name = f"codebook {state.parent_fingerprint[:16]}" if state.parent_fingerprint else "the stream's codebook"
+    raise InvalidInputError(
+        f"{name} (the codes this stream continues): its counts sum to {total} rows, and the batch's {n_rows} rows "
+        f"would make {total + n_rows}; expected at most {limit} (MAX_TRAINING_ROWS=2**53, and the counts times "
+        f"n_codes={state.n_codes} must fit int64). The batch is fine; the counts are too large to add to. Fix: "
+        f"continue from the codebook with its counts scaled down (e.g. counts // 1024 keeps their proportions), "
+        f"or start a new stream from its centroids."
+    )
 
 
 def fit_minibatch(

@@ -12,6 +12,7 @@ import torch
 
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.errors import InvalidInputError, TooFewPointsError
+from vq_pipeline.io.codebook_file import MAX_LEVELS
 from vq_pipeline.settings import FitSettings
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
@@ -72,6 +73,12 @@ def fit_options(
         raise TooFewPointsError(
             f"n_codes={n_codes} exceeds the n_rows={n_rows} rows of x; expected n_codes <= n_rows. "
             f"Fix: lower n_codes to at most {n_rows}, or train on more rows."
+        )
+    if settings.levels > MAX_LEVELS:  # what a codebook file may hold: every codebook fitted loads
+        raise InvalidInputError(
+            f"levels={settings.levels} exceeds MAX_LEVELS={MAX_LEVELS}, the most levels a codebook file holds; "
+            f"expected levels between 1 and {MAX_LEVELS}. Fix: pass levels={MAX_LEVELS} or fewer (more codes per "
+            f"level refine every level instead)."
         )
     if settings.codec == "product":
         from vq_pipeline.compute.levels import check_product_dim

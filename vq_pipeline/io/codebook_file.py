@@ -4,6 +4,13 @@
 :func:`read_codebook_bytes`); ``vq inspect`` uses :func:`load_info`, which validates a file exactly
 as ``Codebook.load`` does without importing torch. The layout is described in
 :mod:`vq_pipeline.codebook`. Only this module and ``codebook.py`` touch safetensors.
+
+What a file may ask of a reader is bounded by its size and by documented caps: at most
+:data:`MAX_LEVELS` levels (refused from the header, before the tensor data is read); tensor shapes
+that the bytes in the file exactly fill (so the work of encoding a row is the centroid values the
+file holds); centroids, and residual sums of levels, within :data:`MAX_SQUARED_NORM`; counts of a
+level summing to at most :data:`MAX_TRAINING_ROWS`; and ``fit`` settings that agree with the file's
+codec, levels, n_codes, dim and metric (:func:`check_settings`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import stat
 import struct
@@ -30,6 +38,20 @@ FORMAT_NAME = "vq-pipeline.codebook"
 #: before; a file without ``codec`` is flat.
 FORMAT_VERSION = "1.1"
 FLAT_FORMAT_VERSION = "1.0"
+#: Most levels (codes per row) of a residual or product codebook, in a file and in a fit. Real ones
+#: have a handful to a few hundred; each level is one more pass over every encoded row and one more
+#: code per row of every code table, whatever the level holds, so the work and memory a file can
+#: ask of an encode, a plot or a report stays bounded by this and by the tensor bytes in the file.
+MAX_LEVELS = 256
+#: Most training rows one level's counts may sum to: float64, in which reports compute shares and
+#: means, holds every integer up to here exactly, and a mini-batch stream's int64 arithmetic on counts
+#: stays far from overflowing (no real table comes near 9.0e15 rows).
+MAX_TRAINING_ROWS = 2**53
+#: The squared norm above which rows are refused (:data:`vq_pipeline.validate.MAX_SQUARED_NORM`, kept
+#: equal by a test; that module imports torch, which reading a file with numpy must not): centroids,
+#: and a residual codebook's reconstructions, are held to it too, so that every distance between a
+#: row and a code stays finite in float32.
+MAX_SQUARED_NORM = 8.0e37
 # What bounds a hostile file's cost before it is parsed: the header is read only when its declared
 # length is at most _MAX_HEADER_BYTES (a real header holds metadata: a few KiB, more with many
 # sources); its JSON, and then the JSON inside its metadata strings, is parsed only when it holds at
@@ -63,8 +85,13 @@ def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat") -> s
 
 
 def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: str = "flat") -> None:
-    """Refuse non-finite centroids, negative counts and (under cosine) centroids that are not unit rows
-    (for a residual codebook, those of level 0; product slices and later residual levels are free).
+    """Refuse what no fit writes and what would break encoding or reports: non-finite centroids;
+    centroids whose squared norm exceeds :data:`MAX_SQUARED_NORM` and, for a residual codebook,
+    levels whose reconstructions could (the largest centroid norm of each level so far, summed: the
+    triangle inequality's bound on every partial sum of codes); negative counts, and counts of one
+    level that sum to more than :data:`MAX_TRAINING_ROWS`; and (under cosine) centroids that are not
+    unit rows (for a residual codebook, those of level 0; product slices and later residual levels are
+    free). Messages name the level and the code.
 
     Args:
         centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
@@ -72,8 +99,8 @@ def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: 
     """
     if not np.isfinite(centroids).all():
         raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
-    if (counts < 0).any():
-        raise InvalidInputError("counts hold negative values; expected counts >= 0.")
+    _check_norms(centroids, codec)
+    _check_counts(counts)
     if codec != "flat":
         if codec == "product" or metric != "cosine":
             return
@@ -86,6 +113,98 @@ def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: 
                 f"cosine centroid norms deviate from 1 by up to {worst:.3g}; expected unit-norm rows. "
                 f"Fix: normalize the centroids, or use metric='l2'."
             )
+
+
+# Values per block of the norm scan: bounds its float64 temporaries (2 MiB).
+_SCAN_VALUES = 2**18
+_NORM_FIX = "Fix: refit the codebook on rescaled embeddings (e.g. divided by their maximum absolute value)."
+
+
+def _squared_norms(c: np.ndarray) -> np.ndarray:
+    """(n,) float64 squared norms of the rows of the (n, d) float32 ``c``, scanned in bounded blocks."""
+    out = np.empty(c.shape[0], dtype=np.float64)  # (n,)
+    step = max(1, _SCAN_VALUES // max(1, c.shape[1]))
+    for start in range(0, c.shape[0], step):
+        block = c[start : start + step].astype(np.float64)  # (step, d)
+        out[start : start + step] = np.einsum("ij,ij->i", block, block)
+    return out
+
+
+def _check_norms(centroids: np.ndarray, codec: str) -> None:
+    """Refuse centroids, and residual reconstructions, whose squared norms exceed MAX_SQUARED_NORM."""
+    flat = codec == "flat"
+    levels = centroids[None] if flat else centroids  # (levels, n_codes, sub_dim)
+    reach = 0.0  # residual: the largest norm any sum of codes of the levels so far can have
+    for level, c in enumerate(levels):
+        sq = _squared_norms(c)  # (n_codes,)
+        code = int(np.argmax(sq))
+        where = f"centroids[{code}]" if flat else f"centroids[{level}, {code}] (level {level}, code {code})"
+        if sq[code] > MAX_SQUARED_NORM:
+            raise InvalidInputError(
+                f"{where} has squared norm {sq[code]:.3e}; expected at most MAX_SQUARED_NORM={MAX_SQUARED_NORM:.1e} "
+                f"so that squared distances stay finite in float32. {_NORM_FIX}"
+            )
+        if codec != "residual":
+            continue
+        reach += math.sqrt(float(sq[code]))
+        if reach**2 > MAX_SQUARED_NORM:
+            raise InvalidInputError(
+                f"{where} lets a reconstruction of levels 0..{level} reach a squared norm of {reach**2:.3e} (the "
+                f"largest centroid norm of each level, summed, squared); expected at most "
+                f"MAX_SQUARED_NORM={MAX_SQUARED_NORM:.1e} so that the residuals' squared distances stay finite in "
+                f"float32. {_NORM_FIX}"
+            )
+
+
+def _check_counts(counts: np.ndarray) -> None:
+    """Refuse negative counts, and counts of one level that sum to more than MAX_TRAINING_ROWS."""
+    levels = counts.reshape(-1, counts.shape[-1])  # (levels, n_codes)
+    negative = levels < 0
+    if negative.any():
+        level, code = (int(i[0]) for i in np.nonzero(negative))
+        where = f"counts[{code}]" if counts.ndim < 2 else f"counts[{level}, {code}]"
+        raise InvalidInputError(
+            f"{where}={int(levels[level, code])} is negative; expected counts >= 0 (the training rows of each "
+            f"code). Fix: refit the codebook."
+        )
+    # Exact sums without int64 wrap-around: the high and low 32 bits of each count summed apart.
+    high = (levels >> 32).sum(axis=1, dtype=np.int64)  # (levels,)
+    low = (levels & 0xFFFFFFFF).sum(axis=1, dtype=np.int64)  # (levels,)
+    for level, (h, lo) in enumerate(zip(high.tolist(), low.tolist(), strict=True)):
+        total = (h << 32) + lo
+        if total > MAX_TRAINING_ROWS:
+            which = "counts" if counts.ndim < 2 else f"counts of level {level}"
+            raise InvalidInputError(
+                f"{which} sum to {total} training rows; expected at most MAX_TRAINING_ROWS={MAX_TRAINING_ROWS} "
+                f"(2**53): counts are the rows each code was trained on. Fix: refit the codebook."
+            )
+
+
+#: Fit settings that only a multi-level codebook records (a level of one, as a flat codebook, drops them).
+MULTI_LEVEL_SETTINGS = ("codec", "levels", "train_beam")
+
+
+def check_settings(settings: Any, *, metric: str, codec: str, shape: tuple[int, ...], name: str = "settings") -> None:
+    """Refuse fit settings that contradict the codebook they were recorded with: a ``codec``,
+    ``levels``, ``n_codes``, ``dim`` or ``metric`` entry that is present must equal the codebook's (an
+    absent one is fine: older files record fewer). ``name`` is how messages call the settings.
+
+    Args:
+        shape: the centroids' shape, (n_codes, dim) for 'flat', else (levels, n_codes, sub_dim).
+    """
+    if not isinstance(settings, dict):
+        return
+    levels, n_codes, dim = level_dims(codec, shape)
+    actual = {"codec": codec, "levels": levels, "n_codes": n_codes, "dim": dim, "metric": metric}
+    for key, value in actual.items():
+        found = settings.get(key, value)
+        if type(found) is type(value) and found == value:
+            continue
+        structure = ", ".join(f"{k}={v!r}" for k, v in actual.items())
+        raise InvalidInputError(
+            f"{name}.{key}={_short(found)} contradicts the codebook's {key}={value!r} ({structure}); expected the "
+            f"settings it was fitted with, which agree with its structure. Fix: refit the codebook."
+        )
 
 
 def _is_count(value: Any) -> bool:
@@ -113,6 +232,14 @@ _BOOLEAN = (lambda v: isinstance(v, bool), "a boolean")
 _STRING = (lambda v: isinstance(v, str), "a string")
 _ARRAY = (lambda v: isinstance(v, list), "an array")
 _ENTRY_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
+    # What an estimator continued from a file takes from it (VectorQuantizer.from_codebook); the
+    # entries that describe the codebook's structure must also agree with it (check_settings).
+    "fit": {
+        "n_iter": _COUNT,
+        "seed": _COUNT,
+        "n_init": _COUNT,
+        "tol": _NUMBER,
+    },
     "stats": {
         "n_rows": _COUNT,
         "rows_total": _COUNT,
@@ -124,6 +251,7 @@ _ENTRY_TYPES: dict[str, dict[str, tuple[Any, str]]] = {
         "n_repairs": _COUNT,
         "empty_codes": _COUNT,
         "inertia": _NUMBER,
+        "objective": _STRING,
         "converged": _BOOLEAN,
         "mode": _STRING,
         "restart_inertias": _ARRAY,
@@ -304,7 +432,7 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
                 f"{source}: tensor {name!r} ends at byte {offsets[1]} but only {n_after} data bytes follow the "
                 f"header; the file is truncated. {_FIX}"
             )
-        n_bytes = _ITEM_BYTES[dtype] * int(np.prod(expected_shapes[name]))
+        n_bytes = _ITEM_BYTES[dtype] * math.prod(expected_shapes[name])  # Python ints: no int64 wrap-around
         if offsets[1] - offsets[0] != n_bytes:
             raise CodebookFileError(
                 f"{source}: tensor {name!r} has data_offsets={offsets} ({offsets[1] - offsets[0]} bytes); expected "
@@ -329,6 +457,11 @@ def _codec_and_levels(meta: dict[str, str], dim: int, source: str) -> tuple[str,
     if not (levels_text.isascii() and levels_text.isdigit() and len(levels_text) <= 6 and int(levels_text) > 0):
         raise CodebookFileError(f"{source}: levels={levels_text!r}; expected a positive integer. {_FIX}")
     levels = int(levels_text)
+    if levels > MAX_LEVELS:
+        raise CodebookFileError(
+            f"{source}: levels={levels}; expected at most MAX_LEVELS={MAX_LEVELS} codes per row (each level is one "
+            f"more pass over every encoded row). The file is corrupt or hostile. {_FIX}"
+        )
     if codec == "flat" and levels != 1:
         raise CodebookFileError(f"{source}: levels={levels} with codec='flat'; expected levels=1. {_FIX}")
     if codec == "product" and dim % levels:
@@ -418,9 +551,11 @@ def _typed_entries(meta: dict[str, str], key: str, source: str) -> dict[str, Any
 def provenance_fields(meta: dict[str, str], source: str) -> dict[str, Any]:
     """The metadata of a codebook file as the keyword arguments of a Codebook (or CodebookInfo).
 
-    ``fit`` must be a JSON object whose values are only shown, so any JSON value is kept; ``stats`` and
-    ``timings`` entries that reports compute with must have their types; ``sources`` must be an array
-    of strings and ``versions`` an object of strings.
+    ``fit`` must be a JSON object whose ``n_iter``, ``seed``, ``n_init`` and ``tol`` (which an estimator
+    continued from the file takes) have their types, other entries are only shown (their agreement
+    with the file's structure is checked by :func:`check_settings`); ``stats`` and ``timings`` entries
+    that reports compute with must have their types; ``sources`` must be an array of strings and
+    ``versions`` an object of strings.
     """
     sources = json_field(meta, "sources", source, list)
     versions = json_field(meta, "versions", source, dict)
@@ -436,7 +571,7 @@ def provenance_fields(meta: dict[str, str], source: str) -> dict[str, Any]:
     return dict(
         metric=meta["metric"],
         codec=meta.get("codec", "flat"),
-        settings=json_field(meta, "fit", source, dict),
+        settings=_typed_entries(meta, "fit", source),
         stats=_typed_entries(meta, "stats", source),
         data_fingerprint=meta.get("data_fingerprint", ""),
         sources=tuple(sources),
@@ -639,13 +774,24 @@ class CodebookInfo(CodebookViews):
     timings: dict[str, Any] = field(default_factory=dict)
 
 
+def check_file_values(centroids: np.ndarray, counts: np.ndarray, fields: dict[str, Any]) -> None:
+    """:func:`check_settings` of a file's ``fit`` metadata, then :func:`check_values` of its arrays.
+
+    Args:
+        fields: :func:`provenance_fields` of the file.
+    """
+    codec, metric = fields["codec"], fields["metric"]
+    check_settings(fields["settings"], metric=metric, codec=codec, shape=tuple(centroids.shape), name="metadata fit")
+    check_values(centroids, counts, metric, codec)
+
+
 def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
     """Read and validate a codebook file as ``Codebook.load`` does, with numpy only (no torch)."""
     data, source = read_file(path)
     meta, arrays = read_codebook_bytes(data, source)
     fields = provenance_fields(meta, source)
     try:
-        check_values(arrays["centroids"], arrays["counts"], fields["metric"], fields["codec"])
+        check_file_values(arrays["centroids"], arrays["counts"], fields)
     except InvalidInputError as exc:
         raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
     return CodebookInfo(centroids=arrays["centroids"], counts=arrays["counts"], **fields)
@@ -657,7 +803,13 @@ __all__ = [
     "FORMAT_VERSION",
     "CodebookInfo",
     "CodebookViews",
+    "check_file_values",
+    "check_settings",
     "check_values",
+    "MAX_LEVELS",
+    "MULTI_LEVEL_SETTINGS",
+    "MAX_SQUARED_NORM",
+    "MAX_TRAINING_ROWS",
     "fingerprint_of",
     "level_dims",
     "is_codebook_file",

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: Above this many codes the cluster sizes are drawn as a line, not one bar per code.
 MAX_BARS = 256
+#: At most this many levels of a multi-level codebook are drawn, each a line (the first ones; the
+#: panels say how many there are): what drawing costs does not grow with a file's level count.
+MAX_PLOTTED_LEVELS = 16
+#: At most this many points per line (cluster sizes by rank, objective per iteration): longer
+#: series are drawn through evenly spread points, their first and last included.
+MAX_POINTS = 2048
 #: At most this many run labels on the drift chart's time axis.
 MAX_RUN_LABELS = 12
 #: A report summary file larger than this is not a summary (they are a few kB).
@@ -121,7 +127,8 @@ def plot_codebook(codebook: Codebook | CodebookInfo | str | os.PathLike[str], pa
     best restart's iterations; each restart's final objective from ``stats["restart_inertias"]`` is
     marked beside it), with the iterations that repaired empty codes marked. A codebook without a
     history (an older release) says so in the panel instead. The title gives the fingerprint,
-    n_codes, dim and metric.
+    n_codes, dim and metric. Only the first :data:`MAX_PLOTTED_LEVELS` levels are drawn (the panels say
+    so), each line through at most :data:`MAX_POINTS` points: see :func:`codebook_figure`.
 
     Returns:
         The resolved path written.
@@ -137,6 +144,16 @@ def plot_codebook(codebook: Codebook | CodebookInfo | str | os.PathLike[str], pa
         from vq_pipeline.io.codebook_file import load_info
 
         codebook = load_info(codebook)
+    return _save(codebook_figure(codebook), target)
+
+
+def codebook_figure(codebook: Codebook | CodebookInfo) -> Figure:
+    """The matplotlib Figure that :func:`plot_codebook` saves (Agg canvas, not shown anywhere).
+
+    What drawing it costs is bounded whatever the codebook: at most :data:`MAX_PLOTTED_LEVELS` levels
+    are drawn, each line through at most :data:`MAX_POINTS` points; the rest is a sort of each drawn
+    level's counts and sums over the counts.
+    """
     stats = codebook.stats if isinstance(codebook.stats, dict) else {}
     counts = np.asarray(codebook.counts, dtype=np.int64)  # (n_codes,) or (levels, n_codes)
     fig = _figure(figsize=(12, 4.8))
@@ -158,16 +175,30 @@ def plot_codebook(codebook: Codebook | CodebookInfo | str | os.PathLike[str], pa
         ),
         parse_math=False,
     )
-    return _save(fig, target)
+    return fig
+
+
+def _thin(n: int) -> np.ndarray:
+    """(at most MAX_POINTS,) int64: indices of evenly spread points of ``n``, the first and last included."""
+    if n <= MAX_POINTS:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, MAX_POINTS).round().astype(np.int64))
+
+
+def _shown_levels(n_levels: int) -> str:
+    """What a panel's title adds when it draws only the first MAX_PLOTTED_LEVELS levels."""
+    return f"; levels 0-{MAX_PLOTTED_LEVELS - 1} of {n_levels:,} drawn" if n_levels > MAX_PLOTTED_LEVELS else ""
 
 
 def _level_objectives(ax: Axes, stats: dict[str, Any]) -> None:
     """A multi-level codebook's objective per Lloyd iteration, one line per level (each level is its own
-    K-means: residual levels fit what the levels before them left, product levels their own slice)."""
+    K-means: residual levels fit what the levels before them left, product levels their own slice);
+    the first MAX_PLOTTED_LEVELS levels, MAX_POINTS iterations each at most."""
     from matplotlib.ticker import MaxNLocator
 
     raw = stats.get("levels")
     per_level = [level if isinstance(level, dict) else {} for level in raw] if isinstance(raw, list) else []
+    n_levels, per_level = len(per_level), per_level[:MAX_PLOTTED_LEVELS]
     ax.set_xlabel("Lloyd iteration (of each level)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("objective (sum of distances)")
@@ -184,7 +215,7 @@ def _level_objectives(ax: Axes, stats: dict[str, Any]) -> None:
         ]
         if not points:
             continue
-        xy = np.array(points, dtype=np.float64)  # (n_points, 2): iteration, objective
+        xy = np.array(points, dtype=np.float64)[_thin(len(points))]  # (n_points, 2): iteration, objective
         state = {True: "converged", False: "not converged"}.get(level.get("converged"), "convergence unknown")
         ax.plot(xy[:, 0], xy[:, 1], marker="o", markersize=3, label=f"level {i} ({state})")
         drawn += 1
@@ -203,22 +234,25 @@ def _level_objectives(ax: Axes, stats: dict[str, Any]) -> None:
         return
     if lowest > 0 and highest / lowest > 20:
         ax.set_yscale("log")
-    ax.set_title(f"objective per iteration, per level ({drawn} of {len(per_level)} levels)")
+    ax.set_title(f"objective per iteration, per level ({drawn} of {n_levels:,} levels)")
     ax.legend(loc="upper right")
 
 
 def _cluster_sizes(ax: Axes, counts: np.ndarray) -> None:
+    """The training rows per code, largest first: bars, or one line per level (the first
+    MAX_PLOTTED_LEVELS levels, through MAX_POINTS ranks at most)."""
     levels = counts.reshape(-1, counts.shape[-1])  # (levels, n_codes)
     n_codes = levels.shape[1]
     ranks = np.arange(1, n_codes + 1)  # (n_codes,)
-    for level, level_counts in enumerate(levels):
+    drawn = _thin(n_codes)  # (n_drawn,) the ranks each line goes through
+    for level, level_counts in enumerate(levels[:MAX_PLOTTED_LEVELS]):
         order = np.argsort(-level_counts, kind="stable")  # (n_codes,) largest first, ties by code
         sizes = level_counts[order]  # (n_codes,)
         label = f"level {level}" if len(levels) > 1 else "training rows"
         if len(levels) == 1 and n_codes <= MAX_BARS:
             ax.bar(ranks, sizes, width=0.85, color="tab:blue", label=label)
         else:
-            ax.step(ranks, sizes, where="mid", label=label)
+            ax.step(ranks[drawn], sizes[drawn], where="mid", label=label)
         n_empty = int((sizes == 0).sum())
         if n_empty:  # the empty codes sort last
             ax.axvspan(n_codes - n_empty + 0.5, n_codes + 0.5, color="tab:red", alpha=0.2)
@@ -236,7 +270,8 @@ def _cluster_sizes(ax: Axes, counts: np.ndarray) -> None:
     mean = levels.sum() / levels.size
     ax.axhline(mean, color="black", linestyle=":", linewidth=1, label=f"mean {mean:,.1f}")
     n_empty = int((levels == 0).sum())
-    ax.set_title(f"cluster sizes, largest first ({n_empty:,} empty code{'' if n_empty == 1 else 's'})")
+    empty = f"{n_empty:,} empty code{'' if n_empty == 1 else 's'}"
+    ax.set_title(f"cluster sizes, largest first ({empty}{_shown_levels(len(levels))})")
     ax.set_xlabel("codes, ranked by size")
     ax.set_ylabel("training rows")
     ax.set_xlim(0.5, n_codes + 0.5)
@@ -276,6 +311,7 @@ def _objective(ax: Axes, stats: dict[str, Any]) -> None:
         ax.set_title("objective per iteration")
         return
     skipped = len(history) - len(points)
+    points = [points[i] for i in _thin(len(points))]
     iterations = np.array([p[0] for p in points], dtype=np.float64)  # (n_points,)
     objective = np.array([p[1] for p in points], dtype=np.float64)  # (n_points,)
     ax.plot(iterations, objective, marker="o", markersize=3, color="tab:blue", label="objective")
@@ -289,11 +325,15 @@ def _objective(ax: Axes, stats: dict[str, Any]) -> None:
             zorder=3,
             label="empty codes repaired",
         )
-    restarts = [float(v) for v in stats.get("restart_inertias") or [] if is_number(v) and math.isfinite(v)]
+    raw_restarts = stats.get("restart_inertias")
+    restarts = (
+        [float(v) for v in raw_restarts if is_number(v) and math.isfinite(v)] if isinstance(raw_restarts, list) else []
+    )
     if len(restarts) > 1:
+        shown = [restarts[i] for i in _thin(len(restarts))]
         ax.scatter(
-            np.full(len(restarts), iterations[-1]),
-            restarts,
+            np.full(len(shown), iterations[-1]),
+            shown,
             marker="_",
             s=200,
             color="tab:orange",
@@ -545,6 +585,7 @@ def plot_drift(
 
 __all__ = [
     "check_picture_path",
+    "codebook_figure",
     "drift_series",
     "is_png_file",
     "plot_codebook",
