@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -186,7 +185,7 @@ def _named(steps: Any, subject: str, fix: str) -> Any:
 
 
 def _warn_if_error_rises(opts: FitOptions, level_mse: list[float]) -> None:
-    """Warn (log and :func:`warnings.warn`) when a residual level leaves the training rows farther
+    """Warn (a logged warning) when a residual level leaves the training rows farther
     from their reconstruction than the levels before it did: that level makes the codes worse (e.g. a
     ``train_beam`` as wide as ``n_codes``, whose level is fitted on residuals greedy encoding never sees)."""
     if opts.codec != "residual":
@@ -200,8 +199,7 @@ def _warn_if_error_rises(opts: FitOptions, level_mse: list[float]) -> None:
                 f"greedy encoding); that level makes the codes worse. Fix: fit with a smaller train_beam "
                 f"(now {opts.train_beam}; 1 fits each level on the greedy residuals), more n_codes, or fewer levels."
             )
-            log.warning("%s", message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            log.warning("%s", message)  # shown once: by the vq command, in the flow's log, or on stderr
 
 
 def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
