@@ -10,7 +10,6 @@ repeat it; a partition's task retries what a retry can fix.
 """
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -20,7 +19,7 @@ from prefect.runtime import flow_run
 from vq_flows.encode import retried_task  # noqa: I001 - flows after the library
 from vq_flows.mappers import TaskMapper
 
-from vq_pipeline import IterationStats
+from vq_pipeline.compute.lloyd import log_progress
 from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
 from vq_pipeline.jobs.run_report import fit_markdown
 from vq_pipeline.jobs.partitioned import partition_stats_file
@@ -29,34 +28,13 @@ from vq_pipeline.settings import FitSettings, TableSettings
 FIT_ARTIFACT_KEY = "vq-fit-codebook"
 
 
-def log_progress(logger: Any) -> Callable[[Any], None]:
-    """A fit ``progress`` callback that logs seeding and every iteration at INFO to the run's log."""
-
-    def log(event: Any) -> None:
-        if isinstance(event, IterationStats):
-            logger.info(
-                "iteration %d: objective %.6g, repairs %d, %d rows proven unchanged (%.2f s)",
-                event.iteration,
-                event.objective,
-                event.n_repairs,
-                event.pruned,
-                event.seconds,
-            )
-        else:
-            logger.info(
-                "seeding: %d of %d initial centroids chosen (%.1f s)", event.chosen, event.n_codes, event.seconds
-            )
-
-    return log
-
-
 # Results stay in memory (NO_CACHE): a cached result would skip writing the file.
 @task(name="fit-codebook", cache_policy=NO_CACHE)
 def fit_task(job: FitJob) -> dict[str, Any]:
     """The fit job in this process (:func:`vq_pipeline.jobs.fit_file.fit_to_file`); its summary as plain
     data (no tensors). ``job.out`` may hold ``{fingerprint}`` or ``{fp12}``, filled in once the centroids
     are known; such a file that already holds the same codebook is kept as is."""
-    logger = get_run_logger()
+    logger = get_run_logger()  # seeding, the first iteration, one every 10 s and the end at INFO; DEBUG has each
     return fit_to_file(job, progress=log_progress(logger), log=logger).to_dict()
 
 
@@ -106,7 +84,7 @@ def fit_codebook_flow(
         key=FIT_ARTIFACT_KEY,
         description=f"codebook {summary['fingerprint'][:12]}: {summary['n_codes']} codes × {summary['dim']}",
     )
-    logger.info(
+    logger.debug(  # the fit's last INFO line said how it ended; the artifact and the result name the file
         "codebook %s: %d iterations, %d repairs, %s",
         summary["fingerprint"][:12],
         summary["iterations"],

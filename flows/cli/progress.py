@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from vq_pipeline.compute.lloyd import IterationStats
     from vq_pipeline.compute.seeding import InitProgress
 
-#: Seconds between progress lines when stderr is a log file, not a terminal.
+#: Seconds between an encode run's progress lines when stderr is a log file, not a terminal (a fit's
+#: lines: :class:`vq_pipeline.compute.lloyd.ProgressLines`).
 LOG_PROGRESS_INTERVAL = 5.0
 #: Seconds between redraws of the progress bar on a terminal (redrawing every batch would flicker).
 TTY_PROGRESS_INTERVAL = 0.1
@@ -118,55 +119,43 @@ def _text_column(text_format: str) -> "ProgressColumn":
 
 
 class FitProgress:
-    """Progress of ``fit_from_tables(progress=...)``: seeding, then one line per Lloyd iteration.
-
-    Seeding (:class:`~vq_pipeline.compute.seeding.InitProgress`, every few percent of the centroids) leaves
-    one line when it ends; before that a terminal shows a bar of the centroids chosen, and a log
-    (stderr not a TTY) a line at most every ``LOG_PROGRESS_INTERVAL`` seconds of seeding. Each
-    iteration leaves a line; between them a terminal shows the time the fit has taken. With
-    ``n_init > 1`` each restart begins with its seeding events, or with iteration 1 when its init
-    reports none, and every line names the restart.
+    """Progress of ``fit_from_tables(progress=...)``: the lines of
+    :class:`vq_pipeline.compute.lloyd.ProgressLines` (what a log gets: seeding's start, at most one line
+    a second and its end; every iteration as ``iteration 3/50: objective ... (-1.2%), 0.6 s elapsed, ETA
+    ...``; the end of each Lloyd run, whose count of iterations is the summary's), prefixed with the
+    level of a multi-level fit and the restart when ``n_init > 1``. On a terminal, a bar (of the
+    centroids chosen while seeding, pulsing while iterating, with the fit's elapsed time) shows what
+    happens between the lines, and takes the place of seeding's in-between lines.
     """
 
     def __init__(
-        self, console: Console, n_init: int, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
+        self, console: Console, *, tty: bool | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.console, self.n_init, self.restart = console, n_init, 0
+        self.console = console
         self.tty = console.stderr.isatty() if tty is None else tty
         self.clock = clock
-        self.seeding = False  # between a restart's first seeding event and its first iteration
-        self.shown = 0.0  # InitProgress.seconds of the last seeding line shown
+        self.lines: Any = None  # the ProgressLines, made at the first event (the library is loaded by then)
         self.bars: Progress | None = None
         self.task: Any = None  # the bar's rich TaskID
 
     def __call__(self, event: "IterationStats | InitProgress") -> None:
-        from vq_pipeline.compute.seeding import InitProgress  # already loaded by the fit that calls this
+        # already loaded by the fit that calls this
+        from vq_pipeline.compute.lloyd import IterationProgress, ProgressLines
+        from vq_pipeline.compute.seeding import InitProgress
 
         if self.console.quiet:
             return
+        if self.lines is None:
+            seeding_interval = float("inf") if self.tty else 1.0  # a terminal's bar shows seeding as it goes
+            self.lines = ProgressLines(self.console.progress, clock=self.clock, seeding_interval=seeding_interval)
         if isinstance(event, InitProgress):
-            self._seeding(event)
-            return
-        if self.restart == 0 or (event.iteration == 1 and not self.seeding):
-            self.restart += 1  # (restart 0: a fit resumed from its checkpoint past iteration 1)
-        self.seeding = False
-        extra = f", {plural(event.n_repairs, 'empty code')} repaired" if event.n_repairs else ""
-        objective = f"objective {event.objective:.4g}{extra}"
-        skipped = f", {event.pruned:,} rows proven unchanged" if event.pruned else ""
-        self._draw(f"{self._prefix()}iteration {event.iteration} done, {objective}", done=0, total=None)
-        self.console.progress(
-            f"{self._prefix()}iteration {event.iteration}: {objective}{skipped} ({event.seconds:.2f} s)"
-        )
-
-    def _seeding(self, event: "InitProgress") -> None:
-        if not self.seeding:
-            self.seeding, self.restart, self.shown = True, self.restart + 1, 0.0
-        finished = event.chosen >= event.n_codes
-        text = f"{self._prefix()}seeding: {event.chosen:,}/{event.n_codes:,}"
-        self._draw(text, done=event.chosen, total=event.n_codes)
-        if finished or (not self.tty and event.seconds - self.shown >= LOG_PROGRESS_INTERVAL):
-            self.shown = event.seconds
-            self.console.progress(f"{text} initial centroids ({event.seconds:.1f} s)")
+            prefix = self.lines.prefix(event)
+            self._draw(f"{prefix}seeding: {event.chosen:,}/{event.n_codes:,}", done=event.chosen, total=event.n_codes)
+        elif isinstance(event, IterationProgress):
+            prefix = self.lines.prefix(event)
+            state = "done" if event.done else f"iteration {event.iteration}/{event.n_iter} done"
+            self._draw(f"{prefix}{state}, objective {event.objective:.6g}", done=0, total=None)
+        self.lines(event)
 
     def _draw(self, description: str, *, done: int, total: int | None) -> None:
         """On a terminal: one bar (pulsing while iterating), with the fit's elapsed time."""
@@ -181,9 +170,6 @@ class FitProgress:
             self.task = self.bars.add_task(safe_text(description), total=total, completed=done)
         else:
             self.bars.update(self.task, description=safe_text(description), total=total, completed=done)
-
-    def _prefix(self) -> str:
-        return f"restart {self.restart}/{self.n_init}, " if self.n_init > 1 else ""
 
 
 class EncodeProgress:

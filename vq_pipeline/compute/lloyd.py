@@ -20,20 +20,22 @@ Tensors in, tensors out: no codebook, no tables, no paths.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
+import math
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TextIO
 
 import torch
 
 from vq_pipeline.compute.data import DataSource, EStepStats
+from vq_pipeline.compute.seeding import InitProgress
 from vq_pipeline.errors import TooFewPointsError
 from vq_pipeline.validate import normalize_rows, too_few_rows_fix
-
-if TYPE_CHECKING:
-    from vq_pipeline.compute.seeding import InitProgress
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,216 @@ class IterationStats:
 #: that the same fit gives the same file whether it was pruned, resumed or slow.
 RUN_ONLY = ("seconds", "pruned")
 
+
+@dataclass(frozen=True)
+class IterationProgress(IterationStats):
+    """What a fit's ``progress`` callback receives after every E step: the :class:`IterationStats`
+    that the history keeps, and where the fit stands (for :class:`vq_pipeline.fitting.kmeans.ProgressLines`).
+
+    Every E step but the last is followed by a centroid update: it is iteration ``iteration`` of at
+    most ``n_iter``. The last E step (``done``) evaluates the returned centroids and updates nothing:
+    the run made ``iteration - 1`` updates (:attr:`n_updates`), the number the codebook's
+    ``stats['iterations']`` records. ``change`` is the objective's relative change since the E step
+    before (None for the first); ``elapsed`` the seconds since this Lloyd run started or resumed, at
+    iteration ``first``. ``level``/``n_levels`` (a multi-level fit, ``level`` counted from 0),
+    ``restart``/``n_init`` (counted from 0) and ``prune`` are filled in by the fit that runs Lloyd.
+    """
+
+    n_iter: int = 0
+    elapsed: float = 0.0
+    first: int = 1
+    change: float | None = None
+    done: bool = False
+    converged: bool = False
+    tol: float = 0.0
+    prune: bool = False
+    restart: int = 0
+    n_init: int = 1
+    level: int | None = None
+    n_levels: int = 1
+
+    @property
+    def n_updates(self) -> int:
+        """Centroid updates so far: ``iteration`` after an update, ``iteration - 1`` on the last E step."""
+        return self.iteration - 1 if self.done else self.iteration
+
+
 #: Called with an :class:`InitProgress` while the initial centroids are chosen, then with an
-#: :class:`IterationStats` after every iteration.
-ProgressCallback = Callable[["IterationStats | InitProgress"], None]
+#: :class:`IterationProgress` (an :class:`IterationStats`) after every E step.
+ProgressCallback = Callable[[IterationStats | InitProgress], None]
+
+
+def with_context(progress: ProgressCallback | None, **context: Any) -> ProgressCallback | None:
+    """``progress`` with each event's fields named in ``context`` (those it has) set: how a fit tells
+    the callback which restart or level an event belongs to. None stays None."""
+    if progress is None:
+        return None
+
+    def forward(event: Any) -> None:
+        names = {f.name for f in dataclasses.fields(event)}
+        progress(dataclasses.replace(event, **{k: v for k, v in context.items() if k in names}))
+
+    return forward
+
+
+#: Seconds between the lines a log gets while seeding, between its start and its end (at least 1).
+SEEDING_INTERVAL = 1.0
+#: Seconds between the iteration lines a log gets at INFO (:func:`log_progress`; the others go to DEBUG).
+LOG_ITERATION_INTERVAL = 10.0
+
+
+class ProgressLines:
+    """A fit's ``progress`` callback that turns its events into the lines a person reads: what ``vq fit``
+    prints when stderr is not a terminal, what the fit flows log, and what the library logs at INFO.
+
+    * Seeding: a line when it begins (the init and its rows), one at its end, and at most one every
+      ``seeding_interval`` seconds (at least 1) in between, so a seeding of ``t`` seconds gives at most
+      ``2 + t`` lines: ``seeding 64 initial centroids (k-means|| from 16,384 rows)``, ...,
+      ``seeding: 64/64 initial centroids (0.4 s)``.
+    * Iterations: ``iteration 3/50: objective 1234.5678 (-1.2%), 0.6 s elapsed, ETA at most 9.4 s``, with
+      the repaired empty codes when there are any and the rows proven unchanged when pruning is on; the
+      objective has the significant digits its change needs to show. Then the end of the Lloyd run:
+      ``converged after 12 iterations: objective ... (-0.0034%), 1.6 s`` or ``stopped after 50 iterations
+      (n_iter=50), not converged: ...``. The iterations it names are the updates the run made (what the
+      codebook's ``stats['iterations']`` adds up), and there is one iteration line for each.
+      With ``iteration_interval`` > 0, an iteration goes to ``info`` only when a second has passed since
+      the run's last line (its first iteration) or ``iteration_interval`` seconds (the others), and to
+      ``debug`` otherwise: a quick fit logs its seeding and its end, a long one a line every interval.
+    * A multi-level fit's lines begin with its level (``level 2/4, ``); a fit with restarts names them
+      (``restart 1/3, ``).
+
+    Args:
+        info: where a line goes (``print``, ``logger.info``, a console). debug: where the lines left
+            out of ``info`` go (None: nowhere).
+        clock: monotonic seconds for the intervals (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        info: Callable[[str], None],
+        *,
+        debug: Callable[[str], None] | None = None,
+        iteration_interval: float = 0.0,
+        seeding_interval: float = SEEDING_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.info, self.debug, self.clock = info, debug, clock
+        self.iteration_interval = max(0.0, float(iteration_interval))
+        self.seeding_interval = max(1.0, float(seeding_interval))
+        self.shown: dict[tuple[Any, ...], float] = {}  # (level, restart) -> clock at its last ``info`` line
+        self.seen: set[tuple[Any, ...]] = set()  # ("seeding" or "lloyd", (level, restart)) already begun
+        self.digits: dict[tuple[Any, ...], int] = {}  # (level, restart) -> significant digits of the objective
+
+    def __call__(self, event: Any) -> None:
+        if not isinstance(event, InitProgress | IterationProgress):
+            return
+        run = (event.level, event.restart)
+        kind = "seeding" if isinstance(event, InitProgress) else "lloyd"
+        first = (kind, run) not in self.seen
+        self.seen.add((kind, run))
+        if isinstance(event, InitProgress):
+            always, interval = first or event.chosen >= event.n_codes, self.seeding_interval
+        else:
+            always = event.done or not self.iteration_interval
+            # The first iteration a second after seeding ended; then one every iteration_interval.
+            interval = self.seeding_interval if first else self.iteration_interval
+        now, last = self.clock(), self.shown.get(run)
+        text = self.line(event, start=first)
+        if always or last is None or now - last >= interval:
+            self.shown[run] = now
+            self.info(text)
+        elif self.debug is not None:
+            self.debug(text)
+
+    def line(self, event: InitProgress | IterationProgress, *, start: bool = False) -> str:
+        """The line of one event (``start``: the first seeding event of its run)."""
+        if isinstance(event, InitProgress):
+            return self.prefix(event) + _seeding_line(event, start=start)
+        return self.prefix(event) + self._iteration_line(event)
+
+    @staticmethod
+    def prefix(event: InitProgress | IterationProgress) -> str:
+        """What begins the lines of ``event``: its level (``level 2/4, ``) and restart (``restart 1/3, ``)."""
+        prefix = ""
+        if event.level is not None and event.n_levels > 1:
+            prefix += f"level {event.level + 1}/{event.n_levels}, "
+        if event.n_init > 1:
+            prefix += f"restart {event.restart + 1}/{event.n_init}, "
+        return prefix
+
+    def _iteration_line(self, e: IterationProgress) -> str:
+        key = (e.level, e.restart)
+        # Never fewer digits than the line before: consecutive objectives stay told apart.
+        digits = max(self.digits.get(key, 7) if e.iteration > e.first else 7, _digits(e.change))
+        self.digits[key] = digits
+        objective = f"objective {e.objective:.{digits}g}"
+        if e.change is not None:
+            objective += " (unchanged)" if e.change == 0 else f" ({100 * e.change:+.2g}%)"
+        if e.done:
+            n = e.n_updates
+            if e.converged:
+                head = f"converged after {n:,} iteration{'' if n == 1 else 's'}"
+            else:
+                head = f"stopped after {n:,} iteration{'' if n == 1 else 's'} (n_iter={e.n_iter}), not converged"
+            return f"{head}: {objective}, {_duration(e.elapsed)}"
+        extra = f", {e.n_repairs:,} empty code{'' if e.n_repairs == 1 else 's'} repaired" if e.n_repairs else ""
+        if e.prune:
+            extra += f", {e.pruned:,} row{'' if e.pruned == 1 else 's'} proven unchanged"
+        timing = f"{_duration(e.elapsed)} elapsed"
+        if e.iteration < e.n_iter:  # the updates left at most, at this run's pace
+            per = e.elapsed / max(1, e.iteration - e.first + 1)
+            timing += f", ETA at most {_duration(per * (e.n_iter - e.iteration))}"
+        return f"iteration {e.iteration}/{e.n_iter}: {objective}{extra}, {timing}"
+
+
+def _seeding_line(e: InitProgress, *, start: bool) -> str:
+    if start and e.chosen < e.n_codes:
+        return f"seeding {e.n_codes:,} initial centroids{f' ({e.note})' if e.note else ''}"
+    note = f"{e.note}, " if e.note and e.chosen < e.n_codes else ""
+    return f"seeding: {e.chosen:,}/{e.n_codes:,} initial centroids ({note}{e.seconds:.1f} s)"
+
+
+def _digits(change: float | None) -> int:
+    """Significant digits that show a relative change ``change`` of the objective (at least 7)."""
+    if not change or not math.isfinite(change):
+        return 7
+    return int(min(17, max(7, 3 - math.floor(math.log10(abs(change))))))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else str(datetime.timedelta(seconds=round(seconds)))
+
+
+def log_progress(logger: Any, *, iteration_interval: float = LOG_ITERATION_INTERVAL) -> ProgressLines:
+    """A ``progress`` callback that logs a fit's lines (:class:`ProgressLines`) to ``logger`` (a
+    :class:`logging.Logger` or an adapter, e.g. Prefect's run logger): seeding and the end of each Lloyd
+    run at INFO, iterations at INFO at most every ``iteration_interval`` seconds (:class:`ProgressLines`),
+    every other line at DEBUG."""
+    return ProgressLines(logger.info, debug=logger.debug, iteration_interval=iteration_interval)
+
+
+def print_progress(file: TextIO | None = None) -> ProgressLines:
+    """A ``progress`` callback that prints the lines ``vq fit`` prints when stderr is not a terminal
+    (:class:`ProgressLines`, every iteration) to ``file`` (default: ``sys.stderr``)."""
+
+    def write(text: str) -> None:
+        print(text, file=file or sys.stderr, flush=True)
+
+    return ProgressLines(write)
+
+
+def also_logged(progress: ProgressCallback | None) -> ProgressCallback:
+    """``progress`` (if any) after the library's own log of the fit's lines (:func:`log_progress` on the
+    ``vq_pipeline.compute.lloyd`` logger)."""
+    lines = log_progress(log)
+    if progress is None:
+        return lines
+
+    def both(event: Any) -> None:
+        lines(event)
+        progress(event)
+
+    return both
 
 
 @dataclass(frozen=True)
@@ -186,7 +395,7 @@ def lloyd(
         init: (n_codes, dim) float32 starting centroids on the compute device.
         tol: stop when ``(previous - current) <= tol * previous`` for the objective.
         resume: a state given earlier to ``on_update``: continue from it (only ``init``'s device is used).
-        on_event: called with an :class:`IterationStats` after every E step (and its update).
+        on_event: called with an :class:`IterationProgress` after every E step (and its update).
         on_update: called after every centroid update with the state to resume from, e.g. to checkpoint it.
 
     Each E step evaluates the current centroids; an update follows while the objective still falls
@@ -238,12 +447,14 @@ def lloyd_steps(
     state = resume if resume is not None else LloydState.start(init)
     c = state.centroids.to(init.device)  # (n_codes, dim)
     scale = 0.5 if metric == "cosine" else 1.0  # |a - b|^2 = 2 (1 - cos) for unit vectors
-    t0 = time.perf_counter()
+    t0 = t_run = time.perf_counter()
+    run = dict(n_iter=n_iter, first=state.iteration, tol=tol)
     p = yield c
     objective = p.objective * scale
     while not _converged(state.prev_objective, objective, tol) and state.iteration <= n_iter:
         c, repairs = m_step(p, c, metric=metric, subject=subject)
-        stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, n_rows, on_event)
+        stats = _iteration_stats(state.iteration, objective, repairs, p, c, t0, n_rows)
+        _report(on_event, stats, state.prev_objective, t_run, run, done=False, converged=False)
         state = LloydState(
             c.to("cpu", torch.float32),
             state.iteration + 1,
@@ -257,13 +468,15 @@ def lloyd_steps(
         p = yield c
         objective = p.objective * scale
     # The last E step evaluated the returned centroids: its stats close the history, with no update.
-    stats = _iteration_stats(state.iteration, objective, 0, p, c, t0, n_rows, on_event)
+    stats = _iteration_stats(state.iteration, objective, 0, p, c, t0, n_rows)
+    converged = _converged(state.prev_objective, objective, tol)
+    _report(on_event, stats, state.prev_objective, t_run, run, done=True, converged=converged)
     return LloydResult(
         centroids=c.to("cpu", torch.float32),
         counts=p.counts.cpu(),
         inertia=objective,
-        n_iter=state.iteration - 1,
-        converged=_converged(state.prev_objective, objective, tol),
+        n_iter=state.iteration - 1,  # the one count of iterations: the updates made
+        converged=converged,
         n_repairs=state.n_repairs,
         history=[*state.history, stats],
         bound_bytes=p.bound_bytes,
@@ -274,6 +487,24 @@ def _converged(prev: float | None, objective: float, tol: float) -> bool:
     return prev is not None and prev - objective <= tol * prev
 
 
+def _report(
+    on_event: ProgressCallback | None,
+    stats: IterationStats,
+    prev: float | None,
+    t_run: float,
+    run: dict[str, Any],
+    *,
+    done: bool,
+    converged: bool,
+) -> None:
+    """Give ``on_event`` the :class:`IterationProgress` of the E step ``stats``."""
+    if on_event is None:
+        return
+    change = None if prev is None or prev == 0 else (stats.objective - prev) / prev
+    elapsed = time.perf_counter() - t_run
+    on_event(IterationProgress(**asdict(stats), elapsed=elapsed, change=change, done=done, converged=converged, **run))
+
+
 def _iteration_stats(
     it: int,
     objective: float,
@@ -282,9 +513,8 @@ def _iteration_stats(
     c: torch.Tensor,
     t0: float,
     n_rows: int,
-    on_event: ProgressCallback | None,
 ) -> IterationStats:
-    """One iteration's statistics (E step ``p`` on the centroids before update ``c``), logged and reported."""
+    """One iteration's statistics (E step ``p`` on the centroids before update ``c``)."""
     if c.device.type == "cuda":
         torch.cuda.synchronize(c.device)
     counts = p.counts.double()  # (n_codes,)
@@ -297,9 +527,6 @@ def _iteration_stats(
         seconds=time.perf_counter() - t0,
         pruned=int(p.n_pruned),
     )
-    log.info("iteration %d: objective=%.6g repairs=%d imbalance=%.3f", it, objective, repairs, stats.imbalance)
-    if on_event is not None:
-        on_event(stats)
     return stats
 
 

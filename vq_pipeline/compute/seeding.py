@@ -64,17 +64,26 @@ KMEANS_PARALLEL_OVERSAMPLING = 2.0
 @dataclass(frozen=True)
 class InitProgress:
     """Seeding progress, reported before the first iteration: ``chosen`` of ``n_codes`` initial
-    centroids picked so far (k-means++ reports every few percent, k-means|| so in its final
-    step; other inits once, when done)."""
+    centroids picked so far, ``seconds`` after seeding began. A fit reports ``chosen=0`` when a
+    seeding that takes time begins (k-means||, k-means++, progressive; ``note`` names it and its rows);
+    k-means|| then reports each round (``note``: its candidates), k-means++ every few percent, and
+    every init its end (``chosen == n_codes``). ``level``/``n_levels`` (a multi-level fit, ``level``
+    counted from 0) and ``restart``/``n_init`` (counted from 0) are filled in by the fit."""
 
     chosen: int
     n_codes: int
     seconds: float
+    note: str = ""
+    restart: int = 0
+    n_init: int = 1
+    level: int | None = None
+    n_levels: int = 1
 
 
-def report_init(progress: Callable[[Any], None] | None, chosen: int, n_codes: int, t0: float) -> None:
-    event = InitProgress(chosen=chosen, n_codes=n_codes, seconds=time.perf_counter() - t0)
-    log.info("initial centroids: %d of %d chosen (%.1f s)", chosen, n_codes, event.seconds)
+def report_init(
+    progress: Callable[[Any], None] | None, chosen: int, n_codes: int, t0: float, *, note: str = ""
+) -> None:
+    event = InitProgress(chosen=chosen, n_codes=n_codes, seconds=time.perf_counter() - t0, note=note)
     if progress is not None:
         progress(event)
 
@@ -139,6 +148,7 @@ def kmeans_plus_plus(
     device: torch.device,
     progress: Callable[[Any], None] | None = None,
     weights: torch.Tensor | None = None,
+    t0: float | None = None,
 ) -> torch.Tensor:
     """Greedy k-means++ seeding, exact, with triangle-inequality pruning (module docstring).
 
@@ -161,6 +171,7 @@ def kmeans_plus_plus(
         device: where to compute.
         progress: called with an :class:`InitProgress` about every 5% of the centroids (and at the end).
         weights: (n_rows,) non-negative row weights (k-means|| candidates), any device; None: all 1.
+        t0: the ``time.perf_counter()`` that progress times count from (default: now).
 
     Returns:
         (n_codes, dim) float32 centroids on ``device``, each a row of ``x``.
@@ -179,7 +190,7 @@ def kmeans_plus_plus(
         first = int(torch.searchsorted(run.weights.cumsum(0), target.to(device), right=True).clamp_(max=n_rows - 1))
     chosen = [first]
     run.start(first)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     report_every = max(1, n_codes // 20)
     for i in range(1, n_codes):
         if i % report_every == 0:
@@ -386,7 +397,8 @@ def kmeans_parallel(
         x: (n_rows, dim) float32 rows (unit rows under cosine), any device; finite.
         generator: CPU generator; all randomness comes from it (same generator state, same rows).
         engine: computes the nearest candidates. memory_budget: bytes of temporaries one chunk may use.
-        device: where to compute. progress: as for :func:`kmeans_plus_plus` (its final step).
+        device: where to compute. progress: after each round (``chosen=0``, ``note``: the candidates so
+            far), then as for :func:`kmeans_plus_plus` (its final step), with times from the start.
 
     Returns:
         (n_codes, dim) float32 centroids on ``device``, each a row of ``x``.
@@ -395,6 +407,7 @@ def kmeans_parallel(
         TooFewPointsError: fewer than ``n_codes`` distinct rows.
     """
     n_rows, dim = x.shape
+    t0 = time.perf_counter()
     per_round = oversampling * n_codes
     chunk = _chunk_rows(n_rows, 12 * dim + 64, memory_budget, device, 2**20)
     first = int(torch.randint(n_rows, (1,), generator=generator))
@@ -421,12 +434,13 @@ def kmeans_parallel(
             near[part] = torch.where(better, idx[:, 0] + n_picked, near[part])
         picked.append(new)
         n_picked += new.shape[0]
+        report_init(progress, 0, n_codes, t0, note=f"k-means|| round {done}: {n_picked:,} candidates")
     if rows.shape[0] < n_codes:
         raise TooFewPointsError(
             f"x has only {rows.shape[0]} distinct rows but n_codes={n_codes}; expected at least n_codes distinct "
             f"rows. {too_few_rows_fix(x, rows.shape[0])}"
         )
-    log.info("k-means||: %d candidates in %d rounds", rows.shape[0], done)
+    log.debug("k-means||: %d candidates in %d rounds", rows.shape[0], done)
     return kmeans_plus_plus(
         rows,
         n_codes,
@@ -435,6 +449,7 @@ def kmeans_parallel(
         device=device,
         progress=progress,
         weights=weights,
+        t0=t0,
     )
 
 

@@ -21,7 +21,7 @@ import torch
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, DataSource, EStepStats
 from vq_pipeline.compute.engines import Engine, get_engine
-from vq_pipeline.compute.lloyd import RUN_ONLY, FitProgress, LloydState, ProgressCallback, lloyd_steps
+from vq_pipeline.compute.lloyd import RUN_ONLY, FitProgress, LloydState, ProgressCallback, lloyd_steps, with_context
 from vq_pipeline.compute.progressive import progressive_dims
 from vq_pipeline.compute.seeding import kmeans_parallel, kmeans_plus_plus, report_init
 from vq_pipeline.fitting.options import FitOptions
@@ -59,6 +59,7 @@ def fit_steps(
         init_seconds = 0.0
         for restart in range(done.restart, opts.n_init):
             resume = done.lloyd if restart == done.restart else None
+            events = with_context(progress, restart=restart, n_init=opts.n_init, prune=opts.prune)
             save = None
             if checkpoint is not None:
 
@@ -68,7 +69,7 @@ def fit_steps(
                     )
 
             t0 = time.perf_counter()
-            c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, progress)
+            c0 = resume.centroids if resume is not None else _initial_centroids(seed_rows, opts, restart, eng, events)
             init_seconds += time.perf_counter() - t0
             if resume is None and save is not None:
                 # A checkpoint as soon as the initial centroids exist: a fit stopped before its first
@@ -82,7 +83,7 @@ def fit_steps(
                 n_iter=opts.n_iter,
                 tol=opts.tol,
                 resume=resume,
-                on_event=progress,
+                on_event=events,
                 on_update=save,
                 subject=subject,
             )
@@ -155,6 +156,7 @@ def _initial_centroids(
         pick = torch.randperm(seed_rows.shape[0], generator=generator)[:n_codes]
         c0 = seed_rows[pick.to(seed_rows.device)].to(dev).contiguous()
     elif opts.init == "progressive":
+        report_init(progress, 0, n_codes, t0, note=f"progressive from {seed_rows.shape[0]:,} rows")
         return progressive_dims(
             seed_rows,
             n_codes,
@@ -166,6 +168,7 @@ def _initial_centroids(
             progress=progress,
         )
     else:
+        report_init(progress, 0, n_codes, t0, note=f"{opts.init} from {seed_rows.shape[0]:,} rows")
         seeding = kmeans_parallel if opts.init == "k-means||" else kmeans_plus_plus
         return seeding(
             seed_rows,

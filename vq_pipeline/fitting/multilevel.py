@@ -32,7 +32,7 @@ import torch
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.data import DataSource, e_steps
 from vq_pipeline.compute.levels import RowMap, decode, encode_levels, reconstruction_error
-from vq_pipeline.compute.lloyd import ProgressCallback, run_steps
+from vq_pipeline.compute.lloyd import ProgressCallback, run_steps, with_context
 from vq_pipeline.errors import TooFewPointsError
 from vq_pipeline.fitting.flat import fit_steps
 from vq_pipeline.fitting.options import FitOptions
@@ -88,7 +88,7 @@ def fit_levels(
                     src,
                     level_opts,
                     data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
-                    progress=progress,
+                    progress=with_context(progress, level=level, n_levels=n_levels),
                     checkpoint=store.view(level) if store else None,
                     subject=subject,
                 ),
@@ -104,7 +104,7 @@ def fit_levels(
                     continue
                 prefix = torch.stack([b.centroids for b in books[:level]]) if level else None
                 src = source if prefix is None else source.mapped(_residual_map(prefix, opts))
-                log.info("fitting residual level %d of %d", level + 1, n_levels)
+                log.debug("level %d/%d: fitting the residual level", level + 1, n_levels)
                 books[level] = run_steps(steps(level, src, _tensor_hash(prefix)), src.e_step)
                 if store:
                     store.finish(level, books[level])

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vq_pipeline.compute.lloyd import IterationStats
-from vq_pipeline.compute.seeding import InitProgress
+from vq_pipeline.compute.lloyd import print_progress
 from vq_pipeline.io.table_writer import write_embeddings
 from vq_pipeline.jobs.encode_folder import encode_tables
 from vq_pipeline.jobs.fit_tables import fit_from_tables
@@ -31,13 +30,6 @@ def generate_embeddings(n_rows: int, dim: int, n_topics: int, *, seed: int) -> n
     x = topics[rng.integers(n_topics, size=n_rows)] + 0.35 * rng.standard_normal((n_rows, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32)
-
-
-def _print_progress(event: InitProgress | IterationStats) -> None:
-    if isinstance(event, IterationStats):
-        print(f"  iteration {event.iteration}: objective {event.objective:.4f}", file=sys.stderr)
-    else:
-        print(f"  seeding: {event.chosen}/{event.n_codes} initial centroids ({event.seconds:.1f} s)", file=sys.stderr)
 
 
 def main(
@@ -55,7 +47,7 @@ def main(
         n_codes,
         TableSettings(column="embedding"),
         FitSettings(metric="cosine", seed=0),
-        progress=_print_progress,
+        progress=print_progress(),
     )
     codebook_path = codebook.save(out / "codebook.safetensors")
     result = encode_tables(
