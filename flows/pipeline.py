@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from vq_flows.artifacts import scoped_key
@@ -27,12 +27,14 @@ from vq_flows.encode import encode_embeddings_flow, retried_task
 from vq_flows.fit import fit_codebook_flow
 
 from vq_pipeline.jobs.fit_file import FitJob
-from vq_pipeline.jobs.run_report import report_markdown
+from vq_pipeline.jobs.run_report import drift_history, report_markdown
 from vq_pipeline.jobs.scheduled import EncodeJob, PipelineSteps, check_run, run_once
 from vq_pipeline.settings import PipelineSettings
 
 #: Prefix of the report artifact's key; :func:`report_artifact_key` appends a hash of the work_dir.
 REPORT_ARTIFACT_KEY = "vq-pipeline-report"
+#: Prefix of the drift history's table artifact key (:func:`drift_artifact_key`).
+DRIFT_ARTIFACT_KEY = "vq-pipeline-drift"
 #: The steps that read or write files get retries of what a retry can fix; the others none.
 RETRIED_STEPS = ("read-current-codebook", "write-report")
 
@@ -41,6 +43,12 @@ def report_artifact_key(work_dir: str | Path) -> str:
     """The report artifact's key for ``work_dir``: ``vq-pipeline-report-`` + 10 hex digits of the
     sha256 of the absolute work_dir (:func:`vq_flows.artifacts.scoped_key`)."""
     return scoped_key(REPORT_ARTIFACT_KEY, work_dir)
+
+
+def drift_artifact_key(work_dir: str | Path) -> str:
+    """The drift history's table artifact key for ``work_dir``: ``vq-pipeline-drift-`` + 10 hex digits of
+    the sha256 of the absolute work_dir (:func:`vq_flows.artifacts.scoped_key`)."""
+    return scoped_key(DRIFT_ARTIFACT_KEY, work_dir)
 
 
 class FlowSteps(PipelineSteps):
@@ -111,6 +119,11 @@ def vq_pipeline_flow(
         key=summary["artifact_key"],
         description=f"vq-pipeline: {summary['action']}, {summary['work_dir']}",
     )
+    create_table_artifact(  # the drift chart's numbers, one row per run (the PNG stays beside the reports)
+        table=drift_history(summary["report"], summary),
+        key=drift_artifact_key(summary["work_dir"]),
+        description=f"vq-pipeline drift per run, {summary['work_dir']}",
+    )
     summary["seconds"] = time.perf_counter() - t0
     logger.info(
         "codebook %s (%s); encoded %s files; report %s",
@@ -122,4 +135,12 @@ def vq_pipeline_flow(
     return summary
 
 
-__all__ = ["REPORT_ARTIFACT_KEY", "FlowSteps", "check_flow_parameters", "report_artifact_key", "vq_pipeline_flow"]
+__all__ = [
+    "DRIFT_ARTIFACT_KEY",
+    "REPORT_ARTIFACT_KEY",
+    "FlowSteps",
+    "check_flow_parameters",
+    "drift_artifact_key",
+    "report_artifact_key",
+    "vq_pipeline_flow",
+]

@@ -27,7 +27,7 @@ import torch
 from conftest import write_parts
 from vq_flows.deploy import parse_args  # noqa: I001 - flows after the library
 from vq_flows.encode import retry_transient
-from vq_flows.pipeline import report_artifact_key, vq_pipeline_flow
+from vq_flows.pipeline import drift_artifact_key, report_artifact_key, vq_pipeline_flow
 
 from vq_pipeline.errors import PipelineStateError
 from vq_pipeline.jobs.workdir import CODES_LINK, CURRENT_NAME, codes_dir, refit_checks, refit_reason, usage_min_rows
@@ -137,12 +137,12 @@ def test_usage_rule_refits_on_a_topic_shift_that_distortion_misses(prefect_api, 
 
     report = report_of(third)
     rules_section = report.split("## Refit rules")[1].split("##")[0]
-    assert "| distortion | distortion ratio > 1.25 (1 + drift_threshold) |" in rules_section
+    assert "- distortion: distortion ratio > 1.25 (1 + drift_threshold)" in rules_section
     assert (
-        f"| code usage | code-usage JS divergence above its finite-sample bias > {DEFAULT_USAGE_THRESHOLD:g} bits"
+        f"- code usage: code-usage JS divergence above its finite-sample bias > {DEFAULT_USAGE_THRESHOLD:g} bits"
         in rules_section
     )
-    assert "| **fired** |" in rules_section and "Fired: code usage." in rules_section
+    assert "| code usage | **fired** |" in rules_section and "Fired: code usage." in rules_section
     # The refitted codebook's column is its baseline (it was fitted on these rows), not drift.
     assert third["drift_after_refit"]["baseline"] and third["drift_after_refit"][
         "baseline_rows"
@@ -195,7 +195,7 @@ def test_refit_checks_usage_rule() -> None:
     # Too few rows for the bias estimate (fewer than max(100, 5 * n_codes)): not evaluated, whatever the divergence.
     assert usage_min_rows(64) == 320 and usage_min_rows(8) == 100
     (usage,) = [c for c in refit_checks(drift={**drift, "rows": 319}, **base) if c["rule"] == "usage"]
-    assert usage["status"] == "not evaluated" and not usage["fired"] and "319 new rows < 320" in usage["value"]
+    assert usage["status"] == "not evaluated" and not usage["fired"] and usage["value"] == "319 rows pending < 320"
     # Off.
     assert refit_reason(drift=drift, **{**base, "usage_threshold": None}) is None
     # Both drift rules fire together, and both are named.
@@ -285,6 +285,33 @@ def test_report_artifacts_are_keyed_per_work_dir(prefect_api, tmp_path: Path) ->
     assert all(f"work_dir: `{work_a}`" in a.data and str(work_b) not in a.data for a in history_a)
     assert f"work_dir: `{work_b}`" in history_b[0].data and str(work_a) not in history_b[0].data
     assert {str(a.flow_run_id) for a in history_a} == {runs[0]["flow_run_id"], runs[2]["flow_run_id"]}
+
+
+@pytest.mark.slow
+def test_drift_history_is_a_table_artifact(prefect_api, tmp_path: Path) -> None:
+    root, work, other = tmp_path / "in", tmp_path / "work", tmp_path / "other"
+    make_parts(root)
+    first = vq_pipeline_flow(**params(root, work))
+    write_embeddings(
+        root / "date=2026-11-04/source=a/part-0.parquet",
+        np.arange(60) + 400_000,
+        generate_embeddings(60, DIM, N_TOPICS, seed=7),
+    )
+    second = vq_pipeline_flow(**params(root, work))
+    vq_pipeline_flow(**params(root, other))  # another work_dir: another history
+    key = drift_artifact_key(work)
+    assert re.fullmatch(r"vq-pipeline-drift-[0-9a-f]{10}", key) and key != drift_artifact_key(other)
+    history = sorted(read_artifacts(key=key), key=lambda a: a.created)
+    assert [a.type for a in history] == ["table", "table"]
+    assert [str(a.flow_run_id) for a in history] == [first["flow_run_id"], second["flow_run_id"]]
+    latest = history[-1].data
+    table = json.loads(latest) if isinstance(latest, str) else latest
+    assert [row["action"] for row in table] == ["fit", "none"]
+    assert [row["new rows"] for row in table] == ["baseline", "60"]
+    assert table[1]["distortion"] == f"{second['drift']['distortion_ratio']:.3f}"
+    # 60 new rows are too few for the usage rule (100 at 8 codes): pending, not judged.
+    assert table[1]["usage excess"] == "—" and table[1]["pending"] == "60" and table[1]["fired"] == "—"
+    assert "Code usage: 60 rows pending (from 1 run, since" in report_of(second)
 
 
 # ----------------------------------------------------------------------------- 4. codes/current
@@ -396,7 +423,7 @@ def test_a_current_json_pointing_at_a_missing_codebook_fails_at_once(prefect_api
     assert isinstance(error, PipelineStateError) and "codebook='codebooks/0123456789ab.safetensors'" in str(error)
     assert "Fix:" in str(error)
     # Task runs reach the API through an events worker, a moment after the flow returns: poll for them.
-    deadline, reads = time.monotonic() + 60, []
+    deadline, reads = time.monotonic() + 600, []
     while time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
             task_runs = client.read_task_runs(

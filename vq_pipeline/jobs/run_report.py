@@ -13,6 +13,7 @@ from typing import Any
 
 from vq_pipeline.errors import ConfigurationError, InvalidInputError
 from vq_pipeline.io.fileio import atomic_write_bytes, canonical_json
+from vq_pipeline.jobs.display import safe_text
 
 #: The drift-over-time chart every run redraws beside the reports (when matplotlib is installed).
 DRIFT_CHART_NAME = "drift.png"
@@ -44,6 +45,55 @@ def draw_drift_chart(report: str | Path, summary: dict[str, Any]) -> str | None:
         return None
 
 
+#: The drift history's table artifact shows at most this many runs, the latest.
+MAX_HISTORY_RUNS = 200
+
+
+def drift_history(
+    report: str | Path, summary: dict[str, Any], *, limit: int = MAX_HISTORY_RUNS
+) -> list[dict[str, Any]]:
+    """The drift over time as table rows, one per run in time order (the runs before ``report``, read
+    from the ``.json`` summaries beside it, then this run's ``summary``; a file there that is not a run
+    summary is left out): ``run`` (start, UTC), ``action``, ``new rows``, ``distortion`` (ratio),
+    ``usage excess`` (bits above the bias, on the rows the usage rule judged), ``pending`` (rows the usage
+    rule waits on after the run), ``fired`` and ``churn`` (share of rows whose code changed at a refit).
+    The latest ``limit`` runs; what :func:`draw_drift_chart` draws, as numbers."""
+    from vq_pipeline.jobs.plots import read_report_summaries
+
+    folder = Path(report).parent
+    summaries = []
+    for path in sorted(p for p in folder.glob("*.json") if p != Path(report).with_suffix(".json")):
+        try:
+            summaries += read_report_summaries([path])[0]
+        except InvalidInputError:
+            continue
+    rows = [_history_row(s) for s in [*summaries, summary]]
+    return sorted(rows, key=lambda r: r["run"])[-limit:]
+
+
+def _history_row(s: dict[str, Any]) -> dict[str, Any]:
+    d = s.get("drift") if isinstance(s.get("drift"), dict) else {}
+    pool = d.get("usage_pool") if isinstance(d.get("usage_pool"), dict) else {}
+    usage = next((c for c in s.get("refit_rules") or [] if isinstance(c, dict) and c.get("rule") == "usage"), {})
+    excess = pool.get("usage_divergence_excess") if usage.get("status") in ("fired", "not fired") else None
+    if excess is None and usage.get("status") in ("fired", "not fired"):
+        excess = d.get("usage_divergence_excess")
+    pending = s.get("usage_pending") if isinstance(s.get("usage_pending"), dict) else {}
+    alignment = s.get("alignment") if isinstance(s.get("alignment"), dict) else {}
+    churn = alignment.get("churn")
+    fired = s.get("fired") if isinstance(s.get("fired"), list) else []
+    return {
+        "run": safe_text(str(s.get("started_at", "?")))[:19].replace("T", " "),
+        "action": safe_text(str(s.get("action", "?"))),
+        "new rows": "baseline" if d.get("baseline") else _fmt(d.get("rows")),
+        "distortion": _fmt(d.get("distortion_ratio"), ".3f"),
+        "usage excess": _fmt(excess, ".3f"),
+        "pending": _fmt(pending.get("rows")),
+        "fired": ", ".join(safe_text(str(f)) for f in fired) or "—",
+        "churn": _share(churn) if isinstance(churn, float | int) else "—",
+    }
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "—"
@@ -67,9 +117,9 @@ def _drift_lines(s: dict[str, Any]) -> list[str]:
                 f"not drift. Drift is measured on the rows that later runs encode."
             ),
         ]
-    columns = [("against the codebook current at the start", d)]
+    columns = [("current codebook", d)]
     if s.get("drift_after_refit"):
-        columns.append(("against the refitted codebook", s["drift_after_refit"]))
+        columns.append(("refitted codebook", s["drift_after_refit"]))
     lines = ["## Drift of the newly encoded rows", ""]
     lines += ["| | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---|" * len(columns)]
     measured = {"distortion_ratio", "usage_divergence", "usage_divergence_expected", "usage_divergence_excess"}
@@ -92,9 +142,77 @@ def _drift_lines(s: dict[str, Any]) -> list[str]:
                 cells.append(_fmt(c.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _level_lines(columns)
+    lines += ["", "Measured against the codebook current at the start of the run."]
     if any(c.get("baseline") for _, c in columns):
-        lines += ["", "Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
-    return lines
+        lines += ["Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
+    return [*lines, *_pending_lines(s), *_shift_lines(d), *_partition_lines(d)]
+
+
+def _pending_lines(s: dict[str, Any]) -> list[str]:
+    """What the code-usage rule pooled, judged or left pending
+    (:func:`vq_pipeline.jobs.workdir.next_usage_pending`)."""
+    p = s.get("usage_pending")
+    usage = next((c for c in s.get("refit_rules") or [] if c["rule"] == "usage"), None)
+    if not p or usage is None or usage["status"] == "off":
+        return []
+    pool = s["drift"].get("usage_pool") or {}
+    if p["judged"]:
+        pooled = pool.get("pending_rows") or 0
+        where = f" ({pooled} of them pending from earlier runs, over {pool.get('runs')} runs)" if pooled else ""
+        text = f"Code usage: judged on {pool.get('rows')} rows{where}; the count starts again."
+    elif p["rows"]:
+        text = (
+            f"Code usage: {p['rows']} rows pending (from {p['runs']} run{'s' if p['runs'] != 1 else ''}, since "
+            f"{p['since']}); the rule is judged once {p['needed']} rows have come."
+        )
+    else:
+        return []
+    return ["", text]
+
+
+def _cell(value: Any, width: int = 24) -> str:
+    """``value`` as one markdown table cell: escaped, ``|`` quoted, cut to ``width`` characters."""
+    text = safe_text(str(value)).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _shift_lines(d: dict[str, Any]) -> list[str]:
+    """The codes whose share grew or shrank the most (:func:`vq_pipeline.jobs.drift.code_shifts`)."""
+    shifts = d.get("code_shifts") or {}
+    if not shifts.get("gains") and not shifts.get("losses"):
+        return []
+    ids = any("ids" in e for e in [*shifts.get("gains", []), *shifts.get("losses", [])])
+    multi = any("level" in e for e in [*shifts.get("gains", []), *shifts.get("losses", [])])
+    head = "| code | new share | training | change |" + (" example ids |" if ids else "")
+    lines = ["", "## Codes that gained or lost share", "", head, "|---|---|---|---|" + ("---|" if ids else "")]
+    for e in [*shifts.get("gains", []), *shifts.get("losses", [])]:
+        code = f"{e['level']}:{e['code']}" if multi else str(e["code"])
+        row = f"| {code} | {_share(e['share'])} | {_share(e['train_share'])} | {100 * e['change']:+.2f} pp |"
+        if ids:
+            row += " " + (", ".join(_cell(i, 12) for i in e.get("ids") or []) or "—") + " |"
+        lines.append(row)
+    what = "level:code; shares within the level" if multi else "shares of the new rows and of the training rows"
+    return [*lines, "", f"Gains first, then losses ({what}; pp: percentage points)."]
+
+
+def _partition_lines(d: dict[str, Any]) -> list[str]:
+    """The drift of each input partition (:func:`vq_pipeline.jobs.drift.partition_drift`)."""
+    parts = d.get("partitions") or []
+    if not parts:
+        return []
+    lines = ["", "## Drift per partition", "", "| partition | rows | distortion | usage excess |", "|---|---|---|---|"]
+    for g in parts:
+        excess = g.get("usage_divergence_excess")
+        lines.append(
+            f"| {_cell(g['partition'] or '(none)', 40)} | {g['rows']} | {_fmt(g.get('distortion_ratio'), '.3f')} "
+            f"| {_fmt(excess, '.3f')} |"
+        )
+    return [
+        *lines,
+        "",
+        "distortion: mean distance over the training mean; usage excess: the partition's code-usage divergence "
+        "above its finite-sample bias (bits; few rows make it noisy).",
+    ]
 
 
 def _level_lines(columns: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -149,10 +267,12 @@ def _alignment_lines(a: dict[str, Any] | None) -> list[str]:
 
 
 def _rule_lines(s: dict[str, Any]) -> list[str]:
-    lines = ["## Refit rules", "", "| rule | refits when | this run | result |", "|---|---|---|---|"]
+    lines = ["## Refit rules", "", "| rule | result | this run |", "|---|---|---|"]
     for c in s["refit_rules"]:
         result = "**fired**" if c["fired"] else c["status"]
-        lines.append(f"| {_RULE_NAMES[c['rule']]} | {c['when']} | {c['value']} | {result} |")
+        lines.append(f"| {_RULE_NAMES[c['rule']]} | {result} | {c['value']} |")
+    lines += ["", "Each rule refits when:", ""]
+    lines += [f"- {_RULE_NAMES[c['rule']]}: {c['when']}" for c in s["refit_rules"]]
     fired = [_RULE_NAMES[c["rule"]] for c in s["refit_rules"] if c["fired"]]
     if s["drift"].get("baseline"):
         verdict = f"No rule was evaluated: this run fitted the codebook ({s['drift']['note']})."
@@ -161,6 +281,14 @@ def _rule_lines(s: dict[str, Any]) -> list[str]:
     else:
         verdict = "No rule fired."
     return [*lines, "", verdict]
+
+
+def _in_work_dir(path: str, work_dir: str) -> str:
+    """``path`` relative to ``work_dir`` when it lies inside (a table cell stays short), else as it is."""
+    try:
+        return Path(path).relative_to(work_dir).as_posix()
+    except ValueError:
+        return path
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
@@ -178,9 +306,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
     lines += ["## Encoding", "", "| codebook | folder | encoded | skipped | rows encoded |", "|---|---|---|---|---|"]
     for e in s["encode"]:
         lines.append(
-            f"| `{e['codebook_fingerprint'][:12]}` | `{e['out_dir']}` | {len(e['encoded'])} | {len(e['skipped'])} "
-            f"| {e['rows_encoded']} |"
+            f"| `{e['codebook_fingerprint'][:12]}` | `{_in_work_dir(e['out_dir'], s['work_dir'])}` "
+            f"| {len(e['encoded'])} | {len(e['skipped'])} | {e['rows_encoded']} |"
         )
+    lines += ["", "Folders are relative to the work_dir."]
     lines += ["", *_drift_lines(s), *_alignment_lines(s.get("alignment")), "", *_rule_lines(s)]
     lines += [
         "",

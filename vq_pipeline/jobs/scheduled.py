@@ -29,7 +29,7 @@ from vq_pipeline.errors import InvalidInputError
 from vq_pipeline.io.paths import check_output_folder, is_local, resolved
 from vq_pipeline.io.table_writer import code_dtype
 from vq_pipeline.jobs import workdir
-from vq_pipeline.jobs.drift import drift_report
+from vq_pipeline.jobs.drift import drift_report, example_ids, partition_drift, pooled_counts
 from vq_pipeline.jobs.encode_folder import encode_tables
 from vq_pipeline.jobs.encode_state import folder_records, state_dir
 from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
@@ -159,12 +159,73 @@ def check_run(input_root: str | Path, work_dir: str | Path, settings: PipelineSe
     action, _ = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=s.levels)
     if action == "none":
         check_codes_folder(workdir.codes_dir(Path(work_dir).absolute(), current["fingerprint"]), settings)
+        read_usage_pending(str(Path(work_dir).absolute()), current)
 
 
-def drift_of(codebook: str, receipts: dict[str, dict[str, Any]], baseline: bool) -> dict[str, Any]:
+def drift_of(
+    codebook: str,
+    receipts: dict[str, dict[str, Any]],
+    baseline: bool,
+    out_dir: str | None = None,
+    id_column: str | None = None,
+    pending: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Distortion and code usage of newly encoded rows against the codebook's training baseline
-    (``baseline``: the rows are the codebook's own training rows, so nothing is measured)."""
-    return drift_report(Codebook.load(codebook), [receipts[k] for k in sorted(receipts)], baseline=baseline)
+    (``baseline``: the rows are the codebook's own training rows, so nothing is measured), with the
+    usage pooled with the counts ``pending`` from earlier runs (``usage_pool``), the drift per input
+    partition (``partitions``: :func:`vq_pipeline.jobs.drift.partition_drift`) and, when the codes in
+    ``out_dir`` have an ``id_column``, a few ids of new rows per code that gained or lost share
+    (``code_shifts``' ``ids``: :func:`vq_pipeline.jobs.drift.example_ids`)."""
+    cb = Codebook.load(codebook)
+    records = [receipts[k] for k in sorted(receipts)]
+    report = drift_report(cb, records, baseline=baseline, pending=pending)
+    if baseline:
+        return report
+    report["partitions"] = partition_drift(cb, records)
+    if out_dir is not None and id_column and report["rows"]:
+        report["code_shifts"] = example_ids(out_dir, records, report["code_shifts"], id_column=id_column)
+    return report
+
+
+def usage_pending_of(
+    work_dir: str,
+    current: dict[str, Any],
+    receipts: dict[str, dict[str, Any]],
+    pending: dict[str, Any] | None,
+    checks: list[dict[str, Any]],
+    baseline: bool,
+    now: str,
+) -> dict[str, Any]:
+    """Keep, replace or clear the work_dir's pending code counts once the rules ran on this run's new
+    rows (``receipts``) pooled with ``pending`` (:func:`vq_pipeline.jobs.workdir.next_usage_pending`).
+
+    Returns:
+        What the report says of them: ``rows`` pending after this run (0: none), ``needed``
+        (:func:`vq_pipeline.jobs.workdir.usage_min_rows`), ``runs`` they came from, ``since`` (when the
+        pool began) and ``judged`` (the usage rule judged the pool this run).
+    """
+    cb = Codebook.load(current["path"])
+    pool = pooled_counts(cb, [receipts[k] for k in sorted(receipts)], pending)
+    after = workdir.next_usage_pending(pending, pool, checks, baseline=baseline)
+    since = (pending or {}).get("since") or now
+    if after is None:
+        workdir.clear_usage_pending(work_dir)
+    elif after is not pending:
+        workdir.write_usage_pending(work_dir, current["fingerprint"], after, since)
+    usage = next((c for c in checks if c["rule"] == "usage"), {})
+    return {
+        "rows": after["rows"] if after else 0,
+        "needed": workdir.usage_min_rows(cb.n_codes),
+        "runs": after["runs"] if after else 0,
+        "since": since if after else None,
+        "judged": usage.get("status") in ("fired", "not fired"),
+    }
+
+
+def read_usage_pending(work_dir: str, current: dict[str, Any]) -> dict[str, Any] | None:
+    """The pending code counts of the current codebook (:func:`vq_pipeline.jobs.workdir.read_usage_pending`)."""
+    cb = Codebook.load(current["path"])
+    return workdir.read_usage_pending(work_dir, current["fingerprint"], levels=cb.levels, n_codes=cb.n_codes)
 
 
 def align_fit(
@@ -201,11 +262,12 @@ class _Run:
     drift_before: dict[str, Any] | None = None
     drift_after: dict[str, Any] | None = None
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    usage_pending: dict[str, Any] | None = None
 
     def summary(self, current: dict[str, Any], action: str, reason: str | None) -> dict[str, Any]:
         """The run's summary as plain data (the report's JSON and the flow's result, less ``drift_chart``):
         the current codebook and its codes (the last encode run's), what the run did and why, the
-        drift, the refit rules and the replaced codebook."""
+        drift, the refit rules, the code-usage rows pending and the replaced codebook."""
         previous = self.previous
         return {
             "started_at": self.now,
@@ -224,6 +286,7 @@ class _Run:
             "encode": [encode_brief(e) for e in self.encoded],
             "drift": self.drift_before,
             "drift_after_refit": self.drift_after,
+            "usage_pending": self.usage_pending,
             "alignment": self.alignment,
             "refit_rules": self.checks,
             "fired": [c["rule"] for c in self.checks if c["fired"]],
@@ -257,8 +320,20 @@ class _Run:
             "set-current-codebook", workdir.set_current, str(self.work), path, fingerprint, reason, self.now, since
         )
 
-    def drift(self, current: dict[str, Any], encoded: dict[str, Any], *, baseline: bool) -> dict[str, Any]:
-        return self.steps.step("drift-report", drift_of, current["path"], encoded["new_receipts"], baseline)
+    def drift(
+        self, current: dict[str, Any], encoded: dict[str, Any], *, baseline: bool, pending: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        receipts, out_dir = encoded["new_receipts"], encoded["out_dir"]
+        args = (current["path"], receipts, baseline, out_dir, self.settings.id_column, pending)
+        return self.steps.step("drift-report", drift_of, *args)
+
+    def pending_usage(self, current: dict[str, Any], *, baseline: bool) -> dict[str, Any] | None:
+        """The current codebook's pending code counts (none after a fit: its rows are a baseline)."""
+        return None if baseline else self.steps.step("read-usage-pending", read_usage_pending, str(self.work), current)
+
+    def update_pending(self, current: dict[str, Any], pending: dict[str, Any] | None, *, baseline: bool) -> None:
+        args = (str(self.work), current, self.encoded[0]["new_receipts"], pending, self.checks, baseline, self.now)
+        self.usage_pending = self.steps.step("usage-pending", usage_pending_of, *args)
 
     def align(self, fit: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
         skipped = alignment_unavailable(fit, reference)
@@ -293,7 +368,10 @@ def run_once(
         brief per encode run), ``drift`` (and ``drift_after_refit``; ``baseline`` true when the rows are
         the codebook's own training rows), ``refit_rules``, ``fired``, ``previous_codebook`` after a refit,
         ``alignment`` when a codebook replaced another (how its codes were renumbered, and the churn),
-        ``drift_chart``, ``params`` and ``flow_run_id`` (``steps.run_id``).
+        ``usage_pending`` (the code-usage rows the usage rule still waits for: :func:`usage_pending_of`),
+        ``drift_chart``, ``params`` and ``flow_run_id`` (``steps.run_id``). ``drift`` also names the
+        codes that gained or lost share, the drift per input partition and the pooled code usage
+        (:func:`drift_of`).
     """
     work, root = Path(work_dir).absolute(), Path(input_root).absolute()
     check_paths(input_root, work_dir)  # refused before any work (with the state: check_run)
@@ -322,8 +400,11 @@ def _run_locked(run: _Run) -> dict[str, Any]:
         current = run.read_current()
     run.encoded.append(run.encode(current))
     # The codebook this run fitted was fitted on the rows it just encoded: a baseline, not drift.
-    run.drift_before = run.drift(current, run.encoded[0], baseline=action == "fit")
+    pending = run.pending_usage(current, baseline=action == "fit")
+    run.drift_before = run.drift(current, run.encoded[0], baseline=action == "fit", pending=pending)
     run.checks = current_checks(current, now=run.started, drift=run.drift_before, **s.rules())
+    # Code-usage counts too few to judge wait for the next runs' (reset after a judgement or a new codebook).
+    run.update_pending(current, pending, baseline=action == "fit")
     if action == "none" and (reason := fired_reason(run.checks)):
         run.logger.info("refitting: %s", reason)
         fit = run.fit(current["path"])
@@ -331,6 +412,8 @@ def _run_locked(run: _Run) -> dict[str, Any]:
         action, pointer = refit_decision(current, with_alignment(fit, run.alignment), reason)
         run.set_current(pointer["path"], pointer["fingerprint"], pointer["reason"], pointer.get("since"))
         if action == "refit":
+            run.steps.step("clear-usage-pending", workdir.clear_usage_pending, str(run.work))
+            run.usage_pending = {**(run.usage_pending or {}), "rows": 0, "runs": 0, "since": None}
             run.previous, current = current, run.read_current()
             run.encoded.append(run.encode(current))
             # The refit was fitted on every row, these included: its baseline.
@@ -348,5 +431,7 @@ __all__ = [
     "check_settings",
     "drift_of",
     "read_current",
+    "read_usage_pending",
     "run_once",
+    "usage_pending_of",
 ]

@@ -5,6 +5,8 @@ Layout under ``work_dir``::
 
     codebooks/<fingerprint[:12]>.safetensors   every codebook fitted (content-addressed)
     codebooks/current.json                     which one is current (written atomically)
+    codebooks/usage-pending.json               code counts of new rows not yet judged by the usage
+                                               rule (:func:`read_usage_pending`; written atomically)
     codes/<fingerprint[:12]>/                  that codebook's codes: one parquet per input file (a
                                                plain parquet dataset; its bookkeeping, manifest
                                                included, lies beside it)
@@ -18,6 +20,11 @@ Refit rules (:func:`refit_checks`): the schedule is due, the distortion ratio ex
 ``usage_threshold`` bits. A run that fitted the codebook encodes the rows it was fitted on: the
 report calls them the baseline, and no refit rule is evaluated on them.
 
+Code-usage counts accumulate across runs: a run that brings fewer than :func:`usage_min_rows` new rows
+leaves its counts in ``codebooks/usage-pending.json``, and the next runs add theirs until the pool is
+large enough to judge. The pool starts again once the rule has judged it, and whenever the current
+codebook changes (:func:`next_usage_pending`).
+
 Stable code numbers (:func:`align_refit`): a codebook that replaces another (a refit, or a fit
 after ``n_codes`` changed) has its codes renumbered to agree with the one it replaces, on a seeded
 sample of at most :data:`ALIGN_SAMPLE_ROWS` of the rows it was fitted on, before it becomes current;
@@ -25,7 +32,8 @@ the report shows the share of rows that kept their code and the churn.
 
 Nothing found in ``work_dir`` is trusted: :func:`read_current` refuses a pointer that is not one this
 package wrote (a symlink, not JSON, a key missing or of the wrong type, a path that resolves outside
-``work_dir``) with a :class:`PipelineStateError` that names the file, what is wrong and the fix; the
+``work_dir``) with a :class:`PipelineStateError` that names the file, what is wrong and the fix (so does
+:func:`read_usage_pending` a pending-counts file that is not one it wrote); the
 ``codes/current`` link is replaced, never followed, and only inside ``work_dir``; the lock is opened
 without following symlinks (:func:`vq_pipeline.io.paths.folder_lock`).
 """
@@ -63,6 +71,9 @@ from vq_pipeline.jobs.sources import validated_sample
 
 CURRENT_NAME = "codebooks/current.json"
 CURRENT_FORMAT = "vq-pipeline.current-codebook"
+#: Code counts of new rows that the usage rule has not judged yet (:func:`read_usage_pending`).
+PENDING_NAME = "codebooks/usage-pending.json"
+PENDING_FORMAT = "vq-pipeline.usage-pending"
 #: Relative symlink to the current codebook's codes folder: ``pl.scan_parquet(work_dir / CODES_LINK)``.
 CODES_LINK = "codes/current"
 #: The run's lock under work_dir: one run per work_dir at a time.
@@ -269,7 +280,9 @@ def refit_checks(
     Usage: the new rows' code-usage Jensen-Shannon divergence from the training usage exceeds the
     divergence a batch of that size drawn from the training distribution itself would show (its
     finite-sample bias) by more than ``usage_threshold`` bits; evaluated from
-    :func:`usage_min_rows` new rows on, since below that the bias estimate is unreliable.
+    :func:`usage_min_rows` new rows on, since below that the bias estimate is unreliable. The rows are
+    the drift's ``usage_pool`` when it has one (this run's and those earlier runs left pending), else
+    this run's; a rule not evaluated for too few rows has ``pending_rows``.
     ``drift`` is :func:`vq_pipeline.jobs.drift.drift_report`'s dict; a baseline one (the rows the
     codebook was fitted on) evaluates no rule.
     """
@@ -281,7 +294,7 @@ def refit_checks(
     else:
         usage = f"code-usage JS divergence above its finite-sample bias > {usage_threshold:g} bits"
         if drift.get("n_codes"):
-            usage += f" (from {usage_min_rows(drift['n_codes'])} new rows)"
+            usage += f" (from {usage_min_rows(drift['n_codes'])} new rows, pooled over runs)"
     if drift.get("baseline"):
         rules = [("schedule", schedule), ("distortion", distortion), ("usage", usage)]
         return [_check(rule, when, "baseline", "not evaluated") for rule, when in rules]
@@ -304,21 +317,31 @@ def refit_checks(
         reason = f"drift: distortion ratio {ratio:.3f} > 1 + drift_threshold ({1 + drift_threshold:g})"
         checks.append(_evaluated("distortion", distortion, f"{ratio:.3f}", fired, reason))
 
-    divergence, expected = drift.get("usage_divergence"), drift.get("usage_divergence_expected")
+    # The usage rule judges the pool (this run's counts and those earlier runs left pending) when the
+    # drift has one, else this run's counts alone.
+    pool = drift.get("usage_pool") or {}
+    usage_rows = pool.get("rows", rows)
+    pending = pool.get("pending_rows", 0)
+    runs = pool.get("runs", 1)
+    divergence = pool.get("usage_divergence", drift.get("usage_divergence"))
+    expected = pool.get("usage_divergence_expected", drift.get("usage_divergence_expected"))
+    needed = usage_min_rows(drift.get("n_codes") or 0)
     if usage_threshold is None:
         checks.append(_check("usage", usage, "—", "off"))
     elif divergence is None or expected is None:
         checks.append(_check("usage", usage, "no new rows", "not evaluated"))
-    elif rows < usage_min_rows(drift.get("n_codes") or 0):
-        value = f"{rows} new rows < {usage_min_rows(drift.get('n_codes') or 0)} (JS {divergence:.3f} bits)"
-        checks.append(_check("usage", usage, value, "not evaluated"))
+    elif usage_rows < needed:
+        value = f"{usage_rows} rows pending < {needed}"
+        checks.append({**_check("usage", usage, value, "not evaluated"), "pending_rows": usage_rows})
     else:
         excess = divergence - expected
         fired = excess > usage_threshold
-        value = f"{excess:.3f} bits (JS {divergence:.3f} − bias {expected:.3f}, {rows} rows)"
+        pooled = f" over {runs} runs" if pending else ""
+        value = f"{excess:.3f} bits over the bias ({usage_rows} rows{pooled})"
         reason = (
             f"usage: code-usage divergence {divergence:.3f} bits exceeds its finite-sample bias {expected:.3f} "
             f"by {excess:.3f} > usage_threshold ({usage_threshold:g})"
+            + (f" on {usage_rows} rows pooled over {runs} runs" if pending else "")
         )
         checks.append(_evaluated("usage", usage, value, fired, reason))
     return checks
@@ -344,29 +367,31 @@ def _pointer_error(pointer: Path, problem: str) -> PipelineStateError:
     )
 
 
-def _read_pointer(pointer: Path) -> dict[str, Any] | None:
-    """The JSON object in ``pointer``, None when there is none; never follows a symlink."""
+def _read_pointer(pointer: Path, error: Any = None, max_bytes: int = _MAX_POINTER_BYTES) -> dict[str, Any] | None:
+    """The JSON object in ``pointer``, None when there is none; never follows a symlink. ``error(path,
+    problem)`` builds the error that refuses it (default: the current-codebook pointer's)."""
+    error = error or _pointer_error
     try:
         fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise _pointer_error(pointer, f"is a symlink (to {os.readlink(pointer)!r})") from None
+            raise error(pointer, f"is a symlink (to {os.readlink(pointer)!r})") from None
         if e.errno == errno.EISDIR:
-            raise _pointer_error(pointer, "is a folder") from None
+            raise error(pointer, "is a folder") from None
         raise
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_POINTER_BYTES:
-            raise _pointer_error(pointer, f"is not a regular file of at most {_MAX_POINTER_BYTES} bytes")
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise error(pointer, f"is not a regular file of at most {max_bytes} bytes")
         data = f.read()
     try:
         current = json.loads(data)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise _pointer_error(pointer, f"is not valid JSON ({e})") from None
+        raise error(pointer, f"is not valid JSON ({e})") from None
     if not isinstance(current, dict):
-        raise _pointer_error(pointer, f"holds a JSON {type(current).__name__}, not an object")
+        raise error(pointer, f"holds a JSON {type(current).__name__}, not an object")
     return current
 
 
@@ -460,3 +485,95 @@ def set_current(
     atomic_write_bytes(work / CURRENT_NAME, canonical_json(pointer))
     link_current_codes(work, fingerprint)
     return pointer
+
+
+def _pending_error(path: Path, problem: str) -> PipelineStateError:
+    return PipelineStateError(
+        f"usage_pending={str(path)!r} {problem}; expected the pending code counts vq-pipeline writes: a JSON object "
+        f"with 'format' {PENDING_FORMAT!r}, the current codebook's 'fingerprint', 'rows', 'runs' and 'code_counts' "
+        f"(levels × n_codes counts that add up to rows on every level). Fix: delete it; the code-usage rule then "
+        f"counts new rows afresh from the next run."
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**53
+
+
+def read_usage_pending(work_dir: str | Path, fingerprint: str, *, levels: int, n_codes: int) -> dict[str, Any] | None:
+    """The code counts of new rows that earlier runs left to the usage rule for the codebook
+    ``fingerprint`` (of ``levels`` levels of ``n_codes`` codes): ``fingerprint``, ``rows``, ``runs``
+    (the runs they came from), ``code_counts`` (``levels * n_codes`` ints), ``since``; None when there
+    are none, or when they were counted for another codebook (the pool starts again when the codebook
+    changes).
+
+    Raises:
+        PipelineStateError: ``codebooks/usage-pending.json`` is not a file this package wrote (a symlink,
+            not JSON, a key missing or of the wrong type, counts of another size or that do not add up
+            to ``rows``); the message names the file and the fix (delete it).
+    """
+    path = Path(work_dir) / PENDING_NAME
+    size = levels * n_codes
+    pending = _read_pointer(path, _pending_error, max_bytes=_MAX_POINTER_BYTES + 20 * size)
+    if pending is None:
+        return None
+    if pending.get("format") != PENDING_FORMAT:
+        raise _pending_error(path, f"has format={pending.get('format')!r}, not {PENDING_FORMAT!r}")
+    recorded = pending.get("fingerprint")
+    if not isinstance(recorded, str) or not _FINGERPRINT.fullmatch(recorded):
+        raise _pending_error(path, f"has fingerprint={recorded!r}, not a string of hex digits")
+    if recorded != fingerprint:
+        return None  # counted for a codebook that is no longer current
+    rows, runs, counts = pending.get("rows"), pending.get("runs"), pending.get("code_counts")
+    if not _count(rows):
+        raise _pending_error(path, f"has rows={rows!r}, not a count")
+    if not _count(runs) or runs < 1:
+        raise _pending_error(path, f"has runs={runs!r}, not a count of at least 1")
+    if not isinstance(counts, list) or len(counts) != size or not all(_count(c) for c in counts):
+        shown = f"{len(counts)} values" if isinstance(counts, list) else repr(counts)[:40]
+        raise _pending_error(path, f"has code_counts of {shown}, not {size} counts ({levels} levels × {n_codes} codes)")
+    for level in range(levels):
+        total = sum(counts[level * n_codes : (level + 1) * n_codes])
+        if total != rows:
+            raise _pending_error(path, f"has {total} counts on level {level} for rows={rows}")
+    since = pending.get("since")
+    return {
+        "fingerprint": recorded,
+        "rows": rows,
+        "runs": runs,
+        "code_counts": counts,
+        "since": since if isinstance(since, str) else None,
+    }
+
+
+def write_usage_pending(work_dir: str | Path, fingerprint: str, pool: dict[str, Any], since: str) -> Path:
+    """Write the pool ``pool`` (``rows``, ``runs``, ``code_counts``; :func:`vq_pipeline.jobs.drift.pooled_counts`)
+    as the codebook ``fingerprint``'s pending code counts, atomically; ``since``: when the pool began."""
+    record = {
+        "format": PENDING_FORMAT,
+        "fingerprint": fingerprint,
+        "rows": int(pool["rows"]),
+        "runs": int(pool["runs"]),
+        "code_counts": [int(c) for c in pool["code_counts"]],
+        "since": since,
+    }
+    return atomic_write_bytes(Path(work_dir) / PENDING_NAME, canonical_json(record))
+
+
+def clear_usage_pending(work_dir: str | Path) -> None:
+    """Remove the pending code counts (the usage rule judged them, or the codebook changed); a symlink
+    there is removed, never its target."""
+    Path(work_dir, PENDING_NAME).unlink(missing_ok=True)
+
+
+def next_usage_pending(
+    pending: dict[str, Any] | None, pool: dict[str, Any], checks: list[dict[str, Any]], *, baseline: bool
+) -> dict[str, Any] | None:
+    """What the pending code counts become after a run: None (start again) when the run measured a
+    baseline, when the usage rule judged the pool (fired or not) or is off; ``pending`` unchanged when
+    the run brought no new rows; else the pool ``pool`` (this run's counts added to ``pending``), which
+    the rule found too few rows to judge. ``checks``: :func:`refit_checks`."""
+    usage = next((c for c in checks if c["rule"] == "usage"), None)
+    if baseline or usage is None or usage["status"] != "not evaluated":
+        return None
+    return pool if "pending_rows" in usage else pending
