@@ -107,6 +107,8 @@ def test_cli_choices_and_encode_defaults_come_from_the_settings() -> None:
         (dict(init="kmeans++"), r"init='kmeans\+\+' is not supported; expected one of 'auto', 'k-means\+\+'"),
         (dict(memory_budget=0), r"memory_budget=0 is out of range"),
         (dict(init=torch.zeros(4, 3), n_init=2), r"n_init=2 with a given init tensor would repeat the same run"),
+        (dict(holdout=1.0), r"holdout=1.0; expected the share of rows kept out of the fit, a number >= 0 and < 1"),
+        (dict(holdout=-0.2), r"holdout=-0.2; expected the share of rows kept out of the fit"),
     ],
 )
 def test_fit_settings_refuse_bad_values_with_the_functions_messages(bad: dict, message: str) -> None:

@@ -54,9 +54,12 @@ def test_predict_transform_score_against_a_float64_oracle(metric: str) -> None:
     assert assert_codes_match(torch.from_numpy(codes), torch.from_numpy(x_new), c, metric) > len(x_new) // 2
     t = vq.transform(x_new)
     assert t.dtype == np.float32 and t.shape == (len(x_new), 7)
-    # Squared L2 (not KMeans' Euclidean distance) or 1 - cos, exact to float32 rounding.
-    np.testing.assert_allclose(t, d.numpy(), rtol=1e-6, atol=1e-6 * float(d.max()))
+    # Euclidean distances, as KMeans.transform gives them (between unit vectors under cosine: |a - b|^2 = 2 (1 - cos)).
+    euclidean = np.sqrt((2.0 * d if metric == "cosine" else d).clamp(min=0).numpy())
+    np.testing.assert_allclose(t, euclidean, rtol=1e-5, atol=1e-6 * float(euclidean.max()))
     assert vq.score(x_new) == pytest.approx(-float(d.min(dim=1).values.sum()), rel=1e-5)
+    if metric == "l2":  # score stays the negative inertia: the sum of squared distances
+        assert vq.score(x_new) == pytest.approx(-float((t.astype(np.float64).min(axis=1) ** 2).sum()), rel=1e-5)
     # fit's inertia_ and labels_ belong to the returned centroids.
     d_train = oracle(torch.from_numpy(x_train), c, metric)
     assert vq.inertia_ == pytest.approx(float(d_train.min(dim=1).values.sum()), rel=1e-5)
@@ -165,7 +168,7 @@ def test_import_vq_pipeline_never_loads_scikit_learn() -> None:
         "assert 'sklearn' not in sys.modules, 'sklearn imported'\n"
         "assert 'vq_pipeline.sklearn' not in sys.modules, 'vq_pipeline.sklearn imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
 
 
@@ -239,3 +242,100 @@ def test_from_codebook_inertia_is_the_sum_of_one_minus_cos() -> None:
     vq = VectorQuantizer(5, metric="cosine", codec="residual", levels=2, engine="torch", device="cpu").fit(x)
     back = VectorQuantizer.from_codebook(vq.to_codebook(), engine="torch", device="cpu")
     assert back.inertia_ == pytest.approx(vq.inertia_, rel=1e-5) and vq.inertia_ == pytest.approx(-vq.score(x), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- estimator habits
+
+
+def _digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return load_digits().data.astype(np.float32)  # (1797, 64), pixel values 0..16
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_transform_is_kmeans_transform_with_the_same_centroids(metric: str) -> None:
+    """On digits, ``transform`` equals ``KMeans.transform`` given our centroids (cosine: KMeans on unit rows)."""
+    from sklearn.cluster import KMeans
+
+    x = _digits()
+    vq = VectorQuantizer(n_codes=32, metric=metric, random_state=0, engine="torch", device="cpu").fit(x)
+    rows = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x
+    km = KMeans(n_clusters=32, n_init=1, max_iter=1, random_state=0).fit(rows)
+    km.cluster_centers_ = vq.cluster_centers_.astype(np.float64)
+    expected = km.transform(rows.astype(np.float64))
+    got = vq.transform(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.max()))
+    np.testing.assert_array_equal(got.argmin(axis=1), vq.predict(x))
+    np.testing.assert_array_equal(vq.inverse_transform(got), vq.cluster_centers_[vq.predict(x)])
+
+
+def test_transform_features_feed_a_logistic_regression_as_kmeans_ones_do() -> None:
+    """The issue's scenario at K=128: the features span KMeans' range (0 to about 60), not squared distances."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    vq = VectorQuantizer(n_clusters=128, random_state=0, engine="torch", device="cpu").fit(x)
+    km = KMeans(n_clusters=128, n_init=1, max_iter=1, random_state=0).fit(x)
+    km.cluster_centers_ = vq.cluster_centers_.astype(np.float64)
+    features, reference = vq.transform(x), km.transform(x.astype(np.float64))
+    assert features.min() >= 0 and features.max() == pytest.approx(reference.max(), rel=1e-5)
+    assert features.max() < 100  # squared distances reached thousands
+    np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_n_clusters_is_an_alias_of_n_codes_that_clone_and_get_params_keep() -> None:
+    from sklearn.base import clone
+
+    x = _data(0)
+    est = VectorQuantizer(n_clusters=5, random_state=2, engine="torch", device="cpu")
+    params = est.get_params()
+    assert params["n_clusters"] == 5 and params["n_codes"] == 8  # stored as given, as clone requires
+    twin = clone(est)
+    assert twin.get_params() == params
+    fitted = est.fit(x)
+    assert fitted.cluster_centers_.shape == (5, x.shape[1]) and fitted.to_codebook().n_codes == 5
+    same = VectorQuantizer(5, random_state=2, engine="torch", device="cpu").fit(x)
+    np.testing.assert_array_equal(twin.fit(x).cluster_centers_, same.cluster_centers_)
+    # n_codes set to the same number agrees; another number is refused, saying why
+    VectorQuantizer(n_codes=5, n_clusters=5, engine="torch", device="cpu").fit(x)
+    with pytest.raises(InvalidInputError, match=r"n_codes=6 and n_clusters=5 disagree; expected one number of codes.*Fix: pass only one"):
+        VectorQuantizer(n_codes=6, n_clusters=5, engine="torch", device="cpu").fit(x)
+    # what the codes are: changed through the alias after fit, the codes are not used
+    fitted.set_params(n_clusters=4)
+    with pytest.raises(InvalidInputError, match=r"n_codes=4 but the fitted codebook has n_codes=5"):
+        fitted.predict(x)
+    fitted.set_params(n_clusters=None, n_codes=5)
+    np.testing.assert_array_equal(fitted.predict(x), fitted.labels_)
+    with pytest.raises(InvalidInputError, match=r"from_codebook\(n_clusters=3\) but the codebook has n_clusters=5"):
+        VectorQuantizer.from_codebook(fitted.to_codebook(), n_clusters=3)
+    assert VectorQuantizer.from_codebook(fitted.to_codebook(), n_clusters=5).get_params()["n_clusters"] == 5
+
+
+def test_verbose_prints_the_fit_progress_lines_on_stderr(capfd) -> None:
+    """``verbose=True`` writes the lines ``vq fit`` writes on a log: the library's formatter
+    (``ProgressLines``) of the very events the fit reports to ``progress``, one line each on stderr."""
+    from vq_pipeline.compute.lloyd import ProgressLines
+
+    x = _data(0)
+    events: list = []
+    cb = fit_codebook(x, 6, n_iter=4, tol=0.0, seed=1, engine="torch", device="cpu", progress=events.append, verbose=True)
+    out, err = capfd.readouterr()
+    expected: list[str] = []
+    replay = ProgressLines(expected.append, clock=lambda: 0.0)  # a quick fit: no line depends on the clock
+    for event in events:
+        replay(event)
+    lines = err.splitlines()
+    assert out == "" and lines == expected and cb.stats["iterations"] == 4
+    assert lines[0].startswith("seeding") and sum(line.startswith("iteration ") for line in lines) == 4
+    fit_codebook(x, 6, n_iter=4, seed=1, engine="torch", device="cpu")
+    assert capfd.readouterr() == ("", "")  # quiet by default
+    VectorQuantizer(6, n_iter=4, tol=0.0, random_state=1, engine="torch", device="cpu", verbose=1).fit(x)
+    est_lines = capfd.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in est_lines] == [line.split(":")[0] for line in lines]
+    VectorQuantizer(6, n_iter=4, random_state=1, engine="torch", device="cpu").fit(x)
+    assert capfd.readouterr() == ("", "")
+    with pytest.raises(InvalidInputError, match=r"verbose='yes'; expected True or False"):
+        fit_codebook(x, 6, engine="torch", device="cpu", verbose="yes")

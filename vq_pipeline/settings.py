@@ -69,12 +69,23 @@ class FitSettings:
     #: the docs' Benchmarks page, "Exact pruned Lloyd"): the bounds prove little until the centroids
     #: settle, and a searched row costs more than before.
     prune: bool = False
+    #: Keep this share of the training rows out of the fit (0: none): a seeded choice of rows
+    #: (:func:`vq_pipeline.fitting.options.holdout_rows`), whose mean distance to their codes the
+    #: codebook records as ``stats["holdout"]`` (the error on rows the fit did not see).
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         from vq_pipeline.errors import InvalidInputError
         from vq_pipeline.validate import check_choice, check_float, check_int
 
         check_choice("metric", self.metric, METRICS)
+        holdout = self.holdout
+        if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
+            raise InvalidInputError(
+                f"holdout={holdout!r}; expected the share of rows kept out of the fit, a number >= 0 and < 1 "
+                f"(0: none). Fix: pass e.g. holdout=0.1 to hold out 10% of the rows, or 0."
+            )
+        object.__setattr__(self, "holdout", float(holdout))
         check_choice("codec", self.codec, CODECS)
         object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
         object.__setattr__(self, "train_beam", check_int("train_beam", self.train_beam, minimum=1))

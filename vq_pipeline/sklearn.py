@@ -11,16 +11,23 @@ Optional: it needs scikit-learn (the ``sklearn`` extra), and ``import vq_pipelin
 ``fit`` is :func:`vq_pipeline.fit_codebook` (Lloyd, exact assignment), ``predict`` is
 :meth:`Codebook.encode`, ``partial_fit`` is :mod:`vq_pipeline.fitting.minibatch` (mini-batch K-means).
 
-Distances follow the library, not ``KMeans.transform``: ``transform`` gives squared L2 distances
-under ``metric='l2'`` (``KMeans.transform`` gives their square roots: take ``np.sqrt``), and
-``1 - cos`` under ``'cosine'``. So the smallest entry of a row of ``transform(X)`` is that row's
-distance to the code ``predict`` gives, and ``score(X) == -transform(X).min(axis=1).sum()`` up to
-float32 rounding (as ``KMeans.score`` is its negative inertia). Outputs are numpy arrays: codes
-int64, centroids and distances float32 (the library computes in float32).
+``transform`` gives distances as ``KMeans.transform`` does: the Euclidean distance (the square root
+of the squared L2 distance) to every code under ``metric='l2'``; under ``'cosine'``, the Euclidean
+distance between the unit row and the unit code, ``sqrt(2 (1 - cos))``, which is what
+``KMeans.transform`` gives after fitting on L2-normalized rows. Its smallest entry in a row is that
+row's distance to the code ``predict`` gives. ``score`` and ``inertia_`` keep the library's objective,
+as ``KMeans.score`` is its negative inertia: the sum of squared L2 distances (``score(X) ==
+-(transform(X).min(axis=1) ** 2).sum()``), or of ``1 - cos`` (half the squared ``transform``).
+Outputs are numpy arrays: codes int64, centroids and distances float32 (the library computes in
+float32).
+
+``n_clusters`` is accepted as ``KMeans`` spells it: an alias of ``n_codes`` (see the class).
+``verbose=True`` writes the progress lines of ``vq fit`` to stderr during ``fit``.
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
@@ -53,6 +60,9 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
     Parameters:
         n_codes: number of codes (``n_clusters`` of ``KMeans``).
+        n_clusters: ``KMeans``' name of ``n_codes``: None (the default) or the number of codes, which
+            then replaces ``n_codes``; an ``n_codes`` other than its default 8 must agree with it.
+            Both are kept as given (``get_params`` and ``clone`` see what was passed).
         metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized).
         n_iter, tol: Lloyd's iteration limit and relative tolerance (``max_iter``/``tol`` of ``KMeans``).
         init: 'auto' (the default: k-means|| for flat and product codebooks, as in
@@ -66,6 +76,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         codec, levels: 'flat' (default), or 'residual' / 'product' codes of ``levels`` codes per row
             (see ``fit_codebook``): ``predict`` and ``labels_`` then give (n_rows, levels) codes and
             ``inverse_transform`` decodes them; ``transform`` and ``partial_fit`` are for flat codes.
+        verbose: ``fit`` writes the lines ``vq fit`` writes to stderr (seeding, then every
+            iteration); 0 or False (the default): nothing.
 
     Attributes:
         cluster_centers_: (n_codes, n_features) float32, read-only (unit rows under cosine);
@@ -105,6 +117,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         memory_budget: int = _DEFAULTS["memory_budget"],
         codec: str = _DEFAULTS["codec"],
         levels: int = _DEFAULTS["levels"],
+        n_clusters: int | None = None,
+        verbose: int = 0,
     ) -> None:
         self.n_codes = n_codes
         self.metric = metric
@@ -118,6 +132,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         self.memory_budget = memory_budget
         self.codec = codec
         self.levels = levels
+        self.n_clusters = n_clusters
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ fitting
 
@@ -145,6 +161,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             n_init=self.n_init,
             codec=self.codec,
             levels=self.levels,
+            verbose=self._verbose(),
             **self._compute(),
         )
         self._set_codebook(codebook)
@@ -198,8 +215,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         return _numpy(self._codebook.encode(X, **self._compute()))
 
     def transform(self, X: Any) -> np.ndarray:
-        """(n_rows, n_codes) float32 distances to every code: squared L2 under 'l2' (not the
-        Euclidean distance ``KMeans.transform`` gives), ``1 - cos`` under 'cosine'.
+        """(n_rows, n_codes) float32 distances to every code, as ``KMeans.transform`` gives them: the
+        Euclidean distance under 'l2', ``sqrt(2 (1 - cos))`` (between unit vectors) under 'cosine'.
 
         Computed in float64 on the compute device (exact to float32 rounding), ``memory_budget``
         bytes of temporaries at a time.
@@ -261,12 +278,12 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         settings, overridden by ``params``. ``partial_fit`` continues from it; ``labels_`` is unset.
 
         ``params`` may set how later fits run and where the estimator computes, not what the codebook
-        is: an ``n_codes``, ``metric``, ``codec`` or ``levels`` other than the codebook's raises
-        :class:`~vq_pipeline.errors.InvalidInputError`."""
+        is: an ``n_codes`` (or ``n_clusters``), ``metric``, ``codec`` or ``levels`` other than the
+        codebook's raises :class:`~vq_pipeline.errors.InvalidInputError`."""
         settings = codebook.settings
         found: dict[str, Any] = _model_params(codebook)
-        for key, value in found.items():
-            if key in params and not _same(params[key], value):
+        for key, value in [*found.items(), ("n_clusters", codebook.n_codes)]:
+            if key in params and not (key == "n_clusters" and params[key] is None) and not _same(params[key], value):
                 raise InvalidInputError(
                     f"from_codebook({key}={params[key]!r}) but the codebook has {key}={value!r}; expected the "
                     f"codebook's own {key} (the estimator encodes with the codebook as it is). Fix: leave {key} out "
@@ -307,7 +324,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
     def _check_shape(self, X: np.ndarray) -> int:
         """n_codes, validated, when the first rows ``X`` can seed it (the row count is the fit's to check)."""
-        n_codes = check_int("n_codes", self.n_codes, minimum=1, hint="n_codes is the number of codes to fit.")
+        n_codes = check_int("n_codes", self._n_codes(), minimum=1, hint="n_codes is the number of codes to fit.")
         if self.metric == "cosine" and X.shape[1] == 1 and n_codes > 2:
             raise TooFewPointsError(
                 f"X has n_features=1 and metric='cosine': every row's direction is -1 or +1, so at most 2 codes "
@@ -318,7 +335,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
     def _check_model_params(self, what: str) -> None:
         """Refuse to use the fitted codebook when a parameter that defines it was changed since (set_params)."""
         for key, fitted in _model_params(self._codebook).items():
-            value = getattr(self, key)
+            value = self._n_codes() if key == "n_codes" else getattr(self, key)
             if not _same(value, fitted):
                 raise InvalidInputError(
                     f"{key}={value!r} but the fitted codebook has {key}={fitted!r}: {key} changed after fit, so "
@@ -333,6 +350,27 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 f"{what} needs a flat codebook but this estimator has codec={codec!r}; expected codec='flat'. "
                 f"Fix: use predict and inverse_transform with {codec} codes, or fit with codec='flat'."
             )
+
+    def _n_codes(self) -> Any:
+        """The number of codes the parameters ask for: ``n_clusters`` when set (it replaces ``n_codes``,
+        which must then be at its default or agree), else ``n_codes``."""
+        if self.n_clusters is None:
+            return self.n_codes
+        default = inspect.signature(type(self)).parameters["n_codes"].default
+        if not _same(self.n_codes, default) and not _same(self.n_codes, self.n_clusters):
+            raise InvalidInputError(
+                f"n_codes={self.n_codes!r} and n_clusters={self.n_clusters!r} disagree; expected one number of "
+                f"codes (n_clusters is scikit-learn's name of n_codes). Fix: pass only one of them, or the same "
+                f"number to both."
+            )
+        return self.n_clusters
+
+    def _verbose(self) -> bool:
+        if isinstance(self.verbose, bool | numbers.Integral):
+            return bool(self.verbose)
+        raise InvalidInputError(
+            f"verbose={self.verbose!r}; expected False/0 or True/1. Fix: pass verbose=1 to print the fit's progress."
+        )
 
     def _compute(self) -> dict[str, Any]:
         return {"engine": self.engine, "device": self.device, "memory_budget": self.memory_budget}
@@ -361,7 +399,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         return _numpy(codes), float(_numpy(dist).sum(dtype=np.float64))
 
     def _distances(self, X: np.ndarray) -> np.ndarray:
-        """(n_rows, n_codes) float32 distances of validated rows ``X`` to every code, in chunks."""
+        """(n_rows, n_codes) float32 Euclidean distances of validated rows ``X`` to every code (between
+        unit vectors under cosine), in chunks."""
         cb = self._codebook
         x = as_embeddings(X)  # (n_rows, dim) float32, refuses what the library refuses
         cosine = cb.metric == "cosine"
@@ -382,13 +421,13 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         out = np.empty((x.shape[0], n_codes), dtype=np.float32)
         for start in range(0, x.shape[0], rows):
             xb = x[start : start + rows].to(dev, torch.float64)  # (b, dim)
-            if cosine:
+            if cosine:  # |a - b|^2 = 2 (1 - cos) for unit a, b
                 xb = xb / torch.linalg.vector_norm(xb, dim=1, keepdim=True)
-                d = (1.0 - xb @ c.T).clamp_(0.0, 2.0)  # (b, n_codes)
+                d = (2.0 * (1.0 - xb @ c.T)).clamp_(0.0, 4.0)  # (b, n_codes) squared distances
             else:
                 xb = xb - shift
                 d = (xb.square().sum(dim=1, keepdim=True) + c_sq - 2.0 * (xb @ c.T)).clamp_(min=0.0)
-            out[start : start + rows] = d.to("cpu", torch.float32).numpy()
+            out[start : start + rows] = d.sqrt_().to("cpu", torch.float32).numpy()
         return out
 
 

@@ -23,7 +23,18 @@ if TYPE_CHECKING:
     from vq_pipeline.codebook import Codebook
 
 #: The keys of ``vq fit --json``'s summary, here and on Dask (a multi-level codec adds MULTILEVEL_KEYS).
-SUMMARY_KEYS = ("path", "fingerprint", "n_codes", "dim", "metric", "rows", "iterations", "converged", "inertia")
+SUMMARY_KEYS = (
+    "path",
+    "fingerprint",
+    "n_codes",
+    "dim",
+    "metric",
+    "rows",
+    "iterations",
+    "converged",
+    "inertia",
+    "holdout",
+)
 MULTILEVEL_KEYS = ("mse", "collision_rate", "level_mse")
 
 
@@ -92,9 +103,7 @@ def _fit_here(
     settings, table = given
     if not console.quiet:
         _show_fit_input(args, console)
-    return fit_from_tables(
-        args.data, args.codes, table, settings, progress=FitProgress(console, settings.n_init), checkpoint=checkpoint
-    )
+    return fit_from_tables(args.data, args.codes, table, settings, progress=FitProgress(console), checkpoint=checkpoint)
 
 
 def _show_fit_input(args: argparse.Namespace, console: Console) -> None:
@@ -139,6 +148,9 @@ def print_fit_summary(args: argparse.Namespace, console: Console, summary: dict[
     if summary.get("codec", "flat") != "flat":
         codes = f"{summary['codec']} {summary['levels']} levels x {codes}"
         extra = f", mse {_number(summary.get('mse'))}, collision rate {_number(summary.get('collision_rate'))}"
+    holdout = summary.get("holdout")
+    if isinstance(holdout, dict):
+        extra += f", held-out error {_number(holdout.get('mean_distance'))} on {plural(holdout.get('rows', 0), 'row')}"
     console.result(
         safe_text(
             f"fitted {codes} (dim {summary['dim']}, {summary['metric']}) on "

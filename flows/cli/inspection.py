@@ -37,6 +37,8 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         console.result(describe(codebook, title=args.codebook))
         if plot is not None:
             console.result(f"picture -> {safe_text(plot)}")
+        if codebook.codec == "residual":  # a note on stderr: stdout stays the description
+            console.progress(beam_hint(codebook.settings))
     return 0
 
 
@@ -98,7 +100,8 @@ def _identity_rows(codebook: "Codebook | CodebookInfo") -> list[tuple[str, str]]
 
 
 def _training_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
-    """``describe``'s rows of the training stats ``s``: rows used, inertia, iterations, repairs."""
+    """``describe``'s rows of the training stats ``s``: rows used, inertia, the held-out rows' error (a fit
+    with a holdout), iterations, repairs."""
     from vq_pipeline.jobs.display import is_number, show
 
     rows: list[tuple[str, str]] = []
@@ -120,6 +123,16 @@ def _training_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         except (ArithmeticError, ValueError):  # no rows, or numbers too large for a float
             mean = ""
         rows.append(("inertia", f"{show(inertia, '.6g')}{mean}"))
+    holdout = s.get("holdout")
+    if holdout is not None:
+        h = holdout if isinstance(holdout, dict) else {}
+        rows.append(
+            (
+                "held-out error",
+                f"mean {show(h.get('mean_distance', 'unknown'), '.4g')} per row over {show(h.get('rows', '?'), ',')} "
+                f"held-out rows (holdout {show(h.get('fraction', '?'), '.3g')}, seed {show(h.get('seed', '?'))})",
+            )
+        )
     if "iterations" in s:
         converged = "converged" if s.get("converged") is True else "not converged"
         rows.append(("iterations", f"{show(s['iterations'])}, {converged}"))
@@ -187,3 +200,25 @@ def _multilevel_rows(stats: dict[str, Any], n_codes: int) -> list[tuple[str, str
     widths = [max(len(cells[c]) for cells in table) for c in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in table]
     return [*rows, ("per level", "\n".join(lines))]
+
+
+#: How residual codes reach FAISS-default quality, from ``benchmarks/codecs.py`` (docs/benchmarks.md).
+FAISS_QUALITY = (
+    "FAISS-default quality: --beam 2 on a codebook fitted with --train-beam 5 (wordllama, 4 levels x 8 bits: "
+    "beam=2 gives error 158.6 on new rows, FAISS's ResidualQuantizer at its defaults 159.6, greedy 163.2; "
+    "docs/benchmarks.md)"
+)
+
+
+def beam_hint(fit_settings: object) -> str:
+    """The note ``vq inspect`` writes on stderr for a residual codebook (``fit_settings``: its fit's settings):
+    codes are encoded greedily by default, and how to get FAISS-default quality."""
+    from vq_pipeline.jobs.display import show
+
+    train_beam = fit_settings.get("train_beam", 1) if isinstance(fit_settings, dict) else 1
+    if isinstance(train_beam, int) and not isinstance(train_beam, bool) and train_beam > 1:
+        return (
+            f"residual codes are encoded greedily by default (--beam 1); this codebook was fitted with "
+            f"train_beam={show(train_beam)}: encode with --beam 2 or wider. {FAISS_QUALITY}"
+        )
+    return f"residual codes are encoded greedily by default (--beam 1). {FAISS_QUALITY}"

@@ -149,6 +149,12 @@ SPECS: dict[str, Spec] = {
         flag="--prune-search",
         dest="prune",
     ),
+    "holdout": Spec(
+        "keep this share of the rows (a seeded choice) out of the fit and report their mean distance to their codes "
+        "(the held-out error, in the summary and vq inspect); the rows must fit in memory (see --sample); 0: none",
+        metavar="F",
+        minimum=0.0,
+    ),
     # EncodeSettings
     "column": Spec("the embedding column"),
     "id_column": Spec("id column copied to the output", metavar="ID", default_text="row positions, as `row`"),

@@ -29,7 +29,7 @@ from vq_flows import cli
 import vq_pipeline
 from vq_pipeline import Codebook, fit_codebook
 from vq_pipeline.jobs import fit_tables
-from vq_pipeline.compute.lloyd import IterationStats
+from vq_pipeline.compute.lloyd import IterationProgress
 from vq_pipeline.compute.seeding import InitProgress
 from vq_pipeline.io.table_writer import write_embeddings
 from vq_pipeline.jobs.demo import generate_embeddings
@@ -53,7 +53,7 @@ def vq(*args: Any, cwd: Path | None = None, script: bool = False) -> subprocess.
         cmd = [sys.executable, "-m", "vq_flows.cli"]
     # conftest.py has set the KeOps cache and Prefect variables in os.environ; children inherit them.
     env = dict(os.environ)
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -107,15 +107,18 @@ def test_fit_json_describes_the_saved_codebook(work: dict[str, Any]) -> None:
     assert summary["iterations"] == cb.stats["iterations"] and summary["converged"] == cb.stats["converged"]
     assert summary["inertia"] == pytest.approx(cb.stats["inertia"]) and summary["seconds"] > 0
     assert cb.column == "embedding" and len(cb.sources) == len(PARTS) and cb.settings["seed"] == 3
-    # Progress on stderr, in the documented shapes: what is read, the end of seeding (fast seeding shows
-    # no intermediate line), then one line per E step.
-    reading, seeding, *lines = fit.stderr.strip().splitlines()
+    # Progress on stderr, in the documented shapes: what is read, the start and end of seeding (fast
+    # seeding shows no line between them), one line per iteration, then how the run ended.
+    reading, start, seeding, *lines, end = fit.stderr.strip().splitlines()
     assert reading == f"reading 3,000 rows (dim {DIM}) from 2 tables"
+    assert start == f"seeding {N_CODES} initial centroids (k-means|| from 3,000 rows)", start
     assert re.fullmatch(rf"seeding: {N_CODES}/{N_CODES} initial centroids \(\d+\.\d s\)", seeding), seeding
-    assert len(lines) == cb.stats["iterations"] + 1
-    assert all(re.fullmatch(r"iteration \d+: objective \S+(, [\d,]+ rows proven unchanged)? \(\d+\.\d\d s\)", line) for line in lines), lines
-    assert any("rows proven unchanged" in line for line in lines), lines  # --prune-search
-    assert len(cb.timings["iteration_pruned"]) == len(lines)
+    # As many iteration lines as the summary's iterations, numbered 1..n of n_iter, and the end says so too.
+    assert [int(re.match(r"iteration (\d+)/50: ", line)[1]) for line in lines] == list(range(1, summary["iterations"] + 1))
+    assert re.fullmatch(rf"(converged|stopped) after {summary['iterations']} iterations?\b.*", end), end
+    pruned = r"(, [\d,]+ rows? proven unchanged)"  # --prune-search: every iteration says it
+    assert all(re.fullmatch(rf"iteration \d+/50: objective [\d.e+-]+( \([-+]\S+%\))?{pruned}, \d+\.\d s elapsed(, ETA at most \S+ s)?", line) for line in lines), lines
+    assert len(cb.timings["iteration_pruned"]) == len(lines) + 1  # the last E step, on the final centroids, too
     assert "\r" not in fit.stderr and "\x1b" not in fit.stderr  # stderr is a log here: plain lines, no redraws
     assert list(work["codebook"].parent.iterdir()) == [work["codebook"]]  # no temporary files left
 
@@ -416,7 +419,7 @@ def test_quiet_hides_progress_and_starts_no_display() -> None:
     encode = cli.EncodeProgress(console, tty=True)
     encode.plan({"a.parquet": 10}, [])
     encode("a.parquet", 10, 10)
-    fit = cli.FitProgress(console, n_init=2, tty=True)
+    fit = cli.FitProgress(console, tty=True)
     fit(InitProgress(chosen=64, n_codes=64, seconds=0.1))
     fit(_iteration(1))
     assert err.getvalue() == "" and encode.bars is None and fit.bars is None
@@ -489,56 +492,67 @@ def test_encode_progress_plan_without_files_shows_nothing() -> None:
     assert err.getvalue() == ""
 
 
-def _iteration(i: int) -> IterationStats:
-    return IterationStats(iteration=i, objective=12.0 / i, n_repairs=i - 1, n_empty=0, imbalance=1.0, seconds=0.25)
+def _iteration(i: int, *, restart: int = 0, n_init: int = 1, done: bool = False, prune: bool = False) -> IterationProgress:
+    return IterationProgress(
+        iteration=i, objective=12.0 / i, n_repairs=0 if done else i - 1, n_empty=0, imbalance=1.0, seconds=0.25,
+        n_iter=3, elapsed=0.5 * i, change=None if i == 1 else (12.0 / i) / (12.0 / (i - 1)) - 1, done=done,
+        converged=done, restart=restart, n_init=n_init, prune=prune,
+    )
 
 
-def test_fit_progress_shows_seeding_throttled_and_counts_restarts() -> None:
+def test_fit_progress_shows_seeding_at_most_once_a_second_and_names_restarts() -> None:
     err = io.StringIO()
-    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=2, tty=False)
-    for _ in range(2):  # two restarts: k-means++ reports every few percent, then the iterations
-        for chosen, seconds in [(12, 2.0), (24, 4.9), (36, 6.0), (48, 9.0), (60, 11.5), (64, 11.6)]:
-            progress(InitProgress(chosen=chosen, n_codes=64, seconds=seconds))
-        progress(_iteration(1))
-        progress(_iteration(2))
-    # A line once 5 s of seeding passed since the last one, and one at its end.
+    clock = iter([0.0, 0.3, 0.9, 1.2, 1.5, 2.4, 2.5, 2.6, 2.7, 2.8, 2.9] * 2)
+    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), tty=False, clock=lambda: next(clock))
+    for r in range(2):  # two restarts: seeding's start, k-means++ every few percent, its end, then the iterations
+        progress(InitProgress(chosen=0, n_codes=64, seconds=0.0, note="k-means++ from 1,000 rows", restart=r, n_init=2))
+        for chosen in (12, 24, 36, 48, 60, 64):
+            progress(InitProgress(chosen=chosen, n_codes=64, seconds=chosen / 40, restart=r, n_init=2))
+        for i in (1, 2, 3):
+            progress(_iteration(i, restart=r, n_init=2))
+        progress(_iteration(4, restart=r, n_init=2, done=True))
+    # The start, a line once a second has passed since the last one, the end; every iteration; how it ended.
     expected = [
-        "seeding: 36/64 initial centroids (6.0 s)",
-        "seeding: 60/64 initial centroids (11.5 s)",
-        "seeding: 64/64 initial centroids (11.6 s)",
-        "iteration 1: objective 12 (0.25 s)",
-        "iteration 2: objective 6, 1 empty code repaired (0.25 s)",
+        "seeding 64 initial centroids (k-means++ from 1,000 rows)",
+        "seeding: 36/64 initial centroids (0.9 s)",
+        "seeding: 60/64 initial centroids (1.5 s)",
+        "seeding: 64/64 initial centroids (1.6 s)",
+        "iteration 1/3: objective 12, 0.5 s elapsed, ETA at most 1.0 s",
+        "iteration 2/3: objective 6 (-50%), 1 empty code repaired, 1.0 s elapsed, ETA at most 0.5 s",
+        "iteration 3/3: objective 4 (-33%), 2 empty codes repaired, 1.5 s elapsed",
+        "converged after 3 iterations: objective 3 (-25%), 2.0 s",
     ]
     assert err.getvalue().splitlines() == [f"restart {r}/2, {line}" for r in (1, 2) for line in expected]
 
 
-def test_fit_progress_counts_restarts_whose_init_reports_nothing() -> None:
+def test_fit_progress_names_pruning_only_when_it_is_on() -> None:
     err = io.StringIO()
-    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), n_init=2, tty=False)
-    for i in (1, 2, 1):
-        progress(_iteration(i))
-    assert [line.split(",")[0] for line in err.getvalue().splitlines()] == ["restart 1/2", "restart 1/2", "restart 2/2"]
+    progress = cli.FitProgress(cli.Console(quiet=False, stderr=err), tty=False)
+    progress(_iteration(1))
+    progress(_iteration(1, prune=True))
+    assert [", 0 rows proven unchanged" in line for line in err.getvalue().splitlines()] == [False, True]
 
 
 def test_fit_progress_on_a_terminal_draws_a_bar_and_leaves_a_line_per_step() -> None:
     err, out = io.StringIO(), io.StringIO()
     console = cli.Console(quiet=False, stdout=out, stderr=err)
-    progress = cli.FitProgress(console, n_init=1, tty=True)
-    for chosen, seconds in [(16, 0.05), (32, 0.2), (48, 0.25), (64, 0.4)]:
+    progress = cli.FitProgress(console, tty=True)
+    for chosen, seconds in [(16, 0.05), (32, 0.2), (48, 2.25), (64, 2.4)]:
         progress(InitProgress(chosen=chosen, n_codes=64, seconds=seconds))
     progress(_iteration(1))
     progress(_iteration(2))
     console.result("fitted")  # the result ends the display
     lines = screen_lines(err.getvalue())
-    # The lines a log gets at the end of seeding and of each iteration; nothing between them but the bar.
+    # The lines a log gets at the start and end of seeding and of each iteration; nothing between them but the bar.
     assert [line for line in lines if "━" not in line] == [
-        "seeding: 64/64 initial centroids (0.4 s)",
-        "iteration 1: objective 12 (0.25 s)",
-        "iteration 2: objective 6, 1 empty code repaired (0.25 s)",
+        "seeding 64 initial centroids",
+        "seeding: 64/64 initial centroids (2.4 s)",
+        "iteration 1/3: objective 12, 0.5 s elapsed, ETA at most 1.0 s",
+        "iteration 2/3: objective 6 (-50%), 1 empty code repaired, 1.0 s elapsed, ETA at most 0.5 s",
     ]
     bars = [line for line in lines if "━" in line]
     assert re.fullmatch(r"seeding: 16/64 [━╸╺]+ \d:\d\d:\d\d", bars[0]), bars
-    assert re.fullmatch(r"iteration 2 done, objective 6, 1 empty code repaired [━╸╺]+ \d:\d\d:\d\d", bars[-1]), bars
+    assert re.fullmatch(r"iteration 2/3 done, objective 6 [━╸╺]+ \d:\d\d:\d\d", bars[-1]), bars
     assert err.getvalue().endswith("\x1b[2K") and "\x1b[?25h" in err.getvalue() and out.getvalue() == "fitted\n"
 
 

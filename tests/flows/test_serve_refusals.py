@@ -130,3 +130,39 @@ def test_a_schedule_or_name_prefect_refuses_is_one_error_line(options: list[str]
     assert served.returncode == 1 and served.stdout == "", served.stderr[-3000:]
     (line,) = served.stderr.splitlines()
     assert line.startswith(expected) and "Fix: pass" in line
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--interval", "0"], "error: interval=0 s; expected a positive time between scheduled runs. Fix: pass one"),
+        (["--interval=-5m"], "error: interval=-300 s; expected a positive time between scheduled runs"),
+        (["--interval", "soon"], "error: interval='soon' is not a duration; expected seconds (3600) or a number with"),
+        (["--cron", "0 * * * *", "--interval", "1h"], "error: --cron '0 * * * *' and --interval '1h' given; expected exactly one schedule"),
+        ([], "error: neither --cron nor --interval given; expected exactly one schedule"),
+    ],
+)
+def test_a_schedule_is_exactly_one_of_cron_and_a_positive_interval(options: list[str], expected: str, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    served = serve(tmp_path, *options, "--input-root", "in", "--work-dir", "work", "--column", "embedding", "--codes", "8")
+    assert served.returncode == 1 and served.stdout == "", served.stderr[-3000:]
+    (line,) = served.stderr.splitlines()
+    assert line.startswith(expected) and "Fix: pass" in line
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("3600", 3600), ("90s", 90), ("15m", 900), ("1h", 3600), ("1.5d", 129600)])
+def test_an_interval_deployment_has_prefects_interval_schedule(text: str, seconds: float, tmp_path: Path) -> None:
+    from vq_flows.cli.parser import build_parser
+    from vq_flows.cli.serve import build_deployment, check_deployment, schedule_text, serve_arguments
+
+    write_parts(tmp_path / "in", PARTS, dim=6)
+    args = build_parser().parse_args(
+        ["serve", "--interval", text, "--input-root", str(tmp_path / "in"), "--work-dir", str(tmp_path / "work"),
+         "--column", "embedding", "--codes", "8"]
+    )
+    schedule, name, params = serve_arguments(args)
+    assert schedule.total_seconds() == seconds and schedule_text(schedule) == f"every {seconds:g} s"
+    check_deployment(schedule, name, **params)  # a positive interval and good parameters: nothing refused
+    deployment = build_deployment(schedule, name, **params)
+    assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [seconds]
+    assert [getattr(s.schedule, "cron", None) for s in deployment.schedules] == [None]

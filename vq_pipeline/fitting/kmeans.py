@@ -21,6 +21,7 @@ pass (:class:`vq_pipeline.compute.data.EStepStats`, float64 sums), ``sample`` th
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,10 +30,18 @@ import torch
 
 from vq_pipeline.codebook import Codebook, tensor_fingerprint
 from vq_pipeline.compute.data import DataSource, InMemoryRows
-from vq_pipeline.compute.lloyd import ProgressCallback, run_steps
+from vq_pipeline.compute.lloyd import IterationStats, ProgressCallback, ProgressLines, also_logged, run_steps
+from vq_pipeline.compute.seeding import InitProgress
+from vq_pipeline.errors import InvalidInputError
 from vq_pipeline.fitting.flat import fit_steps
 from vq_pipeline.fitting.multilevel import fit_levels
-from vq_pipeline.fitting.options import FitOptions, fit_options, maybe_to_device
+from vq_pipeline.fitting.options import (
+    FitOptions,
+    fit_options,
+    maybe_to_device,
+    split_holdout,
+    with_holdout_stats,
+)
 from vq_pipeline.settings import FitSettings
 from vq_pipeline.validate import as_embeddings, check_nonzero_rows, normalize_rows
 
@@ -57,7 +66,9 @@ def fit_codebook(
     levels: int = FitSettings.levels,
     train_beam: int = FitSettings.train_beam,
     prune: bool = FitSettings.prune,
+    holdout: float = FitSettings.holdout,
     progress: ProgressCallback | None = None,
+    verbose: bool = False,
     sources: tuple[str, ...] = (),
     column: str = "",
 ) -> Codebook:
@@ -100,9 +111,18 @@ def fit_codebook(
             the same as without; ``timings['iteration_pruned']`` gives each pass's skipped rows. Off
             by default: it did not save time reliably in the benchmarks (docs' Engines page, "Exact
             pruned Lloyd").
+        holdout: keep this share of the rows out of the fit (0: none, the default): the rows of
+            :func:`vq_pipeline.fitting.options.holdout_rows` (seeded by ``seed``) are left out, the
+            codebook is the one fitted on the others, and ``stats["holdout"]`` records the share, the
+            held-out rows, the seed and their mean distance to their codes (``mean_distance``: squared
+            L2, or ``1 - cos``), the error on rows the fit did not see.
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
-            (k-means++ and the last step of k-means|| about every 5%), then with an
-            :class:`IterationStats` after every iteration (of every level, for a multi-level codec).
+            (when a seeding begins, after each k-means|| round, about every 5% of k-means++, at its end),
+            then with a :class:`vq_pipeline.compute.lloyd.IterationProgress` (an :class:`IterationStats`)
+            after every E step (of every level, for a multi-level codec); the last E step of each Lloyd
+            run has ``done=True``. :func:`vq_pipeline.compute.lloyd.print_progress` prints the lines
+            ``vq fit`` prints; ``log_progress(logger)`` logs them.
+        verbose: also write the progress lines ``vq fit`` writes to stderr (:class:`StderrProgress`).
         sources, column: provenance recorded in the codebook.
 
     Returns:
@@ -117,18 +137,51 @@ def fit_codebook(
     if opts.metric == "cosine":
         check_nonzero_rows(x)
         x = normalize_rows(x)
+    x, held = split_holdout(x, opts)
     source = InMemoryRows(
         maybe_to_device(x, opts.device), engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune
     )
-    return fit_source(
+    codebook = fit_source(
         source,
         opts,
         data_fingerprint=data_fingerprint,
         sources=sources,
         column=column,
-        progress=progress,
+        progress=with_verbose(progress, verbose),
         t_start=t_start,
     )
+    return with_holdout_stats(codebook, held, opts)
+
+
+class StderrProgress:
+    """A progress callback that writes to ``sys.stderr`` the lines ``vq fit`` writes when its output is
+    not a terminal (:class:`vq_pipeline.compute.lloyd.ProgressLines`): seeding's start, at most one line
+    a second and its end (``seeding: 256/256 initial centroids (0.4 s)``), then ``iteration 3/50: objective
+    12345.67 (-1.2%), 0.6 s elapsed, ETA at most 9.4 s`` after every iteration and the end of each Lloyd
+    run (``converged after 12 iterations: ...``), each line naming its level and restart where there are
+    several. ``then``: another callback, called with every event after the line."""
+
+    def __init__(self, then: ProgressCallback | None = None) -> None:
+        self.then = then
+        self.lines = ProgressLines(self._line)
+
+    def __call__(self, event: IterationStats | InitProgress) -> None:
+        self.lines(event)
+        if self.then is not None:
+            self.then(event)
+
+    @staticmethod
+    def _line(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def with_verbose(progress: ProgressCallback | None, verbose: bool) -> ProgressCallback | None:
+    """``progress``, preceded by the stderr lines of :class:`StderrProgress` when ``verbose``."""
+    if not isinstance(verbose, bool):
+        raise InvalidInputError(
+            f"verbose={verbose!r}; expected True or False. Fix: pass verbose=True to print the fit's progress lines."
+        )
+    return StderrProgress(progress) if verbose else progress
 
 
 def fit_source(
@@ -159,7 +212,7 @@ def fit_source(
         sources=sources,
         column=column,
         extra_stats=extra_stats,
-        progress=progress,
+        progress=also_logged(progress),  # the library's log gets the lines too
         t_start=t_start,
         checkpoint=checkpoint,
     )

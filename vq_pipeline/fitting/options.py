@@ -5,9 +5,11 @@ and where the training rows live (device placement).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from vq_pipeline.codebook import Codebook
@@ -36,6 +38,8 @@ class FitOptions:
     levels: int = 1
     train_beam: int = 1
     prune: bool = False
+    #: The share of the rows held out of the fit (0: none; see :func:`holdout_rows`).
+    holdout: float = 0.0
 
     @property
     def init_name(self) -> str:
@@ -56,6 +60,8 @@ class FitOptions:
             # Flat codebooks record exactly what they recorded before multi-level codecs existed.
             **({} if self.codec == "flat" else {"codec": self.codec, "levels": self.levels}),
             **({"train_beam": self.train_beam} if self.codec == "residual" else {}),
+            # Only when rows were held out: other fits record exactly what they recorded before.
+            **({"holdout": self.holdout} if self.holdout else {}),
         }
 
 
@@ -105,7 +111,64 @@ def fit_options(
         levels=settings.levels,
         train_beam=settings.train_beam if settings.codec == "residual" else 1,
         prune=settings.prune,
+        holdout=settings.holdout,
     )
+
+
+#: Mixed into the seed of the held-out rows' choice, so that it is not the stream a sample draws from.
+HOLDOUT_STREAM = 0x686F6C64
+
+
+def holdout_rows(n_rows: int, holdout: float, seed: int, *, n_codes: int) -> np.ndarray:
+    """The sorted positions, among ``n_rows`` training rows, of the ``round(holdout * n_rows)`` rows a
+    fit with ``holdout`` and ``seed`` keeps out: a uniform choice without replacement by
+    ``numpy.random.default_rng([seed, HOLDOUT_STREAM])``. Refuses a share that holds out no row, or
+    leaves fewer than ``n_codes`` rows to fit.
+
+    Returns:
+        (n_held,) int64 positions, increasing.
+    """
+    n_held = round(holdout * n_rows)
+    if n_held < 1 or n_rows - n_held < n_codes:
+        why = "holds out no row" if n_held < 1 else f"leaves {n_rows - n_held} rows to fit n_codes={n_codes} codes"
+        need = f"between {1 / n_rows:.3g} and {(n_rows - n_codes) / n_rows:.3g}" if n_rows > n_codes else "none"
+        raise TooFewPointsError(
+            f"holdout={holdout} of n_rows={n_rows} rows {why}; expected at least 1 held-out row and n_codes rows to "
+            f"fit (holdout {need}). Fix: pass a holdout in that range, holdout=0, or fit on more rows."
+        )
+    rng = np.random.default_rng([seed, HOLDOUT_STREAM])
+    return np.sort(rng.choice(n_rows, size=n_held, replace=False)).astype(np.int64)
+
+
+def split_holdout(x: torch.Tensor, opts: FitOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the rows to fit, the held-out rows or None) of the training rows ``x`` (n_rows, dim) under
+    ``opts.holdout``; both keep ``x``'s order, dtype and device."""
+    if not opts.holdout:
+        return x, None
+    held = holdout_rows(x.shape[0], opts.holdout, opts.seed, n_codes=opts.n_codes)
+    keep = np.ones(x.shape[0], dtype=bool)
+    keep[held] = False
+    index = torch.from_numpy(keep).to(x.device)
+    return x[index], x[~index]
+
+
+def with_holdout_stats(codebook: Codebook, held: torch.Tensor | None, opts: FitOptions) -> Codebook:
+    """``codebook`` with ``stats["holdout"]``: the share held out, the rows, their seed, and their mean
+    distance to their codes (squared L2, or ``1 - cos``; to the reconstruction for a multi-level
+    codebook), as :meth:`Codebook.encode` computes it; ``codebook`` itself when no rows were held out."""
+    if held is None:
+        return codebook
+    _, dist = codebook.encode(
+        held, return_distances=True, engine=opts.engine, device=opts.device, memory_budget=opts.memory_budget
+    )
+    mean = float(dist.to(torch.float64).mean())
+    stats = {
+        "fraction": opts.holdout,
+        "rows": int(held.shape[0]),
+        "seed": opts.seed,
+        "mean_distance": mean,
+    }
+    return dataclasses.replace(codebook, stats={**codebook.stats, "holdout": stats})
 
 
 def resolve_init(init: Any, codec: str) -> Any:

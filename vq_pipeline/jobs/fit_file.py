@@ -87,6 +87,9 @@ class FitSummary:
     n_unique: int | None = None
     level_mse: list[float] | None = None
     level_stats: list[dict[str, Any]] | None = None
+    #: A fit that kept rows out (``FitSettings.holdout``): ``fraction``, ``rows``, ``seed`` and
+    #: ``mean_distance`` of the held-out rows to their codes (the codebook's ``stats["holdout"]``); else None.
+    holdout: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, codebook: Codebook, path: Path, *, kept: bool, init: str, seconds: float) -> FitSummary:
@@ -133,6 +136,7 @@ class FitSummary:
             init_seconds=timings.get("init_seconds"),
             task_seconds=seconds,
             created_at=codebook.created_at,
+            holdout=dict(stats["holdout"]) if isinstance(stats.get("holdout"), dict) else None,
             **multi,
         )
 

@@ -24,7 +24,7 @@ from vq_pipeline.compute.lloyd import ProgressCallback
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
 from vq_pipeline.fitting.checkpoint import FitCheckpoint
 from vq_pipeline.fitting.kmeans import fit_source
-from vq_pipeline.fitting.options import FitOptions, fit_options
+from vq_pipeline.fitting.options import FitOptions, fit_options, split_holdout, with_holdout_stats
 from vq_pipeline.io import tables
 from vq_pipeline.io.discovery import Source
 from vq_pipeline.jobs.mappers import Mapper
@@ -68,6 +68,11 @@ def fit_from_tables(
     first rows). A mapper fits every row (a sample is meant to fit one machine). The partitioned fit
     equals the streamed one from the same init up to float64 summation order. The codebook records
     the sources, the column, the rows used, the sample seed and a fingerprint of the tables.
+
+    ``settings.holdout``: that share of the rows in memory (the sample's, or all rows in table order)
+    is kept out of the fit, chosen as :func:`vq_pipeline.fitting.options.holdout_rows` says, and their
+    mean distance to their codes is recorded in ``stats["holdout"]``; refused (before any row is read)
+    for streamed or partitioned fits.
     """
     t_start = time.perf_counter()
     settings = FitSettings() if settings is None else settings
@@ -83,7 +88,19 @@ def fit_from_tables(
     if settings.codec == "product":
         check_product_dim(dim, settings.levels)  # before any row is read
     fit = functools.partial(fit_source, progress=progress, t_start=t_start, checkpoint=ckpt, **provenance)
-    if mapper is not None and reading.sample is None:
+    partitioned = mapper is not None and reading.sample is None
+    if settings.holdout and (partitioned or streamed(counts, dim, reading)):
+        how = (
+            "through a mapper"
+            if partitioned
+            else f"streamed (their {sum(counts) * dim * 4:,} bytes exceed data_budget={reading.data_budget:,})"
+        )
+        raise InvalidInputError(
+            f"holdout={settings.holdout} but the {sum(counts):,} training rows are fitted {how}; expected the rows in "
+            f"memory, where the held-out rows are chosen. Fix: pass sample= (vq fit --sample N) to fit a sample in "
+            f"memory, raise data_budget, or pass holdout=0."
+        )
+    if partitioned:
         opts = fit_options(n_codes, settings, dim=dim, n_rows=sum(counts))
         spec = stream_spec(reading, opts, device=settings.device)
         with Exchange(scratch) as exchange:
@@ -91,8 +108,13 @@ def fit_from_tables(
             source = PartitionedTables(sources, counts, map_e_step, spec, dim=dim)
             mode = {"mode": "partitioned", "rows_total": sum(counts), "partitions": len(sources)}
             return fit(source, opts, extra_stats={**mode, **init_sample_stats(opts, sum(counts))})
-    source, opts, mode = _local_source(sources, counts, dim, n_codes, reading, settings)
-    return fit(source, opts, extra_stats=mode)
+    source, opts, mode, held = _local_source(sources, counts, dim, n_codes, reading, settings)
+    return with_holdout_stats(fit(source, opts, extra_stats=mode), held, opts)
+
+
+def streamed(counts: Sequence[int], dim: int, reading: TableSettings) -> bool:
+    """Whether a fit of every row in this process streams them (they take more than ``reading.data_budget``)."""
+    return reading.sample is None and sum(counts) * dim * 4 > reading.data_budget
 
 
 def _local_source(
@@ -102,9 +124,10 @@ def _local_source(
     n_codes: int,
     reading: TableSettings,
     settings: FitSettings,
-) -> tuple[DataSource, FitOptions, dict[str, Any]]:
+) -> tuple[DataSource, FitOptions, dict[str, Any], torch.Tensor | None]:
     """The rows of a fit in this process (a sample or all rows in memory, else streamed), its
-    resolved options and what the codebook records about the rows."""
+    resolved options, what the codebook records about the rows, and the rows held out of the fit
+    (``settings.holdout`` of the rows in memory; None without)."""
     n_total, column, storage_options, metric = sum(counts), reading.column, reading.storage_options, settings.metric
     if reading.sample is not None:
         sample = check_int(
@@ -113,7 +136,7 @@ def _local_source(
         positions = np.sort(np.random.default_rng(settings.seed).choice(n_total, size=sample, replace=False))
         x = validated_sample(sources, counts, positions, column=column, metric=metric, storage_options=storage_options)
         mode: dict[str, Any] = {"mode": "sample", "sample": sample, "sample_seed": settings.seed, "rows_total": n_total}
-    elif n_total * dim * 4 <= reading.data_budget:
+    elif not streamed(counts, dim, reading):
         x = torch.cat(list(validated_batches(sources, column, reading.batch_rows, dim, metric, storage_options)))
         mode = {"mode": "in-memory", "rows_total": n_total}
     else:
@@ -123,9 +146,11 @@ def _local_source(
     if x is not None:
         if opts.metric == "cosine":
             x = normalize_rows(x)  # zero rows were refused per file, with their row numbers
-        return InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune), opts, mode
+        x, held = split_holdout(x, opts)  # positions among the rows in memory (the sample's, or all in order)
+        source = InMemoryRows(x, engine=opts.engine, memory_budget=opts.memory_budget, prune=opts.prune)
+        return source, opts, mode, held
     source = StreamedTables(sources, counts, stream_spec(reading, opts), dim=dim, prune=opts.prune)
-    return source, opts, {**mode, **init_sample_stats(opts, n_total)}
+    return source, opts, {**mode, **init_sample_stats(opts, n_total)}, None
 
 
 def stream_spec(reading: TableSettings, opts: FitOptions, device: Any = None) -> StreamSpec:
