@@ -3,7 +3,7 @@
 Setup: the ``.venv-bench`` of ``benchmarks/README.md`` (faiss-cpu, scikit-learn, editable vq_pipeline). Command,
 from the repository root::
 
-    .venv-bench/bin/python benchmarks/codecs.py [--quick] [--repeats R] [--beams 1,5,8] [--methods LIST] [--json PATH]
+    .venv-bench/bin/python benchmarks/codecs.py [--quick] [--repeats R] [--beams 1,2,3,5] [--methods LIST] [--json PATH]
 
 FAISS missing (as in the project's ``.venv``): its methods are skipped with a message, ours still run.
 
@@ -350,7 +350,8 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help=f"a {QUICK_ROWS}-row subset and 1 repeat: a smoke check")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; --quick: 1)")
-    ap.add_argument("--beams", default="1,5,8", help="our residual encode widths, one row each (1 = greedy)")
+    # up to FAISS's default width (5): which of them reaches FAISS's default error at no more encode time
+    ap.add_argument("--beams", default="1,2,3,5", help="our residual encode widths, one row each (1 = greedy)")
     ap.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),

@@ -41,7 +41,7 @@ pytestmark = [
 def run_check(out: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(out), "GPU_CHECK_PYTHON": sys.executable, **env}
     full.pop("VQ_TEST_DEVICE", None)
-    return subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=240)
+    return subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 from vq_flows.cli import on_dask
+from vq_flows.cli.inspection import FAISS_QUALITY
 from vq_flows.cli.options import settings_from, storage_options
 from vq_flows.cli.progress import Console, EncodeProgress, dumps, plural
 
@@ -56,6 +57,8 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             f"-> {result.manifest}"
         )
     )
+    if result.codec == "residual" and settings.beam == 1 and result.rows_encoded:
+        console.progress(f"residual codes encoded greedily (--beam 1). {FAISS_QUALITY}")
     _warn_about_leftovers(args, console, result)
     return 0
 

@@ -163,7 +163,7 @@ def test_public_names_resolve_on_first_use() -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["fit", "--help"], ["encode", "--help"]])
 def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
-    proc = subprocess.run(command(*argv, importtime=True), capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(command(*argv, importtime=True), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert not HEAVY & imported(proc.stderr), sorted(HEAVY & imported(proc.stderr))
     if argv == ["--version"]:
@@ -176,7 +176,7 @@ def test_help_and_version_import_nothing_heavy(argv: list[str]) -> None:
 
 def test_inspect_imports_neither_torch_nor_polars_nor_prefect(codebook: Path) -> None:
     argv = command("inspect", str(codebook), importtime=True)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert not {"torch", "polars", "prefect"} & imported(proc.stderr)
     assert proc.stdout == cli.describe(Codebook.load(codebook), title=str(codebook)) + "\n"
@@ -199,7 +199,7 @@ def interrupt(argv: list[str], ready: Callable[[subprocess.Popen[str], str], boo
             pytest.fail(f"the command ended (status {proc.wait()}) before it was interrupted:\n{''.join(seen)}")
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
-        return proc.wait(timeout=120), "".join(seen) + rest
+        return proc.wait(timeout=600), "".join(seen) + rest
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -171,7 +171,7 @@ def test_trailing_junk_gaps_and_overlaps_are_refused(codebook: Codebook, tmp_pat
 # ----------------------------------------------------------------------------- paths that are not regular files
 
 
-def in_thread(fn: Callable[[], Any], timeout: float = 20.0) -> BaseException | None:
+def in_thread(fn: Callable[[], Any], timeout: float = 600.0) -> BaseException | None:
     """Run ``fn`` in a daemon thread; return what it raised. Fails if it has not returned by ``timeout``."""
     outcome: list[BaseException | None] = []
 

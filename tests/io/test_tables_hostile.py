@@ -105,7 +105,7 @@ def test_a_one_row_group_file_streams_in_bounded_memory_with_exact_batches(tmp_p
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -372,7 +372,7 @@ def cli_runs(work: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, req
         out = out_path(case, root / case.name)
         proc = subprocess.run(
             [sys.executable, "-m", "vq_flows.cli", *cli_argv(case, work, out)],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True, text=True, env=env, timeout=600,
         )
         return proc, out
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from conftest import encode_folder, snapshot
+from kill_points import CHILD_PRELUDE, count, kill_at, points
 from sklearn.datasets import load_digits
 
 from vq_pipeline import fit_codebook
@@ -200,14 +197,12 @@ def test_a_crash_inside_the_suffix_step_resumes_to_the_same_bytes(
     assert parquet_bytes(with_suffix(frame, frame["suffix"])) == (tmp_path / "want" / "part-0.parquet").read_bytes()
 
 
-CHILD = """
-import sys
-from vq_pipeline.jobs.encode_folder import encode_tables
+CHILD = CHILD_PRELUDE + """
+from vq_pipeline.jobs.encode_folder import EncodeEvents, encode_tables
 from vq_pipeline.settings import EncodeOptions, EncodeSettings
-print("ready", flush=True)
 settings = EncodeSettings("embedding", id_column="id", with_distance=True, unique=sys.argv[4] == "1")
-encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], settings, EncodeOptions(batch_rows=64))
-print("done", flush=True)
+encode_tables([sys.argv[1]], sys.argv[2], sys.argv[3], settings, EncodeOptions(batch_rows=64), events=EncodeEvents(rows=at_step))
+finish()
 """
 
 
@@ -216,34 +211,27 @@ print("done", flush=True)
 def test_kill_nine_then_resume_gives_identical_outputs(
     tmp_path: Path, digits: np.ndarray, books: dict, unique: bool
 ) -> None:
+    """kill -9 at chosen points (the child says when it is there: ``kill_points``), then resume."""
     codebook = tmp_path / "cb.safetensors"
     books["residual"].save(codebook)
     write_inputs(tmp_path / "in", digits, n_files=8)
     kwargs = dict(column="embedding", id_column="id", with_distance=True, batch_rows=64, unique=unique)
-    t0 = time.perf_counter()
     encode_folder([tmp_path / "in"], codebook, tmp_path / "reference", **kwargs)
-    seconds = time.perf_counter() - t0
     want = snapshot(tmp_path / "reference")
-    rng = random.Random(7 + unique)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    killed = 0
-    for trial in range(4):
-        out = tmp_path / f"run{trial}"
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(tmp_path / "in"), str(codebook), str(out), str(int(unique))],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.2, 1.2) * seconds)
-        child.send_signal(signal.SIGKILL)
-        killed += child.wait() == -signal.SIGKILL
-        child.stdout.close()
+    child = [sys.executable, "-c", CHILD, str(tmp_path / "in"), str(codebook)]
+    counted = count([*child, str(tmp_path / "counted"), str(int(unique))], env=env)
+    assert snapshot(tmp_path / "counted") == want, "the child's run differs from this process's"
+    chosen = points(counted, 4, seed=7 + unique)
+    if unique:  # and once while the suffixes are written, after every input is encoded
+        chosen.append(f"before-replace:{counted['replace'] - 2}")
+    for point in chosen:
+        out = tmp_path / point.replace(":", "-")
+        kill_at([*child, str(out), str(int(unique))], point, env=env)
         encode_folder([tmp_path / "in"], codebook, out, **kwargs)
-        assert snapshot(out) == want, f"trial {trial}: resumed run differs from the uninterrupted one"
+        assert snapshot(out) == want, f"{point}: resumed run differs from the uninterrupted one"
         shutil.rmtree(out)
-    assert killed >= 2
+    print(json.dumps({"counts": counted, "points": chosen}))
 
 
 def test_drift_per_level_on_two_runs(tmp_path: Path, digits: np.ndarray, books: dict) -> None:
