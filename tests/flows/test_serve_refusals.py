@@ -121,20 +121,6 @@ def test_every_refusal_of_the_flow_is_refused_by_vq_serve_before_it_serves(case:
         (["--cron", "not a cron"], "error: cron='not a cron' is not a cron schedule; expected 5 fields"),
         (["--cron", "61 * * * *"], "error: cron='61 * * * *' is not a cron schedule"),
         (["--cron", "0 * * * *", "--name", "a/b"], "error: name='a/b' is not a deployment name Prefect accepts"),
-    ],
-)
-def test_a_schedule_or_name_prefect_refuses_is_one_error_line(options: list[str], expected: str, tmp_path: Path) -> None:
-    """Refused by the deployment itself (no flow run involved): one line, naming the value and the fix."""
-    (tmp_path / "in").mkdir()
-    served = serve(tmp_path, *options, "--input-root", "in", "--work-dir", "work", "--column", "embedding", "--codes", "8")
-    assert served.returncode == 1 and served.stdout == "", served.stderr[-3000:]
-    (line,) = served.stderr.splitlines()
-    assert line.startswith(expected) and "Fix: pass" in line
-
-
-@pytest.mark.parametrize(
-    "options, expected",
-    [
         (["--interval", "0"], "error: interval=0 s; expected a positive time between scheduled runs. Fix: pass one"),
         (["--interval=-5m"], "error: interval=-300 s; expected a positive time between scheduled runs"),
         (["--interval", "soon"], "error: interval='soon' is not a duration; expected seconds (3600) or a number with"),
@@ -142,7 +128,9 @@ def test_a_schedule_or_name_prefect_refuses_is_one_error_line(options: list[str]
         ([], "error: neither --cron nor --interval given; expected exactly one schedule"),
     ],
 )
-def test_a_schedule_is_exactly_one_of_cron_and_a_positive_interval(options: list[str], expected: str, tmp_path: Path) -> None:
+def test_a_schedule_or_name_prefect_refuses_is_one_error_line(options: list[str], expected: str, tmp_path: Path) -> None:
+    """Refused by the deployment itself (no flow run involved): a cron string or a name Prefect refuses, an
+    interval that is not positive, both or neither schedule: one line, naming the value and the fix."""
     (tmp_path / "in").mkdir()
     served = serve(tmp_path, *options, "--input-root", "in", "--work-dir", "work", "--column", "embedding", "--codes", "8")
     assert served.returncode == 1 and served.stdout == "", served.stderr[-3000:]
