@@ -262,18 +262,22 @@ def print_progress(file: TextIO | None = None) -> ProgressLines:
     return ProgressLines(write)
 
 
+def chained(first: ProgressCallback, then: ProgressCallback | None) -> ProgressCallback:
+    """A ``progress`` callback that calls ``first``, then ``then`` (if any), with every event."""
+    if then is None:
+        return first
+
+    def both(event: Any) -> None:
+        first(event)
+        then(event)
+
+    return both
+
+
 def also_logged(progress: ProgressCallback | None) -> ProgressCallback:
     """``progress`` (if any) after the library's own log of the fit's lines (:func:`log_progress` on the
     ``vq_pipeline.compute.lloyd`` logger)."""
-    lines = log_progress(log)
-    if progress is None:
-        return lines
-
-    def both(event: Any) -> None:
-        lines(event)
-        progress(event)
-
-    return both
+    return chained(log_progress(log), progress)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ pass (:class:`vq_pipeline.compute.data.EStepStats`, float64 sums), ``sample`` th
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,7 @@ import torch
 
 from vq_pipeline.codebook import Codebook, tensor_fingerprint
 from vq_pipeline.compute.data import DataSource, InMemoryRows
-from vq_pipeline.compute.lloyd import IterationStats, ProgressCallback, ProgressLines, also_logged, run_steps
-from vq_pipeline.compute.seeding import InitProgress
+from vq_pipeline.compute.lloyd import ProgressCallback, also_logged, chained, print_progress, run_steps
 from vq_pipeline.errors import InvalidInputError
 from vq_pipeline.fitting.flat import fit_steps
 from vq_pipeline.fitting.multilevel import fit_levels
@@ -122,7 +120,7 @@ def fit_codebook(
             after every E step (of every level, for a multi-level codec); the last E step of each Lloyd
             run has ``done=True``. :func:`vq_pipeline.compute.lloyd.print_progress` prints the lines
             ``vq fit`` prints; ``log_progress(logger)`` logs them.
-        verbose: also write the progress lines ``vq fit`` writes to stderr (:class:`StderrProgress`).
+        verbose: also write the progress lines ``vq fit`` writes to stderr (:func:`with_verbose`).
         sources, column: provenance recorded in the codebook.
 
     Returns:
@@ -153,35 +151,14 @@ def fit_codebook(
     return with_holdout_stats(codebook, held, opts)
 
 
-class StderrProgress:
-    """A progress callback that writes to ``sys.stderr`` the lines ``vq fit`` writes when its output is
-    not a terminal (:class:`vq_pipeline.compute.lloyd.ProgressLines`): seeding's start, at most one line
-    a second and its end (``seeding: 256/256 initial centroids (0.4 s)``), then ``iteration 3/50: objective
-    12345.67 (-1.2%), 0.6 s elapsed, ETA at most 9.4 s`` after every iteration and the end of each Lloyd
-    run (``converged after 12 iterations: ...``), each line naming its level and restart where there are
-    several. ``then``: another callback, called with every event after the line."""
-
-    def __init__(self, then: ProgressCallback | None = None) -> None:
-        self.then = then
-        self.lines = ProgressLines(self._line)
-
-    def __call__(self, event: IterationStats | InitProgress) -> None:
-        self.lines(event)
-        if self.then is not None:
-            self.then(event)
-
-    @staticmethod
-    def _line(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-
 def with_verbose(progress: ProgressCallback | None, verbose: bool) -> ProgressCallback | None:
-    """``progress``, preceded by the stderr lines of :class:`StderrProgress` when ``verbose``."""
+    """``progress``, preceded by the lines ``vq fit`` prints on stderr
+    (:func:`vq_pipeline.compute.lloyd.print_progress`) when ``verbose``."""
     if not isinstance(verbose, bool):
         raise InvalidInputError(
             f"verbose={verbose!r}; expected True or False. Fix: pass verbose=True to print the fit's progress lines."
         )
-    return StderrProgress(progress) if verbose else progress
+    return chained(print_progress(), progress) if verbose else progress
 
 
 def fit_source(

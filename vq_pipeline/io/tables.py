@@ -408,31 +408,37 @@ def duplicate_ids(
 
 
 def shared_ids(
-    path: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]],
     sources: Sequence[Source],
     id_column: str,
     *,
     storage_options: dict[str, Any] | None = None,
     limit: int = 3,
-) -> tuple[Any, Any, list[Any]]:
-    """(the ``id_column`` type of the local parquet file ``path``, its type in ``sources``, up to ``limit``
-    ids of ``sources`` that ``path`` holds too: none when the types differ). Reads only the id columns.
+) -> Iterator[tuple[Any, Any, list[Any]]]:
+    """For each local parquet file of ``paths``, in order: (its ``id_column`` type, the type in ``sources``,
+    up to ``limit`` ids of ``sources`` that it holds too: none when the types differ). The id columns
+    of ``sources`` are read once, whatever the number of files.
 
     Raises:
         InvalidInputError: a file that cannot be read, or that has no ``id_column``.
     """
     theirs = pl.concat([scan(s, storage_options=storage_options).select(pl.col(id_column)) for s in sources])
-    kept = Source(os.fspath(path), Path(path).name)
-    with _reading(kept):
-        lf = pl.scan_parquet(polars_path(path), glob=False)
-        _check_columns(kept, lf.collect_schema(), column=id_column)
-        kept_type = lf.collect_schema()[id_column]
     their_type = theirs.collect_schema()[id_column]
-    if kept_type != their_type:
-        return kept_type, their_type, []
-    with _reading(kept):
-        found = lf.select(pl.col(id_column)).join(theirs.unique(), on=id_column, how="inner").head(limit).collect()
-    return kept_type, their_type, found[id_column].to_list()
+    unique: pl.DataFrame | None = None  # the ids of ``sources``, read when a file of their type needs them
+    for path in paths:
+        kept = Source(os.fspath(path), Path(path).name)
+        with _reading(kept):
+            lf = pl.scan_parquet(polars_path(path), glob=False)
+            _check_columns(kept, lf.collect_schema(), column=id_column)
+            kept_type = lf.collect_schema()[id_column]
+        if kept_type != their_type:
+            yield kept_type, their_type, []
+            continue
+        if unique is None:
+            unique = theirs.unique().collect(engine="streaming")
+        with _reading(kept):
+            found = lf.select(pl.col(id_column)).join(unique.lazy(), on=id_column, how="inner").head(limit).collect()
+        yield kept_type, their_type, found[id_column].to_list()
 
 
 def sample_rows(

@@ -350,10 +350,14 @@ def check_suffix_ids(
         "Fix: pass --prune (prune=True) to drop the outputs of inputs not in this run, leave the clashing rows "
         "out of the input, or encode into another folder. Nothing was written."
     )
-    for key, receipt in sorted(stale.items()):
+    kept_outputs = sorted(stale.items())
+    found = tables.shared_ids(
+        [out / r["output"] for _, r in kept_outputs], sources, id_column, storage_options=storage_options
+    )
+    for key, receipt in kept_outputs:
         kept = out / receipt["output"]
         try:
-            kept_type, wanted_type, clash = tables.shared_ids(kept, sources, id_column, storage_options=storage_options)
+            kept_type, wanted_type, clash = next(found)
         except InvalidInputError as exc:
             raise StateError(
                 f"{exc} (output kept from an earlier run of input {key!r}; unique=True ranks its ids "
@@ -499,56 +503,24 @@ def encode_source(
         storage_options=options.storage_options,
     ):
         ids = batch.ids if batch.ids is not None else tables.row_positions(batch)
-        if multi:
-            codes, distances = _encode_levels(source, batch, codebook, settings, options)  # (n, levels), (n,)
+        codes, distances = _encode_batch(source, batch, codebook, settings, options)
+        shared = dict(
+            n_codes=codebook.n_codes,
+            id_column=settings.id_column or "row",
+            distances=distances if settings.with_distance else None,
+            keep=batch.keep,
+            pinned_dtype=settings.code_dtype,
+        )
+        if multi:  # (n, levels) codes, (n,) distances to the reconstruction
             for level in range(codebook.levels):
                 code_counts[level] += torch.bincount(codes[:, level], minlength=codebook.n_codes)
-            distance_sum += float(distances.double().sum())
-            frames.append(
-                tables.level_codes_frame(
-                    ids,
-                    codes,
-                    n_codes=codebook.n_codes,
-                    id_column=settings.id_column or "row",
-                    distances=distances if settings.with_distance else None,
-                    keep=batch.keep,
-                    pinned_dtype=settings.code_dtype,
-                    suffix=settings.unique,
-                )
-            )
-            done += len(batch)
-            if progress is not None:
-                progress(source.key, done, info.n_rows)
-            continue
-        try:
-            codes, distances = encode_tensor(
-                codebook.centroids,
-                codebook.metric,
-                batch.x,
-                top_k=settings.top_k,
-                return_distances=True,
-                engine=options.engine,
-                device=options.device,
-                memory_budget=options.memory_budget,
-                name=settings.column,
-                row_offset=batch.offset,
-            )
-        except InvalidInputError as exc:
-            raise type(exc)(f"{source.uri}: {exc}") from None
-        nearest = codes if codes.ndim == 1 else codes[:, 0]  # (n,)
-        code_counts += torch.bincount(nearest, minlength=codebook.n_codes)
-        distance_sum += float((distances if distances.ndim == 1 else distances[:, 0]).double().sum())
-        frames.append(
-            tables.codes_frame(
-                ids,
-                codes,
-                n_codes=codebook.n_codes,
-                id_column=settings.id_column or "row",
-                distances=distances if settings.with_distance else None,
-                keep=batch.keep,
-                pinned_dtype=settings.code_dtype,
-            )
-        )
+            nearest_distances = distances
+            frames.append(tables.level_codes_frame(ids, codes, suffix=settings.unique, **shared))
+        else:  # (n,) or (n, top_k)
+            code_counts += torch.bincount(codes if codes.ndim == 1 else codes[:, 0], minlength=codebook.n_codes)
+            nearest_distances = distances if distances.ndim == 1 else distances[:, 0]
+            frames.append(tables.codes_frame(ids, codes, **shared))
+        distance_sum += float(nearest_distances.double().sum())
         done += len(batch)
         if progress is not None:
             progress(source.key, done, info.n_rows)
@@ -581,24 +553,28 @@ def encode_source(
     return receipt
 
 
-def _encode_levels(
+def _encode_batch(
     source: Source, batch: tables.Batch, codebook: Codebook, settings: EncodeSettings, options: EncodeOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's (n, levels) int64 codes and (n,) float32 distances to the reconstruction (CPU)."""
+    """A batch's int64 codes and float32 distances (CPU): (n, levels) codes and (n,) distances to the
+    reconstruction for a multi-level codebook, else (n,) or (n, top_k) of each. Errors name the file."""
+    common: dict[str, Any] = dict(
+        return_distances=True,
+        engine=options.engine,
+        device=options.device,
+        memory_budget=options.memory_budget,
+        name=settings.column,
+        row_offset=batch.offset,
+    )
     try:
-        codes, distances = encode_multilevel(
-            codebook.centroids,
-            codebook.codec,
-            codebook.metric,
-            batch.x,
-            beam=settings.beam,
-            return_distances=True,
-            engine=options.engine,
-            device=options.device,
-            memory_budget=options.memory_budget,
-            name=settings.column,
-            row_offset=batch.offset,
-        )
+        if codebook.codec != "flat":
+            codes, distances = encode_multilevel(
+                codebook.centroids, codebook.codec, codebook.metric, batch.x, beam=settings.beam, **common
+            )
+        else:
+            codes, distances = encode_tensor(
+                codebook.centroids, codebook.metric, batch.x, top_k=settings.top_k, **common
+            )
     except InvalidInputError as exc:
         raise type(exc)(f"{source.uri}: {exc}") from None
     assert distances is not None  # asked for
