@@ -98,13 +98,18 @@ def _progress_events(out_dir: str) -> EncodeEvents:
 
 def _summary_table(result: EncodeResult) -> None:
     description = f"{len(result.encoded)} encoded, {len(result.skipped)} skipped → {result.manifest}"
-    if result.codec != "flat":
+    if result.codec in ("scalar", "binary"):
+        description += f"; {result.codec} codes, one per dimension ({result.levels}), packed"
+    elif result.codec != "flat":
         description += f"; {result.codec} codes, {result.levels} levels"
         ids = result.semantic_ids
         if ids is not None:
             description += (
                 f"; collision rate before suffixes {100 * ids['collision_rate']:.2f}%, max suffix {ids['max_suffix']}"
             )
+            if ids.get("id_registry"):
+                reg = ids["id_registry"]
+                description += f"; id version {reg['id_version']}: {reg['issued']} ids issued, {reg['kept']} kept"
     create_table_artifact(
         table=result.files(), key=scoped_key(SUMMARY_ARTIFACT_KEY, result.out_dir), description=description
     )
@@ -118,6 +123,8 @@ def encode_embeddings_flow(
     settings: EncodeSettings,
     options: EncodeOptions | None = None,
     dask: str | None = None,
+    registry: str | None = None,
+    publish_ids: bool = False,
 ) -> dict[str, Any]:
     """Encode every input table into ``out_dir`` with the codebook file ``codebook``, exactly once:
     :func:`vq_pipeline.jobs.encode_folder.encode_tables` (its ``settings``, ``options`` and errors) with
@@ -126,6 +133,9 @@ def encode_embeddings_flow(
     ``dask``: run the ``encode-file`` tasks on a Dask cluster, ``local:N`` or a scheduler address (see
     :mod:`vq_flows.dask`); planning, the lock and the manifest stay in the flow's process. The
     outputs, receipts and manifest are the same bytes as a local run's.
+
+    ``registry`` and ``publish_ids`` (with ``settings.id_registry``): the id registry's folder and whether
+    this run publishes a new id version (:func:`~vq_pipeline.jobs.encode_folder.encode_tables`).
 
     Returns:
         :meth:`EncodeResult.to_dict` (``out_dir``, ``manifest``, ``codebook``, ``codebook_fingerprint``,
@@ -140,7 +150,15 @@ def encode_embeddings_flow(
     with contextlib.ExitStack() as stack:
         mapper = TaskMapper(encode_file_task, dask=dask, stack=stack)
         result = encode_tables(
-            inputs, codebook, out_dir, settings, options, mapper=mapper, events=_progress_events(out_dir)
+            inputs,
+            codebook,
+            out_dir,
+            settings,
+            options,
+            mapper=mapper,
+            events=_progress_events(out_dir),
+            registry=registry,
+            publish_ids=publish_ids,
         )
     _summary_table(result)
     get_run_logger().info(

@@ -5,7 +5,9 @@ holds the work_dir's lock and makes every decision: fit when there is no current
 settings changed); encode every input file not yet encoded with the current codebook; measure drift
 on the newly encoded rows; refit, warm-started from the current codebook, when a refit rule fires;
 renumber a new codebook's codes to agree with the codebook it replaces; after a refit, make the new
-codebook current and encode everything into its own folder (the old folder is left as is).
+codebook current and encode everything into its own folder (the old folder is left as is). With
+semantic ids through an id registry (``settings.unique`` and ``settings.id_registry``), the ids are
+issued through the work_dir's registry, and ``settings.id_policy`` says what a refit does to them.
 
 This flow says where the steps run (:class:`FlowSteps`: the fit and encode flows as subflows, on one
 Dask cluster for the whole run with ``dask``; the small steps as tasks) and publishes the report as
@@ -67,7 +69,16 @@ class FlowSteps(PipelineSteps):
         )
 
     def encode(self, job: EncodeJob) -> dict[str, Any]:
-        return encode_embeddings_flow(list(job.inputs), job.codebook, job.out_dir, job.settings, job.options, self.dask)
+        return encode_embeddings_flow(
+            list(job.inputs),
+            job.codebook,
+            job.out_dir,
+            job.settings,
+            job.options,
+            self.dask,
+            registry=job.registry,
+            publish_ids=job.publish_ids,
+        )
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if name not in self.tasks:  # one Prefect task per step, made on its first run

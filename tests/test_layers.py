@@ -34,6 +34,7 @@ OWNERS = {
         "vq_pipeline/io/table_writer.py",
         "vq_pipeline/arrays.py",  # the caller's polars Series in and out at the public edge
         "vq_pipeline/jobs/semantic_ids.py",  # semantic-id suffixes and collision stats of code tables
+        "vq_pipeline/jobs/registry.py",  # the id registry: issued semantic ids, append-only parquet batches
     },
 }
 # The base modules, below every room: the public edge's validation, settings, errors, array kinds.

@@ -38,10 +38,13 @@ _EXPORTS = {
     "collision_stats_table": "jobs.semantic_ids",
     "suffix_table": "jobs.semantic_ids",
     "unique_suffix": "compute.semantic_ids",
+    "hamming": "compute.codecs",
+    "hamming_topk": "compute.codecs",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
     from vq_pipeline.codebook import Codebook
+    from vq_pipeline.compute.codecs import hamming, hamming_topk
     from vq_pipeline.compute.lloyd import IterationStats
     from vq_pipeline.compute.seeding import InitProgress
     from vq_pipeline.compute.semantic_ids import collision_stats, unique_suffix
@@ -120,6 +123,8 @@ __all__ = [
     "fit_codebook",
     "fit_from_tables",
     "fit_minibatch",
+    "hamming",
+    "hamming_topk",
     "run_once",
     "suffix_table",
     "unique_suffix",

@@ -27,8 +27,66 @@ CODE_DTYPE_NAMES = ("uint8", "uint16", "uint32", "uint64", "int16", "int32", "in
 TABLE_SUFFIXES = (".parquet", ".arrow", ".ipc", ".feather")
 #: How a codebook turns a row into codes: "flat" (one K-means, one code per row), "residual" (level
 #: ``l`` quantizes what levels ``0..l-1`` leave: coarse-to-fine semantic ids) or "product" (level
-#: ``l`` quantizes its own contiguous slice of the dimensions: compression).
-CODECS = ("flat", "residual", "product")
+#: ``l`` quantizes its own contiguous slice of the dimensions: compression), "scalar" (``bits`` per
+#: dimension on a calibrated per-dimension grid) or "binary" (one bit per dimension: the sign after
+#: centring). Scalar and binary codebooks have one level per dimension.
+CODECS = ("flat", "residual", "product", "scalar", "binary")
+#: The orthogonal rotation applied to rows before they are coded: "none"; "random" (a seeded random
+#: rotation: residual, product, binary); "opq" (learned with product codes: product, residual); "itq"
+#: (iterative quantization of the signs: binary).
+ROTATIONS = ("none", "random", "opq", "itq")
+#: The rotations each codec takes.
+CODEC_ROTATIONS = {
+    "flat": ("none",),
+    "residual": ("none", "random", "opq"),
+    "product": ("none", "random", "opq"),
+    "scalar": ("none",),
+    "binary": ("none", "random", "itq"),
+}
+#: Bits per dimension of scalar codes (``n_codes = 2**bits``).
+SCALAR_BITS = (8, 4)
+#: How a scalar codebook calibrates each dimension's range on the training rows: "minmax", "quantile"
+#: (the 0.001 and 0.999 quantiles of a seeded sample of at most 65,536 rows), or "mse" (per dimension,
+#: the range of least squared error on that sample among the min/max and trimmed quantile ranges).
+SCALAR_RANGES = ("minmax", "quantile", "mse")
+#: Codecs with one level per dimension and a fixed grid of values per dimension.
+PER_DIMENSION_CODECS = ("scalar", "binary")
+#: What a refit of the scheduled pipeline does to issued semantic ids (``PipelineSettings.id_policy``):
+#: "keep" the current id version (new items go on being encoded with the codebook that issued it), or
+#: "publish" a new id version (every item re-encoded with the new codebook, with old->new tables).
+ID_POLICY_NAMES = ("keep", "publish")
+
+
+def check_codec_settings(codec: str, rotation: str, bits: int, scalar_range: str) -> None:
+    """Refuse a ``rotation``, ``bits`` or ``scalar_range`` that ``codec`` does not take (see
+    CODEC_ROTATIONS, SCALAR_BITS, SCALAR_RANGES)."""
+    from vq_pipeline.errors import InvalidInputError
+    from vq_pipeline.validate import check_choice
+
+    check_choice("rotation", rotation, ROTATIONS)
+    allowed = CODEC_ROTATIONS.get(codec, ("none",))
+    if rotation not in allowed:
+        takers = [c for c, r in CODEC_ROTATIONS.items() if rotation in r]
+        raise InvalidInputError(
+            f"rotation={rotation!r} with codec={codec!r}; the {codec} codec takes rotation in {allowed}. "
+            f"Fix: pass rotation='none', or a codec that takes {rotation!r} ({', '.join(takers)})."
+        )
+    if isinstance(bits, bool) or bits not in SCALAR_BITS:
+        raise InvalidInputError(
+            f"bits={bits!r}; expected one of {SCALAR_BITS} (bits per dimension of scalar codes). "
+            f"Fix: pass bits=8 or bits=4."
+        )
+    if codec != "scalar" and bits != 8:
+        raise InvalidInputError(
+            f"bits={bits} with codec={codec!r}; bits are set for codec='scalar' only. "
+            f"Fix: pass codec='scalar', or leave bits at its default (8)."
+        )
+    check_choice("scalar_range", scalar_range, SCALAR_RANGES)
+    if codec != "scalar" and scalar_range != "minmax":
+        raise InvalidInputError(
+            f"scalar_range={scalar_range!r} with codec={codec!r}; a range is calibrated for codec='scalar' only. "
+            f"Fix: pass codec='scalar', or leave scalar_range at its default ('minmax')."
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +131,17 @@ class FitSettings:
     #: (:func:`vq_pipeline.fitting.options.holdout_rows`), whose mean distance to their codes the
     #: codebook records as ``stats["holdout"]`` (the error on rows the fit did not see).
     holdout: float = 0.0
+    #: Balanced codes: every code (of every level) holds at most ``ceil((1 + balance) * n_rows / n_codes)``
+    #: training rows, the E step a capped assignment (:mod:`vq_pipeline.compute.balanced`); None: off.
+    balance: float | None = None
+    #: A name from ROTATIONS: the orthogonal rotation applied to rows before coding (see CODEC_ROTATIONS).
+    rotation: str = "none"
+    #: "scalar": bits per dimension, 8 or 4 (SCALAR_BITS); the codebook has ``2**bits`` codes per dimension.
+    bits: int = 8
+    #: "scalar": a name from SCALAR_RANGES, how each dimension's range is calibrated.
+    scalar_range: str = "minmax"
+    #: Outer iterations of a learned rotation ("opq", "itq"); unused otherwise.
+    rotation_iters: int = 20
 
     def __post_init__(self) -> None:
         from vq_pipeline.errors import InvalidInputError
@@ -86,6 +155,15 @@ class FitSettings:
                 f"(0: none). Fix: pass e.g. holdout=0.1 to hold out 10% of the rows, or 0."
             )
         object.__setattr__(self, "holdout", float(holdout))
+        balance = self.balance
+        if balance is not None:
+            if isinstance(balance, bool) or not isinstance(balance, int | float) or not 0 <= balance < float("inf"):
+                raise InvalidInputError(
+                    f"balance={balance!r}; expected None (off) or a number >= 0: every code then holds at most "
+                    f"ceil((1 + balance) * n_rows / n_codes) rows. Fix: pass e.g. balance=0.05 (codes at most 5% over "
+                    f"an equal share), or None."
+                )
+            object.__setattr__(self, "balance", float(balance))
         check_choice("codec", self.codec, CODECS)
         object.__setattr__(self, "levels", check_int("levels", self.levels, minimum=1))
         object.__setattr__(self, "train_beam", check_int("train_beam", self.train_beam, minimum=1))
@@ -98,6 +176,9 @@ class FitSettings:
                 f"levels={self.levels} with codec='flat'; a flat codebook has one level. "
                 f"Fix: pass codec='residual' or codec='product' for {self.levels} levels, or levels=1."
             )
+        check_codec_settings(self.codec, self.rotation, self.bits, self.scalar_range)
+        object.__setattr__(self, "bits", int(self.bits))
+        object.__setattr__(self, "rotation_iters", check_int("rotation_iters", self.rotation_iters, minimum=1))
         object.__setattr__(self, "n_iter", check_int("n_iter", self.n_iter, minimum=0))
         object.__setattr__(self, "tol", check_float("tol", self.tol))
         object.__setattr__(self, "seed", check_int("seed", self.seed, minimum=0))
@@ -128,8 +209,8 @@ class FitSettings:
     @classmethod
     def from_keywords(cls, values: dict[str, Any]) -> FitSettings:
         """The settings among ``values`` (a fit function's ``locals()``: its keyword arguments of the
-        same names as the fields), validated; other entries are ignored."""
-        return cls(**{f: values[f] for f in cls.__dataclass_fields__})
+        same names as the fields), validated; other entries are ignored, absent fields take their defaults."""
+        return cls(**{f: values[f] for f in cls.__dataclass_fields__ if f in values})
 
     def keywords(self) -> dict[str, Any]:
         """These settings as the keyword arguments of the fit functions."""
@@ -197,21 +278,38 @@ class EncodeSettings:
     beam: int = 1
     #: Multi-level codebooks: add a ``suffix`` that makes every row's tuple unique in the folder.
     unique: bool = False
+    #: With ``unique``: issue the suffixes through the output's id registry (append-only: an issued id
+    #: never changes, :mod:`vq_pipeline.jobs.registry`) instead of ranking the folder's rows again on
+    #: every run. Needs ``id_column``. Not part of what the codes are (``to_dict`` leaves it out): a
+    #: folder written with ``unique`` alone takes the registry on, adopting its suffixes.
+    id_registry: bool = False
 
     def __post_init__(self) -> None:
+        from vq_pipeline.errors import InvalidInputError
         from vq_pipeline.validate import check_int
 
         # code_dtype is checked against the codebook's n_codes when a run plans (tables.code_dtype).
         object.__setattr__(self, "keep", tuple(self.keep))
         object.__setattr__(self, "top_k", check_int("top_k", self.top_k, minimum=1))
         object.__setattr__(self, "beam", check_int("beam", self.beam, minimum=1))
-        if not isinstance(self.unique, bool):
-            from vq_pipeline.errors import InvalidInputError
-
-            raise InvalidInputError(f"unique={self.unique!r}; expected True or False.")
+        for name in ("unique", "id_registry"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name}={getattr(self, name)!r}; expected True or False.")
+        if self.id_registry and not self.unique:
+            raise InvalidInputError(
+                "id_registry=True with unique=False; expected unique=True (the registry issues the suffixes that "
+                "make semantic ids unique). Fix: pass unique=True (--unique) with id_registry (--id-registry)."
+            )
+        if self.id_registry and not self.id_column:
+            raise InvalidInputError(
+                f"id_registry=True with id_column={self.id_column!r}; expected an id column: the registry keys "
+                f"every issued id by its item, and row positions name no item across runs. Fix: pass "
+                f"id_column= the column of item ids (--id-column ID)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = {**asdict(self), "keep": list(self.keep)}
+        d.pop("id_registry")  # how suffixes are issued, not what the codes are: see the field
         # Folders written before these options existed keep matching while they are at their defaults.
         for key, default in (("code_dtype", None), ("beam", 1), ("unique", False)):
             if d[key] == default:
@@ -270,6 +368,10 @@ class PipelineSettings:
     #: "flat", or "residual"/"product" codebooks of ``levels`` levels; a change refits.
     codec: str = "flat"
     levels: int = 1
+    #: A name from ROTATIONS applied before coding (residual, product, binary; see CODEC_ROTATIONS).
+    rotation: str = "none"
+    #: "scalar" codebooks: bits per dimension (8 or 4).
+    bits: int = 8
     #: Refit when the codebook is older than this many hours (None: never on schedule).
     refit_every_hours: float | None = DEFAULT_REFIT_EVERY_HOURS
     #: Refit when new rows' mean distance exceeds the training one by this fraction.
@@ -277,6 +379,17 @@ class PipelineSettings:
     #: Refit when new rows' code-usage divergence exceeds its finite-sample bias by this many bits
     #: (evaluated from ``max(100, 5 * n_codes)`` new rows on; None: never).
     usage_threshold: float | None = DEFAULT_USAGE_THRESHOLD
+    #: Multi-level codebooks: write a ``suffix`` beside the codes that makes every row's tuple unique
+    #: in its codes folder (semantic ids; :attr:`EncodeSettings.unique`).
+    unique: bool = False
+    #: With ``unique``: issue the suffixes through the work_dir's id registry (``ids/registry``), so
+    #: that an issued id never changes; needs ``id_column``.
+    id_registry: bool = False
+    #: With ``id_registry``, what a refit does to issued ids (a name from ID_POLICY_NAMES): "keep" the
+    #: current id version (new items go on being encoded with the codebook that issued it; the refit
+    #: becomes the current codebook but issues no ids), or "publish" a new id version (every item
+    #: re-encoded with the refit, with old->new tables; the previous version stays readable).
+    id_policy: str = "keep"
 
     def __post_init__(self) -> None:
         from vq_pipeline.errors import InvalidInputError
@@ -298,10 +411,27 @@ class PipelineSettings:
                 f"refit_every_hours={self.refit_every_hours!r}; expected hours >= 0 (0: refit on every run). "
                 f"Fix: pass e.g. {DEFAULT_REFIT_EVERY_HOURS}, or None to refit only on drift."
             )
+        from vq_pipeline.validate import check_choice
+
+        check_choice("id_policy", self.id_policy, ID_POLICY_NAMES)
+        if self.id_policy != "keep" and not self.id_registry:
+            raise InvalidInputError(
+                f"id_policy={self.id_policy!r} with id_registry=False; expected an id registry, whose id versions "
+                f"the policy decides. Fix: pass id_registry=True (--id-registry) with unique=True and an id_column, "
+                f"or leave id_policy at 'keep'."
+            )
         self.fit_settings(), self.reading(), self.encode_settings()  # refused here, not on the first run
 
     def fit_settings(self) -> FitSettings:
-        return FitSettings(metric=self.metric, seed=self.seed, engine=self.engine, codec=self.codec, levels=self.levels)
+        return FitSettings(
+            metric=self.metric,
+            seed=self.seed,
+            engine=self.engine,
+            codec=self.codec,
+            levels=self.levels,
+            rotation=self.rotation,
+            bits=self.bits,
+        )
 
     def reading(self) -> TableSettings:
         return TableSettings(self.column, sample=self.sample)
@@ -313,6 +443,8 @@ class PipelineSettings:
             top_k=PIPELINE_TOP_K,
             with_distance=PIPELINE_WITH_DISTANCE,
             code_dtype=self.code_dtype,
+            unique=self.unique,
+            id_registry=self.id_registry,
         )
 
     def encode_options(self) -> EncodeOptions:
@@ -329,6 +461,13 @@ class PipelineSettings:
 
 __all__ = [
     "CODECS",
+    "CODEC_ROTATIONS",
+    "ID_POLICY_NAMES",
+    "PER_DIMENSION_CODECS",
+    "ROTATIONS",
+    "SCALAR_BITS",
+    "SCALAR_RANGES",
+    "check_codec_settings",
     "CODE_DTYPE_NAMES",
     "EncodeOptions",
     "EncodeSettings",

@@ -51,8 +51,12 @@ from vq_pipeline.fitting.multilevel import stated_objective
 from vq_pipeline.fitting.minibatch import FIT_DEFAULTS as _DEFAULTS
 from vq_pipeline.fitting.minibatch import MiniBatchState, start_minibatch, update_minibatch
 from vq_pipeline.fitting.options import resolve_init
-from vq_pipeline.settings import INITS, FitSettings
+from vq_pipeline.settings import INITS, PER_DIMENSION_CODECS, FitSettings
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
+
+
+#: The estimator's default ``n_codes``: for scalar and binary codes, "the one count the codec takes".
+_DEFAULT_N_CODES = 8
 
 
 class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
@@ -76,6 +80,14 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         codec, levels: 'flat' (default), or 'residual' / 'product' codes of ``levels`` codes per row
             (see ``fit_codebook``): ``predict`` and ``labels_`` then give (n_rows, levels) codes and
             ``inverse_transform`` decodes them; ``transform`` and ``partial_fit`` are for flat codes.
+            'scalar' (``bits`` per dimension) and 'binary' (one bit per dimension) give one code per
+            dimension: (n_rows, n_features) codes; their ``n_codes`` is ``2**bits`` and 2 (leave it at
+            its default or pass that), their ``levels`` 1 or ``n_features``.
+        rotation: 'none' (default), 'opq' or 'random' (product, residual), 'itq' or 'random' (binary):
+            the orthogonal rotation of the rows before they are coded (see ``fit_codebook``).
+        bits: 8 (default) or 4, bits per dimension of scalar codes. scalar_range: 'minmax' (default) or
+            'quantile', how scalar codes calibrate each dimension's range. rotation_iters: rounds of
+            learning an 'opq' or 'itq' rotation.
         verbose: ``fit`` writes the lines ``vq fit`` writes to stderr (seeding, then every
             iteration); 0 or False (the default): nothing.
 
@@ -91,7 +103,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         n_steps_: batches absorbed by ``partial_fit`` (0 after ``fit``).
         n_features_in_, feature_names_in_: as every scikit-learn estimator sets them.
 
-    The parameters that define the codes (``n_codes``, ``metric``, ``codec``, ``levels``) always
+    The parameters that define the codes (``n_codes``, ``metric``, ``codec``, ``levels``, ``rotation``,
+    ``bits``, ``scalar_range``) always
     describe the fitted codebook: :meth:`from_codebook` refuses overrides that contradict its
     codebook, and after ``set_params`` changes one of them on a fitted estimator, ``predict``,
     ``transform``, ``score``, ``inverse_transform`` and ``partial_fit`` raise
@@ -99,7 +112,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
     scikit-learn) until ``fit`` fits the new ones, so that ``get_params()`` never describes codes
     other than those used, and ``clone(est).fit(X)`` fits the codebook ``est``'s parameters say.
     Parameters that only steer a fit or the computation (``n_iter``, ``tol``, ``init``,
-    ``random_state``, ``n_init``, ``engine``, ``device``, ``memory_budget``) may change at any time.
+    ``random_state``, ``n_init``, ``engine``, ``device``, ``memory_budget``, ``rotation_iters``) may change at
+    any time.
     """
 
     def __init__(
@@ -119,6 +133,10 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         levels: int = _DEFAULTS["levels"],
         n_clusters: int | None = None,
         verbose: int = 0,
+        rotation: str = FitSettings.rotation,
+        bits: int = FitSettings.bits,
+        scalar_range: str = FitSettings.scalar_range,
+        rotation_iters: int = FitSettings.rotation_iters,
     ) -> None:
         self.n_codes = n_codes
         self.metric = metric
@@ -134,6 +152,10 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         self.levels = levels
         self.n_clusters = n_clusters
         self.verbose = verbose
+        self.rotation = rotation
+        self.bits = bits
+        self.scalar_range = scalar_range
+        self.rotation_iters = rotation_iters
 
     # ------------------------------------------------------------------ fitting
 
@@ -145,7 +167,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """
         X = self._validate(X, reset=True)
         n_codes = self._check_shape(X)
-        if X.shape[0] < n_codes:
+        if self.codec not in PER_DIMENSION_CODECS and X.shape[0] < n_codes:
             raise TooFewPointsError(
                 f"X has n_samples={X.shape[0]} rows but n_codes={n_codes}; expected at least n_codes rows. "
                 f"Fix: lower n_codes to at most {X.shape[0]}, or fit on more rows."
@@ -162,12 +184,13 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
             codec=self.codec,
             levels=self.levels,
             verbose=self._verbose(),
+            **self._codec_params(),
             **self._compute(),
         )
         self._set_codebook(codebook)
         self._stream = None
         self.labels_, self.inertia_ = self._labels_inertia(X)
-        self.n_iter_ = int(codebook.stats["iterations"])
+        self.n_iter_ = int(codebook.stats.get("iterations", 0))
         self.n_steps_ = 0
         return self
 
@@ -208,7 +231,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
     def predict(self, X: Any) -> np.ndarray:
         """(n_rows,) int64: the nearest code of every row (:meth:`Codebook.encode`, exact); (n_rows,
-        levels) for a residual or product codebook."""
+        levels) for a residual or product codebook, (n_rows, n_features) for a scalar or binary one (one
+        code per dimension, unpacked: ``to_codebook().pack`` gives the bytes a code table stores)."""
         check_is_fitted(self)
         self._check_model_params("predict")
         X = self._validate(X, reset=False)
@@ -239,7 +263,8 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         Args:
             X: (n_rows,) integer codes (what :meth:`predict` returns), or the (n_rows, n_codes)
                 distances :meth:`transform` returns (each row decodes to its nearest code); for a
-                residual or product codebook, the (n_rows, levels) codes :meth:`predict` returns.
+                residual, product, scalar or binary codebook, the (n_rows, levels) codes :meth:`predict`
+                returns.
         """
         check_is_fitted(self)
         self._check_model_params("inverse_transform")
@@ -289,7 +314,13 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                     f"codebook's own {key} (the estimator encodes with the codebook as it is). Fix: leave {key} out "
                     f"of from_codebook, or fit VectorQuantizer({key}={params[key]!r}) on the data to get such codes."
                 )
-        for ours, key in (("n_iter", "n_iter"), ("tol", "tol"), ("random_state", "seed"), ("n_init", "n_init")):
+        for ours, key in (
+            ("n_iter", "n_iter"),
+            ("tol", "tol"),
+            ("random_state", "seed"),
+            ("n_init", "n_init"),
+            ("rotation_iters", "rotation_iters"),
+        ):
             if key in settings:
                 found[ours] = settings[key]
         if settings.get("init") in INITS:
@@ -324,7 +355,10 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
     def _check_shape(self, X: np.ndarray) -> int:
         """n_codes, validated, when the first rows ``X`` can seed it (the row count is the fit's to check)."""
-        n_codes = check_int("n_codes", self._n_codes(), minimum=1, hint="n_codes is the number of codes to fit.")
+        n_codes = self._n_codes()
+        if self.codec in PER_DIMENSION_CODECS and _same(n_codes, _DEFAULT_N_CODES):
+            n_codes = 2 if self.codec == "binary" else 2**self.bits  # not given: the one count the codec takes
+        n_codes = check_int("n_codes", n_codes, minimum=1, hint="n_codes is the number of codes to fit.")
         if self.metric == "cosine" and X.shape[1] == 1 and n_codes > 2:
             raise TooFewPointsError(
                 f"X has n_features=1 and metric='cosine': every row's direction is -1 or +1, so at most 2 codes "
@@ -336,6 +370,11 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         """Refuse to use the fitted codebook when a parameter that defines it was changed since (set_params)."""
         for key, fitted in _model_params(self._codebook).items():
             value = self._n_codes() if key == "n_codes" else getattr(self, key)
+            if self._codebook.codec in PER_DIMENSION_CODECS:  # n_codes and levels follow bits and the width
+                if key == "n_codes" and _same(value, _DEFAULT_N_CODES):
+                    value = fitted
+                if key == "levels" and _same(value, 1):
+                    value = fitted
             if not _same(value, fitted):
                 raise InvalidInputError(
                     f"{key}={value!r} but the fitted codebook has {key}={fitted!r}: {key} changed after fit, so "
@@ -371,6 +410,17 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
         raise InvalidInputError(
             f"verbose={self.verbose!r}; expected False/0 or True/1. Fix: pass verbose=1 to print the fit's progress."
         )
+
+    def _codec_params(self) -> dict[str, Any]:
+        """The fit's codec keywords: rotation and, for scalar codes, bits and range (left out at their defaults,
+        so that a fit of the earlier codecs is called as before)."""
+        given = {
+            "rotation": self.rotation,
+            "bits": self.bits,
+            "scalar_range": self.scalar_range,
+            "rotation_iters": self.rotation_iters,
+        }
+        return {k: v for k, v in given.items() if not _same(v, getattr(FitSettings, k))}
 
     def _compute(self) -> dict[str, Any]:
         return {"engine": self.engine, "device": self.device, "memory_budget": self.memory_budget}
@@ -432,8 +482,15 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
 
 
 def _model_params(codebook: Codebook) -> dict[str, Any]:
-    """The estimator parameters that ``codebook`` fixes: what its codes are."""
-    return {"n_codes": codebook.n_codes, "metric": codebook.metric, "codec": codebook.codec, "levels": codebook.levels}
+    """The estimator parameters that ``codebook`` fixes: what its codes are (the earlier codecs' four, then
+    the rotation, and a scalar codebook's bits and range, recorded in its fit settings)."""
+    found = {"n_codes": codebook.n_codes, "metric": codebook.metric, "codec": codebook.codec, "levels": codebook.levels}
+    settings = codebook.settings if isinstance(codebook.settings, dict) else {}
+    found["rotation"] = settings.get("rotation", FitSettings.rotation)
+    if codebook.codec == "scalar":
+        found["bits"] = int(codebook.n_codes).bit_length() - 1  # n_codes is 2**bits
+        found["scalar_range"] = settings.get("scalar_range", FitSettings.scalar_range)
+    return found
 
 
 def _same(value: Any, fitted: Any) -> bool:

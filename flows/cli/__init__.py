@@ -4,7 +4,8 @@ the scheduled pipeline.
 ::
 
     vq fit DATA... --column COL --codes K --out CODEBOOK.safetensors [--metric cosine]
-           [--codec flat|residual|product --levels L] [--json]
+           [--codec flat|residual|product --levels L] [--rotation none|random|opq|itq] [--json]
+    vq fit DATA... --column COL --codec scalar [--bits 8|4] | --codec binary --out CODEBOOK.safetensors
     vq encode DATA... --codebook CODEBOOK.safetensors --column COL --out OUT_DIR [--beam B] [--unique] [--json]
     vq inspect CODEBOOK.safetensors [--json] [--plot OUT.png]
     vq serve --cron "0 * * * *" --input-root DIR --work-dir DIR --column COL --codes K [...]

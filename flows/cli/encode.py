@@ -57,6 +57,12 @@ def cmd_encode(args: argparse.Namespace, console: Console) -> int:
             f"-> {result.manifest}"
         )
     )
+    registry = (result.semantic_ids or {}).get("id_registry")
+    if registry:
+        console.result(
+            f"semantic ids: id version {registry['id_version']}, {plural(registry['issued'], 'id')} issued, "
+            f"{registry['kept']:,} kept ({registry['adopted']:,} adopted); prefix table {registry['prefix_table']}"
+        )
     if result.codec == "residual" and settings.beam == 1 and result.rows_encoded:
         console.progress(f"residual codes encoded greedily (--beam 1). {FAISS_QUALITY}")
     _warn_about_leftovers(args, console, result)

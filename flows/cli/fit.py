@@ -17,7 +17,7 @@ from vq_flows.cli.progress import Console, FitProgress, dumps, plural
 from vq_pipeline.errors import InvalidInputError
 from vq_pipeline.io.paths import check_output_file, output_lock
 from vq_pipeline.jobs.display import safe_text
-from vq_pipeline.settings import FitSettings, TableSettings
+from vq_pipeline.settings import PER_DIMENSION_CODECS, FitSettings, TableSettings
 
 if TYPE_CHECKING:
     from vq_pipeline.codebook import Codebook
@@ -34,8 +34,11 @@ SUMMARY_KEYS = (
     "converged",
     "inertia",
     "holdout",
+    "scorecard",
 )
 MULTILEVEL_KEYS = ("mse", "collision_rate", "level_mse")
+#: ... and a scalar or binary codec these (a rotation adds ``rotation``).
+PER_DIMENSION_KEYS = ("bits", "clipped", "bit_balance")
 
 
 def file_option(name: str, raw: str, example: str) -> Path:
@@ -64,11 +67,44 @@ def check_fit_outputs(inputs: list[str], out: Path, checkpoint: Path | None) -> 
         )
 
 
+def check_fit_args(args: argparse.Namespace) -> None:
+    """``vq fit``'s parsed options, checked as a usage error: ``--codes`` is required but for the scalar
+    and binary codecs, which take the one count they have."""
+    if getattr(args, "codes", None) is None and getattr(args, "codec", "flat") not in PER_DIMENSION_CODECS:
+        per_level = " per level" if args.codec != "flat" else ""
+        raise InvalidInputError(
+            f"the following arguments are required: --codes (the number of codes{per_level} of --codec "
+            f"{args.codec}; only --codec scalar and binary take none). Fix: pass --codes K, e.g. --codes 256."
+        )
+
+
+def codes_of(settings: FitSettings, given: int | None) -> int:
+    """``--codes``: as given, or for scalar and binary codes the one count they take (``2**bits``, 2) when
+    not given; refused when missing for another codec, or wrong for these two."""
+    fixed = {"scalar": 2**settings.bits, "binary": 2}.get(settings.codec)
+    if fixed is None:
+        if given is None:
+            raise InvalidInputError(
+                f"--codes is missing with --codec {settings.codec}; expected the number of codes"
+                f"{' per level' if settings.codec != 'flat' else ''}. Fix: pass e.g. --codes 256."
+            )
+        return given
+    if given is not None and given != fixed:
+        what = f"--bits {settings.bits} gives" if settings.codec == "scalar" else "one bit gives"
+        raise InvalidInputError(
+            f"--codes {given} with --codec {settings.codec}; {what} {fixed} codes per dimension, expected --codes "
+            f"{fixed} or none. Fix: drop --codes"
+            + (" (and pick --bits 8 or 4)." if settings.codec == "scalar" else ".")
+        )
+    return fixed
+
+
 def cmd_fit(args: argparse.Namespace, console: Console) -> int:
     """``vq fit``: fit_from_tables, then save the codebook atomically."""
     # Refused before any work.
     settings: FitSettings = settings_from(FitSettings, args)
     table: TableSettings = settings_from(TableSettings, args, storage_options=storage_options(args))
+    args.codes = codes_of(settings, args.codes)
     # Checked before fitting, so that a long fit is not wasted on a path it cannot be saved to.
     out = file_option("--out", args.out, "codebook.safetensors")
     t0 = time.perf_counter()
@@ -140,17 +176,32 @@ def print_fit_summary(args: argparse.Namespace, console: Console, summary: dict[
     as JSON, with the keys of :data:`SUMMARY_KEYS`, or one sentence (``where``: e.g. " on Dask ...")."""
     if args.json:
         keys = SUMMARY_KEYS + ("codec", "levels") + (MULTILEVEL_KEYS if summary.get("codec") != "flat" else ())
+        keys += tuple(k for k in ("rotation", *PER_DIMENSION_KEYS) if k in summary)
         console.result(dumps({**{k: summary.get(k) for k in keys}, "seconds": round(summary["task_seconds"], 3)}))
         return
     state = "converged" if summary["converged"] else f"not converged (stopped at --iters {args.iters})"
     codes = plural(summary["n_codes"], "code")
     extra = ""
-    if summary.get("codec", "flat") != "flat":
+    if summary.get("codec") in ("scalar", "binary"):
+        bits = int(summary["n_codes"]).bit_length() - 1
+        codes = f"{summary['codec']} codes, {plural(bits, 'bit')} per dimension"
+        extra = f", mse {_number(summary.get('mse'))}"
+        if summary.get("rotation", "none") != "none":
+            extra += f", rotation {summary['rotation']}"
+    elif summary.get("codec", "flat") != "flat":
         codes = f"{summary['codec']} {summary['levels']} levels x {codes}"
         extra = f", mse {_number(summary.get('mse'))}, collision rate {_number(summary.get('collision_rate'))}"
     holdout = summary.get("holdout")
     if isinstance(holdout, dict):
         extra += f", held-out error {_number(holdout.get('mean_distance'))} on {plural(holdout.get('rows', 0), 'row')}"
+    card = summary.get("scorecard")
+    if isinstance(card, dict):  # the scorecard's two headline figures; vq inspect shows the rest
+        n_card = card.get("n_rows") if isinstance(card.get("n_rows"), int) else 0
+        which = "held-out" if card.get("sample") == "holdout" else "training"
+        extra += (
+            f", scorecard on {plural(n_card, which + ' row')}: error {_number(card.get('error'))}, "
+            f"recall@{_number(card.get('k'))} {_number(card.get('recall_at_k'))}"
+        )
     console.result(
         safe_text(
             f"fitted {codes} (dim {summary['dim']}, {summary['metric']}) on "

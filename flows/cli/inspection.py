@@ -56,16 +56,20 @@ def describe(codebook: "Codebook | CodebookInfo", *, title: str = "codebook") ->
     s = codebook.stats if isinstance(codebook.stats, dict) else {}
     counts = np.asarray(codebook.counts, dtype=np.int64)  # (n_codes,)
     multilevel = codebook.codec != "flat"
+    per_dimension = codebook.codec in ("scalar", "binary")
     rows = _identity_rows(codebook) + _training_rows(s)
     rows.append(("empty codes", str(int((counts == 0).sum()))))
-    if multilevel:
+    if per_dimension:
+        rows.extend(_quantizer_rows(codebook.codec, s))
+    elif multilevel:
         rows.extend(_multilevel_rows(s, codebook.n_codes))
+    rows.extend(scorecard_rows(s.get("scorecard"), codebook.n_codes))
     median = f"{float(np.median(counts)):,.1f}".removesuffix(".0")  # x.5 only for an even n_codes
     rows.append(
         (
             "cluster sizes",
             f"min {int(counts.min()):,}, median {median}, max {int(counts.max()):,} (total {int(counts.sum()):,}"
-            + (f" over {codebook.levels} levels)" if multilevel else ")"),
+            + (f" over {codebook.levels} {'dimensions' if per_dimension else 'levels'})" if multilevel else ")"),
         )
     )
     rows.extend(_provenance_rows(codebook))
@@ -93,10 +97,80 @@ def _identity_rows(codebook: "Codebook | CodebookInfo") -> list[tuple[str, str]]
         ("codes", f"{codebook.n_codes:,} x dim {codebook.dim}"),
         ("fit", fit_text or "unknown"),
     ]
-    if codebook.codec != "flat":
+    if codebook.codec in ("scalar", "binary"):
+        bits = int(codebook.n_codes).bit_length() - 1  # n_codes is 2**bits
+        width = -(-codebook.dim * bits // 8)
+        how = f", range {show(fit.get('scalar_range', 'minmax'))}" if isinstance(fit, dict) else ""
+        rows[2] = ("codes", f"{codebook.n_codes:,} values per dimension x dim {codebook.dim}, {width:,} bytes per row")
+        rows.insert(
+            2,
+            (
+                "codec",
+                f"{show(codebook.codec)}, {bits} bit{'s' if bits > 1 else ''} per dimension"
+                + (how if codebook.codec == "scalar" else ""),
+            ),
+        )
+    elif codebook.codec != "flat":
         rows[2] = ("codes", f"{codebook.n_codes:,} per level x {codebook.levels} levels, dim {codebook.dim}")
         rows.insert(2, ("codec", f"{show(codebook.codec)}, {codebook.levels} levels"))
+    rotation = _rotation_text(codebook) if codebook.codec != "flat" else "none"
+    if rotation != "none":  # files without one describe themselves as before
+        rows.insert(3, ("rotation", rotation))
     return rows
+
+
+def _rotation_text(codebook: "Codebook | CodebookInfo") -> str:
+    """The rotation rows go through before they are coded: its kind (from the fit settings) and iterations."""
+    from vq_pipeline.jobs.display import show
+
+    fit = codebook.settings if isinstance(codebook.settings, dict) else {}
+    kind = fit.get("rotation", "none")
+    held = getattr(codebook, "rotation", None) is not None
+    if kind in (None, "none") and not held:
+        return "none"
+    text = show(kind) if kind not in (None, "none") else "yes"
+    if kind in ("opq", "itq"):
+        text += f" ({show(fit.get('rotation_iters', 20))} iterations)"
+    return text + f", {codebook.dim} x {codebook.dim} orthogonal matrix"
+
+
+def _quantizer_rows(codec: str, stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """``describe``'s rows for a scalar or binary codebook: the reconstruction error, the error per dimension
+    (least, median, largest), and the training values outside the scalar range or the bits' balance."""
+    from vq_pipeline.jobs.display import is_number, show
+
+    rows = [("error (mse)", show(stats.get("mse", "unknown"), ".6g"))]
+    per_dim = stats.get("level_mse")
+    if isinstance(per_dim, list) and per_dim and all(is_number(v) for v in per_dim):
+        ordered = sorted(float(v) for v in per_dim)
+        rows.append(
+            (
+                "error per dim",
+                f"min {ordered[0]:.4g}, median {ordered[len(ordered) // 2]:.4g}, max {ordered[-1]:.4g}",
+            )
+        )
+    if codec == "scalar":
+        clipped = stats.get("clipped")
+        text = f"{clipped:.3%} of training values outside the range" if is_number(clipped) else "unknown"
+        rows.append(("clipped", text))
+    else:
+        rows.append(("bit balance", _balance_text(stats.get("bit_balance"))))
+    return rows
+
+
+def _balance_text(balance: Any) -> str:
+    """The bits' balance (share of ones): one number, or per dimension (mean, least, largest)."""
+    from vq_pipeline.jobs.display import is_number
+
+    if is_number(balance):
+        return f"{balance:.3f} share of ones"
+    if isinstance(balance, list) and balance and all(is_number(v) for v in balance):
+        values = [float(v) for v in balance]
+        return (
+            f"share of ones per dimension: mean {sum(values) / len(values):.3f}, min {min(values):.3f}, "
+            f"max {max(values):.3f}"
+        )
+    return "unknown"
 
 
 def _training_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -137,6 +211,60 @@ def _training_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         converged = "converged" if s.get("converged") is True else "not converged"
         rows.append(("iterations", f"{show(s['iterations'])}, {converged}"))
     rows.append(("repairs", show(s.get("n_repairs", "unknown"))))
+    return rows
+
+
+#: Levels listed one by one in a scorecard's lines (a scalar or binary codebook has one per dimension).
+MAX_LEVELS_SHOWN = 8
+
+
+def scorecard_rows(card: Any, n_codes: int) -> list[tuple[str, str]]:
+    """The rows of a scorecard (a codebook's ``stats["scorecard"]``, or a run report's): the sample, error,
+    recall@k, prefix coherence, collision rate; effective size per level; error and recall by levels
+    ``0..l`` (residual); churn against the published codebook. None for a codebook without one (older files)."""
+    from vq_pipeline.jobs.display import show
+
+    if card is None:
+        return []
+    c = card if isinstance(card, dict) else {}
+    which = {"holdout": "held-out", "training": "training"}.get(c.get("sample"), "sample")
+    k = show(c.get("k", "?"))
+    rows = [
+        (
+            "scorecard",
+            f"{show(c.get('n_rows', '?'), ',')} {which} rows: error {show(c.get('error', 'unknown'), '.4g')}, "
+            f"recall@{k} {show(c.get('recall_at_k', 'unknown'), '.4f')}"
+            + (f", prefix coherence {show(c['prefix_coherence'], '.4f')}" if "prefix_coherence" in c else "")
+            + f", collision rate {show(c.get('collision_rate', 'unknown'), '.4g')}",
+        )
+    ]
+    sizes = c.get("effective_size")
+    if isinstance(sizes, list):
+        shown = " / ".join(show(v, ",.1f") for v in sizes[:MAX_LEVELS_SHOWN]) + (
+            " / ..." if len(sizes) > MAX_LEVELS_SHOWN else ""
+        )
+        per = "per level " if len(sizes) > 1 else ""
+        tuples = f", tuples {show(c.get('effective_size_tuples', '?'), ',.1f')}" if len(sizes) > 1 else ""
+        rows.append(("effective size", f"{per}{shown} of {n_codes:,} codes{tuples}"))
+    errors, recalls = c.get("error_by_levels"), c.get("recall_by_levels")
+    if isinstance(errors, list) and isinstance(recalls, list):
+        rows.append(
+            (
+                "by levels 0..l",
+                f"error {' / '.join(show(v, '.4g') for v in errors[:MAX_LEVELS_SHOWN])}, "
+                f"recall@{k} {' / '.join(show(v, '.4f') for v in recalls[:MAX_LEVELS_SHOWN])}",
+            )
+        )
+    if "churn" in c:
+        per_level = c.get("churn_per_level")
+        detail = (
+            f" (per level {' / '.join(show(v, '.4f') for v in per_level)})"
+            if isinstance(per_level, list) and 1 < len(per_level) <= MAX_LEVELS_SHOWN
+            else ""
+        )
+        rows.append(
+            ("churn", f"{show(c['churn'], '.4f')} of the rows change codes against the published codebook{detail}")
+        )
     return rows
 
 

@@ -130,13 +130,26 @@ SPECS: dict[str, Spec] = {
     ),
     "codec": Spec(
         "flat: one code per row; residual: each level quantizes what the levels before it left (coarse-to-fine "
-        "semantic ids); product: each level quantizes its own slice of the dimensions"
+        "semantic ids); product: each level quantizes its own slice of the dimensions; scalar: --bits per dimension "
+        "on a calibrated grid; binary: one bit per dimension (the sign after centring)"
     ),
     "levels": Spec(
-        "codes per row for --codec residual or product (--codes is per level; product: L divides the embedding dim)",
+        "codes per row for --codec residual or product (--codes is per level; product: L divides the embedding dim; "
+        "scalar and binary: one code per dimension, leave at 1)",
         metavar="L",
         minimum=1,
     ),
+    "rotation": Spec(
+        "orthogonal rotation of the rows before they are coded: opq (learned with the codes; product, residual), "
+        "itq (learned for the signs; binary), random (seeded; residual, product, binary), none",
+    ),
+    "bits": Spec("--codec scalar: bits per dimension, 8 or 4 (4: two codes per byte)", metavar="8|4"),
+    "scalar_range": Spec(
+        "--codec scalar: each dimension's range, from the training rows' min and max, their 0.001 and 0.999 "
+        "quantiles, or (mse) the one of least squared error among min/max and trimmed ranges (values outside "
+        "are clipped to the range ends)"
+    ),
+    "rotation_iters": Spec("--rotation opq or itq: rounds of learning the rotation", metavar="N", minimum=1),
     "train_beam": Spec(
         "--codec residual: fit each level after the first on what the B best partial code tuples of the levels "
         "before leave of every row; encode with --beam B to match (1: greedy)",
@@ -148,6 +161,13 @@ SPECS: dict[str, Spec] = {
         "same codebook, 8 bytes of state a row; see the README for when it pays)",
         flag="--prune-search",
         dest="prune",
+    ),
+    "balance": Spec(
+        "cap every code (every level) at ceil((1 + F) x rows / codes) training rows; the fit records the cap, the "
+        "largest code and the stated gap of the capped assignment (stats balance)",
+        metavar="F",
+        minimum=0.0,
+        default_text="off",
     ),
     "holdout": Spec(
         "keep this share of the rows (a seeded choice) out of the fit and report their mean distance to their codes "
@@ -173,6 +193,15 @@ SPECS: dict[str, Spec] = {
         "multi-level codebooks: also write a suffix column that makes every row's code tuple unique in OUT_DIR "
         "(semantic ids)"
     ),
+    "id_registry": Spec(
+        "with --unique: issue the suffixes through the id registry (encode: OUT_DIR.vq/registry; serve: "
+        "WORK_DIR/ids/registry): an issued id never changes, a folder's existing suffixes are adopted on the first "
+        "run, and the prefix table of the id version is written beside the registry; needs --id-column"
+    ),
+    "id_policy": Spec(
+        "with --id-registry, what a refit does to issued ids: keep the id version (new items go on being encoded "
+        "with the codebook that issued it) or publish a new one (every item re-encoded, with old->new tables)"
+    ),
     # EncodeOptions
     "overwrite": Spec("replace codes that another codebook or other settings wrote in OUT_DIR"),
     "prune": Spec("remove the codes of inputs that are not part of this run (kept and listed as stale by default)"),
@@ -187,7 +216,12 @@ SPECS: dict[str, Spec] = {
     "batch_rows": Spec("rows read per batch", metavar="N", minimum=1),
     # not settings fields: arguments of the fit and of the scheduled flow
     "n_codes": Spec(
-        "number of codes (centroids; per level for a multi-level codec)", flag="--codes", metavar="K", minimum=1
+        "number of codes (centroids; per level for a multi-level codec; --codec scalar and binary: 2**bits and 2, "
+        "given or not)",
+        flag="--codes",
+        metavar="K",
+        minimum=1,
+        default_text="2**bits for --codec scalar, 2 for binary; required for the other codecs",
     ),
     "input_root": Spec("folder of embedding tables (hive partitions welcome)", metavar="DIR"),
     "work_dir": Spec("folder for codebooks, codes and reports", metavar="DIR"),
@@ -368,7 +402,7 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
 
 def add_fit_options(fit: argparse.ArgumentParser) -> None:
     _add_data(fit)
-    add_option(fit, "n_codes", annotation=int, default=REQUIRED)
+    add_option(fit, "n_codes", annotation=int, default=None)  # required but for scalar and binary codes: cmd_fit
     add_settings_options(fit, TableSettings, skip=("storage_options",))  # --storage-option: a global option
     add_settings_options(fit, FitSettings)
     fit.add_argument(

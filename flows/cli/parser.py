@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a codebook on the embedding column of tables",
         description="Fit a K-means codebook on the embedding column of parquet/Arrow tables and save it.",
         add_options=add_fit_options,
+        check=fit.check_fit_args,
     ).set_defaults(handler=fit.cmd_fit)
     commands.add_parser(
         "encode",

@@ -4,8 +4,10 @@ interval schedule, as the Prefect deployment ``vq-pipeline/<name>``.
 ::
 
     vq serve --cron "0 * * * *" | --interval 1h  --input-root data/embeddings --work-dir vq_work \\
-        --column embedding --codes 1024 [--metric l2|cosine] [--codec flat|residual|product --levels L] \\
-        [--id-column id] [--refit-every-hours 168] [--drift-threshold 0.25] [--usage-threshold 0.1|off]
+        --column embedding --codes 1024 [--metric l2|cosine] [--codec flat|residual|product|scalar|binary \\
+        --levels L --rotation none|random|opq|itq --bits 8|4] \\
+        [--id-column id] [--refit-every-hours 168] [--drift-threshold 0.25] [--usage-threshold 0.1|off] \
+        [--unique --id-registry --id-policy keep|publish]
 
 The schedule is exactly one of ``--cron`` (5 cron fields) and ``--interval`` (a run every so many
 seconds: ``3600``, or a number with a unit ``s``, ``m``, ``h`` or ``d``: ``90s``, ``15m``, ``1h``,

@@ -224,7 +224,7 @@ def test_encode_refuses_another_codebooks_codes_unless_overwrite(work: dict[str,
     assert fit.stderr == ""  # --quiet
     assert re.fullmatch(
         rf"fitted 6 codes \(dim {DIM}, l2\) on 1,000 rows in \d+ iterations?, (converged|not converged \(stopped at --iters 5\)); "
-        rf"inertia \S+ -> {re.escape(str(other))}\n",
+        rf"inertia \S+, scorecard on 1,000 training rows: error \S+, recall@10 \S+ -> {re.escape(str(other))}\n",
         fit.stdout,
     ), fit.stdout
 

@@ -148,6 +148,8 @@ def test_public_names_resolve_on_first_use() -> None:
         "fit_codebook",
         "fit_from_tables",
         "fit_minibatch",
+        "hamming",
+        "hamming_topk",
         "run_once",
         "suffix_table",
         "unique_suffix",

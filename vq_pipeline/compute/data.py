@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vq_pipeline.compute.assign import DEFAULT_MEMORY_BUDGET, nearest_in_chunks, plan_chunk_rows
+from vq_pipeline.compute.codecs import rotate_rows
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.compute.prune import Bounds, PrunedSearch
 from vq_pipeline.errors import InvalidInputError
@@ -48,6 +49,8 @@ class EStepStats:
         far_rows: (n_far, dim) float32, the rows they belong to (where empty codes are moved).
         n_pruned: rows whose search the bounds of the pruned E step skipped (:mod:`vq_pipeline.compute.prune`).
         bound_bytes: memory the pruning state of these rows holds (0 without pruning).
+        balance: a balanced E step's capped assignment (:mod:`vq_pipeline.compute.balanced`): ``balance``,
+            ``cap``, ``max_code_size``, its cost, lower bound and gap; None for the nearest-code E step.
 
     All tensors on one device (the compute device, or the CPU on the wire).
     """
@@ -59,6 +62,7 @@ class EStepStats:
     far_rows: torch.Tensor
     n_pruned: int = 0
     bound_bytes: int = 0
+    balance: dict[str, Any] | None = None
 
     def to(self, device: torch.device | str) -> EStepStats:
         return EStepStats(
@@ -69,6 +73,7 @@ class EStepStats:
             self.far_rows.to(device),
             self.n_pruned,
             self.bound_bytes,
+            self.balance,
         )
 
     @classmethod
@@ -323,9 +328,17 @@ def e_steps(levels: Sequence[tuple[DataSource, torch.Tensor]]) -> list[EStepStat
         ]
         offset = 0
         for xb in srcs[0].base.batches():  # type: ignore[attr-defined]
+            rotated: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # one x @ R per rotation and batch
             for j, i in enumerate(group):
                 src, c, s = srcs[j], levels[i][1], searches[j]
-                rows = src.row_map(xb)  # type: ignore[attr-defined]
+                row_map = src.row_map  # type: ignore[attr-defined]
+                if row_map.rotation is None:
+                    rows = row_map(xb)
+                else:
+                    key = (row_map.rotation.data_ptr(), tuple(row_map.rotation.shape))
+                    if key not in rotated:
+                        rotated[key] = rotate_rows(xb, row_map.rotation)
+                    rows = row_map.of_rotated(rotated[key])
                 part_of = (s, offset * src.row_map.expansion) if s is not None else None  # type: ignore[attr-defined]
                 part = e_step(rows, c, part_of=part_of, **src._plan(c, xb.shape[0]))  # type: ignore[attr-defined]
                 acc[j] = part if acc[j] is None else EStepStats.merge([acc[j], part])

@@ -9,8 +9,12 @@ A multi-level codebook holds ``levels`` flat codebooks of ``n_codes`` centroids 
   cosine); later levels quantize residuals in squared L2.
 * ``product``: level ``l`` quantizes the contiguous slice ``[l * sub_dim, (l + 1) * sub_dim)`` of the
   dimensions (``dim == levels * sub_dim``), in squared L2.
+* ``scalar`` and ``binary``: one level per dimension (``sub_dim == 1``, ``levels == dim``), each a fixed
+  grid of values (:mod:`vq_pipeline.compute.codecs`), coded in closed form.
 
-Under cosine, rows are L2-normalized first and :func:`decode` returns unit vectors.
+Under cosine, rows are L2-normalized first and :func:`decode` returns unit vectors. A codebook with a
+``rotation`` R codes the rotated rows ``z = x @ R`` (after the normalization); :func:`decode` rotates
+reconstructions back (``z_hat @ R.T``), then normalizes. Distances are measured on the rotated rows.
 
 :class:`RowMap` turns a row into what one level quantizes, so that every level is fitted by the same
 Lloyd over the same data sources as a flat codebook: residuals and slices are computed per batch and
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from vq_pipeline.compute.assign import nearest_in_chunks, plan_chunk_rows
+from vq_pipeline.compute.codecs import binary_encode, grid_decode, rotate_rows, scalar_encode, unrotate_rows
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
 from vq_pipeline.validate import (
@@ -38,7 +43,9 @@ from vq_pipeline.validate import (
 )
 
 #: The multi-level codecs (``flat`` is one level, no map).
-MULTI_LEVEL_CODECS = ("residual", "product")
+MULTI_LEVEL_CODECS = ("residual", "product", "scalar", "binary")
+#: Codecs whose levels are contiguous slices of the dimensions (scalar, binary: one-wide slices).
+SLICED_CODECS = ("product", "scalar", "binary")
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,7 +54,8 @@ class RowMap:
 
     ``kind='slice'``: the columns ``[start, stop)`` of rows of width ``in_dim``. ``kind='residual'``:
     the row minus its greedy reconstruction by ``prefix``, the (n_prefix, n_codes, in_dim) float32
-    centroids of the levels before.
+    centroids of the levels before. With a (in_dim, in_dim) ``rotation``, rows are rotated first
+    (``x @ rotation``) and the slice or residual taken of the rotated rows.
     """
 
     kind: str
@@ -59,17 +67,43 @@ class RowMap:
     memory_budget: int = 256 * 2**20
     #: residual: the rows of the ``beam`` best partial tuples of the prefix (1: the greedy one)
     beam: int = 1
+    #: (in_dim, in_dim) float32 orthogonal matrix applied to rows first (None: none)
+    rotation: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        r = self.rotation
+        if r is not None:
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != (self.in_dim, self.in_dim):
+                raise InvalidInputError(
+                    f"rotation.shape={tuple(getattr(r, 'shape', ()))}; expected ({self.in_dim}, {self.in_dim}) "
+                    f"for rows of width in_dim={self.in_dim}. Fix: pass the codebook's rotation."
+                )
+            object.__setattr__(self, "rotation", r.detach().to("cpu", torch.float32).contiguous())
 
     @classmethod
-    def columns(cls, start: int, stop: int, in_dim: int) -> RowMap:
-        return cls("slice", in_dim, start=start, stop=stop)
+    def columns(cls, start: int, stop: int, in_dim: int, *, rotation: torch.Tensor | None = None) -> RowMap:
+        return cls("slice", in_dim, start=start, stop=stop, rotation=rotation)
 
     @classmethod
     def residual(
-        cls, prefix: torch.Tensor, *, beam: int = 1, engine: str = "auto", memory_budget: int = 256 * 2**20
+        cls,
+        prefix: torch.Tensor,
+        *,
+        beam: int = 1,
+        engine: str = "auto",
+        memory_budget: int = 256 * 2**20,
+        rotation: torch.Tensor | None = None,
     ) -> RowMap:
         p = prefix.detach().to("cpu", torch.float32)
-        return cls("residual", int(p.shape[2]), prefix=p, engine=engine, memory_budget=memory_budget, beam=beam)
+        return cls(
+            "residual",
+            int(p.shape[2]),
+            prefix=p,
+            engine=engine,
+            memory_budget=memory_budget,
+            beam=beam,
+            rotation=rotation,
+        )
 
     def out_dim(self, dim: int) -> int:
         return self.stop - self.start if self.kind == "slice" else dim
@@ -83,6 +117,11 @@ class RowMap:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(n, dim) float32 rows -> (n, out_dim) float32 on the same device."""
+        return self.of_rotated(rotate_rows(x, self.rotation))
+
+    def of_rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """What this map gives of rows already rotated by its rotation (``x @ rotation``): levels that
+        share a rotation and a pass rotate each batch once (:func:`vq_pipeline.compute.data.e_steps`)."""
         if self.kind == "slice":
             return x[:, self.start : self.stop].contiguous()
         assert self.prefix is not None
@@ -94,7 +133,9 @@ class RowMap:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for a worker (``np.savez``; no pickles)."""
         prefix = np.zeros((0, 0, 0), np.float32) if self.prefix is None else self.prefix.numpy()
+        rotation = np.zeros((0, 0), np.float32) if self.rotation is None else self.rotation.numpy()
         return {
+            "rotation": rotation,
             "kind": np.array(self.kind),
             "bounds": np.array([self.in_dim, self.start, self.stop], np.int64),
             "prefix": prefix,
@@ -111,7 +152,9 @@ class RowMap:
         in_dim, start, stop = (int(v) for v in a["bounds"])
         prefix = torch.from_numpy(np.array(a["prefix"], np.float32)) if kind == "residual" else None
         beam = int(a["beam"]) if "beam" in a else 1
-        return cls(kind, in_dim, start, stop, prefix, str(a["engine"]), int(a["memory_budget"]), beam)
+        r = np.array(a["rotation"], np.float32) if "rotation" in a else np.zeros((0, 0), np.float32)
+        rotation = torch.from_numpy(r) if r.size else None
+        return cls(kind, in_dim, start, stop, prefix, str(a["engine"]), int(a["memory_budget"]), beam, rotation)
 
 
 def _engine_for(x: torch.Tensor, n_codes: int, dim: int, k: int, engine: str, memory_budget: int) -> tuple[Engine, int]:
@@ -238,24 +281,32 @@ def beam_width(beam: int, n_codes: int, n_prefix: int) -> int:
     return width
 
 
-def decode(centroids: torch.Tensor, codec: str, codes: torch.Tensor, *, metric: str) -> torch.Tensor:
+def decode(
+    centroids: torch.Tensor, codec: str, codes: torch.Tensor, *, metric: str, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Codes back to vectors.
 
     Args:
         centroids: (levels, n_codes, sub_dim) float32. codes: (n, levels) int64, in range.
+        rotation: the codebook's (dim, dim) rotation R, or None.
 
     Returns:
-        (n, dim) float32: the sum of the levels' centroids (residual) or their concatenation
-        (product); L2-normalized under cosine (a zero sum stays zero).
+        (n, dim) float32: the sum of the levels' centroids (residual), their concatenation (product),
+        each dimension's grid value (scalar, binary); rotated back by ``R.T`` when there is a rotation;
+        L2-normalized under cosine (a zero sum stays zero).
     """
-    n_levels = centroids.shape[0]
-    parts = [centroids[level][codes[:, level]] for level in range(n_levels)]  # levels x (n, sub_dim)
-    if codec == "product":
-        out = torch.cat(parts, dim=1) if parts else torch.empty(0)
+    if codec in ("scalar", "binary"):
+        out = grid_decode(centroids, codes)
     else:
-        out = parts[0].clone()
-        for p in parts[1:]:
-            out += p
+        n_levels = centroids.shape[0]
+        parts = [centroids[level][codes[:, level]] for level in range(n_levels)]  # levels x (n, sub_dim)
+        if codec == "product":
+            out = torch.cat(parts, dim=1) if parts else torch.empty(0)
+        else:
+            out = parts[0].clone()
+            for p in parts[1:]:
+                out += p
+    out = unrotate_rows(out, rotation)
     if metric == "cosine":
         norms = torch.linalg.vector_norm(out, dim=1, keepdim=True)  # (n, 1)
         out = out / torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -271,9 +322,15 @@ def encode_levels(
     engine: str = "auto",
     memory_budget: int = 256 * 2**20,
 ) -> torch.Tensor:
-    """(n, levels) int64 codes of (n, dim) float32 rows (unit rows under cosine), on ``x``'s device:
-    greedy or beam search for residual, exact per slice for product."""
+    """(n, levels) int64 codes (uint8 for scalar and binary) of (n, dim) float32 rows (unit rows under
+    cosine; rotated rows for a rotated codebook), on ``x``'s device: greedy or beam search for
+    residual, exact per slice for product, the closed forms of :mod:`vq_pipeline.compute.codecs` for
+    scalar and binary."""
     n_levels, n_codes, sub = centroids.shape
+    if codec == "scalar":
+        return scalar_encode(x, centroids)
+    if codec == "binary":
+        return binary_encode(x, centroids)
     if codec == "residual":
         if beam > 1:
             return beam_residual(x, centroids, beam, engine=engine, memory_budget=memory_budget)
@@ -331,14 +388,23 @@ def encode_multilevel(
     memory_budget: int,
     name: str = "x",
     row_offset: int = 0,
+    rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (n_rows, levels) int64 codes of ``x`` (CPU) under the (levels, n_codes, sub_dim) float32
-    ``centroids`` of a ``codec`` codebook, and with ``return_distances`` the (n_rows,) float32 distance
-    of each row to its reconstruction (squared L2; ``1 - cos`` under cosine); the work behind a
-    multi-level :meth:`Codebook.encode`. ``name``, ``row_offset``: how error messages name ``x`` and
-    number its rows (a table batch: the column's name and the batch's first row in the table)."""
+    """The (n_rows, levels) int64 codes (uint8 for scalar and binary codebooks) of ``x`` (CPU) under the
+    (levels, n_codes, sub_dim) float32 ``centroids`` of a ``codec`` codebook, and with
+    ``return_distances`` the (n_rows,) float32 distance of each row to its reconstruction (squared L2;
+    ``1 - cos`` under cosine); the work behind a multi-level :meth:`Codebook.encode`. ``name``,
+    ``row_offset``: how error messages name ``x`` and number its rows (a table batch: the column's name
+    and the batch's first row in the table). ``rotation``: the codebook's (dim, dim) rotation R: rows
+    are coded as ``x @ R`` (after the normalization under cosine), and distances measured between
+    those and their reconstructions."""
     n_levels, n_codes, sub = centroids.shape
-    dim = sub * n_levels if codec == "product" else sub
+    dim = sub * n_levels if codec in SLICED_CODECS else sub
+    if rotation is not None and tuple(rotation.shape) != (dim, dim):
+        raise InvalidInputError(
+            f"rotation.shape={tuple(rotation.shape)}; expected ({dim}, {dim}) for a codebook of dim={dim}. "
+            f"Fix: pass the codebook's own rotation."
+        )
     if top_k != 1:
         raise InvalidInputError(
             f"top_k={top_k} with a {codec} codebook; expected top_k=1 (one tuple of codes per row). "
@@ -349,7 +415,7 @@ def encode_multilevel(
         beam = check_beam("beam", beam, n_codes=n_codes, levels=n_levels)
     elif beam > 1:
         raise InvalidInputError(
-            f"beam={beam} with a {codec} codebook; beam search is for residual codebooks (each product "
+            f"beam={beam} with a {codec} codebook; beam search is for residual codebooks (each {codec} "
             f"level is already exact). Fix: pass beam=1."
         )
     check_int("memory_budget", memory_budget, minimum=1)
@@ -363,12 +429,15 @@ def encode_multilevel(
         check_nonzero_rows(x, name=name, row_offset=row_offset)
     dev = resolve_device(device, x)
     c = centroids.to(dev)
-    codes = torch.empty((x.shape[0], n_levels), dtype=torch.int64)
+    r = None if rotation is None else rotation.to(dev, torch.float32)
+    per_dim = codec in ("scalar", "binary")  # codes < 256: bytes, as their file form stores them
+    codes = torch.empty((x.shape[0], n_levels), dtype=torch.uint8 if per_dim else torch.int64)
     dists = torch.empty(x.shape[0], dtype=torch.float32) if return_distances else None
     for a in range(0, x.shape[0], ENCODE_BATCH_ROWS):
         xb = x[a : a + ENCODE_BATCH_ROWS].to(dev, torch.float32)
         if metric == "cosine":
             xb = normalize_rows(xb)
+        xb = rotate_rows(xb, r)
         cb = encode_levels(xb, c, codec, beam=beam, engine=engine, memory_budget=memory_budget)
         codes[a : a + xb.shape[0]] = cb.cpu()
         if dists is not None:
@@ -379,6 +448,7 @@ def encode_multilevel(
 __all__ = [
     "MULTI_LEVEL_CODECS",
     "RowMap",
+    "SLICED_CODECS",
     "beam_residual",
     "beam_residuals",
     "beam_width",

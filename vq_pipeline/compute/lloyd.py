@@ -292,6 +292,8 @@ class LloydResult:
     n_repairs: int
     history: list[IterationStats]
     bound_bytes: int = 0  # memory of the pruning state (:mod:`vq_pipeline.compute.prune`) at the last E step
+    #: A balanced fit: the capped assignment of the last E step (:attr:`EStepStats.balance`), else None.
+    balance: dict[str, Any] | None = None
 
 
 def m_step(p: EStepStats, c: torch.Tensor, *, metric: str, subject: str = "x") -> tuple[torch.Tensor, int]:
@@ -484,6 +486,7 @@ def lloyd_steps(
         n_repairs=state.n_repairs,
         history=[*state.history, stats],
         bound_bytes=p.bound_bytes,
+        balance=p.balance,
     )
 
 

@@ -19,9 +19,18 @@ import numpy as np
 import torch
 
 from vq_pipeline.codebook import Codebook
+from vq_pipeline.compute.balanced import BalancedEStep
 from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, DataSource, EStepStats
 from vq_pipeline.compute.engines import Engine, get_engine
-from vq_pipeline.compute.lloyd import RUN_ONLY, FitProgress, LloydState, ProgressCallback, lloyd_steps, with_context
+from vq_pipeline.compute.lloyd import (
+    RUN_ONLY,
+    FitProgress,
+    LloydState,
+    ProgressCallback,
+    lloyd_steps,
+    run_steps,
+    with_context,
+)
 from vq_pipeline.compute.progressive import progressive_dims
 from vq_pipeline.compute.seeding import kmeans_parallel, kmeans_plus_plus, report_init
 from vq_pipeline.fitting.options import FitOptions
@@ -46,7 +55,10 @@ def fit_steps(
     subject: str = "x",
 ) -> Generator[torch.Tensor, EStepStats, Codebook]:
     """A flat :func:`fit_source` as :data:`Steps`: seeding reads ``source.sample``, and every E step
-    is asked of the caller. ``subject`` names the rows in errors (a level of a multi-level fit)."""
+    is asked of the caller. ``subject`` names the rows in errors (a level of a multi-level fit).
+
+    A balanced fit (``opts.balance``) answers its own E steps (:class:`~vq_pipeline.compute.balanced.BalancedEStep`
+    over ``source``: a capped assignment, two passes over the rows) and asks the caller for none."""
     # One fit per checkpoint file: a second one fails at once instead of overwriting this one's state.
     with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
         t_start = time.perf_counter() if t_start is None else t_start
@@ -57,6 +69,11 @@ def fit_steps(
             log.info("resuming the fit from checkpoint %s (restart %d)", checkpoint.path, done.restart)
         done = done or FitProgress()
         init_seconds = 0.0
+        balanced = None
+        if opts.balance is not None:
+            balanced = BalancedEStep(
+                source, opts.balance, opts.n_codes, engine=opts.engine, memory_budget=opts.memory_budget
+            )
         for restart in range(done.restart, opts.n_init):
             resume = done.lloyd if restart == done.restart else None
             events = with_context(progress, restart=restart, n_init=opts.n_init, prune=opts.prune)
@@ -76,7 +93,7 @@ def fit_steps(
                 # update resumes without seeding again (k-means++ can take longer than an iteration).
                 resume = LloydState.start(c0)
                 save(resume)
-            result = yield from lloyd_steps(
+            steps = lloyd_steps(
                 source.n_rows,
                 c0.to(opts.device),
                 metric=opts.metric,
@@ -87,6 +104,7 @@ def fit_steps(
                 on_update=save,
                 subject=subject,
             )
+            result = run_steps(steps, balanced) if balanced is not None else (yield from steps)
             best = result if done.best is None or result.inertia < done.best.inertia else done.best
             done = FitProgress(restart + 1, (*done.inertias, result.inertia), best)
             if checkpoint is not None:
@@ -112,6 +130,7 @@ def fit_steps(
             "empty_codes": int((best.counts == 0).sum()),
             "restart_inertias": inertias,
             "history": [{k: v for k, v in h.items() if k not in RUN_ONLY} for h in history],
+            **({"balance": best.balance} if best.balance is not None else {}),
             **(extra_stats or {}),
         },
         data_fingerprint=data_fingerprint,

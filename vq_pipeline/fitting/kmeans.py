@@ -39,7 +39,9 @@ from vq_pipeline.fitting.options import (
     maybe_to_device,
     split_holdout,
     with_holdout_stats,
+    with_scorecard_stats,
 )
+from vq_pipeline.fitting.quantizers import fit_binary, fit_scalar
 from vq_pipeline.settings import FitSettings
 from vq_pipeline.validate import as_embeddings, check_nonzero_rows, normalize_rows
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 def fit_codebook(
     x: Any,
-    n_codes: int,
+    n_codes: int | None = None,
     *,
     metric: str = FitSettings.metric,
     n_iter: int = FitSettings.n_iter,
@@ -65,6 +67,11 @@ def fit_codebook(
     train_beam: int = FitSettings.train_beam,
     prune: bool = FitSettings.prune,
     holdout: float = FitSettings.holdout,
+    rotation: str = FitSettings.rotation,
+    bits: int = FitSettings.bits,
+    scalar_range: str = FitSettings.scalar_range,
+    rotation_iters: int = FitSettings.rotation_iters,
+    balance: float | None = FitSettings.balance,
     progress: ProgressCallback | None = None,
     verbose: bool = False,
     sources: tuple[str, ...] = (),
@@ -77,7 +84,9 @@ def fit_codebook(
             without a copy), or a polars Series (or one-column DataFrame) of Array or same-length
             List rows. float16, bfloat16, float64 and integer inputs are converted to float32;
             NaN/Inf are refused.
-        n_codes: number of centroids, ``1 <= n_codes <= n_rows``.
+        n_codes: number of centroids, ``1 <= n_codes <= n_rows`` (per level for a multi-level codec).
+            Scalar and binary codecs: None (the default) or their fixed codes per dimension,
+            ``2**bits`` and 2; every other codec needs it.
         metric: 'l2' (squared Euclidean) or 'cosine' (rows and centroids L2-normalized; centroids
             re-normalized after every update).
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
@@ -99,8 +108,22 @@ def fit_codebook(
             'product' (the dimensions split into ``levels`` contiguous slices, one K-means each,
             advanced together in one pass over the data per iteration). ``n_codes`` is per level.
             See :mod:`vq_pipeline.compute.levels`.
+            'scalar' (``bits`` per dimension, each dimension's calibrated range cut into ``2**bits``
+            evenly spaced values) or 'binary' (one bit per dimension: the sign after centring, decoded
+            to ``mean +- scale``); both fitted in a few passes over the rows, no Lloyd
+            (:mod:`vq_pipeline.fitting.quantizers`).
         levels: codes per row for 'residual' and 'product' (1 for 'flat'); 'product' needs
-            ``dim % levels == 0``.
+            ``dim % levels == 0``. Scalar and binary: 1 or ``dim`` (they have one level per dimension).
+        rotation: 'none' (default); 'random' (a seeded random orthogonal rotation: residual, product,
+            binary); 'opq' (learned with the codes, as FAISS's OPQMatrix: product, residual); 'itq'
+            (iterative quantization: binary). A learned rotation runs on a seeded sample of at most
+            ``max(65,536, 256 * n_codes)`` rows (``stats['rotation_rows']``); the codes are then fitted
+            over all rows rotated (:mod:`vq_pipeline.fitting.rotation`).
+        bits: 'scalar': 8 or 4 bits per dimension.
+        scalar_range: 'scalar': 'minmax' (each dimension's minimum and maximum over the rows) or
+            'quantile' (its 0.001 and 0.999 quantiles over a seeded sample of at most 65,536 rows;
+            values outside are coded as the range's ends).
+        rotation_iters: rounds of a learned rotation ('opq', 'itq').
         train_beam: 'residual': every level after the first is fitted on what the ``train_beam``
             best partial tuples of the levels before leave of each row (so ``train_beam`` times as
             many rows; 1: the greedy residuals). Encode with ``beam=train_beam`` to match.
@@ -114,6 +137,16 @@ def fit_codebook(
             codebook is the one fitted on the others, and ``stats["holdout"]`` records the share, the
             held-out rows, the seed and their mean distance to their codes (``mean_distance``: squared
             L2, or ``1 - cos``), the error on rows the fit did not see.
+            Every fit also records ``stats["scorecard"]`` (:mod:`vq_pipeline.compute.scorecard`: error,
+            recall@10, prefix coherence, effective size, collision rate, and for residual codes the error and
+            recall by levels ``0..l``) on the held-out rows (``"sample": "holdout"``), else on a sample of at
+            most 1,024 training rows seeded by ``seed`` (``"sample": "training"``), and its seconds in
+            ``timings["scorecard_seconds"]``; the centroids do not depend on it.
+        balance: balanced codes (None: off, the default): every E step assigns the rows under a cap of
+            ``ceil((1 + balance) * n_rows / n_codes)`` rows per code (per level for a multi-level codec;
+            :mod:`vq_pipeline.compute.balanced`), and ``stats["balance"]`` (each level's in
+            ``stats["levels"]``) records the cap, the largest code and how close the last assignment is to
+            the least distance under the cap.
         progress: called with :class:`InitProgress` events while the initial centroids are chosen
             (when a seeding begins, after each k-means|| round, about every 5% of k-means++, at its end),
             then with a :class:`vq_pipeline.compute.lloyd.IterationProgress` (an :class:`IterationStats`)
@@ -147,6 +180,7 @@ def fit_codebook(
         column=column,
         progress=with_verbose(progress, verbose),
         t_start=t_start,
+        held=held,
     )
     return with_holdout_stats(codebook, held, opts)
 
@@ -172,6 +206,7 @@ def fit_source(
     progress: ProgressCallback | None = None,
     t_start: float | None = None,
     checkpoint: FitCheckpoint | None = None,
+    held: torch.Tensor | None = None,
 ) -> Codebook:
     """Lloyd restarts over ``source``, seeded from its :meth:`~vq_pipeline.compute.data.DataSource.sample`;
     the one fit behind every entry point (in memory, streamed tables, partitions).
@@ -180,6 +215,11 @@ def fit_source(
         source: the training rows: validated, unit rows under cosine.
         checkpoint: where to save the state after every update, and to resume from if it holds a
             state of this very fit (same data fingerprint and settings); removed once the fit ends.
+        held: the rows held out of the fit (validated like ``source``'s), or None.
+
+    Every fit records ``stats["scorecard"]``, a scorecard of its codes
+    (:func:`vq_pipeline.fitting.options.with_scorecard_stats`) on the held-out rows when there are any, else on a
+    seeded sample of the training rows, and ``timings["scorecard_seconds"]``; the centroids do not depend on it.
 
     A multi-level codec (``opts.codec``) fits its levels through :func:`fit_steps` each
     (:func:`vq_pipeline.fitting.multilevel.fit_levels`).
@@ -193,6 +233,12 @@ def fit_source(
         t_start=t_start,
         checkpoint=checkpoint,
     )
-    if opts.codec != "flat":
-        return fit_levels(source, opts, **kwargs)
-    return run_steps(fit_steps(source, opts, **kwargs), source.e_step)
+    if opts.codec == "scalar":
+        codebook = fit_scalar(source, opts, **kwargs)
+    elif opts.codec == "binary":
+        codebook = fit_binary(source, opts, **kwargs)
+    elif opts.codec != "flat":
+        codebook = fit_levels(source, opts, **kwargs)
+    else:
+        codebook = run_steps(fit_steps(source, opts, **kwargs), source.e_step)
+    return with_scorecard_stats(codebook, source, held, opts)

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 
 from vq_pipeline.codebook import Codebook
-from vq_pipeline.compute.data import DataSource, e_steps
+from vq_pipeline.compute.codecs import rotate_rows
+from vq_pipeline.compute.data import DataSource, InMemoryRows, e_steps
 from vq_pipeline.compute.levels import RowMap, decode, encode_levels, reconstruction_error
 from vq_pipeline.compute.lloyd import ProgressCallback, run_steps, with_context
 from vq_pipeline.errors import TooFewPointsError
 from vq_pipeline.fitting.flat import fit_steps
 from vq_pipeline.fitting.options import FitOptions
+from vq_pipeline.fitting.rotation import source_rotation
 from vq_pipeline.validate import check_beam
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,27 @@ def fit_levels(
 
     ``checkpoint`` (a :class:`vq_pipeline.fitting.checkpoint.FitCheckpoint`) holds the finished levels and the
     running ones' progress: a killed fit resumes where it stopped and gives the same codebook.
+
+    ``opts.rotation`` ('random', 'opq'): the rotation R is made first (OPQ: learned on a seeded sample,
+    :func:`vq_pipeline.fitting.rotation.source_rotation`), then the levels are fitted over all rows
+    rotated (``x @ R``, per batch through the levels' row maps; once, for rows in memory), and the
+    statistics pass encodes the rotated rows. A product fit with OPQ starts each level from OPQ's last
+    centroids of that slice (``stats['level_init'] = 'opq'``) when ``n_init == 1``.
     """
     from vq_pipeline.fitting.checkpoint import LevelCheckpoints
 
     t_start = time.perf_counter() if t_start is None else t_start
     n_levels = opts.levels
+    t_rotation = time.perf_counter()
+    rotation, learned, rotation_stats = source_rotation(source, opts)
+    rotation_seconds = time.perf_counter() - t_rotation
+    level_init = None
+    if learned is not None and learned.centroids is not None and opts.codec == "product" and opts.n_init == 1:
+        level_init = learned.centroids
+        rotation_stats["level_init"] = "opq"
+    extra_stats = {**rotation_stats, **(extra_stats or {})}
+    source, map_rotation = _rotated_source(source, rotation)
+    rotation_key = "" if rotation is None else f"|rotation {_tensor_hash(rotation)}"
     if opts.codec == "residual":
         check_beam("train_beam", opts.train_beam, n_codes=opts.n_codes, levels=n_levels)
     with checkpoint.locked() if checkpoint is not None else contextlib.nullcontext():
@@ -81,13 +99,17 @@ def fit_levels(
             log.info("resuming a %s fit: %d of %d levels already fitted", opts.codec, resumed, n_levels)
 
         def steps(level: int, src: DataSource, prefix: str) -> Any:
-            level_opts = replace(opts, codec="flat", levels=1, metric=level_metric(opts.codec, opts.metric, level))
+            level_opts = replace(
+                opts, codec="flat", levels=1, metric=level_metric(opts.codec, opts.metric, level), rotation="none"
+            )
+            if level_init is not None:
+                level_opts = replace(level_opts, init=level_init[level])
             subject = _level_subject(opts, level, source.n_rows, source.dim, column)
             return _named(
                 fit_steps(
                     src,
                     level_opts,
-                    data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}",
+                    data_fingerprint=f"{data_fingerprint}|{opts.codec}|level {level}|{prefix}{rotation_key}",
                     progress=with_context(progress, level=level, n_levels=n_levels),
                     checkpoint=store.view(level) if store else None,
                     subject=subject,
@@ -103,14 +125,22 @@ def fit_levels(
                 if books[level] is not None:
                     continue
                 prefix = torch.stack([b.centroids for b in books[:level]]) if level else None
-                src = source if prefix is None else source.mapped(_residual_map(prefix, opts))
+                if prefix is not None:
+                    src = source.mapped(_residual_map(prefix, opts, map_rotation))
+                elif map_rotation is not None:
+                    src = source.mapped(RowMap.columns(0, source.dim, source.dim, rotation=map_rotation))
+                else:
+                    src = source
                 log.debug("level %d/%d: fitting the residual level", level + 1, n_levels)
                 books[level] = run_steps(steps(level, src, _tensor_hash(prefix)), src.e_step)
                 if store:
                     store.finish(level, books[level])
         else:
             sub = source.dim // n_levels
-            srcs = {lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim)) for lv in range(n_levels)}
+            srcs = {
+                lv: source.mapped(RowMap.columns(lv * sub, (lv + 1) * sub, source.dim, rotation=map_rotation))
+                for lv in range(n_levels)
+            }
             todo = {lv: steps(lv, srcs[lv], "") for lv in range(n_levels) if books[lv] is None}
 
             def finished(level: int, book: Codebook) -> None:
@@ -122,7 +152,7 @@ def fit_levels(
         done = [b for b in books if b is not None]
         centroids = torch.stack([b.centroids for b in done])  # (levels, n_codes, sub_dim)
         t_stats = time.perf_counter()
-        pass_stats = training_stats(source, centroids, opts)
+        pass_stats = training_stats(source, centroids, opts, rotation=map_rotation)
         _warn_if_error_rises(opts, pass_stats["level_mse"])
         codebook = Codebook(
             centroids=centroids,
@@ -135,8 +165,10 @@ def fit_levels(
             sources=tuple(sources),
             column=column,
             parent_fingerprint=opts.parent_fingerprint,
+            rotation=rotation,
             timings={
                 "fit_seconds": time.perf_counter() - t_start,
+                **({"rotation_seconds": rotation_seconds} if rotation is not None else {}),
                 "init_seconds": sum(b.timings.get("init_seconds", 0.0) for b in done),
                 "iteration_seconds": [s for b in done for s in b.timings.get("iteration_seconds", [])],
                 **(
@@ -202,8 +234,21 @@ def _warn_if_error_rises(opts: FitOptions, level_mse: list[float]) -> None:
             log.warning("%s", message)  # shown once: by the vq command, in the flow's log, or on stderr
 
 
-def _residual_map(prefix: torch.Tensor, opts: FitOptions) -> RowMap:
-    return RowMap.residual(prefix, beam=opts.train_beam, engine=opts.engine, memory_budget=opts.memory_budget)
+def _residual_map(prefix: torch.Tensor, opts: FitOptions, rotation: torch.Tensor | None = None) -> RowMap:
+    return RowMap.residual(
+        prefix, beam=opts.train_beam, engine=opts.engine, memory_budget=opts.memory_budget, rotation=rotation
+    )
+
+
+def _rotated_source(source: DataSource, rotation: torch.Tensor | None) -> tuple[DataSource, torch.Tensor | None]:
+    """(the source the levels are mapped from, the rotation their row maps apply first): rows in memory
+    are rotated once (a source of the rotated rows, no rotation left to apply); streamed and
+    partitioned rows are rotated per batch by every level's row map."""
+    if rotation is None:
+        return source, None
+    if isinstance(source, InMemoryRows):
+        return source.mapped(RowMap.columns(0, source.dim, source.dim, rotation=rotation)), None
+    return source, rotation
 
 
 def _run_together(
@@ -240,7 +285,9 @@ def _fit_key(data_fingerprint: str, opts: FitOptions) -> str:
     return hashlib.sha256(f"{data_fingerprint}|{opts.settings(opts.engine)}|{init}".encode()).hexdigest()
 
 
-def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions) -> dict[str, Any]:
+def training_stats(
+    source: DataSource, centroids: torch.Tensor, opts: FitOptions, *, rotation: torch.Tensor | None = None
+) -> dict[str, Any]:
     """One pass over the training rows with the final codebook, encoding them as :meth:`Codebook.encode`
     does by default (greedy): the (levels, n_codes) ``counts`` of every code, error per level and in
     total, code usage per level, and collisions of whole tuples.
@@ -249,7 +296,8 @@ def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions
     ``1 - cos`` under cosine: :func:`~vq_pipeline.compute.levels.reconstruction_error`), so ``mse *
     n_rows`` is the sum of encode's distances, as a flat codebook's inertia is. Residual: ``level_mse[l]``
     is the error of the reconstruction by levels ``0..l`` (the last one is ``mse``); product: the squared
-    L2 error of slice ``l`` (under cosine, of the unit row's slice)."""
+    L2 error of slice ``l`` (under cosine, of the unit row's slice). ``rotation``: the rows are rotated
+    first (``x @ rotation``), as encode rotates them; the errors are those of the rotated rows."""
     from vq_pipeline.compute.semantic_ids import collision_stats
 
     n_levels, n_codes, sub = centroids.shape
@@ -260,8 +308,9 @@ def training_stats(source: DataSource, centroids: torch.Tensor, opts: FitOptions
     total_err = 0.0
     code_parts: list[np.ndarray] = []
     dtype = np.uint8 if n_codes <= 256 else np.uint16 if n_codes <= 65_536 else np.int64
+    r = None if rotation is None else rotation.to(dev, torch.float32)
     for xb in source.batches():
-        xb = xb.to(dev, torch.float32)
+        xb = rotate_rows(xb.to(dev, torch.float32), r)
         codes = encode_levels(xb, c, opts.codec, engine=opts.engine, memory_budget=opts.memory_budget)
         code_parts.append(codes.cpu().numpy().astype(dtype))
         for level in range(n_levels):
@@ -324,6 +373,7 @@ def _codebook_stats(
                 "mse": pass_stats["level_mse"][level],
                 "restart_inertias": s.get("restart_inertias", []),
                 "history": s.get("history", []),
+                **({"balance": s["balance"]} if "balance" in s else {}),
             }
         )
     collisions = {

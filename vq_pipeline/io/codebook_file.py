@@ -10,7 +10,10 @@ What a file may ask of a reader is bounded by its size and by documented caps: a
 that the bytes in the file exactly fill (so the work of encoding a row is the centroid values the
 file holds); centroids, and residual sums of levels, within :data:`MAX_SQUARED_NORM`; counts of a
 level summing to at most :data:`MAX_TRAINING_ROWS`; and ``fit`` settings that agree with the file's
-codec, levels, n_codes, dim and metric (:func:`check_settings`).
+codec, levels, n_codes, dim, metric and rotation (:func:`check_settings`). Scalar and binary codebooks
+(one level per dimension) are not held to :data:`MAX_LEVELS`: each of their levels is one value per
+code, so the bytes in the file bound them; their grids must increase, and a rotation must be an
+orthogonal (dim, dim) matrix (:func:`check_values`).
 """
 
 from __future__ import annotations
@@ -30,14 +33,24 @@ from typing import Any
 import numpy as np
 
 from vq_pipeline.errors import CodebookFileError, InvalidInputError, UnsupportedFormatError
-from vq_pipeline.settings import CODECS, METRICS
+from vq_pipeline.settings import CODEC_ROTATIONS, CODECS, METRICS, PER_DIMENSION_CODECS, ROTATIONS, SCALAR_RANGES
 
 FORMAT_NAME = "vq-pipeline.codebook"
+#: 1.2 adds scalar and binary codebooks (``codec`` "scalar"/"binary", ``levels == dim``, (dim, n_codes, 1)
+#: grids) and the optional ``rotation`` tensor, (dim, dim) F32. Only files that use them are written as
+#: 1.2; the others byte for byte as before: flat codebooks as 1.0, residual and product ones as 1.1.
+FORMAT_VERSION = "1.2"
 #: 1.1 adds multi-level codebooks (metadata ``codec`` and ``levels``; (levels, n_codes, sub_dim)
-#: centroids and (levels, n_codes) counts). Flat codebooks are still written as 1.0, byte for byte as
-#: before; a file without ``codec`` is flat.
-FORMAT_VERSION = "1.1"
+#: centroids and (levels, n_codes) counts). A file without ``codec`` is flat.
+MULTI_LEVEL_FORMAT_VERSION = "1.1"
 FLAT_FORMAT_VERSION = "1.0"
+#: Versions that predate scalar and binary codecs and rotations: a file claiming one of them while
+#: using those is refused as lying.
+_PRE_CODEC_VERSIONS = ("1.0", "1.1")
+#: Codes per dimension of each per-dimension codec (scalar: 2**bits for bits 8 and 4).
+PER_DIMENSION_N_CODES = {"scalar": (256, 16), "binary": (2,)}
+#: The largest ``max |R^T R - I|`` a rotation may have.
+ROTATION_TOLERANCE = 1e-4
 #: Most levels (codes per row) of a residual or product codebook, in a file and in a fit. Real ones
 #: have a handful to a few hundred; each level is one more pass over every encoded row and one more
 #: code per row of every code table, whatever the level holds, so the work and memory a file can
@@ -63,16 +76,20 @@ _MAX_HEADER_BYTES = 16 * 2**20
 _MAX_JSON_ITEMS = 2**18
 _MAX_JSON_DEPTH = 32
 _EXPECTED_TENSORS = {"centroids": ("F32", 2), "counts": ("I64", 1)}
+#: Tensors a file may hold besides the expected ones (from format 1.2).
+_OPTIONAL_TENSORS = {"rotation": ("F32", 2)}
 _ITEM_BYTES = {"F32": 4, "I64": 8}
 _FIX = "Fix: point at a codebook written by `vq fit` or Codebook.save, or refit it."
 _PATH_FIX = "Fix: pass the .safetensors file written by `vq fit` or Codebook.save."
 
 
-def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat") -> str:
-    """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses.
+def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat", rotation: np.ndarray | None = None) -> str:
+    """sha256 of the metric, codec, shape, centroid bytes and rotation bytes (when there is a rotation):
+    the identity of what encoding uses. Codebooks without a rotation keep the fingerprint they had.
 
     Args:
         centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
+        rotation: (dim, dim) float32, or None.
     """
     if codec == "flat":  # the identity of flat codebooks is unchanged since format 1.0
         n_codes, dim = centroids.shape
@@ -81,28 +98,73 @@ def fingerprint_of(metric: str, centroids: np.ndarray, codec: str = "flat") -> s
         levels, n_codes, sub_dim = centroids.shape
         h = hashlib.sha256(f"{FORMAT_NAME}|{metric}|{codec}|{levels}|{n_codes}|{sub_dim}|".encode())
     h.update(np.ascontiguousarray(centroids, dtype="<f4").tobytes())
+    if rotation is not None:
+        r = np.ascontiguousarray(rotation, dtype="<f4")
+        h.update(f"|rotation|{r.shape[0]}|{r.shape[1]}|".encode())
+        h.update(r.tobytes())
     return h.hexdigest()
 
 
-def check_values(centroids: np.ndarray, counts: np.ndarray, metric: str, codec: str = "flat") -> None:
+def rotation_deviation(rotation: np.ndarray) -> float:
+    """``max |R^T R - I|`` of a square matrix, computed in float64 (0 for an orthogonal one)."""
+    r = np.asarray(rotation, dtype=np.float64)
+    return float(np.abs(r.T @ r - np.eye(r.shape[0])).max()) if r.size else 0.0
+
+
+def check_rotation(rotation: Any, codec: str, dim: int) -> None:
+    """Refuse a rotation that ``codec`` does not take, or one that is not a finite orthogonal
+    (dim, dim) float32 matrix (``max |R^T R - I| <= ROTATION_TOLERANCE``)."""
+    if rotation is None:
+        return
+    allowed = CODEC_ROTATIONS.get(codec, ("none",))
+    if allowed == ("none",):
+        raise InvalidInputError(
+            f"rotation given with codec={codec!r}; the {codec} codec takes no rotation (rotations apply to "
+            f"{', '.join(c for c, r in CODEC_ROTATIONS.items() if len(r) > 1)}). Fix: drop the rotation, or refit."
+        )
+    shape = tuple(getattr(rotation, "shape", ()))
+    if shape != (dim, dim) or getattr(rotation, "dtype", None) != np.float32:
+        raise InvalidInputError(
+            f"rotation.shape={shape} (dtype={getattr(rotation, 'dtype', None)}); expected a ({dim}, {dim}) float32 "
+            f"matrix for dim={dim}. Fix: refit the codebook."
+        )
+    if not np.isfinite(rotation).all():
+        raise InvalidInputError("rotation holds NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
+    deviation = rotation_deviation(rotation)
+    if deviation > ROTATION_TOLERANCE:
+        raise InvalidInputError(
+            f"rotation is not orthogonal: max |R^T R - I|={deviation:.3g}; expected at most "
+            f"{ROTATION_TOLERANCE:g}. Fix: refit the codebook (or orthogonalize R)."
+        )
+
+
+def check_values(
+    centroids: np.ndarray, counts: np.ndarray, metric: str, codec: str = "flat", rotation: np.ndarray | None = None
+) -> None:
     """Refuse what no fit writes and what would break encoding or reports: non-finite centroids;
     centroids whose squared norm exceeds :data:`MAX_SQUARED_NORM` and, for a residual codebook,
     levels whose reconstructions could (the largest centroid norm of each level so far, summed: the
     triangle inequality's bound on every partial sum of codes); negative counts, and counts of one
     level that sum to more than :data:`MAX_TRAINING_ROWS`; and (under cosine) centroids that are not
     unit rows (for a residual codebook, those of level 0; product slices and later residual levels are
-    free). Messages name the level and the code.
+    free). Messages name the level and the code. Scalar grids must be strictly increasing (or constant)
+    in every dimension, binary grids ``[m - s, m + s]`` must have ``s >= 0``; a rotation is checked by
+    :func:`check_rotation`.
 
     Args:
         centroids: (n_codes, dim) float32 for 'flat', (levels, n_codes, sub_dim) otherwise.
         counts: (n_codes,) or (levels, n_codes) int64.
+        rotation: (dim, dim) float32, or None.
     """
     if not np.isfinite(centroids).all():
         raise InvalidInputError("centroids hold NaN or ±Inf values; expected finite numbers. Fix: refit the codebook.")
     _check_norms(centroids, codec)
     _check_counts(counts)
+    check_rotation(rotation, codec, level_dims(codec, tuple(centroids.shape))[2])
+    if codec in PER_DIMENSION_CODECS:
+        _check_grid(centroids, codec)
     if codec != "flat":
-        if codec == "product" or metric != "cosine":
+        if codec != "residual" or metric != "cosine":
             return
         centroids = centroids[0]  # (n_codes, dim): residual level 0
     if metric == "cosine":
@@ -144,6 +206,15 @@ def _check_norms(centroids: np.ndarray, codec: str) -> None:
                 f"{where} has squared norm {sq[code]:.3e}; expected at most MAX_SQUARED_NORM={MAX_SQUARED_NORM:.1e} "
                 f"so that squared distances stay finite in float32. {_NORM_FIX}"
             )
+        if codec in ("product", "scalar", "binary"):  # slices: a reconstruction's squared norms add up
+            reach += float(sq[code])
+            if reach > MAX_SQUARED_NORM:
+                raise InvalidInputError(
+                    f"{where} lets a reconstruction of levels 0..{level} reach a squared norm of {reach:.3e} (the "
+                    f"largest squared norm of each level's slice, summed); expected at most "
+                    f"MAX_SQUARED_NORM={MAX_SQUARED_NORM:.1e} so that distances stay finite in float32. {_NORM_FIX}"
+                )
+            continue
         if codec != "residual":
             continue
         reach += math.sqrt(float(sq[code]))
@@ -154,6 +225,30 @@ def _check_norms(centroids: np.ndarray, codec: str) -> None:
                 f"MAX_SQUARED_NORM={MAX_SQUARED_NORM:.1e} so that the residuals' squared distances stay finite in "
                 f"float32. {_NORM_FIX}"
             )
+
+
+def _check_grid(centroids: np.ndarray, codec: str) -> None:
+    """Refuse a scalar grid that is not strictly increasing (or constant) in some dimension, and a
+    binary grid whose upper value is below its lower one (a negative scale)."""
+    g = centroids[:, :, 0]  # (dim, n_codes)
+    if codec == "binary":
+        bad = g[:, 1] < g[:, 0]
+        if bad.any():
+            d = int(np.argmax(bad))
+            raise InvalidInputError(
+                f"centroids[{d}]=[{float(g[d, 0])!r}, {float(g[d, 1])!r}] (dimension {d}) has a negative scale; "
+                f"expected a binary grid [mean - scale, mean + scale] with scale >= 0. Fix: refit the codebook."
+            )
+        return
+    diffs = np.diff(g, axis=1)  # (dim, n_codes - 1)
+    bad = ~((diffs > 0).all(axis=1) | (diffs == 0).all(axis=1))  # (dim,)
+    if bad.any():
+        d = int(np.argmax(bad))
+        k = int(np.argmax(diffs[d] <= 0)) if (diffs[d] > 0).any() else int(np.argmax(diffs[d] != 0))
+        raise InvalidInputError(
+            f"centroids[{d}, {k}:{k + 2}]=[{float(g[d, k])!r}, {float(g[d, k + 1])!r}] (dimension {d}) breaks the "
+            f"scalar grid; expected values strictly increasing in the code (or all equal). Fix: refit the codebook."
+        )
 
 
 def _check_counts(counts: np.ndarray) -> None:
@@ -181,13 +276,24 @@ def _check_counts(counts: np.ndarray) -> None:
 
 
 #: Fit settings that only a multi-level codebook records (a level of one, as a flat codebook, drops them).
-MULTI_LEVEL_SETTINGS = ("codec", "levels", "train_beam")
+MULTI_LEVEL_SETTINGS = ("codec", "levels", "train_beam", "rotation", "bits", "scalar_range", "rotation_iters")
 
 
-def check_settings(settings: Any, *, metric: str, codec: str, shape: tuple[int, ...], name: str = "settings") -> None:
+def check_settings(
+    settings: Any,
+    *,
+    metric: str,
+    codec: str,
+    shape: tuple[int, ...],
+    name: str = "settings",
+    rotated: bool = False,
+) -> None:
     """Refuse fit settings that contradict the codebook they were recorded with: a ``codec``,
     ``levels``, ``n_codes``, ``dim`` or ``metric`` entry that is present must equal the codebook's (an
     absent one is fine: older files record fewer). ``name`` is how messages call the settings.
+    ``rotation`` (present) must be a rotation the codec takes, other than "none" exactly when the
+    codebook holds one (``rotated``); ``bits`` and ``scalar_range`` belong to scalar codebooks only
+    (``2**bits == n_codes``); ``rotation_iters`` is an integer >= 1.
 
     Args:
         shape: the centroids' shape, (n_codes, dim) for 'flat', else (levels, n_codes, sub_dim).
@@ -205,6 +311,42 @@ def check_settings(settings: Any, *, metric: str, codec: str, shape: tuple[int, 
             f"{name}.{key}={_short(found)} contradicts the codebook's {key}={value!r} ({structure}); expected the "
             f"settings it was fitted with, which agree with its structure. Fix: refit the codebook."
         )
+    fix = "Fix: refit the codebook."
+    if "rotation" in settings:
+        found = settings["rotation"]
+        allowed = CODEC_ROTATIONS.get(codec, ("none",))
+        if not isinstance(found, str) or found not in ROTATIONS or found not in allowed:
+            raise InvalidInputError(
+                f"{name}.rotation={_short(found)} with codec={codec!r}; expected one of {allowed}. {fix}"
+            )
+        if (found != "none") != rotated:
+            has = "holds a rotation" if rotated else "holds no rotation"
+            raise InvalidInputError(
+                f"{name}.rotation={found!r} contradicts the codebook, which {has}; expected the settings it was "
+                f"fitted with. {fix}"
+            )
+    if "bits" in settings:
+        found = settings["bits"]
+        if codec != "scalar":
+            raise InvalidInputError(
+                f"{name}.bits={_short(found)} with codec={codec!r}; bits belong to scalar codes. {fix}"
+            )
+        if type(found) is not int or found not in (8, 4) or 2**found != n_codes:
+            raise InvalidInputError(
+                f"{name}.bits={_short(found)} contradicts the codebook's n_codes={n_codes}; expected "
+                f"2**bits == n_codes (bits 8: 256 codes, bits 4: 16). {fix}"
+            )
+    if "scalar_range" in settings:
+        found = settings["scalar_range"]
+        if codec != "scalar" or found not in SCALAR_RANGES:
+            raise InvalidInputError(
+                f"{name}.scalar_range={_short(found)} with codec={codec!r}; expected one of {SCALAR_RANGES}, for a "
+                f"scalar codebook. {fix}"
+            )
+    if "rotation_iters" in settings:
+        found = settings["rotation_iters"]
+        if type(found) is not int or found < 1:
+            raise InvalidInputError(f"{name}.rotation_iters={_short(found)}; expected an integer >= 1. {fix}")
 
 
 def _is_count(value: Any) -> bool:
@@ -403,17 +545,43 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
         )
     n_codes, dim = int(sizes[0]), int(sizes[1])
     codec, levels = _codec_and_levels(meta, dim, source)
-    if set(header) != set(_EXPECTED_TENSORS):
+    pre_codec = version in _PRE_CODEC_VERSIONS
+    if codec in PER_DIMENSION_CODECS and pre_codec:
         raise CodebookFileError(
-            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}. {_FIX}"
+            f"{source}: codec={codec!r} in a file of format_version={version!r}; {codec} codebooks are written as "
+            f"format {FORMAT_VERSION}. The header is inconsistent. {_FIX}"
+        )
+    if codec in PER_DIMENSION_CODECS and n_codes not in PER_DIMENSION_N_CODES[codec]:
+        raise CodebookFileError(
+            f"{source}: n_codes={n_codes} with codec={codec!r}; expected one of {PER_DIMENSION_N_CODES[codec]} "
+            f"codes per dimension. The header is inconsistent. {_FIX}"
+        )
+    tensors = dict(_EXPECTED_TENSORS)
+    if "rotation" in header:
+        if pre_codec:
+            raise CodebookFileError(
+                f"{source}: a 'rotation' tensor in a file of format_version={version!r}; rotations are written as "
+                f"format {FORMAT_VERSION}. The header is inconsistent. {_FIX}"
+            )
+        if len(CODEC_ROTATIONS.get(codec, ())) < 2:
+            raise CodebookFileError(
+                f"{source}: a 'rotation' tensor with codec={codec!r}; the {codec} codec takes no rotation. "
+                f"The header is inconsistent. {_FIX}"
+            )
+        tensors.update(_OPTIONAL_TENSORS)
+    if set(header) != set(tensors):
+        optional = f" (and optionally {sorted(_OPTIONAL_TENSORS)})" if not pre_codec else ""
+        raise CodebookFileError(
+            f"{source}: tensors={sorted(header)}; expected exactly {sorted(_EXPECTED_TENSORS)}{optional}. {_FIX}"
         )
     if codec == "flat":
         expected_shapes = {"centroids": [n_codes, dim], "counts": [n_codes]}
     else:
-        sub_dim = dim // levels if codec == "product" else dim
+        sub_dim = dim // levels if codec in ("product", "scalar", "binary") else dim
         expected_shapes = {"centroids": [levels, n_codes, sub_dim], "counts": [levels, n_codes]}
+    expected_shapes["rotation"] = [dim, dim]
     spans = []
-    for name, (dtype, _) in _EXPECTED_TENSORS.items():
+    for name, (dtype, _) in tensors.items():
         info = header[name]
         if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != expected_shapes[name]:
             raise CodebookFileError(
@@ -441,12 +609,18 @@ def _check_header(raw: bytes, n_after: int, source: str) -> tuple[dict[str, str]
             )
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
-    if spans[0][0] != 0 or spans[0][1] != spans[1][0]:
+    if spans[0][0] != 0:
         raise CodebookFileError(
-            f"{source}: tensors {spans[0][2]!r} and {spans[1][2]!r} occupy bytes {spans[0][:2]} and {spans[1][:2]} "
-            f"of the data; expected them to fill it from byte 0 with no gap or overlap. The header is corrupt. {_FIX}"
+            f"{source}: tensor {spans[0][2]!r} occupies bytes {spans[0][:2]} of the data; expected the tensors to "
+            f"fill it from byte 0 with no gap or overlap. The header is corrupt. {_FIX}"
         )
-    return meta, spans[1][1]
+    for a, b in zip(spans, spans[1:], strict=False):
+        if a[1] != b[0]:
+            raise CodebookFileError(
+                f"{source}: tensors {a[2]!r} and {b[2]!r} occupy bytes {a[:2]} and {b[:2]} of the data; expected "
+                f"them to fill it from byte 0 with no gap or overlap. The header is corrupt. {_FIX}"
+            )
+    return meta, spans[-1][1]
 
 
 def _codec_and_levels(meta: dict[str, str], dim: int, source: str) -> tuple[str, int]:
@@ -457,6 +631,13 @@ def _codec_and_levels(meta: dict[str, str], dim: int, source: str) -> tuple[str,
     if not (levels_text.isascii() and levels_text.isdigit() and len(levels_text) <= 6 and int(levels_text) > 0):
         raise CodebookFileError(f"{source}: levels={levels_text!r}; expected a positive integer. {_FIX}")
     levels = int(levels_text)
+    if codec in PER_DIMENSION_CODECS:
+        if levels != dim:
+            raise CodebookFileError(
+                f"{source}: levels={levels} with codec={codec!r} and dim={dim}; expected levels == dim (one code per "
+                f"dimension). The header is inconsistent. {_FIX}"
+            )
+        return codec, levels
     if levels > MAX_LEVELS:
         raise CodebookFileError(
             f"{source}: levels={levels}; expected at most MAX_LEVELS={MAX_LEVELS} codes per row (each level is one "
@@ -506,10 +687,13 @@ def read_codebook_bytes(data: bytes, source: str) -> tuple[dict[str, str], dict[
     return meta, arrays
 
 
-def write_codebook_bytes(meta: dict[str, str], centroids: np.ndarray, counts: np.ndarray) -> bytes:
+def write_codebook_bytes(
+    meta: dict[str, str], centroids: np.ndarray, counts: np.ndarray, rotation: np.ndarray | None = None
+) -> bytes:
     """A codebook's safetensors bytes (what :func:`read_codebook_bytes` reads back): the string
-    ``meta``, float32 ``centroids`` and int64 ``counts``, little-endian, with a deterministic header
-    (keys sorted: the safetensors library orders metadata by hash, differently per process)."""
+    ``meta``, float32 ``centroids``, int64 ``counts`` and (when given) the float32 ``rotation`` after
+    them, little-endian, with a deterministic header (keys sorted: the safetensors library orders
+    metadata by hash, differently per process)."""
     c = np.ascontiguousarray(centroids, dtype="<f4")
     n = np.ascontiguousarray(counts, dtype="<i8")
     header = {
@@ -517,9 +701,15 @@ def write_codebook_bytes(meta: dict[str, str], centroids: np.ndarray, counts: np
         "centroids": {"dtype": "F32", "shape": list(c.shape), "data_offsets": [0, c.nbytes]},
         "counts": {"dtype": "I64", "shape": list(n.shape), "data_offsets": [c.nbytes, c.nbytes + n.nbytes]},
     }
+    parts = [c.tobytes(), n.tobytes()]
+    if rotation is not None:
+        r = np.ascontiguousarray(rotation, dtype="<f4")
+        start = c.nbytes + n.nbytes
+        header["rotation"] = {"dtype": "F32", "shape": list(r.shape), "data_offsets": [start, start + r.nbytes]}
+        parts.append(r.tobytes())
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw + c.tobytes() + n.tobytes()
+    return struct.pack("<Q", len(raw)) + raw + b"".join(parts)
 
 
 def json_field(meta: dict[str, str], key: str, source: str, kind: type) -> Any:
@@ -631,7 +821,7 @@ def _not_regular(mode: int) -> str | None:
     return "not a regular file"
 
 
-def _read_up_to(f: io.FileIO, n: int) -> bytes:
+def read_up_to(f: io.FileIO, n: int) -> bytes:
     """The next ``n`` bytes of ``f``, fewer at its end; one allocation when the read is whole."""
     chunks, got = [], 0
     while got < n:
@@ -655,13 +845,13 @@ def read_file(path: str | os.PathLike[str]) -> tuple[bytes, str]:
     source = f"codebook file {str(p)!r}"
     with io.FileIO(_open_regular_file(p), "rb", closefd=True) as f:
         size = os.fstat(f.fileno()).st_size
-        n_header = _header_length(_read_up_to(f, 9), size, source)
+        n_header = _header_length(read_up_to(f, 9), size, source)
         f.seek(8)
-        _, n_data = _check_header(_read_up_to(f, n_header), size - 8 - n_header, source)
+        _, n_data = _check_header(read_up_to(f, n_header), size - 8 - n_header, source)
         _check_size(size, n_header, n_data, source)
         f.seek(0)
         try:
-            data = _read_up_to(f, size)
+            data = read_up_to(f, size)
         except MemoryError:
             raise CodebookFileError(
                 f"{source} holds a codebook of {size} bytes, more than this process can hold in memory. "
@@ -679,9 +869,9 @@ def is_codebook_file(path: str | os.PathLike[str]) -> bool:
     try:
         with io.FileIO(_open_regular_file(p), "rb", closefd=True) as f:
             size = os.fstat(f.fileno()).st_size
-            n_header = _header_length(_read_up_to(f, 9), size, "")
+            n_header = _header_length(read_up_to(f, 9), size, "")
             f.seek(8)
-            text = _read_up_to(f, n_header).decode("utf-8", errors="replace")
+            text = read_up_to(f, n_header).decode("utf-8", errors="replace")
             _check_items(text, "the header", "")
             header = _parse_json(text, "the header", "")
     except (CodebookFileError, OSError):
@@ -692,6 +882,7 @@ def is_codebook_file(path: str | os.PathLike[str]) -> bool:
 
 def summarize(codebook: Any) -> dict[str, Any]:
     """A JSON-friendly description (no arrays) of a Codebook or a CodebookInfo."""
+    rotation = {} if getattr(codebook, "rotation", None) is None else {"rotated": True}
     return {
         "fingerprint": codebook.fingerprint,
         "metric": codebook.metric,
@@ -699,6 +890,7 @@ def summarize(codebook: Any) -> dict[str, Any]:
         "dim": codebook.dim,
         "codec": codebook.codec,
         "levels": codebook.levels,
+        **rotation,
         "fit": codebook.settings,
         "stats": codebook.stats,
         "data_fingerprint": codebook.data_fingerprint,
@@ -714,11 +906,12 @@ def summarize(codebook: Any) -> dict[str, Any]:
 
 def level_dims(codec: str, centroids_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(levels, n_codes, dim) of centroids of this shape: (n_codes, dim) for 'flat', else
-    (levels, n_codes, sub_dim) with dim = sub_dim (residual) or levels * sub_dim (product)."""
+    (levels, n_codes, sub_dim) with dim = sub_dim (residual) or levels * sub_dim (product, and scalar
+    and binary, whose sub_dim is 1)."""
     if codec == "flat":
         return 1, int(centroids_shape[0]), int(centroids_shape[1])
     levels, n_codes, sub_dim = (int(v) for v in centroids_shape)
-    return levels, n_codes, sub_dim * levels if codec == "product" else sub_dim
+    return levels, n_codes, sub_dim * levels if codec in ("product", "scalar", "binary") else sub_dim
 
 
 class CodebookViews:
@@ -729,6 +922,7 @@ class CodebookViews:
     counts: Any
     metric: str
     codec: str
+    rotation: Any
 
     @property
     def n_codes(self) -> int:
@@ -747,8 +941,10 @@ class CodebookViews:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the metric, codec, shape and centroid bytes: the identity of what encoding uses."""
-        return fingerprint_of(self.metric, np.asarray(self.centroids), self.codec)
+        """sha256 of the metric, codec, shape, centroid bytes and rotation bytes (when there is a
+        rotation): the identity of what encoding uses."""
+        rotation = None if self.rotation is None else np.asarray(self.rotation)
+        return fingerprint_of(self.metric, np.asarray(self.centroids), self.codec, rotation)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (no tensors or arrays) for people and artifacts."""
@@ -772,17 +968,27 @@ class CodebookInfo(CodebookViews):
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     timings: dict[str, Any] = field(default_factory=dict)
+    rotation: np.ndarray | None = None  # (dim, dim) float32, or None
 
 
-def check_file_values(centroids: np.ndarray, counts: np.ndarray, fields: dict[str, Any]) -> None:
+def check_file_values(
+    centroids: np.ndarray, counts: np.ndarray, fields: dict[str, Any], rotation: np.ndarray | None = None
+) -> None:
     """:func:`check_settings` of a file's ``fit`` metadata, then :func:`check_values` of its arrays.
 
     Args:
         fields: :func:`provenance_fields` of the file.
     """
     codec, metric = fields["codec"], fields["metric"]
-    check_settings(fields["settings"], metric=metric, codec=codec, shape=tuple(centroids.shape), name="metadata fit")
-    check_values(centroids, counts, metric, codec)
+    check_settings(
+        fields["settings"],
+        metric=metric,
+        codec=codec,
+        shape=tuple(centroids.shape),
+        name="metadata fit",
+        rotated=rotation is not None,
+    )
+    check_values(centroids, counts, metric, codec, rotation)
 
 
 def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
@@ -790,17 +996,25 @@ def load_info(path: str | os.PathLike[str]) -> CodebookInfo:
     data, source = read_file(path)
     meta, arrays = read_codebook_bytes(data, source)
     fields = provenance_fields(meta, source)
+    rotation = arrays.get("rotation")
     try:
-        check_file_values(arrays["centroids"], arrays["counts"], fields)
+        check_file_values(arrays["centroids"], arrays["counts"], fields, rotation)
     except InvalidInputError as exc:
         raise CodebookFileError(f"{source} is not a valid codebook: {exc}") from None
-    return CodebookInfo(centroids=arrays["centroids"], counts=arrays["counts"], **fields)
+    return CodebookInfo(centroids=arrays["centroids"], counts=arrays["counts"], rotation=rotation, **fields)
 
 
 __all__ = [
     "write_codebook_bytes",
+    "read_up_to",
+    "FLAT_FORMAT_VERSION",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MULTI_LEVEL_FORMAT_VERSION",
+    "PER_DIMENSION_N_CODES",
+    "ROTATION_TOLERANCE",
+    "check_rotation",
+    "rotation_deviation",
     "CodebookInfo",
     "CodebookViews",
     "check_file_values",

@@ -3,7 +3,10 @@
 A flat codebook's table has ``code`` (and ``codes``/``distances`` for top-k); a multi-level codebook's
 (codec residual or product) has ``codes``, an ``Array(integer, levels)`` of one code per level, and,
 when semantic-id suffixes are asked for, ``suffix`` (UInt32, null until the folder's finishing step
-fills it; :func:`vq_pipeline.jobs.encode_folder.assign_suffixes`).
+fills it; :func:`vq_pipeline.jobs.encode_folder.assign_suffixes`). A scalar or binary codebook's table
+(:func:`packed_codes_frame`) has ``codes`` in their packed file form: ``Array(UInt8, dim)`` for 8-bit
+scalar codes, ``Array(UInt8, ceil(dim / 2))`` for 4-bit ones (two per byte), and for binary codes a
+fixed-size binary column of ``ceil(dim / 8)`` bytes per row (polars reads it back as ``Binary``).
 
 Tensor in, file out: no math here. For the demo and the tests, also embedding tables
 (:func:`write_embeddings`). :mod:`vq_pipeline.io.tables` reads tables and re-exports these names.
@@ -33,6 +36,10 @@ OUTPUT_COLUMNS = ("code", "codes", "distance", "distances")
 SUFFIX_COLUMN = "suffix"
 SUFFIX_DTYPE = pl.UInt32
 
+#: The footer key of a scalar or binary code table naming its codec (and :data:`BITS_KEY` its bits per
+#: dimension): readers that take codes for semantic ids refuse such tables.
+CODEC_KEY = "vq-pipeline.codec"
+BITS_KEY = "vq-pipeline.bits"
 #: Integer types a user may pin the ``code`` column to (so a warehouse schema survives a refit).
 CODE_DTYPES = {name: getattr(pl, name.replace("uint", "UInt").replace("int", "Int")) for name in CODE_DTYPE_NAMES}
 
@@ -131,6 +138,56 @@ def level_codes_frame(
     return frame.hstack(keep) if keep is not None else frame
 
 
+def packed_codes_frame(
+    ids: Any,
+    packed: np.ndarray,
+    *,
+    codec: str,
+    id_column: str = "id",
+    distances: torch.Tensor | None = None,
+    keep: Any = None,
+) -> pl.DataFrame:
+    """Build the output table of one batch or file of a scalar or binary codebook.
+
+    Args:
+        ids: a polars Series of ids (or row positions).
+        packed: (n, width) uint8 array, the codes' file form (``Codebook.pack``): width ``dim`` for 8-bit
+            scalar codes, ``ceil(dim / 2)`` for 4-bit ones, ``ceil(dim / 8)`` for binary codes.
+        codec: 'scalar' or 'binary'.
+        distances: optional (n,) float32 CPU tensor (distance to the reconstruction).
+        keep: optional DataFrame of pass-through columns.
+
+    Columns: ``id_column``, ``codes`` (``Array(UInt8, width)``; binary: ``Binary`` of ``width`` bytes, written
+    as ``fixed_size_binary(width)`` by :func:`write_parquet_atomic` with ``fixed_size``), ``distance``, then
+    the kept columns.
+    """
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)  # (n, width)
+    n, width = packed.shape
+    if codec == "binary":
+        import pyarrow as pa  # lazily: the command line starts without it
+
+        arrow = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(packed.tobytes())])
+        codes = pl.Series("codes", pl.from_arrow(arrow), dtype=pl.Binary)
+    else:
+        codes = pl.Series("codes", packed).cast(pl.Array(pl.UInt8, width))
+    cols: list[pl.Series] = [ids.rename(id_column), codes]
+    if distances is not None:
+        cols.append(pl.Series("distance", distances.numpy()))
+    frame = pl.DataFrame(cols)
+    return frame.hstack(keep) if keep is not None else frame
+
+
+def packed_codes(frame: pl.DataFrame, *, column: str = "codes") -> np.ndarray:
+    """The (n, width) uint8 packed codes of a :func:`packed_codes_frame` table's ``column``, as written:
+    ``Array(UInt8, width)`` or ``Binary`` of one width."""
+    series = frame.get_column(column)
+    if series.dtype == pl.Binary:
+        values = series.to_list()
+        width = len(values[0]) if values else 0
+        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width)
+    return series.to_numpy().astype(np.uint8, copy=False).reshape(len(series), -1)
+
+
 def with_suffix(frame: pl.DataFrame, suffix: pl.Series) -> pl.DataFrame:
     """``frame`` (a multi-level code table with a ``suffix`` column) with that column replaced by
     ``suffix`` ((n,) UInt32, in row order), as one chunk so that its parquet bytes depend only on its values."""
@@ -149,12 +206,20 @@ def concat_frames(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
 
 
 def write_parquet_atomic(
-    frame: pl.DataFrame, path: str | os.PathLike[str], *, before_replace: Callable[[str], object] | None = None
+    frame: pl.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    before_replace: Callable[[str], object] | None = None,
+    fixed_size: dict[str, int] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> str:
     """Write ``frame`` to ``path`` atomically (:func:`vq_pipeline.io.fileio.atomic_write`).
 
     ``before_replace(sha256)``: called with the new bytes' sha256 once they are on disk under a temporary
-    name, before they become ``path``.
+    name, before they become ``path``. ``fixed_size``: ``Binary`` columns written as parquet fixed-length
+    byte arrays (``{name: bytes per value}``, through pyarrow, zstd-compressed as polars writes); every
+    value must have that length. ``metadata``: key-value pairs stored in the file's footer
+    (:data:`CODEC_KEY`: what codes a scalar or binary code table holds).
 
     Returns the sha256 of the written bytes.
     """
@@ -165,7 +230,19 @@ def write_parquet_atomic(
         if before_replace is not None:
             before_replace(digest[0])
 
-    atomic_write(path, lambda f: frame.write_parquet(f, statistics=True), before_replace=record)
+    if fixed_size:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = frame.to_arrow()
+        for name, width in fixed_size.items():
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, table.column(i).cast(pa.binary(width)))
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+        atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"), before_replace=record)
+    else:
+        atomic_write(path, lambda f: frame.write_parquet(f, statistics=True, metadata=metadata), before_replace=record)
     return digest[0]
 
 
@@ -194,6 +271,8 @@ def write_embeddings(
 
 
 __all__ = [
+    "BITS_KEY",
+    "CODEC_KEY",
     "CODE_DTYPES",
     "OUTPUT_COLUMNS",
     "SUFFIX_COLUMN",
@@ -203,6 +282,8 @@ __all__ = [
     "concat_frames",
     "file_sha256",
     "level_codes_frame",
+    "packed_codes",
+    "packed_codes_frame",
     "parquet_bytes",
     "with_suffix",
     "write_embeddings",

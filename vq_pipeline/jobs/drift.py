@@ -5,6 +5,11 @@ A multi-level codebook's receipts count codes per level: usage divergence is mea
 against that level's training counts (``per_level``), and the report's ``usage_divergence`` (with its
 bias and excess) is the mean over the levels, so that it stays on the flat scale (bits, 0..1).
 
+A scalar or binary codebook counts codes per dimension (its levels are its dimensions), so the same
+measures apply per dimension; its report adds what is particular to its codec (:func:`codec_drift`):
+for scalar codes ``clipped``, the share of new values outside the calibrated range against the
+training share, for binary codes ``bit_balance``, the share of ones per dimension against training.
+
 The report also tells the story behind the numbers: the codes whose share of rows grew or shrank the
 most against training (:func:`code_shifts`, with a few ids of new rows per code read back from the
 encoded outputs by :func:`example_ids`), the drift of each input partition (hive keys such as
@@ -24,6 +29,7 @@ import numpy as np
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.fitting.multilevel import stated_objective
 from vq_pipeline.io import tables
+from vq_pipeline.io.table_writer import packed_codes
 
 #: Codes listed as the largest gains and the largest losses of share (:func:`code_shifts`).
 TOP_SHIFTS = 5
@@ -72,6 +78,8 @@ def drift_report(
         ``usage_divergence_excess``); its ``codes_used`` counts the codes used over all levels (of
         ``levels * n_codes``), its usage divergence, bias and excess are the means over the levels, and
         its distances are to the reconstruction (training: the codebook's reconstruction error).
+        A scalar or binary codebook's levels are its dimensions, and its report adds ``clipped`` or
+        ``bit_balance`` (:func:`codec_drift`).
     """
     multi = codebook.codec != "flat"
     rows = sum(r["rows"] for r in records)
@@ -120,6 +128,7 @@ def drift_report(
         if multi:
             report["per_level"] = [{"level": lv, "codes_used": int((c > 0).sum())} for lv, c in enumerate(counts)]
         return {**report, "baseline_mean_distance": mean}
+    report.update(codec_drift(codebook, records, counts, rows))
     per_level = [_usage_divergence(counts[lv], q_all[lv], rows) for lv in range(codebook.levels)]
     if multi:
         report["per_level"] = [
@@ -132,6 +141,44 @@ def drift_report(
         "distortion_ratio": mean / train_mean if train_mean > 0 else (1.0 if mean == 0 else float("inf")),
         **{key: float(np.mean([d[key] for d in per_level])) for key in per_level[0]},
     }
+
+
+def codec_drift(codebook: Codebook, records: Sequence[dict[str, Any]], counts: np.ndarray, rows: int) -> dict[str, Any]:
+    """What a scalar or binary codebook's drift report adds (``{}`` for other codecs).
+
+    Args:
+        records: the receipts measured (a scalar codebook's carry ``clipped``, the values outside the range).
+        counts: their (dim, n_codes) code counts. rows: their rows.
+
+    Returns:
+        scalar: ``clipped``: ``share`` (of the new values, outside the range the fit calibrated; None when a
+        receipt lacks the count), ``train_share`` (the fit's ``stats["clipped"]``, None when not recorded)
+        and ``change``. binary: ``bit_balance``: ``ones_share`` and ``train_ones_share`` (means over the
+        dimensions of the share of rows with bit 1), ``mean_shift`` and ``max_shift`` (mean and largest
+        change of a dimension's share of ones against training) and ``max_shift_dim``.
+    """
+    if codebook.codec == "scalar":
+        known = all("clipped" in r for r in records)
+        share = sum(int(r["clipped"]) for r in records) / (rows * codebook.dim) if known and rows else None
+        train = codebook.stats.get("clipped")
+        train = float(train) if isinstance(train, int | float) and not isinstance(train, bool) else None
+        change = share - train if share is not None and train is not None else None
+        return {"clipped": {"share": share, "train_share": train, "change": change}}
+    if codebook.codec == "binary":
+        train = codebook.counts.double().numpy().reshape(codebook.dim, -1)  # (dim, 2)
+        ones = counts[:, 1] / np.maximum(counts.sum(axis=1), 1)  # (dim,)
+        train_ones = train[:, 1] / np.maximum(train.sum(axis=1), 1)  # (dim,)
+        shift = np.abs(ones - train_ones)  # (dim,)
+        return {
+            "bit_balance": {
+                "ones_share": float(ones.mean()),
+                "train_ones_share": float(train_ones.mean()),
+                "mean_shift": float(shift.mean()),
+                "max_shift": float(shift.max()),
+                "max_shift_dim": int(shift.argmax()),
+            }
+        }
+    return {}
 
 
 def _usage_divergence(counts: np.ndarray, train_counts: np.ndarray, rows: int) -> dict[str, float]:
@@ -259,6 +306,17 @@ def partition_drift(
     return out[:limit]
 
 
+def _unpacked(frame: Any, codec: str, dim: int, bits: int) -> np.ndarray:
+    """The (rows, dim) codes of a scalar or binary code table's packed ``codes`` column (bits in numpy's
+    ``packbits`` order; 4-bit codes two per byte, the even dimension in the low nibble)."""
+    packed = packed_codes(frame)  # (rows, width) uint8
+    if codec == "binary":
+        return np.unpackbits(packed, axis=1)[:, :dim]
+    if bits == 4:
+        return np.stack([packed & 0x0F, packed >> 4], axis=2).reshape(len(packed), -1)[:, :dim]
+    return packed
+
+
 def example_ids(
     out_dir: str | Path,
     records: Sequence[dict[str, Any]],
@@ -280,8 +338,11 @@ def example_ids(
         frame = tables.scan(tables.Source(str(output), r["output"])).select(id_column, "codes" if multi else "code")
         frame = frame.collect()
         ids = frame.get_column(id_column).to_list()
-        codes = frame.get_column("codes" if multi else "code").to_numpy()
-        codes = codes.reshape(len(ids), -1)  # (rows, levels)
+        if r.get("codec") in ("scalar", "binary"):
+            codes = _unpacked(frame, r["codec"], int(r["levels"]), int(r.get("bits") or 8))  # (rows, dim)
+        else:
+            codes = frame.get_column("codes" if multi else "code").to_numpy()
+            codes = codes.reshape(len(ids), -1)  # (rows, levels)
         for level, code in wanted:
             have = found[(level, code)]
             if len(have) < n:

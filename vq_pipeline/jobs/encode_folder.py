@@ -15,7 +15,13 @@ One exclusive lock per ``out_dir`` keeps two runs from writing into it at once.
 A multi-level codebook (codec ``residual`` or ``product``) writes a ``codes`` column (``Array(integer,
 levels)``) instead of ``code``; its receipts record ``codec``, ``levels`` and code counts per level.
 With ``unique``, a finishing step (:func:`assign_suffixes`) then gives every row of the folder a
-``suffix`` that makes its ``(codes, suffix)`` unique in the folder.
+``suffix`` that makes its ``(codes, suffix)`` unique in the folder; with ``id_registry`` too, the
+suffixes are issued through the folder's id registry instead (:func:`issue_suffixes`): append-only, an
+issued id never changes. A scalar or binary codebook writes
+its codes packed (:func:`vq_pipeline.io.table_writer.packed_codes_frame`: ``Array(UInt8, dim)`` for 8-bit
+scalar codes, ``Array(UInt8, ceil(dim / 2))`` for 4-bit ones, a fixed-size binary column of ``ceil(dim /
+8)`` bytes for binary codes); its receipts also record ``bits`` (per dimension), code counts per
+dimension and, for scalar codes, ``clipped``: the values outside the calibrated range.
 
 Nothing found in the folder is trusted (:mod:`vq_pipeline.jobs.encode_state`); the lock is opened without
 following symlinks and only a lock file of this package is ever written
@@ -53,6 +59,7 @@ from vq_pipeline.errors import (
 )
 from vq_pipeline.io import fileio, tables
 from vq_pipeline.io.discovery import Source
+from vq_pipeline.io.table_writer import BITS_KEY, CODEC_KEY, packed_codes_frame
 from vq_pipeline.io.paths import (
     check_output_folder,
     check_output_folder_against_tables,
@@ -78,6 +85,7 @@ from vq_pipeline.jobs.encode_state import (
     read_receipt,
     receipt_files,
     receipt_path,
+    registry_dir,
     remove_recorded,
     state_dir,
     summary_rows,
@@ -86,8 +94,9 @@ from vq_pipeline.jobs.encode_state import (
     write_receipt,
 )
 from vq_pipeline.jobs.mappers import Mapper, serial
-from vq_pipeline.jobs.semantic_ids import folder_suffixes
-from vq_pipeline.settings import DEFAULT_BATCH_ROWS, EncodeOptions, EncodeSettings
+from vq_pipeline.jobs.registry import Registry
+from vq_pipeline.jobs.semantic_ids import folder_suffixes, other_codebook_error, registry_suffixes
+from vq_pipeline.settings import DEFAULT_BATCH_ROWS, PER_DIMENSION_CODECS, EncodeOptions, EncodeSettings
 from vq_pipeline.validate import check_beam, check_int
 
 #: Called as progress(key, rows_done, rows_total) while a file is encoded.
@@ -241,6 +250,19 @@ def check_codec_settings(codebook: Codebook, settings: EncodeSettings) -> None:
             "unique=True with a flat codebook; expected a multi-level (residual or product) codebook, whose "
             "tuples of codes are semantic ids. Fix: drop unique, or encode with a multi-level codebook."
         )
+    if codebook.codec in PER_DIMENSION_CODECS:
+        if settings.unique:
+            raise InvalidInputError(
+                f"unique=True with a {codebook.codec} codebook; expected a residual or product codebook, whose "
+                f"tuples of codes are semantic ids ({codebook.codec} codes are one value per dimension: compression, "
+                f"not ids). Fix: drop unique (--unique), or encode with a residual or product codebook."
+            )
+        if settings.code_dtype is not None:
+            raise InvalidInputError(
+                f"code_dtype={settings.code_dtype!r} with a {codebook.codec} codebook; its codes are written "
+                f"packed as bytes (Array(UInt8, ...) or fixed-size binary), expected code_dtype=None. Fix: drop "
+                f"code_dtype (--code-dtype)."
+            )
     if settings.unique:
         clash = [name for name in (settings.id_column, *settings.keep) if name == tables.SUFFIX_COLUMN]
         if clash:
@@ -320,6 +342,13 @@ def plan_encode(
             if changed:
                 dirty.append(record)
     check_replaceable(out, [output_path(out, s).relative_to(out).as_posix() for s in todo], receipts)
+    if settings.unique and not settings.id_registry and os.path.lexists(registry_dir(out)):
+        raise InvalidInputError(
+            f"out_dir={str(out)!r} has an id registry ({str(registry_dir(out))!r}) that issued its semantic ids, "
+            f"but id_registry=False: the suffixes would be ranked over the folder again, and issued ids could "
+            f"change; expected id_registry=True. Fix: pass --id-registry (id_registry=True), or move the registry "
+            f"folder away to rank the folder's rows again (issued ids may then change). Nothing was written."
+        )
     if settings.unique and settings.id_column and not replace and not prune:
         planned = {s.key: {"output": output_path(out, s).relative_to(out).as_posix()} for s in sources}
         stale = folder_inventory(out, planned, dry=True).stale
@@ -489,10 +518,12 @@ def encode_source(
     )
     frames = []
     multi = codebook.codec != "flat"
+    packed = codebook.codec in PER_DIMENSION_CODECS
     code_counts = torch.zeros(
         (codebook.levels, codebook.n_codes) if multi else codebook.n_codes, dtype=torch.int64
     )  # (levels, n_codes) or (n_codes,)
     distance_sum = 0.0
+    clipped = 0
     done = 0
     for batch in tables.iter_batches(
         source,
@@ -512,10 +543,15 @@ def encode_source(
             pinned_dtype=settings.code_dtype,
         )
         if multi:  # (n, levels) codes, (n,) distances to the reconstruction
-            for level in range(codebook.levels):
-                code_counts[level] += torch.bincount(codes[:, level], minlength=codebook.n_codes)
+            code_counts += level_counts(codes, codebook.n_codes)
             nearest_distances = distances
-            frames.append(tables.level_codes_frame(ids, codes, suffix=settings.unique, **shared))
+            if packed:  # one code per dimension, packed into bytes: no integer type to pick
+                del shared["n_codes"], shared["pinned_dtype"]
+                frames.append(packed_codes_frame(ids, _pack(codebook, codes), codec=codebook.codec, **shared))
+                if codebook.codec == "scalar":
+                    clipped += clipped_values(codebook, batch.x)
+            else:
+                frames.append(tables.level_codes_frame(ids, codes, suffix=settings.unique, **shared))
         else:  # (n,) or (n, top_k)
             code_counts += torch.bincount(codes if codes.ndim == 1 else codes[:, 0], minlength=codebook.n_codes)
             nearest_distances = distances if distances.ndim == 1 else distances[:, 0]
@@ -540,6 +576,8 @@ def encode_source(
         "distance_sum": distance_sum,
         "code_counts": code_counts.tolist(),
         **({"codec": codebook.codec, "levels": codebook.levels} if multi else {}),
+        **({"bits": codec_bits(codebook)} if packed else {}),
+        **({"clipped": clipped} if codebook.codec == "scalar" else {}),
     }
     # The receipt is written before its output (once the new bytes are on disk under a temporary name): a run
     # killed in between leaves a receipt that does not match the output, which is encoded again, and never an
@@ -549,8 +587,41 @@ def encode_source(
         receipt["sha256"] = digest
         write_receipt(out, receipt)
 
-    tables.write_parquet_atomic(tables.concat_frames(frames), path, before_replace=record)
+    fixed_size = {"codes": -(-codebook.dim // 8)} if codebook.codec == "binary" else None
+    metadata = {CODEC_KEY: codebook.codec, BITS_KEY: str(codec_bits(codebook))} if packed else None
+    tables.write_parquet_atomic(
+        tables.concat_frames(frames), path, before_replace=record, fixed_size=fixed_size, metadata=metadata
+    )
     return receipt
+
+
+def level_counts(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """(levels, n_codes) int64 counts of each code at each level of (n, levels) int64 ``codes``."""
+    levels = codes.shape[1]
+    offsets = torch.arange(levels, dtype=torch.int64) * n_codes  # (levels,)
+    return torch.bincount((codes + offsets).reshape(-1), minlength=levels * n_codes).reshape(levels, n_codes)
+
+
+def codec_bits(codebook: Codebook) -> int:
+    """Bits per dimension of a scalar (8 or 4: ``log2(n_codes)``) or binary (1) codebook's codes."""
+    return int(codebook.n_codes).bit_length() - 1
+
+
+def clipped_values(codebook: Codebook, x: torch.Tensor) -> int:
+    """How many values of (n, dim) rows ``x`` lie outside a scalar codebook's calibrated range (its grid's
+    first and last values per dimension; under cosine, of the L2-normalized rows, as encode sees them)."""
+    grid = codebook.centroids  # (dim, n_codes, 1)
+    lo, hi = grid[:, 0, 0], grid[:, -1, 0]  # (dim,), (dim,)
+    x = x.to(torch.float32)
+    if codebook.metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)  # (n, dim)
+    return int(((x < lo) | (x > hi)).sum())
+
+
+def _pack(codebook: Codebook, codes: torch.Tensor) -> Any:
+    """The (n, width) uint8 file form of a scalar or binary codebook's (n, dim) int64 ``codes``."""
+    packed = codebook.pack(codes)
+    return packed.numpy() if isinstance(packed, torch.Tensor) else packed
 
 
 def _encode_batch(
@@ -569,7 +640,13 @@ def _encode_batch(
     try:
         if codebook.codec != "flat":
             codes, distances = encode_multilevel(
-                codebook.centroids, codebook.codec, codebook.metric, batch.x, beam=settings.beam, **common
+                codebook.centroids,
+                codebook.codec,
+                codebook.metric,
+                batch.x,
+                beam=settings.beam,
+                rotation=codebook.rotation,
+                **common,
             )
         else:
             codes, distances = encode_tensor(
@@ -615,6 +692,25 @@ def assign_suffixes(
     keys = sorted(owned)
     paths = [out / owned[k]["output"] for k in keys]
     parts, stats = folder_suffixes(paths, id_column=settings.id_column)
+    rewritten = _write_suffixes(out, keys, paths, parts, records, inventory)
+    stats = {k: stats[k] for k in ("n_rows", "n_unique", "collision_rate", "largest_group", "max_suffix", "usage")}
+    stats["rows_with_suffix"] = stats["n_rows"] - stats["n_unique"]
+    return stats, rewritten
+
+
+def _write_suffixes(
+    out: Path,
+    keys: list[str],
+    paths: list[Path],
+    parts: Sequence[Any],
+    records: dict[str, dict[str, Any]],
+    inventory: FolderInventory,
+) -> list[str]:
+    """Give the outputs ``paths`` (of the inputs ``keys``) their ``suffix`` ``parts`` (one (n_rows,) polars Series
+    per output, in row order): each output whose suffixes differ is rewritten, atomically and resumably
+    (receipt with ``pending_sha256``, output, receipt with ``sha256``); its receipt is updated in ``records``
+    or ``inventory.stale``. Returns the keys rewritten."""
+    owned = {**inventory.stale, **records}
     rewritten = []
     for key, path, suffix in zip(keys, paths, parts):
         frame = tables.read_table(path)
@@ -630,8 +726,82 @@ def assign_suffixes(
         write_receipt(out, receipt)
         (records if key in records else inventory.stale)[key] = receipt
         rewritten.append(key)
-    stats = {k: stats[k] for k in ("n_rows", "n_unique", "collision_rate", "largest_group", "max_suffix", "usage")}
-    stats["rows_with_suffix"] = stats["n_rows"] - stats["n_unique"]
+    return rewritten
+
+
+def check_registry(
+    settings: EncodeSettings, codebook: Codebook, registry: str | os.PathLike[str], *, publish: bool = False
+) -> None:
+    """Refuse, before any work, an ``id_registry`` run whose registry (read, never written here) another
+    codebook issued the current id version of (unless ``publish``), or that keys items by another column."""
+    if not os.path.lexists(Path(registry) / "registry.json"):
+        return
+    with Registry.open(registry, id_column=settings.id_column or "", write=False) as reg:
+        if reg.current_version is not None and not publish and reg.fingerprint() != codebook.fingerprint:
+            raise other_codebook_error(Path(registry), reg.current_version, reg.fingerprint(), codebook.fingerprint)
+
+
+def issue_suffixes(
+    out_dir: str | os.PathLike[str],
+    settings: EncodeSettings,
+    records: dict[str, dict[str, Any]],
+    inventory: FolderInventory,
+    codebook: Codebook,
+    *,
+    registry: str | os.PathLike[str] | None = None,
+    publish: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """The finishing step of a ``unique`` run with ``id_registry``: the suffixes of every row of the
+    folder, issued through the id registry (:class:`vq_pipeline.jobs.registry.Registry`) so that an
+    issued id never changes.
+
+    Every output the folder holds (this run's ``records`` and the stale ones ``inventory`` keeps) is read
+    (the id column, ``codes``, ``suffix``), then, under the registry's lock:
+
+    * a registry that holds no id version yet adopts the suffixes the outputs already have (a folder
+      written with ``unique`` alone) as id version 1 (:meth:`~vq_pipeline.jobs.registry.Registry.adopt`);
+    * when another codebook issued the current id version: with ``publish``, every row of the folder
+      (which must hold every item of that version) is published as a new id version, with its old->new
+      tables (:meth:`~vq_pipeline.jobs.registry.Registry.new_version`); without, the run is refused;
+    * one :meth:`~vq_pipeline.jobs.registry.Registry.issue` of every row: an item already issued keeps its
+      suffix, a new one takes the next free suffix of its tuple (new items ordered by id);
+    * the prefix table of the current id version is written beside the registry
+      (:func:`vq_pipeline.jobs.encode_state.prefix_table_path`).
+
+    Then every output whose suffixes differ is rewritten as :func:`assign_suffixes` does. Exactly once:
+    the registry commits each append atomically before any output is rewritten, so a run killed at any
+    point issues the same suffixes when rerun (the items are then known) and ends with the same bytes.
+
+    Args:
+        registry: the registry's folder (default: ``<out_dir>.vq/registry``, :func:`registry_dir`).
+        publish: publish a new id version when another codebook issued the current one.
+
+    Returns:
+        (statistics: those of :func:`assign_suffixes` (``max_suffix`` the largest suffix written) and
+        ``id_registry``: ``registry``, ``id_version``, ``items`` (of the version), ``issued`` (items new
+        to the registry in this step), ``kept`` (items it already held), ``adopted``, ``prefix_table`` and
+        ``published`` (:meth:`~vq_pipeline.jobs.registry.Registry.new_version`'s record, or None);
+        keys of the outputs rewritten).
+
+    Raises:
+        StateError: another codebook issued the current id version (without ``publish``); a registry
+            that is not one this package wrote. EncodeLockedError: another writer holds the registry.
+        InvalidInputError: an issued item arrives with other codes; ``publish`` without every item of
+            the current version in the folder.
+    """
+    out = resolved(out_dir)
+    folder = Path(registry) if registry is not None else registry_dir(out)
+    id_column = settings.id_column
+    if not settings.id_registry or not id_column:
+        raise InvalidInputError(
+            f"id_registry={settings.id_registry!r} id_column={id_column!r}; expected id_registry=True with an id "
+            f"column. Fix: pass EncodeSettings(..., unique=True, id_registry=True, id_column=...)."
+        )
+    owned = {**inventory.stale, **records}
+    keys = sorted(owned)
+    paths = [out / owned[k]["output"] for k in keys]
+    parts, stats = registry_suffixes(paths, id_column=id_column, registry=folder, codebook=codebook, publish=publish)
+    rewritten = _write_suffixes(out, keys, paths, parts, records, inventory)
     return stats, rewritten
 
 
@@ -695,6 +865,8 @@ def encode_tables(
     *,
     mapper: Mapper = serial,
     events: EncodeEvents | None = None,
+    registry: str | os.PathLike[str] | None = None,
+    publish_ids: bool = False,
 ) -> EncodeResult:
     """Encode every input table into ``out_dir``, resumably and exactly once (see the module doc): the
     one encode job, which the ``vq`` command, the flows and Dask run with their own ``mapper``.
@@ -708,17 +880,28 @@ def encode_tables(
             engine, device, batches, ``overwrite``, ``prune``).
         mapper: where the per-file work runs (:mod:`vq_pipeline.jobs.mappers`; default: here, in order).
         events: progress callbacks (:class:`EncodeEvents`).
+        registry: with ``settings.id_registry``, the id registry's folder (default: ``<out_dir>.vq/registry``;
+            the scheduled pipeline keeps one per work_dir).
+        publish_ids: with ``settings.id_registry``, publish a new id version when another codebook issued
+            the current one (:func:`issue_suffixes`); refused otherwise.
 
     ``overwrite`` replaces another codebook's codes (deleting only the outputs its receipts record).
     ``prune``: once every input is encoded, delete the stale outputs (see below) and their receipts;
     ``result.pruned`` names them. ``unique`` (multi-level codebooks): once every input is encoded,
     give every row of the folder a ``suffix`` making its ``(codes, suffix)`` unique in the folder
     (:func:`assign_suffixes`); ``result.semantic_ids`` and the manifest's ``semantic_ids`` give the
-    collision rate before suffixes, ``max_suffix`` and ``rows_with_suffix``.
+    collision rate before suffixes, ``max_suffix`` and ``rows_with_suffix``. With ``id_registry`` too,
+    the suffixes are issued through the id registry instead (:func:`issue_suffixes`: an issued id never
+    changes; a folder's existing suffixes are adopted on the first such run), the prefix table of the
+    current id version is written beside the registry, and ``semantic_ids["id_registry"]`` says how many
+    ids were issued and kept, and the id version. Row positions are no item keys: ``id_registry`` needs
+    an ``id_column``.
 
     A multi-level codebook (codec residual or product) writes, per row, ``codes``: an ``Array(UInt8 |
     UInt16 | ..., levels)`` of one code per level (``top_k`` must be 1), and with ``with_distance`` one
-    ``distance`` (float32, to the reconstruction). A flat codebook writes ``code``.
+    ``distance`` (float32, to the reconstruction). A scalar or binary codebook writes ``codes`` packed
+    (``Array(UInt8, dim)``, 4-bit: ``Array(UInt8, ceil(dim / 2))``, binary: ``ceil(dim / 8)`` bytes), and
+    refuses ``unique``, ``top_k > 1``, ``beam > 1`` and ``code_dtype``. A flat codebook writes ``code``.
 
     What the folder keeps: the outputs of this run's inputs, and the outputs of earlier runs whose
     input is not part of this run (a renamed or removed input, or simply another day's files: encoding
@@ -745,6 +928,15 @@ def encode_tables(
     codebook = codebook if path is None else load_codebook(path)
     check_codec_settings(codebook, settings)  # settings the codec cannot honour are refused before any work
     out = resolved(out_dir)
+    if (registry is not None or publish_ids) and not settings.id_registry:
+        raise InvalidInputError(
+            f"registry={None if registry is None else os.fspath(registry)!r} publish_ids={publish_ids!r} with "
+            f"id_registry=False; expected them only with an id registry. Fix: pass EncodeSettings(..., unique=True, "
+            f"id_registry=True), or drop them."
+        )
+    registry = registry_dir(out) if settings.id_registry and registry is None else registry
+    if registry is not None:
+        check_registry(settings, codebook, registry, publish=publish_ids)
     with encode_lock(out_dir, inputs=inputs):
         todo, done, records = plan_encode(
             inputs,
@@ -783,9 +975,15 @@ def encode_tables(
         inventory = folder_inventory(out, records)
         if options.prune:
             result.pruned = prune_stale(out, inventory)
-        if settings.unique:
+        if settings.id_registry:
+            result.semantic_ids, _ = issue_suffixes(
+                out, settings, records, inventory, codebook, registry=registry, publish=publish_ids
+            )
+        elif settings.unique:
             result.semantic_ids, _ = assign_suffixes(out, settings, records, inventory)
-        write_manifest(out, codebook, settings, records, inventory=inventory, semantic_ids=result.semantic_ids)
+        write_manifest(
+            out, codebook, settings, records, inventory=inventory, semantic_ids=_portable(result.semantic_ids)
+        )
     result.stale = sorted(inventory.stale)
     result.unrecorded = list(inventory.unrecorded)
     result.records = records
@@ -793,6 +991,16 @@ def encode_tables(
     result.rows_total = sum(r["rows"] for r in records.values())
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _portable(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The suffix step's statistics as the manifest records them: of the registry, only the id version and
+    its items, which a rerun after a crash reaches too (what one run issued, kept or adopted depends on
+    where the previous run stopped; the paths on where the folder is)."""
+    if not stats or "id_registry" not in stats:
+        return stats
+    reg = stats["id_registry"]
+    return {**stats, "id_registry": {"id_version": reg["id_version"], "items": reg["items"]}}
 
 
 def _run_files(
@@ -840,7 +1048,10 @@ __all__ = [
     "RowProgress",
     "assign_suffixes",
     "check_codec_settings",
+    "check_registry",
     "check_suffix_ids",
+    "clipped_values",
+    "codec_bits",
     "encode_failure",
     "encode_file",
     "encode_lock",
@@ -848,6 +1059,8 @@ __all__ = [
     "encode_tables",
     "folder_inventory",
     "folder_lock",
+    "issue_suffixes",
+    "level_counts",
     "load_codebook",
     "manifest_path",
     "output_path",

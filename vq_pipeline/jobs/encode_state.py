@@ -11,10 +11,15 @@ bookkeeping beside it in ``<out_dir>.vq/`` (:func:`state_dir`):
 * a receipt per output in ``<out_dir>.vq/receipts/`` once its output is in place (:func:`write_receipt`):
   input, input fingerprint (sha256 of its content), codebook fingerprint, settings, row count, sha256
   of the output, distance sum and code counts (a multi-level codebook's receipt also records ``codec``
-  and ``levels``, and its ``code_counts`` hold one list per level);
+  and ``levels``, and its ``code_counts`` hold one list per level; a scalar or binary codebook's, whose
+  levels are its dimensions, also ``bits`` per dimension, and for scalar codes ``clipped``, the values
+  outside the calibrated range);
 * ``<out_dir>.vq/manifest.json`` last: every output file in the folder with its input and rows, and
   whether its input was part of the run (:func:`write_manifest`);
 * ``<out_dir>.vq/lock`` (:data:`LOCK_NAME`), held while a run writes.
+* with ``unique`` and ``id_registry``: ``<out_dir>.vq/registry/``, the id registry that issues the
+  suffixes (:func:`registry_dir`, :mod:`vq_pipeline.jobs.registry`), and beside it
+  ``<out_dir>.vq/prefix-v<N>.safetensors``, the prefix table of id version ``N`` (:func:`prefix_table_path`).
 
 Nothing found in the folder is trusted. Every output path read from a receipt or a manifest must
 resolve (symlinks followed) inside ``out_dir`` (:func:`checked_output`), or the run stops with a
@@ -41,13 +46,15 @@ from vq_pipeline.io import fileio, tables
 from vq_pipeline.io.discovery import Source
 from vq_pipeline.io.fileio import atomic_write_bytes, canonical_json
 from vq_pipeline.io.paths import refuse_symlinked_folder, resolved
-from vq_pipeline.settings import EncodeSettings
+from vq_pipeline.settings import PER_DIMENSION_CODECS, EncodeSettings
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "vq-pipeline.encode-manifest"
 #: Suffix of the bookkeeping folder beside an output folder: ``codes/`` keeps it in ``codes.vq/``.
 STATE_SUFFIX = ".vq"
 LOCK_NAME = "lock"
+#: The id registry's folder in the bookkeeping folder (``unique`` runs with ``id_registry``).
+REGISTRY_NAME = "registry"
 #: A JSON file larger than this was not written by this package.
 _MAX_STATE_FILE = 64 * 2**20
 #: The fields every receipt holds, with their types (a receipt missing one was not written by this package).
@@ -75,6 +82,17 @@ def state_dir(out_dir: str | os.PathLike[str]) -> Path:
             f"Fix: pass a subfolder such as {str(out / 'codes')!r}."
         )
     return out.with_name(out.name + STATE_SUFFIX)
+
+
+def registry_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where the id registry of the output folder ``out_dir`` lives: ``<out_dir>.vq/registry``."""
+    return state_dir(out_dir) / REGISTRY_NAME
+
+
+def prefix_table_path(registry: str | os.PathLike[str], id_version: int) -> Path:
+    """The prefix table of id version ``id_version`` of the registry in ``registry``: the file
+    ``prefix-v<id_version>.safetensors`` beside the registry's folder."""
+    return Path(registry).parent / f"prefix-v{id_version}.safetensors"
 
 
 def typed_state_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -404,7 +422,12 @@ def prune_stale(out_dir: str | os.PathLike[str], inventory: FolderInventory) -> 
 
 def _manifest_entry(record: dict[str, Any], in_this_run: bool) -> dict[str, Any]:
     # input_stat is a cache hint of this machine (mtime, inode), not part of what the folder holds.
-    entry = {k: v for k, v in record.items() if k not in ("codebook_fingerprint", "settings", "input_stat")}
+    left_out = ("codebook_fingerprint", "settings", "input_stat")
+    if record.get("codec") in PER_DIMENSION_CODECS:
+        # dim x 2**bits counts per file (98,304 for 8-bit codes of 384 dims) would soon make the manifest
+        # larger than a state file may be; the receipts keep them for drift.
+        left_out += ("code_counts",)
+    entry = {k: v for k, v in record.items() if k not in left_out}
     return {**entry, "in_this_run": in_this_run}
 
 
@@ -424,8 +447,9 @@ def write_manifest(
     ``rows`` counts them all, ``rows_in_this_run`` the run's, ``n_stale`` the stale outputs, and
     ``unrecorded`` names the parquet files no receipt records. ``inventory``: the run's
     :func:`folder_inventory`, taken here when not given. A multi-level codebook's manifest also records
-    ``codec`` and ``levels``; ``semantic_ids`` (the suffix step's statistics, ``unique`` runs) is recorded
-    under that name. Call under :func:`vq_pipeline.jobs.encode_folder.encode_lock`.
+    ``codec`` and ``levels`` (a scalar or binary codebook's leaves the code counts per dimension to the
+    receipts); ``semantic_ids`` (the suffix step's statistics, ``unique`` runs) is recorded under that name.
+    Call under :func:`vq_pipeline.jobs.encode_folder.encode_lock`.
     """
     out = Path(out_dir)
     if inventory is None:
@@ -474,6 +498,7 @@ def summary_rows(records: dict[str, dict[str, Any]], new: dict[str, dict[str, An
 __all__ = [
     "LOCK_NAME",
     "MANIFEST_FORMAT",
+    "REGISTRY_NAME",
     "MANIFEST_NAME",
     "STATE_SUFFIX",
     "FolderInventory",
@@ -489,12 +514,14 @@ __all__ = [
     "mean_distance",
     "migrate_state",
     "output_path",
+    "prefix_table_path",
     "prune_stale",
     "read_manifest",
     "read_receipt",
     "read_state_json",
     "receipt_files",
     "receipt_path",
+    "registry_dir",
     "remove_recorded",
     "state_dir",
     "summary_rows",

@@ -28,7 +28,7 @@ from vq_pipeline.io.codebook_file import is_codebook_file
 from vq_pipeline.io.paths import check_output_file, output_lock
 from vq_pipeline.jobs.fit_tables import fit_from_tables
 from vq_pipeline.jobs.mappers import Mapper
-from vq_pipeline.settings import FitSettings, TableSettings
+from vq_pipeline.settings import PER_DIMENSION_CODECS, FitSettings, TableSettings
 from vq_pipeline.validate import check_beam, check_int
 
 #: The placeholders a codebook path may hold, filled in once the centroids are known.
@@ -90,6 +90,16 @@ class FitSummary:
     #: A fit that kept rows out (``FitSettings.holdout``): ``fraction``, ``rows``, ``seed`` and
     #: ``mean_distance`` of the held-out rows to their codes (the codebook's ``stats["holdout"]``); else None.
     holdout: dict[str, Any] | None = None
+    #: The codes' scorecard (the codebook's ``stats["scorecard"]``: error, recall@10, prefix coherence,
+    #: effective size, collision rate on a held-out or training sample), or None for a codebook without one.
+    scorecard: dict[str, Any] | None = None
+    #: The rotation applied before coding ("none", "random", "opq", "itq"; listed by to_dict when not "none").
+    rotation: str = "none"
+    #: Scalar and binary codebooks (else None): bits per dimension, the share of training values outside
+    #: the scalar range (``stats["clipped"]``), the binary codes' share of ones (``stats["bit_balance"]``).
+    bits: int | None = None
+    clipped: float | None = None
+    bit_balance: Any = None
 
     @classmethod
     def of(cls, codebook: Codebook, path: Path, *, kept: bool, init: str, seconds: float) -> FitSummary:
@@ -108,6 +118,13 @@ class FitSummary:
                     {k: level.get(k) for k in ("mse", "used_codes", "iterations", "converged", "n_repairs")}
                     for level in levels
                 ],
+            )
+        per_dimension: dict[str, Any] = {}
+        if codebook.codec in PER_DIMENSION_CODECS:
+            per_dimension = dict(
+                bits=int(codebook.n_codes).bit_length() - 1,  # n_codes is 2**bits
+                clipped=stats.get("clipped"),
+                bit_balance=stats.get("bit_balance"),
             )
         return cls(
             path=str(path),
@@ -137,7 +154,10 @@ class FitSummary:
             task_seconds=seconds,
             created_at=codebook.created_at,
             holdout=dict(stats["holdout"]) if isinstance(stats.get("holdout"), dict) else None,
+            scorecard=dict(stats["scorecard"]) if isinstance(stats.get("scorecard"), dict) else None,
+            rotation=str(codebook.settings.get("rotation", "none")),
             **multi,
+            **per_dimension,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +166,11 @@ class FitSummary:
         if self.codec == "flat":
             for key in ("mse", "collision_rate", "n_unique", "level_mse", "level_stats"):
                 del d[key]
+        if self.codec not in PER_DIMENSION_CODECS:  # earlier codecs' summaries keep their keys
+            for key in ("bits", "clipped", "bit_balance"):
+                del d[key]
+        if self.rotation == "none":
+            del d["rotation"]
         return d
 
 

@@ -24,7 +24,15 @@ from vq_pipeline.compute.lloyd import ProgressCallback
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
 from vq_pipeline.fitting.checkpoint import FitCheckpoint
 from vq_pipeline.fitting.kmeans import fit_source
-from vq_pipeline.fitting.options import FitOptions, fit_options, split_holdout, with_holdout_stats
+from vq_pipeline.compute.scorecard import DEFAULT_SAMPLE_ROWS, sample_rows
+from vq_pipeline.fitting.options import (
+    SCORECARD_STREAM,
+    FitOptions,
+    codebook_scorecard,
+    fit_options,
+    split_holdout,
+    with_holdout_stats,
+)
 from vq_pipeline.io import tables
 from vq_pipeline.io.discovery import Source
 from vq_pipeline.jobs.mappers import Mapper
@@ -36,7 +44,7 @@ from vq_pipeline.validate import check_int, normalize_rows
 
 def fit_from_tables(
     inputs: Sequence[str | os.PathLike[str]],
-    n_codes: int,
+    n_codes: int | None,
     reading: TableSettings,
     settings: FitSettings | None = None,
     *,
@@ -46,7 +54,9 @@ def fit_from_tables(
     checkpoint: str | os.PathLike[str] | None = None,
 ) -> Codebook:
     """Fit a codebook of ``n_codes`` codes on the embedding column of tables: the one fit behind
-    ``vq fit``, the fit flow and Dask.
+    ``vq fit``, the fit flow and Dask. ``n_codes`` may be None for scalar and binary codebooks (see
+    :func:`vq_pipeline.fitting.options.fit_options`), which are fitted in a few passes over the rows
+    (in memory, streamed or partitioned alike: :mod:`vq_pipeline.fitting.quantizers`).
 
     Args:
         inputs: table files, globs or folders (local or object storage).
@@ -73,6 +83,10 @@ def fit_from_tables(
     is kept out of the fit, chosen as :func:`vq_pipeline.fitting.options.holdout_rows` says, and their
     mean distance to their codes is recorded in ``stats["holdout"]``; refused (before any row is read)
     for streamed or partitioned fits.
+
+    ``stats["scorecard"]``: the codes' scorecard on the held-out rows when there are any, else on a seeded
+    sample of at most 1,024 training rows (drawn through the data source: read from the tables when they are
+    streamed or partitioned); see :func:`vq_pipeline.fitting.kmeans.fit_source`.
     """
     t_start = time.perf_counter()
     settings = FitSettings() if settings is None else settings
@@ -109,7 +123,38 @@ def fit_from_tables(
             mode = {"mode": "partitioned", "rows_total": sum(counts), "partitions": len(sources)}
             return fit(source, opts, extra_stats={**mode, **init_sample_stats(opts, sum(counts))})
     source, opts, mode, held = _local_source(sources, counts, dim, n_codes, reading, settings)
-    return with_holdout_stats(fit(source, opts, extra_stats=mode), held, opts)
+    return with_holdout_stats(fit(source, opts, extra_stats=mode, held=held), held, opts)
+
+
+def tables_scorecard(
+    codebook: str,
+    inputs: Sequence[str | os.PathLike[str]],
+    keys: Sequence[str],
+    column: str,
+    seed: int,
+    reference: str | None = None,
+    storage_options: Any = None,
+) -> dict[str, Any] | None:
+    """The scorecard of the codebook file ``codebook`` on a seeded uniform sample of at most
+    :data:`~vq_pipeline.compute.scorecard.DEFAULT_SAMPLE_ROWS` rows of the table files under ``inputs``
+    whose key is in ``keys`` (a scheduled run's new files; :func:`vq_pipeline.fitting.options.codebook_scorecard`),
+    drawn by :func:`~vq_pipeline.compute.scorecard.sample_rows` with ``[seed, SCORECARD_STREAM]``; with
+    ``reference`` (the codebook file it replaced) the churn of their codes. None when those files hold
+    fewer than 2 rows. ``sample`` is "new rows"; ``seconds`` the time it took, reading included."""
+    t0 = time.perf_counter()
+    wanted = set(keys)
+    sources = [s for s in tables.discover(inputs, storage_options=storage_options) if s.key in wanted]
+    counts = [tables.inspect_source(s, column=column, storage_options=storage_options).n_rows for s in sources]
+    if sum(counts) < 2:
+        return None
+    current = Codebook.load(codebook)
+    positions = sample_rows(sum(counts), DEFAULT_SAMPLE_ROWS, [seed, SCORECARD_STREAM])
+    x = validated_sample(
+        sources, counts, positions, column=column, metric=current.metric, storage_options=storage_options
+    )
+    previous = None if reference is None else Codebook.load(reference)
+    card = codebook_scorecard(current, x, reference=previous)
+    return {"sample": "new rows", "files": len(sources), **card, "seconds": time.perf_counter() - t0}
 
 
 def streamed(counts: Sequence[int], dim: int, reading: TableSettings) -> bool:
@@ -168,8 +213,9 @@ def stream_spec(reading: TableSettings, opts: FitOptions, device: Any = None) ->
 
 def init_sample_stats(opts: FitOptions, n_rows: int) -> dict[str, Any]:
     """What a fit from tables not held in memory records about its seeding sample: its size, when
-    the init draws one (k-means||, k-means++, 'random'; see :func:`vq_pipeline.fitting.kmeans.fit_source`)."""
-    if opts.init_name in ("first", "tensor"):
+    the init draws one (k-means||, k-means++, 'random'; see :func:`vq_pipeline.fitting.kmeans.fit_source`).
+    Scalar and binary codebooks draw none (their samples, when any, are recorded by their fits)."""
+    if opts.init_name in ("first", "tensor") or opts.per_dimension:
         return {}
     return {"init_sample": min(n_rows, SEED_ROWS_PER_CODE * opts.n_codes)}
 
@@ -183,7 +229,8 @@ def fit_inputs(
     counts = [info.n_rows for info in infos]
     if sum(counts) == 0:
         raise InvalidInputError(
-            f"the tables {[s.uri for s in sources]} hold no rows; expected at least n_codes={n_codes} rows. "
+            f"the tables {[s.uri for s in sources]} hold no rows; expected at least "
+            f"{'1 row' if n_codes is None else f'n_codes={n_codes} rows'}. "
             f"Fix: point at tables with data."
         )
     dim = _common_dim(sources, infos, column, storage_options)

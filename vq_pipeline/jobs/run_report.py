@@ -141,11 +141,30 @@ def _drift_lines(s: dict[str, Any]) -> list[str]:
             else:
                 cells.append(_fmt(c.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _codec_drift_lines(columns)
     lines += _level_lines(columns)
     lines += ["", "Measured against the codebook current at the start of the run."]
     if any(c.get("baseline") for _, c in columns):
         lines += ["Against the refitted codebook: baseline: the codebook was fitted on these rows (not drift)."]
     return [*lines, *_pending_lines(s), *_shift_lines(d), *_partition_lines(d)]
+
+
+def _codec_drift_lines(columns: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The drift table's rows of scalar codes (values outside the range) and binary codes (share of ones)."""
+    rows = [
+        ("clipped", "share", "values outside the scalar range"),
+        ("clipped", "train_share", "… at training"),
+        ("bit_balance", "ones_share", "share of ones (mean over dims)"),
+        ("bit_balance", "train_ones_share", "… at training"),
+        ("bit_balance", "max_shift", "largest change of a dim's share of ones"),
+    ]
+    lines = []
+    for group, key, label in rows:
+        if not any(isinstance(c.get(group), dict) for _, c in columns):
+            continue
+        cells = [_fmt((c.get(group) or {}).get(key)) if isinstance(c.get(group), dict) else "—" for _, c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pending_lines(s: dict[str, Any]) -> list[str]:
@@ -234,6 +253,37 @@ def _share(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
+def _ids_lines(ids: dict[str, Any] | None, work_dir: str) -> list[str]:
+    """The semantic ids section: what the refit policy did, the id version, items issued and moved."""
+    if not ids:
+        return []
+    version, issuer = ids.get("id_version"), str(ids.get("codebook_fingerprint") or "")[:12]
+    published = ids.get("published")
+    if ids.get("applied") == "publish" and published:
+        what = (
+            f"published id version {version} (policy publish): every item re-encoded with codebook `{issuer}`, "
+            f"{published['n_moved']} of {published['n_items']} items moved; version {published['previous']} stays "
+            f"readable, old→new tables `{_in_work_dir(published['items_map'], work_dir)}` and "
+            f"`{_in_work_dir(published['prefixes_map'], work_dir)}`"
+        )
+    elif ids.get("applied") == "keep":
+        what = (
+            f"kept id version {version} (policy keep): new items encoded with codebook `{issuer}`, which issued "
+            f"it; the current codebook issues no ids"
+        )
+    else:
+        what = f"issued under id version {version} (codebook `{issuer}`)"
+    lines = ["", "## Semantic ids", "", f"Ids {what}.", ""]
+    lines += [
+        f"- items issued this run: {ids.get('issued', 0)}; kept: {ids.get('kept', 0)}"
+        + (f"; adopted from existing suffixes: {ids['adopted']}" if ids.get("adopted") else ""),
+        f"- codes with ids: `{_in_work_dir(str(ids.get('codes_dir')), work_dir)}`; registry "
+        f"`{_in_work_dir(str(ids.get('registry')), work_dir)}`; prefix table "
+        f"`{_in_work_dir(str(ids.get('prefix_table')), work_dir)}`",
+    ]
+    return lines
+
+
 def _alignment_lines(a: dict[str, Any] | None) -> list[str]:
     """The report's code-churn section: how the new codebook's codes were numbered (:func:`align_refit`)."""
     if not a:
@@ -310,7 +360,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
             f"| {len(e['encoded'])} | {len(e['skipped'])} | {e['rows_encoded']} |"
         )
     lines += ["", "Folders are relative to the work_dir."]
-    lines += ["", *_drift_lines(s), *_alignment_lines(s.get("alignment")), "", *_rule_lines(s)]
+    lines += ["", *_drift_lines(s), *_alignment_lines(s.get("alignment")), *scorecard_lines(s.get("scorecard"))]
+    lines += _ids_lines(s.get("ids"), s["work_dir"])
+    lines += ["", *_rule_lines(s)]
     lines += [
         "",
         "## Where things are",
@@ -336,6 +388,50 @@ def report_markdown(summary: dict[str, Any]) -> str:
 _MAX_HISTORY_ROWS = 60
 
 
+def scorecard_lines(card: dict[str, Any] | None) -> list[str]:
+    """The report's "Scorecard" section (a blank line first; none without a scorecard): the codes' error,
+    recall@k, prefix coherence, effective size and collision rate on the sample, by levels ``0..l`` for
+    residual codes, and the churn against the codebook the current one replaced
+    (:func:`vq_pipeline.fitting.options.codebook_scorecard`)."""
+    if not isinstance(card, dict):
+        return []
+    k = card.get("k", 10)
+    which = {"holdout": "held-out rows", "training": "training rows", "new rows": "this run's new rows"}
+    sample = which.get(card.get("sample"), "rows")
+    lines = [
+        "",
+        "## Scorecard",
+        "",
+        f"{card.get('codec', 'flat')} codes of {card.get('n_rows')} {sample}"
+        + (f" ({card['seconds']:.2f} s)" if isinstance(card.get("seconds"), float) else "")
+        + ".",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| error | {_fmt(card.get('error'))} |",
+        f"| recall@{k} (true neighbours found among the decoded rows) | {_fmt(card.get('recall_at_k'))} |",
+    ]
+    if "prefix_coherence" in card:
+        lines.append(
+            f"| prefix coherence (true neighbours with the same level-0 code) | {_fmt(card['prefix_coherence'])} |"
+        )
+    lines.append(f"| collision rate | {_fmt(card.get('collision_rate'))} |")
+    sizes = card.get("effective_size")
+    if isinstance(sizes, list):
+        lines.append(f"| effective size per level | {' / '.join(_fmt(v, '.1f') for v in sizes)} |")
+        if len(sizes) > 1:
+            lines.append(f"| effective size of whole ids | {_fmt(card.get('effective_size_tuples'), '.1f')} |")
+    for key, label in (("error_by_levels", "error"), ("recall_by_levels", f"recall@{k}")):
+        if isinstance(card.get(key), list):
+            lines.append(f"| {label} by levels 0..l | {' / '.join(_fmt(v) for v in card[key])} |")
+    if "churn" in card:
+        lines.append(f"| churn against the previous codebook (rows whose codes changed) | {_fmt(card['churn'])} |")
+        per_level = card.get("churn_per_level")
+        if isinstance(per_level, list) and len(per_level) > 1:
+            lines.append(f"| churn per level | {' / '.join(_fmt(v) for v in per_level)} |")
+    return lines
+
+
 def _fit_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -344,7 +440,7 @@ def _fit_cell(value: Any) -> str:
 
 def _fit_level_lines(s: dict[str, Any]) -> list[str]:
     """The fit report's per-level table of a residual or product codebook (none for a flat one)."""
-    if s.get("codec", "flat") == "flat":
+    if s.get("codec", "flat") in ("flat", "scalar", "binary"):  # scalar and binary: one level per dimension
         return []
     what = "error left after the level" if s["codec"] == "residual" else "error of the level's slice"
     lines = [
@@ -362,11 +458,28 @@ def _fit_level_lines(s: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _codec_cell(s: dict[str, Any]) -> str:
+    """The fit report's codec cell: residual and product levels; scalar and binary bits per dimension."""
+    if s["codec"] in ("scalar", "binary"):
+        bits = s.get("bits") or 1
+        return f"{s['codec']}, {bits} bit{'s' if bits != 1 else ''} per dimension, {s['levels']} dimensions"
+    return f"{s['codec']}, {s['levels']} levels"
+
+
+def _mean(value: Any) -> Any:
+    """A number as is; the mean of a list of numbers (a statistic per dimension); else None."""
+    if isinstance(value, list):
+        numbers = [v for v in value if isinstance(v, int | float) and not isinstance(v, bool)]
+        return sum(numbers) / len(numbers) if numbers and len(numbers) == len(value) else None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def fit_markdown(summary: dict[str, Any]) -> str:
     """The fit report as markdown (pure formatting of a
     :meth:`vq_pipeline.jobs.fit_file.FitSummary.to_dict`)."""
     s = summary
     multilevel = s.get("codec", "flat") != "flat"
+    per_dimension = s.get("codec") in ("scalar", "binary")
     sizes = s["cluster_sizes"]
     rows = (
         f"{s['rows']} ({s['mode']}"
@@ -383,8 +496,9 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| parent (warm start) | `{s['parent_fingerprint']}` |"
         if s["parent_fingerprint"]
         else "| parent (warm start) | none |",
-        f"| n_codes | {s['n_codes']}{' per level' if multilevel else ''} |",
-        *([f"| codec | {s['codec']}, {s['levels']} levels |"] if multilevel else []),
+        f"| n_codes | {s['n_codes']}{' per dimension' if per_dimension else ' per level' if multilevel else ''} |",
+        *([f"| codec | {_codec_cell(s)} |"] if multilevel else []),
+        *([f"| rotation | {s['rotation']} |"] if s.get("rotation", "none") != "none" else []),
         f"| dim | {s['dim']} |",
         f"| metric | {s['metric']} |",
         f"| engine | {_fit_cell(s['engine'])} |",
@@ -399,7 +513,17 @@ def fit_markdown(summary: dict[str, Any]) -> str:
                 f"| semantic ids | {_fit_cell(s.get('n_unique'))} unique tuples, collision rate "
                 f"{_fit_cell(s.get('collision_rate'))} |",
             ]
-            if multilevel
+            if multilevel and not per_dimension
+            else []
+        ),
+        *(
+            [
+                f"| reconstruction error (mse) | {_fit_cell(s.get('mse'))} |",
+                f"| training values outside the range | {_fit_cell(s.get('clipped'))} |"
+                if s["codec"] == "scalar"
+                else f"| bit balance (share of ones) | {_fit_cell(_mean(s.get('bit_balance')))} |",
+            ]
+            if per_dimension
             else []
         ),
         f"| time | fit {_fit_cell(s['fit_seconds'])} s (init {_fit_cell(s['init_seconds'])} s); "
@@ -413,6 +537,8 @@ def fit_markdown(summary: dict[str, Any]) -> str:
         f"| {sizes['max']} | {sizes['empty']} |",
         "",
         *_fit_level_lines(s),
+        *scorecard_lines(s.get("scorecard"))[1:],
+        *([""] if isinstance(s.get("scorecard"), dict) else []),
         "## Objective per iteration",
         "",
         "| iteration | objective | repairs | empty codes | imbalance |",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vq_pipeline.codebook import Codebook
-from vq_pipeline.errors import InvalidInputError
+from vq_pipeline.errors import InvalidInputError, PipelineStateError
 from vq_pipeline.io.paths import check_output_folder, is_local, resolved
 from vq_pipeline.io.table_writer import code_dtype
 from vq_pipeline.jobs import workdir
@@ -33,8 +33,10 @@ from vq_pipeline.jobs.drift import drift_report, example_ids, partition_drift, p
 from vq_pipeline.jobs.encode_folder import encode_tables
 from vq_pipeline.jobs.encode_state import folder_records, state_dir
 from vq_pipeline.jobs.fit_file import FitJob, fit_to_file
+from vq_pipeline.jobs.fit_tables import tables_scorecard
 from vq_pipeline.jobs.run_plan import (
     alignment_unavailable,
+    codec_of,
     codes_settings_error,
     current_checks,
     encode_brief,
@@ -46,7 +48,7 @@ from vq_pipeline.jobs.run_plan import (
     with_codec,
 )
 from vq_pipeline.jobs.run_report import draw_drift_chart, report_markdown, write_report
-from vq_pipeline.settings import EncodeOptions, EncodeSettings, PipelineSettings
+from vq_pipeline.settings import PER_DIMENSION_CODECS, EncodeOptions, EncodeSettings, PipelineSettings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ class EncodeJob:
     out_dir: str
     settings: EncodeSettings
     options: EncodeOptions
+    #: With ``settings.id_registry``: the work_dir's id registry, and whether this encode publishes a new
+    #: id version (:func:`vq_pipeline.jobs.encode_folder.encode_tables`' ``registry`` and ``publish_ids``).
+    registry: str | None = None
+    publish_ids: bool = False
 
 
 class PipelineSteps:
@@ -79,7 +85,15 @@ class PipelineSteps:
         return fit_to_file(job, log=log).to_dict()
 
     def encode(self, job: EncodeJob) -> dict[str, Any]:
-        return encode_tables(job.inputs, job.codebook, job.out_dir, job.settings, job.options).to_dict()
+        return encode_tables(
+            job.inputs,
+            job.codebook,
+            job.out_dir,
+            job.settings,
+            job.options,
+            registry=job.registry,
+            publish_ids=job.publish_ids,
+        ).to_dict()
 
     def step(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
@@ -89,6 +103,24 @@ def read_current(work_dir: str) -> dict[str, Any] | None:
     """The current codebook's pointer (:func:`vq_pipeline.jobs.workdir.read_current`) with its codec and levels."""
     current = workdir.read_current(work_dir)
     return None if current is None else with_codec(current)
+
+
+def planned_action(current: dict[str, Any] | None, settings: PipelineSettings) -> tuple[str, str | None]:
+    """:func:`vq_pipeline.jobs.run_plan.first_action` for ``settings``: a scalar or binary codebook's levels
+    are its dimensions (the tables' width, not a setting), and a change of ``rotation`` refits too."""
+    s = settings
+    levels = s.levels
+    if s.codec in PER_DIMENSION_CODECS and current is not None and codec_of(current)[0] == s.codec:
+        levels = codec_of(current)[1]
+    action, reason = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=levels)
+    if action == "none" and current is not None and s.codec in ("residual", "product", "binary"):
+        from vq_pipeline.io.codebook_file import load_info
+
+        fit = load_info(current["path"]).settings
+        old = fit.get("rotation", "none") if isinstance(fit, dict) else "none"
+        if old != s.rotation:
+            return "fit", f"settings changed (rotation {old} → {s.rotation})"
+    return action, reason
 
 
 def check_paths(input_root: str | Path, work_dir: str | Path) -> None:
@@ -110,11 +142,33 @@ def check_paths(input_root: str | Path, work_dir: str | Path) -> None:
 def check_settings(settings: PipelineSettings) -> None:
     """Refuse settings that every run would refuse whatever the tables hold (beyond what
     :class:`~vq_pipeline.settings.PipelineSettings` checks on its own): a ``code_dtype`` too narrow for
-    ``n_codes`` (refused after the fit otherwise), a ``sample`` of fewer rows than ``n_codes``."""
+    ``n_codes`` (refused after the fit otherwise), a ``sample`` of fewer rows than ``n_codes``; for scalar
+    and binary codes, an ``n_codes`` other than ``2**bits`` (2 for binary) and any ``code_dtype``."""
     if not isinstance(settings, PipelineSettings):
         raise InvalidInputError(
             f"settings={type(settings).__name__}; expected a PipelineSettings. "
             f"Fix: pass PipelineSettings(column=..., n_codes=...)."
+        )
+    if settings.codec in PER_DIMENSION_CODECS:
+        fixed = 2**settings.bits if settings.codec == "scalar" else 2
+        if settings.n_codes != fixed:
+            what = f"2**bits = {fixed} codes (bits={settings.bits})" if settings.codec == "scalar" else "2 codes"
+            raise InvalidInputError(
+                f"n_codes={settings.n_codes} with codec={settings.codec!r}; a {settings.codec} codebook has {what} "
+                f"per dimension, expected n_codes={fixed}. Fix: pass n_codes={fixed} (--codes {fixed})"
+                + (", or the bits that give your n_codes (8: 256, 4: 16)." if settings.codec == "scalar" else ".")
+            )
+        if settings.code_dtype is not None:
+            raise InvalidInputError(
+                f"code_dtype={settings.code_dtype!r} with codec={settings.codec!r}; {settings.codec} codes are "
+                f"written packed as bytes, expected code_dtype=None. Fix: drop code_dtype (--code-dtype)."
+            )
+        return
+    if settings.unique and settings.codec not in ("residual", "product"):
+        raise InvalidInputError(
+            f"unique=True with codec={settings.codec!r}; expected a multi-level codec (residual or product), whose "
+            f"tuples of codes are semantic ids. Fix: pass codec='residual' (--codec residual --levels L), or drop "
+            f"unique."
         )
     code_dtype(settings.n_codes, settings.code_dtype)
     if settings.sample is not None and settings.sample < settings.n_codes:
@@ -155,8 +209,7 @@ def check_run(input_root: str | Path, work_dir: str | Path, settings: PipelineSe
     current = read_current(str(Path(work_dir).absolute()))
     if current is None:
         return
-    s = settings
-    action, _ = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=s.levels)
+    action, _ = planned_action(current, settings)
     if action == "none":
         check_codes_folder(workdir.codes_dir(Path(work_dir).absolute(), current["fingerprint"]), settings)
         read_usage_pending(str(Path(work_dir).absolute()), current)
@@ -263,6 +316,11 @@ class _Run:
     drift_after: dict[str, Any] | None = None
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     usage_pending: dict[str, Any] | None = None
+    scorecard: dict[str, Any] | None = None
+    #: With an id registry: the encodes that issued (or published) semantic ids this run, and what the
+    #: refit policy did (:func:`ids_summary`).
+    id_encodes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    id_policy_applied: str | None = None
 
     def summary(self, current: dict[str, Any], action: str, reason: str | None) -> dict[str, Any]:
         """The run's summary as plain data (the report's JSON and the flow's result, less ``drift_chart``):
@@ -288,6 +346,8 @@ class _Run:
             "drift_after_refit": self.drift_after,
             "usage_pending": self.usage_pending,
             "alignment": self.alignment,
+            "scorecard": self.scorecard,
+            "ids": ids_summary(self.work, self.settings, self.id_encodes, self.id_policy_applied),
             "refit_rules": self.checks,
             "fired": [c["rule"] for c in self.checks if c["fired"]],
             "previous_codebook": previous["path"] if previous else None,
@@ -306,11 +366,58 @@ class _Run:
         return self.steps.fit(FitJob((str(self.root),), template, s.n_codes, s.reading(), s.fit_settings(), warm_start))
 
     def encode(self, current: dict[str, Any]) -> dict[str, Any]:
-        out = workdir.codes_dir(self.work, current["fingerprint"])
+        """Encode every table with the ``current`` codebook; with an id registry, the ids too (see :meth:`ids`)."""
+        mode, issuer = self.ids_mode(current)
+        encoded = self.encode_with(current["path"], current["fingerprint"], mode)
+        if mode in ("issue", "publish"):
+            self.id_encodes.append(encoded)
+            self.id_policy_applied = "publish" if mode == "publish" else self.id_policy_applied
+        elif mode == "keep":  # new items go on being encoded with the codebook that issued the id version
+            if not any(e["codebook_fingerprint"] == issuer for e in self.id_encodes):
+                self.id_encodes.append(self.encode_with(str(self.id_codebook(issuer)), issuer, "issue"))
+            self.id_policy_applied = "keep"
+        return encoded
+
+    def encode_with(self, codebook: str, fingerprint: str, mode: str) -> dict[str, Any]:
+        """One encode job into the codes folder of ``fingerprint``; ``mode``: "issue" or "publish" ids
+        through the work_dir's registry, anything else: the settings' suffixes without the registry."""
+        out = workdir.codes_dir(self.work, fingerprint)
         s = self.settings
         check_codes_folder(out, s)  # a fix the pipeline's user can apply, not encode_tables' --overwrite
-        job = EncodeJob((str(self.root),), current["path"], str(out), s.encode_settings(), s.encode_options())
+        settings, registry = s.encode_settings(), None
+        if settings.id_registry and mode in ("issue", "publish"):
+            registry = str(workdir.ids_dir(self.work) / "registry")
+        elif settings.id_registry:  # the ids are another codebook's: this folder's suffixes are no ids
+            settings = dataclasses.replace(settings, id_registry=False)
+        job = EncodeJob(
+            (str(self.root),), codebook, str(out), settings, s.encode_options(), registry, mode == "publish"
+        )
         return self.steps.encode(job)
+
+    def ids_mode(self, current: dict[str, Any]) -> tuple[str, str | None]:
+        """How the encode with ``current`` treats semantic ids: "off" (no registry), "issue" (``current``
+        issues them: it issued the current id version, or there is none yet), "publish" (policy publish:
+        ``current`` publishes a new id version) or "keep" (policy keep: another codebook issues them);
+        and the fingerprint of the codebook that issued the current id version (None: none yet)."""
+        s = self.settings
+        if not (s.unique and s.id_registry):
+            return "off", None
+        issuer = self.steps.step("read-id-registry", id_issuer, str(self.work), s.id_column)
+        if issuer is None or issuer == current["fingerprint"]:
+            return "issue", issuer
+        return s.id_policy, issuer
+
+    def id_codebook(self, fingerprint: str) -> Path:
+        """The work_dir's file of the codebook that issued the current id version (policy keep)."""
+        path = workdir.codebook_path(self.work, fingerprint)
+        if not path.is_file():
+            raise PipelineStateError(
+                f"codebook={str(path)!r} is missing; it issued the current id version of the registry in "
+                f"{str(workdir.ids_dir(self.work))!r}, and id_policy='keep' encodes new items with it. Expected the "
+                f"work_dir to keep it. Fix: restore the file from a backup, or pass id_policy='publish' to publish "
+                f"a new id version from the current codebook."
+            )
+        return path
 
     def read_current(self) -> dict[str, Any] | None:
         return self.steps.step("read-current-codebook", read_current, str(self.work))
@@ -344,6 +451,46 @@ class _Run:
         return self.steps.step("align-codes", align_fit, *args)
 
 
+def id_issuer(work_dir: str, id_column: str | None) -> str | None:
+    """The fingerprint of the codebook that issued the current id version of the work_dir's id
+    registry (``ids/registry``), or None when it holds none yet. Reads only."""
+    from vq_pipeline.jobs.registry import Registry
+
+    folder = workdir.ids_dir(work_dir) / "registry"
+    if not folder.is_dir():
+        return None
+    with Registry.open(folder, id_column=id_column or "", write=False) as reg:
+        return None if reg.current_version is None else reg.fingerprint()
+
+
+def ids_summary(
+    work: Path, settings: PipelineSettings, encodes: list[dict[str, Any]], applied: str | None
+) -> dict[str, Any] | None:
+    """What a run did to semantic ids (None without an id registry): ``policy`` (the setting),
+    ``applied`` ("publish": this run published a new id version; "keep": a refit kept the id version,
+    its codebook went on issuing; None: neither), ``id_version``, ``codebook_fingerprint`` (that issued
+    it), ``codes_dir`` (the codes that carry the ids), ``registry``, ``prefix_table``, ``issued`` and
+    ``kept`` (items), ``adopted``, and ``published`` (the new version's record: items moved, maps)."""
+    if not (settings.unique and settings.id_registry):
+        return None
+    found = [(e, (e.get("semantic_ids") or {}).get("id_registry") or {}) for e in encodes]
+    last, info = found[-1] if found else ({}, {})
+    published = next((i["published"] for _, i in found if i.get("published")), None)
+    return {
+        "policy": settings.id_policy,
+        "applied": applied,
+        "id_version": info.get("id_version"),
+        "codebook_fingerprint": last.get("codebook_fingerprint"),
+        "codes_dir": last.get("out_dir"),
+        "registry": str(workdir.ids_dir(work) / "registry"),
+        "prefix_table": info.get("prefix_table"),
+        "issued": sum(i.get("issued", 0) for _, i in found),
+        "kept": info.get("kept", 0),
+        "adopted": sum(i.get("adopted", 0) for _, i in found),
+        "published": published,
+    }
+
+
 def run_once(
     input_root: str | Path,
     work_dir: str | Path,
@@ -369,6 +516,8 @@ def run_once(
         the codebook's own training rows), ``refit_rules``, ``fired``, ``previous_codebook`` after a refit,
         ``alignment`` when a codebook replaced another (how its codes were renumbered, and the churn),
         ``usage_pending`` (the code-usage rows the usage rule still waits for: :func:`usage_pending_of`),
+        ``scorecard`` (the current codebook's on a seeded sample of the run's new rows, with the churn against
+        the codebook a refit replaced; None without new rows: :func:`vq_pipeline.jobs.fit_tables.tables_scorecard`),
         ``drift_chart``, ``params`` and ``flow_run_id`` (``steps.run_id``). ``drift`` also names the
         codes that gained or lost share, the drift per input partition and the pooled code usage
         (:func:`drift_of`).
@@ -390,7 +539,7 @@ def _run_locked(run: _Run) -> dict[str, Any]:
     current = run.read_current()
     if current is not None:
         workdir.link_current_codes(run.work, current["fingerprint"])  # a work_dir from before the link, or a crash
-    action, reason = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=s.levels)
+    action, reason = planned_action(current, s)
     if action == "fit":
         run.previous, fit = current, run.fit(None)
         if run.previous is not None:  # keep the replaced codebook's code numbers where the cells allow
@@ -418,6 +567,11 @@ def _run_locked(run: _Run) -> dict[str, Any]:
             run.encoded.append(run.encode(current))
             # The refit was fitted on every row, these included: its baseline.
             run.drift_after = run.drift(current, run.encoded[-1], baseline=True)
+    # The current codebook's scorecard on the run's new rows; churn against the codebook it replaced. Computed
+    # here, not as a step of its own: a second or so of work, and the run's log stays one screen.
+    reference = run.previous["path"] if run.previous is not None else None
+    keys = sorted(run.encoded[0]["new_receipts"])
+    run.scorecard = tables_scorecard(current["path"], [str(run.root)], keys, s.column, s.seed, reference)
     return run.summary(current, action, reason)
 
 
@@ -430,6 +584,8 @@ __all__ = [
     "check_run",
     "check_settings",
     "drift_of",
+    "id_issuer",
+    "ids_summary",
     "read_current",
     "read_usage_pending",
     "run_once",

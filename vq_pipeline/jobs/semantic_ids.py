@@ -1,21 +1,29 @@
 """Semantic ids over parquet files: collision statistics and unique suffixes computed by polars'
 streaming engine, without bringing rows into Python (the in-memory versions are
-:mod:`vq_pipeline.compute.semantic_ids`), and the suffixes of a folder of code tables.
+:mod:`vq_pipeline.compute.semantic_ids`), and the suffixes of a folder of code tables: ranked over the
+folder (:func:`folder_suffixes`) or issued through an id registry (:func:`registry_suffixes`).
+
+Code tables of scalar and binary codebooks (packed codes, one per dimension) are refused: they are
+compression, not semantic ids.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from vq_pipeline.compute.semantic_ids import SUFFIX_COLUMN, collision_record
-from vq_pipeline.errors import InvalidInputError
+from vq_pipeline.errors import InvalidInputError, StateError
 from vq_pipeline.io.fileio import polars_path
-from vq_pipeline.io.table_writer import SUFFIX_DTYPE
+from vq_pipeline.io.table_writer import CODEC_KEY, SUFFIX_DTYPE
+from vq_pipeline.jobs.encode_state import prefix_table_path
+from vq_pipeline.jobs.registry import Registry
 
 Files = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -53,6 +61,25 @@ def _short(files: Files) -> str:
     return repr(os.fspath(files))
 
 
+def _refuse_packed(files: Files, storage_options: dict[str, Any] | None) -> None:
+    """Refuse code tables of a scalar or binary codebook (their footer names the codec,
+    :data:`vq_pipeline.io.table_writer.CODEC_KEY`): one code per dimension, compression, not semantic ids.
+    Only the first named file is read (a glob is left to the scan); a file that cannot be read is left to it too."""
+    first = files if isinstance(files, str | os.PathLike) else next(iter(files), None)
+    if first is None or any(ch in os.fspath(first) for ch in "*?["):
+        return
+    try:
+        codec = pl.read_parquet_metadata(polars_path(os.fspath(first)), storage_options=storage_options).get(CODEC_KEY)
+    except Exception:  # unreadable: the scan reports it
+        return
+    if codec is not None:
+        raise InvalidInputError(
+            f"files={_short(files)} hold {codec} codes (one code per dimension: compression, not semantic ids); "
+            f"expected the codes of a residual, product or flat codebook. Fix: encode the rows with such a "
+            f"codebook for semantic ids."
+        )
+
+
 def _codes_layout(files: Files, schema: Any, codes_column: str) -> tuple[str, int | None]:
     """The codes column's kind ('flat', 'array' or 'list') and its levels (None for a list: read later)."""
 
@@ -62,6 +89,12 @@ def _codes_layout(files: Files, schema: Any, codes_column: str) -> tuple[str, in
             f"expected the column of codes. Fix: pass codes_column= the name of the codes column."
         )
     dtype = schema[codes_column]
+    if dtype == pl.Binary:
+        raise InvalidInputError(
+            f"codes_column={codes_column!r} has type Binary in files={_short(files)}: packed binary codes (one bit "
+            f"per dimension) are not semantic ids; expected an integer column or Array(integer, levels). Fix: pass "
+            f"the codes of a residual, product or flat codebook."
+        )
     if dtype.is_integer():
         return "flat", 1
     if isinstance(dtype, (pl.Array, pl.List)) and dtype.inner.is_integer():
@@ -135,6 +168,7 @@ def collision_stats_table(
     """
 
     lf = _scan(files, storage_options)
+    _refuse_packed(files, storage_options)
     schema = _query(files, lf.collect_schema)
     kind, levels = _codes_layout(files, schema, codes_column)
     n_rows, levels = _check_codes(files, lf, codes_column, kind, levels)
@@ -194,6 +228,7 @@ def suffix_table(
             f"Fix: pass id_column= the column of row ids."
         )
     lf = _scan(files, storage_options)
+    _refuse_packed(files, storage_options)
     schema = _query(files, lf.collect_schema)
     if id_column not in schema:
         raise InvalidInputError(
@@ -272,4 +307,98 @@ def folder_suffixes(
     return parts, collision_stats_table(files, codes_column="codes")
 
 
-__all__ = ["collision_stats_table", "folder_suffixes", "suffix_table"]
+def other_codebook_error(registry: Path, version: int, issued_by: str, fingerprint: str) -> StateError:
+    """The refusal of codes from the codebook ``fingerprint``, which did not issue the current id version
+    ``version`` of the id registry in ``registry`` (``issued_by`` did)."""
+    return StateError(
+        f"codebook {fingerprint[:12]}… did not issue the current id version {version} of the id registry "
+        f"{str(registry)!r} (issued by codebook {issued_by[:12]}…); expected the codebook that issued it: issued "
+        f"ids never change. Fix: encode with that codebook; or publish a new id version from this codebook (the "
+        f"scheduled pipeline's id_policy='publish', or Registry.new_version), or use another output folder."
+    )
+
+
+def registry_suffixes(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    id_column: str,
+    registry: str | os.PathLike[str],
+    codebook: Any,
+    publish: bool = False,
+) -> tuple[list[pl.Series], dict[str, Any]]:
+    """Semantic-id suffixes of multi-level code tables (the id column, ``codes``, ``suffix``), issued
+    through the id registry in ``registry`` (:class:`vq_pipeline.jobs.registry.Registry`, under its lock).
+
+    * A registry that holds no id version yet adopts the suffixes the tables already have (rows whose
+      ``suffix`` is not null: a folder written with ``unique`` alone) as id version 1.
+    * When another codebook issued the current id version: with ``publish``, every row (which must hold
+      every item of that version) is published as a new id version, with its old->new tables; without,
+      :func:`other_codebook_error` is raised.
+    * One ``issue`` of every row: an item already issued keeps its suffix, a new one takes the next free
+      suffix of its tuple (new items ordered by id).
+    * The prefix table of the current id version is written beside the registry
+      (:func:`vq_pipeline.jobs.encode_state.prefix_table_path`).
+
+    Args:
+        codebook: the Codebook that encoded the tables (its ``fingerprint`` and ``n_codes``).
+
+    Returns:
+        (one (n_rows_of_file,) UInt32 Series per file, in row order; statistics:
+        :func:`collision_stats_table`'s (``max_suffix`` the largest suffix issued), ``rows_with_suffix``
+        and ``id_registry``: ``registry``, ``id_version``, ``items`` (of the version), ``issued`` (items
+        new to the registry in this call), ``kept`` (items it already held), ``adopted``,
+        ``prefix_table`` and ``published`` (:meth:`~vq_pipeline.jobs.registry.Registry.new_version`'s
+        record, or None)).
+    """
+    files = [polars_path(os.fspath(p)) for p in paths]
+    folder = Path(registry)
+    frames = [
+        pl.read_parquet(f, columns=[id_column, "codes", SUFFIX_COLUMN]).with_columns(
+            pl.col(SUFFIX_COLUMN).cast(pl.UInt32)
+        )
+        for f in files
+    ]
+    rows = pl.concat(frames, how="vertical_relaxed")
+    stats = collision_stats_table(files, codes_column="codes")
+    with Registry.open(folder, id_column=id_column) as reg:
+        adopted, published = 0, None
+        if reg.current_version is None:
+            had = rows.filter(pl.col(SUFFIX_COLUMN).is_not_null())
+            if had.height:
+                adopted = reg.adopt(had, codebook.fingerprint)
+        if reg.current_version is not None and reg.fingerprint() != codebook.fingerprint:
+            if not publish:
+                raise other_codebook_error(folder, reg.current_version, reg.fingerprint(), codebook.fingerprint)
+            published = reg.new_version(rows[id_column], rows["codes"], codebook.fingerprint)
+        kept = 0
+        if reg.current_version is not None:
+            kept = int(reg.lookup(rows[id_column])[SUFFIX_COLUMN].is_not_null().sum())
+        suffix = pl.Series(SUFFIX_COLUMN, reg.issue(rows[id_column], rows["codes"], codebook.fingerprint), pl.UInt32)
+        version = int(reg.current_version)  # type: ignore[arg-type]
+        items = reg.frame().height
+        prefix = reg.write_prefix_table(prefix_table_path(folder, version), n_codes=codebook.n_codes)
+    bounds = [0, *itertools.accumulate(f.height for f in frames)]
+    parts = [suffix.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    stats = {k: stats[k] for k in ("n_rows", "n_unique", "collision_rate", "largest_group", "usage")}
+    stats["max_suffix"] = int(suffix.max() or 0)
+    stats["rows_with_suffix"] = int((suffix > 0).sum())
+    stats["id_registry"] = {
+        "registry": str(folder),
+        "id_version": version,
+        "items": items,
+        "issued": suffix.len() - kept,
+        "kept": kept,
+        "adopted": adopted,
+        "prefix_table": str(prefix),
+        "published": published,
+    }
+    return parts, stats
+
+
+__all__ = [
+    "collision_stats_table",
+    "folder_suffixes",
+    "other_codebook_error",
+    "registry_suffixes",
+    "suffix_table",
+]

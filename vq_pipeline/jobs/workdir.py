@@ -13,6 +13,9 @@ Layout under ``work_dir``::
     codes/current                              relative symlink to the current codebook's codes
                                                folder, switched atomically with current.json
     reports/<UTC time>-<run id>.md, .json      one report per run
+    ids/registry/                              with unique + id_registry: the id registry, every semantic
+                                               id ever issued, across codebooks (id versions)
+    ids/prefix-v<N>.safetensors                the prefix table of id version N (constrained decoding)
     .vq/lock                                   one run per work_dir at a time (:func:`lock`)
 
 Refit rules (:func:`refit_checks`): the schedule is due, the distortion ratio exceeds
@@ -101,6 +104,12 @@ def codes_dir(work_dir: str | Path, fingerprint: str) -> Path:
     return Path(work_dir) / "codes" / fingerprint[:12]
 
 
+def ids_dir(work_dir: str | Path) -> Path:
+    """The folder of the work directory's semantic ids: the id registry (``ids/registry``) and the prefix
+    table of each id version beside it."""
+    return Path(work_dir) / "ids"
+
+
 def report_path(work_dir: str | Path, started: dt.datetime, run_id: str | None) -> Path:
     """Where the report of the run that started at ``started`` goes (``.md``; its summary ``.json`` beside it)."""
     return Path(work_dir) / "reports" / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}-{(run_id or 'local')[:8]}.md"
@@ -176,6 +185,10 @@ def _unalignable(new: Codebook, reference: Codebook) -> str | None:
         )
     if new.dim != reference.dim:
         return f"the embedding dim changed ({reference.dim} → {new.dim})"
+    if new.codec in ("scalar", "binary"):
+        return f"{new.codec} codes are positions on a per-dimension grid, not cells: their numbers keep their meaning"
+    if new.rotation is not None or reference.rotation is not None:
+        return "the rows are rotated before they are coded: codes of rotated levels are not renumbered"
     if new.n_codes * reference.n_codes > MAX_ALIGN_PAIRS:
         return f"{new.n_codes} x {reference.n_codes} codes exceed the {MAX_ALIGN_PAIRS} code pairs matched"
     return None
