@@ -359,7 +359,8 @@ class Codebook(CodebookViews):
         return out.numpy() if numpy_in else out
 
     def unpack(self, packed: Any) -> Any:
-        """(n_rows, dim) int64 codes of :meth:`pack`'s output (numpy or torch uint8), in the same array type."""
+        """(n_rows, dim) uint8 codes (as :meth:`encode` returns them) of :meth:`pack`'s output (numpy or torch
+        uint8), in the same array type."""
         self._check_per_dimension("unpack")
         numpy_in = isinstance(packed, np.ndarray)
         p = torch.from_numpy(np.ascontiguousarray(packed)) if numpy_in else packed
@@ -380,7 +381,8 @@ class Codebook(CodebookViews):
                     f"packed.shape[1]={p.shape[1]}; expected {self.dim} bytes per row for dim={self.dim}. "
                     f"Fix: unpack with the codebook the codes were written with."
                 )
-            out = p.to(torch.int64)
+            out = p.clone()
+        out = out.to(torch.uint8)
         return out.numpy() if numpy_in else out
 
     def _check_per_dimension(self, what: str) -> None:

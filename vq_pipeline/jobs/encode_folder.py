@@ -619,7 +619,7 @@ def clipped_values(codebook: Codebook, x: torch.Tensor) -> int:
 
 
 def _pack(codebook: Codebook, codes: torch.Tensor) -> Any:
-    """The (n, width) uint8 file form of a scalar or binary codebook's (n, dim) int64 ``codes``."""
+    """The (n, width) uint8 file form of a scalar or binary codebook's (n, dim) uint8 ``codes``."""
     packed = codebook.pack(codes)
     return packed.numpy() if isinstance(packed, torch.Tensor) else packed
 
