@@ -232,6 +232,39 @@ def canonical_json(value: object) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode()
 
 
+def read_json_object(
+    path: str | os.PathLike[str], error: Callable[[Path, str], Exception], max_bytes: int
+) -> dict | None:
+    """The JSON object in the small state file ``path`` (a pointer, a manifest), None when there is none.
+
+    Never follows a symlink; ``error(path, problem)`` builds the exception that refuses a symlink, a
+    folder, anything that is not a regular file of at most ``max_bytes``, invalid JSON, or JSON that is
+    not an object."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(p, f"is a symlink (never followed) to {os.readlink(p)!r}") from None
+        if e.errno == errno.EISDIR:
+            raise error(p, "is a folder") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise error(p, f"is not a regular file of at most {max_bytes} bytes")
+        data = f.read()
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise error(p, f"is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(p, f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def fsync_folder(folder: str | os.PathLike[str]) -> None:
     """Make renames and new entries in ``folder`` durable."""
     dir_fd = os.open(folder, os.O_RDONLY)
@@ -353,6 +386,7 @@ __all__ = [
     "hold_lock",
     "is_temporary_name",
     "open_lock",
+    "read_json_object",
     "remove_temporaries",
     "resolves_inside",
     "temporary_name",

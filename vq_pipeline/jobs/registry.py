@@ -38,11 +38,9 @@ version (:meth:`Registry.frame` lists them in that order), a position that never
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,14 @@ import polars as pl
 
 from vq_pipeline.compute.prefix_table import PrefixTable
 from vq_pipeline.errors import EncodeLockedError, InvalidInputError, StateError
-from vq_pipeline.io.fileio import atomic_write_bytes, canonical_json, hold_lock, polars_path, remove_temporaries
+from vq_pipeline.io.fileio import (
+    atomic_write_bytes,
+    canonical_json,
+    hold_lock,
+    polars_path,
+    read_json_object,
+    remove_temporaries,
+)
 from vq_pipeline.io.prefix_file import read_prefix_file, write_prefix_file
 from vq_pipeline.io.table_writer import file_sha256, write_parquet_atomic
 
@@ -84,26 +89,7 @@ def _refuse(path: Path, text: str) -> StateError:
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest's JSON object (None when there is none); a symlink or another kind of file is refused."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _refuse(path, "is a symlink (never followed)") from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_MANIFEST:
-            raise _refuse(path, f"is not a regular file of at most {_MAX_MANIFEST} bytes")
-        data = f.read()
-    try:
-        value = json.loads(data)
-    except ValueError as e:
-        raise _refuse(path, f"is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise _refuse(path, f"holds a JSON {type(value).__name__}, not an object")
-    return value
+    return read_json_object(path, _refuse, _MAX_MANIFEST)
 
 
 def _is_count(value: Any, low: int = 0) -> bool:

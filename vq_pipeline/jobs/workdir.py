@@ -45,11 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
-import json
 import os
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +57,7 @@ import torch
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.align import MAX_ALIGN_PAIRS
 from vq_pipeline.errors import PipelineStateError
-from vq_pipeline.io import tables
+from vq_pipeline.io import fileio, tables
 from vq_pipeline.io.fileio import (
     atomic_symlink,
     atomic_write_bytes,
@@ -383,29 +380,7 @@ def _pointer_error(pointer: Path, problem: str) -> PipelineStateError:
 def _read_pointer(pointer: Path, error: Any = None, max_bytes: int = _MAX_POINTER_BYTES) -> dict[str, Any] | None:
     """The JSON object in ``pointer``, None when there is none; never follows a symlink. ``error(path,
     problem)`` builds the error that refuses it (default: the current-codebook pointer's)."""
-    error = error or _pointer_error
-    try:
-        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise error(pointer, f"is a symlink (to {os.readlink(pointer)!r})") from None
-        if e.errno == errno.EISDIR:
-            raise error(pointer, "is a folder") from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise error(pointer, f"is not a regular file of at most {max_bytes} bytes")
-        data = f.read()
-    try:
-        current = json.loads(data)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise error(pointer, f"is not valid JSON ({e})") from None
-    if not isinstance(current, dict):
-        raise error(pointer, f"holds a JSON {type(current).__name__}, not an object")
-    return current
+    return fileio.read_json_object(pointer, error or _pointer_error, max_bytes)
 
 
 def _inside_work_dir(work: Path, pointer: Path, name: str, value: Any) -> Path:
