@@ -14,8 +14,11 @@ Cases (2 threads each, ``engine="torch", device="cpu"``, ``seed=0``, ``balance=0
 * ``ids-wordllama``: 3 x 256 residual ids of the same rows: the plain fit encoded greedily against the
   balanced fit encoded under the cap (``encode_balanced``, every level capped); the collision rate (the
   share of rows whose whole tuple another row shares) and the largest level-0 code.
-* ``time``: ``--time-rows`` x 128 mixture rows (``harness.mixture(n, 128, 100)``), K=1024, ``n_iter=--time-iters``,
-  ``tol=0``: the seconds of the fit with and without ``balance``.
+* ``ids-minilm``: the same on MiniLM-like rows: 25,600 x 384 clustered unit-norm sentence-encoder-like
+  embeddings (``vq_pipeline.jobs.demo.generate_embeddings(25600, 384, 256, seed=0)``; 384 is MiniLM's width).
+* ``time``: ``--time-rows`` x 128 mixture rows (``harness.mixture(n, 128, 100)``), K=1024: the seconds of the
+  fit with and without ``balance``, ``n_iter=--time-iters`` and ``tol=0``, or at the library's defaults
+  (``n_iter=50, tol=1e-4``) with ``--time-iters 0``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def _data(name: str, quick: bool) -> tuple[np.ndarray, int]:
         return harness.digits(), 16
     if name == "mixture":
         return harness.mixture(4000 if quick else 20000, 32, 20, seed=0), 64
+    if name == "minilm":
+        from vq_pipeline.jobs.demo import generate_embeddings
+
+        return generate_embeddings(8000 if quick else 25600, 384, 256, seed=0), 256
     train, _ = harness.split(harness.wordllama(), n_rows=8000 if quick else None)
     return train, 256
 
@@ -71,8 +78,8 @@ def worker(spec: dict) -> dict:
             "seconds_balanced": s_bal["wall_s"],
             "load1": s_bal["load1"],
         }
-    if case == "ids-wordllama":
-        x, _ = _data("wordllama", quick)
+    if case.startswith("ids-"):
+        x, _ = _data(case.removeprefix("ids-"), quick)
         x = torch.from_numpy(x)
         rq = dict(codec="residual", levels=3, **cpu)
         plain, s_plain = harness.measure(lambda: fit_codebook(x, 256, **rq))
@@ -99,12 +106,13 @@ def worker(spec: dict) -> dict:
         }
     n, iters = spec["time_rows"], spec["time_iters"]
     x = torch.from_numpy(harness.mixture(n, 128, 100, seed=0))
-    common = dict(n_iter=iters, tol=0.0, **cpu)
+    common = dict(n_iter=iters, tol=0.0, **cpu) if iters else cpu
     plain, s_plain = harness.measure(lambda: fit_codebook(x, 1024, **common))
     bal, s_bal = harness.measure(lambda: fit_codebook(x, 1024, balance=EPS, **common))
     return {
         "rows": n,
-        "iterations": iters,
+        "iterations_plain": plain.stats["iterations"],
+        "iterations_balanced": bal.stats["iterations"],
         "seconds_plain": s_plain["wall_s"],
         "seconds_balanced": s_bal["wall_s"],
         "ratio_inertia": bal.stats["inertia"] / plain.stats["inertia"],
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--cases", default="error-digits,error-mixture,error-wordllama,ids-wordllama,time")
+    ap.add_argument("--cases", default="error-digits,error-mixture,error-wordllama,ids-wordllama,ids-minilm,time")
     ap.add_argument("--time-rows", type=int, default=100_000)
     ap.add_argument("--time-iters", type=int, default=5)
     ap.add_argument("--json")

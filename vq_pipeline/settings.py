@@ -372,6 +372,9 @@ class PipelineSettings:
     rotation: str = "none"
     #: "scalar" codebooks: bits per dimension (8 or 4).
     bits: int = 8
+    #: Balanced codes (:attr:`FitSettings.balance`): every code of every level holds at most
+    #: ``ceil((1 + balance) * n_rows / n_codes)`` training rows; None: off. A change refits.
+    balance: float | None = None
     #: Refit when the codebook is older than this many hours (None: never on schedule).
     refit_every_hours: float | None = DEFAULT_REFIT_EVERY_HOURS
     #: Refit when new rows' mean distance exceeds the training one by this fraction.
@@ -431,6 +434,7 @@ class PipelineSettings:
             levels=self.levels,
             rotation=self.rotation,
             bits=self.bits,
+            balance=self.balance,
         )
 
     def reading(self) -> TableSettings:

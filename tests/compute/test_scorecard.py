@@ -134,23 +134,42 @@ def test_neighbours_among_many_ties_take_the_lowest_indices() -> None:
             assert got[key] == pytest.approx(want[key], rel=1e-12), (k, key)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
-    n=st.integers(6, 40),
-    n_codes=st.integers(1, 3),
+    n=st.integers(6, 60),
+    n_codes=st.integers(1, 14),
     k=st.integers(1, 8),
+    twin=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_recall_of_codes_that_share_reconstructions_matches_the_oracle(n: int, n_codes: int, k: int, seed: int) -> None:
+def test_recall_of_codes_that_share_reconstructions_matches_the_oracle(
+    n: int, n_codes: int, k: int, twin: bool, seed: int
+) -> None:
     # a flat codebook's reconstructions: few distinct rows, each shared by many (ties at every distance);
-    # coordinates on a 1/64 grid keep every distance exact in float32 and float64
+    # coordinates on a 1/64 grid keep every distance exact in float32 and float64; more codes than k + 2
+    # (the search looks at the nearest few only) and two codes of one centroid (twin) included
     rng = np.random.default_rng(seed)
     x = rng.integers(-3, 4, size=(n, 3)).astype(np.float32)
     centroids = (rng.integers(-3, 4, size=(n_codes, 3)) + rng.integers(1, 64, size=(n_codes, 3)) / 64).astype(
         np.float32
     )
+    if twin:
+        centroids[-1] = centroids[0]
     codes = rng.integers(0, n_codes, size=n)
     dec = centroids[codes]
     got = scorecard(torch.from_numpy(x), codes, torch.from_numpy(dec), metric="l2", k=k)
     want = _oracle(x.astype(np.float64), codes[:, None], dec.astype(np.float64), min(k, n - 1), None)
     assert got["recall_at_k"] == pytest.approx(want["recall_at_k"], rel=1e-12)
+
+
+def test_a_tie_between_two_codes_of_one_reconstruction_beyond_the_nearest_few_is_seen() -> None:
+    # codes 2 and 3 share the reconstruction 5; row 0 (alone in code 0) finds its 2nd decoded neighbour at
+    # that distance, in both codes: the lowest index over both is taken (row 2, not row 5). Code 4 holds
+    # the far rows, whose neighbours are all at distance 0.
+    x = np.array([0, 100, 2, 100, 100, 1, 100, 100, 100, 100], dtype=np.float32)[:, None]
+    codes = np.array([0, 1, 2, 2, 4, 3, 3, 4, 4, 4])
+    dec = np.array([0.0, 3.0, 5.0, 5.0, 100.0], dtype=np.float32)[codes][:, None]
+    for k in (1, 2, 3):
+        got = scorecard(torch.from_numpy(x), codes, torch.from_numpy(dec), metric="l2", k=k)
+        want = _oracle(x.astype(np.float64), codes[:, None], dec.astype(np.float64), k, None)
+        assert got["recall_at_k"] == pytest.approx(want["recall_at_k"], rel=1e-12), k

@@ -191,3 +191,24 @@ def test_another_code_dtype_on_a_work_dir_gives_a_fix_the_pipeline_can_apply(tmp
     assert sorted(again["encode"][0]["encoded"]) == ["date=2026-11-01/part-0.parquet", "date=2026-11-02/part-0.parquet"]
     # Fix 3: a new work_dir.
     assert run_once(root, tmp_path / "work2", PipelineSettings("embedding", 8, id_column="id", code_dtype="int64"))["action"] == "fit"
+
+
+def test_a_balanced_pipeline_caps_its_codes_and_a_change_of_balance_refits(tmp_path: Path) -> None:
+    from vq_pipeline.codebook import Codebook
+    from vq_pipeline.compute.balanced import code_cap
+
+    write_parts(tmp_path / "in", {"day=1/part-0.parquet": 1200}, dim=8, n_topics=3)
+    common = dict(id_column="id", usage_threshold=None, drift_threshold=10.0, refit_every_hours=None, seed=0)
+    balanced = PipelineSettings("embedding", 8, balance=0.05, **common)
+    first = run_once(tmp_path / "in", tmp_path / "work", balanced)
+    cb = Codebook.load(first["codebook"])
+    assert first["action"] == "fit" and cb.settings["balance"] == 0.05
+    assert int(cb.counts.sum()) == 1200 and int(cb.counts.max()) <= code_cap(1200, 8, 0.05) == 158
+    again = run_once(tmp_path / "in", tmp_path / "work", balanced)
+    assert again["action"] == "none", again["reason"]
+    plain = run_once(tmp_path / "in", tmp_path / "work", PipelineSettings("embedding", 8, **common))
+    assert plain["action"] == "fit" and "balance 0.05 → None" in plain["reason"]
+    unbalanced = Codebook.load(plain["codebook"])
+    assert "balance" not in unbalanced.settings and int(unbalanced.counts.max()) > 158  # the cap binds
+    with pytest.raises(InvalidInputError, match=r"balance=-1.*Fix"):
+        PipelineSettings("embedding", 8, balance=-1)

@@ -90,48 +90,65 @@ def _neighbours(queries: torch.Tensor, base: torch.Tensor, k: int, exclude_self:
 
 
 def _error_and_recall(
-    x32: torch.Tensor, x64: torch.Tensor, decoded: torch.Tensor, true: torch.Tensor, metric: str
+    x32: torch.Tensor,
+    x64: torch.Tensor,
+    decoded: torch.Tensor,
+    true: torch.Tensor,
+    metric: str,
+    codes: np.ndarray | None,
 ) -> tuple[float, float]:
     """(mean error, recall of the true neighbours ``true`` (n, k)) of the reconstructions ``decoded`` of the
-    rows ``x32`` (float32; ``x64``: the same in float64, for the error)."""
+    rows ``x32`` (float32; ``x64``: the same in float64, for the error). ``codes`` (n, levels): the codes
+    that ``decoded`` decodes (rows of equal codes share a reconstruction), or None."""
     dec = decoded.detach().cpu().float()
     err = (x64 - dec.double()).square().sum(1)  # (n,)
     if metric == "cosine":
         err = err * 0.5
-    found = _found_among_groups(x32, dec, true)
+    found = _found_among_groups(x32, dec, true, codes) if codes is not None else None
     if found is None:  # few rows share a reconstruction: the plain search
         approx = _neighbours(x32, dec, true.shape[1], exclude_self=True)  # (n, k)
         found = (true[:, :, None] == approx[:, None, :]).any(dim=2)  # (n, k)
     return float(err.mean()), float(found.double().mean())
 
 
-def _found_among_groups(x32: torch.Tensor, dec: torch.Tensor, true: torch.Tensor) -> torch.Tensor | None:
+def _found_among_groups(
+    x32: torch.Tensor, dec: torch.Tensor, true: torch.Tensor, codes: np.ndarray
+) -> torch.Tensor | None:
     """(n, k) bool: whether each true neighbour ``true[i, j]`` is among the ``k`` rows of ``dec`` nearest to
     ``x32[i]`` (row ``i`` excluded, ties at the ``k``-th distance taken by lowest index), the same answer as
-    :func:`_neighbours`, searched over the distinct reconstructions (a flat codebook's codes, a residual
-    codebook's first levels: far fewer than rows). None when most rows are distinct, or when a row's ``k``-th
-    distance is shared by two distinct reconstructions (the plain search then answers)."""
+    :func:`_neighbours`, searched over the reconstructions of the distinct ``codes`` (a flat codebook's codes,
+    a residual codebook's first levels: far fewer than rows). None when most rows are distinct, when rows of
+    equal codes have different reconstructions, or when a row's ``k``-th distance is shared by two groups
+    (the plain search then answers)."""
     n, k = true.shape
-    groups, inv = torch.unique(dec, dim=0, return_inverse=True)  # (g, dim), (n,)
-    n_groups = groups.shape[0]
+    _, first, inv_np = np.unique(codes, axis=0, return_index=True, return_inverse=True)
+    n_groups = first.shape[0]
     if 2 * n_groups > n:
+        return None
+    inv = torch.from_numpy(inv_np.reshape(-1).astype(np.int64))  # (n,) each row's group
+    groups = dec[torch.from_numpy(first)]  # (g, dim) each group's reconstruction
+    if not torch.equal(groups[inv], dec):
         return None
     rows = torch.arange(n)
     du = torch.addmm((groups * groups).sum(1)[None, :], x32, groups.T, beta=1.0, alpha=-2.0)  # (n, g)
-    size = torch.bincount(inv, minlength=n_groups)
-    mult = size[None, :].repeat(n, 1)
-    mult[rows, inv] -= 1  # row i is not its own neighbour
-    sorted_du, order = torch.sort(du, dim=1)
-    reach = torch.cumsum(mult.gather(1, order), dim=1)  # rows within the nearest 1, 2, ... groups
-    th = sorted_du[rows, (reach < k).sum(1)][:, None]  # (n, 1): the k-th distance
-    if bool(((du == th) & (mult > 0)).sum(1).gt(1).any()):
+    size = torch.bincount(inv, minlength=n_groups)  # (g,)
+    # Every group but the row's own (less the row itself) holds a row: the k-th distance is among the
+    # k + 1 nearest groups; one more shows a tie beyond them.
+    m = min(n_groups, k + 2)
+    near_du, near = torch.topk(du, m, dim=1, largest=False, sorted=True)  # (n, m)
+    mult = size[near] - (near == inv[:, None]).long()  # (n, m) rows within each near group, row i left out
+    reach = torch.cumsum(mult, dim=1)  # rows within the nearest 1, 2, ... groups
+    th = near_du.gather(1, (reach < k).sum(1, keepdim=True))  # (n, 1): the k-th distance
+    if bool(((near_du == th) & (mult > 0)).sum(1).gt(1).any()) or (
+        m < n_groups and bool((near_du[:, -1:] == th).any())
+    ):
         return None
-    need = k - (mult * (du < th)).sum(1, keepdim=True)  # (n, 1): rows taken at the k-th distance
+    need = k - (mult * (near_du < th)).sum(1, keepdim=True)  # (n, 1): rows taken at the k-th distance
     # each row's place among the rows of its group, by index (0 for the lowest)
     by_group = torch.sort(inv, stable=True).indices
-    first = torch.cumsum(size, 0) - size
+    start = torch.cumsum(size, 0) - size
     place = torch.empty(n, dtype=torch.int64)
-    place[by_group] = torch.arange(n) - first[inv[by_group]]
+    place[by_group] = torch.arange(n) - start[inv[by_group]]
     dj = du.gather(1, inv[true])  # (n, k): each true neighbour's distance to its row's reconstruction
     rank = place[true] - ((inv[true] == inv[:, None]) & (rows[:, None] < true)).long()  # row i left out
     return (dj < th) | ((dj == th) & (rank < need))
@@ -193,7 +210,8 @@ def scorecard(
     x32 = x.detach().cpu().float()
     x64 = x32.double()
     true = _neighbours(x32, x32, k, exclude_self=True)  # (n, k)
-    error, recall = _error_and_recall(x32, x64, decoded, true, metric)
+    grouped = codec not in PER_DIMENSION_CODECS  # one code per dimension: rows rarely share a reconstruction
+    error, recall = _error_and_recall(x32, x64, decoded, true, metric, arr if grouped else None)
     out: dict[str, Any] = {
         "n_rows": n,
         "k": k,
@@ -202,7 +220,10 @@ def scorecard(
         "collision_rate": float(collision_stats(arr)["collision_rate"]),
     }
     if prefix_decoded is not None:
-        by_levels = [_error_and_recall(x32, x64, p, true, metric) for p in prefix_decoded[:-1]] + [(error, recall)]
+        by_levels = [
+            _error_and_recall(x32, x64, p, true, metric, arr[:, : level + 1] if grouped else None)
+            for level, p in enumerate(prefix_decoded[:-1])
+        ] + [(error, recall)]
         out["error_by_levels"] = [e for e, _ in by_levels]
         out["recall_by_levels"] = [r for _, r in by_levels]
     if codec not in PER_DIMENSION_CODECS:

@@ -107,19 +107,22 @@ def read_current(work_dir: str) -> dict[str, Any] | None:
 
 def planned_action(current: dict[str, Any] | None, settings: PipelineSettings) -> tuple[str, str | None]:
     """:func:`vq_pipeline.jobs.run_plan.first_action` for ``settings``: a scalar or binary codebook's levels
-    are its dimensions (the tables' width, not a setting), and a change of ``rotation`` refits too."""
+    are its dimensions (the tables' width, not a setting), and a change of ``rotation`` or ``balance``
+    refits too."""
     s = settings
     levels = s.levels
     if s.codec in PER_DIMENSION_CODECS and current is not None and codec_of(current)[0] == s.codec:
         levels = codec_of(current)[1]
     action, reason = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=levels)
-    if action == "none" and current is not None and s.codec in ("residual", "product", "binary"):
+    if action == "none" and current is not None:
         from vq_pipeline.io.codebook_file import load_info
 
         fit = load_info(current["path"]).settings
-        old = fit.get("rotation", "none") if isinstance(fit, dict) else "none"
-        if old != s.rotation:
-            return "fit", f"settings changed (rotation {old} → {s.rotation})"
+        fit = fit if isinstance(fit, dict) else {}
+        for name, default in (("rotation", "none"), ("balance", None)):
+            old, new = fit.get(name, default), getattr(s, name)
+            if old != new:
+                return "fit", f"settings changed ({name} {old} → {new})"
     return action, reason
 
 
