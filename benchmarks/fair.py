@@ -8,7 +8,8 @@ Setup (once; see ``benchmarks/README.md``)::
 
 Command, from the repository root::
 
-    .venv-bench/bin/python benchmarks/fair.py [--quick] [--repeats R] [--n-iter N] [--methods LIST] [--shapes LIST] [--json PATH]
+    .venv-bench/bin/python benchmarks/fair.py [--quick] [--repeats R] [--n-iter N] [--methods LIST] [--shapes LIST]
+        [--busy N] [--cold] [--json PATH]
 
 Why fresh processes: a library measured in a process that has already loaded others is not measured as
 its users run it (FAISS took 2.0 s per iteration at 200k x 128, K=1024 in a process where torch and
@@ -34,6 +35,8 @@ A peer that is not installed in the interpreter (FAISS in the project's ``.venv`
 Before its measured call, every worker makes one untimed warm-up call of the same kind on the first 4K
 rows (one iteration for a fit): imports done lazily inside a library, thread pools and KeOps' kernel
 compilation are one-time costs that a pipeline pays once, not per call, and each method is spared them alike.
+With ``--cold`` there is none: the measured call is the process's first, as a scheduled job's is.
+With ``--busy N``, N busy-loop processes run during the whole measurement: a CPU shared with other jobs.
 
 The parent process imports only the standard library and numpy. It writes each shape's data once as
 ``.npy`` files (``harness.mixture_files``: a seeded float32 gaussian mixture of K centres, offset by +3 so
@@ -79,6 +82,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -176,8 +180,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         x = np.load(folder / "x2.npy")
         codebook = np.load(folder / ("codebook_cosine.npy" if cosine else "codebook.npy"))
     n, d = x.shape
-    # One untimed warm-up call on the first rows (imports, thread pools, kernels), then the measured call.
-    warm = min(n, 4 * (init.shape[0] if task == "fit" else codebook.shape[0]))
+    # One untimed warm-up call on the first rows (imports, thread pools, kernels), then the measured call;
+    # none with --cold: the measured call is the process's first, as a scheduled job's is.
+    warm = 0 if spec.get("cold") else min(n, 4 * (init.shape[0] if task == "fit" else codebook.shape[0]))
 
     if method in OURS:
         from vq_pipeline.runtime import apply_omp_waits
@@ -193,7 +198,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {"ours": {}, "ours-prune": {"prune": True}, "ours-keops": {"engine": "keops"}}[method]
         if task == "fit":
             init_t = torch.from_numpy(init)
-            fit_codebook(x[:warm], init.shape[0], metric=metric, init=init_t, n_iter=1, tol=0.0, device="cpu", **kw)
+            if warm:
+                fit_codebook(x[:warm], init.shape[0], metric=metric, init=init_t, n_iter=1, tol=0.0, device="cpu", **kw)
             cb, m = harness.measure(
                 lambda: fit_codebook(
                     x, init.shape[0], metric=metric, init=init_t, n_iter=n_iter, tol=0.0, device="cpu", **kw
@@ -210,7 +216,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 metric=metric,
             )
             ekw = {"engine": "keops"} if method == "ours-keops" else {}
-            book.encode(x[:warm], device="cpu", **ekw)
+            if warm:
+                book.encode(x[:warm], device="cpu", **ekw)
             codes, m = harness.measure(lambda: book.encode(x, device="cpu", **ekw))
     elif method == "faiss":
         import faiss
@@ -229,7 +236,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 km.train(xs, init_centroids=init)
                 return km
 
-            fit(x[:warm], 1)
+            if warm:
+                fit(x[:warm], 1)
             km, m = harness.measure(lambda: fit(x, n_iter))
             times = [s["time"] for s in km.iteration_stats]  # cumulative seconds
             rec["iterations"] = len(times)
@@ -246,14 +254,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 index.add(codebook)
                 return index.search(xs, 1)[1][:, 0]
 
-            enc(x[:warm])
+            if warm:
+                enc(x[:warm])
             codes, m = harness.measure(lambda: enc(x))
     elif method == "sklearn":
         from sklearn.cluster import KMeans
 
         harness.limit_threads(threads)
         if task == "fit":
-            KMeans(n_clusters=init.shape[0], init=init, n_init=1, max_iter=1, tol=0).fit(x[:warm])
+            if warm:
+                KMeans(n_clusters=init.shape[0], init=init, n_init=1, max_iter=1, tol=0).fit(x[:warm])
             km, m = harness.measure(
                 lambda: KMeans(n_clusters=init.shape[0], init=init, n_init=1, max_iter=n_iter, tol=0).fit(x)
             )
@@ -263,7 +273,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             k = codebook.shape[0]
             km = KMeans(n_clusters=k, init=codebook, n_init=1, max_iter=1).fit(codebook)  # a fitted estimator
             km.cluster_centers_ = codebook.copy()
-            km.predict(x[:warm])
+            if warm:
+                km.predict(x[:warm])
             codes, m = harness.measure(lambda: km.predict(x))
     elif method == "tutorial":
         os.environ["CXXFLAGS"] = KEOPS_CXXFLAGS
@@ -277,13 +288,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         xt = torch.from_numpy(x)
         if task == "fit":
             it = torch.from_numpy(init)
-            _tutorial_fit(LazyTensor, torch, xt[:warm], it, 1)  # compiles or loads the kernel
+            if warm:
+                _tutorial_fit(LazyTensor, torch, xt[:warm], it, 1)  # compiles or loads the kernel
             (_, times), m = harness.measure(lambda: _tutorial_fit(LazyTensor, torch, xt, it, n_iter))
             rec["iterations"] = n_iter
             rec["pure_iter_s"] = statistics.median(times)
         else:
             ct = torch.from_numpy(codebook)
-            _tutorial_encode(LazyTensor, xt[:warm], ct)  # compiles or loads the kernel
+            if warm:
+                _tutorial_encode(LazyTensor, xt[:warm], ct)  # compiles or loads the kernel
             codes, m = harness.measure(lambda: _tutorial_encode(LazyTensor, xt, ct))
             codes = codes.numpy()
     else:
@@ -339,7 +352,16 @@ def mismatch(codes: np.ndarray, orc: tuple[np.ndarray, np.ndarray, np.ndarray]) 
 
 
 def run_shape(
-    n: int, dim: int, k: int, metric: str, methods: list[str], n_iter: int, repeats: int, tmp: Path, log_file: Any
+    n: int,
+    dim: int,
+    k: int,
+    metric: str,
+    methods: list[str],
+    n_iter: int,
+    repeats: int,
+    tmp: Path,
+    log_file: Any,
+    cold: bool = False,
 ) -> dict[str, Any]:
     folder = tmp / f"{n}x{dim}k{k}"
     if not (folder / "x.npy").exists():
@@ -359,6 +381,7 @@ def run_shape(
                 "dir": str(folder),
                 "n_iter": n_iter,
                 "codes": str(folder / f"codes-{m}.npy"),
+                "cold": cold,
             }
             print(f"--- {n}x{dim} K={k} {metric} r{r} {m} {task}", file=log_file, flush=True)
             res = harness.run_worker(__file__, spec, threads=THREADS, log=log_file)
@@ -647,6 +670,13 @@ def main() -> int:
     ap.add_argument(
         "--json", type=Path, default=None, help="where to write (default: benchmarks/results/fair-<time>.json)"
     )
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="run this many busy-loop processes for the whole run: every method measured on a shared CPU",
+    )
+    ap.add_argument("--cold", action="store_true", help="no warm-up call: each measured call is its process's first")
     args = ap.parse_args()
     if args.worker:
         return harness.serve(worker, args.worker)
@@ -675,17 +705,23 @@ def main() -> int:
         "repeats": repeats,
         "tie_rtol": TIE_RTOL,
         "methods": methods,
+        "busy_processes": args.busy,
+        "cold": args.cold,
         "rows": [],
     }
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="vq-fair-"))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"]) for _ in range(args.busy)]
     try:
         with open(log_path, "w") as log_file:
             for (n, dim, k), metric in plan:
                 ms = [m for m in methods if metric == "l2" or m in COSINE_METHODS]
                 print(f"== {n} x {dim}, K={k}, {metric}: {', '.join(ms)}", file=sys.stderr, flush=True)
-                res["rows"].append(run_shape(n, dim, k, metric, ms, args.n_iter, repeats, tmp, log_file))
+                res["rows"].append(run_shape(n, dim, k, metric, ms, args.n_iter, repeats, tmp, log_file, args.cold))
     finally:
+        for p in busy:
+            p.kill()
+            p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     res["seconds"] = time.perf_counter() - t_start
     v = machine["versions"]
@@ -701,7 +737,9 @@ def main() -> int:
             f"Python {machine['python']}. {args.n_iter} iterations, tol=0, same data and initial centroids for all, "
             f"{repeats} interleaved repeat(s), medians. FAISS's `max_points_per_centroid` is raised so it trains on "
             f"every row (its default samples 256 × K rows). OMP_WAIT_POLICY in the environment: "
-            f"{machine['omp_wait_policy_env'] or 'unset'} (in ours' workers: {_ours_waits(res)}).",
+            f"{machine['omp_wait_policy_env'] or 'unset'} (in ours' workers: {_ours_waits(res)})."
+            + (f" {args.busy} busy-loop processes ran throughout (`--busy`)." if args.busy else "")
+            + (" Cold: no warm-up call, each measured call its process's first (`--cold`)." if args.cold else ""),
             "",
             tables(res) + engines_table(res),
         ]

@@ -1,4 +1,5 @@
-"""Runtime policy of a process that computes: the OpenMP wait policy of torch's runtime.
+"""Runtime policy of a process that computes: the OpenMP wait policy of torch's runtime, and how many
+of torch's threads to use while other processes keep CPUs busy (:func:`share_cpus`).
 
 Nothing here runs on ``import vq_pipeline``. The ``vq`` command and the Prefect flows call
 :func:`apply_omp_waits` first thing; a notebook gets it when it first takes a public name that loads
@@ -9,7 +10,10 @@ the policy once. The KeOps cache folder is chosen by the KeOps engine when it fi
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -87,4 +91,114 @@ def apply_omp_waits(environ: MutableMapping[str, str] | None = None) -> dict[str
     return chosen
 
 
-__all__ = ["CONTENDED_PRESSURE", "OMP_SPIN_COUNT", "apply_omp_waits", "omp_wait_settings"]
+#: Seconds between two looks at the CPUs by :func:`share_cpus` (each reads ``/proc/stat``).
+SHARE_CHECK_SECONDS = 0.25
+#: Set to 0 to keep torch's thread count as it is, whatever other processes do.
+SHARE_ENV = "VQ_SHARE_CPUS"
+
+
+def threads_to_use(ceiling: int, cpus: int, busy_cpus: float, own_cpus: float) -> int:
+    """Threads for torch's next ops: the CPUs that other processes leave idle, rounded, at least 1 and at
+    most ``ceiling`` (the count chosen before, by the user or torch).
+
+    Lock-step threads on a shared CPU wait for each other: a thread that the scheduler takes off its
+    CPU stalls every parallel op until it runs again (docs' Benchmarks page, "Sharing the CPUs"). So the
+    threads follow the CPUs free of others.
+
+    Args:
+        ceiling: most threads to use. cpus: CPUs this process may run on. busy_cpus: CPUs busy over
+            the last interval (all processes, in CPUs: 1.5 = one and a half CPUs' time). own_cpus: this
+            process's share of that (its CPU seconds over the interval's seconds).
+    """
+    others = max(0.0, busy_cpus - own_cpus)
+    return max(1, min(ceiling, math.floor(cpus - others + 0.5)))
+
+
+def _busy_jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies of the CPUs ``cpus`` since boot (``/proc/stat``), or None."""
+    busy = total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    continue
+                name, *fields = line.split()
+                if int(name[3:]) not in cpus:
+                    continue
+                ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+class _CpuShare:
+    """The state of :func:`share_cpus`: the ceiling, the count last set, and the last look."""
+
+    def __init__(self) -> None:
+        self.ceiling: int | None = None
+        self.set_to: int | None = None
+        self.last: tuple[float, float, int, int] | None = None  # (wall, process CPU s, busy, total jiffies)
+        self.next_look = 0.0  # time.monotonic() of the next look
+        self.cpus: set[int] | None = None
+
+
+_share = _CpuShare()
+
+
+def share_cpus() -> int | None:
+    """Match torch's intra-op threads to the CPUs that other processes leave idle (:func:`threads_to_use`);
+    the threads now in use, or None when it does not apply. Called between ops of long work (every chunk
+    of a nearest-code search, every seeding step); it looks at the CPUs at most every
+    ``SHARE_CHECK_SECONDS`` and costs nothing between looks.
+
+    It never goes above the count torch had before its first change, and a count the user sets later
+    (``torch.set_num_threads``) becomes the new ceiling. Off where ``/proc/stat`` is missing, when one
+    thread is all there is, before torch is loaded, and with ``VQ_SHARE_CPUS=0``. Results do not depend
+    on the thread count.
+    """
+    now = time.monotonic()
+    s = _share
+    if now < s.next_look:
+        return s.set_to
+    torch = sys.modules.get("torch")  # loaded by the compute code that calls this; never loaded here
+    if torch is None or os.environ.get(SHARE_ENV, "1") == "0":
+        return None
+
+    current = torch.get_num_threads()
+    if s.set_to is None or current != s.set_to:  # first look, or the user chose another count
+        s.ceiling = current
+    if s.cpus is None:
+        try:
+            s.cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            s.cpus = set(range(os.cpu_count() or 1))
+    jiffies = _busy_jiffies(s.cpus)
+    s.next_look = now + SHARE_CHECK_SECONDS
+    if jiffies is None or (s.ceiling or 1) <= 1:
+        s.last, s.set_to = None, current  # nothing to share now
+        return None
+    sample = (now, time.process_time(), *jiffies)
+    last, s.last = s.last, sample
+    if last is None or sample[3] <= last[3] or now <= last[0]:
+        s.set_to = current
+        return current
+    busy = len(s.cpus) * (sample[2] - last[2]) / (sample[3] - last[3])
+    own = (sample[1] - last[1]) / (now - last[0])
+    threads = threads_to_use(s.ceiling or current, len(s.cpus), busy, own)
+    if threads != current:
+        torch.set_num_threads(threads)
+    s.set_to = threads
+    return threads
+
+
+__all__ = [
+    "CONTENDED_PRESSURE",
+    "OMP_SPIN_COUNT",
+    "SHARE_CHECK_SECONDS",
+    "apply_omp_waits",
+    "omp_wait_settings",
+    "share_cpus",
+    "threads_to_use",
+]

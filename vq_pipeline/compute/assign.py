@@ -15,6 +15,7 @@ import torch
 
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
+from vq_pipeline.runtime import share_cpus
 from vq_pipeline.settings import DEFAULT_MEMORY_BUDGET
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
@@ -77,6 +78,7 @@ def nearest_in_chunks(
     device = c.device
     start, n_rows = 0, x.shape[0]
     while start < n_rows:
+        share_cpus()  # as many threads as other processes leave CPUs idle
         rows = slice(start, min(start + chunk_rows, n_rows))
         try:
             xb = x[rows].to(device, non_blocking=True).contiguous()  # (n, dim)

@@ -48,6 +48,7 @@ from vq_pipeline.compute.assign import nearest_in_chunks, plan_chunk_rows
 from vq_pipeline.compute.data import MAX_FAR_CANDIDATES, DataSource, EStepStats, farthest
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.errors import DimensionMismatchError, InvalidInputError
+from vq_pipeline.runtime import share_cpus
 from vq_pipeline.settings import DEFAULT_MEMORY_BUDGET
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, normalize_rows, resolve_device
 
@@ -316,6 +317,7 @@ def _auction_phase(
     place; ``free`` (m,): the rows without a code."""
     n_codes, k = held.shape[0], idx.shape[1]
     while rounds < max_rounds and free.numel():
+        share_cpus()
         rounds += 1
         cand = idx[free]  # (m, k)
         red = d32[free] + price[cand]  # (m, k)

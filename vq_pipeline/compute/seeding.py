@@ -45,6 +45,7 @@ from vq_pipeline.compute.assign import nearest_in_chunks, plan_chunk_rows
 from vq_pipeline.compute.engines import Engine
 from vq_pipeline.compute.engines.torch import matmul_roundoff, product_gamma
 from vq_pipeline.errors import TooFewPointsError
+from vq_pipeline.runtime import share_cpus
 from vq_pipeline.validate import row_chunks, too_few_rows_fix
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def kmeans_plus_plus(
     t0 = time.perf_counter() if t0 is None else t0
     report_every = max(1, n_codes // 20)
     for i in range(1, n_codes):
+        share_cpus()
         if i % report_every == 0:
             report_init(progress, i, n_codes, t0)
         weighted = run.closest if run.weights is None else run.closest * run.weights  # (n_rows,)
