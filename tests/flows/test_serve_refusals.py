@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import write_parts
+from serving import vq_command
 from vq_flows.pipeline import vq_pipeline_flow
 
 from vq_pipeline import VQError
 from vq_pipeline.settings import PipelineSettings
 
-SCRIPT = Path(sys.executable).parent / "vq"
 #: Nothing listens there: a deployment that got past the checks fails to register at once.
 DEAD_API = "http://127.0.0.1:9/api"
 PARTS = {"date=2026-11-01/part-0.parquet": 500, "date=2026-11-02/part-0.parquet": 400}
-
-
-def vq_command(*args: str) -> list[str]:
-    return [str(SCRIPT), *args] if SCRIPT.exists() else [sys.executable, "-m", "vq_flows.cli", *args]
 
 
 def serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from serving import run_deployment, stop, vq_command, wait_for_deployment
 from vq_flows.dask import prefect_server
 
 from vq_pipeline.io.table_writer import write_embeddings
@@ -46,7 +44,6 @@ FLOWS = {
         inputs=["/in"], out="/cb.safetensors", n_codes=8, reading={"column": "embedding"}, settings={"n_iter": 3},
     ),
 }
-SCRIPT = Path(sys.executable).parent / "vq"
 
 PICKLE = textwrap.dedent(
     """
@@ -78,11 +75,6 @@ VALIDATE = textwrap.dedent(
 )
 
 
-def vq_command(*args: str) -> list[str]:
-    """``vq ARGS``: the installed console script when there is one, else ``python -m vq_flows.cli``."""
-    return [str(SCRIPT), *args] if SCRIPT.exists() else [sys.executable, "-m", "vq_flows.cli", *args]
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -96,25 +88,6 @@ def test_flow_pickled_by_value_validates_its_parameters(flow, tmp_path):
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert set(params) <= set(json.loads(done.stdout))
-
-
-def _prefect(url: str, *args: str, timeout: float = 600) -> str:
-    env = {**_env(), "PREFECT_API_URL": url}
-    done = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, env=env, timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return done.stdout
-
-
-def _wait_for_deployment(url: str, name: str, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"the served deployment exited early:\n{log.read_text()[-3000:]}"
-        env = {**_env(), "PREFECT_API_URL": url}
-        done = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], capture_output=True, text=True, env=env)
-        if name.split("/")[1] in done.stdout:
-            return
-        time.sleep(1)
-    raise AssertionError(f"deployment {name} never registered:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
@@ -135,25 +108,10 @@ def test_served_deployment_runs_end_to_end(tmp_path):
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
             )
         try:
-            _wait_for_deployment(url, "vq-pipeline/scheduled", served, log)
-            started = _prefect(url, "deployment", "run", "vq-pipeline/scheduled")
-            run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
-            deadline, state = time.monotonic() + 600, ""
-            while time.monotonic() < deadline:
-                state = _prefect(url, "flow-run", "inspect", run_id)
-                if re.search(r"type=StateType\.(COMPLETED|FAILED|CRASHED|CANCELLED)", state):
-                    break
-                assert served.poll() is None, f"the served deployment exited:\n{log.read_text()[-3000:]}"
-                time.sleep(2)
-            assert "type=StateType.COMPLETED" in state, f"run {run_id} did not complete:\n{log.read_text()[-4000:]}"
+            wait_for_deployment(url, "vq-pipeline/scheduled", served, log)
+            run_deployment(url, served, log)
         finally:
-            os.killpg(served.pid, signal.SIGINT)
-            try:
-                # A grace period after Ctrl-C, not a check: past it the serve is killed, and nothing fails.
-                served.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(served.pid, signal.SIGKILL)
-                served.wait()
+            stop(served)
 
     current = json.loads((work / "codebooks" / "current.json").read_text())
     assert (work / current["codebook"]).is_file()

@@ -4,16 +4,13 @@ work_dir's id registry, over several scheduled runs with new items and a refit o
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from serving import run_deployment, stop, vq_command, wait_for_deployment
 from vq_flows.dask import prefect_server
 
 from vq_pipeline.io.table_writer import write_embeddings
@@ -21,33 +18,6 @@ from vq_pipeline.jobs.demo import generate_embeddings
 from vq_pipeline.jobs.registry import Registry
 
 pytestmark = pytest.mark.slow
-
-SCRIPT = Path(sys.executable).parent / "vq"
-
-
-def vq_command(*args: str) -> list[str]:
-    return [str(SCRIPT), *args] if SCRIPT.exists() else [sys.executable, "-m", "vq_flows.cli", *args]
-
-
-def prefect(url: str, *args: str) -> str:
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}
-    done = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return done.stdout
-
-
-def run_deployment(url: str, served: subprocess.Popen, log: Path) -> None:
-    """``prefect deployment run`` and wait until the run completes."""
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", prefect(url, "deployment", "run", "vq-pipeline/scheduled")).group(1)
-    deadline, state = time.monotonic() + 600, ""
-    while time.monotonic() < deadline:
-        state = prefect(url, "flow-run", "inspect", run_id)
-        if re.search(r"type=StateType\.(COMPLETED|FAILED|CRASHED|CANCELLED)", state):
-            break
-        assert served.poll() is None, f"the served deployment exited:\n{log.read_text()[-3000:]}"
-        time.sleep(2)
-    assert "type=StateType.COMPLETED" in state, f"run {run_id} did not complete:\n{log.read_text()[-4000:]}"
-
 
 def issued(work: Path) -> dict[int, tuple]:
     with Registry.open(work / "ids" / "registry", id_column="id", write=False) as reg:
@@ -71,10 +41,7 @@ def test_served_deployment_keeps_issued_ids_over_scheduled_runs(tmp_path: Path) 
             served = subprocess.Popen(vq_command(*argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                       start_new_session=True)
         try:
-            deadline = time.monotonic() + 600
-            while "scheduled" not in prefect(url, "deployment", "ls"):
-                assert served.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
+            wait_for_deployment(url, "vq-pipeline/scheduled", served, log)
             for d, (ids, seed) in enumerate(days):
                 if d:
                     write_embeddings(inputs / f"date={d + 1}" / "part-0.parquet", ids,
@@ -85,12 +52,7 @@ def test_served_deployment_keeps_issued_ids_over_scheduled_runs(tmp_path: Path) 
                 assert len(now) == sum(len(i) for i, _ in days[: d + 1])
                 seen = now
         finally:
-            os.killpg(served.pid, signal.SIGINT)
-            try:
-                served.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(served.pid, signal.SIGKILL)
-                served.wait()
+            stop(served)
     reports = sorted((work / "reports").glob("*.md"))
     assert len(reports) == 3
     assert "kept id version 1 (policy keep)" in reports[-1].read_text()  # the later runs refitted, ids kept

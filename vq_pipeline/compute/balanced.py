@@ -211,7 +211,7 @@ def capped_assign(
     bound = max(bounds + _bounds(d, idx, price, outside, cap))
     lost = code < 0  # rows the auction left to the repair (outside their candidates, or out of rounds)
     code[lost] = idx[lost, 0]
-    dist = d.gather(1, (idx == code[:, None]).to(torch.int8).argmax(dim=1, keepdim=True))[:, 0].clone()  # (n,)
+    dist = _at_code(d, idx, code).clone()  # (n,)
     moved, fallback = _repair(code, dist, idx, d, n_codes, cap), 0
     if bool((torch.bincount(code, minlength=n_codes) > cap).any()):
         if nearest_with_room is None:
@@ -232,12 +232,16 @@ def _bounds(
     return [_lagrangian(d, idx, price * scale, outside, cap) for scale in (1.0, 0.8, 0.6, 0.4, 0.2)]
 
 
+def _at_code(values: torch.Tensor, idx: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """(n,) each row's entry of ``values`` (n, k) at its ``code`` among its candidates ``idx`` (n, k); a
+    row whose code is not a candidate (-1: not placed) gets its first entry."""
+    return values.gather(1, (idx == code[:, None]).to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
+
+
 def _rough_gap(d: torch.Tensor, idx: torch.Tensor, code: torch.Tensor, bound: float) -> float:
     """The relative gap of the auction's ``code`` (-1: not placed) to ``bound``, before the repair: the
     rows not placed counted at their ``k``-th candidate's distance."""
-    placed = code >= 0
-    at = (idx == code[:, None]).to(torch.int8).argmax(dim=1, keepdim=True)  # (n, 1)
-    cost = float(torch.where(placed, d.gather(1, at)[:, 0], d[:, -1]).sum())
+    cost = float(torch.where(code >= 0, _at_code(d, idx, code), d[:, -1]).sum())
     return (cost - bound) / bound if bound > 0 else math.inf
 
 
@@ -291,7 +295,7 @@ def _auction(
         if rounds >= max_rounds or warm is None:
             return code, price, rounds
         red = d32 + price[idx]  # (n, k)
-        own = red.gather(1, (idx == code.clamp_min(0)[:, None]).to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
+        own = _at_code(red, idx, code)  # (n,)
         free = ((code >= 0) & (own > red.amin(dim=1) + eps)).nonzero()[:, 0]  # (m,)
         if not free.numel():
             return code, price, rounds

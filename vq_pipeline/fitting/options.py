@@ -156,22 +156,29 @@ def fit_options(
         init = _check_init_tensor(init, n_codes, dim, settings.metric)
     return FitOptions(
         n_codes=n_codes,
+        init=init,
+        parent_fingerprint=parent,
+        codec=settings.codec,
+        levels=settings.levels,
+        train_beam=settings.train_beam if settings.codec == "residual" else 1,
+        prune=settings.prune,
+        balance=settings.balance,
+        **_shared_options(settings, x_device),
+    )
+
+
+def _shared_options(settings: FitSettings, x_device: torch.Tensor | None) -> dict[str, Any]:
+    """The :class:`FitOptions` fields every codec takes from ``settings`` as they are."""
+    return dict(
         metric=settings.metric,
         n_iter=settings.n_iter,
         tol=settings.tol,
-        init=init,
-        parent_fingerprint=parent,
         seed=settings.seed,
         n_init=settings.n_init,
         engine=settings.engine,
         device=resolve_device(settings.device, x_device),
         memory_budget=settings.memory_budget,
-        codec=settings.codec,
-        levels=settings.levels,
-        train_beam=settings.train_beam if settings.codec == "residual" else 1,
-        prune=settings.prune,
         holdout=settings.holdout,
-        balance=settings.balance,
         rotation=settings.rotation,
         rotation_iters=settings.rotation_iters,
     )
@@ -209,23 +216,13 @@ def _per_dimension_options(
         raise TooFewPointsError(f"n_rows={n_rows}; a {codec} codebook is calibrated on at least 1 row. Fix: pass rows.")
     return FitOptions(
         n_codes=expected,
-        metric=settings.metric,
-        n_iter=settings.n_iter,
-        tol=settings.tol,
         init="auto",
         parent_fingerprint="",
-        seed=settings.seed,
-        n_init=settings.n_init,
-        engine=settings.engine,
-        device=resolve_device(settings.device, x_device),
-        memory_budget=settings.memory_budget,
         codec=codec,
         levels=dim,
-        holdout=settings.holdout,
-        rotation=settings.rotation,
         bits=settings.bits,
         scalar_range=settings.scalar_range,
-        rotation_iters=settings.rotation_iters,
+        **_shared_options(settings, x_device),
     )
 
 

@@ -156,10 +156,10 @@ def grid_stats(source: DataSource, grid: torch.Tensor, opts: FitOptions, rotatio
         codes = encode_levels(z, g, opts.codec)  # (n, dim)
         counts += torch.bincount((codes + offsets).reshape(-1), minlength=dim * k)
         z64 = z.double()
-        level_err += (z64 - decode(g, opts.codec, codes, metric="l2").double()).square().sum(dim=0)
-        total_err += float(
-            reconstruction_error(z64, decode(g, opts.codec, codes, metric=opts.metric).double(), opts.metric).sum()
-        )
+        grid_dec = decode(g, opts.codec, codes, metric="l2").double()  # each value's grid point
+        level_err += (z64 - grid_dec).square().sum(dim=0)
+        dec = grid_dec if opts.metric == "l2" else decode(g, opts.codec, codes, metric=opts.metric).double()
+        total_err += float(reconstruction_error(z64, dec, opts.metric).sum())
         if opts.codec == "scalar":
             clipped += int(((z < lo) | (z > hi)).sum())
         n_rows += z.shape[0]

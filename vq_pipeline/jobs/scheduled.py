@@ -45,7 +45,6 @@ from vq_pipeline.jobs.run_plan import (
     first_action,
     refit_decision,
     with_alignment,
-    with_codec,
 )
 from vq_pipeline.jobs.run_report import draw_drift_chart, report_markdown, write_report
 from vq_pipeline.settings import PER_DIMENSION_CODECS, EncodeOptions, EncodeSettings, PipelineSettings
@@ -100,25 +99,22 @@ class PipelineSteps:
 
 
 def read_current(work_dir: str) -> dict[str, Any] | None:
-    """The current codebook's pointer (:func:`vq_pipeline.jobs.workdir.read_current`) with its codec and levels."""
-    current = workdir.read_current(work_dir)
-    return None if current is None else with_codec(current)
+    """The current codebook's pointer, with its codec, levels and fit settings
+    (:func:`vq_pipeline.jobs.workdir.read_current`)."""
+    return workdir.read_current(work_dir)
 
 
 def planned_action(current: dict[str, Any] | None, settings: PipelineSettings) -> tuple[str, str | None]:
     """:func:`vq_pipeline.jobs.run_plan.first_action` for ``settings``: a scalar or binary codebook's levels
     are its dimensions (the tables' width, not a setting), and a change of ``rotation`` or ``balance``
-    refits too."""
+    refits too. ``current``: :func:`read_current`'s answer."""
     s = settings
     levels = s.levels
     if s.codec in PER_DIMENSION_CODECS and current is not None and codec_of(current)[0] == s.codec:
         levels = codec_of(current)[1]
     action, reason = first_action(current, metric=s.metric, n_codes=s.n_codes, codec=s.codec, levels=levels)
     if action == "none" and current is not None:
-        from vq_pipeline.io.codebook_file import load_info
-
-        fit = load_info(current["path"]).settings
-        fit = fit if isinstance(fit, dict) else {}
+        fit = current["fit_settings"]
         for name, default in (("rotation", "none"), ("balance", None)):
             old, new = fit.get(name, default), getattr(s, name)
             if old != new:

@@ -398,7 +398,8 @@ def _inside_work_dir(work: Path, pointer: Path, name: str, value: Any) -> Path:
 
 
 def read_current(work_dir: str | Path) -> dict[str, Any] | None:
-    """The current codebook's pointer and identity, or None when there is none yet.
+    """The current codebook's pointer and identity (with its metric, size, codec, levels and fit
+    settings, read from the codebook file), or None when there is none yet.
 
     Raises:
         PipelineStateError: ``codebooks/current.json`` is not a pointer this package wrote (not JSON,
@@ -446,6 +447,9 @@ def read_current(work_dir: str | Path) -> dict[str, Any] | None:
         "n_codes": cb.n_codes,
         "dim": cb.dim,
         "parent_fingerprint": cb.parent_fingerprint,
+        "codec": cb.codec,
+        "levels": cb.levels,
+        "fit_settings": dict(cb.settings),
     }
 
 
