@@ -18,7 +18,7 @@ Cases (2 threads each, ``engine="torch", device="cpu"``, ``seed=0``, ``balance=0
   embeddings (``vq_pipeline.jobs.demo.generate_embeddings(25600, 384, 256, seed=0)``; 384 is MiniLM's width).
 * ``time``: ``--time-rows`` x 128 mixture rows (``harness.mixture(n, 128, 100)``), K=1024: the seconds of the
   fit with and without ``balance``, ``n_iter=--time-iters`` and ``tol=0``, or at the library's defaults
-  (``n_iter=50, tol=1e-4``) with ``--time-iters 0``.
+  (``FitSettings``: ``n_iter=50``, and ``tol=1e-3`` since 2026-12-08, ``1e-4`` before) with ``--time-iters 0``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Methods, one fresh process each that imports only what it measures (like ``fair.
 * ``faiss-rq4``: ``faiss.ResidualQuantizer(d, 4, 8)`` at its defaults (``max_beam_size`` 5, used by train and
   encode alike; 10 k-means iterations per level); ``train``, ``compute_codes``, ``decode``;
 * ``faiss-rq4-beam1``: the same with ``max_beam_size = 1`` set before ``train`` (greedy train and encode);
-* ``ours-pq16`` / ``faiss-pq16``: ``codec="product", levels=16, init="k-means++"`` (16-d slices, 128-bit codes) against
+* ``ours-pq16`` / ``faiss-pq16``: ``codec="product", levels=16`` at the defaults (16-d slices, 128-bit codes) against
   ``faiss.ProductQuantizer(d, 16, 8)`` (25 k-means iterations per slice);
 * ``ours-pq4`` / ``faiss-pq4``: the same at 4 levels (64-d slices, 32-bit codes, the residual runs' code size);
 * ``ours-rq4-tb5``: ``ours-rq4`` with ``train_beam=5`` (levels 1-3 fitted on the residuals of a 5-wide beam,
@@ -83,14 +83,11 @@ METHODS: dict[str, tuple[str, str, int, int | None]] = {
     "ours-pq4": ("ours", "product", 4, None),
     "faiss-pq4": ("faiss", "product", 4, None),
 }
-# fit keywords of our variants; the others use the defaults
-# The product runs keep exact k-means++, the default for product codebooks when results/codecs.json was measured
-# (init="auto" is k-means|| for them since).
+# fit keywords of our variants; the others use the defaults. (The product runs used exact k-means++, the default
+# for product codebooks when results/codecs.json was measured, until 2026-12-08; they run at the defaults since.)
 OUR_KW: dict[str, dict[str, Any]] = {
     "ours-rq4-tb5": {"train_beam": 5},
     "ours-rq4-kpp": {"init": "k-means++"},
-    "ours-pq16": {"init": "k-means++"},
-    "ours-pq4": {"init": "k-means++"},
 }
 DEFAULT_METHODS = [m for m in METHODS if m != "ours-rq4-kpp"]
 

@@ -102,7 +102,11 @@ class FitSettings:
 
     metric: str = DEFAULT_METRIC
     n_iter: int = 50
-    tol: float = 1e-4
+    #: Stop once an update lowers the objective by at most this share of it. 1e-3 reaches a lower
+    #: held-out objective than FAISS's default fit in about its time (the docs' Benchmarks page, "Every
+    #: library at its defaults"); 1e-4 runs on to within about 0.4% of where Lloyd converges, in about
+    #: twice the iterations, and 0 runs all ``n_iter``.
+    tol: float = 1e-3
     #: A name from INITS, a (n_codes, dim) tensor of starting centroids, or a Codebook to warm-start from.
     init: Any = "auto"
     seed: int = 0

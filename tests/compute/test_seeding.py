@@ -85,7 +85,15 @@ def seed(x: torch.Tensor, n_codes: int, s: int, **kw) -> torch.Tensor:
 
 
 def check_exact(x: torch.Tensor, n_codes: int, s: int, weights: torch.Tensor | None = None, **kw) -> None:
-    """The seeding picks the reference's rows (up to near-ties), with the reference's potential."""
+    """The seeding picks the reference's rows (up to near-ties), with the reference's potential: with
+    the given memory budget (pruned passes over the rows, unless they are very few) and with one that
+    holds every pairwise distance (the matrix of ``_GreedyMatrix``)."""
+    assert x.shape[0] ** 2 * 8 <= 2**28  # the second run takes the matrix path
+    for budget in (kw.pop("memory_budget", 2**20), 2**28):
+        check_exact_with(x, n_codes, s, weights, memory_budget=budget, **kw)
+
+
+def check_exact_with(x: torch.Tensor, n_codes: int, s: int, weights: torch.Tensor | None, **kw) -> None:
     ours = seed(x, n_codes, s, weights=weights, **kw)
     assert ours.shape == (n_codes, x.shape[1]) and ours.dtype == torch.float32
     _, ties = reference(x, n_codes, torch.Generator().manual_seed(s), weights, follow=ours)

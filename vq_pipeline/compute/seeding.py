@@ -162,7 +162,10 @@ def kmeans_plus_plus(
     rows by the triangle inequality; a float32 product over the remaining rows proves, for most of
     them, that no candidate comes closer than their centre (:meth:`_Greedy.screen`); only the rows
     left, those a candidate does bring closer and those too near to call, get float64 distances
-    (:func:`_candidate_sqdist`), from which the potentials and the winner's distances come.
+    (:func:`_candidate_sqdist`), from which the potentials and the winner's distances come. When every
+    pairwise distance of the rows fits in ``memory_budget`` (k-means||'s candidates, small tables), they
+    are computed once instead, and a step reads ``n_trials`` rows of that matrix (:class:`_GreedyMatrix`):
+    the same choices, without the fixed cost of the pruning passes in each of the ``n_codes`` steps.
 
     Args:
         x: (n_rows, dim) float32 rows (unit rows under cosine), any device; finite.
@@ -183,7 +186,9 @@ def kmeans_plus_plus(
     del engine
     n_rows = x.shape[0]
     n_trials = 2 + int(math.log(n_codes))
-    run = _Greedy(x, n_codes, n_trials, memory_budget, device, weights)
+    small = n_rows * n_rows * 8 <= memory_budget  # every pairwise distance at once (k-means|| candidates)
+    run: _Greedy | _GreedyMatrix
+    run = (_GreedyMatrix if small else _Greedy)(x, n_codes, n_trials, memory_budget, device, weights)
     if run.weights is None:
         first = int(torch.randint(n_rows, (1,), generator=generator))
     else:  # in proportion to the weights, as scikit-learn draws it
@@ -340,6 +345,54 @@ class _Greedy:
             found = (d.sub_(err) < self.closest[sel] * (1.0 + self.margin)).nonzero()[:, 0]  # (f,) places in the chunk
             out.append(found.add_(lo) if everything else sel[found])
         return torch.cat(out) if out else rows
+
+
+class _GreedyMatrix:
+    """The state of one greedy k-means++ run over few rows ``x`` (n_rows, dim) float32: the same choices
+    as :class:`_Greedy` (same draws, same rule, distances within the same float64 bound of the direct
+    form's, and exact where that bound cannot tell them from 0), from every pairwise squared distance
+    computed once. A step then costs a few passes over ``n_trials`` rows of that matrix instead of the
+    pruning and screening passes, whose fixed cost dominates when the rows are few: k-means|| ends
+    with a weighted k-means++ over about ``4 n_codes`` candidates, one step per code."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        n_codes: int,
+        n_trials: int,
+        memory_budget: int,
+        device: torch.device,
+        weights: torch.Tensor | None,
+    ) -> None:
+        del n_codes, n_trials, memory_budget
+        self.weights = None if weights is None else weights.to(device, torch.float64)  # (n_rows,)
+        x64 = x.to(device, torch.float64)  # (n_rows, dim)
+        shift = x64.mean(dim=0).float().double()  # (dim,) the rows' mean rounded to float32, as _Greedy's
+        xs = x64 - shift  # (n_rows, dim)
+        xn2 = xs.square().sum(dim=1)  # (n_rows,)
+        xn = xn2.sqrt()  # (n_rows,)
+        d = torch.addmm(xn2[:, None] + xn2[None, :], xs, xs.T, alpha=-2.0)  # (n_rows, n_rows)
+        g = _expansion_error(x.shape[1])
+        pr, pt = (d <= g * 4.0 * float(xn.max()) ** 2).nonzero(as_tuple=True)  # (p,), (p,) maybe within the bound
+        near = d[pr, pt] <= (xn[pr] + xn[pt]).square_().mul_(g)  # (p,) cannot be told from 0
+        pr, pt = pr[near], pt[near]
+        d[pr, pt] = (x64[pr] - x64[pt]).square_().sum(dim=1)  # the direct form: exactly 0 on the diagonal
+        self.d = d.masked_fill_(d < _FLOAT32_ZERO, 0.0)  # (n_rows, n_rows)
+        self.closest = torch.empty(x.shape[0], dtype=torch.float64, device=device)  # (n_rows,)
+
+    def start(self, first: int) -> None:
+        self.closest = self.d[first].clone()
+
+    def step(self, i: int, candidates: torch.Tensor, total: float) -> int:
+        """As :meth:`_Greedy.step`: choose among ``candidates`` the row that lowers the potential most."""
+        del i
+        dist = self.d.index_select(0, candidates.to(self.d.device))  # (n_trials, n_rows)
+        gain = (self.closest[None, :] - dist).clamp_min_(0.0)  # (n_trials, n_rows)
+        if self.weights is not None:
+            gain *= self.weights[None, :]
+        best = int((total - gain.sum(dim=1)).argmin())
+        torch.minimum(self.closest, dist[best], out=self.closest)
+        return best
 
 
 def _candidate_sqdist(
