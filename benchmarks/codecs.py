@@ -25,6 +25,8 @@ Methods, one fresh process each that imports only what it measures (like ``fair.
 * ``ours-pq4`` / ``faiss-pq4``: the same at 4 levels (64-d slices, 32-bit codes, the residual runs' code size);
 * ``ours-rq4-tb5``: ``ours-rq4`` with ``train_beam=5`` (levels 1-3 fitted on the residuals of a 5-wide beam,
   as FAISS trains), encoded the same ways;
+* ``ours-rq4-tb5-tol4``: ``ours-rq4-tb5`` with ``tol=1e-4`` (the default ``tol`` before 2026-12-08: more
+  iterations, at every level and in each step of the progressive init);
 * ``ours-rq4-kpp`` (only when named in ``--methods``): ``ours-rq4`` with ``init="k-means++"`` (the default
   for residual codebooks is ``init="auto"``, which is ``"progressive"``).
 
@@ -75,6 +77,7 @@ QUICK_ROWS = 8000
 METHODS: dict[str, tuple[str, str, int, int | None]] = {
     "ours-rq4": ("ours", "residual", 4, None),
     "ours-rq4-tb5": ("ours", "residual", 4, None),
+    "ours-rq4-tb5-tol4": ("ours", "residual", 4, None),
     "ours-rq4-kpp": ("ours", "residual", 4, None),
     "faiss-rq4": ("faiss", "residual", 4, None),
     "faiss-rq4-beam1": ("faiss", "residual", 4, 1),
@@ -87,6 +90,7 @@ METHODS: dict[str, tuple[str, str, int, int | None]] = {
 # for product codebooks when results/codecs.json was measured, until 2026-12-08; they run at the defaults since.)
 OUR_KW: dict[str, dict[str, Any]] = {
     "ours-rq4-tb5": {"train_beam": 5},
+    "ours-rq4-tb5-tol4": {"train_beam": 5, "tol": 1e-4},
     "ours-rq4-kpp": {"init": "k-means++"},
 }
 DEFAULT_METHODS = [m for m in METHODS if m != "ours-rq4-kpp"]
@@ -254,6 +258,10 @@ def plan_rows(methods: list[str], beams: list[int]) -> list[tuple[str, str, str,
         v = "greedy" if b == 1 else f"beam={b}"
         pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
         rows.append((f"ours residual 4×8, train_beam=5, {v}", "ours-rq4-tb5", v, 32, pair))
+    for b in beams:
+        v = "greedy" if b == 1 else f"beam={b}"
+        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
+        rows.append((f"ours residual 4×8, train_beam=5, tol=1e-4, {v}", "ours-rq4-tb5-tol4", v, 32, pair))
     for b in beams:
         v = "greedy" if b == 1 else f"beam={b}"
         pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")

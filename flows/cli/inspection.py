@@ -332,9 +332,9 @@ def _multilevel_rows(stats: dict[str, Any], n_codes: int) -> list[tuple[str, str
 
 #: How residual codes reach FAISS-default quality, from ``benchmarks/codecs.py`` (docs/benchmarks.md).
 FAISS_QUALITY = (
-    "FAISS-default quality: --beam 2 on a codebook fitted with --train-beam 5 (wordllama, 4 levels x 8 bits: "
-    "beam=2 gives error 158.6 on new rows, FAISS's ResidualQuantizer at its defaults 159.6, greedy 163.2; "
-    "docs/benchmarks.md)"
+    "FAISS-default quality: --beam 2 on a codebook fitted with --train-beam 5 --tol 1e-4 (wordllama, 4 levels x "
+    "8 bits: beam=2 gives error 158.7 on new rows, FAISS's ResidualQuantizer at its defaults 159.6, greedy 163.8; "
+    "fitted with --train-beam 5 at the default tol, --beam 5 gives 159.4; docs/benchmarks.md)"
 )
 
 

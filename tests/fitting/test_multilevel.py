@@ -252,3 +252,30 @@ def test_residual_levels_are_fitted_on_the_beams_residuals(digits: np.ndarray) -
     assert torch.equal(cb.counts[1], torch.bincount(torch.from_numpy(cb.encode(digits)[:, 1]), minlength=8))
     greedy = fit_codebook(digits, 8, codec="residual", levels=2, train_beam=1, **KW)
     assert torch.equal(greedy.centroids[0], cb.centroids[0]) and not torch.equal(greedy.centroids[1], cb.centroids[1])
+
+
+def test_progressive_init_stops_each_step_by_the_fits_tol(digits: np.ndarray) -> None:
+    """The progressive init's steps stop like the fit: at most N_ITER updates, fewer once an update lowers the
+    step's objective by at most ``tol``. The keyword reaches every step (a tol no update can beat stops each
+    step after its first update, which moves the result), and the fit passes its own ``tol``."""
+    from vq_pipeline.compute.engines import get_engine
+    from vq_pipeline.compute.progressive import progressive_dims
+
+    x = torch.from_numpy(digits)
+    eng = get_engine("torch", torch.device("cpu"), x.shape[1])
+
+    def init(tol: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        return progressive_dims(x, 16, generator=g, engine=eng, memory_budget=2**26, device=torch.device("cpu"), tol=tol)
+
+    def objective(c: torch.Tensor) -> float:
+        return float(torch.cdist(x.double(), c.double()).square().min(dim=1).values.sum())
+
+    full, quick = init(0.0), init(1.0)
+    assert torch.equal(full, init(0.0))  # deterministic
+    assert not torch.equal(full, quick)
+    assert objective(full) < objective(quick)
+    # A fit's init follows its tol: the residual fit at tol=0 starts from the tol=0 init.
+    fit = fit_codebook(x, 16, codec="residual", levels=1, init="progressive", n_iter=0, tol=0.0, seed=0)
+    fit_q = fit_codebook(x, 16, codec="residual", levels=1, init="progressive", n_iter=0, tol=1.0, seed=0)
+    assert not torch.equal(fit.centroids, fit_q.centroids)

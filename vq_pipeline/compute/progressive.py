@@ -4,8 +4,9 @@ at a time, as FAISS's ``ProgressiveDimClustering`` trains its residual quantizer
 The seeding rows are rotated onto their principal axes (float64 eigen-decomposition of their
 covariance). K-means then runs ``STEPS`` times, on the first ``round(dim ** (s / STEPS))`` principal
 coordinates at step ``s = 1..STEPS``: the first step from distinct random rows, each later one from
-the previous step's centroids padded with zeros, ``N_ITER`` Lloyd iterations each (the same exact
-Lloyd, repairs included). The last step's centroids, rotated back, start the full fit.
+the previous step's centroids padded with zeros, at most ``N_ITER`` Lloyd iterations each (the same
+exact Lloyd, repairs included), fewer once an update lowers the step's objective by at most the fit's
+``tol`` (0: all ``N_ITER``). The last step's centroids, rotated back, start the full fit.
 
 Clustering the strong directions first keeps centroids off the noise directions, so a residual
 codebook started this way reaches a lower error on new rows than one started from k-means++ (figures
@@ -43,6 +44,7 @@ def progressive_dims(
     device: torch.device,
     metric: str = "l2",
     progress: Callable[[Any], None] | None = None,
+    tol: float = 0.0,
 ) -> torch.Tensor:
     """Initial centroids by progressive-dimension K-means (module docstring).
 
@@ -52,6 +54,7 @@ def progressive_dims(
         generator: CPU generator of the first step's random rows.
         engine: the engine of every Lloyd step. memory_budget: bytes of temporaries per chunk.
         metric: 'cosine' normalizes the result (a zero centroid is replaced by a seeding row).
+        tol: a step stops once an update lowers its objective by at most this share (the fit's ``tol``).
 
     Returns:
         (n_codes, dim) float32 centroids on ``device``.
@@ -82,7 +85,7 @@ def progressive_dims(
             c0 = torch.zeros((n_codes, width), dtype=torch.float32, device=device)
             c0[:, : min(width, c.shape[1])] = c[:, :width]
         source = InMemoryRows(rows, engine=engine.name, memory_budget=memory_budget)
-        c = lloyd(source, c0, metric="l2", n_iter=N_ITER, tol=0.0).centroids.to(device)
+        c = lloyd(source, c0, metric="l2", n_iter=N_ITER, tol=tol).centroids.to(device)
         report_init(progress, round(n_codes * step / STEPS), n_codes, t0)
     if c.shape[1] < dim:
         c = torch.cat([c, torch.zeros((n_codes, dim - c.shape[1]), dtype=torch.float32, device=device)], dim=1)

@@ -179,6 +179,7 @@ def _initial_centroids(
         return progressive_dims(
             seed_rows,
             n_codes,
+            tol=opts.tol,
             generator=generator,
             engine=eng,
             memory_budget=opts.memory_budget,
