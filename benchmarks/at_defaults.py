@@ -27,7 +27,9 @@ The parent then computes each codebook's objective in float64 over all training 
 rows (``harness.objective``). Data (``--data``), each split 80% training and 20% new rows:
 ``wordllama`` (the token embeddings, ``harness.wordllama``: 25,600 / 6,400 rows × 256, K=256 and 1024),
 ``mixture`` (``harness.mixture``, seed 1: 125,000 × 64 and 39,780 × 384, K=256) and ``digits``
-(scikit-learn's 1,797 × 64, K=16 and 64; not in the default). ``--quick``: 4,000 rows of each, one K,
+(scikit-learn's 1,797 × 64, K=16 and 64; not in the default) and ``big`` (``harness.mixture``, seed 1: 1,000,000 × 32
+with K=100 and 250,000 × 128 with K=1024, the large shapes of ``fair.py``; not in the default: FAISS samples
+``256 K`` rows of them, and ``init="auto"`` fits ours from such a sample first). ``--quick``: 4,000 rows of each, one K,
 one seed. Reported: medians over the seeds of the seconds, seeding seconds (ours) and iterations, and the
 mean objectives over ours'. Writes JSON and markdown (default ``benchmarks/results/at_defaults-<UTC time>``).
 """
@@ -49,7 +51,7 @@ METHODS = ("ours", "ours-kpp", "ours-prune", "sklearn", "faiss")
 DEFAULT_METHODS = ("ours", "sklearn", "faiss")
 OUR_KW: dict[str, dict[str, Any]] = {"ours": {}, "ours-kpp": {"init": "k-means++"}, "ours-prune": {"prune": True}}
 NEEDS = {"sklearn": ["sklearn", "threadpoolctl"], "faiss": ["faiss"]}
-DATA = ("wordllama", "mixture", "digits")
+DATA = ("wordllama", "mixture", "digits", "big")
 DEFAULT_DATA = ("wordllama", "mixture")
 QUICK_ROWS = 4000
 
@@ -117,6 +119,9 @@ def datasets(names: list[str], folder: Path, quick: bool) -> list[tuple[str, int
             out += sets("wordllama", "wordllama", harness.wordllama(), (256, 1024), harness.SPLIT_SEED)
         elif name == "digits":
             out += sets("digits", "digits", harness.digits(), (16, 64), 0)
+        elif name == "big":
+            for n, dim, k in ((1_000_000, 32, 100), (250_000, 128, 1024)):
+                out += sets("mixture", f"mixture-{dim}-big", harness.mixture(n, dim, k, seed=1), (k,), None)
         else:
             for n, dim, k in ((125_000, 64, 256), (39_780, 384, 256)):
                 out += sets("mixture", f"mixture-{dim}", harness.mixture(n, dim, k, seed=1), (k,), None)

@@ -16,7 +16,7 @@ ENGINES = ("auto", "keops", "torch")
 #: "k-means||": approximate seeding (Bahmani et al. 2012), faster than the exact greedy "k-means++".
 #: "progressive": K-means grown over more and more principal directions (vq_pipeline.compute.progressive).
 #: "auto": "progressive" for residual codebooks, else "k-means||".
-INITS = ("auto", "k-means++", "random", "first", "k-means||", "progressive")
+INITS = ("auto", "k-means++", "random", "first", "k-means||", "progressive", "sample")
 #: Bytes of temporaries one chunk of a distance computation may use.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per streamed table batch.
@@ -108,6 +108,8 @@ class FitSettings:
     #: twice the iterations, and 0 runs all ``n_iter``.
     tol: float = 1e-3
     #: A name from INITS, a (n_codes, dim) tensor of starting centroids, or a Codebook to warm-start from.
+    #: "auto": "progressive" for residual codebooks; "sample" (a fit on 256 rows a code starts the fit on every
+    #: row) for large tables; else "k-means||" (:func:`vq_pipeline.fitting.options.resolve_init`).
     init: Any = "auto"
     seed: int = 0
     n_init: int = 1

@@ -50,7 +50,7 @@ from vq_pipeline.fitting.kmeans import fit_codebook
 from vq_pipeline.fitting.multilevel import stated_objective
 from vq_pipeline.fitting.minibatch import FIT_DEFAULTS as _DEFAULTS
 from vq_pipeline.fitting.minibatch import MiniBatchState, start_minibatch, update_minibatch
-from vq_pipeline.fitting.options import resolve_init
+from vq_pipeline.fitting.options import auto_inits
 from vq_pipeline.settings import INITS, PER_DIMENSION_CODECS, FitSettings
 from vq_pipeline.validate import as_embeddings, check_int, check_nonzero_rows, resolve_device
 
@@ -325,7 +325,7 @@ class VectorQuantizer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Cluster
                 found[ours] = settings[key]
         if settings.get("init") in INITS:
             # A file records the init used; "auto" is what resolves to it for this codec.
-            auto = resolve_init("auto", codebook.codec) == settings["init"]
+            auto = settings["init"] in auto_inits(codebook.codec)
             found["init"] = "auto" if auto else settings["init"]
         est = cls(**{**found, **params})
         est._set_codebook(codebook)

@@ -231,3 +231,49 @@ def test_initial_centroids_dispatches_kmeans_parallel() -> None:
     assert opts.init == "k-means||"  # what init="auto" stands for with a flat codebook
     exact = _initial_centroids(x, replace(opts, init="k-means++"), 0, eng, None)
     assert torch.equal(exact, seed(x, 32, 7 * 1_000_003, memory_budget=opts.memory_budget))
+
+
+def test_auto_fits_large_tables_from_a_sample() -> None:
+    """init="auto" is "sample" for flat and product codebooks from SAMPLE_INIT_MIN_ROWS rows and
+    SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE rows a code on, "k-means||" below, "progressive" for residual ones."""
+    from vq_pipeline.compute.data import SEED_ROWS_PER_CODE
+    from vq_pipeline.fitting.options import SAMPLE_INIT_FACTOR, SAMPLE_INIT_MIN_ROWS, resolve_init
+
+    floor = SAMPLE_INIT_MIN_ROWS
+    for codec in ("flat", "product"):
+        assert resolve_init("auto", codec, floor, 8) == "sample"
+        assert resolve_init("auto", codec, floor - 1, 8) == "k-means||"
+        big_k = floor // (SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE) * 2  # the per-code bound decides
+        rows = SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE * big_k
+        assert resolve_init("auto", codec, rows, big_k) == "sample"
+        assert resolve_init("auto", codec, rows - 1, big_k) == "k-means||"
+        assert resolve_init("auto", codec) == "k-means||"  # rows unknown: not large
+        assert resolve_init("k-means++", codec, 10**9, 8) == "k-means++"  # a name given is kept
+    assert resolve_init("auto", "residual", 10**9, 8) == "progressive"
+
+
+def test_the_sample_init_is_a_seeded_fit_on_a_sample_and_the_fit_goes_on_from_it() -> None:
+    """Oracle: the sample init's centroids are k-means|| and Lloyd (the fit's tol and n_iter) on
+    SEED_ROWS_PER_CODE rows a code drawn with the restart's generator; a fit with init="sample" is the
+    same fit as one given those centroids (Lloyd on every row from them): same centroids, counts and inertia."""
+    from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, InMemoryRows
+    from vq_pipeline.compute.lloyd import lloyd
+
+    k, n = 3, 2000
+    x = uncentred_blobs(n, 6, 12, 9, offset=2.0, spread=0.7)
+    settings = FitSettings(seed=4, engine="torch", device="cpu", init="sample", n_iter=30, tol=1e-3)
+    opts = fit_options(k, settings, dim=6, n_rows=n, x_device=x)
+    got = _initial_centroids(x, opts, 0, TorchEngine(), None)
+
+    g = torch.Generator().manual_seed(4 * 1_000_003)
+    rows = x[torch.randperm(n, generator=g)[: SEED_ROWS_PER_CODE * k].sort().values]
+    c0 = kmeans_parallel(rows, k, generator=g, engine=TorchEngine(), memory_budget=opts.memory_budget, device=CPU)
+    want = lloyd(InMemoryRows(rows, engine="torch"), c0, metric="l2", n_iter=30, tol=1e-3).centroids
+    assert rows.shape[0] == SEED_ROWS_PER_CODE * k < n
+    assert torch.equal(got, want)
+
+    fit = fit_codebook(x, k, seed=4, engine="torch", device="cpu", init="sample", n_iter=30, tol=1e-3)
+    given = fit_codebook(x, k, seed=4, engine="torch", device="cpu", init=got, n_iter=30, tol=1e-3)
+    assert fit.settings["init"] == "sample" and given.settings["init"] == "tensor"
+    assert torch.equal(fit.centroids, given.centroids) and torch.equal(fit.counts, given.counts)
+    assert fit.stats["inertia"] == given.stats["inertia"] and fit.stats["n_rows"] == n

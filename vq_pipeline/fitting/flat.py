@@ -187,6 +187,8 @@ def _initial_centroids(
             metric=opts.metric,
             progress=progress,
         )
+    elif opts.init == "sample":
+        return _sample_fit(seed_rows, opts, generator, eng, progress, t0)
     else:
         report_init(progress, 0, n_codes, t0, note=f"{opts.init} from {seed_rows.shape[0]:,} rows")
         seeding = kmeans_parallel if opts.init == "k-means||" else kmeans_plus_plus
@@ -201,6 +203,36 @@ def _initial_centroids(
         )
     report_init(progress, n_codes, n_codes, t0)
     return c0
+
+
+def _sample_fit(
+    seed_rows: torch.Tensor,
+    opts: FitOptions,
+    generator: torch.Generator,
+    eng: Engine,
+    progress: ProgressCallback | None,
+    t0: float,
+) -> torch.Tensor:
+    """The "sample" init: a fit of its own on ``SEED_ROWS_PER_CODE * n_codes`` of the seeding rows (a seeded
+    choice when there are more, as a source in memory gives all of its rows), seeded by k-means|| and run to
+    the fit's ``tol`` and ``n_iter``; its centroids start Lloyd on every row. Most updates then read the
+    sample, and the few on every row start near where they end."""
+    from vq_pipeline.compute.data import InMemoryRows
+    from vq_pipeline.compute.lloyd import lloyd
+
+    n_codes, dev = opts.n_codes, opts.device
+    rows = seed_rows
+    if rows.shape[0] > SEED_ROWS_PER_CODE * n_codes:
+        keep = torch.randperm(rows.shape[0], generator=generator)[: SEED_ROWS_PER_CODE * n_codes].sort().values
+        rows = rows[keep.to(rows.device)]
+    report_init(progress, 0, n_codes, t0, note=f"sample: k-means|| and Lloyd on {rows.shape[0]:,} rows")
+    c0 = kmeans_parallel(
+        rows, n_codes, generator=generator, engine=eng, memory_budget=opts.memory_budget, device=dev, progress=progress
+    )
+    source = InMemoryRows(rows.to(dev), engine=opts.engine, memory_budget=opts.memory_budget)
+    fitted = lloyd(source, c0, metric=opts.metric, n_iter=opts.n_iter, tol=opts.tol).centroids.to(dev)
+    report_init(progress, n_codes, n_codes, t0)
+    return fitted.contiguous()
 
 
 def _restart_seed(seed: int, restart: int) -> int:

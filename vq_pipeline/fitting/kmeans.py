@@ -91,13 +91,15 @@ def fit_codebook(
             re-normalized after every update).
         n_iter: at most this many centroid updates (0 evaluates the initial centroids only).
         tol: stop when the objective's relative decrease is ``<= tol``.
-        init: 'auto' (default: 'progressive' for residual codebooks, else 'k-means||'),
+        init: 'auto' (default: 'progressive' for residual codebooks; for others 'sample' on large tables,
+            :func:`vq_pipeline.fitting.options.resolve_init`, else 'k-means||'),
             'k-means++' (exact greedy k-means++), 'k-means||' (approximate k-means||: 2 rounds of
             oversampling, then weighted k-means++ on the candidates; faster), 'progressive'
             (K-means over more and more principal directions, see :mod:`vq_pipeline.compute.progressive`),
-            'random' (distinct random rows), 'first' (the first n_codes rows, as in the KeOps
-            tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint is
-            recorded as the parent). The file records the init used ('k-means||' for 'auto' flat).
+            'sample' (k-means|| and Lloyd on a seeded sample of 256 rows a code; Lloyd on every row
+            goes on from there), 'random' (distinct random rows), 'first' (the first n_codes rows, as in
+            the KeOps tutorial), a (n_codes, dim) tensor, or a Codebook to warm-start from (its fingerprint
+            is recorded as the parent). The file records the init used ('k-means||' or 'sample' for 'auto' flat).
         seed: seed of every random choice; with the same data, settings and device kind the
             codebook is the same.
         n_init: restarts from different seeded inits; the lowest objective wins.

@@ -149,7 +149,7 @@ def fit_options(
         from vq_pipeline.compute.levels import check_product_dim
 
         check_product_dim(dim, settings.levels)
-    init, parent = resolve_init(settings.init, settings.codec), ""
+    init, parent = resolve_init(settings.init, settings.codec, n_rows, n_codes), ""
     if isinstance(init, Codebook):
         parent, init = init.fingerprint, init.centroids
     if not isinstance(init, str):  # starting centroids: a tensor or an array
@@ -365,16 +365,43 @@ def with_scorecard_stats(
     )
 
 
-def resolve_init(init: Any, codec: str) -> Any:
-    """The init ``"auto"`` stands for: "progressive" for residual codebooks, else "k-means||".
+#: ``init="auto"`` fits flat and product codebooks of at least this many rows, and at least
+#: ``SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE`` rows a code, from a fit on a sample ("sample").
+SAMPLE_INIT_MIN_ROWS = 131_072
+SAMPLE_INIT_FACTOR = 4
+
+
+def resolve_init(init: Any, codec: str, n_rows: int | None = None, n_codes: int | None = None) -> Any:
+    """The init ``"auto"`` stands for: "progressive" for residual codebooks; for flat and product ones,
+    "sample" on large tables (at least :data:`SAMPLE_INIT_MIN_ROWS` rows and ``SAMPLE_INIT_FACTOR`` times
+    the sample's ``SEED_ROWS_PER_CODE`` rows a code; ``n_rows``/``n_codes`` None: not large), else "k-means||".
 
     k-means|| rather than exact k-means++: whole fits at the defaults take clearly less time with it
     on real embeddings and mixtures, at the same or a slightly lower objective on new rows; on small
-    data (digits) the two are about even (figures in the docs' Benchmarks page, "Seeding").
+    data (digits) the two are about even (figures in the docs' Benchmarks page, "Seeding"). "sample"
+    (k-means|| and Lloyd on 256 rows a code, then Lloyd on every row from there) on large tables: most
+    of the updates then run on the sample (figures in the docs' Benchmarks page, "Every library at its
+    defaults").
     """
     if isinstance(init, str) and init == "auto":
-        return "progressive" if codec == "residual" else "k-means||"
+        if codec == "residual":
+            return "progressive"
+        return "sample" if large_table(n_rows, n_codes) else "k-means||"
     return init
+
+
+def auto_inits(codec: str) -> tuple[str, ...]:
+    """Every init ``"auto"`` may stand for with ``codec``."""
+    return ("progressive",) if codec == "residual" else ("k-means||", "sample")
+
+
+def large_table(n_rows: int | None, n_codes: int | None) -> bool:
+    """Whether ``init="auto"`` fits ``n_rows`` rows for ``n_codes`` codes from a sample (:func:`resolve_init`)."""
+    from vq_pipeline.compute.data import SEED_ROWS_PER_CODE
+
+    if n_rows is None or n_codes is None:
+        return False
+    return n_rows >= max(SAMPLE_INIT_MIN_ROWS, SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE * n_codes)
 
 
 def _check_init_tensor(init: torch.Tensor, n_codes: int, dim: int, metric: str) -> torch.Tensor:
