@@ -15,7 +15,8 @@ DEFAULT_METRIC = "l2"
 ENGINES = ("auto", "keops", "torch")
 #: "k-means||": approximate seeding (Bahmani et al. 2012), faster than the exact greedy "k-means++".
 #: "progressive": K-means grown over more and more principal directions (vq_pipeline.compute.progressive).
-#: "auto": "progressive" for residual codebooks, else "k-means||".
+#: "sample": k-means|| and Lloyd on a seeded sample of 256 rows a code; Lloyd on every row goes on from there.
+#: "auto": "progressive" for residual codebooks; "sample" for large tables; else "k-means||".
 INITS = ("auto", "k-means++", "random", "first", "k-means||", "progressive", "sample")
 #: Bytes of temporaries one chunk of a distance computation may use.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20

@@ -88,7 +88,7 @@ def check_exact(x: torch.Tensor, n_codes: int, s: int, weights: torch.Tensor | N
     """The seeding picks the reference's rows (up to near-ties), with the reference's potential: with
     the given memory budget (pruned passes over the rows, unless they are very few) and with one that
     holds every pairwise distance (the matrix of ``_GreedyMatrix``)."""
-    assert x.shape[0] ** 2 * 8 <= 2**28  # the second run takes the matrix path
+    assert x.shape[0] ** 2 * 9 <= 2**28  # the second run takes the matrix path
     for budget in (kw.pop("memory_budget", 2**20), 2**28):
         check_exact_with(x, n_codes, s, weights, memory_budget=budget, **kw)
 

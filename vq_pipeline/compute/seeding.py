@@ -164,7 +164,8 @@ def kmeans_plus_plus(
     left, those a candidate does bring closer and those too near to call, get float64 distances
     (:func:`_candidate_sqdist`), from which the potentials and the winner's distances come. When every
     pairwise distance of the rows fits in ``memory_budget`` (k-means||'s candidates, small tables), they
-    are computed once instead, and a step reads ``n_trials`` rows of that matrix (:class:`_GreedyMatrix`):
+    are computed once instead (``9 n_rows^2`` bytes: the float64 matrix and a mask), and a step reads
+    ``n_trials`` rows of that matrix (:class:`_GreedyMatrix`):
     the same choices, without the fixed cost of the pruning passes in each of the ``n_codes`` steps.
 
     Args:
@@ -186,7 +187,7 @@ def kmeans_plus_plus(
     del engine
     n_rows = x.shape[0]
     n_trials = 2 + int(math.log(n_codes))
-    small = n_rows * n_rows * 8 <= memory_budget  # every pairwise distance at once (k-means|| candidates)
+    small = n_rows * n_rows * 9 <= memory_budget  # every pairwise float64 distance at once, and a mask
     run: _Greedy | _GreedyMatrix
     run = (_GreedyMatrix if small else _Greedy)(x, n_codes, n_trials, memory_budget, device, weights)
     if run.weights is None:
@@ -371,7 +372,7 @@ class _GreedyMatrix:
         xs = x64 - shift  # (n_rows, dim)
         xn2 = xs.square().sum(dim=1)  # (n_rows,)
         xn = xn2.sqrt()  # (n_rows,)
-        d = torch.addmm(xn2[:, None] + xn2[None, :], xs, xs.T, alpha=-2.0)  # (n_rows, n_rows)
+        d = (xn2[:, None] + xn2[None, :]).addmm_(xs, xs.T, alpha=-2.0)  # (n_rows, n_rows), in place
         g = _expansion_error(x.shape[1])
         pr, pt = (d <= g * 4.0 * float(xn.max()) ** 2).nonzero(as_tuple=True)  # (p,), (p,) maybe within the bound
         near = d[pr, pt] <= (xn[pr] + xn[pt]).square_().mul_(g)  # (p,) cannot be told from 0
