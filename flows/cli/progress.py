@@ -43,6 +43,9 @@ class Console:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self._bars: Progress | None = None
+        #: ``--debug``: the library's log is shown (:func:`log_to_stderr`), and it holds a fit's progress
+        #: lines already, with their times; the fit's display then draws only its bar.
+        self.shows_log = False
 
     def result(self, text: str) -> None:
         self.stop_live()
@@ -155,7 +158,8 @@ class FitProgress:
             prefix = self.lines.prefix(event)
             state = "done" if event.done else f"iteration {event.iteration}/{event.n_iter} done"
             self._draw(f"{prefix}{state}, objective {event.objective:.6g}", done=0, total=None)
-        self.lines(event)
+        if not self.console.shows_log:  # the log shows these lines (--debug): once is enough
+            self.lines(event)
 
     def _draw(self, description: str, *, done: int, total: int | None) -> None:
         """On a terminal: one bar (pulsing while iterating), with the fit's elapsed time."""
@@ -293,9 +297,11 @@ def log_to_stderr(console: Console) -> Callable[[], None]:
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    console.shows_log = True
 
     def undo() -> None:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        console.shows_log = False
 
     return undo

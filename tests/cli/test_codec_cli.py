@@ -175,3 +175,17 @@ def test_the_real_command_from_fit_to_inspect(digits: dict[str, Any], tmp_path: 
     assert np.array_equal(packed_codes(frame), np.packbits(np.asarray(cb.encode(digits["x"])).astype(np.uint8), axis=1))
     inspect = run("inspect", out)
     assert inspect.returncode == 0 and "rotation" in inspect.stdout and "random" in inspect.stdout, inspect.stderr
+
+
+def test_debug_shows_each_progress_line_once(digits: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--debug`` shows the library's log, which holds a fit's progress lines with their times: the plain
+    copies of those lines are left out, so each shows once; without ``--debug`` the plain lines are there."""
+    args = ["fit", digits["data"], "--column", "embedding", "--codes", 8, "--seed", 3, "--iters", 4, "--tol", 0]
+    code, _, err = vq(capsys, "--debug", *args, "--out", tmp_path / "debug.safetensors")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "iteration 2/4: objective" in ln]
+    assert len(lines) == 1 and " DEBUG " in lines[0], lines  # the log's line, with its time and level
+    code, _, err = vq(capsys, *args, "--out", tmp_path / "plain.safetensors")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "iteration 2/4: objective" in ln]
+    assert len(lines) == 1 and lines[0].startswith("iteration 2/4"), lines

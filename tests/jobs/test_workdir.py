@@ -31,6 +31,18 @@ def test_current_pointer_link_and_lock_without_prefect(tmp_path: Path) -> None:
     ).startswith("schedule: the codebook is 2.0 h old")
     noon = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
     assert workdir.report_path(work, noon, "0123456789abcdef").name == "2026-11-29T12-00-00Z-01234567.md"
+    # Two runs of one second without a flow run id: the second report gets a name of its own.
+    first = workdir.report_path(work, noon, None)
+    assert first.name == "2026-11-29T12-00-00Z-local.md"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    first.write_text("# first\n")
+    second = workdir.report_path(work, noon, None)
+    assert second.name == "2026-11-29T12-00-00Z-local_2.md"
+    second.with_suffix(".json").write_text("{}")  # the summary alone also claims the name
+    assert workdir.report_path(work, noon, None).name == "2026-11-29T12-00-00Z-local_3.md"
+    assert first.read_text() == "# first\n"
+    names = [first.with_suffix(".json").name, second.with_suffix(".json").name]
+    assert sorted(names) == names  # the history of runs reads the reports in name order
     with workdir.lock(work):
         with pytest.raises(EncodeLockedError, match=r"is locked by another run"):
             with workdir.lock(work):

@@ -108,8 +108,17 @@ def ids_dir(work_dir: str | Path) -> Path:
 
 
 def report_path(work_dir: str | Path, started: dt.datetime, run_id: str | None) -> Path:
-    """Where the report of the run that started at ``started`` goes (``.md``; its summary ``.json`` beside it)."""
-    return Path(work_dir) / "reports" / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}-{(run_id or 'local')[:8]}.md"
+    """Where the report of the run that started at ``started`` goes (``.md``; its summary ``.json`` beside it):
+    ``reports/<start, to the second>-<run id's first 8 characters, or "local">.md``, with ``_2``, ``_3``, ...
+    before ``.md`` when a report of that name is already there (two runs of one second, without a flow run
+    id: the second must not overwrite the first's; ``_`` sorts after ``.``, so the reports stay in the order
+    of their runs, as the history of runs reads them). Call under the work_dir's lock."""
+    stem = Path(work_dir) / "reports" / f"{started.strftime('%Y-%m-%dT%H-%M-%SZ')}-{(run_id or 'local')[:8]}"
+    path, n = stem.with_suffix(".md"), 1
+    while path.exists() or path.with_suffix(".json").exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}_{n}.md")
+    return path
 
 
 @contextlib.contextmanager
