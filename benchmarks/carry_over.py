@@ -29,7 +29,8 @@ Data (unit-norm clustered rows as ``vq_pipeline.jobs.demo.generate_embeddings`` 
   kind that fires the pipeline's code-usage rule);
 * ``wordllama``: the token embeddings, 25,600 old rows and 6,400 more (``harness.wordllama``).
 
-Writes JSON and markdown (default ``benchmarks/results/carry_over-<UTC time>``).
+Writes JSON and markdown (default ``benchmarks/results/carry_over-<UTC time>``; ``--quick``: under
+``benchmarks/.cache/results/``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,7 @@ def main() -> int:
     from vq_pipeline import fit_codebook
 
     harness.limit_threads(harness.THREADS)
-    started = time.gmtime()
+    started = harness.now()
     rows = []
     for name, old_x, more, k in datasets(args.quick):
         old = fit_codebook(old_x, k, seed=SEED, device="cpu")
@@ -150,17 +150,16 @@ def main() -> int:
         row = {"data": name, "k": k, **certificate_shares(old_x, old, new), **encode_split(old_x, new)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    stamp = time.strftime("%Y%m%dT%H%MZ", started)
-    out = args.json or Path(__file__).parent / "results" / f"carry_over-{stamp}.json"
+    path = args.json or harness.results_path("carry_over", args.quick, started)
     record = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", started),
+        "started": f"{started:%Y-%m-%dT%H:%M:%SZ}",
         "machine": harness.machine_info(("vq-pipeline", "torch", "numpy", "polars")),
         "command": " ".join(["benchmarks/carry_over.py", *sys.argv[1:]]),
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
     lines = [
+        f"{record['started']}, `{record['command']}`",
+        "",
         "| data | K | unchanged | proven | proven (one bound) | violations | median movement / distance / gap "
         "| encode s | read embeddings s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -171,10 +170,9 @@ def main() -> int:
             f"| {r['violations']} | {r['median_movement']:.4f} / {r['median_distance']:.4f} / {r['median_gap']:.4f} "
             f"| {r['encode_s']:.3f} | {r['read_embeddings_s']:.3f} |"
         )
-    table = "\n".join(lines)
-    out.with_suffix(".md").write_text(f"{record['started']}, `{record['command']}`\n\n{table}\n")
-    print(table)
-    print(f"JSON: {out}")
+    harness.write_results(path, record, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"JSON: {path}")
     return 0
 
 

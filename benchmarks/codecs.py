@@ -250,22 +250,17 @@ def data_stats(x: np.ndarray) -> dict[str, float]:
 # A table row: (label, method, variant name, code bits, paired FAISS (method, variant) or None)
 def plan_rows(methods: list[str], beams: list[int]) -> list[tuple[str, str, str, int, tuple[str, str] | None]]:
     rows: list[tuple[str, str, str, int, tuple[str, str] | None]] = []
-    for b in beams:
-        v = "greedy" if b == 1 else f"beam={b}"
-        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
-        rows.append((f"ours residual 4×8, {v}", "ours-rq4", v, 32, pair))
-    for b in beams:
-        v = "greedy" if b == 1 else f"beam={b}"
-        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
-        rows.append((f"ours residual 4×8, train_beam=5, {v}", "ours-rq4-tb5", v, 32, pair))
-    for b in beams:
-        v = "greedy" if b == 1 else f"beam={b}"
-        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
-        rows.append((f"ours residual 4×8, train_beam=5, tol=1e-4, {v}", "ours-rq4-tb5-tol4", v, 32, pair))
-    for b in beams:
-        v = "greedy" if b == 1 else f"beam={b}"
-        pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
-        rows.append((f"ours residual 4×8, init=k-means++, {v}", "ours-rq4-kpp", v, 32, pair))
+    residual = (
+        ("ours residual 4×8", "ours-rq4"),
+        ("ours residual 4×8, train_beam=5", "ours-rq4-tb5"),
+        ("ours residual 4×8, train_beam=5, tol=1e-4", "ours-rq4-tb5-tol4"),
+        ("ours residual 4×8, init=k-means++", "ours-rq4-kpp"),
+    )
+    for label, method in residual:
+        for b in beams:
+            v = "greedy" if b == 1 else f"beam={b}"
+            pair = ("faiss-rq4-beam1", "max_beam_size=1") if b == 1 else ("faiss-rq4", "default")
+            rows.append((f"{label}, {v}", method, v, 32, pair))
     rows += [
         ("FAISS RQ 4×8, default (beam 5)", "faiss-rq4", "default", 32, None),
         ("FAISS RQ 4×8, max_beam_size=1", "faiss-rq4-beam1", "max_beam_size=1", 32, None),

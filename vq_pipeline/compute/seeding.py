@@ -189,7 +189,10 @@ def kmeans_plus_plus(
     n_trials = 2 + int(math.log(n_codes))
     small = n_rows * n_rows * 9 <= memory_budget  # every pairwise float64 distance at once, and a mask
     run: _Greedy | _GreedyMatrix
-    run = (_GreedyMatrix if small else _Greedy)(x, n_codes, n_trials, memory_budget, device, weights)
+    if small:
+        run = _GreedyMatrix(x, device, weights)
+    else:
+        run = _Greedy(x, n_codes, n_trials, memory_budget, device, weights)
     if run.weights is None:
         first = int(torch.randint(n_rows, (1,), generator=generator))
     else:  # in proportion to the weights, as scikit-learn draws it
@@ -356,16 +359,7 @@ class _GreedyMatrix:
     pruning and screening passes, whose fixed cost dominates when the rows are few: k-means|| ends
     with a weighted k-means++ over about ``4 n_codes`` candidates, one step per code."""
 
-    def __init__(
-        self,
-        x: torch.Tensor,
-        n_codes: int,
-        n_trials: int,
-        memory_budget: int,
-        device: torch.device,
-        weights: torch.Tensor | None,
-    ) -> None:
-        del n_codes, n_trials, memory_budget
+    def __init__(self, x: torch.Tensor, device: torch.device, weights: torch.Tensor | None) -> None:
         self.weights = None if weights is None else weights.to(device, torch.float64)  # (n_rows,)
         x64 = x.to(device, torch.float64)  # (n_rows, dim)
         shift = x64.mean(dim=0).float().double()  # (dim,) the rows' mean rounded to float32, as _Greedy's

@@ -20,13 +20,14 @@ import torch
 
 from vq_pipeline.codebook import Codebook
 from vq_pipeline.compute.balanced import BalancedEStep
-from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, DataSource, EStepStats
+from vq_pipeline.compute.data import SEED_ROWS_PER_CODE, DataSource, EStepStats, InMemoryRows
 from vq_pipeline.compute.engines import Engine, get_engine
 from vq_pipeline.compute.lloyd import (
     RUN_ONLY,
     FitProgress,
     LloydState,
     ProgressCallback,
+    lloyd,
     lloyd_steps,
     run_steps,
     with_context,
@@ -217,9 +218,6 @@ def _sample_fit(
     choice when there are more, as a source in memory gives all of its rows), seeded by k-means|| and run to
     the fit's ``tol`` and ``n_iter``; its centroids start Lloyd on every row. Most updates then read the
     sample, and the few on every row start near where they end."""
-    from vq_pipeline.compute.data import InMemoryRows
-    from vq_pipeline.compute.lloyd import lloyd
-
     n_codes, dev = opts.n_codes, opts.device
     rows = seed_rows
     if rows.shape[0] > SEED_ROWS_PER_CODE * n_codes:

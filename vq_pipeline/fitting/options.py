@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vq_pipeline.codebook import Codebook
+from vq_pipeline.compute.data import SEED_ROWS_PER_CODE
 from vq_pipeline.compute.levels import decode as decode_levels
 from vq_pipeline.compute.scorecard import DEFAULT_SAMPLE_ROWS, sample_rows, scorecard
 from vq_pipeline.errors import InvalidInputError, TooFewPointsError
@@ -397,8 +398,6 @@ def auto_inits(codec: str) -> tuple[str, ...]:
 
 def large_table(n_rows: int | None, n_codes: int | None) -> bool:
     """Whether ``init="auto"`` fits ``n_rows`` rows for ``n_codes`` codes from a sample (:func:`resolve_init`)."""
-    from vq_pipeline.compute.data import SEED_ROWS_PER_CODE
-
     if n_rows is None or n_codes is None:
         return False
     return n_rows >= max(SAMPLE_INIT_MIN_ROWS, SAMPLE_INIT_FACTOR * SEED_ROWS_PER_CODE * n_codes)
